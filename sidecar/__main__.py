@@ -1,0 +1,68 @@
+"""Command line: ``python -m sidecar [run] --config FILE`` and ``python -m sidecar validate --config FILE``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from sidecar.config import ConfigError, load_config
+
+log = logging.getLogger("sidecar")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="otel-sidecar", description="OpenTelemetry sidecar collector for PyTorch inference")
+    p.add_argument("command", nargs="?", choices=("run", "validate"), default="run")
+    p.add_argument("--config", "-c", required=True, help="path to the YAML config")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"{args.config}: {len(e.problems)} problem(s):", file=sys.stderr)
+        for p in e.problems:
+            print(f"  {p}", file=sys.stderr)
+        return 2
+    if args.command == "validate":
+        print(f"{args.config}: OK ({len(config.service.pipelines)} pipelines)")
+        return 0
+    return run(config)
+
+
+def run(config) -> int:
+    from sidecar.pipeline import Service
+
+    level = config.service.telemetry.logs.level.upper().replace("WARN", "WARNING").replace("WARNINGING", "WARNING")
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("received %s: draining", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        service = Service(config)
+        service.start()
+    except Exception as e:
+        log.error("start-up failed: %s", e)
+        return 1
+    log.info("sidecar ready: pipelines %s", ", ".join(config.service.pipelines))
+    print("sidecar ready", file=sys.stderr, flush=True)
+    while not stop.wait(1.0):
+        pass
+    service.shutdown()
+    log.info("sidecar stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""What a running component can reach: extensions, self-telemetry, readiness."""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sidecar.component import Component
+    from sidecar.telemetry import SelfTelemetry
+
+
+class Host:
+    def __init__(self, telemetry: "SelfTelemetry"):
+        self.telemetry = telemetry
+        self.extensions: dict[str, "Component"] = {}
+        #: set once every pipeline has started; cleared when shutdown begins
+        self.ready = threading.Event()
+        #: set when shutdown begins; stages use it to stop waiting (retry backoff, queue reads)
+        self.stopping = threading.Event()
+
+    def extension(self, component_id: str) -> "Component":
+        try:
+            return self.extensions[component_id]
+        except KeyError:
+            raise LookupError(f"extension {component_id!r} is not enabled in service.extensions") from None

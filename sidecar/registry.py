@@ -1,0 +1,85 @@
+"""The one list of component types the sidecar knows.
+
+Each component module exposes ``FACTORY``: its type name, kind, config model,
+supported signals and one ``create`` function. Adding a component means adding
+its module path here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from sidecar.component import Kind
+from sidecar.signals import Signal
+
+if TYPE_CHECKING:
+    from sidecar.component import Component, Consumer
+    from sidecar.config import ComponentId
+    from sidecar.telemetry import ComponentTelemetry
+
+ALL_SIGNALS = frozenset(Signal)
+
+
+@dataclass(frozen=True)
+class CreateSettings:
+    """What every component gets at creation, besides its config and the next stage."""
+
+    id: "ComponentId"
+    kind: Kind
+    telemetry: "ComponentTelemetry"
+
+
+@dataclass(frozen=True)
+class Factory:
+    type: str
+    kind: Kind
+    config_model: type
+    #: create(settings, config, next_consumer) -> Component. ``next_consumer`` is None for
+    #: exporters and extensions.
+    create: Callable[[CreateSettings, object, "Consumer | None"], "Component"]
+    signals: frozenset = field(default=ALL_SIGNALS)
+
+
+_MODULES = (
+    "sidecar.receivers.otlp",
+    "sidecar.processors.batch",
+    "sidecar.processors.memory_limiter",
+    "sidecar.processors.span_metrics",
+    "sidecar.processors.tail_sampling",
+    "sidecar.processors.redaction",
+    "sidecar.exporters.otlp",
+    "sidecar.exporters.otlphttp",
+    "sidecar.exporters.file",
+    "sidecar.exporters.debug",
+    "sidecar.extensions.health_check",
+    "sidecar.extensions.file_storage",
+)
+
+_factories: dict[tuple[Kind, str], Factory] | None = None
+
+
+def _load() -> dict[tuple[Kind, str], Factory]:
+    global _factories
+    if _factories is None:
+        found = {}
+        for name in _MODULES:
+            try:
+                module = importlib.import_module(name)
+            except ModuleNotFoundError as e:
+                if e.name == name:  # not written yet; anything else missing is a real error
+                    continue
+                raise
+            f: Factory = module.FACTORY
+            found[(f.kind, f.type)] = f
+        _factories = found
+    return _factories
+
+
+def factory_for(kind: Kind, type_: str) -> Factory | None:
+    return _load().get((kind, type_))
+
+
+def known_types(kind: Kind) -> list[str]:
+    return sorted(t for (k, t) in _load() if k is kind)

@@ -1,0 +1,272 @@
+"""Test doubles that ship with the product: a real OTLP backend and a sidecar process runner.
+
+``OTLPBackend`` is a real OTLP/gRPC server on loopback that records every request
+and can be taken down and brought back to simulate an outage, or told to answer
+with an error code. ``OTLPHTTPBackend`` does the same over OTLP/HTTP.
+``SidecarProcess`` starts ``python -m sidecar`` with a config and waits until it is
+ready. Users can test their own configs and pipelines with them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2_grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+from sidecar.signals import Signal, count_items
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Recorder:
+    """Requests received per signal, plus an optional injected failure."""
+
+    def __init__(self):
+        self.lock = threading.Condition()
+        self.requests: dict[Signal, list] = {s: [] for s in Signal}
+        self.items: dict[Signal, int] = {s: 0 for s in Signal}
+        self.calls = 0
+        #: (grpc.StatusCode, http status, retry_after seconds or None); None means answer OK
+        self.failure: tuple | None = None
+        self.fail_times = 0  # when > 0, fail this many calls then succeed
+
+    def record(self, signal: Signal, request) -> tuple | None:
+        with self.lock:
+            self.calls += 1
+            if self.failure is not None and (self.fail_times == 0 or self.fail_times > 0):
+                failure = self.failure
+                if self.fail_times > 0:
+                    self.fail_times -= 1
+                    if self.fail_times == 0:
+                        self.failure = None
+                return failure
+            self.requests[signal].append(request)
+            self.items[signal] += count_items(signal, request)
+            self.lock.notify_all()
+            return None
+
+    def wait_for_items(self, signal: Signal, n: int, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while self.items[signal] < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.lock.wait(left)
+            return True
+
+    # flattened views -----------------------------------------------------------------------
+
+    def spans(self) -> list:
+        """(resource, scope, span) for every span received, in arrival order."""
+        with self.lock:
+            reqs = list(self.requests[Signal.TRACES])
+        return [(rs.resource, ss.scope, span) for r in reqs for rs in r.resource_spans
+                for ss in rs.scope_spans for span in ss.spans]
+
+    def log_records(self) -> list:
+        with self.lock:
+            reqs = list(self.requests[Signal.LOGS])
+        return [(rl.resource, sl.scope, rec) for r in reqs for rl in r.resource_logs
+                for sl in rl.scope_logs for rec in sl.log_records]
+
+    def metrics(self) -> list:
+        with self.lock:
+            reqs = list(self.requests[Signal.METRICS])
+        return [(rm.resource, sm.scope, m) for r in reqs for rm in r.resource_metrics
+                for sm in rm.scope_metrics for m in sm.metrics]
+
+    def clear(self) -> None:
+        with self.lock:
+            for s in Signal:
+                self.requests[s].clear()
+                self.items[s] = 0
+
+
+class _Servicer:
+    def __init__(self, recorder: _Recorder, signal: Signal):
+        self.recorder = recorder
+        self.signal = signal
+
+    def Export(self, request, context):  # noqa: N802 - gRPC method name
+        failure = self.recorder.record(self.signal, request)
+        if failure is not None:
+            code, _http, retry_after = failure
+            if retry_after is not None:
+                from google.protobuf import duration_pb2
+                from google.rpc import error_details_pb2, status_pb2
+
+                info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
+                    seconds=int(retry_after), nanos=int((retry_after % 1) * 1e9)))
+                status = status_pb2.Status(code=code.value[0], message="injected failure")
+                status.details.add().Pack(info)
+                context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
+            context.abort(code, "injected failure")
+        return self.signal.response_type()
+
+
+class OTLPBackend(_Recorder):
+    """A real OTLP/gRPC server on 127.0.0.1 that records what it receives."""
+
+    def __init__(self, port: int | None = None):
+        super().__init__()
+        self.port = port or free_port()
+        self._server: grpc.Server | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> "OTLPBackend":
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
+                             options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                                      ("grpc.so_reuseport", 1)])
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Servicer(self, Signal.TRACES), server)
+        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_Servicer(self, Signal.LOGS), server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_Servicer(self, Signal.METRICS), server)
+        server.add_insecure_port(self.endpoint)
+        server.start()
+        self._server = server
+        return self
+
+    def stop(self) -> None:
+        """Take the backend down (connections refused) until :meth:`start` is called again."""
+        if self._server is not None:
+            self._server.stop(grace=None).wait()
+            self._server = None
+
+    def __enter__(self) -> "OTLPBackend":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class OTLPHTTPBackend(_Recorder):
+    """A real OTLP/HTTP (protobuf) server on 127.0.0.1 that records what it receives."""
+
+    _PATHS = {"/v1/traces": Signal.TRACES, "/v1/logs": Signal.LOGS, "/v1/metrics": Signal.METRICS}
+
+    def __init__(self, port: int | None = None):
+        super().__init__()
+        self.port = port or free_port()
+        self._server = None
+        self.headers_seen: list[dict] = []
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _app(self, environ, start_response):
+        import gzip
+
+        sig = self._PATHS.get(environ.get("PATH_INFO", ""))
+        if sig is None:
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found"]
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        if environ.get("HTTP_CONTENT_ENCODING") == "gzip":
+            body = gzip.decompress(body)
+        with self.lock:
+            self.headers_seen.append({k: v for k, v in environ.items() if k.startswith("HTTP_")})
+        request = sig.request_type()
+        request.ParseFromString(body)
+        failure = self.record(sig, request)
+        if failure is not None:
+            _code, http, retry_after = failure
+            headers = [("Content-Type", "text/plain")]
+            if retry_after is not None:
+                headers.append(("Retry-After", str(int(retry_after))))
+            start_response(f"{http} Injected", headers)
+            return [b"injected failure"]
+        start_response("200 OK", [("Content-Type", "application/x-protobuf")])
+        return [sig.response_type().SerializeToString()]
+
+    def start(self) -> "OTLPHTTPBackend":
+        from sidecar.httpserver import BackgroundHTTPServer
+
+        self._server = BackgroundHTTPServer(self._app, "127.0.0.1", self.port, name="test-otlp-http", threads=4)
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def __enter__(self) -> "OTLPHTTPBackend":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class SidecarProcess:
+    """``python -m sidecar --config FILE`` as a real child process."""
+
+    def __init__(self, config_yaml: str, *, workdir: str | os.PathLike | None = None, env: dict | None = None):
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="sidecar-test-"))
+        self.config_path = self.workdir / "config.yaml"
+        self.config_path.write_text(config_yaml)
+        self.log_path = self.workdir / "sidecar.log"
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> "SidecarProcess":
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "sidecar", "--config", str(self.config_path)],
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if b"sidecar ready" in self.log_path.read_bytes():
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sidecar exited with {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.05)
+        self.kill()
+        raise TimeoutError(f"sidecar not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        """SIGTERM and wait: the graceful path."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: the crash path."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def __enter__(self) -> "SidecarProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            try:
+                self.terminate(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
