@@ -48,6 +48,18 @@ class SelfTelemetry:
                                     ("component",), registry=r)
         self.queue_items = Gauge("sidecar_queue_items", "Items waiting in a sending queue.", ("component",), registry=r)
         self.up = Gauge("sidecar_up", "1 while the pipelines are running.", registry=r)
+        self._families: dict[str, object] = {}
+        self._families_lock = threading.Lock()
+
+    def family(self, metric_type: type, name: str, documentation: str, labelnames: tuple[str, ...]):
+        """A component-specific metric family, created once per registry and shared by every instance
+        of the component type (registering the same name twice on one registry is an error)."""
+        with self._families_lock:
+            metric = self._families.get(name)
+            if metric is None:
+                metric = metric_type(name, documentation, labelnames, registry=self.registry)
+                self._families[name] = metric
+            return metric
 
     def component(self, kind: str, component_id: str) -> "ComponentTelemetry":
         return ComponentTelemetry(self, kind, component_id)

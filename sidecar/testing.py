@@ -270,3 +270,48 @@ class SidecarProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
         self._log.close()
+
+
+class CollectingConsumer:
+    """An in-memory next stage: records every request it accepts, or refuses on demand.
+
+    Set ``refuse`` to a :class:`~sidecar.component.Refused` to make ``consume`` raise it;
+    with ``refuse_times`` > 0 it refuses that many calls and then accepts again.
+    """
+
+    def __init__(self):
+        self.lock = threading.Condition()
+        self.requests: list[tuple[Signal, object]] = []
+        self.items: dict[Signal, int] = {s: 0 for s in Signal}
+        self.refuse = None
+        self.refuse_times = 0
+        self.calls = 0
+
+    def consume(self, signal: Signal, request) -> None:
+        with self.lock:
+            self.calls += 1
+            if self.refuse is not None:
+                refusal = self.refuse
+                if self.refuse_times > 0:
+                    self.refuse_times -= 1
+                    if self.refuse_times == 0:
+                        self.refuse = None
+                raise refusal
+            self.requests.append((signal, request))
+            self.items[signal] += count_items(signal, request)
+            self.lock.notify_all()
+
+    def of(self, signal: Signal) -> list:
+        """The accepted requests of one signal, in arrival order."""
+        with self.lock:
+            return [r for s, r in self.requests if s is signal]
+
+    def wait_for_items(self, signal: Signal, n: int, timeout: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while self.items[signal] < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.lock.wait(left)
+            return True

@@ -1,0 +1,269 @@
+"""Throughput benchmark: OTLP/gRPC load through the sidecar to a counting backend.
+
+For each scenario it reports the target process's CPU microseconds per item (user+sys
+from the OS, over the whole run), items/s and peak RSS (VmHWM). The floor — a minimal
+Python gRPC process that only decodes, re-encodes and forwards — runs in the same
+invocation on the same traffic, and every scenario is reported as a ratio to it.
+
+    .venv/bin/python benchmarks/throughput.py            # all scenarios
+    .venv/bin/python benchmarks/throughput.py --sustain 30   # + 20k spans/s + 10k logs/s with 10 s decision wait
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from counting_backend import CountingBackend  # noqa: E402
+from workload import SPANS_PER_TRACE, logs_request, trace_ids_of, trace_request  # noqa: E402
+
+from sidecar.testing import SidecarProcess, free_port  # noqa: E402
+
+TRACES_PER_REQUEST = 128
+
+PROCESSORS = {
+    "batch": "  batch: {send_batch_size: 8192, timeout: 200ms}",
+    "span_metrics": "  span_metrics: {}",
+    "tail_sampling": """  tail_sampling:
+    decision_wait: {decision_wait}
+    decision_wait_after_root_received: 500ms
+    num_traces: 200000
+    policies:
+      - {{name: errors, type: status_code, status_code: {{status_codes: [ERROR]}}}}
+      - {{name: slow, type: latency, latency: {{threshold_ms: 1000}}}}
+      - {{name: debug, type: boolean_attribute, boolean_attribute: {{key: sampling.force_keep, value: true}}}}
+      - {{name: baseline, type: probabilistic, probabilistic: {{sampling_percentage: 10}}}}""",
+    "redaction": "  redaction: {allow_all_keys: true}",
+}
+
+SCENARIOS = {
+    "batch+otlp": ["batch"],
+    "recommended (span_metrics+tail_sampling 10%+batch)": ["span_metrics", "tail_sampling", "batch"],
+    "redaction on 100% (+batch)": ["redaction", "batch"],
+    "recommended + redaction after sampling": ["span_metrics", "tail_sampling", "redaction", "batch"],
+}
+
+
+def sidecar_config(port, backend_port, processors: list[str], decision_wait: str, metrics_port) -> str:
+    defs = "\n".join(PROCESSORS[p].format(decision_wait=decision_wait) for p in processors)
+    trace_procs = ", ".join(processors)
+    log_procs = ", ".join(p for p in processors if p != "span_metrics")
+    return f"""
+receivers:
+  otlp:
+    protocols:
+      grpc: {{endpoint: 127.0.0.1:{port}, max_recv_msg_size_mib: 64}}
+processors:
+{defs}
+exporters:
+  otlp:
+    endpoint: 127.0.0.1:{backend_port}
+    tls: {{insecure: true}}
+    compression: none
+    sending_queue: {{num_consumers: 2, queue_size: 5000}}
+service:
+  telemetry:
+    metrics: {{address: 127.0.0.1:{metrics_port}}}
+  pipelines:
+    traces: {{receivers: [otlp], processors: [{trace_procs}], exporters: [otlp]}}
+    logs: {{receivers: [otlp], processors: [{log_procs}], exporters: [otlp]}}
+"""
+
+
+def build_load(n_requests: int, seed: int = 42, pii: bool = False) -> tuple[list[tuple[str, bytes]], int, int]:
+    rng = random.Random(seed)
+    bodies = []
+    spans = logs = 0
+    for _ in range(n_requests):
+        tr, _ = trace_request(rng, TRACES_PER_REQUEST, pii=pii)
+        lr = logs_request(rng, trace_ids_of(tr), pii=pii)
+        bodies.append(("traces", tr.SerializeToString()))
+        bodies.append(("logs", lr.SerializeToString()))
+        spans += TRACES_PER_REQUEST * SPANS_PER_TRACE
+        logs += len(lr.resource_logs[0].scope_logs[0].log_records)
+    return bodies, spans, logs
+
+
+def _methods(port: int):
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)])
+    ident = lambda b: b  # noqa: E731 - pre-serialized bytes go on the wire as they are
+    return {
+        "traces": channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                                      request_serializer=ident, response_deserializer=ident),
+        "logs": channel.unary_unary("/opentelemetry.proto.collector.logs.v1.LogsService/Export",
+                                    request_serializer=ident, response_deserializer=ident),
+    }
+
+
+def send_all(port: int, bodies: list[tuple[str, bytes]], threads: int = 4, rate_items: float | None = None,
+             items_per_body: int = 0) -> int:
+    """Send every body (retrying refusals); optionally paced to ``rate_items`` items/s. Returns refusals."""
+    methods = _methods(port)
+    refused = 0
+    lock = threading.Lock()
+    start = time.monotonic()
+    next_index = iter(range(len(bodies)))
+
+    def worker():
+        nonlocal refused
+        for i in next_index:
+            if rate_items:
+                due = start + i * items_per_body / rate_items
+                delay = due - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            signal_name, body = bodies[i]
+            while True:
+                try:
+                    methods[signal_name](body, timeout=30)
+                    break
+                except grpc.RpcError:
+                    with lock:
+                        refused += 1
+                    time.sleep(0.05)
+
+    ts = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return refused
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_target(name: str, command_config: str | None, bodies, spans: int, logs: int, *, sampling: bool,
+               decision_wait_s: float) -> dict:
+    backend_port = free_port()
+    backend = CountingBackend(backend_port)
+    port, metrics_port = free_port(), free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+    if command_config is None:
+        import subprocess
+
+        proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "floor_forwarder.py"),
+                                 "--listen", f"127.0.0.1:{port}", "--forward", f"127.0.0.1:{backend_port}"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc.stdout.readline()
+        pid, stop = proc.pid, (lambda: (proc.terminate(), proc.wait(10)))
+    else:
+        sc = SidecarProcess(command_config.replace("BACKEND_PORT", str(backend_port)).replace("LISTEN_PORT", str(port))
+                            .replace("METRICS_PORT", str(metrics_port)), workdir=workdir).start()
+        pid, stop = sc.pid, (lambda: sc.terminate(60))
+    ps = psutil.Process(pid)
+    try:
+        # warm-up so imports, channels and JITs are paid before measuring
+        send_all(port, bodies[:4], threads=1)
+        time.sleep(decision_wait_s + 1.5 if sampling else 0.5)
+        base_spans, base_logs = backend.counts()
+        cpu0 = ps.cpu_times()
+        t0 = time.monotonic()
+        refused = send_all(port, bodies)
+        if sampling:
+            time.sleep(decision_wait_s + 1.0)
+            last, stable_since = None, time.monotonic()
+            while time.monotonic() - stable_since < 1.0:
+                now = backend.counts()
+                if now != last:
+                    last, stable_since = now, time.monotonic()
+                time.sleep(0.1)
+        else:
+            deadline = time.monotonic() + 120
+            while backend.counts() != (base_spans + spans, base_logs + logs) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        t1 = time.monotonic()
+        cpu1 = ps.cpu_times()
+        got_spans, got_logs = (a - b for a, b in zip(backend.counts(), (base_spans, base_logs)))
+        cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+        items = spans + logs
+        result = {"scenario": name, "items": items, "cpu_s": cpu, "cpu_us_per_item": cpu / items * 1e6,
+                  "items_per_s": items / (t1 - t0), "peak_rss_mb": peak_rss_mb(pid),
+                  "delivered_spans": got_spans, "delivered_logs": got_logs, "refusals": refused}
+    finally:
+        stop()
+        backend.stop()
+    return result
+
+
+def sustained(rate_spans: int, rate_logs: int, seconds: int) -> dict:
+    """Issue 3's memory target: recommended pipeline, 10 s decision wait, sustained load."""
+    n_requests = int(seconds * rate_spans / (TRACES_PER_REQUEST * SPANS_PER_TRACE))
+    bodies, spans, logs = build_load(n_requests, seed=7)
+    backend_port = free_port()
+    backend = CountingBackend(backend_port)
+    port, metrics_port = free_port(), free_port()
+    cfg = sidecar_config(port, backend_port, ["span_metrics", "tail_sampling", "batch"], "10s", metrics_port)
+    sc = SidecarProcess(cfg).start()
+    ps = psutil.Process(sc.pid)
+    items_per_body = (spans + logs) / len(bodies)
+    try:
+        cpu0 = ps.cpu_times()
+        t0 = time.monotonic()
+        refused = send_all(port, bodies, threads=4, rate_items=rate_spans + rate_logs, items_per_body=items_per_body)
+        elapsed = time.monotonic() - t0
+        cpu1 = ps.cpu_times()
+        rss = peak_rss_mb(sc.pid)
+    finally:
+        sc.terminate(60)
+        backend.stop()
+    return {"scenario": f"sustained {rate_spans} spans/s + {rate_logs} logs/s, decision_wait 10s",
+            "offered_items_per_s": (spans + logs) / elapsed, "target_items_per_s": rate_spans + rate_logs,
+            "cpu_us_per_item": ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / (spans + logs) * 1e6,
+            "peak_rss_mb": rss, "refusals": refused, "seconds": elapsed}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=120, help="trace requests (each 128 traces x 4 spans + 256 logs)")
+    p.add_argument("--only", action="append", help="run only scenarios whose name contains this")
+    p.add_argument("--decision-wait", default="2s", help="tail sampling decision_wait for the CPU runs")
+    p.add_argument("--sustain", type=int, default=0, help="seconds of the sustained 20k spans/s + 10k logs/s run")
+    p.add_argument("--json", help="write results here")
+    args = p.parse_args()
+
+    bodies, spans, logs = build_load(args.requests)
+    print(f"load: {len(bodies)} requests, {spans} spans + {logs} log records", flush=True)
+    decision_wait_s = float(args.decision_wait.rstrip("s"))
+    results = [run_target("floor (decode, re-encode, forward)", None, bodies, spans, logs, sampling=False,
+                          decision_wait_s=0)]
+    for name, procs in SCENARIOS.items():
+        if args.only and not any(o in name for o in args.only):
+            continue
+        cfg = sidecar_config("LISTEN_PORT", "BACKEND_PORT", procs, args.decision_wait, "METRICS_PORT")
+        results.append(run_target(name, cfg, bodies, spans, logs, sampling="tail_sampling" in procs,
+                                  decision_wait_s=decision_wait_s))
+    floor = results[0]["cpu_us_per_item"]
+    print(f"\n{'scenario':55} {'CPU µs/item':>11} {'x floor':>8} {'items/s':>9} {'peak RSS MB':>11} {'delivered':>17}")
+    for r in results:
+        print(f"{r['scenario']:55} {r['cpu_us_per_item']:11.2f} {r['cpu_us_per_item'] / floor:8.2f} "
+              f"{r['items_per_s']:9.0f} {r['peak_rss_mb']:11.1f} {r['delivered_spans']:>8}/{r['delivered_logs']:<8}")
+        r["x_floor"] = r["cpu_us_per_item"] / floor
+    if args.sustain:
+        s = sustained(20_000, 10_000, args.sustain)
+        print(f"\n{s['scenario']}: offered {s['offered_items_per_s']:.0f}/s of {s['target_items_per_s']}/s, "
+              f"peak RSS {s['peak_rss_mb']:.1f} MB, CPU {s['cpu_us_per_item']:.2f} µs/item, refusals {s['refusals']}")
+        results.append(s)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Python ``logging`` joined to traces: an OTel log bridge and a JSON formatter for stdout.
+
+:class:`LoggingBridge` turns each ``LogRecord`` into an OTel log record carrying the
+current trace and span id, the request's identity and ``extra={...}`` fields, and
+hands it to the SDK's batch processor (a deque append: logging never waits on the
+network). :class:`JSONFormatter` writes one JSON object per line with the same ids,
+so ``kubectl logs`` output joins the traces in the backend.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import traceback
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry._logs import LoggerProvider as APILoggerProvider
+from opentelemetry._logs import SeverityNumber, get_logger_provider
+from opentelemetry.context import get_current
+
+from instrumentation._context import REQUEST_ID, TAG_PREFIX, USER_ID, current_request
+
+#: Attributes every LogRecord has; anything else on a record came from ``extra={...}``.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+_PRIMITIVE = (str, bool, int, float)
+
+_SEVERITY = {
+    logging.DEBUG: (SeverityNumber.DEBUG, "DEBUG"),
+    logging.INFO: (SeverityNumber.INFO, "INFO"),
+    logging.WARNING: (SeverityNumber.WARN, "WARN"),
+    logging.ERROR: (SeverityNumber.ERROR, "ERROR"),
+    logging.CRITICAL: (SeverityNumber.FATAL, "FATAL"),
+}
+
+
+def _severity(levelno: int) -> tuple[SeverityNumber, str]:
+    found = _SEVERITY.get(levelno)
+    if found is not None:
+        return found
+    # custom levels: the nearest standard one below, offset inside its OTel range (max +3)
+    base = max((lvl for lvl in _SEVERITY if lvl <= levelno), default=logging.DEBUG)
+    number, text = _SEVERITY[base]
+    return SeverityNumber(min(number.value + min(levelno - base, 3), 24)), text
+
+
+def _attr_value(value: Any) -> Any:
+    if isinstance(value, _PRIMITIVE):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, _PRIMITIVE) for v in value):
+        return list(value)
+    return str(value)
+
+
+def exception_attributes(exc_info: Any) -> dict[str, str]:
+    """OTel ``exception.*`` attributes (type, message, full stack trace) from a ``sys.exc_info()`` triple."""
+    etype, value, tb = exc_info
+    out = {}
+    if etype is not None:
+        out["exception.type"] = etype.__qualname__
+    if value is not None:
+        out["exception.message"] = str(value)
+    out["exception.stacktrace"] = "".join(traceback.format_exception(etype, value, tb))
+    return out
+
+
+class LoggingBridge(logging.Handler):
+    """A ``logging.Handler`` that emits OTel log records correlated with the current span.
+
+    Records from the OTel SDK's own loggers are skipped so exporter complaints about an
+    unreachable sidecar do not feed back into the export queue.
+    """
+
+    def __init__(self, level: int = logging.NOTSET, logger_provider: APILoggerProvider | None = None) -> None:
+        super().__init__(level)
+        self._provider = logger_provider or get_logger_provider()
+        self._loggers: dict[str, Any] = {}
+
+    def _logger(self, name: str) -> Any:
+        logger = self._loggers.get(name)
+        if logger is None:
+            logger = self._loggers[name] = self._provider.get_logger(name)
+        return logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        name = record.name
+        if name.startswith("opentelemetry"):
+            return
+        try:
+            attributes: dict[str, Any] = {k: _attr_value(v) for k, v in record.__dict__.items() if k not in _STANDARD}
+            ctx = current_request()
+            if ctx is not None:
+                if ctx.request_id:
+                    attributes[REQUEST_ID] = ctx.request_id
+                if ctx.user_id:
+                    attributes[USER_ID] = ctx.user_id
+                for k, v in ctx.tags.items():
+                    attributes[TAG_PREFIX + k] = v
+                if ctx.model_id and "ml.model.id" not in attributes:
+                    attributes["ml.model.id"] = ctx.model_id
+                    if ctx.model_version:
+                        attributes["ml.model.version"] = ctx.model_version
+            if record.exc_info and record.exc_info[0] is not None:
+                attributes.update(exception_attributes(record.exc_info))
+            attributes["code.function.name"] = record.funcName
+            attributes["code.file.path"] = record.pathname
+            attributes["code.line.number"] = record.lineno
+            number, text = _severity(record.levelno)
+            self._logger(name).emit(timestamp=int(record.created * 1e9), context=get_current(),
+                                    severity_number=number, severity_text=text,
+                                    body=record.getMessage(), attributes=attributes)
+        except Exception:  # noqa: BLE001 - logging must never raise into the app
+            self.handleError(record)
+
+    def flush(self) -> None:
+        """No-op: flushing would wait on the network; ``shutdown()`` flushes at exit."""
+
+
+def _rfc3339(created: float) -> str:
+    return _dt.datetime.fromtimestamp(created, _dt.timezone.utc).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line with the fields log pipelines expect; ``extra`` fields are merged in.
+
+    Fixed keys (always present, null when unknown): timestamp, level, logger, message,
+    trace_id, span_id, request_id, user_id, model_id, model_version, execution_time_ms,
+    error_code; an ``extra`` of the same name fills a fixed key. ``exception`` holds the formatted stack trace when there is one.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        span_ctx = trace.get_current_span().get_span_context()
+        ctx = current_request()
+        out: dict[str, Any] = {
+            "timestamp": _rfc3339(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "trace_id": format(span_ctx.trace_id, "032x") if span_ctx.is_valid else None,
+            "span_id": format(span_ctx.span_id, "016x") if span_ctx.is_valid else None,
+            "request_id": ctx.request_id if ctx else None,
+            "user_id": ctx.user_id if ctx else None,
+            "model_id": ctx.model_id if ctx else None,
+            "model_version": ctx.model_version if ctx else None,
+            "execution_time_ms": None,
+            "error_code": None,
+        }
+        if ctx is not None and ctx.tags:
+            out["tags"] = dict(ctx.tags)
+        for k, v in record.__dict__.items():
+            if k not in _STANDARD:
+                out[k] = v
+        if record.exc_info and record.exc_info[0] is not None:
+            out["exception"] = self.formatException(record.exc_info)
+            out.setdefault("error_type", record.exc_info[0].__qualname__)
+        if record.stack_info:
+            out["stack_info"] = record.stack_info
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+def bridge_logging(logger: logging.Logger | None = None, level: int = logging.NOTSET,
+                   logger_provider: APILoggerProvider | None = None) -> LoggingBridge:
+    """Attach a :class:`LoggingBridge` to ``logger`` (root by default) and return it."""
+    handler = LoggingBridge(level, logger_provider)
+    (logger or logging.getLogger()).addHandler(handler)
+    return handler

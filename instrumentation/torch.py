@@ -1,0 +1,354 @@
+"""One span per forward pass for any ``nn.Module``, TorchScript or ``torch.compile`` module.
+
+Span ``ml.forward <model_id>``; attributes under the project's ``ml.*`` namespace:
+
+=========================  ===========================================================
+``ml.model.id``            model id (set when the span starts)
+``ml.model.version``       model version (set when the span starts)
+``ml.parameter_count``     number of parameters (counted once, at instrument time)
+``ml.torch.version``       ``torch.__version__``
+``ml.batch_size``          first dimension of the first tensor input
+``ml.input.shapes``        e.g. ``["8x16", "8"]``, one entry per tensor input
+``ml.input.dtypes``        e.g. ``["float32", "int64"]``
+``ml.output.shapes``       shapes of the tensor outputs (tensor, tuple/list, mapping)
+``ml.device``              device of the first tensor input, e.g. ``cpu``, ``cuda:0``
+``ml.grad_enabled``        ``torch.is_grad_enabled()``
+``ml.inference_mode``      ``torch.is_inference_mode_enabled()``
+``ml.cuda.memory_allocated``, ``ml.cuda.max_memory_allocated``, ``ml.cuda.peak_memory_delta``
+                           bytes, on CUDA inputs only (allocator counters: no sync)
+=========================  ===========================================================
+
+On CUDA inputs the forward pass records a pair of CUDA events and never synchronizes;
+a background reaper reads ``elapsed_time`` once the end event has completed and
+records it in the ``ml.forward.gpu_time`` histogram (milliseconds). Exceptions are
+recorded with their stack trace, the span status set to ERROR, and re-raised.
+Opt-in child spans ``ml.module <name>`` per submodule (eager modules only) use hooks
+registered on that model's submodules, never global hooks.
+
+torch is imported here and nowhere else in the package.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextvars
+import os
+import re
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, TypedDict
+
+import torch
+from opentelemetry import metrics, trace
+from opentelemetry.context import attach, detach
+from opentelemetry.trace import Status, StatusCode, set_span_in_context
+
+from instrumentation._context import _CURRENT
+
+_SCOPE = "instrumentation.torch"
+_Tensor = torch.Tensor
+_SEQ = (list, tuple)
+_MAX_CACHE = 4096
+
+
+class SubmoduleSpans(TypedDict, total=False):
+    """Which submodules get a child span: up to ``max_depth`` levels below the model, names matching ``name_filter``."""
+
+    max_depth: int
+    name_filter: str | Callable[[str], bool]
+
+
+class _Describer:
+    """Shape/dtype/device strings for tensors, cached per distinct value (the per-call path does lookups)."""
+
+    __slots__ = ("shapes", "dtypes", "devices")
+
+    def __init__(self) -> None:
+        self.shapes: dict[tuple, str] = {}
+        self.dtypes: dict[torch.dtype, str] = {}
+        self.devices: dict[torch.device, str] = {}
+
+    def shape(self, size: tuple) -> str:
+        s = self.shapes.get(size)
+        if s is None:
+            if len(self.shapes) >= _MAX_CACHE:
+                self.shapes.clear()
+            s = self.shapes[size] = "x".join(map(str, size))
+        return s
+
+    def dtype(self, dtype: torch.dtype) -> str:
+        s = self.dtypes.get(dtype)
+        if s is None:
+            s = self.dtypes[dtype] = str(dtype).removeprefix("torch.")
+        return s
+
+    def device(self, device: torch.device) -> str:
+        s = self.devices.get(device)
+        if s is None:
+            s = self.devices[device] = str(device)
+        return s
+
+    def tensors(self, args: tuple, kwargs: dict) -> list[_Tensor]:
+        out = []
+        for a in args:
+            if isinstance(a, _Tensor):
+                out.append(a)
+            elif isinstance(a, _SEQ):
+                out.extend(x for x in a if isinstance(x, _Tensor))
+        if kwargs:
+            for a in kwargs.values():
+                if isinstance(a, _Tensor):
+                    out.append(a)
+        return out
+
+    def output_shapes(self, out: Any) -> list[str]:
+        if isinstance(out, _Tensor):
+            return [self.shape(out.shape)]
+        if isinstance(out, Mapping):
+            out = out.values()
+        elif not isinstance(out, _SEQ):
+            return []
+        return [self.shape(x.shape) for x in out if isinstance(x, _Tensor)]
+
+
+class CudaTimer:
+    """GPU time of forward passes from CUDA events, read off the hot path by a reaper thread.
+
+    ``begin``/``end`` only record events and read allocator counters (no synchronize);
+    :meth:`reap` records ``elapsed_time`` for every pending pair whose end event has
+    completed (``query()`` is true). The event factory and memory functions are
+    injectable so the path is testable without a GPU.
+    """
+
+    def __init__(self, histogram: Any, *, event_factory: Callable[..., Any] | None = None,
+                 memory_allocated: Callable[[Any], int] | None = None,
+                 max_memory_allocated: Callable[[Any], int] | None = None,
+                 poll_interval: float = 0.05, max_pending: int = 10_000) -> None:
+        self._histogram = histogram
+        self._event = event_factory or torch.cuda.Event
+        self._allocated = memory_allocated or torch.cuda.memory_allocated
+        self._max_allocated = max_memory_allocated or torch.cuda.max_memory_allocated
+        self._pending: collections.deque = collections.deque()
+        self._max_pending = max_pending
+        self.dropped = 0
+        self._poll = poll_interval
+        self._wake = threading.Event()
+        self._pid = -1  # reaper not started (or started in the parent before a fork)
+
+    def begin(self, device: Any) -> tuple[Any, int]:
+        start = self._event(enable_timing=True)
+        start.record()
+        return start, self._max_allocated(device)
+
+    def end(self, begun: tuple[Any, int], device: Any, span: Any, metric_attributes: Mapping[str, Any]) -> None:
+        start, max_before = begun
+        stop = self._event(enable_timing=True)
+        stop.record()
+        max_after = self._max_allocated(device)
+        span.set_attributes({"ml.cuda.memory_allocated": self._allocated(device),
+                             "ml.cuda.max_memory_allocated": max_after,
+                             "ml.cuda.peak_memory_delta": max_after - max_before})
+        if len(self._pending) >= self._max_pending:
+            self.dropped += 1  # the GPU is far behind; never grow without bound
+            return
+        self._pending.append((start, stop, metric_attributes))
+        if self._pid != os.getpid():
+            self._start_reaper()
+        self._wake.set()
+
+    def reap(self) -> int:
+        """Record every completed pair at the head of the queue; returns how many were recorded."""
+        n = 0
+        pending = self._pending
+        while pending:
+            start, stop, attrs = pending[0]
+            if not stop.query():
+                break  # events on a stream complete in order: the rest are not done either
+            pending.popleft()
+            self._histogram.record(start.elapsed_time(stop), attrs)
+            n += 1
+        return n
+
+    def _start_reaper(self) -> None:
+        self._pid = os.getpid()
+        self._wake = threading.Event()
+        threading.Thread(target=self._run, name="ml-cuda-timer", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self.reap()
+            if self._pending:
+                threading.Event().wait(self._poll)
+            else:
+                self._wake.clear()
+                if self._pending:  # raced with end(): look again before sleeping
+                    self._wake.set()
+
+
+def _model_name(model: Any) -> str:
+    inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+    if inner is not None:
+        model = inner
+    return getattr(model, "original_name", None) or type(model).__name__  # TorchScript keeps original_name
+
+
+class InstrumentedModel(torch.nn.Module):
+    """Wraps a model so each forward call is a span; behaves like the wrapped module otherwise.
+
+    Everything that does not change per call (span name, static attributes, metric
+    attributes, the GPU timer) is decided here, once.
+    """
+
+    def __init__(self, model: Any, *, model_id: str | None = None, model_version: str | None = None,
+                 tracer_provider: Any = None, meter_provider: Any = None,
+                 submodules: SubmoduleSpans | None = None, cuda_timer: CudaTimer | None = None,
+                 _gpu_device_types: frozenset[str] = frozenset({"cuda"})) -> None:
+        super().__init__()
+        self.module = model
+        model_id = model_id or _model_name(model)
+        self.model_id = model_id
+        self.model_version = model_version
+        # the callable the hot path invokes, kept out of nn.Module's registry (it is already `module`)
+        object.__setattr__(self, "_call", model)
+        self._tracer = trace.get_tracer(_SCOPE, tracer_provider=tracer_provider)
+        self._span_name = f"ml.forward {model_id}"
+        static: dict[str, Any] = {"ml.model.id": model_id}
+        if model_version is not None:
+            static["ml.model.version"] = model_version
+        static["ml.parameter_count"] = sum(p.numel() for p in model.parameters()) if hasattr(
+            model, "parameters") else 0
+        static["ml.torch.version"] = torch.__version__
+        self._static = static
+        self._metric_attrs = {k: static[k] for k in ("ml.model.id", "ml.model.version") if k in static}
+        self._describe = _Describer()
+        self._gpu_types = _gpu_device_types
+        meter = metrics.get_meter(_SCOPE, meter_provider=meter_provider)
+        if cuda_timer is None and torch.cuda.is_available():
+            cuda_timer = CudaTimer(meter.create_histogram(
+                "ml.forward.gpu_time", unit="ms", description="GPU time of a forward pass, from CUDA events"))
+        self._cuda = cuda_timer
+        self._hooks: list[Any] = []
+        if submodules is not None:
+            self._hooks = _add_submodule_spans(model, self._tracer, submodules)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        d = self._describe
+        tensors = d.tensors(args, kwargs)
+        span = self._tracer.start_span(self._span_name, attributes=self._static)
+        token = attach(set_span_in_context(span))
+        ctx = _CURRENT.get()
+        if ctx is not None:
+            ctx.model_id = self.model_id
+            ctx.model_version = self.model_version
+        cuda = begun = device = None
+        if span.is_recording():
+            if tensors:
+                first = tensors[0]
+                device = first.device
+                span.set_attributes({
+                    "ml.batch_size": first.shape[0] if first.dim() else 1,
+                    "ml.input.shapes": [d.shape(t.shape) for t in tensors],
+                    "ml.input.dtypes": [d.dtype(t.dtype) for t in tensors],
+                    "ml.device": d.device(device),
+                    "ml.grad_enabled": torch.is_grad_enabled(),
+                    "ml.inference_mode": torch.is_inference_mode_enabled(),
+                })
+                if self._cuda is not None and device.type in self._gpu_types:
+                    cuda = self._cuda
+                    begun = cuda.begin(device)
+            else:
+                span.set_attributes({"ml.grad_enabled": torch.is_grad_enabled(),
+                                     "ml.inference_mode": torch.is_inference_mode_enabled()})
+        try:
+            out = self._call(*args, **kwargs)
+        except BaseException as e:
+            span.record_exception(e)
+            span.set_status(Status(StatusCode.ERROR, f"{type(e).__name__}: {e}"))
+            raise
+        else:
+            if span.is_recording():
+                span.set_attribute("ml.output.shapes", d.output_shapes(out))
+                if cuda is not None:
+                    cuda.end(begun, device, span, self._metric_attrs)
+            return out
+        finally:
+            detach(token)
+            span.end()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_call")
+            if inner is None:
+                raise
+            return getattr(inner, name)
+
+    def remove_submodule_spans(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+# --- submodule spans --------------------------------------------------------------------------
+
+_SUB_STACK: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("ml_submodule_spans", default=None)
+
+
+def _add_submodule_spans(model: Any, tracer: Any, opts: SubmoduleSpans) -> list[Any]:
+    if isinstance(model, torch.jit.ScriptModule) or hasattr(model, "_orig_mod"):
+        warnings.warn("submodule spans need an eager nn.Module; TorchScript/torch.compile models get the "
+                      "forward span only", stacklevel=3)
+        return []
+    max_depth = int(opts.get("max_depth", 1))
+    if max_depth < 1:
+        raise ValueError(f"submodules.max_depth: must be >= 1, got {max_depth}")
+    flt = opts.get("name_filter")
+    if isinstance(flt, str):
+        flt = re.compile(flt).search
+    handles = []
+    for name, mod in model.named_modules():
+        if not name or name.count(".") + 1 > max_depth or (flt is not None and not flt(name)):
+            continue
+        span_name = f"ml.module {name}"
+        attrs = {"ml.module.name": name, "ml.module.type": type(mod).__name__}
+
+        def pre(_mod: Any, _args: Any, _span_name: str = span_name, _attrs: dict = attrs) -> None:
+            span = tracer.start_span(_span_name, attributes=_attrs)
+            token = attach(set_span_in_context(span))
+            _SUB_STACK.set((span, token, _SUB_STACK.get()))
+
+        handles.append(mod.register_forward_pre_hook(pre))
+        handles.append(mod.register_forward_hook(_sub_post, always_call=True))
+    return handles
+
+
+def _sub_post(_mod: Any, _args: Any, _out: Any) -> None:
+    node = _SUB_STACK.get()
+    if node is None:
+        return
+    span, token, parent = node
+    _SUB_STACK.set(parent)
+    exc = sys.exc_info()[1]  # torch calls always_call hooks from its except block
+    if exc is not None:
+        span.record_exception(exc)
+        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+    detach(token)
+    span.end()
+
+
+def instrument_model(model: Any, model_id: str | None = None, model_version: str | None = None, *,
+                     submodules: SubmoduleSpans | None = None, tracer_provider: Any = None,
+                     meter_provider: Any = None) -> InstrumentedModel:
+    """Return ``model`` wrapped so every forward call is traced (see the module doc for attributes).
+
+    ``model_id`` defaults to the model's class name. ``submodules={"max_depth": 2,
+    "name_filter": "encoder"}`` adds child spans for matching submodules.
+    """
+    if isinstance(model, InstrumentedModel):
+        return model
+    return InstrumentedModel(model, model_id=model_id, model_version=model_version, submodules=submodules,
+                             tracer_provider=tracer_provider, meter_provider=meter_provider)

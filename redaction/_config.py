@@ -1,0 +1,218 @@
+"""The redaction config: one typed model shared by the sidecar processor and the in-process SDK adapters.
+
+Key names follow the OpenTelemetry Collector's redaction processor where the concept
+exists (``allow_all_keys``, ``allowed_keys``, ``ignored_keys``, ``blocked_key_patterns``,
+``blocked_values``, ``allowed_values``, ``hash_function``, ``summary``); ``detectors``
+adds the named built-ins. Every regex is compiled with RE2 while validating, so a
+bad rule fails with its YAML path (``blocked_values[1]: invalid regex '(foo': missing )``).
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import re2
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from redaction._detectors import DETECTOR_NAMES
+
+
+class RedactionConfigError(ValueError):
+    """The config cannot be used. ``problems`` holds one ``yaml.path: message`` line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid redaction configuration:\n  " + "\n  ".join(problems))
+
+
+class Action(str, enum.Enum):
+    """What a rule does to what it matched.
+
+    ``mask`` replaces only the matched span (key rules: the whole value);
+    ``replace`` replaces the whole value; ``drop`` removes the attribute;
+    ``hash`` replaces the match with its keyed HMAC (hex), stable for one key.
+    """
+
+    MASK = "mask"
+    REPLACE = "replace"
+    DROP = "drop"
+    HASH = "hash"
+
+
+_OPTIONS = re2.Options()
+_OPTIONS.log_errors = False
+
+
+def compile_regex(pattern: str) -> "re2._Regexp":
+    """Compile with RE2 (linear time); raise ValueError with RE2's reason and reject empty matches."""
+    try:
+        rx = re2.compile(pattern, _OPTIONS)
+    except re2.error as e:
+        reason = e.args[0].decode() if e.args and isinstance(e.args[0], bytes) else str(e)
+        reason = reason.split(": ", 1)[0]  # RE2 appends the offending fragment after ": "
+        raise ValueError(f"invalid regex {pattern!r}: {reason}") from None
+    if rx.search("") is not None:
+        raise ValueError(f"regex {pattern!r} matches the empty string, so it would match everywhere")
+    return rx
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _pattern_shorthand(value: Any) -> Any:
+    """A bare string in a rule list means ``{pattern: <string>}``."""
+    return {"pattern": value} if isinstance(value, str) else value
+
+
+class _Rule(_Model):
+    #: The rule's name in counters and summaries; defaults to its YAML path (``blocked_values[1]``).
+    name: str | None = None
+    pattern: str
+    replacement: str = "[REDACTED]"
+
+    @model_validator(mode="after")
+    def _compiles(self) -> "_Rule":
+        try:
+            compile_regex(self.pattern)
+        except ValueError as e:
+            raise ValueError(f"rule {self.name!r}: {e}" if self.name else str(e)) from None
+        return self
+
+
+class ValueRule(_Rule):
+    """A regex over string values; by default only the matched span is masked."""
+
+    action: Action = Action.MASK
+
+
+class KeyRule(_Rule):
+    """A regex over attribute keys; the value of a matching key is replaced (or dropped, or hashed).
+
+    Without ``action`` the rule uses the config's ``blocked_key_action``.
+    """
+
+    action: Action | None = None
+
+
+def _detector_shorthand(value: Any) -> Any:
+    """``email: false`` / ``email: true`` switch a detector without spelling out its settings."""
+    return {"enabled": value} if isinstance(value, bool) else value
+
+
+class DetectorConfig(_Model):
+    enabled: bool = True
+    action: Action = Action.MASK
+    #: Text put in place of the match; defaults to the detector's placeholder (``[EMAIL]``).
+    replacement: str | None = None
+
+
+Detector = Annotated[DetectorConfig, BeforeValidator(_detector_shorthand)]
+
+
+class DetectorsConfig(_Model):
+    """The built-in detectors, each on by default; ``name: false`` switches one off."""
+
+    email: Detector = Field(default_factory=DetectorConfig)
+    payment_card: Detector = Field(default_factory=DetectorConfig)
+    us_ssn: Detector = Field(default_factory=DetectorConfig)
+    phone: Detector = Field(default_factory=DetectorConfig)
+    ipv4: Detector = Field(default_factory=DetectorConfig)
+    ipv6: Detector = Field(default_factory=DetectorConfig)
+    jwt: Detector = Field(default_factory=DetectorConfig)
+    bearer_token: Detector = Field(default_factory=DetectorConfig)
+    api_key: Detector = Field(default_factory=DetectorConfig)
+    iban: Detector = Field(default_factory=DetectorConfig)
+
+
+assert set(DetectorsConfig.model_fields) == set(DETECTOR_NAMES), "one config field per built-in detector"
+
+
+def _checked_regex(pattern: str) -> str:
+    compile_regex(pattern)
+    return pattern
+
+
+class RedactionConfig(_Model):
+    """Settings of one redaction engine (the ``processors.redaction`` section)."""
+
+    #: false = allowlist mode: keys not in ``allowed_keys`` (nor ``ignored_keys``) get ``disallowed_key_action``.
+    allow_all_keys: bool = True
+    allowed_keys: list[str] = Field(default_factory=list)
+    disallowed_key_action: Action = Action.DROP
+    #: Keys left exactly as they are: no key rule, no value rule.
+    ignored_keys: list[str] = Field(default_factory=list)
+    #: Extra key regexes, on top of the built-ins unless ``builtin_blocked_key_patterns`` is false.
+    blocked_key_patterns: list[Annotated[KeyRule, BeforeValidator(_pattern_shorthand)]] = Field(default_factory=list)
+    builtin_blocked_key_patterns: bool = True
+    blocked_key_action: Action = Action.REPLACE
+    blocked_values: list[Annotated[ValueRule, BeforeValidator(_pattern_shorthand)]] = Field(default_factory=list)
+    #: Exceptions: a match that fully matches one of these regexes is left alone.
+    allowed_values: list[Annotated[str, AfterValidator(_checked_regex)]] = Field(default_factory=list)
+    detectors: DetectorsConfig = Field(default_factory=DetectorsConfig)
+    hash_function: Literal["hmac-sha256"] = "hmac-sha256"
+    #: Environment variable holding the HMAC key; required (at start-up) when any rule hashes.
+    hash_key_env: str = Field(default="REDACTION_HMAC_KEY", min_length=1)
+    #: silent: no attributes; info: ``redaction.*.count`` on items that were changed; debug: also the keys.
+    summary: Literal["silent", "info", "debug"] = "info"
+
+
+def format_problems(exc: ValidationError, prefix: str = "") -> list[str]:
+    """pydantic errors -> ``yaml.path[2].key: message`` lines (the sidecar's config loader does the same)."""
+    out = []
+    for err in exc.errors():
+        path = prefix
+        for part in err["loc"]:
+            if isinstance(part, int):
+                path += f"[{part}]"
+            elif str(part).startswith("function-"):
+                continue
+            else:
+                path = f"{path}.{part}" if path else str(part)
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        out.append(f"{path}: {msg}" if path else msg)
+    return out
+
+
+def load_redaction_config(source: "str | Path | dict | RedactionConfig | None") -> RedactionConfig:
+    """The redaction config from code, a dict, or a YAML file.
+
+    A YAML file may be a whole sidecar config (its ``processors.redaction`` section is
+    used, so the app and the sidecar share one file) or just the section's body.
+    Errors name the YAML path and raise :class:`RedactionConfigError`.
+    """
+    if isinstance(source, RedactionConfig):
+        return source
+    prefix = ""
+    if source is None:
+        body: Any = {}
+    elif isinstance(source, dict):
+        body = source
+    else:
+        import yaml
+
+        try:
+            body = yaml.safe_load(Path(source).read_text()) or {}
+        except OSError as e:
+            raise RedactionConfigError([f"{source}: cannot read config: {e.strerror}"]) from None
+        except yaml.YAMLError as e:
+            raise RedactionConfigError([f"{source}: not valid YAML: {e}"]) from None
+        if isinstance(body, dict) and "processors" in body:
+            processors = body.get("processors") or {}
+            names = [k for k in processors if str(k) == "redaction" or str(k).startswith("redaction/")]
+            if not names:
+                raise RedactionConfigError([f"{source}: processors: no redaction processor defined"])
+            prefix = f"processors.{names[0]}"
+            body = processors[names[0]] or {}
+    if not isinstance(body, dict):
+        raise RedactionConfigError([f"{prefix or source}: must be a mapping"])
+    try:
+        return RedactionConfig.model_validate(body)
+    except ValidationError as e:
+        raise RedactionConfigError(format_problems(e, prefix)) from None

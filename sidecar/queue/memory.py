@@ -1,0 +1,65 @@
+"""The bounded in-memory sending queue: O(1) put, never blocks the caller, refuses when full."""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+from sidecar.component import Refused
+from sidecar.queue import QueueItem
+from sidecar.signals import Request, Signal
+
+
+class MemoryQueue:
+    persistent = False
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: collections.deque[QueueItem] = collections.deque()
+        self._cond = threading.Condition()
+        self._count = 0  # items (spans, ...) waiting, for the gauge
+        self._closed = False
+        self._aborted = False
+
+    def put(self, signal: Signal, request: Request, items: int) -> None:
+        with self._cond:
+            if self._closed:
+                raise Refused("shutting_down")
+            if len(self._items) >= self.capacity:
+                raise Refused("queue_full", message=f"sending queue is full ({self.capacity} requests)")
+            self._items.append(QueueItem(signal, request, items))
+            self._count += items
+            self._cond.notify()
+
+    def get(self) -> QueueItem | None:
+        with self._cond:
+            while not self._items and not self._closed and not self._aborted:
+                self._cond.wait()
+            if self._aborted or not self._items:
+                return None
+            item = self._items.popleft()
+            self._count -= item.items
+            return item
+
+    def done(self, item: QueueItem) -> None:
+        """Nothing to forget: the item left memory when it was handed out."""
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def abort(self) -> list[QueueItem]:
+        with self._cond:
+            self._closed = self._aborted = True
+            left = list(self._items)
+            self._items.clear()
+            self._count = 0
+            self._cond.notify_all()
+            return left
+
+    def size(self) -> int:
+        return len(self._items)
+
+    def item_count(self) -> int:
+        return self._count

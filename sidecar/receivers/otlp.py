@@ -1,0 +1,552 @@
+"""The ``otlp`` receiver: OTLP/gRPC and OTLP/HTTP (protobuf and JSON) in, Export*ServiceRequest out.
+
+Each request is checked (ids of the right length) while its items are counted, in one
+pass, and then handed whole to the next stage. The answer tells an OTLP client what to do:
+
+    outcome                              gRPC                               HTTP
+    accepted                             OK                                 200 + Export*ServiceResponse
+    malformed / not retryable refusal    INVALID_ARGUMENT                   400 + google.rpc.Status
+    Refused("memory_limit")              RESOURCE_EXHAUSTED + RetryInfo     429 + Retry-After
+    Refused, other retryable             UNAVAILABLE (+ RetryInfo)          503 + Retry-After
+
+Oversized gRPC messages are refused by grpc itself (RESOURCE_EXHAUSTED) before a handler
+runs, so they are not in this receiver's counters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+import zlib
+from concurrent import futures
+from http import HTTPStatus
+from typing import Callable
+
+import grpc
+from google.protobuf import duration_pb2
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2_grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+from prometheus_client import Counter
+from pydantic import Field, field_validator, model_validator
+
+from sidecar.component import Component, Consumer, Kind, Refused
+from sidecar.config import ConfigModel, HostPort, split_host_port
+from sidecar.otlp_json import OTLPJSONError, from_json
+from sidecar.registry import ALL_SIGNALS, CreateSettings, Factory
+from sidecar.signals import Request, Signal, count_items
+
+log = logging.getLogger(__name__)
+
+_MIB = 1024 * 1024
+
+
+# --- config -------------------------------------------------------------------------------------
+
+
+class GRPCServerConfig(ConfigModel):
+    """``protocols.grpc``: the OTLP/gRPC server."""
+
+    endpoint: HostPort = "127.0.0.1:4317"
+    #: Largest request accepted, in MiB (after decompression); bigger ones get RESOURCE_EXHAUSTED.
+    max_recv_msg_size_mib: int = Field(4, ge=1, le=2047)
+    #: HTTP/2 streams per client connection; 0 leaves grpc's default.
+    max_concurrent_streams: int = Field(0, ge=0)
+    #: Threads running request handlers (the grpcio server's thread pool).
+    workers: int = Field(8, ge=1, le=256)
+
+
+class HTTPServerConfig(ConfigModel):
+    """``protocols.http``: the OTLP/HTTP server (protobuf and JSON bodies)."""
+
+    endpoint: HostPort = "127.0.0.1:4318"
+    #: Largest body accepted, in bytes, before and after gzip decompression.
+    max_request_body_size: int = Field(20 * _MIB, ge=1)
+    traces_url_path: str = "/v1/traces"
+    logs_url_path: str = "/v1/logs"
+    metrics_url_path: str = "/v1/metrics"
+    #: Threads running requests (waitress).
+    workers: int = Field(4, ge=1, le=256)
+
+    @field_validator("traces_url_path", "logs_url_path", "metrics_url_path")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"must start with '/', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "HTTPServerConfig":
+        paths = (self.traces_url_path, self.logs_url_path, self.metrics_url_path)
+        if len(set(paths)) != 3:
+            raise ValueError("traces_url_path, logs_url_path and metrics_url_path must differ")
+        return self
+
+
+class ProtocolsConfig(ConfigModel):
+    """A protocol left out is disabled; an empty mapping (``grpc:``) enables it with defaults."""
+
+    grpc: GRPCServerConfig | None = None
+    http: HTTPServerConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_means_defaults(cls, data):
+        if isinstance(data, dict):
+            return {k: {} if v is None and k in ("grpc", "http") else v for k, v in data.items()}
+        return data
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> "ProtocolsConfig":
+        if self.grpc is None and self.http is None:
+            raise ValueError("at least one of grpc or http must be configured (an empty `grpc:` means defaults)")
+        return self
+
+
+class OTLPReceiverConfig(ConfigModel):
+    protocols: ProtocolsConfig = Field(default={}, validate_default=True)
+
+    @field_validator("protocols", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v):
+        return {} if v is None else v
+
+
+# --- checking requests: ids of the right length, counted in the same pass -------------------------
+
+
+def _check_traces(req) -> int:
+    """Spans in the request, or -1 if a span's own ids have the wrong length.
+
+    Span links are not checked: reading ``span.links`` costs as much as the three id checks together.
+    """
+    n = 0
+    for rs in req.resource_spans:
+        for ss in rs.scope_spans:
+            spans = ss.spans
+            n += len(spans)
+            for span in spans:
+                if len(span.trace_id) != 16 or len(span.span_id) != 8:
+                    return -1
+                parent = len(span.parent_span_id)
+                if parent and parent != 8:
+                    return -1
+    return n
+
+
+def _check_logs(req) -> int:
+    """Log records in the request, or -1 if a trace or span id has the wrong length."""
+    n = 0
+    for rl in req.resource_logs:
+        for sl in rl.scope_logs:
+            records = sl.log_records
+            n += len(records)
+            for rec in records:
+                t = len(rec.trace_id)
+                s = len(rec.span_id)
+                if (t and t != 16) or (s and s != 8):
+                    return -1
+    return n
+
+
+def _check_metrics(req) -> int:
+    """Data points in the request, or -1 if an exemplar id has the wrong length."""
+    n = 0
+    for rm in req.resource_metrics:
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                kind = m.WhichOneof("data")
+                if kind is None:
+                    continue
+                points = getattr(m, kind).data_points
+                n += len(points)
+                if kind == "summary":  # summary points carry no exemplars
+                    continue
+                for dp in points:
+                    if dp.exemplars:
+                        for ex in dp.exemplars:
+                            t = len(ex.trace_id)
+                            s = len(ex.span_id)
+                            if (t and t != 16) or (s and s != 8):
+                                return -1
+    return n
+
+
+_CHECKERS: dict[Signal, Callable[[Request], int]] = {
+    Signal.TRACES: _check_traces, Signal.LOGS: _check_logs, Signal.METRICS: _check_metrics,
+}
+
+
+def _id_problem(value: bytes, want: int, may_be_empty: bool) -> str | None:
+    got = len(value)
+    if got == want or (may_be_empty and got == 0):
+        return None
+    return f"must be {'empty or ' if may_be_empty else ''}{want} bytes, got {got}"
+
+
+def describe_bad_id(signal: Signal, req: Request) -> str:
+    """The first wrong-length id as ``path.to.field: must be 16 bytes, got 5`` (the slow path, on rejection)."""
+    def first(checks):
+        for path, value, want, may_be_empty in checks:
+            problem = _id_problem(value, want, may_be_empty)
+            if problem:
+                return f"{path}: {problem}"
+        return "invalid id"
+
+    def traces():
+        for i, rs in enumerate(req.resource_spans):
+            for j, ss in enumerate(rs.scope_spans):
+                for k, span in enumerate(ss.spans):
+                    p = f"resource_spans[{i}].scope_spans[{j}].spans[{k}]"
+                    yield f"{p}.trace_id", span.trace_id, 16, False
+                    yield f"{p}.span_id", span.span_id, 8, False
+                    yield f"{p}.parent_span_id", span.parent_span_id, 8, True
+
+    def logs():
+        for i, rl in enumerate(req.resource_logs):
+            for j, sl in enumerate(rl.scope_logs):
+                for k, rec in enumerate(sl.log_records):
+                    p = f"resource_logs[{i}].scope_logs[{j}].log_records[{k}]"
+                    yield f"{p}.trace_id", rec.trace_id, 16, True
+                    yield f"{p}.span_id", rec.span_id, 8, True
+
+    def metrics():
+        for i, rm in enumerate(req.resource_metrics):
+            for j, sm in enumerate(rm.scope_metrics):
+                for k, m in enumerate(sm.metrics):
+                    kind = m.WhichOneof("data")
+                    if kind is None or kind == "summary":
+                        continue
+                    for d, dp in enumerate(getattr(m, kind).data_points):
+                        for e, ex in enumerate(dp.exemplars):
+                            p = f"resource_metrics[{i}].scope_metrics[{j}].metrics[{k}].{kind}.data_points[{d}].exemplars[{e}]"
+                            yield f"{p}.trace_id", ex.trace_id, 16, True
+                            yield f"{p}.span_id", ex.span_id, 8, True
+
+    return first({Signal.TRACES: traces, Signal.LOGS: logs, Signal.METRICS: metrics}[signal]())
+
+
+# --- outcomes ---------------------------------------------------------------------------------------
+
+
+class _Rejected(Exception):
+    """A request answered with an error; classified once, rendered by each protocol."""
+
+    def __init__(self, reason: str, message: str, grpc_code: grpc.StatusCode, http_status: int,
+                 retry_after: float | None = None):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.grpc_code = grpc_code
+        self.http_status = http_status
+        self.retry_after = retry_after
+
+
+def _classify(refused: Refused) -> _Rejected:
+    """What to tell the client when the pipeline refused: throttled, retry later, or give up."""
+    if refused.reason == "memory_limit":
+        return _Rejected(refused.reason, str(refused), grpc.StatusCode.RESOURCE_EXHAUSTED, 429,
+                         refused.retry_after or 1.0)
+    if refused.retryable:
+        return _Rejected(refused.reason, str(refused), grpc.StatusCode.UNAVAILABLE, 503, refused.retry_after or 1.0)
+    if refused.reason == "unsupported_signal":
+        return _Rejected(refused.reason, str(refused), grpc.StatusCode.UNIMPLEMENTED, 404)
+    return _Rejected(refused.reason, str(refused), grpc.StatusCode.INVALID_ARGUMENT, 400)
+
+
+def _retry_info_trailer(rej: _Rejected) -> tuple[tuple[str, bytes], ...]:
+    """``grpc-status-details-bin`` with a google.rpc.RetryInfo, which OTLP clients honour as the backoff."""
+    delay = rej.retry_after or 1.0
+    status = status_pb2.Status(code=rej.grpc_code.value[0], message=rej.message)
+    status.details.add().Pack(error_details_pb2.RetryInfo(
+        retry_delay=duration_pb2.Duration(seconds=int(delay), nanos=int(round((delay % 1) * 1e9)))))
+    return (("grpc-status-details-bin", status.SerializeToString()),)
+
+
+# --- the receiver -----------------------------------------------------------------------------------
+
+
+class OTLPReceiver(Component):
+    def __init__(self, settings: CreateSettings, config: OTLPReceiverConfig, next_consumer: Consumer):
+        self.id = str(settings.id)
+        self.config = config
+        self._next = next_consumer
+        self._telemetry = settings.telemetry
+        self._requests_refused: Counter = settings.telemetry.root.family(
+            Counter, "sidecar_receiver_requests_refused",
+            "Requests a receiver answered with an error, by protocol and reason (malformed ones carry no items).",
+            ("component", "protocol", "reason"))
+        self._refused_children: dict[tuple[str, str], object] = {}
+        self._grpc_server: grpc.Server | None = None
+        self._http_server = None
+        self.grpc_port: int | None = None
+        self.http_port: int | None = None
+        self._http_app: _OTLPHTTPApp | None = None
+
+    # the one path every request takes, whatever its protocol
+    def ingest(self, signal: Signal, request: Request, protocol: str) -> None:
+        """Check, count and hand ``request`` down; raise :class:`_Rejected` with the answer otherwise."""
+        n = _CHECKERS[signal](request)
+        if n < 0:
+            n = count_items(signal, request)
+            self._telemetry.received(signal, n)
+            raise self.reject(signal, n, protocol, _Rejected(
+                "invalid", describe_bad_id(signal, request), grpc.StatusCode.INVALID_ARGUMENT, 400))
+        if n == 0:
+            return  # nothing to deliver
+        self._telemetry.received(signal, n)
+        try:
+            self._next.consume(signal, request)
+        except Refused as e:
+            raise self.reject(signal, n, protocol, _classify(e)) from None
+        except Exception as e:  # a bug downstream must not take the server down
+            log.exception("%s: the pipeline failed on a %s request", self.id, signal.value)
+            raise self.reject(signal, n, protocol, _Rejected(
+                "internal", f"internal error: {type(e).__name__}", grpc.StatusCode.INTERNAL, 500)) from None
+        self._telemetry.accepted(signal, n)
+
+    def reject(self, signal: Signal | None, n: int, protocol: str, rej: _Rejected) -> _Rejected:
+        """Count a refused request (and its items, when it parsed) and return the rejection to raise."""
+        if signal is not None:
+            self._telemetry.refused(signal, n, rej.reason)
+        key = (protocol, rej.reason)
+        child = self._refused_children.get(key)
+        if child is None:
+            child = self._refused_children[key] = self._requests_refused.labels(self.id, protocol, rej.reason)
+        child.inc()
+        return rej
+
+    # lifecycle
+    def start(self, host) -> None:
+        try:
+            if self.config.protocols.grpc is not None:
+                self._start_grpc(self.config.protocols.grpc)
+            if self.config.protocols.http is not None:
+                self._start_http(self.config.protocols.http)
+        except Exception:
+            self.shutdown(time.monotonic())
+            raise
+
+    def _start_grpc(self, cfg: GRPCServerConfig) -> None:
+        options = [("grpc.max_receive_message_length", cfg.max_recv_msg_size_mib * _MIB),
+                   ("grpc.so_reuseport", 0)]  # a port already in use must fail start-up, not be shared
+        if cfg.max_concurrent_streams:
+            options.append(("grpc.max_concurrent_streams", cfg.max_concurrent_streams))
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix=f"{self.id}-grpc"),
+                             options=options)
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_GRPCService(self, Signal.TRACES), server)
+        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_GRPCService(self, Signal.LOGS), server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_GRPCService(self, Signal.METRICS), server)
+        try:
+            port = server.add_insecure_port(cfg.endpoint)
+        except RuntimeError:  # grpcio >= 1.60 raises; older versions return 0
+            port = 0
+        if not port:
+            raise OSError(f"receivers.{self.id}: cannot listen for OTLP/gRPC on {cfg.endpoint}: "
+                          "the address is in use or cannot be bound")
+        server.start()
+        self._grpc_server = server
+        self.grpc_port = port
+        log.info("%s: OTLP/gRPC on %s", self.id, cfg.endpoint)
+
+    def _start_http(self, cfg: HTTPServerConfig) -> None:
+        from sidecar.httpserver import BackgroundHTTPServer
+
+        app = _OTLPHTTPApp(self, cfg)
+        host, port = split_host_port(cfg.endpoint)
+        try:
+            # Waitress refuses bodies over twice the limit before buffering them; the app answers the
+            # rest itself, so most oversized requests are counted.
+            server = BackgroundHTTPServer(app, host, port, name=f"{self.id}-http", threads=cfg.workers,
+                                          max_request_body_size=2 * cfg.max_request_body_size,
+                                          asyncore_use_poll=True)
+        except OSError as e:
+            raise OSError(f"receivers.{self.id}: cannot listen for OTLP/HTTP on {cfg.endpoint}: "
+                          f"{e.strerror or e}") from None
+        server.start()
+        self._http_app = app
+        self._http_server = server
+        self.http_port = server.port
+        log.info("%s: OTLP/HTTP on %s", self.id, cfg.endpoint)
+
+    def shutdown(self, deadline: float) -> None:
+        """Refuse new requests, let in-flight ones finish before ``deadline``, then close the sockets."""
+        grace = max(0.0, deadline - time.monotonic())
+        stopped = self._grpc_server.stop(grace) if self._grpc_server is not None else None
+        if self._http_server is not None:
+            self._http_app.drain(deadline)
+            self._http_server.stop(timeout=max(0.5, deadline - time.monotonic()))
+            self._http_server = None
+        if stopped is not None:
+            stopped.wait(max(0.0, deadline - time.monotonic()) + 0.5)
+            self._grpc_server = None
+
+
+class _GRPCService:
+    """The Export method of one OTLP gRPC service."""
+
+    def __init__(self, receiver: OTLPReceiver, signal: Signal):
+        self._ingest = receiver.ingest
+        self._signal = signal
+        self._ok = signal.response_type()  # empty and never mutated: safe to share
+
+    def Export(self, request, context):  # noqa: N802 - gRPC method name
+        try:
+            self._ingest(self._signal, request, "grpc")
+        except _Rejected as rej:
+            if rej.retry_after is not None:
+                context.set_trailing_metadata(_retry_info_trailer(rej))
+            context.abort(rej.grpc_code, rej.message)
+        return self._ok
+
+
+_PROTOBUF = "application/x-protobuf"
+_JSON = "application/json"
+
+
+def _status_line(code: int) -> str:
+    return f"{code} {HTTPStatus(code).phrase}"
+
+
+class _OTLPHTTPApp:
+    """The WSGI app behind OTLP/HTTP: POST protobuf or JSON, optionally gzip, to one path per signal."""
+
+    def __init__(self, receiver: OTLPReceiver, cfg: HTTPServerConfig):
+        self._receiver = receiver
+        self._limit = cfg.max_request_body_size
+        self._paths = {cfg.traces_url_path: Signal.TRACES, cfg.logs_url_path: Signal.LOGS,
+                       cfg.metrics_url_path: Signal.METRICS}
+        self._ok = {(s, False): s.response_type().SerializeToString() for s in Signal}
+        self._ok.update({(s, True): b"{}" for s in Signal})
+        self._inflight = 0
+        self._idle = threading.Condition()
+        self._draining = False
+
+    def drain(self, deadline: float) -> None:
+        """Answer new requests with 503 and wait for those in flight, until ``deadline``."""
+        with self._idle:
+            self._draining = True
+            while self._inflight and time.monotonic() < deadline:
+                self._idle.wait(max(0.0, deadline - time.monotonic()))
+
+    def __call__(self, environ, start_response):
+        with self._idle:
+            self._inflight += 1
+        try:
+            return self._handle(environ, start_response)
+        finally:
+            with self._idle:
+                self._inflight -= 1
+                if not self._inflight:
+                    self._idle.notify_all()
+
+    def _handle(self, environ, start_response):
+        media = environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower()
+        as_json = media != _PROTOBUF  # errors for unknown types are answered in JSON, the readable one
+        signal = self._paths.get(environ.get("PATH_INFO", ""))
+        try:
+            if signal is None:
+                raise self._rejected(None, "not_found", f"no OTLP signal at {environ.get('PATH_INFO')!r}", 404)
+            if environ["REQUEST_METHOD"] != "POST":
+                raise self._rejected(signal, "method_not_allowed", "only POST is allowed", 405)
+            if self._draining:
+                raise self._rejected(signal, "shutting_down", "the receiver is shutting down", 503,
+                                     grpc.StatusCode.UNAVAILABLE, retry_after=1.0)
+            if media != _PROTOBUF and media != _JSON:
+                raise self._rejected(signal, "unsupported_media_type",
+                                     f"unsupported Content-Type {media or '(none)'!r}; use {_PROTOBUF} or {_JSON}", 415)
+            body = self._read_body(signal, environ)
+            try:
+                if as_json:
+                    request = from_json(signal, body)
+                else:
+                    request = signal.request_type()
+                    request.ParseFromString(body)
+            except OTLPJSONError as e:
+                raise self._rejected(signal, "invalid", f"invalid OTLP/JSON {signal.value} request: {e}", 400) from None
+            except DecodeError as e:
+                raise self._rejected(signal, "invalid", f"invalid OTLP protobuf {signal.value} request: {e}",
+                                     400) from None
+            self._receiver.ingest(signal, request, "http")
+        except _Rejected as rej:
+            return self._error(start_response, rej, as_json, signal)
+        body = self._ok[(signal, as_json)]
+        start_response("200 OK", [("Content-Type", _JSON if as_json else _PROTOBUF), ("Content-Length", str(len(body)))])
+        return [body]
+
+    def _read_body(self, signal: Signal, environ) -> bytes:
+        encoding = environ.get("HTTP_CONTENT_ENCODING", "").strip().lower()
+        if encoding not in ("", "identity", "gzip"):
+            raise self._rejected(signal, "unsupported_media_type",
+                                 f"unsupported Content-Encoding {encoding!r}; use gzip or none", 415)
+        limit = self._limit
+        declared = environ.get("CONTENT_LENGTH") or ""
+        try:
+            length = int(declared) if declared else -1
+        except ValueError:
+            raise self._rejected(signal, "invalid", f"invalid Content-Length {declared!r}", 400) from None
+        if length > limit:
+            raise self._too_large(signal, f"body of {length} bytes")
+        body = environ["wsgi.input"].read(length if length >= 0 else limit + 1)
+        if len(body) > limit:
+            raise self._too_large(signal, "body")
+        if encoding == "gzip":
+            body = self._gunzip(signal, body)
+        return body
+
+    def _gunzip(self, signal: Signal, body: bytes) -> bytes:
+        """Decompress at most ``limit`` bytes: a small body that inflates without bound is refused early."""
+        limit = self._limit
+        out = b""
+        rest = body
+        try:
+            while True:
+                d = zlib.decompressobj(wbits=31)
+                out += d.decompress(rest, limit + 1 - len(out))
+                if len(out) > limit:
+                    raise self._too_large(signal, "decompressed body")
+                if not d.eof:
+                    raise self._rejected(signal, "invalid", "invalid gzip body: truncated", 400)
+                rest = d.unused_data
+                if not rest:  # more than one gzip member is allowed
+                    return out
+        except zlib.error as e:
+            raise self._rejected(signal, "invalid", f"invalid gzip body: {e}", 400) from None
+
+    def _too_large(self, signal: Signal, what: str) -> _Rejected:
+        return self._rejected(signal, "too_large", f"{what} exceeds max_request_body_size ({self._limit} bytes)", 413,
+                              grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+    def _rejected(self, signal: Signal | None, reason: str, message: str, http_status: int,
+                  grpc_code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT,
+                  retry_after: float | None = None) -> _Rejected:
+        return self._receiver.reject(signal, 0, "http",
+                                     _Rejected(reason, message, grpc_code, http_status, retry_after))
+
+    def _error(self, start_response, rej: _Rejected, as_json: bool, signal: Signal | None):
+        code = rej.grpc_code.value[0]
+        if as_json:
+            body = json.dumps({"code": code, "message": rej.message}).encode()
+        else:
+            body = status_pb2.Status(code=code, message=rej.message).SerializeToString()
+        headers = [("Content-Type", _JSON if as_json else _PROTOBUF), ("Content-Length", str(len(body)))]
+        if rej.http_status == 405:
+            headers.append(("Allow", "POST"))
+        if rej.retry_after is not None and rej.http_status in (429, 503):
+            headers.append(("Retry-After", str(max(1, math.ceil(rej.retry_after)))))
+        start_response(_status_line(rej.http_status), headers)
+        return [body]
+
+
+FACTORY = Factory(
+    type="otlp",
+    kind=Kind.RECEIVER,
+    config_model=OTLPReceiverConfig,
+    create=lambda settings, cfg, next_consumer: OTLPReceiver(settings, cfg, next_consumer),
+    signals=ALL_SIGNALS,
+)
