@@ -35,6 +35,12 @@ class Detector:
     pattern: str
     placeholder: str
     validator: Validator | None = None
+    #: A pattern with no anchors or word boundaries that matches somewhere inside every
+    #: match of ``pattern``: safe to run over a serialized protobuf request, where the
+    #: bytes around a string are tags and lengths (see RedactionEngine.wire_clean).
+    #: Binary ids and timestamps sit between the strings there, so hints avoid short shapes
+    #: that random bytes produce (``x@y``, ``::``).
+    wire_hint: str = ""
 
 
 def _digits(text: bytes) -> bytes:
@@ -78,6 +84,9 @@ def phone_ok(text: bytes) -> bool:
 
 
 def ipv6_ok(text: bytes) -> bool:
+    """A real IPv6 address, with at least one digit: ``ns::fn`` and ``dead::beef`` are code, not hosts."""
+    if not any(48 <= c <= 57 for c in text):
+        return False
     try:
         ipaddress.IPv6Address(text.decode("ascii"))
     except ValueError:
@@ -95,8 +104,9 @@ _H = r"[0-9A-Fa-f]"
 
 #: In scan order: at one start position the first detector that matches wins.
 DETECTORS: tuple[Detector, ...] = (
-    Detector("jwt", r"\beyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*", "[JWT]"),
-    Detector("bearer_token", r"(?i:\b(?:bearer|basic)[ \t]+)([A-Za-z0-9._~+/-]{8,}=*)", "[TOKEN]", bearer_ok),
+    Detector("jwt", r"\beyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*", "[JWT]", wire_hint=r"eyJ[A-Za-z0-9_-]{4,}\.eyJ"),
+    Detector("bearer_token", r"(?i:\b(?:bearer|basic)[ \t]+)([A-Za-z0-9._~+/-]{8,}=*)", "[TOKEN]", bearer_ok,
+             wire_hint=r"(?i:bearer|basic)[ \t]+[A-Za-z0-9._~+/-]{8}"),
     Detector(
         "api_key",
         r"\b(?:sk-(?:proj-|ant-|live-|test-)?[A-Za-z0-9_-]{16,}"
@@ -107,16 +117,23 @@ DETECTORS: tuple[Detector, ...] = (
         r"|AIza[0-9A-Za-z_-]{35}"
         r"|hf_[A-Za-z0-9]{30,})\b",
         "[API_KEY]",
+        wire_hint=r"sk-[A-Za-z0-9_-]{16}|[sr]k_(?:live|test)_[A-Za-z0-9]{16}"
+        r"|(?:AKIA|ASIA|AGPA|AIDA|AROA|AIPA|ANPA|ANVA|APKA)[A-Z0-9]{16}"
+        r"|gh[pousr]_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9_]{22}|xox[abposr]-[A-Za-z0-9-]{10}"
+        r"|AIza[0-9A-Za-z_-]{35}|hf_[A-Za-z0-9]{30}",
     ),
-    Detector("email", r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b", "[EMAIL]"),
-    Detector("iban", r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b", "[IBAN]", iban_ok),
+    Detector("email", r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b", "[EMAIL]",
+             wire_hint=r"[A-Za-z0-9._%+-]@[A-Za-z0-9-]+\.[A-Za-z0-9-]"),
+    Detector("iban", r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b", "[IBAN]", iban_ok,
+             wire_hint=r"[A-Z]{2}[0-9]{2} ?[A-Z0-9]{4} ?[A-Z0-9]{4}"),
     Detector(
         "payment_card",
         r"\b(?:[0-9]{4}[ -][0-9]{4}[ -][0-9]{4}[ -][0-9]{1,7}|[0-9]{4}[ -][0-9]{6}[ -][0-9]{4,5}|[0-9]{13,19})\b",
         "[CARD]",
         luhn_ok,
+        wire_hint=r"[0-9]{4}[ -]?[0-9]{4}",
     ),
-    Detector("us_ssn", r"\b[0-9]{3}-[0-9]{2}-[0-9]{4}\b", "[SSN]", ssn_ok),
+    Detector("us_ssn", r"\b[0-9]{3}-[0-9]{2}-[0-9]{4}\b", "[SSN]", ssn_ok, wire_hint=r"[0-9]{3}-[0-9]{2}-[0-9]{4}"),
     Detector(
         "phone",
         r"(?:^|[^\w+.\-])("
@@ -125,6 +142,7 @@ DETECTORS: tuple[Detector, ...] = (
         r")(?:$|[^\w.\-]|[.\-](?:$|[^\w]))",
         "[PHONE]",
         phone_ok,
+        wire_hint=r"[0-9]{3}[ .-][0-9]{4}|\+[1-9][0-9 ()-]{7}",
     ),
     Detector(
         "ipv6",
@@ -132,27 +150,32 @@ DETECTORS: tuple[Detector, ...] = (
         r"(?:$|[^\w:])",
         "[IP]",
         ipv6_ok,
+        wire_hint=r"[0-9A-Fa-f]::|::[0-9A-Fa-f]|(?:[0-9A-Fa-f]{1,4}:){7}|(?:[0-9A-Fa-f]{1,4}:){6}[0-9]",
     ),
     Detector(
         "ipv4",
         r"(?:^|[^\w.])(" + _OCTET + r"(?:\." + _OCTET + r"){3})(?:$|[^\w.]|\.(?:$|[^\w]))",
         "[IP]",
+        wire_hint=r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}",
     ),
 )
 
 DETECTOR_NAMES: tuple[str, ...] = tuple(d.name for d in DETECTORS)
 
-#: Built-in key patterns (name, regex), matched anywhere in the key, case-insensitively.
+#: Built-in key patterns (name, regex, wire hint), matched anywhere in the key, case-insensitively.
 #: ``token`` only matches keys that *end* in token, so ``gen_ai.usage.input_tokens`` and
-#: ``token_count`` stay readable while ``access_token`` and ``x-auth-token`` do not.
-BUILTIN_KEY_PATTERNS: tuple[tuple[str, str], ...] = (
-    ("authorization", r"(?i)authorization"),
-    ("cookie", r"(?i)cookie"),
-    ("password", r"(?i)passw(?:or)?d|passphrase"),
-    ("secret", r"(?i)secret"),
-    ("token", r"(?i)token$"),
-    ("api_key", r"(?i)api[-_ .]?key"),
-    ("private_key", r"(?i)private[-_ .]?key"),
-    ("credential", r"(?i)credential"),
-    ("session", r"(?i)session[-_.]?(?:id|key|token|secret)?$"),
+#: ``token_count`` stay readable while ``access_token`` and ``x-auth-token`` do not. In a
+#: serialized KeyValue the key is followed by the value's tag byte (0x12), which the wire
+#: hints accept where the pattern says ``$``.
+BUILTIN_KEY_PATTERNS: tuple[tuple[str, str, str], ...] = (
+    ("authorization", r"(?i)authorization", r"(?i:authorization)"),
+    ("cookie", r"(?i)cookie", r"(?i:cookie)"),
+    ("password", r"(?i)passw(?:or)?d|passphrase", r"(?i:passw(?:or)?d|passphrase)"),
+    ("secret", r"(?i)secret", r"(?i:secret)"),
+    ("token", r"(?i)token$", r"(?i:token)(?:[^A-Za-z0-9]|$)"),
+    ("api_key", r"(?i)api[-_ .]?key", r"(?i:api[-_ .]?key)"),
+    ("private_key", r"(?i)private[-_ .]?key", r"(?i:private[-_ .]?key)"),
+    ("credential", r"(?i)credential", r"(?i:credential)"),
+    ("session", r"(?i)session[-_.]?(?:id|key|token|secret)?$",
+     r"(?i:session(?:[-_.]?(?:id|key|token|secret))?)(?:[^A-Za-z0-9]|$)"),
 )

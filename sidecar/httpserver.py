@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from waitress import wasyncore
 from waitress.server import create_server
 
 log = logging.getLogger(__name__)
@@ -31,5 +32,12 @@ class BackgroundHTTPServer:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._server.close()
+        """Let running requests finish (up to ``timeout``), then close the listener and every open connection.
+
+        A single-socket waitress server's ``close()`` only closes the listener: an idle keep-alive
+        connection would keep its loop, and this thread, alive until ``channel_timeout``.
+        """
+        server = self._server
+        server.task_dispatcher.shutdown(timeout=timeout)
+        wasyncore.close_all(getattr(server, "map", None) or server._map)  # noqa: SLF001 - waitress's socket map
         self._thread.join(timeout)

@@ -42,14 +42,16 @@ class SignalRouter:
 class Fanout:
     """Delivers one request to several consumers, each independently.
 
-    Consumers whose chain mutates data get their own copy (decided once, at build time).
-    If any consumer refuses, the sender is told to retry: a duplicate is better than a loss.
+    When any branch mutates data, every branch but the last gets its own copy — a branch
+    that only holds data (batch, tail sampling) must not see another branch's redaction.
+    Decided once, at build time. If any consumer refuses, the sender is told to retry:
+    a duplicate is better than a loss.
     """
 
-    def __init__(self, consumers: list[Consumer], needs_copy: list[bool]):
+    def __init__(self, consumers: list[Consumer], mutates: list[bool]):
         self.consumers = consumers
-        # the last consumer may keep the original
-        self.copy_for = [c and i < len(consumers) - 1 for i, c in enumerate(needs_copy)]
+        any_mutates = any(mutates)
+        self.copy_for = [any_mutates and i < len(consumers) - 1 for i in range(len(consumers))]
 
     def consume(self, signal: Signal, request: Request) -> None:
         refused: Refused | None = None

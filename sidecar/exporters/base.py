@@ -170,6 +170,9 @@ class BaseExporter(Component):
         self.telemetry.received(signal, n)
         q = self._queue
         if q is None:
+            if self._queue_cfg.enabled:  # a persistent queue opens in start()
+                self.telemetry.refused(signal, n, "not_started")
+                raise Refused("not_started", message=f"exporter {self.id} has not started")
             return self._consume_now(signal, request, n)
         try:
             q.put(signal, request, n)

@@ -139,20 +139,24 @@ class OTLPHTTPExporter(BaseExporter):
                                    timeout=urllib3.Timeout(total=timeout), retries=False, redirect=False)
         except urllib3.exceptions.HTTPError as e:
             raise RetryableError(f"POST {url}: {e}", reason="connection") from None
+        try:
+            data = r.data
+        finally:
+            r.release_conn()  # back to the pool for keep-alive, or closed by _close
         if not 200 <= r.status < 300:
-            raise classify_status(r.status, r.data, r.headers.get("Retry-After"), url)
-        rejected, message = self._partial_success(signal, r)
+            raise classify_status(r.status, data, r.headers.get("Retry-After"), url)
+        rejected, message = self._partial_success(signal, data, r.headers.get("Content-Type") or "")
         if rejected:
             self.log_partial_success(signal, rejected, message)
         return rejected
 
-    def _partial_success(self, signal: Signal, r: urllib3.BaseHTTPResponse) -> tuple[int, str]:
-        data = r.data
+    @staticmethod
+    def _partial_success(signal: Signal, data: bytes, content_type: str) -> tuple[int, str]:
         if not data:
             return 0, ""
         response = signal.response_type()
         try:
-            if "json" in (r.headers.get("Content-Type") or ""):
+            if "json" in content_type:
                 json_format.Parse(data, response, ignore_unknown_fields=True)
             else:
                 response.ParseFromString(data)

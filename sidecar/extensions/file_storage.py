@@ -7,7 +7,6 @@ than the first request failing later.
 
 from __future__ import annotations
 
-import os
 import re
 import tempfile
 from pathlib import Path

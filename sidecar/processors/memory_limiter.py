@@ -50,13 +50,15 @@ class MemoryLimiterConfig(ConfigModel):
             raise ValueError("set exactly one of limit_mib or limit_percentage")
         if self.limit_mib is not None:
             if self.spike_limit_percentage is not None:
-                raise ValueError("spike_limit_percentage goes with limit_percentage; use spike_limit_mib with limit_mib")
+                raise ValueError("spike_limit_percentage goes with limit_percentage; "
+                                 "use spike_limit_mib with limit_mib")
             if self.spike_limit_mib is not None and self.spike_limit_mib >= self.limit_mib:
                 raise ValueError(f"spike_limit_mib ({self.spike_limit_mib}) must be less than limit_mib "
                                  f"({self.limit_mib})")
         else:
             if self.spike_limit_mib is not None:
-                raise ValueError("spike_limit_mib goes with limit_mib; use spike_limit_percentage with limit_percentage")
+                raise ValueError("spike_limit_mib goes with limit_mib; "
+                                 "use spike_limit_percentage with limit_percentage")
             if self.spike_limit_percentage is not None and self.spike_limit_percentage >= self.limit_percentage:
                 raise ValueError(f"spike_limit_percentage ({self.spike_limit_percentage}) must be less than "
                                  f"limit_percentage ({self.limit_percentage})")
@@ -162,9 +164,7 @@ class MemoryLimiter(Component):
 
     def consume(self, signal: Signal, request: Request) -> None:
         if self.refusing:
-            n = count_items(signal, request)
-            self._telemetry.received(signal, n)
-            self._telemetry.refused(signal, n, "memory_limit")
+            self._telemetry.refused(signal, count_items(signal, request), "memory_limit")
             raise Refused("memory_limit", retry_after=self._retry_after,
                           message=f"memory limit reached: RSS {self.rss // _MIB} MiB >= soft limit "
                                   f"{self.soft_limit // _MIB} MiB; retry later")

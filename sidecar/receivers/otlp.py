@@ -224,7 +224,8 @@ def describe_bad_id(signal: Signal, req: Request) -> str:
                         continue
                     for d, dp in enumerate(getattr(m, kind).data_points):
                         for e, ex in enumerate(dp.exemplars):
-                            p = f"resource_metrics[{i}].scope_metrics[{j}].metrics[{k}].{kind}.data_points[{d}].exemplars[{e}]"
+                            p = (f"resource_metrics[{i}].scope_metrics[{j}].metrics[{k}]"
+                                 f".{kind}.data_points[{d}].exemplars[{e}]")
                             yield f"{p}.trace_id", ex.trace_id, 16, True
                             yield f"{p}.span_id", ex.span_id, 8, True
 
@@ -476,7 +477,8 @@ class _OTLPHTTPApp:
         except _Rejected as rej:
             return self._error(start_response, rej, as_json, signal)
         body = self._ok[(signal, as_json)]
-        start_response("200 OK", [("Content-Type", _JSON if as_json else _PROTOBUF), ("Content-Length", str(len(body)))])
+        start_response("200 OK", [("Content-Type", _JSON if as_json else _PROTOBUF),
+                                  ("Content-Length", str(len(body)))])
         return [body]
 
     def _read_body(self, signal: Signal, environ) -> bytes:

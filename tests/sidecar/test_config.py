@@ -111,7 +111,7 @@ def test_env_expansion_with_defaults_and_types():
 
 
 def test_env_expansion_in_a_config():
-    text = MINIMAL.replace("127.0.0.1:4317", "${env:GRPC_ENDPOINT:-127.0.0.1:4317}")
+    text = MINIMAL.replace("127.0.0.1:4317", "\"${env:GRPC_ENDPOINT:-127.0.0.1:4317}\"")  # quoted inside a flow mapping
     cfg = parse_config(text, environ={"GRPC_ENDPOINT": "127.0.0.1:5317"})
     assert cfg.receivers["otlp"].config.protocols.grpc.endpoint == "127.0.0.1:5317"
 

@@ -47,7 +47,8 @@ def traces(n: int = 3, trace_id: bytes = TRACE_ID, span_id: bytes = SPAN_ID) -> 
     ss.scope.name = "test"
     for i in range(n):
         ss.spans.append(Span(trace_id=trace_id, span_id=span_id, name=f"forward-{i}", kind=Span.SPAN_KIND_SERVER,
-                             start_time_unix_nano=1_700_000_000_000_000_000, end_time_unix_nano=1_700_000_000_500_000_000,
+                             start_time_unix_nano=1_700_000_000_000_000_000,
+                             end_time_unix_nano=1_700_000_000_500_000_000,
                              attributes=[KeyValue(key="ml.model.id", value=AnyValue(string_value="resnet"))]))
     return req
 
@@ -333,12 +334,18 @@ def test_http_malformed_requests(receiver, http, sink, telemetry, headers, body,
     assert ok.status == 200 and sink.items[Signal.TRACES] == 1
 
 
-def test_http_declared_length_over_limit_is_refused_before_reading(receiver):
-    with socket.create_connection(("127.0.0.1", receiver.http_port), timeout=5) as s:
-        s.sendall(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
-                  b"Content-Length: 100000\r\n\r\n" + b"\x00" * 100000)
-        head = s.recv(4096)
-    assert head.startswith(b"HTTP/1.1 413")
+def test_http_declared_length_over_limit_is_refused(receiver, telemetry):
+    def post_declaring(length: int, send: int) -> bytes:
+        with socket.create_connection(("127.0.0.1", receiver.http_port), timeout=5) as s:
+            s.sendall(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
+                      b"Content-Length: %d\r\n\r\n" % length + b"\x00" * send)
+            return s.recv(4096)
+
+    before = refused_requests(telemetry, "http", "too_large")
+    assert post_declaring(100_000, 100_000).startswith(b"HTTP/1.1 413")  # answered (and counted) by the app
+    assert refused_requests(telemetry, "http", "too_large") == before + 1
+    # far over the limit: the server refuses from the headers alone, without buffering the body
+    assert post_declaring(10 * 1024 * 1024, 0).startswith(b"HTTP/1.1 413")
 
 
 def test_http_wrong_method_and_unknown_path(receiver, http):
@@ -392,15 +399,17 @@ def test_port_in_use_fails_start_naming_the_endpoint(telemetry, sink, protocol):
             rec.start(None)
 
 
-def test_shutdown_lets_in_flight_requests_finish_and_refuses_new_ones(telemetry):
+def test_shutdown_lets_in_flight_requests_finish_and_refuses_new_ones(telemetry, http):
     class Slow(CollectingConsumer):
+        """Holds every request until released, so requests are in flight when shutdown begins."""
+
         def __init__(self):
             super().__init__()
-            self.entered = threading.Event()
+            self.entered = threading.Semaphore(0)
             self.release = threading.Event()
 
         def consume(self, signal, request):
-            self.entered.set()
+            self.entered.release()
             self.release.wait(10)
             super().consume(signal, request)
 
@@ -411,18 +420,30 @@ def test_shutdown_lets_in_flight_requests_finish_and_refuses_new_ones(telemetry)
     rec.start(None)
     channel = grpc.insecure_channel(f"127.0.0.1:{rec.grpc_port}")
     stub = trace_service_pb2_grpc.TraceServiceStub(channel)
-    future = stub.Export.future(traces(2), timeout=10)
-    assert slow.entered.wait(5)
+    grpc_call = stub.Export.future(traces(2), timeout=10)
+    http_result = {}
+    http_call = threading.Thread(target=lambda: http_result.setdefault("r", http.request(
+        "POST", url(rec, "/v1/logs"), body=logs().SerializeToString(),
+        headers={"Content-Type": "application/x-protobuf"})))
+    http_call.start()
+    assert slow.entered.acquire(timeout=5) and slow.entered.acquire(timeout=5)  # both in flight
+
     stopper = threading.Thread(target=rec.shutdown, args=(time.monotonic() + 10,))
     stopper.start()
-    time.sleep(0.2)  # let shutdown begin while the request is in flight
+    time.sleep(0.2)  # let shutdown begin while the requests are in flight
     with pytest.raises(grpc.RpcError):
-        stub.Export(traces(1), timeout=2)  # no new requests once shutdown began
+        stub.Export(traces(1), timeout=2)  # no new gRPC requests once shutdown began
+    late = http.request("POST", url(rec), body=traces(1).SerializeToString(),
+                        headers={"Content-Type": "application/x-protobuf"})
+    assert late.status == 503 and late.headers["Retry-After"] == "1"
+
     slow.release.set()
-    assert future.result() == ExportTraceServiceResponse()  # the in-flight one completed
+    assert grpc_call.result() == ExportTraceServiceResponse()  # the in-flight ones completed
+    http_call.join(10)
+    assert http_result["r"].status == 200
     stopper.join(10)
     assert not stopper.is_alive()
-    assert slow.items[Signal.TRACES] == 2
+    assert slow.items[Signal.TRACES] == 2 and slow.items[Signal.LOGS] == 2
     channel.close()
 
 

@@ -11,6 +11,7 @@ backend can compute adjusted counts (2**56 / (2**56 - T)).
 from __future__ import annotations
 
 from collections import OrderedDict
+from fractions import Fraction
 from typing import Generic, TypeVar
 
 MAX_THRESHOLD = 1 << 56
@@ -21,9 +22,13 @@ UNKNOWN = -1
 
 
 def threshold_for(percentage: float) -> int:
-    """Rejection threshold T for a keep probability given in percent."""
-    p = min(max(percentage, 0.0), 100.0) / 100.0
-    return round((1.0 - p) * MAX_THRESHOLD)
+    """Rejection threshold T for a keep probability given in percent.
+
+    Computed exactly from the percentage as written (10 -> 1/10), so 10% is ``th:e6666666666666``
+    rather than a float rounding artefact of it.
+    """
+    p = min(max(Fraction(repr(float(percentage))), Fraction(0)), Fraction(100)) / 100
+    return round((1 - p) * MAX_THRESHOLD)
 
 
 def randomness(trace_id: bytes, tracestate: str = "") -> int:

@@ -1,0 +1,370 @@
+"""The compiled rule engine: key rules, value rules, actions and counts.
+
+Everything is decided at construction: every regex is compiled once with RE2 (linear
+time, so no rule and no input can stall the pipeline), all value rules are combined
+into one alternation so a string costs one scan, and key decisions are cached per key.
+Adapters (``redaction.otlp`` for protobuf, ``redaction.values`` for SDK objects) walk
+their data and call :meth:`RedactionEngine.scan_batch` once per batch of strings.
+
+Strings are scanned as UTF-8 bytes with the raw RE2 object; the Python wrapper's
+per-match offset decoding would cost more than the scan.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import hmac
+import itertools
+import os
+import threading
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import re2
+
+from redaction._config import Action, RedactionConfig, RedactionConfigError, compile_regex
+from redaction._detectors import BUILTIN_KEY_PATTERNS, DETECTORS
+
+_UNANCHORED = re2._Anchor.UNANCHORED  # noqa: SLF001 - the raw RE2 API is what makes scanning cheap
+_ANCHOR_BOTH = re2._Anchor.ANCHOR_BOTH  # noqa: SLF001
+
+#: Summary attribute names, as the OpenTelemetry Collector's redaction processor writes them.
+MASKED_COUNT = "redaction.masked.count"
+MASKED_KEYS = "redaction.masked.keys"
+REDACTED_COUNT = "redaction.redacted.count"
+REDACTED_KEYS = "redaction.redacted.keys"
+
+
+class _Sentinel:
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+#: A value the rules say to remove entirely.
+DROP = _Sentinel("DROP")
+#: Key decisions: scan the value with the value rules, or leave the key alone entirely.
+SCAN = _Sentinel("SCAN")
+IGNORE = _Sentinel("IGNORE")
+
+Tally = dict  # (rule, action) -> count, kept per batch by the adapter and merged once
+
+
+@dataclass(frozen=True, slots=True)
+class KeyAction:
+    """What happens to the value of a key matched by a key rule (or missing from the allowlist)."""
+
+    rule: str
+    action: Action
+    replacement: str
+    stat: tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class _ValueRule:
+    name: str
+    action: Action
+    replacement: bytes
+    group: int  # the rule's outer group in the combined regex
+    core: int  # the group that is the secret (== group unless the pattern marks one)
+    validator: object
+    stat: tuple[str, str]
+
+
+class RedactionStats:
+    """Values changed per (rule, action). Adapters merge one tally per batch; readers snapshot."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[str, str], int] = {}
+
+    def merge(self, tally: Tally) -> None:
+        if not tally:
+            return
+        with self._lock:
+            counts = self._counts
+            for k, n in tally.items():
+                counts[k] = counts.get(k, 0) + n
+
+    def snapshot(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self._counts)
+
+    def get(self, rule: str, action: str | Action) -> int:
+        action = action.value if isinstance(action, Action) else action
+        with self._lock:
+            return self._counts.get((rule, action), 0)
+
+    def total(self, action: str | Action | None = None) -> int:
+        action = action.value if isinstance(action, Action) else action
+        with self._lock:
+            return sum(n for (_, a), n in self._counts.items() if action is None or a == action)
+
+
+#: User patterns with these can match a value alone but not inside the joined batch; they turn batching off.
+_BATCH_UNSAFE = re2.compile(r"\\[AzZ]|\(\?[a-zA-Z]*-[a-zA-Z]*m")
+#: User patterns with anchors or word boundaries cannot run over serialized bytes; they turn the wire prefilter off.
+_WIRE_UNSAFE = re2.compile(r"\\[bBAzZ]|\$|(?:^|[^\[])\^")
+_KEY_CACHE_MAX = 4096
+_NEVER = _Sentinel("NEVER")  # no rule at all: every request is clean
+
+
+class RedactionEngine:
+    """One compiled set of rules. Thread-safe; share one per process or per processor."""
+
+    def __init__(self, config: RedactionConfig | None = None, *, environ: Mapping[str, str] | None = None):
+        self.config = config = config or RedactionConfig()
+        self.stats = RedactionStats()
+        self.summary = config.summary
+        env = os.environ if environ is None else environ
+        self._ignored = frozenset(config.ignored_keys) | {MASKED_COUNT, MASKED_KEYS, REDACTED_COUNT, REDACTED_KEYS}
+        self._allowed_keys = None if config.allow_all_keys else frozenset(config.allowed_keys)
+        self._key_cache: dict[str, object] = {}
+        self._key_lock = threading.Lock()
+
+        hash_users: list[str] = []
+        self._key_rules = self._compile_key_rules(config, hash_users)
+        self._disallowed = KeyAction("allowed_keys", _key_action(config.disallowed_key_action), "[REDACTED]",
+                                     ("allowed_keys", _key_action(config.disallowed_key_action).value))
+        if not config.allow_all_keys and self._disallowed.action is Action.HASH:
+            hash_users.append("disallowed_key_action")
+        self._value_rules, alternatives, batch_safe = self._compile_value_rules(config, hash_users)
+
+        self._hmac = None
+        if hash_users:
+            key = env.get(config.hash_key_env)
+            if not key:
+                raise RedactionConfigError([
+                    f"hash_key_env: environment variable {config.hash_key_env} is not set, "
+                    f"but {', '.join(hash_users)} use{'s' if len(hash_users) == 1 else ''} action hash"])
+            self._hmac = hmac.new(key.encode(), digestmod=hashlib.sha256)
+
+        self._full = None
+        self._prefilter = None
+        self._batch_safe = batch_safe
+        if alternatives:
+            self._full = compile_regex("|".join(alternatives))._regexp  # noqa: SLF001
+            opts = re2.Options()
+            opts.never_capture = True
+            opts.log_errors = False
+            pre = "(?m:" + "|".join(f"(?:{p})" for p in alternatives) + ")"
+            self._prefilter = re2.compile(pre, opts)._regexp  # noqa: SLF001
+        self._wire = self._compile_wire_prefilter(config)
+        self._allowed_values = None
+        if config.allowed_values:
+            self._allowed_values = compile_regex("|".join(f"(?:{p})" for p in config.allowed_values))._regexp  # noqa: SLF001
+
+    # --- construction ---------------------------------------------------------------------
+
+    @staticmethod
+    def _compile_key_rules(config: RedactionConfig, hash_users: list[str]) -> list[tuple[object, KeyAction]]:
+        rules: list[tuple[object, KeyAction]] = []
+        default = _key_action(config.blocked_key_action)
+        if config.builtin_blocked_key_patterns:
+            for name, pattern, _ in BUILTIN_KEY_PATTERNS:
+                rules.append((compile_regex(pattern), KeyAction(name, default, "[REDACTED]", (name, default.value))))
+            if default is Action.HASH:
+                hash_users.append("blocked_key_action")
+        for i, rule in enumerate(config.blocked_key_patterns):
+            name = rule.name or f"blocked_key_patterns[{i}]"
+            action = _key_action(rule.action) if rule.action is not None else default
+            if action is Action.HASH:
+                hash_users.append(name)
+            rules.append((compile_regex(rule.pattern), KeyAction(name, action, rule.replacement, (name, action.value))))
+        return rules
+
+    @staticmethod
+    def _compile_value_rules(config: RedactionConfig, hash_users: list[str]):
+        specs = []  # (name, pattern, action, replacement, validator, has_core)
+        for i, rule in enumerate(config.blocked_values):
+            specs.append((rule.name or f"blocked_values[{i}]", rule.pattern, rule.action, rule.replacement, None, False))
+        for det in DETECTORS:
+            dc = getattr(config.detectors, det.name)
+            if dc.enabled:
+                specs.append((det.name, det.pattern, dc.action, dc.replacement or det.placeholder, det.validator, True))
+        rules, alternatives = [], []
+        group = 1
+        batch_safe = True
+        for name, pattern, action, replacement, validator, has_core in specs:
+            inner = compile_regex(pattern).groups
+            if action is Action.HASH:
+                hash_users.append(name)
+            if not has_core and _BATCH_UNSAFE.search(pattern):
+                batch_safe = False
+            core = group + 1 if has_core and inner == 1 else group
+            rules.append(_ValueRule(name, action, replacement.encode(), group, core, validator, (name, action.value)))
+            alternatives.append(f"({pattern})")
+            group += 1 + inner
+        return rules, alternatives, batch_safe
+
+    @staticmethod
+    def _compile_wire_prefilter(config: RedactionConfig):
+        """One regex that matches somewhere in every serialized request some rule could change.
+
+        None when that cannot be promised (allowlist mode, user patterns with anchors).
+        """
+        if not config.allow_all_keys:
+            return None
+        hints = []
+        if config.builtin_blocked_key_patterns:
+            hints.extend(hint for _, _, hint in BUILTIN_KEY_PATTERNS)
+        for rule in list(config.blocked_key_patterns) + list(config.blocked_values):
+            if _WIRE_UNSAFE.search(rule.pattern):
+                return None
+            hints.append(rule.pattern)
+        hints.extend(det.wire_hint for det in DETECTORS if getattr(config.detectors, det.name).enabled)
+        if not hints:
+            return _NEVER
+        opts = re2.Options()
+        opts.never_capture = True
+        opts.log_errors = False
+        opts.max_mem = 64 << 20  # requests are large; a bigger DFA cache avoids falling back to the NFA
+        return re2.compile("|".join(f"(?:{h})" for h in hints), opts)._regexp  # noqa: SLF001
+
+    def wire_clean(self, data: bytes) -> bool:
+        """True when no rule can change the request serialized as ``data``: the walk can be skipped.
+
+        Every string and key of a protobuf message appears verbatim in its serialization,
+        so one scan over the bytes with hints that hold inside every match (no anchors,
+        no word boundaries) is a safe test; a hit only means the request must be walked.
+        """
+        wire = self._wire
+        if wire is None:
+            return False
+        if wire is _NEVER:
+            return True
+        return wire.Match(_UNANCHORED, data, 0, len(data))[0][0] < 0
+
+    # --- keys -------------------------------------------------------------------------------
+
+    def key_action(self, key: str) -> object:
+        """SCAN, IGNORE or the :class:`KeyAction` for ``key``; cached, so the hot path is one dict lookup."""
+        decision = self._key_cache.get(key)
+        if decision is None:
+            decision = self._classify(key)
+            with self._key_lock:
+                if len(self._key_cache) >= _KEY_CACHE_MAX:
+                    self._key_cache.clear()  # unbounded key sets (ids in keys) must not grow memory
+                self._key_cache[key] = decision
+        return decision
+
+    def _classify(self, key: str) -> object:
+        if key in self._ignored:
+            return IGNORE
+        for rx, action in self._key_rules:
+            if rx.search(key) is not None:
+                return action
+        if self._allowed_keys is not None and key not in self._allowed_keys:
+            return self._disallowed
+        return SCAN
+
+    def key_replacement(self, action: KeyAction, text: str) -> str:
+        """The new value for a key rule that keeps the attribute (replace or hash)."""
+        if action.action is Action.HASH:
+            return self.hash(text.encode())
+        return action.replacement
+
+    # --- values -----------------------------------------------------------------------------
+
+    def hash(self, data: bytes) -> str:
+        """HMAC-SHA256 of ``data`` with the configured key, hex: same key, same output, everywhere."""
+        h = self._hmac.copy()
+        h.update(data)
+        return h.hexdigest()
+
+    def candidates(self, bufs: list[bytes]) -> Iterable[int]:
+        """Indices of ``bufs`` that may hold a match; every other one is certainly clean.
+
+        The buffers are joined with newlines and scanned once with the multi-line
+        prefilter: a pattern that matches inside one value also matches inside the join
+        (``^``/``$`` are line anchors there), so clean batches cost one scan in C.
+        """
+        pre = self._prefilter
+        if pre is None or not bufs:
+            return ()
+        if not self._batch_safe:
+            return [i for i, b in enumerate(bufs) if pre.Match(_UNANCHORED, b, 0, len(b))[0][0] >= 0]
+        if len(bufs) == 1:
+            b = bufs[0]
+            return (0,) if pre.Match(_UNANCHORED, b, 0, len(b))[0][0] >= 0 else ()
+        joined = b"\n".join(bufs)
+        n = len(joined)
+        if pre.Match(_UNANCHORED, joined, 0, n)[0][0] < 0:
+            return ()
+        # ends[i] = offset of the separator after buffer i (n for the last one)
+        ends = [end - 1 for end in itertools.accumulate(len(b) + 1 for b in bufs)]
+        hits = []
+        pos = 0
+        while pos <= n:
+            start = pre.Match(_UNANCHORED, joined, pos, n)[0][0]
+            if start < 0:
+                break
+            i = bisect.bisect_left(ends, start)
+            hits.append(i)
+            pos = ends[i] + 1
+        return hits
+
+    def scan(self, b: bytes, tally: Tally) -> "bytes | None | _Sentinel":
+        """Apply the value rules to one UTF-8 value: None if clean, new bytes, or :data:`DROP`."""
+        full = self._full
+        if full is None:
+            return None
+        rules = self._value_rules
+        allowed = self._allowed_values
+        n = len(b)
+        pos = last = 0
+        pieces: list[bytes] | None = None
+        while pos < n:
+            spans = full.Match(_UNANCHORED, b, pos, n)
+            if spans[0][0] < 0:
+                break
+            for rule in rules:
+                if spans[rule.group][0] >= 0:
+                    break
+            cs, ce = spans[rule.core]
+            if ce <= cs:
+                pos = max(spans[0][1], pos + 1)
+                continue
+            text = b[cs:ce]
+            if rule.validator is not None and not rule.validator(text):
+                pos = cs + 1
+                continue
+            if allowed is not None and allowed.Match(_ANCHOR_BOTH, text, 0, len(text))[0][0] >= 0:
+                pos = ce
+                continue
+            tally[rule.stat] = tally.get(rule.stat, 0) + 1
+            action = rule.action
+            if action is Action.DROP:
+                return DROP
+            if action is Action.REPLACE:
+                return rule.replacement
+            if pieces is None:
+                pieces = []
+            pieces.append(b[last:cs])
+            pieces.append(rule.replacement if action is Action.MASK else self.hash(text).encode())
+            last = pos = ce
+        if pieces is None:
+            return None
+        pieces.append(b[last:])
+        return b"".join(pieces)
+
+    def redact_text(self, text: str, tally: Tally | None = None) -> "str | _Sentinel":
+        """One string through the value rules: the same object if clean, a new string, or :data:`DROP`."""
+        local = {} if tally is None else tally
+        b = text.encode()
+        if not self.candidates([b]):
+            return text
+        out = self.scan(b, local)
+        if tally is None:
+            self.stats.merge(local)
+        if out is None:
+            return text
+        return out if out is DROP else out.decode()
+
+
+def _key_action(action: Action) -> Action:
+    """For a key rule the whole value is the secret, so mask means replace."""
+    return Action.REPLACE if action is Action.MASK else action

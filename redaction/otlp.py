@@ -1,0 +1,227 @@
+"""Redaction of OTLP protobuf requests, in place.
+
+Covers resource, scope, span, span event and link attributes, span status messages,
+log bodies (strings, and maps and arrays recursively; bytes are left alone), log
+attributes, and metric data point and exemplar attributes of every metric kind.
+
+Left alone on purpose: span names, event names, metric names and descriptions. They
+are low-cardinality identifiers chosen by instrumentation (``POST /predict``), not
+places for payloads; masking them would break grouping in every backend.
+
+A request is first serialized and scanned once as bytes
+(:meth:`RedactionEngine.wire_clean`): most requests hold nothing any rule could touch
+and cost that one scan in C. Otherwise the request is walked: key rules apply while
+walking, every string value is collected, and all of them are scanned together
+(:meth:`RedactionEngine.candidates`). Summary attributes (``redaction.masked.count`` ...) go on
+spans and log records that changed, never on metric data points (they would split
+time series).
+"""
+
+from __future__ import annotations
+
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+from redaction._engine import (
+    DROP,
+    IGNORE,
+    MASKED_COUNT,
+    MASKED_KEYS,
+    REDACTED_COUNT,
+    REDACTED_KEYS,
+    SCAN,
+    KeyAction,
+    RedactionEngine,
+    Tally,
+)
+from redaction._config import Action
+
+__all__ = ["OtlpRedactor"]
+
+
+class OtlpRedactor:
+    """Applies one :class:`RedactionEngine` to Export{Trace,Logs,Metrics}ServiceRequest messages."""
+
+    def __init__(self, engine: RedactionEngine):
+        self.engine = engine
+
+    def redact(self, signal: str, request) -> Tally:
+        """Dispatch on the signal name (``traces``, ``logs``, ``metrics``); returns what changed per rule."""
+        if signal == "traces":
+            return self.redact_traces(request)
+        if signal == "logs":
+            return self.redact_logs(request)
+        if signal == "metrics":
+            return self.redact_metrics(request)
+        raise ValueError(f"unknown signal {signal!r}")
+
+    def redact_traces(self, request) -> Tally:
+        if self.engine.wire_clean(request.SerializeToString()):
+            return {}
+        b = _Batch(self.engine)
+        for rs in request.resource_spans:
+            b.attrs(rs.resource.attributes, None)
+            for ss in rs.scope_spans:
+                b.attrs(ss.scope.attributes, None)
+                for span in ss.spans:
+                    b.attrs(span.attributes, span)
+                    for ev in span.events:
+                        b.attrs(ev.attributes, span)
+                    for link in span.links:
+                        b.attrs(link.attributes, span)
+                    status = span.status
+                    if status.message:
+                        b.text(status, "message", status.message, None, None, "status.message", span)
+        return b.finish()
+
+    def redact_logs(self, request) -> Tally:
+        if self.engine.wire_clean(request.SerializeToString()):
+            return {}
+        b = _Batch(self.engine)
+        for rl in request.resource_logs:
+            b.attrs(rl.resource.attributes, None)
+            for sl in rl.scope_logs:
+                b.attrs(sl.scope.attributes, None)
+                for lr in sl.log_records:
+                    b.attrs(lr.attributes, lr)
+                    if lr.HasField("body"):
+                        b.value(lr.body, None, None, "body", lr)
+        return b.finish()
+
+    def redact_metrics(self, request) -> Tally:
+        if self.engine.wire_clean(request.SerializeToString()):
+            return {}
+        b = _Batch(self.engine)
+        for rm in request.resource_metrics:
+            b.attrs(rm.resource.attributes, None)
+            for sm in rm.scope_metrics:
+                b.attrs(sm.scope.attributes, None)
+                for metric in sm.metrics:
+                    kind = metric.WhichOneof("data")
+                    if kind is None:
+                        continue
+                    for dp in getattr(metric, kind).data_points:
+                        b.attrs(dp.attributes, None)
+                        if kind != "summary":
+                            for ex in dp.exemplars:
+                                b.attrs(ex.filtered_attributes, None)
+        return b.finish()
+
+
+class _Batch:
+    """The strings of one request, collected, then scanned together; key rules apply while collecting."""
+
+    __slots__ = ("engine", "cache", "targets", "bufs", "drops", "changed", "tally", "summary")
+
+    def __init__(self, engine: RedactionEngine):
+        self.engine = engine
+        self.cache = engine._key_cache  # noqa: SLF001 - read-only fast path; misses go through key_action
+        # (holder, field, container, element, key, item): where to write back the value of bufs[i]
+        self.targets: list[tuple] = []
+        self.bufs: list[bytes] = []
+        self.drops: list[tuple] = []
+        self.changed: dict[int, list] | None = None if engine.summary == "silent" else {}
+        self.tally: Tally = {}
+
+    def attrs(self, attrs, item) -> None:
+        get = self.cache.get
+        for kv in attrs:
+            key = kv.key
+            decision = get(key)
+            if decision is None:
+                decision = self.engine.key_action(key)
+            if decision is SCAN:
+                self.value(kv.value, attrs, kv, key, item)
+            elif decision is not IGNORE:
+                self.key_rule(decision, kv, attrs, key, item)
+
+    def value(self, v: AnyValue, container, element, key: str, item) -> None:
+        kind = v.WhichOneof("value")
+        if kind == "string_value":
+            s = v.string_value
+            if s:
+                self.targets.append((v, "string_value", container, element, key, item))
+                self.bufs.append(s.encode())
+        elif kind == "kvlist_value":
+            self.attrs(v.kvlist_value.values, item)
+        elif kind == "array_value":
+            values = v.array_value.values
+            for av in values:
+                self.value(av, values, av, key, item)
+
+    def text(self, holder, field: str, s: str, container, element, key: str, item) -> None:
+        self.targets.append((holder, field, container, element, key, item))
+        self.bufs.append(s.encode())
+
+    def key_rule(self, decision: KeyAction, kv, attrs, key: str, item) -> None:
+        self.tally[decision.stat] = self.tally.get(decision.stat, 0) + 1
+        if decision.action is Action.DROP:
+            self.drops.append((attrs, kv))
+            self.note(item, key, dropped=True)
+            return
+        v = kv.value
+        text = _as_text(v) if decision.action is Action.HASH else ""
+        v.string_value = self.engine.key_replacement(decision, text)
+        self.note(item, key, dropped=False)
+
+    def note(self, item, key: str, dropped: bool) -> None:
+        if self.changed is None or item is None:
+            return
+        entry = self.changed.get(id(item))
+        if entry is None:
+            entry = self.changed[id(item)] = [item, [], []]
+        entry[2 if dropped else 1].append(key)
+
+    def finish(self) -> Tally:
+        engine = self.engine
+        bufs = self.bufs
+        for i in engine.candidates(bufs):
+            out = engine.scan(bufs[i], self.tally)
+            if out is None:
+                continue
+            holder, field, container, element, key, item = self.targets[i]
+            if out is DROP:
+                if container is not None:
+                    self.drops.append((container, element))
+                elif field == "string_value":
+                    holder.Clear()  # a log body: no value left
+                else:
+                    setattr(holder, field, "")
+                self.note(item, key, dropped=True)
+            else:
+                setattr(holder, field, out.decode())
+                self.note(item, key, dropped=False)
+        for container, element in self.drops:
+            container.remove(element)
+        if self.changed:
+            debug = engine.summary == "debug"
+            for item, masked, dropped in self.changed.values():
+                _summarize(item.attributes, masked, dropped, debug)
+        engine.stats.merge(self.tally)
+        return self.tally
+
+
+def _as_text(v: AnyValue) -> str:
+    """A value as text for hashing a blocked key's value that is not a string."""
+    kind = v.WhichOneof("value")
+    if kind == "string_value":
+        return v.string_value
+    if kind == "bool_value":
+        return "true" if v.bool_value else "false"
+    if kind in ("int_value", "double_value"):
+        return str(getattr(v, kind))
+    if kind == "bytes_value":
+        return v.bytes_value.hex()
+    return v.SerializeToString().hex() if kind else ""
+
+
+def _summarize(attrs, masked: list[str], dropped: list[str], debug: bool) -> None:
+    for name, keys, count_name in ((MASKED_KEYS, masked, MASKED_COUNT), (REDACTED_KEYS, dropped, REDACTED_COUNT)):
+        if not keys:
+            continue
+        kv = attrs.add()
+        kv.key = count_name
+        kv.value.int_value = len(keys)
+        if debug:
+            kv = attrs.add()
+            kv.key = name
+            kv.value.string_value = ",".join(sorted(set(keys)))

@@ -1,0 +1,107 @@
+"""The ``redaction`` processor: no PII or secret leaves the pod.
+
+Applies the shared rule engine (:mod:`redaction`) to every request, in place, for all
+three signals. The config section is the engine's config, with the OpenTelemetry
+Collector's key names (``allow_all_keys``, ``allowed_keys``, ``blocked_key_patterns``,
+``blocked_values``, ``allowed_values``, ``hash_function``, ``summary``) plus
+``detectors``. A rule that cannot compile fails config validation with its YAML path;
+``hash`` without its key in the environment fails start-up.
+
+In the recommended pipeline it runs after tail sampling, so dropped data costs
+nothing to redact. It fails closed: if redacting a request raises, the request is
+refused (not retryable) instead of being forwarded unredacted.
+
+Per-rule counts are served as ``sidecar_redaction_values_total{component, rule, action}``,
+read from the engine's stats at scrape time, so the hot path touches no Prometheus label.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from typing import Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily
+
+from redaction import RedactionConfig, RedactionConfigError, RedactionEngine, RedactionStats
+from redaction.otlp import OtlpRedactor
+from sidecar.component import Component, Consumer, Kind, Refused
+from sidecar.registry import ALL_SIGNALS, CreateSettings, Factory
+from sidecar.signals import Request, Signal, count_items
+
+log = logging.getLogger(__name__)
+
+
+class RedactionProcessor(Component):
+    mutates_data = True
+
+    def __init__(self, settings: CreateSettings, config: RedactionConfig, next_consumer: Consumer):
+        try:
+            self.engine = RedactionEngine(config)
+        except RedactionConfigError as e:
+            # start-up fails with the YAML path, like a config error
+            raise RedactionConfigError([f"processors.{settings.id}.{p}" for p in e.problems]) from None
+        self.redactor = OtlpRedactor(self.engine)
+        self._tel = settings.telemetry
+        self._next = next_consumer
+        _RedactionMetrics.for_registry(settings.telemetry.registry).add(str(settings.id), self.engine.stats)
+
+    def consume(self, signal: Signal, request: Request) -> None:
+        n = count_items(signal, request)
+        self._tel.received(signal, n)
+        try:
+            self.redactor.redact(signal.value, request)
+        except Exception as e:  # fail closed: never forward what could not be redacted
+            log.exception("redaction failed; refusing the request")
+            self._tel.refused(signal, n, "redaction_error")
+            raise Refused("redaction_error", retryable=False, message=f"redaction failed: {e}") from e
+        try:
+            self._next.consume(signal, request)
+        except Refused as e:
+            self._tel.refused(signal, n, e.reason)
+            raise
+        self._tel.accepted(signal, n)
+
+
+class _RedactionMetrics:
+    """``sidecar_redaction_values_total``: one family per registry, one stats object per component."""
+
+    _by_registry: "weakref.WeakKeyDictionary[CollectorRegistry, _RedactionMetrics]" = weakref.WeakKeyDictionary()
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self._components: dict[str, RedactionStats] = {}
+
+    @classmethod
+    def for_registry(cls, registry: CollectorRegistry) -> "_RedactionMetrics":
+        with cls._lock:
+            metrics = cls._by_registry.get(registry)
+            if metrics is None:
+                metrics = cls._by_registry[registry] = cls()
+                registry.register(metrics)
+            return metrics
+
+    def add(self, component: str, stats: RedactionStats) -> None:
+        self._components[component] = stats
+
+    def describe(self) -> list:
+        return [CounterMetricFamily("sidecar_redaction_values", "Values changed by a redaction rule, by action.",
+                                    labels=("component", "rule", "action"))]
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = self.describe()[0]
+        for component, stats in list(self._components.items()):
+            for (rule, action), n in sorted(stats.snapshot().items()):
+                family.add_metric((component, rule, action), n)
+        yield family
+
+
+FACTORY = Factory(
+    type="redaction",
+    kind=Kind.PROCESSOR,
+    config_model=RedactionConfig,
+    create=lambda settings, cfg, next_consumer: RedactionProcessor(settings, cfg, next_consumer),
+    signals=ALL_SIGNALS,
+)

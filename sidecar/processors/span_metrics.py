@@ -1,0 +1,494 @@
+"""``span_metrics``: request rate, errors and latency from every span, before sampling drops any.
+
+Passes trace data through unchanged. Per span the work is one scan of its
+attributes, a tuple-keyed dict lookup, a bisect and integer adds; Prometheus sees
+the aggregate through a collector that renders it at scrape time:
+
+- ``traces_span_metrics_calls_total{service_name, span_name, span_kind, status_code, model_id, model_version, ...}``
+- ``traces_span_metrics_duration_seconds_bucket{...}`` (+ ``_sum``, ``_count``), with OpenMetrics exemplars
+  carrying the trace id of the latest error and of the slowest span of each series (the traces the
+  recommended tail-sampling policies keep, so a dashboard can jump to them).
+
+Errors are calls with ``status_code="STATUS_CODE_ERROR"``; error rate per model version over five minutes is
+``sum by (model_id, model_version) (rate(traces_span_metrics_calls_total{status_code="STATUS_CODE_ERROR"}[5m]))
+/ sum by (model_id, model_version) (rate(traces_span_metrics_calls_total[5m]))``.
+
+In a metrics pipeline too, it also emits the cumulative metrics as OTLP every
+``metrics_flush_interval`` and passes incoming metrics through. Series beyond
+``max_series`` are folded into one ``otel_metric_overflow="true"`` series and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+import weakref
+from bisect import bisect_left
+from typing import Callable, Optional
+
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import KeyValue
+from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Exemplar
+from pydantic import Field, field_validator, model_validator
+
+from sidecar.component import Component, Consumer, Kind, Refused
+from sidecar.config import ConfigModel, Duration
+from sidecar.registry import CreateSettings, Factory
+from sidecar.signals import Request, Signal, count_items
+
+log = logging.getLogger(__name__)
+
+# --- config ------------------------------------------------------------------------------------
+
+DEFAULT_BUCKETS = [0.002, 0.004, 0.006, 0.008, 0.01, 0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.4, 2.0, 5.0, 10.0, 15.0]
+
+
+class ExplicitBucketsConfig(ConfigModel):
+    #: Upper bounds, as durations (``2ms``, ``1s``), strictly increasing.
+    buckets: list[Duration] = Field(default_factory=lambda: list(DEFAULT_BUCKETS))
+
+    @field_validator("buckets")
+    @classmethod
+    def _increasing(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("must list at least one bucket bound")
+        for a, b in zip(v, v[1:]):
+            if b <= a:
+                raise ValueError(f"must be strictly increasing ({b}s follows {a}s)")
+        return v
+
+
+class HistogramConfig(ConfigModel):
+    explicit: ExplicitBucketsConfig = Field(default_factory=ExplicitBucketsConfig)
+
+
+class DimensionConfig(ConfigModel):
+    """An extra label from a span (else resource) attribute; ``default`` when absent (else the label is empty)."""
+
+    name: str
+    default: Optional[str] = None
+
+
+class ExemplarsConfig(ConfigModel):
+    enabled: bool = True
+
+
+_BUILTIN_LABELS = ("service_name", "span_name", "span_kind", "status_code", "model_id", "model_version")
+
+
+def label_name(attribute: str) -> str:
+    """A Prometheus label name for an attribute name (``http.route`` -> ``http_route``)."""
+    name = re.sub(r"[^a-zA-Z0-9_]", "_", attribute)
+    return "_" + name if name[:1].isdigit() else name
+
+
+class SpanMetricsConfig(ConfigModel):
+    histogram: HistogramConfig = Field(default_factory=HistogramConfig)
+    dimensions: list[DimensionConfig] = Field(default_factory=list)
+    namespace: str = "traces.span.metrics"
+    metrics_flush_interval: Duration = 15.0
+    exemplars: ExemplarsConfig = Field(default_factory=ExemplarsConfig)
+    #: Distinct label sets kept; spans of further ones are counted under one overflow series.
+    max_series: int = 10_000
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", v):
+            raise ValueError("must start with a letter or _ and contain only letters, digits, _ and .")
+        return v
+
+    @field_validator("metrics_flush_interval")
+    @classmethod
+    def _interval(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be > 0")
+        return v
+
+    @field_validator("max_series")
+    @classmethod
+    def _max_series(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @model_validator(mode="after")
+    def _dimension_names(self) -> "SpanMetricsConfig":
+        seen = set(_BUILTIN_LABELS)
+        for i, d in enumerate(self.dimensions):
+            label = label_name(d.name)
+            if label in seen:
+                raise ValueError(f"dimensions[{i}]: {d.name!r} collides with the label {label!r}")
+            seen.add(label)
+        return self
+
+
+# --- aggregation -------------------------------------------------------------------------------
+
+SERVICE_NAME = "service.name"
+MODEL_ID = "ml.model.id"
+GENAI_MODEL = "gen_ai.request.model"
+MODEL_VERSION = "ml.model.version"
+_ERROR = Status.STATUS_CODE_ERROR
+
+# series layout (a list, mutated in place): count, sum_ns, per-bucket counts, slowest (ns, trace, span, end),
+# latest error (ns, trace, span, end)
+_COUNT, _SUM, _BUCKETS, _SLOW, _ERR = range(5)
+
+
+def _any_str(value) -> str:
+    """An attribute value as a label string (strings fast; other scalars by their text)."""
+    s = value.string_value
+    if s:
+        return s
+    kind = value.WhichOneof("value")
+    if kind is None or kind == "string_value":
+        return ""
+    if kind == "bool_value":
+        return "true" if value.bool_value else "false"
+    if kind in ("int_value", "double_value"):
+        return str(getattr(value, kind))
+    return ""  # arrays, maps and bytes make poor labels
+
+
+class _Families:
+    """Self-metrics shared by every span_metrics instance on one registry, plus the scrape-time collector."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.overflow = Counter("sidecar_span_metrics_overflow_spans",
+                                "Spans counted under the overflow series because max_series was reached.",
+                                ("component",), registry=registry)
+        self.collector = _Collector()
+        registry.register(self.collector)
+
+
+class _Collector:
+    """Renders every span_metrics instance's aggregate when Prometheus scrapes."""
+
+    def __init__(self):
+        self.processors: "weakref.WeakSet[SpanMetricsProcessor]" = weakref.WeakSet()
+
+    def describe(self):
+        return []  # names depend on config; instances on one registry are merged in collect()
+
+    def collect(self):
+        families: dict[str, Metric] = {}
+        for p in list(self.processors):
+            p.render(families)
+        return list(families.values())
+
+
+_families: "weakref.WeakKeyDictionary[CollectorRegistry, _Families]" = weakref.WeakKeyDictionary()
+_families_lock = threading.Lock()
+
+
+def _families_for(registry: CollectorRegistry) -> _Families:
+    with _families_lock:
+        f = _families.get(registry)
+        if f is None:
+            f = _families[registry] = _Families(registry)
+        return f
+
+
+class SpanMetricsProcessor(Component):
+    """Counts every span into per-series calls and duration histograms; forwards the spans untouched."""
+
+    mutates_data = False
+
+    def __init__(self, settings: CreateSettings, cfg: SpanMetricsConfig, next_consumer: Consumer, *,
+                 wall_clock: Callable[[], float] = time.time):
+        self._tel = settings.telemetry
+        self._id = str(settings.id)
+        self._cfg = cfg
+        self._next = next_consumer
+        self._wall = wall_clock
+        self._bounds_s = list(cfg.histogram.explicit.buckets)
+        self._bounds_ns = [round(b * 1e9) for b in self._bounds_s]
+        self._n_buckets = len(self._bounds_ns) + 1
+        self._exemplars = cfg.exemplars.enabled
+        # attribute key -> slot; slots: service, model id, gen_ai model, model version, then dimensions
+        keys = [SERVICE_NAME, MODEL_ID, GENAI_MODEL, MODEL_VERSION] + [d.name for d in cfg.dimensions]
+        self._slots = {k: i for i, k in enumerate(keys)}
+        self._n_slots = len(keys)
+        self._dim_defaults = [d.default or "" for d in cfg.dimensions]
+        self._dim_labels = [label_name(d.name) for d in cfg.dimensions]
+        self._dim_attrs = [d.name for d in cfg.dimensions]
+        prefix = label_name(cfg.namespace)
+        self._calls_name = prefix + "_calls"
+        self._duration_name = prefix + "_duration_seconds"
+        self._series: dict[tuple, list] = {}
+        self._overflow_key: tuple = ("__overflow__",)
+        self._lock = threading.Lock()
+        self._start_ns = int(self._wall() * 1e9)
+        fam = _families_for(settings.telemetry.registry)
+        self._overflow_counter = fam.overflow.labels(self._id)
+        fam.collector.processors.add(self)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- pipeline ---------------------------------------------------------------------------------
+
+    @property
+    def emits_metrics(self) -> bool:
+        """Whether this instance is also in a metrics pipeline (its router has a metrics route)."""
+        return Signal.METRICS in getattr(self._next, "routes", {})
+
+    def start(self, host) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=f"span_metrics[{self._id}]", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._cfg.metrics_flush_interval):
+            try:
+                if self.emits_metrics:
+                    self.flush_metrics()
+                self._age_slowest()
+            except Exception:
+                log.exception("span_metrics flush failed")
+
+    def shutdown(self, deadline: float) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+            self._thread = None
+        if self.emits_metrics:
+            self.flush_metrics()
+
+    def consume(self, signal: Signal, request: Request) -> None:
+        if signal is Signal.TRACES:
+            n = count_items(signal, request)
+            self._tel.received(signal, n)
+            delta = self._aggregate(request)
+            try:
+                self._next.consume(signal, request)
+            except Refused as e:
+                self._tel.refused(signal, n, e.reason)
+                raise  # the sender will retry: count its spans then, not now
+            self._merge(delta)
+            self._tel.accepted(signal, n)
+        elif signal is Signal.METRICS:
+            n = count_items(signal, request)
+            self._tel.received(signal, n)
+            try:
+                self._next.consume(signal, request)
+            except Refused as e:
+                self._tel.refused(signal, n, e.reason)
+                raise
+            self._tel.accepted(signal, n)
+        else:
+            raise Refused("unsupported_signal", retryable=False, message=f"span_metrics does not take {signal.value}")
+
+    # --- the hot path -------------------------------------------------------------------------------
+
+    def _aggregate(self, request) -> dict[tuple, list]:
+        """Per-series deltas of one request (merged only once the next stage has accepted it)."""
+        delta: dict[tuple, list] = {}
+        slots = self._slots
+        n_slots = self._n_slots
+        dim_defaults = self._dim_defaults
+        bounds = self._bounds_ns
+        n_buckets = self._n_buckets
+        exemplars = self._exemplars
+        for rs in request.resource_spans:
+            base = [""] * n_slots
+            for kv in rs.resource.attributes:
+                i = slots.get(kv.key)
+                if i is not None:
+                    base[i] = _any_str(kv.value)
+            for ss in rs.scope_spans:
+                for span in ss.spans:
+                    vals = base.copy()
+                    for kv in span.attributes:
+                        i = slots.get(kv.key)
+                        if i is not None and i:  # service.name comes from the resource only
+                            vals[i] = _any_str(kv.value)
+                    status = span.status.code
+                    key = (vals[0], span.name, span.kind, status, vals[1] or vals[2], vals[3])
+                    if dim_defaults:
+                        key += tuple([v or d for v, d in zip(vals[4:], dim_defaults)])
+                    start = span.start_time_unix_nano
+                    end = span.end_time_unix_nano
+                    d = end - start if end > start else 0
+                    s = delta.get(key)
+                    if s is None:
+                        s = delta[key] = [0, 0, [0] * n_buckets, None, None]
+                    s[0] += 1
+                    s[1] += d
+                    s[2][bisect_left(bounds, d)] += 1
+                    if exemplars:
+                        if status == _ERROR:
+                            s[4] = (d, span.trace_id, span.span_id, end)
+                        elif s[3] is None or d > s[3][0]:
+                            s[3] = (d, span.trace_id, span.span_id, end)
+        return delta
+
+    def _merge(self, delta: dict[tuple, list]) -> None:
+        with self._lock:
+            series = self._series
+            overflowed = 0
+            for key, d in delta.items():
+                s = series.get(key)
+                if s is None:
+                    if len(series) >= self._cfg.max_series + (self._overflow_key in series):
+                        key = self._overflow_key
+                        overflowed += d[0]
+                        s = series.get(key)
+                    if s is None:
+                        s = series[key] = [0, 0, [0] * self._n_buckets, None, None]
+                s[0] += d[0]
+                s[1] += d[1]
+                buckets = s[2]
+                for i, c in enumerate(d[2]):
+                    if c:
+                        buckets[i] += c
+                if d[3] is not None and (s[3] is None or d[3][0] > s[3][0]):
+                    s[3] = d[3]
+                if d[4] is not None:
+                    s[4] = d[4]
+        if overflowed:
+            self._overflow_counter.inc(overflowed)
+
+    def _age_slowest(self) -> None:
+        """Let a newer slow span take the exemplar slot: the slowest is tracked per flush interval."""
+        with self._lock:
+            for s in self._series.values():
+                if s[3] is not None:
+                    s[3] = (-1,) + s[3][1:]
+
+    # --- reading ----------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[tuple, tuple[int, int, list[int]]]:
+        """(count, sum_ns, per-bucket counts) per series key; tests and the OTLP export read it."""
+        with self._lock:
+            return {k: (s[0], s[1], list(s[2]), s[3], s[4]) for k, s in self._series.items()}
+
+    def _labels(self, key: tuple) -> dict[str, str]:
+        if key == self._overflow_key:
+            return {"otel_metric_overflow": "true"}
+        labels = {
+            "service_name": key[0], "span_name": key[1], "span_kind": Span.SpanKind.Name(key[2]),
+            "status_code": Status.StatusCode.Name(key[3]), "model_id": key[4], "model_version": key[5],
+        }
+        labels.update(zip(self._dim_labels, key[6:]))
+        return labels
+
+    def render(self, families: dict[str, Metric]) -> None:
+        """Add this instance's series to the Prometheus families being collected."""
+        calls = families.get(self._calls_name)
+        if calls is None:
+            calls = families[self._calls_name] = Metric(
+                self._calls_name, "Spans counted before sampling, by service, operation, status and model.", "counter")
+        hist = families.get(self._duration_name)
+        if hist is None:
+            hist = families[self._duration_name] = Metric(
+                self._duration_name, "Span duration before sampling, by service, operation, status and model.",
+                "histogram")
+        les = [_le(b) for b in self._bounds_s] + ["+Inf"]
+        for key, (count, sum_ns, buckets, slow, err) in self.snapshot().items():
+            labels = self._labels(key)
+            calls.add_sample(self._calls_name + "_total", labels, count)
+            ex_by_bucket: dict[int, Exemplar] = {}
+            for ex in (slow, err):  # the error exemplar wins a shared bucket
+                if ex is not None and ex[1]:
+                    i = bisect_left(self._bounds_ns, max(ex[0], 0))
+                    ex_by_bucket[i] = Exemplar({"trace_id": ex[1].hex(), "span_id": ex[2].hex()},
+                                               max(ex[0], 0) / 1e9, ex[3] / 1e9 if ex[3] else None)
+            cumulative = 0
+            for i, (le, c) in enumerate(zip(les, buckets)):
+                cumulative += c
+                hist.add_sample(self._duration_name + "_bucket", {**labels, "le": le}, cumulative,
+                                exemplar=ex_by_bucket.get(i))
+            hist.add_sample(self._duration_name + "_count", labels, count)
+            hist.add_sample(self._duration_name + "_sum", labels, sum_ns / 1e9)
+
+    # --- OTLP export --------------------------------------------------------------------------------
+
+    def build_metrics_request(self) -> ExportMetricsServiceRequest:
+        """The cumulative state as OTLP: a sum of calls and a duration histogram per service resource."""
+        now_ns = int(self._wall() * 1e9)
+        ns = self._cfg.namespace
+        req = ExportMetricsServiceRequest()
+        by_service: dict[str, tuple] = {}
+        for key, (count, sum_ns, buckets, slow, err) in sorted(self.snapshot().items(), key=lambda kv: str(kv[0])):
+            service = "" if key == self._overflow_key else key[0]
+            group = by_service.get(service)
+            if group is None:
+                rm = req.resource_metrics.add()
+                if service:
+                    a = rm.resource.attributes.add()
+                    a.key, a.value.string_value = SERVICE_NAME, service
+                sm = rm.scope_metrics.add()
+                sm.scope.name = "sidecar/span_metrics"
+                calls = sm.metrics.add()
+                calls.name, calls.unit = ns + ".calls", "{call}"
+                calls.description = "Spans counted before sampling."
+                calls.sum.aggregation_temporality = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
+                calls.sum.is_monotonic = True
+                dur = sm.metrics.add()
+                dur.name, dur.unit = ns + ".duration", "s"
+                dur.description = "Span duration before sampling."
+                dur.histogram.aggregation_temporality = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
+                group = by_service[service] = (calls.sum.data_points, dur.histogram.data_points)
+            attrs = self._otlp_attributes(key)
+            dp = group[0].add()
+            dp.attributes.extend(attrs)
+            dp.start_time_unix_nano, dp.time_unix_nano, dp.as_int = self._start_ns, now_ns, count
+            hp = group[1].add()
+            hp.attributes.extend(attrs)
+            hp.start_time_unix_nano, hp.time_unix_nano = self._start_ns, now_ns
+            hp.count, hp.sum = count, sum_ns / 1e9
+            hp.explicit_bounds.extend(self._bounds_s)
+            hp.bucket_counts.extend(buckets)
+            for ex in (slow, err):
+                if ex is not None and ex[1]:
+                    e = hp.exemplars.add()
+                    e.trace_id, e.span_id, e.as_double = ex[1], ex[2], max(ex[0], 0) / 1e9
+                    e.time_unix_nano = ex[3]
+        return req
+
+    def _otlp_attributes(self, key: tuple) -> list:
+        if key == self._overflow_key:
+            kv = KeyValue(key="otel.metric.overflow")
+            kv.value.bool_value = True
+            return [kv]
+        pairs = [("span.name", key[1]), ("span.kind", Span.SpanKind.Name(key[2])),
+                 ("status.code", Status.StatusCode.Name(key[3])), (MODEL_ID, key[4]), (MODEL_VERSION, key[5])]
+        pairs += list(zip(self._dim_attrs, key[6:]))
+        out = []
+        for k, v in pairs:
+            if v:
+                kv = KeyValue(key=k)
+                kv.value.string_value = v
+                out.append(kv)
+        return out
+
+    def flush_metrics(self) -> None:
+        """Send the cumulative metrics into the metrics pipeline (cumulative: a refused flush loses nothing)."""
+        req = self.build_metrics_request()
+        n = count_items(Signal.METRICS, req)
+        if not n:
+            return
+        try:
+            self._next.consume(Signal.METRICS, req)
+        except Refused as e:
+            log.debug("span_metrics flush refused (%s); the next flush carries the same totals", e.reason)
+
+
+def _le(bound_s: float) -> str:
+    return repr(float(bound_s))
+
+
+FACTORY = Factory(
+    type="span_metrics",
+    kind=Kind.PROCESSOR,
+    config_model=SpanMetricsConfig,
+    create=lambda settings, cfg, next_consumer: SpanMetricsProcessor(settings, cfg, next_consumer),
+    signals=frozenset({Signal.TRACES, Signal.METRICS}),
+)

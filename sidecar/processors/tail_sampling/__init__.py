@@ -1,0 +1,22 @@
+"""``tail_sampling``: keep whole traces (spans and their logs) by policy, decided once per trace.
+
+Layout: ``config`` (the typed YAML section), ``policies`` (keep/drop rules),
+``decisions`` (consistent sampling thresholds, tracestate, the decision cache),
+``buffer`` (undecided traces held by reference), ``processor`` (the component).
+"""
+
+from sidecar.component import Kind
+from sidecar.processors.tail_sampling.config import TailSamplingConfig
+from sidecar.processors.tail_sampling.processor import POLICY_ATTRIBUTE, TailSamplingProcessor
+from sidecar.registry import Factory
+from sidecar.signals import Signal
+
+FACTORY = Factory(
+    type="tail_sampling",
+    kind=Kind.PROCESSOR,
+    config_model=TailSamplingConfig,
+    create=lambda settings, cfg, next_consumer: TailSamplingProcessor(settings, cfg, next_consumer),
+    signals=frozenset({Signal.TRACES, Signal.LOGS}),
+)
+
+__all__ = ["FACTORY", "POLICY_ATTRIBUTE", "TailSamplingConfig", "TailSamplingProcessor"]

@@ -1,0 +1,267 @@
+"""tail_sampling buffering and delivery, driven by a fake clock and explicit tick() calls."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from sidecar.component import Refused
+from sidecar.signals import Signal
+
+from .helpers import (attr, kept_logs, kept_spans, kept_trace_ids, logs_request, make, span, tid, traces_metric,
+                      traces_request)
+
+ERRORS_ONLY = [{"name": "errors", "type": "status_code", "status_code": {"status_codes": ["ERROR"]}}]
+
+
+def test_decides_early_after_the_local_root_plus_grace():
+    proc, sink, clock, _ = make()
+    t = tid()
+    proc.consume(Signal.TRACES, traces_request(span(t), span(t)))
+    clock.advance(2)
+    proc.consume(Signal.TRACES, traces_request(span(t, root=True)))
+    clock.advance(0.9)
+    proc.tick()
+    assert kept_spans(sink) == []
+    clock.advance(0.1)
+    proc.tick()
+    assert len(kept_spans(sink)) == 3 and proc.buffered_traces == 0
+
+
+def test_a_parent_flagged_remote_makes_a_local_root():
+    proc, sink, clock, _ = make()
+    t = tid()
+    proc.consume(Signal.TRACES, traces_request(span(t, remote_parent=True)))
+    proc.tick(clock.advance(1))
+    assert kept_trace_ids(sink) == {t}
+
+
+def test_without_a_root_the_decision_waits_decision_wait():
+    proc, sink, clock, _ = make()
+    t = tid()
+    proc.consume(Signal.TRACES, traces_request(span(t)))
+    proc.tick(clock.advance(9.99))
+    assert kept_spans(sink) == []
+    proc.tick(clock.advance(0.01))
+    assert kept_trace_ids(sink) == {t}
+
+
+def test_kept_spans_name_the_policy_carry_the_threshold_and_keep_resource_and_scope():
+    proc, sink, clock, _ = make(ERRORS_ONLY)
+    t = tid()
+    req = traces_request(span(t, root=True, error=True), span(t, trace_state="vendor=x"),
+                         resource={"service.name": "ranker", "k8s.pod.name": "p-1"}, scope="torch")
+    original = req.SerializeToString()
+    proc.consume(Signal.TRACES, req)
+    proc.tick(clock.advance(1))
+    (out,) = sink.of(Signal.TRACES)
+    (rs,) = out.resource_spans
+    assert [a.key for a in rs.resource.attributes] == ["service.name", "k8s.pod.name"]
+    (ss,) = rs.scope_spans
+    assert ss.scope.name == "torch"
+    assert [attr(s, "sampling.policy") for s in ss.spans] == ["errors", "errors"]
+    assert [s.trace_state for s in ss.spans] == ["ot=th:0", "ot=th:0,vendor=x"]
+    assert req.SerializeToString() == original, "the received request must not be mutated"
+
+
+def test_spans_of_one_trace_from_several_requests_are_emitted_together():
+    proc, sink, clock, _ = make()
+    a, b = tid(), tid()
+    for _ in range(3):
+        proc.consume(Signal.TRACES, traces_request(span(a), span(b)))
+    proc.tick(clock.advance(10))
+    (out,) = sink.of(Signal.TRACES)
+    assert len(out.resource_spans) == 3  # one resource copy per source group, not per span
+    assert sorted(s.trace_id for s in kept_spans(sink)) == sorted([a] * 3 + [b] * 3)
+
+
+def test_drop_policy_vetoes_keep():
+    proc, sink, clock, tel = make([
+        {"name": "all", "type": "always_sample"},
+        {"name": "no-health", "type": "drop", "drop": {"drop_sub_policy": [
+            {"name": "health", "type": "string_attribute",
+             "string_attribute": {"key": "http.route", "values": ["/healthz"]}}]}},
+    ])
+    health, other = tid(), tid()
+    proc.consume(Signal.TRACES, traces_request(span(health, root=True, attrs={"http.route": "/healthz"}),
+                                               span(other, root=True, attrs={"http.route": "/predict"})))
+    proc.tick(clock.advance(1))
+    assert kept_trace_ids(sink) == {other}
+    assert traces_metric(tel, "dropped", "no-health") == 1
+    assert traces_metric(tel, "sampled", "all") == 1
+    assert tel.value("dropped", Signal.TRACES, "policy_drop", "true") == 1
+
+
+def test_logs_follow_their_trace_and_error_logs_are_always_kept():
+    proc, sink, clock, tel = make(ERRORS_ONLY)
+    kept, dropped = tid(), tid()
+    proc.consume(Signal.TRACES, traces_request(span(kept, root=True, error=True), span(dropped, root=True)))
+    proc.consume(Signal.LOGS, logs_request((kept, 9, "kept info"), (dropped, 9, "dropped info"),
+                                           (dropped, 17, "dropped but ERROR"), (b"", 9, "no trace")))
+    # ERROR and trace-less records go out at once; the others wait for their trace
+    assert sorted(r.body.string_value for r in kept_logs(sink)) == ["dropped but ERROR", "no trace"]
+    proc.tick(clock.advance(1))
+    assert sorted(r.body.string_value for r in kept_logs(sink)) == ["dropped but ERROR", "kept info", "no trace"]
+    assert tel.value("dropped", Signal.LOGS, "sampled_out", "true") == 1
+    assert tel.value("accepted", Signal.LOGS) == 4
+
+
+def test_logs_without_trace_are_forwarded_as_received():
+    proc, sink, _, _ = make(ERRORS_ONLY)
+    req = logs_request((b"", 9, "a"), (b"", 13, "b"))
+    proc.consume(Signal.LOGS, req)
+    assert sink.of(Signal.LOGS) == [req]
+
+
+def test_logs_without_trace_can_be_sampled():
+    draws = iter([0.1, 0.9, 0.2, 0.7])
+    proc, sink, _, tel = make(ERRORS_ONLY, rng=lambda: next(draws),
+                              logs={"without_trace_sampling_percentage": 50})
+    proc.consume(Signal.LOGS, logs_request(*[(b"", 9, str(i)) for i in range(4)]))
+    assert [r.body.string_value for r in kept_logs(sink)] == ["0", "2"]
+    assert tel.value("dropped", Signal.LOGS, "sampled_out", "true") == 2
+
+
+def test_error_log_exception_can_be_disabled():
+    proc, sink, clock, _ = make(ERRORS_ONLY, logs={"always_keep_severity_at_least": 0})
+    t = tid()
+    proc.consume(Signal.LOGS, logs_request((t, 21, "fatal")))
+    proc.tick(clock.advance(10))
+    assert kept_logs(sink) == []
+
+
+def test_late_spans_and_logs_follow_the_cached_decision():
+    proc, sink, clock, tel = make(ERRORS_ONLY)
+    kept, dropped = tid(), tid()
+    proc.consume(Signal.TRACES, traces_request(span(kept, root=True, error=True), span(dropped, root=True)))
+    proc.tick(clock.advance(1))
+    assert len(kept_spans(sink)) == 1
+    clock.advance(30)
+    proc.consume(Signal.TRACES, traces_request(span(kept), span(dropped)))
+    proc.consume(Signal.LOGS, logs_request((kept, 9, "late kept"), (dropped, 9, "late dropped")))
+    # forwarded immediately, without waiting for another tick
+    late = kept_spans(sink)[1:]
+    assert [s.trace_id for s in late] == [kept]
+    assert attr(late[0], "sampling.policy") == "errors" and late[0].trace_state == "ot=th:0"
+    assert [r.body.string_value for r in kept_logs(sink)] == ["late kept"]
+    assert proc.buffered_traces == 0
+    reg = tel.registry
+    for signal in ("traces", "logs"):
+        for decision in ("sampled", "not_sampled"):
+            assert reg.get_sample_value("sidecar_tail_sampling_late_items_total", {
+                "component": "tail_sampling", "signal": signal, "decision": decision}) == 1
+
+
+def test_flood_of_never_ending_traces_is_bounded_by_num_traces():
+    proc, _, clock, tel = make(ERRORS_ONLY, num_traces=100)
+    for i in range(100):
+        proc.consume(Signal.TRACES, traces_request(*[span(tid()) for _ in range(50)]))
+        proc.consume(Signal.LOGS, logs_request((tid(), 9, "x")))
+        clock.advance(0.001)
+        assert proc.buffered_traces <= 100
+    evicted_spans = tel.value("dropped", Signal.TRACES, "dropped_too_early", "false")
+    evicted_logs = tel.value("dropped", Signal.LOGS, "dropped_too_early", "false")
+    assert evicted_spans + evicted_logs == 5100 - 100
+    assert traces_metric(tel, "dropped_too_early", "none") == 5000
+
+
+def test_flood_is_bounded_by_bytes():
+    budget = 200_000
+    proc, _, clock, tel = make(ERRORS_ONLY, max_buffered_bytes=budget)
+    t = tid()
+    for i in range(300):  # one never-ending trace plus fresh ones, ~100 KB per request
+        proc.consume(Signal.TRACES, traces_request(span(t), *[span(tid(), attrs={"blob": "x" * 1000})
+                                                              for _ in range(100)]))
+        clock.advance(0.001)
+        assert proc.buffered_bytes <= budget
+    assert proc.buffered_traces < 300
+    assert tel.value("dropped", Signal.TRACES, "dropped_too_early", "false") > 29_000
+
+
+def test_next_stage_refusal_is_retried_not_lost():
+    proc, sink, clock, tel = make()
+    t = tid()
+    proc.consume(Signal.TRACES, traces_request(span(t, root=True), span(t)))
+    sink.refuse = Refused("queue_full")
+    proc.tick(clock.advance(1))
+    proc.tick(clock.advance(1))
+    assert kept_spans(sink) == [] and proc.pending_output_items == 2
+    sink.refuse = None
+    proc.tick(clock.advance(0.1))
+    assert len(kept_spans(sink)) == 2 and proc.pending_output_items == 0
+    assert tel.value("dropped", Signal.TRACES, "downstream_refused", "false") == 0
+
+
+def test_backed_up_output_refuses_new_data():
+    proc, sink, clock, tel = make()
+    proc.READY_SOFT_LIMIT = 5
+    proc.consume(Signal.TRACES, traces_request(*[span(tid(), root=True) for _ in range(10)]))
+    sink.refuse = Refused("queue_full")
+    proc.tick(clock.advance(1))
+    try:
+        proc.consume(Signal.TRACES, traces_request(span(tid())))
+    except Refused as e:
+        assert e.retryable
+    else:
+        raise AssertionError("expected a refusal while output is backed up")
+    assert tel.value("refused", Signal.TRACES, "downstream_backpressure") == 1
+
+
+def test_shutdown_decides_everything_pending():
+    proc, sink, clock, _ = make()
+    ids = {tid() for _ in range(5)}
+    proc.consume(Signal.TRACES, traces_request(*[span(t) for t in ids]))
+    proc.consume(Signal.LOGS, logs_request(*[(t, 9, "x") for t in ids]))
+    proc.shutdown(deadline=time.monotonic() + 5)
+    assert kept_trace_ids(sink) == ids
+    assert len(kept_logs(sink)) == 5
+
+
+def test_ticker_thread_decides_in_production():
+    # the real clock: this one test exercises the ticker thread (bounded wait, no fixed sleep)
+    proc, sink, _, _ = make(clock=time.monotonic, decision_wait_after_root_received="10ms")
+    proc.start(None)
+    try:
+        proc.consume(Signal.TRACES, traces_request(span(tid(), root=True)))
+        assert sink.wait_for_items(Signal.TRACES, 1, timeout=5)
+    finally:
+        proc.shutdown(time.monotonic() + 5)
+
+
+def test_span_without_trace_id_passes_through():
+    proc, sink, _, _ = make(ERRORS_ONLY)
+    proc.consume(Signal.TRACES, traces_request(span(b"")))
+    assert len(kept_spans(sink)) == 1
+
+
+def test_two_instances_decide_identically():
+    policies = [{"name": "errors", "type": "status_code", "status_code": {"status_codes": ["ERROR"]}},
+                {"name": "rest", "type": "probabilistic", "probabilistic": {"sampling_percentage": 25}}]
+    a, sink_a, clock_a, _ = make(policies)
+    b, sink_b, clock_b, _ = make(policies)
+    batches = [[span(tid(), root=True, error=os.urandom(1)[0] < 20) for _ in range(200)] for _ in range(5)]
+    for batch in batches:
+        a.consume(Signal.TRACES, traces_request(*batch))
+    for batch in reversed(batches):  # different arrival order and timing
+        b.consume(Signal.TRACES, traces_request(*batch))
+        b.tick(clock_b.advance(0.5))
+    a.tick(clock_a.advance(1))
+    b.tick(clock_b.advance(10))
+    assert kept_trace_ids(sink_a) == kept_trace_ids(sink_b)
+    assert 0 < len(kept_trace_ids(sink_a)) < 1000
+    by_trace = lambda sink: {s.trace_id: (attr(s, "sampling.policy"), s.trace_state) for s in kept_spans(sink)}
+    assert by_trace(sink_a) == by_trace(sink_b)
+
+
+def test_output_backlog_is_bounded_and_overflow_counted():
+    proc, sink, clock, tel = make()
+    proc.READY_HARD_LIMIT = 10
+    sink.refuse = Refused("queue_full")
+    for _ in range(5):  # 5 decided outputs of 4 spans each while the next stage refuses
+        proc.consume(Signal.TRACES, traces_request(*[span(tid(), root=True) for _ in range(4)]))
+        proc.tick(clock.advance(1))
+    assert proc.pending_output_items <= 10
+    assert tel.value("dropped", Signal.TRACES, "downstream_refused", "false") == 20 - proc.pending_output_items
+    sink.refuse = None
+    proc.tick(clock.advance(1))
+    assert len(kept_spans(sink)) == proc.READY_HARD_LIMIT - 2 or len(kept_spans(sink)) == 8

@@ -1,0 +1,232 @@
+"""span_metrics: exact counts against ground truth, bucket placement, model labels, OTLP emission, cardinality cap."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import Counter
+
+import pytest
+import yaml
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+from prometheus_client.exposition import generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+from sidecar.component import Kind, Refused
+from sidecar.config import ComponentId, ConfigError, parse_config
+from sidecar.pipeline import SignalRouter
+from sidecar.processors.span_metrics import SpanMetricsConfig, SpanMetricsProcessor
+from sidecar.registry import CreateSettings
+from sidecar.signals import Signal
+from sidecar.telemetry import SelfTelemetry
+from sidecar.testing import CollectingConsumer
+
+MS = 1_000_000
+
+
+def make(with_metrics_route: bool = False, **cfg):
+    config = SpanMetricsConfig.model_validate(yaml.safe_load(yaml.safe_dump(cfg)))
+    tel = SelfTelemetry().component("processor", "span_metrics")
+    settings = CreateSettings(id=ComponentId("span_metrics"), kind=Kind.PROCESSOR, telemetry=tel)
+    sink = CollectingConsumer()
+    router = SignalRouter("processor span_metrics")
+    router.routes[Signal.TRACES] = sink
+    if with_metrics_route:
+        router.routes[Signal.METRICS] = sink
+    return SpanMetricsProcessor(settings, config, router, wall_clock=lambda: 1_700_000_000.0), sink, tel
+
+
+def add_span(ss, *, name="forward", kind=Span.SPAN_KIND_INTERNAL, error=False, duration_ms=5.0, attrs=None):
+    s = ss.spans.add()
+    s.trace_id, s.span_id, s.name, s.kind = os.urandom(16), os.urandom(8), name, kind
+    s.start_time_unix_nano = 1_700_000_000_000_000_000
+    s.end_time_unix_nano = s.start_time_unix_nano + round(duration_ms * MS)
+    if error:
+        s.status.code = Status.STATUS_CODE_ERROR
+    for k, v in (attrs or {}).items():
+        a = s.attributes.add()
+        a.key = k
+        a.value.string_value = v
+    return s
+
+
+def request(service: str, resource_attrs: dict | None = None) -> tuple[ExportTraceServiceRequest, object]:
+    req = ExportTraceServiceRequest()
+    rs = req.resource_spans.add()
+    for k, v in {"service.name": service, **(resource_attrs or {})}.items():
+        a = rs.resource.attributes.add()
+        a.key = k
+        a.value.string_value = v
+    return req, rs.scope_spans.add()
+
+
+def sample(tel, name: str, **labels) -> float | None:
+    return tel.registry.get_sample_value(name, labels)
+
+
+def labels(service, span_name="forward", kind="SPAN_KIND_INTERNAL", status="STATUS_CODE_UNSET", model_id="",
+           model_version="", **extra):
+    return dict(service_name=service, span_name=span_name, span_kind=kind, status_code=status, model_id=model_id,
+                model_version=model_version, **extra)
+
+
+def test_counts_equal_ground_truth_and_spans_pass_through_unchanged():
+    proc, sink, tel = make()
+    rnd = random.Random(7)
+    truth: Counter = Counter()
+    sent = []
+    for _ in range(40):
+        service = rnd.choice(["ranker", "embedder"])
+        req, ss = request(service)
+        for _ in range(rnd.randint(1, 60)):
+            model, version = rnd.choice(["bert", "gpt2"]), rnd.choice(["v1", "v2"])
+            error = rnd.random() < 0.1
+            add_span(ss, error=error, attrs={"ml.model.id": model, "ml.model.version": version})
+            truth[(service, model, version, error)] += 1
+        sent.append(req.SerializeToString())
+        proc.consume(Signal.TRACES, req)
+    assert [r.SerializeToString() for r in sink.of(Signal.TRACES)] == sent
+    for (service, model, version, error), n in truth.items():
+        status = "STATUS_CODE_ERROR" if error else "STATUS_CODE_UNSET"
+        lab = labels(service, status=status, model_id=model, model_version=version)
+        assert sample(tel, "traces_span_metrics_calls_total", **lab) == n
+        assert sample(tel, "traces_span_metrics_duration_seconds_count", **lab) == n
+    assert tel.value("accepted", Signal.TRACES) == sum(truth.values())
+
+
+def test_error_rate_per_model_version_is_computable():
+    proc, _, tel = make()
+    req, ss = request("ranker")
+    for i in range(10):
+        add_span(ss, error=i < 3, attrs={"ml.model.id": "bert", "ml.model.version": "v2"})
+    proc.consume(Signal.TRACES, req)
+    err = sample(tel, "traces_span_metrics_calls_total",
+                 **labels("ranker", status="STATUS_CODE_ERROR", model_id="bert", model_version="v2"))
+    ok = sample(tel, "traces_span_metrics_calls_total", **labels("ranker", model_id="bert", model_version="v2"))
+    assert err / (err + ok) == 0.3
+
+
+def test_histogram_bucket_placement():
+    proc, _, tel = make(histogram={"explicit": {"buckets": ["2ms", "10ms", "100ms"]}})
+    req, ss = request("svc")
+    for d in (1, 2, 2.5, 10, 50, 100, 150, 5000):
+        add_span(ss, duration_ms=d)
+    proc.consume(Signal.TRACES, req)
+    lab = labels("svc")
+    bucket = lambda le: sample(tel, "traces_span_metrics_duration_seconds_bucket", le=le, **lab)
+    assert [bucket("0.002"), bucket("0.01"), bucket("0.1"), bucket("+Inf")] == [2, 4, 6, 8]  # le is inclusive
+    assert sample(tel, "traces_span_metrics_duration_seconds_sum", **lab) == pytest.approx(5.3155)
+
+
+def test_model_id_falls_back_to_gen_ai_then_resource():
+    proc, _, tel = make(dimensions=[{"name": "http.route", "default": "none"}, {"name": "user.tier"}])
+    req, ss = request("chat", {"ml.model.id": "resource-model", "ml.model.version": "r1"})
+    add_span(ss, attrs={"gen_ai.request.model": "llama"})  # the resource's ml.model.id outranks gen_ai
+    add_span(ss, attrs={"ml.model.id": "span-model", "http.route": "/v1/chat"})
+    proc.consume(Signal.TRACES, req)
+    req, ss = request("chat")
+    add_span(ss, attrs={"gen_ai.request.model": "llama", "user.tier": "gold"})
+    proc.consume(Signal.TRACES, req)
+    calls = lambda **kw: sample(tel, "traces_span_metrics_calls_total", **labels("chat", **kw))
+    # ml.model.id (span, then resource) comes first; gen_ai.request.model only when neither has it
+    assert calls(model_id="resource-model", model_version="r1", http_route="none", user_tier="") == 1
+    assert calls(model_id="span-model", model_version="r1", http_route="/v1/chat", user_tier="") == 1
+    assert calls(model_id="llama", model_version="", http_route="none", user_tier="gold") == 1
+
+
+def test_exemplars_point_at_the_latest_error_and_the_slowest_span():
+    proc, _, tel = make(histogram={"explicit": {"buckets": ["10ms", "1s"]}})
+    req, ss = request("svc")
+    add_span(ss, duration_ms=5)
+    slow = add_span(ss, duration_ms=500)
+    err = add_span(ss, duration_ms=3, error=True)
+    proc.consume(Signal.TRACES, req)
+    text = generate_openmetrics(tel.registry).decode()
+    assert f'trace_id="{slow.trace_id.hex()}"' in text
+    assert f'trace_id="{err.trace_id.hex()}"' in text
+    assert "traces_span_metrics_calls_total" in generate_latest(tel.registry).decode()
+
+
+def test_refused_spans_are_counted_once_when_resent():
+    proc, sink, tel = make()
+    req, ss = request("svc")
+    add_span(ss)
+    sink.refuse, sink.refuse_times = Refused("queue_full"), 1
+    with pytest.raises(Refused):
+        proc.consume(Signal.TRACES, req)
+    proc.consume(Signal.TRACES, req)
+    assert sample(tel, "traces_span_metrics_calls_total", **labels("svc")) == 1
+
+
+def test_otlp_metrics_emitted_into_the_metrics_pipeline_and_metrics_pass_through():
+    proc, sink, _ = make(with_metrics_route=True, histogram={"explicit": {"buckets": ["10ms"]}})
+    assert proc.emits_metrics
+    req, ss = request("ranker")
+    for d in (1, 20, 30):
+        add_span(ss, duration_ms=d, attrs={"ml.model.id": "bert", "ml.model.version": "v1"})
+    proc.consume(Signal.TRACES, req)
+    incoming = ExportMetricsServiceRequest()
+    incoming.resource_metrics.add()
+    proc.consume(Signal.METRICS, incoming)
+    proc.flush_metrics()
+    passed, emitted = sink.of(Signal.METRICS)
+    assert passed is incoming
+    (rm,) = emitted.resource_metrics
+    assert [(a.key, a.value.string_value) for a in rm.resource.attributes] == [("service.name", "ranker")]
+    calls, duration = rm.scope_metrics[0].metrics
+    assert calls.name == "traces.span.metrics.calls" and calls.sum.is_monotonic
+    (dp,) = calls.sum.data_points
+    assert dp.as_int == 3
+    assert {a.key: a.value.string_value for a in dp.attributes} == {
+        "span.name": "forward", "span.kind": "SPAN_KIND_INTERNAL", "status.code": "STATUS_CODE_UNSET",
+        "ml.model.id": "bert", "ml.model.version": "v1"}
+    (hp,) = duration.histogram.data_points
+    assert duration.unit == "s" and list(hp.explicit_bounds) == [0.01] and list(hp.bucket_counts) == [1, 2]
+    assert hp.count == 3 and hp.sum == pytest.approx(0.051)
+    assert len(hp.exemplars) == 1
+
+
+def test_without_a_metrics_pipeline_nothing_is_emitted():
+    proc, sink, _ = make()
+    assert not proc.emits_metrics
+    req, ss = request("svc")
+    add_span(ss)
+    proc.consume(Signal.TRACES, req)
+    proc.shutdown(deadline=0)
+    assert sink.of(Signal.METRICS) == []
+
+
+def test_cardinality_is_capped_into_one_overflow_series():
+    proc, _, tel = make(max_series=5)
+    req, ss = request("svc")
+    for i in range(20):
+        add_span(ss, name=f"op-{i}")
+    proc.consume(Signal.TRACES, req)
+    assert len(proc.snapshot()) == 6
+    assert sample(tel, "traces_span_metrics_calls_total", otel_metric_overflow="true") == 15
+    assert sample(tel, "sidecar_span_metrics_overflow_spans_total", component="span_metrics") == 15
+    total = sum(c for c, *_ in proc.snapshot().values())
+    assert total == 20
+
+
+def test_config_errors_name_the_path():
+    text = """
+receivers: {otlp: {protocols: {grpc: {endpoint: 127.0.0.1:4317}}}}
+processors:
+  span_metrics:
+    histogram: {explicit: {buckets: [10ms, 2ms]}}
+    dimensions: [{name: service_name}]
+exporters: {debug: {}}
+service:
+  pipelines:
+    traces: {receivers: [otlp], processors: [span_metrics], exporters: [debug]}
+"""
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, environ={})
+    assert any(p.startswith("processors.span_metrics.histogram.explicit.buckets: must be strictly increasing")
+               for p in e.value.problems), e.value.problems
+    ok = text.replace("[10ms, 2ms]", "[2ms, 10ms]").replace("service_name", "http.route")
+    cfg = parse_config(ok, environ={})
+    assert cfg.processors["span_metrics"].config.histogram.explicit.buckets == [0.002, 0.01]
