@@ -1,8 +1,10 @@
 """CPU cost of redaction per span through the protobuf adapter (``redaction.otlp``).
 
 Reports CPU microseconds per span for a realistic inference span (16 attributes, a
-prompt with an email and a phone number, an exception event) and for the same span
-without PII, plus the cost of the walk alone (no detectors, no key rules) as a floor.
+prompt with an email and a phone number) and for the same span without PII: with no
+rules (the floor: one serialization), with the default rules (clean requests are
+settled by one scan of the serialized bytes), with the default rules when that
+prefilter is off (every attribute walked), and with PII (walk + scan + rewrite).
 
     .venv/bin/python benchmarks/redaction_bench.py [--spans 512] [--rounds 20]
 """
@@ -85,15 +87,22 @@ def main() -> None:
     ap.add_argument("--spans", type=int, default=512, help="spans per request")
     ap.add_argument("--rounds", type=int, default=20)
     args = ap.parse_args()
-    full = OtlpRedactor(RedactionEngine(RedactionConfig()))
-    walk_only = OtlpRedactor(RedactionEngine(RedactionConfig(
+    no_rules = OtlpRedactor(RedactionEngine(RedactionConfig(
         builtin_blocked_key_patterns=False, detectors={name: False for name in DETECTOR_NAMES})))
+    full = OtlpRedactor(RedactionEngine(RedactionConfig()))
+    # an anchored user rule turns the serialized-bytes prefilter off: every request is walked
+    walked = OtlpRedactor(RedactionEngine(RedactionConfig(blocked_values=["^never-[0-9]+$"])))
     pii = make_request(args.spans, PROMPT_PII)
     clean = make_request(args.spans, PROMPT_CLEAN)
+    rows = (
+        ("no rules (serialize + nothing)", no_rules, clean),
+        ("default rules, clean span", full, clean),
+        ("default rules, clean span, walked", walked, clean),
+        ("default rules, prompt with PII", full, pii),
+    )
     print(f"redaction, {args.spans} spans/request x {args.rounds} requests, 16 attributes per span")
-    print(f"  no rules (serialize only)     {cpu_us_per_span(walk_only, clean, args.spans, args.rounds):7.2f} CPU us/span")
-    print(f"  default rules, clean span     {cpu_us_per_span(full, clean, args.spans, args.rounds):7.2f} CPU us/span")
-    print(f"  default rules, prompt w/ PII  {cpu_us_per_span(full, pii, args.spans, args.rounds):7.2f} CPU us/span")
+    for label, redactor, request in rows:
+        print(f"  {label:36s} {cpu_us_per_span(redactor, request, args.spans, args.rounds):7.2f} CPU us/span")
     copy = ExportTraceServiceRequest()
     copy.CopyFrom(pii)
     full.redact_traces(copy)

@@ -8,9 +8,11 @@ worker, drops instead of blocking, the worker restarted after ``fork``.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -115,7 +117,8 @@ class Telemetry:
     def __init__(self, tracer_provider: TracerProvider, logger_provider: LoggerProvider | None,
                  meter_provider: MeterProvider | None, *, owns: tuple[bool, bool, bool],
                  drop_counters: dict[str, _DropCounter | None], capture_payloads: bool,
-                 log_handler: logging.Handler | None, exporter_owners: list[Any]) -> None:
+                 log_handler: logging.Handler | None, exporter_owners: list[Any], exporters: tuple[Any, ...],
+                 shutdown_timeout_millis: int) -> None:
         self.tracer_provider = tracer_provider
         self.logger_provider = logger_provider
         self.meter_provider = meter_provider
@@ -124,7 +127,10 @@ class Telemetry:
         self._owns = owns
         self._drops = drop_counters
         self._our_processors = exporter_owners
+        self._exporters = exporters
+        self._shutdown_timeout_millis = shutdown_timeout_millis
         self._shut = False
+        self._shut_lock = threading.Lock()
 
     def dropped(self) -> dict[str, int]:
         """Spans and log records dropped because a batch queue was full (the app never waits)."""
@@ -138,22 +144,41 @@ class Telemetry:
             ok = self.meter_provider.force_flush(timeout_millis) and ok
         return ok
 
-    def shutdown(self, timeout_millis: int = 10_000) -> None:
-        """Flush and stop what configure() created; providers the app owned only lose our processors' data."""
-        if self._shut:
-            return
-        self._shut = True
+    def shutdown(self, timeout_millis: int | None = None) -> None:
+        """Flush and stop, within ``timeout_millis`` (default: configure's ``shutdown_timeout_millis``).
+
+        The three signals flush in parallel; whatever is still retrying against an
+        unreachable sidecar at the deadline is abandoned, so process exit stays bounded.
+        Providers the app owned keep running; only our processors stop.
+        """
+        with self._shut_lock:
+            if self._shut:
+                return
+            self._shut = True
         if self.log_handler is not None:
             logging.getLogger().removeHandler(self.log_handler)
+        timeout = (self._shutdown_timeout_millis if timeout_millis is None else timeout_millis) / 1000
         owns_tp, owns_lp, owns_mp = self._owns
+        tasks: list[Any] = [p.shutdown for p in self._our_processors]
         if owns_tp:
-            self.tracer_provider.shutdown()
+            tasks.append(self.tracer_provider.shutdown)
         if self.logger_provider is not None and owns_lp:
-            self.logger_provider.shutdown()
+            tasks.append(self.logger_provider.shutdown)
         if self.meter_provider is not None and owns_mp:
-            self.meter_provider.shutdown(timeout_millis)
-        for p in self._our_processors:  # processors added to an app-owned provider
-            p.shutdown()
+            mp = self.meter_provider
+            tasks.append(lambda: mp.shutdown(timeout * 1000))
+        threads = [threading.Thread(target=t, name="otel-shutdown", daemon=True) for t in tasks]
+        deadline = time.monotonic() + timeout
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in threads):
+            for e in self._exporters:  # interrupts the exporters' retry back-off; unsent data is dropped
+                try:
+                    e.shutdown()
+                except Exception:  # noqa: BLE001 - best effort at exit
+                    pass
 
 
 _lock = threading.Lock()
@@ -210,7 +235,7 @@ def configure(service_name: str | None = None, endpoint: str | None = None, prot
               resource_attributes: Mapping[str, Any] | None = None, headers: dict[str, str] | None = None,
               redaction: Any = None, capture_payloads: bool = False, logging_bridge: bool = True,
               log_level: int | None = None, metrics_enabled: bool = True,
-              max_queue_size: int | None = None) -> Telemetry:
+              max_queue_size: int | None = None, shutdown_timeout_millis: int = 5_000) -> Telemetry:
     """Set up traces, logs and metrics over OTLP to the sidecar; idempotent (later calls return the first handle).
 
     ``protocol`` defaults to ``OTEL_EXPORTER_OTLP_PROTOCOL`` or ``grpc``; ``endpoint`` to
@@ -225,6 +250,7 @@ def configure(service_name: str | None = None, endpoint: str | None = None, prot
             return _handle
         protocol = protocol or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")  # type: ignore[assignment]
         span_exporter, log_exporter, metric_exporter = _exporters(protocol, endpoint, headers)
+        raw_exporters = (span_exporter, log_exporter, metric_exporter)
         if protocol == "grpc":
             _reconnect_after_fork((span_exporter, log_exporter, metric_exporter))
         if redaction is not None:
@@ -236,7 +262,8 @@ def configure(service_name: str | None = None, endpoint: str | None = None, prot
         # k8s identity < OTEL_RESOURCE_ATTRIBUTES/OTEL_SERVICE_NAME < explicit arguments
         resource = Resource(k8s_resource_attributes()).merge(Resource.create(attrs))
 
-        queue = {"max_queue_size": max_queue_size} if max_queue_size else {}
+        queue = {"max_queue_size": max_queue_size, "max_export_batch_size": min(512, max_queue_size)} \
+            if max_queue_size else {}
         span_processor = BatchSpanProcessor(span_exporter, **queue)
         log_processor = BatchLogRecordProcessor(log_exporter, **queue)
         drops = {"spans": _count_drops(span_processor), "logs": _count_drops(log_processor)}
@@ -249,7 +276,8 @@ def configure(service_name: str | None = None, endpoint: str | None = None, prot
         else:
             from opentelemetry.sdk.trace.sampling import _get_from_env_or_default
 
-            tracer_provider = TracerProvider(resource=resource, sampler=ForceKeepSampler(_get_from_env_or_default()))
+            tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False,
+                                             sampler=ForceKeepSampler(_get_from_env_or_default()))
             owns_tp = True
             trace.set_tracer_provider(tracer_provider)
         tracer_provider.add_span_processor(RequestContextSpanProcessor())
@@ -260,7 +288,7 @@ def configure(service_name: str | None = None, endpoint: str | None = None, prot
             logger_provider, owns_lp = existing_lp, False
             ours.append(log_processor)
         else:
-            logger_provider, owns_lp = LoggerProvider(resource=resource), True
+            logger_provider, owns_lp = LoggerProvider(resource=resource, shutdown_on_exit=False), True
             _logs.set_logger_provider(logger_provider)
         logger_provider.add_log_record_processor(log_processor)
 
@@ -271,7 +299,7 @@ def configure(service_name: str | None = None, endpoint: str | None = None, prot
             if isinstance(existing_mp, MeterProvider):
                 meter_provider = existing_mp  # readers cannot be added later: the app's own export it
             else:
-                meter_provider = MeterProvider(resource=resource,
+                meter_provider = MeterProvider(resource=resource, shutdown_on_exit=False,
                                                metric_readers=[PeriodicExportingMetricReader(metric_exporter)])
                 owns_mp = True
                 metrics.set_meter_provider(meter_provider)
@@ -288,7 +316,9 @@ def configure(service_name: str | None = None, endpoint: str | None = None, prot
 
         _handle = Telemetry(tracer_provider, logger_provider, meter_provider, owns=(owns_tp, owns_lp, owns_mp),
                             drop_counters=drops, capture_payloads=capture_payloads, log_handler=handler,
-                            exporter_owners=ours)
+                            exporter_owners=ours, exporters=raw_exporters,
+                            shutdown_timeout_millis=shutdown_timeout_millis)
+        atexit.register(_handle.shutdown)
         return _handle
 
 
@@ -305,7 +335,7 @@ def get_telemetry() -> Telemetry | None:
     return _handle
 
 
-def shutdown(timeout_millis: int = 10_000) -> None:
-    """Flush everything buffered and stop exporting (call at process exit; atexit also does it)."""
+def shutdown(timeout_millis: int | None = None) -> None:
+    """Flush everything buffered and stop exporting, within a bounded time (atexit also calls it)."""
     if _handle is not None:
         _handle.shutdown(timeout_millis)

@@ -93,12 +93,12 @@ class _Redactor:
         self._scopes[id(scope)] = (scope, new)
         return new
 
-    def attributes(self, old: Any, new: dict, out: Redacted | None) -> BoundedAttributes:
-        """New attributes with the summary added and the original's dropped count kept."""
+    def attributes(self, dropped: int, new: dict, out: Redacted | None) -> BoundedAttributes:
+        """New attributes with the summary added and the original's dropped count (SDK limits) kept."""
         if out is not None and self.engine.summary != "silent":
             _summarize(new, out, self.engine.summary == "debug")
         attrs = BoundedAttributes(maxlen=None, attributes=new, immutable=True)
-        attrs.dropped = getattr(old, "dropped", 0)
+        attrs.dropped = dropped
         return attrs
 
 
@@ -136,18 +136,18 @@ class RedactingSpanExporter(SpanExporter):
             return span
         if out is not None:
             new = out.roots
-            attributes = r.attributes(span.attributes, dict(new[0] or {}), out)
+            attributes = r.attributes(span.dropped_attributes, dict(new[0] or {}), out)
             i = 1
             new_events = []
             for ev in events:
                 if new[i] is not ev.attributes:
-                    ev = Event(ev.name, r.attributes(ev.attributes, dict(new[i] or {}), None), ev.timestamp)
+                    ev = Event(ev.name, r.attributes(ev.dropped_attributes, dict(new[i] or {}), None), ev.timestamp)
                 new_events.append(ev)
                 i += 1
             new_links = []
             for link in links:
                 if new[i] is not link.attributes:
-                    link = Link(link.context, r.attributes(link.attributes, dict(new[i] or {}), None))
+                    link = Link(link.context, r.attributes(link.dropped_attributes, dict(new[i] or {}), None))
                 new_links.append(link)
                 i += 1
             description = new[i]
@@ -197,9 +197,8 @@ class RedactingLogExporter(LogRecordExporter):
         if out is None and resource is rec.resource and scope is rec.instrumentation_scope:
             return rec
         if out is not None:
-            old = lr
             lr = copy.copy(lr)
-            lr.attributes = r.attributes(old.attributes, dict(out.roots[0] or {}), out)
+            lr.attributes = r.attributes(rec.dropped_attributes, dict(out.roots[0] or {}), out)
             lr.body = None if out.roots[1] is DROP else out.roots[1]
         return ReadableLogRecord(log_record=lr, resource=resource, instrumentation_scope=scope, limits=rec.limits)
 

@@ -215,13 +215,14 @@ def _as_text(v: AnyValue) -> str:
 
 
 def _summarize(attrs, masked: list[str], dropped: list[str], debug: bool) -> None:
+    """Add (or, when an earlier redaction stage already wrote them, update) the summary attributes."""
+    existing = {kv.key: kv for kv in attrs if kv.key.startswith("redaction.")}
     for name, keys, count_name in ((MASKED_KEYS, masked, MASKED_COUNT), (REDACTED_KEYS, dropped, REDACTED_COUNT)):
         if not keys:
             continue
-        kv = attrs.add()
-        kv.key = count_name
-        kv.value.int_value = len(keys)
+        kv = existing.get(count_name) or attrs.add(key=count_name)
+        kv.value.int_value = kv.value.int_value + len(keys)
         if debug:
-            kv = attrs.add()
-            kv.key = name
-            kv.value.string_value = ",".join(sorted(set(keys)))
+            kv = existing.get(name) or attrs.add(key=name)
+            earlier = [k for k in kv.value.string_value.split(",") if k]
+            kv.value.string_value = ",".join(sorted(set(keys) | set(earlier)))

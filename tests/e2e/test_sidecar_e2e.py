@@ -28,7 +28,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from sidecar.otlp_json import to_json
 from sidecar.signals import Signal
@@ -85,7 +85,7 @@ def sdk_tracer(endpoint: str, *, http: bool = False):
 def emit_inference_traces(provider, n: int) -> None:
     tracer = provider.get_tracer("tests.e2e", "1.0")
     for i in range(n):
-        with tracer.start_as_current_span("POST /predict", kind=2, attributes={"http.route": "/predict",
+        with tracer.start_as_current_span("POST /predict", kind=SpanKind.SERVER, attributes={"http.route": "/predict",
                                                                                "request.id": f"req-{i}"}):
             with tracer.start_as_current_span("ml.forward resnet50", attributes={
                     "ml.model.id": "resnet50", "ml.model.version": "v3", "ml.batch_size": 8,

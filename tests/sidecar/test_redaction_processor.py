@@ -1,0 +1,198 @@
+"""The ``redaction`` processor: PII sent by the real OTel SDK through a running sidecar never reaches the backend."""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry._logs import SeverityNumber
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.trace import Link, Status, StatusCode
+from prometheus_client import generate_latest
+
+from redaction import RedactionConfigError
+from sidecar.component import Kind, Refused
+from sidecar.config import ComponentId, ConfigError, parse_config
+from sidecar.pipeline import Service
+from sidecar.processors.redaction import FACTORY, RedactionProcessor
+from sidecar.registry import CreateSettings
+from sidecar.signals import Signal
+from sidecar.telemetry import SelfTelemetry
+from sidecar.testing import CollectingConsumer, OTLPBackend, free_port
+from tests.redaction.corpus import LOOKALIKES, PII, PREFIX, SUFFIX, secret_core, sentence
+from tests.redaction.test_otlp import metrics, traces
+
+CONFIG = """
+receivers:
+  otlp:
+    protocols:
+      grpc: {{endpoint: "127.0.0.1:{port}"}}
+processors:
+  redaction:
+    summary: debug
+    blocked_values: ["patient-[0-9]{{6}}"]
+exporters:
+  otlp:
+    endpoint: "{backend}"
+    tls: {{insecure: true}}
+    sending_queue: {{enabled: false}}
+service:
+  telemetry: {{metrics: {{address: null}}}}
+  pipelines:
+    traces: {{receivers: [otlp], processors: [redaction], exporters: [otlp]}}
+    logs: {{receivers: [otlp], processors: [redaction], exporters: [otlp]}}
+    metrics: {{receivers: [otlp], processors: [redaction], exporters: [otlp]}}
+"""
+
+
+@pytest.fixture
+def sidecar():
+    with OTLPBackend() as backend:
+        port = free_port()
+        service = Service(parse_config(CONFIG.format(port=port, backend=backend.endpoint)))
+        service.start()
+        try:
+            yield f"127.0.0.1:{port}", backend, service
+        finally:
+            service.shutdown(timeout=5)
+
+
+def test_sdk_spans_and_logs_through_the_sidecar_carry_no_pii(sidecar):
+    endpoint, backend, service = sidecar
+    corpus = [sentence(s) for _, s in PII] + [sentence("patient-123456")]
+    resource = Resource.create({"service.name": "classifier", "deployment.owner": sentence("ops@example.com")})
+
+    tp = TracerProvider(resource=resource)
+    tp.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=True)))
+    tracer = tp.get_tracer("test.redaction", attributes={"scope.note": sentence("ops@example.com")})
+    with tracer.start_as_current_span("linked") as other:
+        pass
+    for i, text in enumerate(corpus):
+        with tracer.start_as_current_span("POST /predict",
+                                          links=[Link(other.get_span_context(), {"link.note": text})]) as span:
+            span.set_attribute("gen_ai.prompt", text)
+            span.set_attribute("prompts", [text, "clean"])
+            span.set_attribute("ml.model.id", "resnet50")
+            span.add_event("exception", {"exception.message": text,
+                                         "exception.stacktrace": f"Traceback ...\nValueError: {text}"})
+            span.set_status(Status(StatusCode.ERROR, text))
+    tp.shutdown()
+
+    lp = LoggerProvider(resource=resource)
+    lp.add_log_record_processor(SimpleLogRecordProcessor(OTLPLogExporter(endpoint=endpoint, insecure=True)))
+    logger = lp.get_logger("test.redaction")
+    for text in corpus:
+        logger.emit(body=text, attributes={"user.note": text}, severity_number=SeverityNumber.ERROR)
+    lp.shutdown()
+
+    assert backend.wait_for_items(Signal.TRACES, len(corpus) + 1, timeout=20)
+    assert backend.wait_for_items(Signal.LOGS, len(corpus), timeout=20)
+    received = b"".join(r.SerializeToString() for s in (Signal.TRACES, Signal.LOGS) for r in backend.requests[s])
+    for _, secret in PII:
+        assert secret_core(secret).encode() not in received, secret
+    assert b"patient-123456" not in received and b"ops@example.com" not in received
+    # the surrounding text survives everywhere: per span gen_ai.prompt, prompts[0], exception.message,
+    # exception.stacktrace, link.note, status; per log record body and user.note
+    items = b"".join([s.SerializeToString() for _, _, s in backend.spans()]
+                     + [r.SerializeToString() for _, _, r in backend.log_records()])
+    assert items.count(PREFIX.encode()) == items.count(SUFFIX.encode()) == len(corpus) * (6 + 2)
+    resource, scope, _ = backend.spans()[0]
+    assert {kv.key: kv.value.string_value for kv in resource.attributes}["deployment.owner"] == \
+        f"{PREFIX} [EMAIL] {SUFFIX}"
+    assert scope.attributes[0].value.string_value == f"{PREFIX} [EMAIL] {SUFFIX}"
+    spans = [s for _, _, s in backend.spans() if s.name == "POST /predict"]
+    first = {kv.key: kv.value for kv in spans[0].attributes}
+    assert first["gen_ai.prompt"].string_value == f"{PREFIX} [EMAIL] {SUFFIX}"
+    assert first["ml.model.id"].string_value == "resnet50"
+    assert first["redaction.masked.count"].int_value >= 5
+
+    metrics_text = generate_latest(service.telemetry.registry).decode()
+    assert 'sidecar_redaction_values_total{action="mask",component="redaction",rule="email"}' in metrics_text
+    assert 'rule="blocked_values[0]"' in metrics_text
+    tel = service.telemetry.component("processor", "redaction")
+    assert tel.value("received", Signal.TRACES) == tel.value("accepted", Signal.TRACES) == len(corpus) + 1
+
+
+def test_metrics_data_points_are_redacted(sidecar):
+    endpoint, backend, service = sidecar
+    consumer = service.graph.processors["redaction"]
+    req = metrics(sentence("jane@example.com"))
+    consumer.consume(Signal.METRICS, req)
+    assert backend.wait_for_items(Signal.METRICS, 5, timeout=20)
+    data = b"".join(r.SerializeToString() for r in backend.requests[Signal.METRICS])
+    assert b"jane@example.com" not in data and data.count(PREFIX.encode()) == 11
+
+
+def make(config: dict) -> tuple[RedactionProcessor, CollectingConsumer, SelfTelemetry]:
+    """The processor alone, with a collecting next stage."""
+    tel = SelfTelemetry()
+    cfg = FACTORY.config_model.model_validate(config)
+    nxt = CollectingConsumer()
+    settings = CreateSettings(ComponentId("redaction"), Kind.PROCESSOR, tel.component("processor", "redaction"))
+    return FACTORY.create(settings, cfg, nxt), nxt, tel
+
+
+def test_lookalikes_pass_through_untouched():
+    proc, nxt, _ = make({})
+    req = traces(" | ".join(LOOKALIKES))
+    before = req.SerializeToString()
+    proc.consume(Signal.TRACES, req)
+    assert nxt.of(Signal.TRACES)[0].SerializeToString() == before
+
+
+def test_refusal_from_next_stage_is_counted_and_propagated():
+    proc, nxt, tel = make({})
+    nxt.refuse = Refused("queue_full")
+    with pytest.raises(Refused):
+        proc.consume(Signal.TRACES, traces("x"))
+    c = tel.component("processor", "redaction")
+    assert c.value("refused", Signal.TRACES, "queue_full") == 1
+
+
+def test_redaction_failure_fails_closed(monkeypatch):
+    proc, nxt, _ = make({})
+
+    def boom(*_a, **_k):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(proc.redactor, "redact_traces", boom)
+    with pytest.raises(Refused) as e:
+        proc.consume(Signal.TRACES, traces(sentence("jane@example.com")))
+    assert not e.value.retryable and nxt.of(Signal.TRACES) == []
+
+
+def test_config_errors_name_the_yaml_path():
+    bad = CONFIG.format(port=1, backend="127.0.0.1:2").replace(
+        'blocked_values: ["patient-[0-9]{6}"]',
+        'blocked_values: ["ok", "(foo"]\n    detectors: {phone: {action: nope}, emial: true}')
+    with pytest.raises(ConfigError) as e:
+        parse_config(bad)
+    assert "processors.redaction.blocked_values[1]: invalid regex '(foo': missing )" in e.value.problems
+    assert "processors.redaction.detectors.emial: unknown key" in e.value.problems
+    assert any(p.startswith("processors.redaction.detectors.phone.action:") for p in e.value.problems)
+
+
+def test_hash_without_key_stops_start_up(monkeypatch):
+    monkeypatch.delenv("REDACTION_HMAC_KEY", raising=False)
+    cfg = CONFIG.format(port=free_port(), backend="127.0.0.1:2").replace(
+        'blocked_values: ["patient-[0-9]{6}"]', 'detectors: {email: {action: hash}}')
+    with pytest.raises(RedactionConfigError) as e:
+        Service(parse_config(cfg))
+    assert "processors.redaction.hash_key_env: environment variable REDACTION_HMAC_KEY is not set" in str(e.value)
+
+
+def test_hashing_in_the_sidecar_is_stable_across_instances(monkeypatch):
+    monkeypatch.setenv("REDACTION_HMAC_KEY", "fleet-key")
+    outs = []
+    for _ in range(2):
+        proc, nxt, _ = make({"blocked_key_patterns": [{"pattern": "^user\\.id$", "action": "hash"}]})
+        req = traces("clean")
+        req.resource_spans[0].scope_spans[0].spans[0].attributes.add(key="user.id").value.string_value = "u-42"
+        proc.consume(Signal.TRACES, req)
+        span = nxt.of(Signal.TRACES)[0].resource_spans[0].scope_spans[0].spans[0]
+        outs.append({kv.key: kv.value.string_value for kv in span.attributes}["user.id"])
+    assert outs[0] == outs[1] and "u-42" not in outs[0] and len(outs[0]) == 64
