@@ -35,8 +35,8 @@ from sidecar.testing import SidecarProcess, free_port  # noqa: E402
 TRACES_PER_REQUEST = 128
 
 PROCESSORS = {
-    "batch": "  batch: {send_batch_size: 8192, timeout: 200ms}",
-    "span_metrics": "  span_metrics: {}",
+    "batch": "  batch: {{send_batch_size: 8192, timeout: 200ms}}",
+    "span_metrics": "  span_metrics: {{}}",
     "tail_sampling": """  tail_sampling:
     decision_wait: {decision_wait}
     decision_wait_after_root_received: 500ms
@@ -46,7 +46,7 @@ PROCESSORS = {
       - {{name: slow, type: latency, latency: {{threshold_ms: 1000}}}}
       - {{name: debug, type: boolean_attribute, boolean_attribute: {{key: sampling.force_keep, value: true}}}}
       - {{name: baseline, type: probabilistic, probabilistic: {{sampling_percentage: 10}}}}""",
-    "redaction": "  redaction: {allow_all_keys: true}",
+    "redaction": "  redaction: {{allow_all_keys: true}}",
 }
 
 SCENARIOS = {

@@ -240,7 +240,8 @@ def configure(service_name: str | None = None, endpoint: str | None = None, prot
 
     ``protocol`` defaults to ``OTEL_EXPORTER_OTLP_PROTOCOL`` or ``grpc``; ``endpoint`` to
     ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``127.0.0.1:4317`` (gRPC) / ``:4318`` (HTTP).
-    ``redaction`` (a config path, dict or engine) redacts spans and logs before export.
+    ``redaction`` (True for the default rules, or a config path, dict or engine) redacts
+    spans and logs on the export thread before they leave the process.
     If the app already installed an SDK TracerProvider/LoggerProvider, our processors
     are added to it instead of replacing it.
     """
@@ -323,10 +324,14 @@ def configure(service_name: str | None = None, endpoint: str | None = None, prot
 
 
 def _with_redaction(redaction: Any, span_exporter: Any, log_exporter: Any) -> tuple[Any, Any]:
-    """Wrap the exporters so nothing leaves the process unredacted (fails closed: bad rules raise here)."""
-    from instrumentation.redaction import RedactingLogExporter, RedactingSpanExporter, load_redaction_config
+    """Wrap the exporters so nothing leaves the process unredacted (fails closed: bad rules raise here).
 
-    engine = load_redaction_config(redaction) if isinstance(redaction, (str, os.PathLike, dict)) else redaction
+    ``redaction`` is an engine, a config, a dict or a YAML path (the sidecar's
+    ``processors.redaction`` section), or True for the default rules.
+    """
+    from instrumentation.redaction import RedactingLogExporter, RedactingSpanExporter, make_engine
+
+    engine = make_engine(None if redaction is True else redaction)
     return RedactingSpanExporter(span_exporter, engine), RedactingLogExporter(log_exporter, engine)
 
 

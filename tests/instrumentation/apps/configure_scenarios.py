@@ -74,6 +74,15 @@ def dropping() -> None:
     instrumentation.shutdown()
 
 
+def redacted() -> None:
+    instrumentation.configure(endpoint=os.environ["ENDPOINT"], redaction=True)
+    with instrumentation.trace_generation("llm", capture_content=True) as gen:
+        gen.prompt("mail the summary to jane.doe@example.com")
+        logging.getLogger("scenario").warning("user jane.doe@example.com asked for a summary")
+    instrumentation.shutdown()
+
+
 if __name__ == "__main__":
     logging.getLogger().setLevel(logging.INFO)
-    {"basic": basic, "env": env_only, "fork": fork, "existing": existing_provider, "dropping": dropping}[sys.argv[1]]()
+    {"basic": basic, "env": env_only, "fork": fork, "existing": existing_provider, "dropping": dropping,
+     "redaction": redacted}[sys.argv[1]]()
