@@ -33,6 +33,7 @@ from workload import SPANS_PER_TRACE, logs_request, trace_ids_of, trace_request 
 from sidecar.testing import SidecarProcess, free_port  # noqa: E402
 
 TRACES_PER_REQUEST = 128
+PROFILE_DIR: str | None = None  # --profile DIR: py-spy raw stacks of each target while it is measured
 
 PROCESSORS = {
     "batch": "  batch: {{send_batch_size: 8192, timeout: 200ms}}",
@@ -83,7 +84,7 @@ service:
 """
 
 
-def build_load(n_requests: int, seed: int = 42, pii: bool = False) -> tuple[list[tuple[str, bytes]], int, int]:
+def build_load(n_requests: int, seed: int = 42, pii: float = 0.05) -> tuple[list[tuple[str, bytes]], int, int]:
     rng = random.Random(seed)
     bodies = []
     spans = logs = 0
@@ -174,6 +175,16 @@ def run_target(name: str, command_config: str | None, bodies, spans: int, logs: 
         send_all(port, bodies[:4], threads=1)
         time.sleep(decision_wait_s + 1.5 if sampling else 0.5)
         base_spans, base_logs = backend.counts()
+        profiler = None
+        if PROFILE_DIR:
+            import shutil
+            import subprocess
+
+            out = Path(PROFILE_DIR) / ("".join(c if c.isalnum() else "_" for c in name)[:60] + ".txt")
+            profiler = subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record",
+                                         "--pid", str(pid), "--format", "raw", "--rate", "250", "--nonblocking",
+                                         "--threads", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)
         cpu0 = ps.cpu_times()
         t0 = time.monotonic()
         refused = send_all(port, bodies)
@@ -191,6 +202,9 @@ def run_target(name: str, command_config: str | None, bodies, spans: int, logs: 
                 time.sleep(0.01)
         t1 = time.monotonic()
         cpu1 = ps.cpu_times()
+        if profiler is not None:
+            profiler.send_signal(2)
+            profiler.wait(30)
         got_spans, got_logs = (a - b for a, b in zip(backend.counts(), (base_spans, base_logs)))
         cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
         items = spans + logs
@@ -237,7 +251,12 @@ def main() -> None:
     p.add_argument("--decision-wait", default="2s", help="tail sampling decision_wait for the CPU runs")
     p.add_argument("--sustain", type=int, default=0, help="seconds of the sustained 20k spans/s + 10k logs/s run")
     p.add_argument("--json", help="write results here")
+    p.add_argument("--profile", help="write py-spy stacks of each target to this directory (pip install py-spy)")
     args = p.parse_args()
+    global PROFILE_DIR
+    PROFILE_DIR = args.profile
+    if PROFILE_DIR:
+        Path(PROFILE_DIR).mkdir(parents=True, exist_ok=True)
 
     bodies, spans, logs = build_load(args.requests)
     print(f"load: {len(bodies)} requests, {spans} spans + {logs} log records", flush=True)

@@ -31,8 +31,11 @@ def _resource(res):
         _attr(res.attributes, k, v)
 
 
-def trace_request(rng: random.Random, n_traces: int, pii: bool = False) -> tuple[ExportTraceServiceRequest, dict]:
-    """``n_traces`` traces of SPANS_PER_TRACE spans each: server -> preprocess, forward, postprocess."""
+def trace_request(rng: random.Random, n_traces: int, pii: float = 0.05) -> tuple[ExportTraceServiceRequest, dict]:
+    """``n_traces`` traces of SPANS_PER_TRACE spans each: server -> preprocess, forward, postprocess.
+
+    A ``pii`` fraction of the traces carry an email and a card number in the user id and the prompt.
+    """
     req = ExportTraceServiceRequest()
     rs = req.resource_spans.add()
     _resource(rs.resource)
@@ -44,6 +47,7 @@ def trace_request(rng: random.Random, n_traces: int, pii: bool = False) -> tuple
         trace_id = rng.getrandbits(128).to_bytes(16, "big")
         start = BASE_NS + rng.getrandbits(40)
         kind = rng.random()
+        has_pii = rng.random() < pii
         error, slow, forced = kind < 0.01, 0.01 <= kind < 0.03, 0.03 <= kind < 0.035
         truth["error" if error else "slow" if slow else "forced" if forced else "plain"] += 1
         duration = (1_500_000_000 if slow else 40_000_000 + rng.getrandbits(24))
@@ -53,7 +57,7 @@ def trace_request(rng: random.Random, n_traces: int, pii: bool = False) -> tuple
         for k, v in (("http.request.method", "POST"), ("http.route", "/v1/models/{model}:predict"),
                      ("http.response.status_code", 500 if error else 200), ("url.scheme", "http"),
                      ("request.id", f"{rng.getrandbits(64):016x}"),
-                     ("user.id", "alice@example.com" if pii else f"user-{rng.randrange(1000)}")):
+                     ("user.id", "alice@example.com" if has_pii else f"user-{rng.randrange(1000)}")):
             _attr(root.attributes, k, v)
         if forced:
             _attr(root.attributes, "sampling.force_keep", True)
@@ -68,7 +72,7 @@ def trace_request(rng: random.Random, n_traces: int, pii: bool = False) -> tuple
                          ("ml.device", "cuda:0"), ("ml.input.shapes", "8x3x224x224"), ("ml.input.dtypes", "float32"),
                          ("ml.output.shapes", "8x1000"), ("ml.torch.version", "2.13.0")):
                 _attr(sp.attributes, k, v)
-            if pii and i == 0:
+            if has_pii and i == 0:
                 _attr(sp.attributes, "prompt", "classify the photo sent by bob@example.com card 4111 1111 1111 1111")
             if error and i == 1:
                 sp.status.code = 2
@@ -79,17 +83,18 @@ def trace_request(rng: random.Random, n_traces: int, pii: bool = False) -> tuple
     return req, truth
 
 
-def logs_request(rng: random.Random, trace_ids: list[bytes], pii: bool = False) -> ExportLogsServiceRequest:
+def logs_request(rng: random.Random, trace_ids: list[bytes], pii: float = 0.05) -> ExportLogsServiceRequest:
     req = ExportLogsServiceRequest()
     rl = req.resource_logs.add()
     _resource(rl.resource)
     sl = rl.scope_logs.add()
     sl.scope.name = "app"
     for tid in trace_ids:
+        has_pii = rng.random() < pii
         for j in range(LOGS_PER_TRACE):
             rec = sl.log_records.add(time_unix_nano=BASE_NS + rng.getrandbits(40), severity_number=9, severity_text="INFO",
                                      trace_id=tid, span_id=rng.getrandbits(64).to_bytes(8, "big"))
-            rec.body.string_value = ("inference done for bob@example.com" if pii and j == 0 else
+            rec.body.string_value = ("inference done for bob@example.com" if has_pii and j == 0 else
                                      "inference done" if j else "request received")
             for k, v in (("model_id", "resnet50"), ("model_version", "v3"), ("execution_time_ms", 41.7),
                          ("request_id", f"{rng.getrandbits(64):016x}")):

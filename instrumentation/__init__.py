@@ -29,7 +29,14 @@ from instrumentation._context import (
     request_context,
     set_tags,
 )
-from instrumentation._setup import ForceKeepSampler, Telemetry, configure, get_telemetry, k8s_resource_attributes, shutdown
+from instrumentation._setup import (
+    ForceKeepSampler,
+    Telemetry,
+    configure,
+    get_telemetry,
+    k8s_resource_attributes,
+    shutdown,
+)
 from instrumentation.asgi import ASGIMiddleware
 from instrumentation.genai import Generation, current_generation, trace_generation
 from instrumentation.logs import JSONFormatter, LoggingBridge, bridge_logging

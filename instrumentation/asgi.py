@@ -59,13 +59,13 @@ class _InSpan:
         try:
             await self.app(scope, receive, holding_send)
         except Exception as e:
-            span.record_exception(e)
-            span.set_status(Status(StatusCode.ERROR, f"{type(e).__name__}: {e}"))
             error_log.error("unhandled exception in %s %s", scope.get("method"), scope.get("path"), exc_info=True)
             if not _complete(held):
-                raise  # no response yet: the server answers 500 (and OTel records the exception)
-            # The app's error handler already produced the 500: send it; the exception is on the span
-            # and in the ERROR log, so it is not raised again for the server to log a second time.
+                raise  # no complete response: the server answers 500 and OTel records the exception
+            # The app's error handler already produced the 500: record the exception while the span is
+            # open, then send the response; not re-raised, or the server would log it a second time.
+            span.record_exception(e)
+            span.set_status(Status(StatusCode.ERROR, f"{type(e).__name__}: {e}"))
         for message in held:
             await send(message)
 

@@ -127,7 +127,8 @@ class JSONFormatter(logging.Formatter):
 
     Fixed keys (always present, null when unknown): timestamp, level, logger, message,
     trace_id, span_id, request_id, user_id, model_id, model_version, execution_time_ms,
-    error_code; an ``extra`` of the same name fills a fixed key. ``exception`` holds the formatted stack trace when there is one.
+    error_code; an ``extra`` of the same name fills a fixed key. ``exception`` holds the
+    formatted stack trace when there is one.
     """
 
     def format(self, record: logging.LogRecord) -> str:

@@ -78,7 +78,7 @@ def test_dashboard_and_alerts_query_metrics_the_sidecar_exposes():
 
         from workload import trace_request
 
-        req, _ = trace_request(random.Random(1), 200, pii=True)
+        req, _ = trace_request(random.Random(1), 200, pii=1.0)
         service.graph.processors["memory_limiter"].consume(Signal.TRACES, req)  # the head of the traces pipeline
     finally:
         service.shutdown(5)  # tail sampling decides everything pending, redaction and export follow

@@ -81,3 +81,37 @@ def test_wsgi_request_id_debug_header_and_payload(spans):
     a = server_span(spans).attributes
     assert a["request.id"] == "abc" and a["sampling.force_keep"] is True
     assert a["http.request.body"] == "ping" and a["http.response.body"] == "PING"
+
+
+def test_debug_requests_are_sampled_even_when_head_sampling_drops_everything():
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    from instrumentation import ForceKeepSampler, RequestContext, request_context
+
+    tracer = TracerProvider(sampler=ForceKeepSampler(ALWAYS_OFF)).get_tracer("t")
+    with tracer.start_as_current_span("normal") as normal:
+        pass
+    with request_context(RequestContext(request_id="r", force_keep=True)):
+        with tracer.start_as_current_span("debug") as debug:
+            pass
+    assert not normal.get_span_context().trace_flags.sampled
+    assert debug.get_span_context().trace_flags.sampled and debug.attributes["sampling.force_keep"] is True
+
+
+def test_asgi_exception_without_a_response_is_recorded_once_and_reraised(spans):
+    import pytest
+
+    async def broken(scope, receive, send):
+        raise RuntimeError("no response at all")
+
+    app = ASGIMiddleware(broken, tracer_provider=spans.provider)
+
+    async def go():
+        await app({"type": "http", "method": "GET", "path": "/b", "headers": [], "query_string": b"",
+                   "server": ("t", 80), "scheme": "http", "http_version": "1.1"}, None, None)
+
+    with pytest.raises(RuntimeError):
+        asyncio.run(go())
+    events = [e for e in server_span(spans).events if e.name == "exception"]
+    assert len(events) == 1 and "no response at all" in events[0].attributes["exception.stacktrace"]
