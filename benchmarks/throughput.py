@@ -50,18 +50,24 @@ PROCESSORS = {
     "redaction": "  redaction: {{allow_all_keys: true}}",
 }
 
+#: "queue_batch" is not a processor: it turns on the exporter's sending_queue.batch (batching after the queue)
 SCENARIOS = {
-    "batch+otlp": ["batch"],
-    "recommended (span_metrics+tail_sampling 10%+batch)": ["span_metrics", "tail_sampling", "batch"],
-    "redaction on 100% (+batch)": ["redaction", "batch"],
-    "recommended + redaction after sampling": ["span_metrics", "tail_sampling", "redaction", "batch"],
+    "batch processor + otlp": ["batch"],
+    "queue batching + otlp": ["queue_batch"],
+    "recommended: span_metrics+tail_sampling 10%+queue batching": ["span_metrics", "tail_sampling", "queue_batch"],
+    "recommended with batch processor": ["span_metrics", "tail_sampling", "batch"],
+    "redaction on 100% + queue batching": ["redaction", "queue_batch"],
+    "recommended + redaction after sampling": ["span_metrics", "tail_sampling", "redaction", "queue_batch"],
 }
 
 
 def sidecar_config(port, backend_port, processors: list[str], decision_wait: str, metrics_port) -> str:
-    defs = "\n".join(PROCESSORS[p].format(decision_wait=decision_wait) for p in processors)
+    queue_batch = "queue_batch" in processors
+    processors = [p for p in processors if p != "queue_batch"]
+    defs = "\n".join(PROCESSORS[p].format(decision_wait=decision_wait) for p in processors) or " {}"
     trace_procs = ", ".join(processors)
     log_procs = ", ".join(p for p in processors if p != "span_metrics")
+    batch = ", batch: {max_size: 8192}" if queue_batch else ""
     return f"""
 receivers:
   otlp:
@@ -74,7 +80,7 @@ exporters:
     endpoint: 127.0.0.1:{backend_port}
     tls: {{insecure: true}}
     compression: none
-    sending_queue: {{num_consumers: 2, queue_size: 5000}}
+    sending_queue: {{num_consumers: 2, queue_size: 5000{batch}}}
 service:
   telemetry:
     metrics: {{address: 127.0.0.1:{metrics_port}}}
@@ -224,7 +230,7 @@ def sustained(rate_spans: int, rate_logs: int, seconds: int) -> dict:
     backend_port = free_port()
     backend = CountingBackend(backend_port)
     port, metrics_port = free_port(), free_port()
-    cfg = sidecar_config(port, backend_port, ["span_metrics", "tail_sampling", "batch"], "10s", metrics_port)
+    cfg = sidecar_config(port, backend_port, ["span_metrics", "tail_sampling", "queue_batch"], "10s", metrics_port)
     sc = SidecarProcess(cfg).start()
     ps = psutil.Process(sc.pid)
     items_per_body = (spans + logs) / len(bodies)

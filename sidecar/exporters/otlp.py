@@ -14,9 +14,6 @@ from pathlib import Path
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
-from opentelemetry.proto.collector.logs.v1 import logs_service_pb2_grpc
-from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from pydantic import Field, field_validator, model_validator
 
 from sidecar.component import ExportError, Kind, PermanentError, RetryableError
@@ -119,10 +116,10 @@ def classify(code: grpc.StatusCode, message: str, trailing_metadata=None) -> Exp
 
 # --- the exporter -----------------------------------------------------------------------------
 
-_STUBS = {
-    Signal.TRACES: trace_service_pb2_grpc.TraceServiceStub,
-    Signal.LOGS: logs_service_pb2_grpc.LogsServiceStub,
-    Signal.METRICS: metrics_service_pb2_grpc.MetricsServiceStub,
+_METHODS = {
+    Signal.TRACES: "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+    Signal.LOGS: "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
+    Signal.METRICS: "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
 }
 
 #: The sidecar retries on its own schedule; the channel should not sit in a long reconnect
@@ -153,7 +150,11 @@ class OTLPExporter(BaseExporter):
         else:
             channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS, compression=compression)
         self._channel = channel
-        self._export = {s: stub(channel).Export for s, stub in _STUBS.items()}
+        # requests go on the wire as bytes we encode: a batch of queued requests is the
+        # concatenation of their encodings (repeated top-level fields merge), with no copy
+        self._export = {s: channel.unary_unary(path, request_serializer=None,
+                                               response_deserializer=s.response_type.FromString)
+                        for s, path in _METHODS.items()}
 
     def _credentials(self) -> grpc.ChannelCredentials:
         tls = self.cfg.tls
@@ -175,8 +176,14 @@ class OTLPExporter(BaseExporter):
             self._channel.close()
 
     def push(self, signal: Signal, request: Request, timeout: float) -> int:
+        return self._push_encoded(signal, request.SerializeToString(), timeout)
+
+    def push_many(self, signal: Signal, requests: list[Request], timeout: float) -> int:
+        return self._push_encoded(signal, b"".join([r.SerializeToString() for r in requests]), timeout)
+
+    def _push_encoded(self, signal: Signal, body: bytes, timeout: float) -> int:
         try:
-            response = self._export[signal](request, timeout=timeout, metadata=self._metadata)
+            response = self._export[signal](body, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise classify(e.code(), e.details() or "", e.trailing_metadata()) from None
         except ValueError:

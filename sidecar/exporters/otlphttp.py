@@ -128,10 +128,20 @@ class OTLPHTTPExporter(BaseExporter):
             self._pool.clear()
 
     def push(self, signal: Signal, request: Request, timeout: float) -> int:
+        if self._json:
+            return self._post(signal, otlp_json.to_json(signal, request).encode(), timeout)
+        return self._post(signal, request.SerializeToString(), timeout)
+
+    def push_many(self, signal: Signal, requests: list[Request], timeout: float) -> int:
+        if self._json:
+            return super().push_many(signal, requests, timeout)
+        # protobuf: the concatenation of the encodings is the encoding of the merged request
+        return self._post(signal, b"".join([r.SerializeToString() for r in requests]), timeout)
+
+    def _post(self, signal: Signal, body: bytes, timeout: float) -> int:
         url = self._urls[signal]
         if url is None:
             raise PermanentError(f"no endpoint for {signal.value}: set endpoint or {signal.value}_endpoint")
-        body = otlp_json.to_json(signal, request).encode() if self._json else request.SerializeToString()
         if self._gzip:
             body = gzip.compress(body, compresslevel=6)
         try:

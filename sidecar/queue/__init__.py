@@ -34,6 +34,9 @@ class SendingQueue(Protocol):
     def get(self) -> QueueItem | None:
         """Block for the next item; None once the queue is closed and empty, or aborted."""
 
+    def try_get(self) -> QueueItem | None:
+        """The next item if one is waiting right now, else None (never blocks): batching takes what is there."""
+
     def done(self, item: QueueItem) -> None:
         """The item was exported or dropped for good: forget it."""
 

@@ -41,6 +41,14 @@ class MemoryQueue:
             self._count -= item.items
             return item
 
+    def try_get(self) -> QueueItem | None:
+        with self._cond:
+            if self._aborted or not self._items:
+                return None
+            item = self._items.popleft()
+            self._count -= item.items
+            return item
+
     def done(self, item: QueueItem) -> None:
         """Nothing to forget: the item left memory when it was handed out."""
 

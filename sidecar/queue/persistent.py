@@ -153,6 +153,17 @@ class PersistentQueue:
             if request is not None:
                 return QueueItem(signal, request, items, key=name)
 
+    def try_get(self) -> QueueItem | None:
+        while True:
+            with self._cond:
+                if self._aborted or not self._entries:
+                    return None
+                name, signal, items = self._entries.popleft()
+                self._count -= items
+            request = self._read(name, signal, items)
+            if request is not None:
+                return QueueItem(signal, request, items, key=name)
+
     def _read(self, name: str, signal: Signal, items: int) -> Request | None:
         path = self.directory / name
         problem = None
