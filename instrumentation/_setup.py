@@ -76,8 +76,9 @@ class ForceKeepSampler(Sampler):
         ctx = current_request()
         if ctx is not None and ctx.force_keep:
             parent = trace.get_current_span(parent_context).get_span_context()
-            return SamplingResult(Decision.RECORD_AND_SAMPLE, self._keep.attributes,
-                                  parent.trace_state if parent.is_valid else None)
+            # the SDK starts the span with the sampler's attributes only: keep the caller's (model id, ...)
+            keep = {**attributes, FORCE_KEEP: True} if attributes else self._keep.attributes
+            return SamplingResult(Decision.RECORD_AND_SAMPLE, keep, parent.trace_state if parent.is_valid else None)
         return self._inner.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
 
     def get_description(self) -> str:
@@ -123,6 +124,8 @@ class Telemetry:
         self.logger_provider = logger_provider
         self.meter_provider = meter_provider
         self.capture_payloads = capture_payloads
+        #: the in-process redaction engine (None when off); JSONFormatter uses it for stdout too
+        self.redaction_engine: Any = None
         self.log_handler = log_handler
         self._owns = owns
         self._drops = drop_counters
@@ -233,15 +236,16 @@ def _reconnect_after_fork(exporters: tuple[Any, ...]) -> None:
 
 def configure(service_name: str | None = None, endpoint: str | None = None, protocol: Protocol | None = None, *,
               resource_attributes: Mapping[str, Any] | None = None, headers: dict[str, str] | None = None,
-              redaction: Any = None, capture_payloads: bool = False, logging_bridge: bool = True,
+              redaction: Any = True, capture_payloads: bool = False, logging_bridge: bool = True,
               log_level: int | None = None, metrics_enabled: bool = True,
               max_queue_size: int | None = None, shutdown_timeout_millis: int = 5_000) -> Telemetry:
     """Set up traces, logs and metrics over OTLP to the sidecar; idempotent (later calls return the first handle).
 
     ``protocol`` defaults to ``OTEL_EXPORTER_OTLP_PROTOCOL`` or ``grpc``; ``endpoint`` to
     ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``127.0.0.1:4317`` (gRPC) / ``:4318`` (HTTP).
-    ``redaction`` (True for the default rules, or a config path, dict or engine) redacts
-    spans and logs on the export thread before they leave the process.
+    ``redaction`` (True — the default — for the built-in detectors, a config path, dict or
+    engine; False or None to turn it off) redacts spans and logs on the export thread before
+    they leave the process; the sidecar redacts again before data leaves the pod.
     If the app already installed an SDK TracerProvider/LoggerProvider, our processors
     are added to it instead of replacing it.
     """
@@ -254,8 +258,9 @@ def configure(service_name: str | None = None, endpoint: str | None = None, prot
         raw_exporters = (span_exporter, log_exporter, metric_exporter)
         if protocol == "grpc":
             _reconnect_after_fork((span_exporter, log_exporter, metric_exporter))
-        if redaction is not None:
-            span_exporter, log_exporter = _with_redaction(redaction, span_exporter, log_exporter)
+        engine = None
+        if redaction not in (None, False):
+            span_exporter, log_exporter, engine = _with_redaction(redaction, span_exporter, log_exporter)
 
         attrs = dict(resource_attributes or {})
         if service_name:
@@ -319,11 +324,12 @@ def configure(service_name: str | None = None, endpoint: str | None = None, prot
                             drop_counters=drops, capture_payloads=capture_payloads, log_handler=handler,
                             exporter_owners=ours, exporters=raw_exporters,
                             shutdown_timeout_millis=shutdown_timeout_millis)
+        _handle.redaction_engine = engine
         atexit.register(_handle.shutdown)
         return _handle
 
 
-def _with_redaction(redaction: Any, span_exporter: Any, log_exporter: Any) -> tuple[Any, Any]:
+def _with_redaction(redaction: Any, span_exporter: Any, log_exporter: Any) -> tuple[Any, Any, Any]:
     """Wrap the exporters so nothing leaves the process unredacted (fails closed: bad rules raise here).
 
     ``redaction`` is an engine, a config, a dict or a YAML path (the sidecar's
@@ -332,7 +338,7 @@ def _with_redaction(redaction: Any, span_exporter: Any, log_exporter: Any) -> tu
     from instrumentation.redaction import RedactingLogExporter, RedactingSpanExporter, make_engine
 
     engine = make_engine(None if redaction is True else redaction)
-    return RedactingSpanExporter(span_exporter, engine), RedactingLogExporter(log_exporter, engine)
+    return RedactingSpanExporter(span_exporter, engine), RedactingLogExporter(log_exporter, engine), engine
 
 
 def get_telemetry() -> Telemetry | None:

@@ -129,7 +129,14 @@ class JSONFormatter(logging.Formatter):
     trace_id, span_id, request_id, user_id, model_id, model_version, execution_time_ms,
     error_code; an ``extra`` of the same name fills a fixed key. ``exception`` holds the
     formatted stack trace when there is one.
+
+    stdout is a way out of the pod too: when ``configure()`` set up redaction (the default),
+    every line goes through the same rules before it is written (``redact=False`` opts out).
     """
+
+    def __init__(self, *args: Any, redact: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._redact = redact
 
     def format(self, record: logging.LogRecord) -> str:
         span_ctx = trace.get_current_span().get_span_context()
@@ -158,7 +165,26 @@ class JSONFormatter(logging.Formatter):
             out.setdefault("error_type", record.exc_info[0].__qualname__)
         if record.stack_info:
             out["stack_info"] = record.stack_info
+        if self._redact:
+            out = _redacted(out)
         return json.dumps(out, default=str, ensure_ascii=False)
+
+
+def _redacted(line: dict[str, Any]) -> dict[str, Any]:
+    """The line with the configured in-process redaction rules applied (unchanged when none are set)."""
+    from instrumentation._setup import get_telemetry
+
+    handle = get_telemetry()
+    engine = getattr(handle, "redaction_engine", None)
+    if engine is None:
+        return line
+    from redaction.values import redact_roots
+
+    tally: dict = {}
+    result = redact_roots(engine, [line], [None], tally)
+    if tally:
+        engine.stats.merge(tally)
+    return line if result is None else result.roots[0]
 
 
 def bridge_logging(logger: logging.Logger | None = None, level: int = logging.NOTSET,

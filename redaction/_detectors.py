@@ -37,7 +37,7 @@ class Detector:
     validator: Validator | None = None
     #: A pattern with no anchors or word boundaries that matches somewhere inside every
     #: match of ``pattern``: safe to run over a serialized protobuf request, where the
-    #: bytes around a string are tags and lengths (see RedactionEngine.wire_clean).
+    #: bytes around a string are tags and lengths (see RedactionEngine.wire_candidates).
     #: Binary ids and timestamps sit between the strings there, so hints avoid short shapes
     #: that random bytes produce (``x@y``, ``::``).
     wire_hint: str = ""
@@ -131,7 +131,8 @@ DETECTORS: tuple[Detector, ...] = (
         r"\b(?:[0-9]{4}[ -][0-9]{4}[ -][0-9]{4}[ -][0-9]{1,7}|[0-9]{4}[ -][0-9]{6}[ -][0-9]{4,5}|[0-9]{13,19})\b",
         "[CARD]",
         luhn_ok,
-        wire_hint=r"[0-9]{4}[ -]?[0-9]{4}",
+        # the pattern less its word boundaries: hex ids and timestamps rarely hold 13 digits in a row
+        wire_hint=r"[0-9]{4}[ -][0-9]{4}[ -][0-9]{4}[ -][0-9]|[0-9]{4}[ -][0-9]{6}[ -][0-9]{4}|[0-9]{13}",
     ),
     Detector("us_ssn", r"\b[0-9]{3}-[0-9]{2}-[0-9]{4}\b", "[SSN]", ssn_ok, wire_hint=r"[0-9]{3}-[0-9]{2}-[0-9]{4}"),
     Detector(
@@ -142,7 +143,8 @@ DETECTORS: tuple[Detector, ...] = (
         r")(?:$|[^\w.\-]|[.\-](?:$|[^\w]))",
         "[PHONE]",
         phone_ok,
-        wire_hint=r"[0-9]{3}[ .-][0-9]{4}|\+[1-9][0-9 ()-]{7}",
+        # E.164: phone_ok wants 8+ digits, and the pattern puts at most ``) -(`` between two of them
+        wire_hint=r"[0-9]{3}[ .-][0-9]{4}|\+[1-9](?:[ ()-]*[0-9]){7}",
     ),
     Detector(
         "ipv6",
@@ -165,17 +167,19 @@ DETECTOR_NAMES: tuple[str, ...] = tuple(d.name for d in DETECTORS)
 #: Built-in key patterns (name, regex, wire hint), matched anywhere in the key, case-insensitively.
 #: ``token`` only matches keys that *end* in token, so ``gen_ai.usage.input_tokens`` and
 #: ``token_count`` stay readable while ``access_token`` and ``x-auth-token`` do not. In a
-#: serialized KeyValue the key is followed by the value's tag byte (0x12), which the wire
-#: hints accept where the pattern says ``$``.
+#: serialized KeyValue the key is followed by the value's tag byte (0x12) or, when the value
+#: is unset, by the next field's tag, which may be any byte but ``S``/``s`` (0x53/0x73 start
+#: groups, which OTLP never uses): the wire hints accept those where the pattern says ``$``,
+#: so ``input_tokens`` keys do not flag every GenAI span.
 BUILTIN_KEY_PATTERNS: tuple[tuple[str, str, str], ...] = (
     ("authorization", r"(?i)authorization", r"(?i:authorization)"),
     ("cookie", r"(?i)cookie", r"(?i:cookie)"),
     ("password", r"(?i)passw(?:or)?d|passphrase", r"(?i:passw(?:or)?d|passphrase)"),
     ("secret", r"(?i)secret", r"(?i:secret)"),
-    ("token", r"(?i)token$", r"(?i:token)(?:[^A-Za-z0-9]|$)"),
+    ("token", r"(?i)token$", r"(?i:token)(?:[^sS]|$)"),
     ("api_key", r"(?i)api[-_ .]?key", r"(?i:api[-_ .]?key)"),
     ("private_key", r"(?i)private[-_ .]?key", r"(?i:private[-_ .]?key)"),
     ("credential", r"(?i)credential", r"(?i:credential)"),
     ("session", r"(?i)session[-_.]?(?:id|key|token|secret)?$",
-     r"(?i:session(?:[-_.]?(?:id|key|token|secret))?)(?:[^A-Za-z0-9]|$)"),
+     r"(?i:session(?:[-_.]?(?:id|key|token|secret))?)(?:[^sS]|$)"),
 )

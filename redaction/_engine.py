@@ -16,10 +16,11 @@ import bisect
 import hashlib
 import hmac
 import itertools
+import operator
 import os
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence, TypeVar
 
 import re2
 
@@ -50,6 +51,7 @@ DROP = _Sentinel("DROP")
 SCAN = _Sentinel("SCAN")
 IGNORE = _Sentinel("IGNORE")
 
+T = TypeVar("T")
 Tally = dict  # (rule, action) -> count, kept per batch by the adapter and merged once
 
 
@@ -225,18 +227,28 @@ class RedactionEngine:
         return re2.compile("|".join(f"(?:{h})" for h in hints), opts)._regexp  # noqa: SLF001
 
     def wire_clean(self, data: bytes) -> bool:
-        """True when no rule can change the request serialized as ``data``: the walk can be skipped.
+        """True when no rule can change the message serialized as ``data``: its walk can be skipped.
 
         Every string and key of a protobuf message appears verbatim in its serialization,
         so one scan over the bytes with hints that hold inside every match (no anchors,
-        no word boundaries) is a safe test; a hit only means the request must be walked.
+        no word boundaries) is a safe test; a hit only means the message must be walked.
+        """
+        return not self.wire_candidates((data,), _as_is)
+
+    def wire_candidates(self, items: Sequence[T], serialize: Callable[[T], bytes]) -> Iterable[int]:
+        """Indices of ``items`` (protobuf messages, say) that some rule could change; the rest need no walk.
+
+        ``serialize`` is only called when the answer depends on the bytes: without rules
+        nothing is flagged, and where hints cannot be promised (allowlist mode, anchored
+        user patterns) everything is. The serializations are joined and scanned once (see
+        :meth:`wire_clean` for why a hint hit is a necessary condition).
         """
         wire = self._wire
-        if wire is None:
-            return False
         if wire is _NEVER:
-            return True
-        return wire.Match(_UNANCHORED, data, 0, len(data))[0][0] < 0
+            return ()
+        if wire is None:
+            return range(len(items))
+        return _hits(wire, list(map(serialize, items)), b"")
 
     # --- keys -------------------------------------------------------------------------------
 
@@ -287,25 +299,7 @@ class RedactionEngine:
             return ()
         if not self._batch_safe:
             return [i for i, b in enumerate(bufs) if pre.Match(_UNANCHORED, b, 0, len(b))[0][0] >= 0]
-        if len(bufs) == 1:
-            b = bufs[0]
-            return (0,) if pre.Match(_UNANCHORED, b, 0, len(b))[0][0] >= 0 else ()
-        joined = b"\n".join(bufs)
-        n = len(joined)
-        if pre.Match(_UNANCHORED, joined, 0, n)[0][0] < 0:
-            return ()
-        # ends[i] = offset of the separator after buffer i (n for the last one)
-        ends = [end - 1 for end in itertools.accumulate(len(b) + 1 for b in bufs)]
-        hits = []
-        pos = 0
-        while pos <= n:
-            start = pre.Match(_UNANCHORED, joined, pos, n)[0][0]
-            if start < 0:
-                break
-            i = bisect.bisect_left(ends, start)
-            hits.append(i)
-            pos = ends[i] + 1
-        return hits
+        return _hits(pre, bufs, b"\n")
 
     def scan(self, b: bytes, tally: Tally) -> "bytes | None | _Sentinel":
         """Apply the value rules to one UTF-8 value: None if clean, new bytes, or :data:`DROP`."""
@@ -363,6 +357,42 @@ class RedactionEngine:
         if out is None:
             return text
         return out if out is DROP else out.decode()
+
+
+def _hits(rx, bufs: list[bytes], sep: bytes) -> Iterable[int]:
+    """Indices of ``bufs`` in which ``rx`` matches: one scan of their join with ``sep``, one more per hit.
+
+    A match that starts in one buffer and runs into the next flags the first one only
+    (harmless: a hit is a candidate, not a verdict); scanning resumes at the next buffer,
+    so a match inside it is still found.
+    """
+    if not bufs:
+        return ()
+    if len(bufs) == 1:
+        b = bufs[0]
+        return (0,) if rx.Match(_UNANCHORED, b, 0, len(b))[0][0] >= 0 else ()
+    joined = sep.join(bufs)
+    n = len(joined)
+    start = rx.Match(_UNANCHORED, joined, 0, n)[0][0]
+    if start < 0:
+        return ()
+    # buffer i and the separator after it end at ends[i] (exclusive); computed in C, not per buffer
+    ends = list(itertools.accumulate(map(len, bufs)))
+    if sep:
+        ends = list(map(operator.add, ends, range(len(sep), len(sep) * (len(ends) + 1), len(sep))))
+    hits = []
+    while start >= 0:
+        i = bisect.bisect_right(ends, start)
+        hits.append(i)
+        pos = ends[i]
+        if pos >= n:
+            break
+        start = rx.Match(_UNANCHORED, joined, pos, n)[0][0]
+    return hits
+
+
+def _as_is(b: bytes) -> bytes:
+    return b
 
 
 def _key_action(action: Action) -> Action:

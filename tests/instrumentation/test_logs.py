@@ -97,3 +97,27 @@ def test_json_formatter_outside_a_request_has_stable_keys_and_exceptions():
         assert key in out
     assert out["trace_id"] is None and out["level"] == "ERROR"
     assert "ZeroDivisionError" in out["exception"] and "Traceback" in out["exception"]
+
+
+def test_json_formatter_applies_in_process_redaction_to_stdout(monkeypatch):
+    """stdout (kubectl logs) is a way out of the pod too: the configured rules apply there."""
+    import json
+    import logging
+    import types
+
+    from instrumentation import _setup
+    from instrumentation.logs import JSONFormatter
+    from redaction import RedactionConfig, RedactionEngine
+
+    monkeypatch.setattr(_setup, "_handle", types.SimpleNamespace(redaction_engine=RedactionEngine(RedactionConfig())))
+    record = logging.LogRecord("app", logging.INFO, __file__, 1, "order for %s paid with %s", ("bob@example.com",
+                               "4111 1111 1111 1111"), None)
+    record.password = "hunter2"
+    record.order_id = "1234567812345678"  # fails Luhn: not a card
+    line = json.loads(JSONFormatter().format(record))
+    assert "bob@example.com" not in json.dumps(line) and "4111 1111 1111 1111" not in json.dumps(line)
+    assert line["message"].startswith("order for [EMAIL] paid with ")
+    assert line["password"] != "hunter2"
+    assert line["order_id"] == "1234567812345678"
+    raw = json.loads(JSONFormatter(redact=False).format(record))
+    assert "bob@example.com" in raw["message"]

@@ -1,9 +1,15 @@
-"""Undecided traces: spans and log records held by reference, grouped under their resource and scope.
+"""Undecided traces: spans and log records held as their serialized bytes, grouped under resource and scope.
 
-A :class:`Trace` keeps the original protobuf sub-messages (no copies) in groups of
-``(resource_x, scope_x, [items])`` so kept data can be re-emitted under its resource
-and scope. The :class:`TraceBuffer` orders traces by first arrival, which is also
-their ``decision_wait`` deadline order, and roots by arrival, which is their
+Each span or log record is kept as its own wire encoding (one ``SerializeToString()``
+in C), so memory is about the wire size and the received request is freed as soon as
+it has been read. What the policies need is extracted in the same pass and folded
+into a few integers per trace (status bits, earliest start, latest end, matched
+attribute checks, randomness); only kept traces are ever parsed again.
+
+A :class:`Trace` keeps ``(group key, [bytes, ...])`` runs, where the key names the
+encoded resource and scope heads (and, for spans, the original tracestate) the items
+are re-emitted under. The :class:`TraceBuffer` orders traces by first arrival, which is
+also their ``decision_wait`` deadline order, and roots by arrival, which is their
 early-decision order; so finding due traces costs only the traces that are due.
 Memory is bounded by ``num_traces`` and a byte budget; eviction takes the oldest.
 """
@@ -14,79 +20,58 @@ from collections import OrderedDict, deque
 
 from sidecar.processors.tail_sampling.decisions import randomness
 
-STATUS_ERROR = 2
+#: Bytes a buffered item costs beyond its encoding (the bytes object header and its list slot).
+ITEM_OVERHEAD = 48
+#: Bytes a buffered trace costs before any item (the Trace, its id, its map entry, its first group).
+TRACE_OVERHEAD = 480
 
 
 class Trace:
-    """One buffered trace. The processor's hot loop appends to the groups directly."""
+    """One buffered trace. The processor's hot loop fills it directly."""
 
-    __slots__ = ("trace_id", "first_seen", "root_deadline", "span_groups", "log_groups", "last_ss", "last_spans",
-                 "last_sl", "last_logs", "n_spans", "n_logs", "nbytes", "_stats", "_randomness")
+    __slots__ = ("trace_id", "first_seen", "root_deadline", "span_groups", "log_groups", "last_span_key",
+                 "last_spans", "last_log_key", "last_logs", "n_spans", "n_logs", "nbytes", "status_mask", "start",
+                 "end", "matched", "rv")
 
     def __init__(self, trace_id: bytes, now: float):
         self.trace_id = trace_id
         self.first_seen = now
         self.root_deadline: float | None = None
-        #: [(ResourceSpans, ScopeSpans, [Span, ...]), ...] referencing the received requests
+        #: [((resource head, scope head, tracestate), [span bytes, ...]), ...]
         self.span_groups: list[tuple] = []
-        #: [(ResourceLogs, ScopeLogs, [LogRecord, ...]), ...]
+        #: [((resource head, scope head), [log record bytes, ...]), ...]
         self.log_groups: list[tuple] = []
-        self.last_ss = None
+        self.last_span_key = None
         self.last_spans: list | None = None
-        self.last_sl = None
+        self.last_log_key = None
         self.last_logs: list | None = None
         self.n_spans = 0
         self.n_logs = 0
-        self.nbytes = 0.0
-        self._stats: tuple[frozenset, int, int] | None = None
-        self._randomness: int | None = None
-
-    # --- what policies ask, computed once per trace at decision time ----------------------------
-
-    def _compute_stats(self) -> tuple[frozenset, int, int]:
-        codes = set()
-        start = 0
-        end = 0
-        for _, _, spans in self.span_groups:
-            for span in spans:
-                codes.add(span.status.code)
-                s = span.start_time_unix_nano
-                e = span.end_time_unix_nano
-                if s and (not start or s < start):
-                    start = s
-                if e > end:
-                    end = e
-        self._stats = (frozenset(codes), start, end)
-        return self._stats
-
-    @property
-    def status_codes(self) -> frozenset:
-        """Status codes (0 unset, 1 ok, 2 error) present on any span."""
-        return (self._stats or self._compute_stats())[0]
+        self.nbytes = TRACE_OVERHEAD
+        #: bit (1 << code) for each span status code seen (0 unset, 1 ok, 2 error)
+        self.status_mask = 0
+        #: earliest non-zero span start and latest span end, in ns
+        self.start = 0
+        self.end = 0
+        #: bits of the attribute checks some span matched (see policies.attribute_checks)
+        self.matched = 0
+        #: ``rv`` from the first tracestate that has one
+        self.rv: int | None = None
 
     @property
     def duration_ns(self) -> int:
         """Earliest span start to latest span end, as the OpenTelemetry Collector measures it."""
-        _, start, end = self._stats or self._compute_stats()
-        return max(0, end - start) if start else 0
+        return max(0, self.end - self.start) if self.start else 0
 
     def randomness(self) -> int:
         """R for consistent sampling: ``rv`` from the first tracestate that has one, else the trace id."""
-        r = self._randomness
-        if r is None:
-            r = None
-            for _, _, spans in self.span_groups:
-                for span in spans:
-                    ts = span.trace_state
-                    if ts and "rv:" in ts:
-                        r = randomness(self.trace_id, ts)
-                        break
-                if r is not None:
-                    break
-            if r is None:
-                r = randomness(self.trace_id)
-            self._randomness = r
-        return r
+        rv = self.rv
+        return rv if rv is not None else randomness(self.trace_id)
+
+    def note_tracestate(self, tracestate: str) -> None:
+        """Remember R from the first tracestate carrying ``rv`` (called only when it contains ``rv:``)."""
+        if self.rv is None:
+            self.rv = randomness(self.trace_id, tracestate)
 
 
 class TraceBuffer:
@@ -99,7 +84,7 @@ class TraceBuffer:
         self.max_bytes = max_bytes
         self.traces: OrderedDict[bytes, Trace] = OrderedDict()
         self._roots: deque[tuple[float, Trace]] = deque()
-        self.nbytes = 0.0
+        self.nbytes = 0
 
     def __len__(self) -> int:
         return len(self.traces)
@@ -111,6 +96,7 @@ class TraceBuffer:
             evicted.append(self._pop_oldest())
         t = Trace(trace_id, now)
         traces[trace_id] = t
+        self.nbytes += TRACE_OVERHEAD
         return t
 
     def root_arrived(self, trace: Trace, now: float) -> None:
@@ -119,7 +105,7 @@ class TraceBuffer:
             trace.root_deadline = now + self.root_wait
             self._roots.append((trace.root_deadline, trace))
 
-    def add_bytes(self, n: float) -> None:
+    def add_bytes(self, n: int) -> None:
         self.nbytes += n
 
     def over_budget(self, evicted: list[Trace]) -> None:
@@ -153,8 +139,6 @@ class TraceBuffer:
                 break
             self._remove(t)
             out.append(t)
-        if not traces:
-            self.nbytes = 0.0  # no float drift across a long run
         return out
 
     def drain(self) -> list[Trace]:
@@ -162,5 +146,5 @@ class TraceBuffer:
         out = list(self.traces.values())
         self.traces.clear()
         self._roots.clear()
-        self.nbytes = 0.0
+        self.nbytes = 0
         return out

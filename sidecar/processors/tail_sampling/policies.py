@@ -4,14 +4,18 @@ A keep carries the rejection threshold T of consistent sampling so kept spans ca
 record it in tracestate: ``ALWAYS`` (0) for deterministic keeps (errors, latency,
 attributes), T for probabilistic and adaptive keeps, ``UNKNOWN`` for rate limits.
 
-Attribute policies look at span attributes, then the resource's (as the
-OpenTelemetry Collector does), scanning the protobuf ``KeyValue`` lists directly.
-An ``invert_match`` policy keeps traces in which no span matches.
+Policies read what the processor folded into the trace as its spans arrived
+(:class:`~sidecar.processors.tail_sampling.buffer.Trace`): status bits, start and
+end, randomness, and one bit per attribute check. ``needs`` says which of those a
+policy reads, so the processor extracts only what its configured policies use.
+Attribute policies match a span attribute, else the resource's (as the
+OpenTelemetry Collector does); an ``invert_match`` policy keeps traces in which no
+span matches.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 from sidecar.processors.tail_sampling.buffer import Trace
 from sidecar.processors.tail_sampling.config import PolicyConfig
@@ -19,13 +23,21 @@ from sidecar.processors.tail_sampling.decisions import ALWAYS, UNKNOWN, threshol
 
 _STATUS = {"UNSET": 0, "OK": 1, "ERROR": 2}
 
+#: What a policy can need extracted from each span.
+STATUS, TIMES, RANDOMNESS = "status", "times", "randomness"
+
 
 class Policy:
     name: str
+    needs: frozenset[str] = frozenset()
 
     def evaluate(self, trace: Trace, now: float) -> Optional[int]:
         """The threshold to record if this policy keeps ``trace``, else None."""
         raise NotImplementedError
+
+    def leaves(self) -> Iterator["Policy"]:
+        """This policy and every sub-policy under it."""
+        yield self
 
 
 def find_value(kvs, key: str):
@@ -36,22 +48,28 @@ def find_value(kvs, key: str):
     return None
 
 
-_MISSING = object()
+class AttributeCheck(NamedTuple):
+    """One attribute policy's test, run on every span as it arrives; a match sets ``bit`` on the trace."""
+
+    key_bytes: bytes  # absent from a span's encoding => the span lacks the attribute (C-speed prefilter)
+    key: str
+    bit: int
+    matches: Callable[[object], bool]
 
 
-def any_span_value(trace: Trace, key: str, pred: Callable[[object], bool]) -> bool:
-    """Whether some span's value of ``key`` (span attribute, else resource attribute) satisfies ``pred``."""
-    for rs, _, spans in trace.span_groups:
-        res_value = _MISSING
-        for span in spans:
-            v = find_value(span.attributes, key)
-            if v is None:
-                if res_value is _MISSING:
-                    res_value = find_value(rs.resource.attributes, key)
-                v = res_value
-            if v is not None and pred(v):
-                return True
-    return False
+def attribute_checks(policies: list[Policy]) -> list[AttributeCheck]:
+    """Assign each attribute policy (at any depth) its bit; the checks the processor runs per span."""
+    checks = []
+    for top in policies:
+        for p in top.leaves():
+            if isinstance(p, _Attribute):
+                p.bit = 1 << len(checks)
+                checks.append(AttributeCheck(p.key.encode(), p.key, p.bit, p._matches))
+    return checks
+
+
+def needs_of(policies: list[Policy]) -> frozenset[str]:
+    return frozenset().union(*(p.needs for top in policies for p in top.leaves()))
 
 
 class AlwaysSample(Policy):
@@ -63,15 +81,19 @@ class AlwaysSample(Policy):
 
 
 class StatusCode(Policy):
+    needs = frozenset({STATUS})
+
     def __init__(self, name: str, codes: list[str]):
         self.name = name
-        self.codes = frozenset(_STATUS[c] for c in codes)
+        self.mask = sum(1 << _STATUS[c] for c in set(codes))
 
     def evaluate(self, trace: Trace, now: float) -> Optional[int]:
-        return ALWAYS if not self.codes.isdisjoint(trace.status_codes) else None
+        return ALWAYS if trace.status_mask & self.mask else None
 
 
 class Latency(Policy):
+    needs = frozenset({TIMES})
+
     def __init__(self, name: str, threshold_ms: int, upper_threshold_ms: int):
         self.name = name
         self.lower = threshold_ms * 1_000_000
@@ -87,6 +109,8 @@ class Latency(Policy):
 class Probabilistic(Policy):
     """Keep iff R >= T: the same answer on every sidecar for the same trace."""
 
+    needs = frozenset({RANDOMNESS})
+
     def __init__(self, name: str, percentage: float):
         self.name = name
         self.threshold = threshold_for(percentage)
@@ -99,12 +123,13 @@ class Probabilistic(Policy):
 class _Attribute(Policy):
     key: str
     invert: bool
+    bit: int = 0  # set by attribute_checks()
 
     def _matches(self, value) -> bool:
         raise NotImplementedError
 
     def evaluate(self, trace: Trace, now: float) -> Optional[int]:
-        found = any_span_value(trace, self.key, self._matches)
+        found = bool(trace.matched & self.bit)
         return ALWAYS if found != self.invert else None
 
 
@@ -195,6 +220,11 @@ class And(Policy):
     def __init__(self, name: str, subs: list[Policy]):
         self.name, self.subs = name, subs
 
+    def leaves(self) -> Iterator[Policy]:
+        yield self
+        for sub in self.subs:
+            yield from sub.leaves()
+
     def evaluate(self, trace: Trace, now: float) -> Optional[int]:
         worst = ALWAYS
         for sub in self.subs:
@@ -222,6 +252,11 @@ class Composite(Policy):
         self.order = [(p, _PerSecond(max_total * allocation[p.name] / 100.0 if p.name in allocation else max_total))
                       for p in order]
 
+    def leaves(self) -> Iterator[Policy]:
+        yield self
+        for sub, _ in self.order:
+            yield from sub.leaves()
+
     def evaluate(self, trace: Trace, now: float) -> Optional[int]:
         n = max(trace.n_spans, 1)
         for sub, budget in self.order:
@@ -244,6 +279,7 @@ class Adaptive(Policy):
     """
 
     SMOOTHING = 0.5  # weight of the newest interval's rate
+    needs = frozenset({RANDOMNESS})
 
     def __init__(self, name: str, target: float, min_pct: float, max_pct: float, interval: float):
         self.name = name

@@ -2,12 +2,15 @@
 
 One instance serves a traces pipeline and a logs pipeline (its next stage is a
 router by signal), so a trace's log records wait with its spans and share their
-fate. Per span the hot path reads the trace id, appends a reference to the
-received span (no copy) and notes a local root; everything else is computed once
-per trace when it is decided. Kept data is copied exactly once, into new
-Export*ServiceRequest messages grouped under the original resource and scope; on
-those copies every span gets ``sampling.policy`` = the name of the policy that
-kept its trace, and ``ot=th:...`` in its tracestate.
+fate. Per span the hot path reads the trace id, encodes the span once (C) into the
+buffer and folds what the configured policies need into its trace (status, start
+and end, tracestate randomness, attribute checks that first look for the key in
+the encoding); the received request is then free to go. Only kept traces (a tenth,
+typically) are parsed again: their bytes are spliced into a new
+Export*ServiceRequest under their original resource and scope and parsed once.
+On the way every kept span gets ``sampling.policy`` = the name of the policy that
+kept its trace and ``ot=th:...`` in its tracestate, appended as encoded fields
+(protobuf merges a repeated field and lets the last scalar win).
 
 Decisions happen in :meth:`tick`, called by a ticker thread in production and
 directly by tests with an injected clock.
@@ -19,126 +22,154 @@ import logging
 import random
 import threading
 import time
-import weakref
 from collections import deque
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.logs.v1.logs_pb2 import ResourceLogs, ScopeLogs
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
+from prometheus_client import Counter, Gauge
 
 from sidecar.component import Component, Consumer, Refused
 from sidecar.processors.tail_sampling import policies as _policies
-from sidecar.processors.tail_sampling.buffer import Trace, TraceBuffer
+from sidecar.processors.tail_sampling.buffer import ITEM_OVERHEAD, Trace, TraceBuffer
 from sidecar.processors.tail_sampling.config import TailSamplingConfig
 from sidecar.processors.tail_sampling.decisions import LRU, with_threshold
 from sidecar.registry import CreateSettings
-from sidecar.signals import Request, Signal, count_items, new_request
+from sidecar.signals import Request, Signal, count_items
 
 log = logging.getLogger(__name__)
 
 #: The span attribute naming the policy that kept the span's trace.
 POLICY_ATTRIBUTE = "sampling.policy"
+_POLICY_BYTES = POLICY_ATTRIBUTE.encode()
 
 SAMPLED, NOT_SAMPLED, DROPPED, TOO_EARLY = "sampled", "not_sampled", "dropped", "dropped_too_early"
 
 
-class _Families:
-    """Metric families shared by every tail_sampling instance on one registry."""
+# --- building requests from encoded parts -------------------------------------------------------------
+# Export*ServiceRequest, Resource{Spans,Logs} and Scope{Spans,Logs} share one layout: field 1 is the
+# resource/scope (or, in the request, the resource entries), field 2 the repeated children. A "head" is an
+# encoded Resource{Spans,Logs} or Scope{Spans,Logs} without its children; appending length-delimited
+# field-2 entries to it gives the whole message.
 
-    def __init__(self, registry: CollectorRegistry):
-        self.traces = Counter("sidecar_tail_sampling_traces", "Traces decided, by decision and the deciding policy.",
-                              ("component", "decision", "policy"), registry=registry)
-        self.late = Counter("sidecar_tail_sampling_late_items",
-                            "Spans and log records that arrived after their trace was decided and followed the cached "
-                            "decision.", ("component", "signal", "decision"), registry=registry)
-        self.buffered_traces = Gauge("sidecar_tail_sampling_buffered_traces", "Traces waiting for a decision.",
-                                     ("component",), registry=registry)
-        self.buffered_bytes = Gauge("sidecar_tail_sampling_buffered_bytes",
-                                    "Serialized size of the data waiting for a decision.", ("component",),
-                                    registry=registry)
+_VARINTS = [bytes([n]) if n < 0x80 else bytes([(n & 0x7F) | 0x80, n >> 7]) for n in range(1 << 14)]
 
 
-_families: "weakref.WeakKeyDictionary[CollectorRegistry, _Families]" = weakref.WeakKeyDictionary()
-_families_lock = threading.Lock()
+def _varint(n: int) -> bytes:
+    if n < 16384:
+        return _VARINTS[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
-def _families_for(registry: CollectorRegistry) -> _Families:
-    with _families_lock:
-        f = _families.get(registry)
-        if f is None:
-            f = _families[registry] = _Families(registry)
-        return f
+def _field(tag: bytes, payload: bytes) -> bytes:
+    n = len(payload)
+    return tag + (_VARINTS[n] if n < 16384 else _varint(n)) + payload
+
+
+_TAG1, _TAG2 = b"\x0a", b"\x12"
+
+
+def _span_heads(rs) -> tuple[bytes, Callable]:
+    return ResourceSpans(resource=rs.resource, schema_url=rs.schema_url).SerializeToString(), _scope_span_head
+
+
+def _scope_span_head(ss) -> bytes:
+    return ScopeSpans(scope=ss.scope, schema_url=ss.schema_url).SerializeToString()
+
+
+def _log_heads(rl) -> tuple[bytes, Callable]:
+    return ResourceLogs(resource=rl.resource, schema_url=rl.schema_url).SerializeToString(), _scope_log_head
+
+
+def _scope_log_head(sl) -> bytes:
+    return ScopeLogs(scope=sl.scope, schema_url=sl.schema_url).SerializeToString()
 
 
 class _Output:
-    """Builds one request, copying each source resource and scope once."""
+    """Collects encoded items under their resource and scope heads; :meth:`request` parses them once."""
 
-    __slots__ = ("signal", "request", "n", "_resources", "_scopes", "_tracestates")
+    __slots__ = ("signal", "n", "_resources")
 
     def __init__(self, signal: Signal):
         self.signal = signal
-        self.request = new_request(signal)
         self.n = 0
-        self._resources: dict[int, tuple] = {}
-        self._scopes: dict[int, tuple] = {}
-        self._tracestates: dict[tuple[str, int], str] = {}
+        self._resources: dict[bytes, dict[bytes, list[bytes]]] = {}
 
-    def _items(self, rx, sx):
-        hit = self._scopes.get(id(sx))
-        if hit is not None:
-            return hit[1]
-        rhit = self._resources.get(id(rx))
-        if rhit is None:
-            ro = (self.request.resource_spans if self.signal is Signal.TRACES else self.request.resource_logs).add()
-            ro.resource.CopyFrom(rx.resource)
-            ro.schema_url = rx.schema_url
-            rhit = self._resources[id(rx)] = (rx, ro)  # holding rx keeps id() unique
-        ro = rhit[1]
-        if self.signal is Signal.TRACES:
-            so = ro.scope_spans.add()
-            items = so.spans
-        else:
-            so = ro.scope_logs.add()
-            items = so.log_records
-        so.scope.CopyFrom(sx.scope)
-        so.schema_url = sx.schema_url
-        self._scopes[id(sx)] = (sx, items)
-        return items
-
-    def add(self, rx, sx, items: list) -> None:
-        self._items(rx, sx).extend(items)
+    def add(self, resource_head: bytes, scope_head: bytes, items: list[bytes]) -> None:
+        """Add encoded items (spans or log records) as they are."""
+        scopes = self._resources.get(resource_head)
+        if scopes is None:
+            scopes = self._resources[resource_head] = {}
+        entries = scopes.get(scope_head)
+        if entries is None:
+            entries = scopes[scope_head] = []
+        entries.extend([_field(_TAG2, b) for b in items])
         self.n += len(items)
 
-    def add_kept_spans(self, rx, sx, spans: list, policy: str, threshold: int) -> None:
-        """Copy ``spans`` in and mark the copies with the deciding policy and the sampling threshold."""
-        out = self._items(rx, sx)
-        start = len(out)
-        out.extend(spans)
-        memo = self._tracestates
-        for i in range(start, len(out)):
-            span = out[i]
-            key = (span.trace_state, threshold)
-            ts = memo.get(key)
-            if ts is None:
-                ts = memo[key] = with_threshold(key[0], threshold)
-            span.trace_state = ts
-            _set_string_attribute(span.attributes, POLICY_ATTRIBUTE, policy)
-        self.n += len(spans)
+    def request(self) -> Request:
+        parts = []
+        for resource_head, scopes in self._resources.items():
+            body = resource_head + b"".join(
+                [_field(_TAG2, scope_head + b"".join(entries)) for scope_head, entries in scopes.items()])
+            parts.append(_field(_TAG1, body))
+        return self.signal.request_type.FromString(b"".join(parts))
 
 
-def _set_string_attribute(kvs, key: str, value: str) -> None:
-    for kv in kvs:
-        if kv.key == key:
-            kv.value.string_value = value
-            return
-    kv = kvs.add()
-    kv.key = key
-    kv.value.string_value = value
+class _KeptSpans:
+    """Encodes kept spans with their trace's policy name and sampling threshold appended (memoised per output)."""
+
+    __slots__ = ("_suffixes",)
+
+    def __init__(self):
+        self._suffixes: dict[tuple[str, int, str], bytes | None] = {}
+
+    def encode(self, blobs: list[bytes], tracestate: str, threshold: int, policy: str) -> list[bytes]:
+        key = (tracestate, threshold, policy)
+        suffix = self._suffixes.get(key, b"")
+        if suffix == b"":
+            suffix = self._suffixes[key] = _suffix(tracestate, threshold, policy)
+        if suffix is None:
+            return [_marked_slowly(b, tracestate, threshold, policy) for b in blobs]
+        return [b + suffix if _POLICY_BYTES not in b else _marked_slowly(b, tracestate, threshold, policy)
+                for b in blobs]
+
+
+def _suffix(tracestate: str, threshold: int, policy: str) -> bytes | None:
+    """Encoded fields that, appended to a span, set its new tracestate and add the policy attribute.
+
+    None when the new tracestate is empty but the old one is not: an empty string is not encoded,
+    so appending cannot clear a field.
+    """
+    new_ts = with_threshold(tracestate, threshold)
+    if not new_ts and tracestate:
+        return None
+    attr = KeyValue(key=POLICY_ATTRIBUTE, value=AnyValue(string_value=policy))
+    return Span(trace_state=new_ts, attributes=[attr]).SerializeToString()
+
+
+def _marked_slowly(blob: bytes, tracestate: str, threshold: int, policy: str) -> bytes:
+    """The general case: parse, replace the attribute if the span already has one, re-encode."""
+    span = Span.FromString(blob)
+    span.trace_state = with_threshold(tracestate, threshold)
+    for kv in span.attributes:
+        if kv.key == POLICY_ATTRIBUTE:
+            kv.value.string_value = policy
+            break
+    else:
+        span.attributes.add(key=POLICY_ATTRIBUTE).value.string_value = policy
+    return span.SerializeToString()
 
 
 class TailSamplingProcessor(Component):
     """Holds traces (spans and logs) until decided; forwards kept ones, drops the rest and counts them."""
 
-    mutates_data = False  # holds references; only the copies it emits are annotated
+    mutates_data = False  # reads the received requests; only the copies it emits are annotated
 
     #: Items of decided output waiting for the next stage beyond which new data is refused (back-pressure).
     READY_SOFT_LIMIT = 50_000
@@ -163,6 +194,13 @@ class TailSamplingProcessor(Component):
         self._drop_policies = [p for p in built if isinstance(p, _policies.Drop)]
         self._keep_policies = [p for p in built if not isinstance(p, _policies.Drop)]
         self.policies = {p.name: p for p in built}
+        # decided once: what each arriving span must yield for these policies
+        needs = _policies.needs_of(built)
+        self._need_status = _policies.STATUS in needs
+        self._need_times = _policies.TIMES in needs
+        self._need_rv = _policies.RANDOMNESS in needs
+        self._checks = _policies.attribute_checks(built)
+        self._all_checks = (1 << len(self._checks)) - 1
         sev = cfg.logs.always_keep_severity_at_least
         self._always_keep_severity = sev if sev > 0 else 1 << 30
         self._traceless_fraction = cfg.logs.without_trace_sampling_percentage / 100.0
@@ -171,14 +209,22 @@ class TailSamplingProcessor(Component):
         self._in_flight: tuple | None = None
 
         cid = str(settings.id)
-        fam = _families_for(settings.telemetry.registry)
-        self._traces_family = fam.traces
+        family = settings.telemetry.root.family
+        self._traces_family = family(Counter, "sidecar_tail_sampling_traces",
+                                     "Traces decided, by decision and the deciding policy.",
+                                     ("component", "decision", "policy"))
         self._trace_counters: dict[tuple[str, str], object] = {}
         self._component = cid
-        self._late = {(s, d): fam.late.labels(cid, s.value, d) for s in (Signal.TRACES, Signal.LOGS)
+        late = family(Counter, "sidecar_tail_sampling_late_items",
+                      "Spans and log records that arrived after their trace was decided and followed the cached "
+                      "decision.", ("component", "signal", "decision"))
+        self._late = {(s, d): late.labels(cid, s.value, d) for s in (Signal.TRACES, Signal.LOGS)
                       for d in (SAMPLED, NOT_SAMPLED)}
-        fam.buffered_traces.labels(cid).set_function(lambda: len(self._buffer))
-        fam.buffered_bytes.labels(cid).set_function(lambda: self._buffer.nbytes)
+        family(Gauge, "sidecar_tail_sampling_buffered_traces", "Traces waiting for a decision.",
+               ("component",)).labels(cid).set_function(lambda: len(self._buffer))
+        family(Gauge, "sidecar_tail_sampling_buffered_bytes",
+               "Memory held by the data waiting for a decision (its encoded size plus per-item overhead).",
+               ("component",)).labels(cid).set_function(lambda: self._buffer.nbytes)
 
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -248,46 +294,83 @@ class TailSamplingProcessor(Component):
         n = self._admit(Signal.TRACES, request)
         if not n:
             return
-        per_item = request.ByteSize() / n
         now = self._clock()
-        late_kept: list[tuple] = []
-        passthrough: list[tuple] = []
+        late_kept: list[tuple] = []  # (resource head, scope head, span, (policy, threshold))
+        passthrough: list[tuple] = []  # (resource head, scope head, span)
         late_dropped = 0
-        buffered = 0
         evicted: list[Trace] = []
         buf = self._buffer
         sampled, not_sampled = self._sampled, self._not_sampled
+        need_status, need_times, need_rv = self._need_status, self._need_times, self._need_rv
+        checks, all_checks = self._checks, self._all_checks
+        added = 0
         with self._lock:
             traces = buf.traces
             for rs in request.resource_spans:
+                rhead, scope_head = _span_heads(rs)
+                res_matched = self._resource_matches(rs.resource.attributes) if checks else 0
                 for ss in rs.scope_spans:
+                    shead = scope_head(ss)
+                    plain_key = (rhead, shead, "")
+                    keys: dict[str, tuple] = {}
                     for span in ss.spans:
                         tid = span.trace_id
                         t = traces.get(tid)
                         if t is None:
                             decision = sampled.get(tid)
                             if decision is not None:
-                                late_kept.append((rs, ss, span, decision))
+                                late_kept.append((rhead, shead, span, decision))
                                 continue
                             if tid in not_sampled:
                                 late_dropped += 1
                                 continue
                             if not tid:
-                                passthrough.append((rs, ss, span))
+                                passthrough.append((rhead, shead, span))
                                 continue
                             t = buf.create(tid, now, evicted)
-                        if t.last_ss is ss:
-                            t.last_spans.append(span)
+                        ts = span.trace_state
+                        if ts:
+                            key = keys.get(ts)
+                            if key is None:
+                                key = keys[ts] = (rhead, shead, ts)
+                            if need_rv and t.rv is None and "rv:" in ts:
+                                t.note_tracestate(ts)
                         else:
-                            t.last_ss = ss
-                            t.last_spans = [span]
-                            t.span_groups.append((rs, ss, t.last_spans))
+                            key = plain_key
+                        blob = span.SerializeToString()
+                        if t.last_span_key is key:
+                            t.last_spans.append(blob)
+                        else:
+                            t.last_span_key = key
+                            t.last_spans = [blob]
+                            t.span_groups.append((key, t.last_spans))
+                        size = len(blob) + ITEM_OVERHEAD
+                        t.nbytes += size
+                        added += size
                         t.n_spans += 1
-                        t.nbytes += per_item
-                        buffered += 1
+                        if need_status:
+                            t.status_mask |= 1 << span.status.code
+                        if need_times:
+                            start = span.start_time_unix_nano
+                            if start and (not t.start or start < t.start):
+                                t.start = start
+                            end = span.end_time_unix_nano
+                            if end > t.end:
+                                t.end = end
+                        if checks and t.matched != all_checks:
+                            matched = 0
+                            for key_bytes, key_str, bit, matches in checks:
+                                if key_bytes in blob:  # else the span lacks the key: the resource's value decides
+                                    value = _policies.find_value(span.attributes, key_str)
+                                    if value is not None:
+                                        if matches(value):
+                                            matched |= bit
+                                        continue
+                                matched |= res_matched & bit
+                            t.matched |= matched
                         if not span.parent_span_id or span.flags & 0x300 == 0x300:
                             buf.root_arrived(t, now)
-            buf.add_bytes(buffered * per_item)
+            buf.add_bytes(added)
             buf.over_budget(evicted)
         self._tel.accepted(Signal.TRACES, n)
         if late_dropped:
@@ -297,23 +380,32 @@ class TailSamplingProcessor(Component):
             self._count_evicted(evicted)
         if late_kept or passthrough:
             out = _Output(Signal.TRACES)
-            for rs, ss, span, (policy, threshold) in late_kept:
-                out.add_kept_spans(rs, ss, [span], policy, threshold)
-            for rs, ss, span in passthrough:
-                out.add(rs, ss, [span])
+            kept = _KeptSpans()
+            for rhead, shead, span, (policy, threshold) in late_kept:
+                out.add(rhead, shead, kept.encode([span.SerializeToString()], span.trace_state, threshold, policy))
+            for rhead, shead, span in passthrough:
+                out.add(rhead, shead, [span.SerializeToString()])
             if late_kept:
                 self._late[(Signal.TRACES, SAMPLED)].inc(len(late_kept))
             self._enqueue(out)
             self._flush()
 
+    def _resource_matches(self, attributes) -> int:
+        """Bits of the attribute checks the resource's own value passes (spans without the key inherit it)."""
+        bits = 0
+        for _, key, bit, matches in self._checks:
+            value = _policies.find_value(attributes, key)
+            if value is not None and matches(value):
+                bits |= bit
+        return bits
+
     def _consume_logs(self, request: Request) -> None:
         n = self._admit(Signal.LOGS, request)
         if not n:
             return
-        per_item = request.ByteSize() / n
         now = self._clock()
-        immediate: list[tuple] = []
-        late_kept = late_dropped = traceless_dropped = buffered = 0
+        immediate: list[tuple] = []  # (resource head, scope head, record)
+        late_kept = late_dropped = traceless_dropped = added = 0
         evicted: list[Trace] = []
         buf = self._buffer
         sampled, not_sampled = self._sampled, self._not_sampled
@@ -323,38 +415,42 @@ class TailSamplingProcessor(Component):
         with self._lock:
             traces = buf.traces
             for rl in request.resource_logs:
+                rhead, scope_head = _log_heads(rl)
                 for sl in rl.scope_logs:
+                    key = (rhead, scope_head(sl))
                     for rec in sl.log_records:
                         tid = rec.trace_id
                         if not tid:
                             if fraction < 1.0 and rng() >= fraction:
                                 traceless_dropped += 1
                             else:
-                                immediate.append((rl, sl, rec))
+                                immediate.append((key, rec))
                             continue
                         if rec.severity_number >= keep_severity:
-                            immediate.append((rl, sl, rec))
+                            immediate.append((key, rec))
                             continue
                         t = traces.get(tid)
                         if t is None:
                             if sampled.get(tid) is not None:
                                 late_kept += 1
-                                immediate.append((rl, sl, rec))
+                                immediate.append((key, rec))
                                 continue
                             if tid in not_sampled:
                                 late_dropped += 1
                                 continue
                             t = buf.create(tid, now, evicted)
-                        if t.last_sl is sl:
-                            t.last_logs.append(rec)
+                        blob = rec.SerializeToString()
+                        if t.last_log_key is key:
+                            t.last_logs.append(blob)
                         else:
-                            t.last_sl = sl
-                            t.last_logs = [rec]
-                            t.log_groups.append((rl, sl, t.last_logs))
+                            t.last_log_key = key
+                            t.last_logs = [blob]
+                            t.log_groups.append((key, t.last_logs))
+                        size = len(blob) + ITEM_OVERHEAD
+                        t.nbytes += size
+                        added += size
                         t.n_logs += 1
-                        t.nbytes += per_item
-                        buffered += 1
-            buf.add_bytes(buffered * per_item)
+            buf.add_bytes(added)
             buf.over_budget(evicted)
             direct = len(immediate) == n and not self._ready
         if late_kept:
@@ -378,8 +474,8 @@ class TailSamplingProcessor(Component):
             self._count_evicted(evicted)
         if immediate:
             out = _Output(Signal.LOGS)
-            for rl, sl, rec in immediate:
-                out.add(rl, sl, [rec])
+            for (rhead, shead), rec in immediate:
+                out.add(rhead, shead, [rec.SerializeToString()])
             self._enqueue(out)
             self._flush()
 
@@ -423,13 +519,14 @@ class TailSamplingProcessor(Component):
         spans_out = _Output(Signal.TRACES)
         logs_out = _Output(Signal.LOGS)
         dropped = {Signal.TRACES: {}, Signal.LOGS: {}}
+        kept = _KeptSpans()
         for t, decision, policy, threshold in decided:
             self._count_trace(decision, policy)
             if decision is SAMPLED:
-                for rs, ss, spans in t.span_groups:
-                    spans_out.add_kept_spans(rs, ss, spans, policy, threshold)
-                for rl, sl, recs in t.log_groups:
-                    logs_out.add(rl, sl, recs)
+                for (rhead, shead, tracestate), blobs in t.span_groups:
+                    spans_out.add(rhead, shead, kept.encode(blobs, tracestate, threshold, policy))
+                for (rhead, shead), blobs in t.log_groups:
+                    logs_out.add(rhead, shead, blobs)
             else:
                 reason = "sampled_out" if decision is NOT_SAMPLED else "policy_drop"
                 d = dropped[Signal.TRACES]
@@ -465,8 +562,9 @@ class TailSamplingProcessor(Component):
     # --- delivering -------------------------------------------------------------------------------
 
     def _enqueue(self, out: _Output) -> None:
+        request = out.request()
         with self._lock:
-            self._ready.append((out.signal, out.request, out.n))
+            self._ready.append((out.signal, request, out.n))
             self._ready_items += out.n
             while self._ready_items > self.READY_HARD_LIMIT and len(self._ready) > 1:
                 item = self._ready.popleft()
