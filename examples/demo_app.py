@@ -8,6 +8,7 @@ Instrumented the way the README tells users to: ``configure()``, ``instrument_mo
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -84,4 +85,4 @@ def generate(body: Generate) -> dict:
     return {"tokens": tokens}
 
 
-uvicorn.run(otel.ASGIMiddleware(app), host="127.0.0.1", port=PORT, log_level="warning", access_log=False)
+uvicorn.run(otel.ASGIMiddleware(app), host=os.environ.get("DEMO_HOST", "127.0.0.1"), port=PORT, log_level="warning", access_log=False)

@@ -61,14 +61,15 @@ def _traced(stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(self: TracingHandlerMixin, *args: Any, **kwargs: Any) -> Any:
-        if self._otel_stage == stage:
+        outer = self._otel_stage
+        if outer == stage:
             return fn(self, *args, **kwargs)
         self._otel_stage = stage
         try:
             with self._otel_tracer().start_as_current_span(span_name, attributes=self._otel_model_attrs):
                 return fn(self, *args, **kwargs)
         finally:
-            self._otel_stage = None
+            self._otel_stage = outer
 
     wrapper._otel_traced = True  # type: ignore[attr-defined]
     return wrapper

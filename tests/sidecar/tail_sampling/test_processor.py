@@ -71,7 +71,8 @@ def test_spans_of_one_trace_from_several_requests_are_emitted_together():
         proc.consume(Signal.TRACES, traces_request(span(a), span(b)))
     proc.tick(clock.advance(10))
     (out,) = sink.of(Signal.TRACES)
-    assert len(out.resource_spans) == 3  # one resource copy per source group, not per span
+    # one resource entry per distinct resource and scope, not one per request or per span
+    assert len(out.resource_spans) == 1 and len(out.resource_spans[0].scope_spans) == 1
     assert sorted(s.trace_id for s in kept_spans(sink)) == sorted([a] * 3 + [b] * 3)
 
 
