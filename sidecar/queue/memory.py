@@ -32,17 +32,15 @@ class MemoryQueue:
             self._cond.notify()
 
     def get(self) -> QueueItem | None:
-        with self._cond:
-            while not self._items and not self._closed and not self._aborted:
-                self._cond.wait()
-            if self._aborted or not self._items:
-                return None
-            item = self._items.popleft()
-            self._count -= item.items
-            return item
+        return self._take(block=True)
 
     def try_get(self) -> QueueItem | None:
+        return self._take(block=False)
+
+    def _take(self, block: bool) -> QueueItem | None:
         with self._cond:
+            while block and not self._items and not self._closed and not self._aborted:
+                self._cond.wait()
             if self._aborted or not self._items:
                 return None
             item = self._items.popleft()

@@ -141,21 +141,16 @@ class PersistentQueue:
     # --- consumers ------------------------------------------------------------------------------
 
     def get(self) -> QueueItem | None:
-        while True:
-            with self._cond:
-                while not self._entries and not self._closed and not self._aborted:
-                    self._cond.wait()
-                if self._aborted or not self._entries:
-                    return None
-                name, signal, items = self._entries.popleft()
-                self._count -= items
-            request = self._read(name, signal, items)
-            if request is not None:
-                return QueueItem(signal, request, items, key=name)
+        return self._take(block=True)
 
     def try_get(self) -> QueueItem | None:
+        return self._take(block=False)
+
+    def _take(self, block: bool) -> QueueItem | None:
         while True:
             with self._cond:
+                while block and not self._entries and not self._closed and not self._aborted:
+                    self._cond.wait()
                 if self._aborted or not self._entries:
                     return None
                 name, signal, items = self._entries.popleft()
