@@ -143,8 +143,8 @@ DETECTORS: tuple[Detector, ...] = (
         r")(?:$|[^\w.\-]|[.\-](?:$|[^\w]))",
         "[PHONE]",
         phone_ok,
-        # E.164: phone_ok wants 8+ digits, and the pattern puts at most ``) -(`` between two of them
-        wire_hint=r"[0-9]{3}[ .-][0-9]{4}|\+[1-9](?:[ ()-]*[0-9]){7}",
+        # the first branch as it is; E.164: phone_ok wants 8+ digits, with at most ``) -(`` between two
+        wire_hint=r"(?:\([0-9]{3}\) ?|[0-9]{3}[ .-])[0-9]{3}[ .-][0-9]{4}|\+[1-9](?:[ ()-]*[0-9]){7}",
     ),
     Detector(
         "ipv6",
@@ -164,22 +164,25 @@ DETECTORS: tuple[Detector, ...] = (
 
 DETECTOR_NAMES: tuple[str, ...] = tuple(d.name for d in DETECTORS)
 
+#: What follows a key in a serialized KeyValue, where a key pattern says ``$``: the value's tag
+#: (0x12), or, when the value is unset, the next field's tag: any one-byte tag but ``S``/``s``
+#: (0x53/0x73 start groups, which OTLP never uses), or a two-byte one (fields 16-255; ``\C`` is
+#: one raw byte, which a class cannot match when it is not UTF-8), or the end of the bytes.
+#: Excluding ``s`` is what keeps ``gen_ai.usage.input_tokens`` from flagging every GenAI span.
+_KEY_END = r"(?:[^sS]|$|\C[\x01-\x0f])"
+
 #: Built-in key patterns (name, regex, wire hint), matched anywhere in the key, case-insensitively.
 #: ``token`` only matches keys that *end* in token, so ``gen_ai.usage.input_tokens`` and
-#: ``token_count`` stay readable while ``access_token`` and ``x-auth-token`` do not. In a
-#: serialized KeyValue the key is followed by the value's tag byte (0x12) or, when the value
-#: is unset, by the next field's tag, which may be any byte but ``S``/``s`` (0x53/0x73 start
-#: groups, which OTLP never uses): the wire hints accept those where the pattern says ``$``,
-#: so ``input_tokens`` keys do not flag every GenAI span.
+#: ``token_count`` stay readable while ``access_token`` and ``x-auth-token`` do not.
 BUILTIN_KEY_PATTERNS: tuple[tuple[str, str, str], ...] = (
     ("authorization", r"(?i)authorization", r"(?i:authorization)"),
     ("cookie", r"(?i)cookie", r"(?i:cookie)"),
     ("password", r"(?i)passw(?:or)?d|passphrase", r"(?i:passw(?:or)?d|passphrase)"),
     ("secret", r"(?i)secret", r"(?i:secret)"),
-    ("token", r"(?i)token$", r"(?i:token)(?:[^sS]|$)"),
+    ("token", r"(?i)token$", r"(?i:token)" + _KEY_END),
     ("api_key", r"(?i)api[-_ .]?key", r"(?i:api[-_ .]?key)"),
     ("private_key", r"(?i)private[-_ .]?key", r"(?i:private[-_ .]?key)"),
     ("credential", r"(?i)credential", r"(?i:credential)"),
     ("session", r"(?i)session[-_.]?(?:id|key|token|secret)?$",
-     r"(?i:session(?:[-_.]?(?:id|key|token|secret))?)(?:[^sS]|$)"),
+     r"(?i:session(?:[-_.]?(?:id|key|token|secret))?)" + _KEY_END),
 )

@@ -4,7 +4,9 @@ Everything is decided at construction: every regex is compiled once with RE2 (li
 time, so no rule and no input can stall the pipeline), all value rules are combined
 into one alternation so a string costs one scan, and key decisions are cached per key.
 Adapters (``redaction.otlp`` for protobuf, ``redaction.values`` for SDK objects) walk
-their data and call :meth:`RedactionEngine.scan_batch` once per batch of strings.
+their data and call :meth:`RedactionEngine.candidates` once per batch of strings; the
+protobuf adapter first asks :meth:`RedactionEngine.wire_candidates` which messages can
+need the walk at all.
 
 Strings are scanned as UTF-8 bytes with the raw RE2 object; the Python wrapper's
 per-match offset decoding would cost more than the scan.
@@ -204,7 +206,7 @@ class RedactionEngine:
 
     @staticmethod
     def _compile_wire_prefilter(config: RedactionConfig):
-        """One regex that matches somewhere in every serialized request some rule could change.
+        """One regex that matches somewhere in every serialized message some rule could change.
 
         None when that cannot be promised (allowlist mode, user patterns with anchors).
         """
@@ -223,25 +225,20 @@ class RedactionEngine:
         opts = re2.Options()
         opts.never_capture = True
         opts.log_errors = False
-        opts.max_mem = 64 << 20  # requests are large; a bigger DFA cache avoids falling back to the NFA
+        opts.max_mem = 64 << 20  # a request's items are scanned as one buffer: a big DFA cache avoids the NFA
         return re2.compile("|".join(f"(?:{h})" for h in hints), opts)._regexp  # noqa: SLF001
 
-    def wire_clean(self, data: bytes) -> bool:
-        """True when no rule can change the message serialized as ``data``: its walk can be skipped.
+    def wire_candidates(self, items: Sequence[T], serialize: Callable[[T], bytes]) -> Iterable[int]:
+        """Indices of ``items`` (protobuf messages) that some rule could change; the rest need no walk.
 
         Every string and key of a protobuf message appears verbatim in its serialization,
-        so one scan over the bytes with hints that hold inside every match (no anchors,
-        no word boundaries) is a safe test; a hit only means the message must be walked.
-        """
-        return not self.wire_candidates((data,), _as_is)
-
-    def wire_candidates(self, items: Sequence[T], serialize: Callable[[T], bytes]) -> Iterable[int]:
-        """Indices of ``items`` (protobuf messages, say) that some rule could change; the rest need no walk.
-
+        so a scan of the bytes with hints that hold inside every match (no anchors, no
+        word boundaries) is a safe test; a hit only means the item must be walked. The
+        serializations are joined with nothing between them and scanned once: each one
+        starts with a tag byte, which the key hints accept where a key ends.
         ``serialize`` is only called when the answer depends on the bytes: without rules
         nothing is flagged, and where hints cannot be promised (allowlist mode, anchored
-        user patterns) everything is. The serializations are joined and scanned once (see
-        :meth:`wire_clean` for why a hint hit is a necessary condition).
+        user patterns) everything is.
         """
         wire = self._wire
         if wire is _NEVER:
@@ -389,10 +386,6 @@ def _hits(rx, bufs: list[bytes], sep: bytes) -> Iterable[int]:
             break
         start = rx.Match(_UNANCHORED, joined, pos, n)[0][0]
     return hits
-
-
-def _as_is(b: bytes) -> bytes:
-    return b
 
 
 def _key_action(action: Action) -> Action:

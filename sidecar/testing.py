@@ -222,6 +222,7 @@ class SidecarProcess:
 
     def __init__(self, config_yaml: str, *, workdir: str | os.PathLike | None = None, env: dict | None = None):
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="sidecar-test-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.workdir / "config.yaml"
         self.config_path.write_text(config_yaml)
         self.log_path = self.workdir / "sidecar.log"

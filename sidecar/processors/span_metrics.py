@@ -136,6 +136,7 @@ MODEL_ID = "ml.model.id"
 GENAI_MODEL = "gen_ai.request.model"
 MODEL_VERSION = "ml.model.version"
 _ERROR = Status.STATUS_CODE_ERROR
+_GENAI_SLOT = 2
 
 # series layout (a list, mutated in place): count, sum_ns, per-bucket counts, slowest (ns, trace, span, end),
 # latest error (ns, trace, span, end)
@@ -157,22 +158,16 @@ def _any_str(value) -> str:
     return ""  # arrays, maps and bytes make poor labels
 
 
-class _Families:
-    """Self-metrics shared by every span_metrics instance on one registry, plus the scrape-time collector."""
-
-    def __init__(self, registry: CollectorRegistry):
-        self.overflow = Counter("sidecar_span_metrics_overflow_spans",
-                                "Spans counted under the overflow series because max_series was reached.",
-                                ("component",), registry=registry)
-        self.collector = _Collector()
-        registry.register(self.collector)
-
-
 class _Collector:
-    """Renders every span_metrics instance's aggregate when Prometheus scrapes."""
+    """Renders every span_metrics instance on one registry when Prometheus scrapes.
 
-    def __init__(self):
+    Created through ``SelfTelemetry.family`` (hence the metric-family signature), so each
+    registry gets one, shared by its instances.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...], registry: CollectorRegistry):
         self.processors: "weakref.WeakSet[SpanMetricsProcessor]" = weakref.WeakSet()
+        registry.register(self)
 
     def describe(self):
         return []  # names depend on config; instances on one registry are merged in collect()
@@ -182,18 +177,6 @@ class _Collector:
         for p in list(self.processors):
             p.render(families)
         return list(families.values())
-
-
-_families: "weakref.WeakKeyDictionary[CollectorRegistry, _Families]" = weakref.WeakKeyDictionary()
-_families_lock = threading.Lock()
-
-
-def _families_for(registry: CollectorRegistry) -> _Families:
-    with _families_lock:
-        f = _families.get(registry)
-        if f is None:
-            f = _families[registry] = _Families(registry)
-        return f
 
 
 class SpanMetricsProcessor(Component):
@@ -215,6 +198,10 @@ class SpanMetricsProcessor(Component):
         # attribute key -> slot; slots: service, model id, gen_ai model, model version, then dimensions
         keys = [SERVICE_NAME, MODEL_ID, GENAI_MODEL, MODEL_VERSION] + [d.name for d in cfg.dimensions]
         self._slots = {k: i for i, k in enumerate(keys)}
+        #: service.name comes from the resource only
+        self._span_slots = {k: i for k, i in self._slots.items() if i}
+        #: keys whose span value settles a label (gen_ai.request.model only stands in for ml.model.id)
+        self._want = len(keys) - 2
         self._n_slots = len(keys)
         self._dim_defaults = [d.default or "" for d in cfg.dimensions]
         self._dim_labels = [label_name(d.name) for d in cfg.dimensions]
@@ -226,9 +213,11 @@ class SpanMetricsProcessor(Component):
         self._overflow_key: tuple = ("__overflow__",)
         self._lock = threading.Lock()
         self._start_ns = int(self._wall() * 1e9)
-        fam = _families_for(settings.telemetry.registry)
-        self._overflow_counter = fam.overflow.labels(self._id)
-        fam.collector.processors.add(self)
+        family = settings.telemetry.root.family
+        self._overflow_counter = family(
+            Counter, "sidecar_span_metrics_overflow_spans",
+            "Spans counted under the overflow series because max_series was reached.", ("component",)).labels(self._id)
+        family(_Collector, "span_metrics_collector", "", ()).processors.add(self)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -288,9 +277,15 @@ class SpanMetricsProcessor(Component):
     # --- the hot path -------------------------------------------------------------------------------
 
     def _aggregate(self, request) -> dict[tuple, list]:
-        """Per-series deltas of one request (merged only once the next stage has accepted it)."""
+        """Per-series deltas of one request (merged only once the next stage has accepted it).
+
+        Resource attributes are read once per resource; a span's attributes only until every
+        configured key has been seen (instrumentations set the model identity first), and a
+        label only costs a list copy on spans that carry one of the keys.
+        """
         delta: dict[tuple, list] = {}
-        slots = self._slots
+        slot_of = self._span_slots.get
+        want = self._want
         n_slots = self._n_slots
         dim_defaults = self._dim_defaults
         bounds = self._bounds_ns
@@ -299,20 +294,33 @@ class SpanMetricsProcessor(Component):
         for rs in request.resource_spans:
             base = [""] * n_slots
             for kv in rs.resource.attributes:
-                i = slots.get(kv.key)
+                i = self._slots.get(kv.key)
                 if i is not None:
                     base[i] = _any_str(kv.value)
+            service = base[0]
+            base_tail = self._tail(base)
             for ss in rs.scope_spans:
                 for span in ss.spans:
-                    vals = base.copy()
+                    vals = None
+                    found = 0
                     for kv in span.attributes:
-                        i = slots.get(kv.key)
-                        if i is not None and i:  # service.name comes from the resource only
-                            vals[i] = _any_str(kv.value)
+                        i = slot_of(kv.key)
+                        if i is not None:
+                            if vals is None:
+                                vals = base.copy()
+                            value = kv.value
+                            vals[i] = value.string_value or _any_str(value)
+                            if i != _GENAI_SLOT:
+                                found += 1
+                                if found == want:
+                                    break
                     status = span.status.code
-                    key = (vals[0], span.name, span.kind, status, vals[1] or vals[2], vals[3])
-                    if dim_defaults:
-                        key += tuple([v or d for v, d in zip(vals[4:], dim_defaults)])
+                    if vals is None:
+                        key = (service, span.name, span.kind, status) + base_tail
+                    elif dim_defaults:
+                        key = (service, span.name, span.kind, status) + self._tail(vals)
+                    else:
+                        key = (service, span.name, span.kind, status, vals[1] or vals[2], vals[3])
                     start = span.start_time_unix_nano
                     end = span.end_time_unix_nano
                     d = end - start if end > start else 0
@@ -328,6 +336,10 @@ class SpanMetricsProcessor(Component):
                         elif s[3] is None or d > s[3][0]:
                             s[3] = (d, span.trace_id, span.span_id, end)
         return delta
+
+    def _tail(self, vals: list[str]) -> tuple:
+        """The model, version and dimension labels of a series key, from slot values."""
+        return (vals[1] or vals[2], vals[3]) + tuple([v or d for v, d in zip(vals[4:], self._dim_defaults)])
 
     def _merge(self, delta: dict[tuple, list]) -> None:
         with self._lock:

@@ -421,3 +421,64 @@ def test_bad_config_fails_fast_naming_the_path(tmp_path):
     with pytest.raises(RuntimeError) as e:
         sc.start()
     assert "receivers.otlp.protocols.grcp: unknown key" in str(e.value)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 2 MiB tmpfs: a real full disk (needs root; skipped elsewhere)."""
+    import subprocess
+
+    where = tmp_path / "tiny-disk"
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_full_disk_refuses_with_a_retryable_code_and_loses_nothing_accepted(ports, tiny_disk, tmp_path):
+    backend = OTLPBackend()  # down: the persistent queue fills the disk
+    cfg = forward_config(ports, backend.endpoint, processors="[]",
+                         extensions=f"  file_storage: {{directory: {tiny_disk}}}",
+                         service_extensions="[health_check, file_storage]",
+                         queue="sending_queue: {storage: file_storage, queue_size: 100000}")
+    with SidecarProcess(cfg, workdir=tmp_path / "run") as sc:
+        stub = trace_service_pb2_grpc.TraceServiceStub(grpc.insecure_channel(f"127.0.0.1:{ports.grpc}"))
+        acked, refusals = [], []
+        for seed in range(1, 400):
+            req = _request_with_ids(seed, n_spans=20)
+            for sp in req.resource_spans[0].scope_spans[0].spans:
+                sp.attributes.add(key="payload").value.string_value = "x" * 1000  # ~20 KB per request
+            try:
+                stub.Export(req, timeout=5)
+                acked.append(seed)
+            except grpc.RpcError as e:
+                refusals.append((e.code(), e.details()))
+                if len(refusals) >= 3:
+                    break
+        assert acked and refusals, (len(acked), refusals)
+        assert all(code == grpc.StatusCode.UNAVAILABLE for code, _ in refusals), refusals
+        assert "No space left" in refusals[0][1] or "disk" in refusals[0][1].lower(), refusals[0][1]
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{ports.metrics}/metrics").read().decode()
+        assert 'reason="disk_full"' in metrics
+        assert sc.proc.poll() is None
+
+        backend.start()
+        try:
+            want = {seed * 100 + i + 1 for seed in acked for i in range(20)}
+            assert backend.wait_for_items(Signal.TRACES, len(want), timeout=60)
+            assert {int.from_bytes(s.span_id, "big") for _, _, s in backend.spans()} >= want
+            # the queue drained, the disk has room again: new data is accepted
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    stub.Export(_request_with_ids(10_000), timeout=5)
+                    break
+                except grpc.RpcError:
+                    assert time.monotonic() < deadline, "still refusing after the queue drained"
+                    time.sleep(0.2)
+        finally:
+            backend.stop()

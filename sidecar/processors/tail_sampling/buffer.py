@@ -22,8 +22,9 @@ from sidecar.processors.tail_sampling.decisions import randomness
 
 #: Bytes a buffered item costs beyond its encoding (the bytes object header and its list slot).
 ITEM_OVERHEAD = 48
-#: Bytes a buffered trace costs before any item (the Trace, its id, its map entry, its first group).
-TRACE_OVERHEAD = 480
+#: Bytes a buffered trace costs before any item (the Trace, its id, map entry, groups, deadline entry;
+#: measured with tracemalloc).
+TRACE_OVERHEAD = 960
 
 
 class Trace:

@@ -307,7 +307,8 @@ class TailSamplingConfig(ConfigModel):
     #: Decide this long after the local root span arrived instead of waiting the full decision_wait.
     decision_wait_after_root_received: Duration = 1.0
     num_traces: int = 50_000
-    #: Byte budget of buffered data, counted as serialized (wire) size.
+    #: Memory budget of undecided data: items are held encoded, so this is their wire size plus the
+    #: measured per-item and per-trace overhead (the sidecar_tail_sampling_buffered_bytes gauge).
     max_buffered_bytes: int = 128 * 1024 * 1024
     decision_cache: DecisionCacheConfig = Field(default_factory=DecisionCacheConfig)
     logs: LogsConfig = Field(default_factory=LogsConfig)

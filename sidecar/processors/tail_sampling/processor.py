@@ -109,7 +109,8 @@ class _Output:
         entries = scopes.get(scope_head)
         if entries is None:
             entries = scopes[scope_head] = []
-        entries.extend([_field(_TAG2, b) for b in items])
+        varints = _VARINTS
+        entries.extend([_TAG2 + varints[len(b)] + b if len(b) < 16384 else _field(_TAG2, b) for b in items])
         self.n += len(items)
 
     def request(self) -> Request:
@@ -303,6 +304,7 @@ class TailSamplingProcessor(Component):
         sampled, not_sampled = self._sampled, self._not_sampled
         need_status, need_times, need_rv = self._need_status, self._need_times, self._need_rv
         checks, all_checks = self._checks, self._all_checks
+        find = bytes.find  # cheaper than ``in``, which first tries the needle as an int
         added = 0
         with self._lock:
             traces = buf.traces
@@ -360,7 +362,7 @@ class TailSamplingProcessor(Component):
                         if checks and t.matched != all_checks:
                             matched = 0
                             for key_bytes, key_str, bit, matches in checks:
-                                if key_bytes in blob:  # else the span lacks the key: the resource's value decides
+                                if find(blob, key_bytes) >= 0:  # else the span lacks the key: the resource decides
                                     value = _policies.find_value(span.attributes, key_str)
                                     if value is not None:
                                         if matches(value):
@@ -518,10 +520,12 @@ class TailSamplingProcessor(Component):
     def _emit_decided(self, decided: list[tuple[Trace, str, str, int]]) -> None:
         spans_out = _Output(Signal.TRACES)
         logs_out = _Output(Signal.LOGS)
-        dropped = {Signal.TRACES: {}, Signal.LOGS: {}}
         kept = _KeptSpans()
+        traces_by: dict[tuple[str, str], int] = {}
+        dropped: dict[str, list[int]] = {}  # reason -> [spans, log records]
         for t, decision, policy, threshold in decided:
-            self._count_trace(decision, policy)
+            key = (decision, policy)
+            traces_by[key] = traces_by.get(key, 0) + 1
             if decision is SAMPLED:
                 for (rhead, shead, tracestate), blobs in t.span_groups:
                     spans_out.add(rhead, shead, kept.encode(blobs, tracestate, threshold, policy))
@@ -529,35 +533,34 @@ class TailSamplingProcessor(Component):
                     logs_out.add(rhead, shead, blobs)
             else:
                 reason = "sampled_out" if decision is NOT_SAMPLED else "policy_drop"
-                d = dropped[Signal.TRACES]
-                d[reason] = d.get(reason, 0) + t.n_spans
-                d = dropped[Signal.LOGS]
-                d[reason] = d.get(reason, 0) + t.n_logs
-        for signal, by_reason in dropped.items():
-            for reason, count in by_reason.items():
-                self._tel.dropped(signal, count, reason)
+                counts = dropped.get(reason)
+                if counts is None:
+                    counts = dropped[reason] = [0, 0]
+                counts[0] += t.n_spans
+                counts[1] += t.n_logs
+        for (decision, policy), n in traces_by.items():
+            self._count_traces(decision, policy, n)
+        for reason, (n_spans, n_logs) in dropped.items():
+            self._tel.dropped(Signal.TRACES, n_spans, reason)
+            self._tel.dropped(Signal.LOGS, n_logs, reason)
         if spans_out.n:
             self._enqueue(spans_out)
         if logs_out.n:
             self._enqueue(logs_out)
 
-    def _count_trace(self, decision: str, policy: str) -> None:
+    def _count_traces(self, decision: str, policy: str, n: int) -> None:
         key = (decision, policy)
         child = self._trace_counters.get(key)
         if child is None:
             child = self._trace_counters[key] = self._traces_family.labels(self._component, decision, policy)
-        child.inc()
+        child.inc(n)
 
     def _count_evicted(self, evicted: list[Trace]) -> None:
         spans = sum(t.n_spans for t in evicted)
         logs = sum(t.n_logs for t in evicted)
         self._tel.dropped(Signal.TRACES, spans, TOO_EARLY)
         self._tel.dropped(Signal.LOGS, logs, TOO_EARLY)
-        child = self._trace_counters.get((TOO_EARLY, "none"))
-        if child is None:
-            child = self._trace_counters[(TOO_EARLY, "none")] = self._traces_family.labels(
-                self._component, TOO_EARLY, "none")
-        child.inc(len(evicted))
+        self._count_traces(TOO_EARLY, "none", len(evicted))
 
     # --- delivering -------------------------------------------------------------------------------
 

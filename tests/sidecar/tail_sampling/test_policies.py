@@ -6,7 +6,7 @@ import pytest
 
 from sidecar.signals import Signal
 
-from .helpers import attr, kept_spans, kept_trace_ids, make, span, tid, traces_metric, traces_request
+from .helpers import attr, kept_spans, kept_trace_ids, kv, make, span, tid, traces_metric, traces_request
 
 
 def run(policies: list[dict], traces: dict[str, list], **overrides) -> tuple[set[str], dict[str, str]]:
@@ -173,3 +173,15 @@ def test_adaptive_converges_toward_its_target(first_rate, second_rate):
     assert abs(settled_high - target) <= 0.3 * target, kept_per_second
     assert traces_metric(tel, "sampled", "errors") == 24  # errors stay 100%
     assert proc.policies["budget"].percentage == pytest.approx(100 * target / second_rate, rel=0.3)
+
+
+def test_attribute_named_only_in_an_event_does_not_match_the_span():
+    proc, sink, clock, _ = make([{"name": "debug", "type": "boolean_attribute",
+                                  "boolean_attribute": {"key": "sampling.force_keep", "value": True}}])
+    forced, mentioned = tid(), tid()
+    s = span(mentioned)
+    ev = s.events.add(name="note")
+    ev.attributes.append(kv("sampling.force_keep", True))
+    proc.consume(Signal.TRACES, traces_request(span(forced, attrs={"sampling.force_keep": True}), s))
+    proc.tick(clock.advance(10))
+    assert kept_trace_ids(sink) == {forced}

@@ -266,3 +266,42 @@ def test_output_backlog_is_bounded_and_overflow_counted():
     sink.refuse = None
     proc.tick(clock.advance(1))
     assert len(kept_spans(sink)) == 8 and proc.pending_output_items == 0  # the newest two outputs survive
+
+
+def test_kept_spans_from_different_resources_and_scopes_stay_under_their_own():
+    proc, sink, clock, _ = make()
+    t = tid()
+    proc.consume(Signal.TRACES, traces_request(span(t, root=True), resource={"service.name": "a"}, scope="s1"))
+    proc.consume(Signal.TRACES, traces_request(span(t), resource={"service.name": "b"}, scope="s1"))
+    proc.consume(Signal.TRACES, traces_request(span(t), resource={"service.name": "a"}, scope="s2"))
+    proc.tick(clock.advance(10))
+    (out,) = sink.of(Signal.TRACES)
+    layout = {(rs.resource.attributes[0].value.string_value, ss.scope.name): len(ss.spans)
+              for rs in out.resource_spans for ss in rs.scope_spans}
+    assert layout == {("a", "s1"): 1, ("b", "s1"): 1, ("a", "s2"): 1}
+    assert len(out.resource_spans) == 2
+
+
+def test_a_span_that_already_names_a_policy_or_threshold_gets_them_replaced():
+    proc, sink, clock, _ = make([{"name": "rl", "type": "rate_limiting", "rate_limiting": {"spans_per_second": 100}}])
+    t = tid()
+    proc.consume(Signal.TRACES, traces_request(
+        span(t, root=True, attrs={"sampling.policy": "upstream", "x": 1}, trace_state="ot=th:8;rv:12345678901234"),
+        span(t, trace_state="ot=th:8")))
+    proc.tick(clock.advance(10))
+    first, second = kept_spans(sink)
+    assert [(kv.key, getattr(kv.value, kv.value.WhichOneof("value"))) for kv in first.attributes] == [
+        ("sampling.policy", "rl"), ("x", 1)]
+    assert first.trace_state == "ot=rv:12345678901234"  # rate limits have no known probability: th removed
+    assert second.trace_state == "" and attr(second, "sampling.policy") == "rl"
+
+
+def test_buffered_bytes_cover_the_encoded_data_and_return_to_zero():
+    proc, _, clock, _ = make(ERRORS_ONLY)
+    req = traces_request(*[span(tid(), attrs={"blob": "x" * 500}) for _ in range(20)])
+    wire = req.ByteSize()
+    proc.consume(Signal.TRACES, req)
+    proc.consume(Signal.LOGS, logs_request((req.resource_spans[0].scope_spans[0].spans[0].trace_id, 9, "y" * 300)))
+    assert wire + 300 < proc.buffered_bytes < 3 * wire
+    proc.tick(clock.advance(10))
+    assert proc.buffered_bytes == 0 and proc.buffered_traces == 0
