@@ -2,7 +2,7 @@
 
 Layout: ``config`` (the typed YAML section), ``policies`` (keep/drop rules),
 ``decisions`` (consistent sampling thresholds, tracestate, the decision cache),
-``buffer`` (undecided traces held by reference), ``processor`` (the component).
+``buffer`` (undecided traces held as their encoded bytes), ``processor`` (the component).
 """
 
 from sidecar.component import Kind
