@@ -61,7 +61,7 @@ SCENARIOS = {
 }
 
 
-def sidecar_config(port, backend_port, processors: list[str], decision_wait: str, metrics_port) -> str:
+def sidecar_config(port, backend_port, processors: list[str], decision_wait: str, metrics_port, workers: int = 8) -> str:
     queue_batch = "queue_batch" in processors
     processors = [p for p in processors if p != "queue_batch"]
     defs = "\n".join(PROCESSORS[p].format(decision_wait=decision_wait) for p in processors) or " {}"
@@ -72,7 +72,7 @@ def sidecar_config(port, backend_port, processors: list[str], decision_wait: str
 receivers:
   otlp:
     protocols:
-      grpc: {{endpoint: 127.0.0.1:{port}, max_recv_msg_size_mib: 64}}
+      grpc: {{endpoint: 127.0.0.1:{port}, max_recv_msg_size_mib: 64, workers: {workers}}}
 processors:
 {defs}
 exporters:
@@ -252,7 +252,7 @@ def sustained(rate_spans: int, rate_logs: int, seconds: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--requests", type=int, default=120, help="trace requests (each 128 traces x 4 spans + 256 logs)")
+    p.add_argument("--requests", type=int, default=300, help="trace requests (each 128 traces x 4 spans + 256 logs)")
     p.add_argument("--only", action="append", help="run only scenarios whose name contains this")
     p.add_argument("--decision-wait", default="2s", help="tail sampling decision_wait for the CPU runs")
     p.add_argument("--sustain", type=int, default=0, help="seconds of the sustained 20k spans/s + 10k logs/s run")
