@@ -2,9 +2,9 @@
 
 Reports CPU microseconds per span for a realistic inference span (16 attributes, a
 prompt with an email and a phone number) and for the same span without PII: with no
-rules (the floor: one serialization), with the default rules (clean requests are
-settled by one scan of the serialized bytes), with the default rules when that
-prefilter is off (every attribute walked), and with PII (walk + scan + rewrite).
+rules (the floor: one serialization), with the default rules (each span's serialized
+bytes are scanned once for hints; only flagged spans are walked), with the default rules
+when that prefilter is off (every attribute walked), and with PII (walk + scan + rewrite).
 
     .venv/bin/python benchmarks/redaction_bench.py [--spans 512] [--rounds 20]
 """

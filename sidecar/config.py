@@ -328,6 +328,14 @@ def _check_references(service: ServiceConfig, sections: dict[Kind, dict[str, Com
     for i, ext in enumerate(service.extensions):
         if ext not in sections[Kind.EXTENSION] and ext not in (raw.get("extensions") or {}):
             problems.append(f"service.extensions[{i}]: references {ext!r}, which is not defined under extensions")
+    # components that name an extension (a persistent queue's storage) say so through extension_refs()
+    for kind in (Kind.RECEIVER, Kind.PROCESSOR, Kind.EXPORTER):
+        for name, cc in sections[kind].items():
+            refs = getattr(cc.config, "extension_refs", None)
+            for key, ext in (refs() if refs else {}).items():
+                if ext not in service.extensions:
+                    problems.append(f"{kind.section}.{name}.{key}: references extension {ext!r}, which is not "
+                                    "enabled (define it under extensions and list it in service.extensions)")
     if not service.pipelines:
         problems.append("service.pipelines: at least one pipeline is required")
     processor_signals: dict[tuple[str, Signal], str] = {}

@@ -80,6 +80,11 @@ class ExporterConfig(ConfigModel):
             raise ValueError("must be > 0")
         return v
 
+    def extension_refs(self) -> dict[str, str]:
+        """Extensions this exporter needs at start (checked by config validation)."""
+        storage = self.sending_queue.storage
+        return {"sending_queue.storage": storage} if storage else {}
+
 
 class RateLimitedLog:
     """Logs a recurring problem at most once per ``interval`` per key, saying how many were suppressed.

@@ -138,3 +138,10 @@ def test_validate_command_lists_problems_and_exits_nonzero(tmp_path):
     r = subprocess.run([sys.executable, "-m", "sidecar", "validate", "--config", str(good)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_persistent_queue_must_name_an_enabled_storage_extension():
+    text = MINIMAL.replace("debug: {}", "debug: {}\n  otlp: {endpoint: '127.0.0.1:4317', sending_queue: {storage: file_storage}}")
+    text = text.replace("exporters: [debug]", "exporters: [debug, otlp]")
+    (p,) = problems(text)
+    assert p.startswith("exporters.otlp.sending_queue.storage: references extension 'file_storage', which is not enabled")
