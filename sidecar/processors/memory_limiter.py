@@ -163,12 +163,20 @@ class MemoryLimiter(Component):
         limits.labels(self.id, "soft").set(self.soft_limit)
 
     def consume(self, signal: Signal, request: Request) -> None:
+        n = count_items(signal, request)  # walks resources and scopes only: len() per span list
+        tel = self._telemetry
+        tel.received(signal, n)
         if self.refusing:
-            self._telemetry.refused(signal, count_items(signal, request), "memory_limit")
+            tel.refused(signal, n, "memory_limit")
             raise Refused("memory_limit", retry_after=self._retry_after,
                           message=f"memory limit reached: RSS {self.rss // _MIB} MiB >= soft limit "
                                   f"{self.soft_limit // _MIB} MiB; retry later")
-        self._next.consume(signal, request)
+        try:
+            self._next.consume(signal, request)
+        except Refused as e:
+            tel.refused(signal, n, e.reason)
+            raise
+        tel.accepted(signal, n)
 
     def check(self) -> None:
         """Sample RSS and switch modes; above the soft limit, collect garbage and trim the heap first."""
