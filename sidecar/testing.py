@@ -34,32 +34,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class _Recorder:
-    """Requests received per signal, plus an optional injected failure."""
+class _Counting:
+    """Items received per signal with a waitable count, and failures injected on demand.
+
+    ``failure`` is what the next calls answer instead of accepting; with ``fail_times`` > 0
+    only that many calls fail, then the failure clears itself.
+    """
 
     def __init__(self):
         self.lock = threading.Condition()
-        self.requests: dict[Signal, list] = {s: [] for s in Signal}
         self.items: dict[Signal, int] = {s: 0 for s in Signal}
         self.calls = 0
-        #: (grpc.StatusCode, http status, retry_after seconds or None); None means answer OK
-        self.failure: tuple | None = None
-        self.fail_times = 0  # when > 0, fail this many calls then succeed
+        self.failure = None
+        self.fail_times = 0
 
-    def record(self, signal: Signal, request) -> tuple | None:
-        with self.lock:
-            self.calls += 1
-            if self.failure is not None and (self.fail_times == 0 or self.fail_times > 0):
-                failure = self.failure
-                if self.fail_times > 0:
-                    self.fail_times -= 1
-                    if self.fail_times == 0:
-                        self.failure = None
-                return failure
-            self.requests[signal].append(request)
-            self.items[signal] += count_items(signal, request)
-            self.lock.notify_all()
-            return None
+    def _next_failure(self):
+        """Called with the lock held: the failure for this call, or None to accept it."""
+        self.calls += 1
+        failure = self.failure
+        if failure is not None and self.fail_times > 0:
+            self.fail_times -= 1
+            if self.fail_times == 0:
+                self.failure = None
+        return failure
+
+    def _count(self, signal: Signal, request) -> None:
+        """Called with the lock held, for an accepted request."""
+        self.items[signal] += count_items(signal, request)
+        self.lock.notify_all()
 
     def wait_for_items(self, signal: Signal, n: int, timeout: float = 30.0) -> bool:
         deadline = time.monotonic() + timeout
@@ -70,6 +72,25 @@ class _Recorder:
                     return False
                 self.lock.wait(left)
             return True
+
+
+class _Recorder(_Counting):
+    """Requests received per signal, plus an optional injected failure.
+
+    ``failure`` is (grpc.StatusCode, http status, retry_after seconds or None).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.requests: dict[Signal, list] = {s: [] for s in Signal}
+
+    def record(self, signal: Signal, request) -> tuple | None:
+        with self.lock:
+            failure = self._next_failure()
+            if failure is None:
+                self.requests[signal].append(request)
+                self._count(signal, request)
+            return failure
 
     # flattened views -----------------------------------------------------------------------
 
@@ -273,7 +294,7 @@ class SidecarProcess:
         self._log.close()
 
 
-class CollectingConsumer:
+class CollectingConsumer(_Counting):
     """An in-memory next stage: records every request it accepts, or refuses on demand.
 
     Set ``refuse`` to a :class:`~sidecar.component.Refused` to make ``consume`` raise it;
@@ -281,26 +302,20 @@ class CollectingConsumer:
     """
 
     def __init__(self):
-        self.lock = threading.Condition()
+        super().__init__()
         self.requests: list[tuple[Signal, object]] = []
-        self.items: dict[Signal, int] = {s: 0 for s in Signal}
-        self.refuse = None
-        self.refuse_times = 0
-        self.calls = 0
+
+    # the consumer-side names of the failure injection
+    refuse = property(lambda self: self.failure, lambda self, v: setattr(self, "failure", v))
+    refuse_times = property(lambda self: self.fail_times, lambda self, v: setattr(self, "fail_times", v))
 
     def consume(self, signal: Signal, request) -> None:
         with self.lock:
-            self.calls += 1
-            if self.refuse is not None:
-                refusal = self.refuse
-                if self.refuse_times > 0:
-                    self.refuse_times -= 1
-                    if self.refuse_times == 0:
-                        self.refuse = None
+            refusal = self._next_failure()
+            if refusal is not None:
                 raise refusal
             self.requests.append((signal, request))
-            self.items[signal] += count_items(signal, request)
-            self.lock.notify_all()
+            self._count(signal, request)
 
     def of(self, signal: Signal) -> list:
         """The accepted requests of one signal, in arrival order."""
@@ -308,11 +323,4 @@ class CollectingConsumer:
             return [r for s, r in self.requests if s is signal]
 
     def wait_for_items(self, signal: Signal, n: int, timeout: float = 10.0) -> bool:
-        deadline = time.monotonic() + timeout
-        with self.lock:
-            while self.items[signal] < n:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.lock.wait(left)
-            return True
+        return super().wait_for_items(signal, n, timeout)
