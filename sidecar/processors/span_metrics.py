@@ -42,6 +42,11 @@ from sidecar.config import ConfigModel, Duration
 from sidecar.registry import CreateSettings, Factory
 from sidecar.signals import Request, Signal, count_items
 
+try:  # the optional C accelerator (sidecar/_wire.c); decided once, the pure-Python path is the fallback
+    from sidecar import _wire
+except ImportError:  # pragma: no cover - built by `pip install -e .` wherever a compiler is present
+    _wire = None
+
 log = logging.getLogger(__name__)
 
 # --- config ------------------------------------------------------------------------------------
@@ -206,6 +211,11 @@ class SpanMetricsProcessor(Component):
         self._dim_defaults = [d.default or "" for d in cfg.dimensions]
         self._dim_labels = [label_name(d.name) for d in cfg.dimensions]
         self._dim_attrs = [d.name for d in cfg.dimensions]
+        #: span attribute keys in slot order (slot 1 on), as the C scanner takes them
+        self._span_keys = tuple(k.encode() for k in keys[1:])
+        if _wire is not None and len(self._span_keys) <= _wire.MAX_KEYS:
+            self._aggregate = self._aggregate_wire
+            self._span_metric_rows = _wire.span_metric_rows
         prefix = label_name(cfg.namespace)
         self._calls_name = prefix + "_calls"
         self._duration_name = prefix + "_duration_seconds"
@@ -335,6 +345,45 @@ class SpanMetricsProcessor(Component):
                             s[4] = (d, span.trace_id, span.span_id, end)
                         elif s[3] is None or d > s[3][0]:
                             s[3] = (d, span.trace_id, span.span_id, end)
+        return delta
+
+    def _aggregate_wire(self, request) -> dict[tuple, list]:
+        """:meth:`_aggregate` on the C scanner's rows: one serialization and one C pass per request.
+
+        The scanner keys a span by (service, name, kind, status, slot 1.. values); ``by_raw`` maps
+        each such key to its series' delta, so the series key is built once per distinct raw key.
+        """
+        delta: dict[tuple, list] = {}
+        by_raw: dict[tuple, list] = {}
+        slots = self._slots
+        bases = []
+        for rs in request.resource_spans:
+            base = [""] * self._n_slots
+            for kv in rs.resource.attributes:
+                i = slots.get(kv.key)
+                if i is not None:
+                    base[i] = _any_str(kv.value)
+            bases.append(tuple(base))
+        rows = self._span_metric_rows(request.SerializeToString(), self._span_keys, bases)
+        bounds = self._bounds_ns
+        n_buckets = self._n_buckets
+        exemplars = self._exemplars
+        for raw, d, end, status, trace_id, span_id in rows:
+            s = by_raw.get(raw)
+            if s is None:
+                key = raw[:4] + self._tail(raw[3:])  # _tail reads slots 1.. (raw[4:]); raw[3] stands in for 0
+                s = delta.get(key)
+                if s is None:
+                    s = delta[key] = [0, 0, [0] * n_buckets, None, None]
+                by_raw[raw] = s
+            s[0] += 1
+            s[1] += d
+            s[2][bisect_left(bounds, d)] += 1
+            if exemplars:
+                if status == _ERROR:
+                    s[4] = (d, trace_id, span_id, end)
+                elif s[3] is None or d > s[3][0]:
+                    s[3] = (d, trace_id, span_id, end)
         return delta
 
     def _tail(self, vals: list[str]) -> tuple:

@@ -38,6 +38,11 @@ from sidecar.processors.tail_sampling.decisions import LRU, with_threshold
 from sidecar.registry import CreateSettings
 from sidecar.signals import Request, Signal, count_items
 
+try:  # the optional C accelerator (sidecar/_wire.c); decided once, the pure-Python path is the fallback
+    from sidecar import _wire
+except ImportError:  # pragma: no cover - built by `pip install -e .` wherever a compiler is present
+    _wire = None
+
 log = logging.getLogger(__name__)
 
 #: The span attribute naming the policy that kept the span's trace.
@@ -167,6 +172,23 @@ def _marked_slowly(blob: bytes, tracestate: str, threshold: int, policy: str) ->
     return span.SerializeToString()
 
 
+def _matched(checks: list, hits: tuple, res_matched: int) -> int:
+    """Bits of the attribute checks a run of spans passes, from the C scanner's ``hits`` (see _wire.span_runs):
+    a span with the key is judged by its value, one without it by its resource."""
+    matched = 0
+    for (_, _, bit, matches), h in zip(checks, hits):
+        if h is None:
+            matched |= res_matched & bit
+            continue
+        if h[0]:
+            matched |= res_matched & bit
+        for encoded in h[1:]:
+            if matches(AnyValue.FromString(encoded)):
+                matched |= bit
+                break
+    return matched
+
+
 class TailSamplingProcessor(Component):
     """Holds traces (spans and logs) until decided; forwards kept ones, drops the rest and counts them."""
 
@@ -202,6 +224,11 @@ class TailSamplingProcessor(Component):
         self._need_rv = _policies.RANDOMNESS in needs
         self._checks = _policies.attribute_checks(built)
         self._all_checks = (1 << len(self._checks)) - 1
+        self._check_keys = tuple(c.key_bytes for c in self._checks)
+        if _wire is not None and len(self._check_keys) <= _wire.MAX_KEYS:
+            self._consume_traces = self._consume_traces_wire
+            self._consume_logs = self._consume_logs_wire
+            self._span_runs, self._log_runs = _wire.span_runs, _wire.log_runs
         sev = cfg.logs.always_keep_severity_at_least
         self._always_keep_severity = sev if sev > 0 else 1 << 30
         self._traceless_fraction = cfg.logs.without_trace_sampling_percentage / 100.0
@@ -389,6 +416,178 @@ class TailSamplingProcessor(Component):
                 out.add(rhead, shead, [span.SerializeToString()])
             if late_kept:
                 self._late[(Signal.TRACES, SAMPLED)].inc(len(late_kept))
+            self._enqueue(out)
+            self._flush()
+
+    def _consume_traces_wire(self, request: Request) -> None:
+        """:meth:`_consume_traces` on the C scanner's runs (consecutive spans of one trace and tracestate):
+        one serialization per request, the span bytes sliced from it, and Python work per run, not per span."""
+        n = self._admit(Signal.TRACES, request)
+        if not n:
+            return
+        runs = self._span_runs(request.SerializeToString(), self._check_keys)
+        now = self._clock()
+        late_kept: list[tuple] = []  # (resource head, scope head, [span bytes], tracestate, (policy, threshold))
+        passthrough: list[tuple] = []  # (resource head, scope head, [span bytes])
+        n_late_kept = late_dropped = added = 0
+        evicted: list[Trace] = []
+        buf = self._buffer
+        sampled, not_sampled = self._sampled, self._not_sampled
+        need_status, need_times, need_rv = self._need_status, self._need_times, self._need_rv
+        checks, all_checks = self._checks, self._all_checks
+        with self._lock:
+            traces = buf.traces
+            for rs, (rhead, scopes) in zip(request.resource_spans, runs):
+                res_matched = self._resource_matches(rs.resource.attributes) if checks else 0
+                for shead, span_runs in scopes:
+                    plain_key = (rhead, shead, "")
+                    keys: dict[str, tuple] = {}
+                    for tid, ts, blobs, nbytes, status_mask, start, end, root, hits in span_runs:
+                        t = traces.get(tid)
+                        if t is None:
+                            decision = sampled.get(tid)
+                            if decision is not None:
+                                late_kept.append((rhead, shead, blobs, ts, decision))
+                                n_late_kept += len(blobs)
+                                continue
+                            if tid in not_sampled:
+                                late_dropped += len(blobs)
+                                continue
+                            if not tid:
+                                passthrough.append((rhead, shead, blobs))
+                                continue
+                            t = buf.create(tid, now, evicted)
+                        if ts:
+                            key = keys.get(ts)
+                            if key is None:
+                                key = keys[ts] = (rhead, shead, ts)
+                            if need_rv and t.rv is None and "rv:" in ts:
+                                t.note_tracestate(ts)
+                        else:
+                            key = plain_key
+                        if t.last_span_key is key:
+                            t.last_spans.extend(blobs)
+                        else:
+                            t.last_span_key = key
+                            t.last_spans = blobs
+                            t.span_groups.append((key, blobs))
+                        k = len(blobs)
+                        size = nbytes + k * ITEM_OVERHEAD
+                        t.nbytes += size
+                        added += size
+                        t.n_spans += k
+                        if need_status:
+                            t.status_mask |= status_mask
+                        if need_times:
+                            if start and (not t.start or start < t.start):
+                                t.start = start
+                            if end > t.end:
+                                t.end = end
+                        if checks and t.matched != all_checks:
+                            t.matched |= _matched(checks, hits, res_matched)
+                        if root:
+                            buf.root_arrived(t, now)
+            buf.add_bytes(added)
+            buf.over_budget(evicted)
+        self._tel.accepted(Signal.TRACES, n)
+        if late_dropped:
+            self._tel.dropped(Signal.TRACES, late_dropped, "sampled_out")
+            self._late[(Signal.TRACES, NOT_SAMPLED)].inc(late_dropped)
+        if evicted:
+            self._count_evicted(evicted)
+        if late_kept or passthrough:
+            out = _Output(Signal.TRACES)
+            kept = _KeptSpans()
+            for rhead, shead, blobs, ts, (policy, threshold) in late_kept:
+                out.add(rhead, shead, kept.encode(blobs, ts, threshold, policy))
+            for rhead, shead, blobs in passthrough:
+                out.add(rhead, shead, blobs)
+            if n_late_kept:
+                self._late[(Signal.TRACES, SAMPLED)].inc(n_late_kept)
+            self._enqueue(out)
+            self._flush()
+
+    def _consume_logs_wire(self, request: Request) -> None:
+        """:meth:`_consume_logs` on the C scanner's runs (consecutive records of one trace, same severity side)."""
+        n = self._admit(Signal.LOGS, request)
+        if not n:
+            return
+        runs = self._log_runs(request.SerializeToString(), self._always_keep_severity)
+        now = self._clock()
+        immediate: list[tuple] = []  # (resource head, scope head, [record bytes])
+        n_immediate = late_kept = late_dropped = traceless_dropped = added = 0
+        evicted: list[Trace] = []
+        buf = self._buffer
+        sampled, not_sampled = self._sampled, self._not_sampled
+        fraction = self._traceless_fraction
+        rng = self._rng
+        with self._lock:
+            traces = buf.traces
+            for rhead, scopes in runs:
+                for shead, log_runs in scopes:
+                    key = (rhead, shead)
+                    for tid, blobs, nbytes, keep in log_runs:
+                        if not tid:
+                            if fraction < 1.0:
+                                kept = [b for b in blobs if rng() < fraction]
+                                traceless_dropped += len(blobs) - len(kept)
+                                blobs = kept
+                            if blobs:
+                                immediate.append((rhead, shead, blobs))
+                                n_immediate += len(blobs)
+                            continue
+                        if keep:
+                            immediate.append((rhead, shead, blobs))
+                            n_immediate += len(blobs)
+                            continue
+                        t = traces.get(tid)
+                        if t is None:
+                            if sampled.get(tid) is not None:
+                                late_kept += len(blobs)
+                                immediate.append((rhead, shead, blobs))
+                                n_immediate += len(blobs)
+                                continue
+                            if tid in not_sampled:
+                                late_dropped += len(blobs)
+                                continue
+                            t = buf.create(tid, now, evicted)
+                        if t.last_log_key is key:
+                            t.last_logs.extend(blobs)
+                        else:
+                            t.last_log_key = key
+                            t.last_logs = blobs
+                            t.log_groups.append((key, blobs))
+                        k = len(blobs)
+                        size = nbytes + k * ITEM_OVERHEAD
+                        t.nbytes += size
+                        added += size
+                        t.n_logs += k
+            buf.add_bytes(added)
+            buf.over_budget(evicted)
+            direct = n_immediate == n and not self._ready
+        if late_kept:
+            self._late[(Signal.LOGS, SAMPLED)].inc(late_kept)
+        if direct:
+            # nothing held back: forward the original request as is, and let a refusal reach the sender
+            try:
+                self._next.consume(Signal.LOGS, request)
+            except Refused as e:
+                self._tel.refused(Signal.LOGS, n, e.reason)
+                raise
+            self._tel.accepted(Signal.LOGS, n)
+            return
+        self._tel.accepted(Signal.LOGS, n)
+        if late_dropped:
+            self._tel.dropped(Signal.LOGS, late_dropped, "sampled_out")
+            self._late[(Signal.LOGS, NOT_SAMPLED)].inc(late_dropped)
+        if traceless_dropped:
+            self._tel.dropped(Signal.LOGS, traceless_dropped, "sampled_out")
+        if evicted:
+            self._count_evicted(evicted)
+        if immediate:
+            out = _Output(Signal.LOGS)
+            for rhead, shead, blobs in immediate:
+                out.add(rhead, shead, blobs)
             self._enqueue(out)
             self._flush()
 
