@@ -17,7 +17,7 @@ from sidecar.component import Component, Consumer, Kind, Refused
 from sidecar.config import ComponentConfig, Config, pipeline_signal
 from sidecar.host import Host
 from sidecar.registry import CreateSettings, factory_for
-from sidecar.signals import Request, Signal
+from sidecar.signals import Request, Signal, forget_encoding
 from sidecar.telemetry import SelfTelemetry
 
 log = logging.getLogger(__name__)
@@ -29,8 +29,12 @@ class SignalRouter:
     def __init__(self, owner: str):
         self.owner = owner
         self.routes: dict[Signal, Consumer] = {}
+        #: set for the output of a stage that mutates data: the received encoding is stale after it
+        self.after_mutation = False
 
     def consume(self, signal: Signal, request: Request) -> None:
+        if self.after_mutation:
+            forget_encoding(request)
         try:
             nxt = self.routes[signal]
         except KeyError:
@@ -121,6 +125,7 @@ class Service:
                 if proc_id not in g.processors:
                     routers[proc_id] = SignalRouter(f"processor {proc_id}")
                     g.processors[proc_id] = self._create(cfg.processors[proc_id], routers[proc_id])
+                    routers[proc_id].after_mutation = g.processors[proc_id].mutates_data
         g.processor_order = _front_to_back([p.processors for p in pipelines.values()])
 
         # wire each pipeline back to front; remember its head per receiver

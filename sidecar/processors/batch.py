@@ -26,7 +26,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from sidecar.component import Component, Consumer, Kind, Refused
 from sidecar.config import ConfigModel, Duration
 from sidecar.registry import ALL_SIGNALS, CreateSettings, Factory
-from sidecar.signals import Request, Signal, count_items, new_request, resource_list
+from sidecar.signals import Request, Signal, count_items, known_encoding, new_request, received_encoding, resource_list
 
 log = logging.getLogger(__name__)
 
@@ -138,15 +138,18 @@ def split_request(signal: Signal, request: Request, max_items: int) -> list[tupl
     return pieces
 
 
-def merge_requests(signal: Signal, chunks: list[tuple[Request, int]]) -> Request:
-    """One request holding every chunk's resource entries (a single chunk is sent as it is)."""
+def merge_requests(signal: Signal, chunks: list[tuple]) -> tuple[Request, bytes | None]:
+    """One request holding every chunk's resource entries, and its encoding when that came for free.
+
+    A chunk is (request, items, received encoding or None). The merge concatenates the chunks'
+    encodings (the encoding of the merged request: its top-level fields are repeated) and
+    parses once — cheaper than copying messages, and free of serialization for chunks whose
+    received bytes were kept. A single chunk is sent as it is.
+    """
     if len(chunks) == 1:
-        return chunks[0][0]
-    out = new_request(signal)
-    target = resource_list(signal, out)
-    for request, _ in chunks:
-        target.extend(resource_list(signal, request))
-    return out
+        return chunks[0][0], chunks[0][2]
+    joined = b"".join([raw if raw is not None else request.SerializeToString() for request, _, raw in chunks])
+    return signal.request_type.FromString(joined), joined
 
 
 # --- the processor ------------------------------------------------------------------------------
@@ -158,7 +161,7 @@ class _Pending:
     __slots__ = ("chunks", "items", "since", "retry_at", "send_lock")
 
     def __init__(self):
-        self.chunks: collections.deque[tuple[Request, int]] = collections.deque()
+        self.chunks: collections.deque[tuple] = collections.deque()  # (request, items, received encoding)
         self.items = 0
         self.since = 0.0  # clock time the oldest pending item arrived
         self.retry_at = 0.0  # after a refusal, no send before this clock time
@@ -200,9 +203,9 @@ class BatchProcessor(Component):
         if n == 0:
             return
         if self.send_batch_max_size and n > self.send_batch_max_size:
-            chunks = split_request(signal, request, self.send_batch_max_size)
+            chunks = [(piece, k, None) for piece, k in split_request(signal, request, self.send_batch_max_size)]
         else:
-            chunks = ((request, n),)
+            chunks = ((request, n, received_encoding(request)),)
         now = self._clock()
         p = self._pending[signal]
         was_empty = ready = False
@@ -232,11 +235,11 @@ class BatchProcessor(Component):
 
     # --- sending ----------------------------------------------------------------------------
 
-    def _take(self, p: _Pending, force: bool) -> tuple[list[tuple[Request, int]], int] | None:
+    def _take(self, p: _Pending, force: bool) -> tuple[list[tuple], int] | None:
         """Pop the next batch under the lock: at least send_batch_size items unless ``force``."""
         if not p.chunks or (not force and p.items < self.send_batch_size):
             return None
-        batch: list[tuple[Request, int]] = []
+        batch: list[tuple] = []
         n = 0
         limit = self.send_batch_max_size
         while p.chunks:
@@ -268,9 +271,14 @@ class BatchProcessor(Component):
                     return True
         return True
 
-    def _deliver(self, signal: Signal, p: _Pending, batch: list[tuple[Request, int]], n: int) -> bool:
+    def _deliver(self, signal: Signal, p: _Pending, batch: list[tuple], n: int) -> bool:
         try:
-            self._next.consume(signal, merge_requests(signal, batch))
+            merged, raw = merge_requests(signal, batch)
+            if raw is None:
+                self._next.consume(signal, merged)
+            else:
+                with known_encoding(merged, raw):
+                    self._next.consume(signal, merged)
         except Refused as e:
             if not e.retryable:
                 log.warning("%s: next stage rejected %d %s for good: %s", self.id, n, signal.item_name, e)

@@ -40,7 +40,7 @@ from pydantic import Field, field_validator, model_validator
 from sidecar.component import Component, Consumer, Kind, Refused
 from sidecar.config import ConfigModel, Duration
 from sidecar.registry import CreateSettings, Factory
-from sidecar.signals import Request, Signal, count_items
+from sidecar.signals import Request, Signal, count_items, encoded
 
 try:  # the optional C accelerator (sidecar/_wire.c); decided once, the pure-Python path is the fallback
     from sidecar import _wire
@@ -364,7 +364,7 @@ class SpanMetricsProcessor(Component):
                 if i is not None:
                     base[i] = _any_str(kv.value)
             bases.append(tuple(base))
-        rows = self._span_metric_rows(request.SerializeToString(), self._span_keys, bases)
+        rows = self._span_metric_rows(encoded(request), self._span_keys, bases)
         bounds = self._bounds_ns
         n_buckets = self._n_buckets
         exemplars = self._exemplars

@@ -32,7 +32,7 @@ from google.protobuf.message import DecodeError
 
 from sidecar.component import Refused
 from sidecar.queue import QueueItem
-from sidecar.signals import Request, Signal
+from sidecar.signals import Request, Signal, encoded
 from sidecar.telemetry import ComponentTelemetry
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class PersistentQueue:
             self._writing += 1
         name = f"{seq:020d}-{signal.value}-{items}.otlp"
         try:
-            self._write(name, request.SerializeToString())
+            self._write(name, encoded(request))
         except OSError as e:
             with self._cond:
                 self._writing -= 1

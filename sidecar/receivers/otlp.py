@@ -29,9 +29,6 @@ import grpc
 from google.protobuf import duration_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
-from opentelemetry.proto.collector.logs.v1 import logs_service_pb2_grpc
-from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from prometheus_client import Counter
 from pydantic import Field, field_validator, model_validator
 
@@ -39,7 +36,7 @@ from sidecar.component import Component, Consumer, Kind, Refused
 from sidecar.config import ConfigModel, HostPort, split_host_port
 from sidecar.otlp_json import OTLPJSONError, from_json
 from sidecar.registry import ALL_SIGNALS, CreateSettings, Factory
-from sidecar.signals import Request, Signal, count_items
+from sidecar.signals import Request, Signal, count_items, known_encoding
 
 log = logging.getLogger(__name__)
 
@@ -290,8 +287,11 @@ class OTLPReceiver(Component):
         self._http_app: _OTLPHTTPApp | None = None
 
     # the one path every request takes, whatever its protocol
-    def ingest(self, signal: Signal, request: Request, protocol: str) -> None:
-        """Check, count and hand ``request`` down; raise :class:`_Rejected` with the answer otherwise."""
+    def ingest(self, signal: Signal, request: Request, protocol: str, raw: bytes | None = None) -> None:
+        """Check, count and hand ``request`` down; raise :class:`_Rejected` with the answer otherwise.
+
+        ``raw`` is the protobuf the request was parsed from: stages that need the encoding reuse it.
+        """
         n = _CHECKERS[signal](request)
         if n < 0:
             n = count_items(signal, request)
@@ -302,7 +302,11 @@ class OTLPReceiver(Component):
             return  # nothing to deliver
         self._telemetry.received(signal, n)
         try:
-            self._next.consume(signal, request)
+            if raw is None:
+                self._next.consume(signal, request)
+            else:
+                with known_encoding(request, raw):
+                    self._next.consume(signal, request)
         except Refused as e:
             raise self.reject(signal, n, protocol, _classify(e)) from None
         except Exception as e:  # a bug downstream must not take the server down
@@ -340,9 +344,7 @@ class OTLPReceiver(Component):
             options.append(("grpc.max_concurrent_streams", cfg.max_concurrent_streams))
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix=f"{self.id}-grpc"),
                              options=options)
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_GRPCService(self, Signal.TRACES), server)
-        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_GRPCService(self, Signal.LOGS), server)
-        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_GRPCService(self, Signal.METRICS), server)
+        server.add_generic_rpc_handlers([_GRPCService(self, signal).handler() for signal in Signal])
         try:
             port = server.add_insecure_port(cfg.endpoint)
         except RuntimeError:  # grpcio >= 1.60 raises; older versions return 0
@@ -388,17 +390,42 @@ class OTLPReceiver(Component):
             self._grpc_server = None
 
 
+_GRPC_SERVICES = {
+    Signal.TRACES: "opentelemetry.proto.collector.trace.v1.TraceService",
+    Signal.LOGS: "opentelemetry.proto.collector.logs.v1.LogsService",
+    Signal.METRICS: "opentelemetry.proto.collector.metrics.v1.MetricsService",
+}
+
+
 class _GRPCService:
-    """The Export method of one OTLP gRPC service."""
+    """The Export method of one OTLP gRPC service.
+
+    It takes the request as bytes and parses it itself (what grpc's deserializer would do),
+    so a malformed message is answered INVALID_ARGUMENT with the parser's reason and the
+    received encoding can travel with the request.
+    """
 
     def __init__(self, receiver: OTLPReceiver, signal: Signal):
+        self._receiver = receiver
         self._ingest = receiver.ingest
         self._signal = signal
+        self._parse = signal.request_type.FromString
         self._ok = signal.response_type()  # empty and never mutated: safe to share
 
-    def Export(self, request, context):  # noqa: N802 - gRPC method name
+    def handler(self) -> grpc.GenericRpcHandler:
+        method = grpc.unary_unary_rpc_method_handler(
+            self.Export, request_deserializer=None, response_serializer=self._signal.response_type.SerializeToString)
+        return grpc.method_handlers_generic_handler(_GRPC_SERVICES[self._signal], {"Export": method})
+
+    def Export(self, raw: bytes, context):  # noqa: N802 - gRPC method name
         try:
-            self._ingest(self._signal, request, "grpc")
+            try:
+                request = self._parse(raw)
+            except DecodeError as e:
+                raise self._receiver.reject(None, 0, "grpc", _Rejected(
+                    "invalid", f"invalid OTLP protobuf {self._signal.value} request: {e}",
+                    grpc.StatusCode.INVALID_ARGUMENT, 400)) from None
+            self._ingest(self._signal, request, "grpc", raw)
         except _Rejected as rej:
             if rej.retry_after is not None:
                 context.set_trailing_metadata(_retry_info_trailer(rej))
@@ -466,14 +493,13 @@ class _OTLPHTTPApp:
                 if as_json:
                     request = from_json(signal, body)
                 else:
-                    request = signal.request_type()
-                    request.ParseFromString(body)
+                    request = signal.request_type.FromString(body)
             except OTLPJSONError as e:
                 raise self._rejected(signal, "invalid", f"invalid OTLP/JSON {signal.value} request: {e}", 400) from None
             except DecodeError as e:
                 raise self._rejected(signal, "invalid", f"invalid OTLP protobuf {signal.value} request: {e}",
                                      400) from None
-            self._receiver.ingest(signal, request, "http")
+            self._receiver.ingest(signal, request, "http", None if as_json else body)
         except _Rejected as rej:
             return self._error(start_response, rej, as_json, signal)
         body = self._ok[(signal, as_json)]

@@ -235,7 +235,7 @@ def test_malformed_input_gets_clear_errors_and_the_sidecar_keeps_serving(ports, 
         channel = grpc.insecure_channel(f"127.0.0.1:{ports.grpc}")
         raw = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export",
                                   request_serializer=lambda b: b, response_deserializer=lambda b: b)
-        for body, code in ((b"\xff\xfe\x00garbage" * 10, grpc.StatusCode.INTERNAL),
+        for body, code in ((b"\xff\xfe\x00garbage" * 10, grpc.StatusCode.INVALID_ARGUMENT),
                            (bad_ids.SerializeToString(), grpc.StatusCode.INVALID_ARGUMENT),
                            (b"\x0a" + b"\xff" * 20, None)):
             with pytest.raises(grpc.RpcError) as e:

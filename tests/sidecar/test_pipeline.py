@@ -110,3 +110,53 @@ service:
         assert not service.host.ready.is_set()
         tel = service.telemetry.component("exporter", "otlp")
         assert tel.value("exported", Signal.TRACES) == 5
+
+
+def test_received_encoding_is_reused_only_while_it_is_true():
+    from sidecar.signals import encoded, forget_encoding, known_encoding
+
+    req = _request()
+    raw = req.SerializeToString()
+    fake = b"not what you would serialize"
+    with known_encoding(req, fake):
+        assert encoded(req) is fake  # reused, not re-serialized
+        forget_encoding(req)
+        assert encoded(req) == raw
+    assert encoded(req) == raw
+
+
+def test_stages_after_a_mutating_processor_never_see_the_stale_received_encoding():
+    """redaction before tail_sampling: tail_sampling works on bytes, and they must be the redacted ones."""
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+    with OTLPBackend() as backend:
+        port = free_port()
+        cfg = parse_config(f"""
+receivers:
+  otlp: {{protocols: {{grpc: {{endpoint: 127.0.0.1:{port}}}}}}}
+processors:
+  redaction: {{}}
+  span_metrics: {{}}
+  tail_sampling:
+    decision_wait: 100ms
+    decision_wait_after_root_received: 0s
+    policies: [{{name: all, type: always_sample}}]
+exporters:
+  otlp: {{endpoint: {backend.endpoint}, tls: {{insecure: true}}}}
+service:
+  telemetry: {{metrics: {{address: null}}}}
+  pipelines:
+    traces: {{receivers: [otlp], processors: [redaction, span_metrics, tail_sampling], exporters: [otlp]}}
+""", environ={})
+        service = Service(cfg)
+        service.start()
+        try:
+            stub = trace_service_pb2_grpc.TraceServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+            stub.Export(_request(), timeout=5)
+            assert backend.wait_for_items(Signal.TRACES, 1, timeout=10)
+        finally:
+            service.shutdown(5)
+        (_, _, span), = backend.spans()
+        (value,) = [kv.value.string_value for kv in span.attributes if kv.key == "user.email"]
+        assert "a@example.com" not in value and value

@@ -36,7 +36,7 @@ from sidecar.processors.tail_sampling.buffer import ITEM_OVERHEAD, Trace, TraceB
 from sidecar.processors.tail_sampling.config import TailSamplingConfig
 from sidecar.processors.tail_sampling.decisions import LRU, with_threshold
 from sidecar.registry import CreateSettings
-from sidecar.signals import Request, Signal, count_items
+from sidecar.signals import Request, Signal, count_items, encoded
 
 try:  # the optional C accelerator (sidecar/_wire.c); decided once, the pure-Python path is the fallback
     from sidecar import _wire
@@ -425,7 +425,7 @@ class TailSamplingProcessor(Component):
         n = self._admit(Signal.TRACES, request)
         if not n:
             return
-        runs = self._span_runs(request.SerializeToString(), self._check_keys)
+        runs = self._span_runs(encoded(request), self._check_keys)
         now = self._clock()
         late_kept: list[tuple] = []  # (resource head, scope head, [span bytes], tracestate, (policy, threshold))
         passthrough: list[tuple] = []  # (resource head, scope head, [span bytes])
@@ -512,7 +512,7 @@ class TailSamplingProcessor(Component):
         n = self._admit(Signal.LOGS, request)
         if not n:
             return
-        runs = self._log_runs(request.SerializeToString(), self._always_keep_severity)
+        runs = self._log_runs(encoded(request), self._always_keep_severity)
         now = self._clock()
         immediate: list[tuple] = []  # (resource head, scope head, [record bytes])
         n_immediate = late_kept = late_dropped = traceless_dropped = added = 0
