@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Mapping
@@ -238,7 +239,8 @@ def configure(service_name: str | None = None, endpoint: str | None = None, prot
               resource_attributes: Mapping[str, Any] | None = None, headers: dict[str, str] | None = None,
               redaction: Any = True, capture_payloads: bool = False, logging_bridge: bool = True,
               log_level: int | None = None, metrics_enabled: bool = True,
-              max_queue_size: int | None = None, shutdown_timeout_millis: int = 5_000) -> Telemetry:
+              max_queue_size: int | None = None, shutdown_timeout_millis: int = 5_000,
+              flush_on_sigterm: bool = True) -> Telemetry:
     """Set up traces, logs and metrics over OTLP to the sidecar; idempotent (later calls return the first handle).
 
     ``protocol`` defaults to ``OTEL_EXPORTER_OTLP_PROTOCOL`` or ``grpc``; ``endpoint`` to
@@ -326,6 +328,8 @@ def configure(service_name: str | None = None, endpoint: str | None = None, prot
                             shutdown_timeout_millis=shutdown_timeout_millis)
         _handle.redaction_engine = engine
         atexit.register(_handle.shutdown)
+        if flush_on_sigterm:
+            _flush_on_sigterm()
         return _handle
 
 
@@ -339,6 +343,32 @@ def _with_redaction(redaction: Any, span_exporter: Any, log_exporter: Any) -> tu
 
     engine = make_engine(None if redaction is True else redaction)
     return RedactingSpanExporter(span_exporter, engine), RedactingLogExporter(log_exporter, engine), engine
+
+
+def _flush_on_sigterm() -> None:
+    """Flush telemetry when the process is told to stop (Kubernetes sends SIGTERM), then stop as before.
+
+    A process killed by SIGTERM's default action never runs ``atexit``; servers that handle
+    SIGTERM themselves (uvicorn) restore the previous handler and re-raise it when they are
+    done, which lands here too. An app's own handler is chained, never replaced.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN:
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        handle = _handle
+        if handle is not None:
+            handle.shutdown()
+        if callable(previous):
+            previous(signum, frame)
+        else:  # SIG_DFL: die by the signal, as the process would have
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def get_telemetry() -> Telemetry | None:

@@ -104,6 +104,28 @@ def _complete(messages: list[Message]) -> bool:
     return bool(messages) and messages[-1]["type"] == "http.response.body" and not messages[-1].get("more_body")
 
 
+def _flush_before_shutdown_complete(send: Send) -> Send:
+    """Flush telemetry when the server shuts down, before it says it is done.
+
+    Servers such as uvicorn end the process by re-raising SIGTERM after a graceful shutdown,
+    so ``atexit`` never runs: the lifespan shutdown is the last moment the app's spans and
+    logs can still leave. The flush runs off the event loop and is bounded.
+    """
+
+    async def wrapped(message: Message) -> None:
+        if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+            from instrumentation._setup import get_telemetry
+
+            handle = get_telemetry()
+            if handle is not None:
+                import asyncio
+
+                await asyncio.get_running_loop().run_in_executor(None, handle.force_flush, 5_000)
+        await send(message)
+
+    return wrapped
+
+
 class ASGIMiddleware:
     """Traces every HTTP request and gives it an identity shared by its spans and logs.
 
@@ -125,6 +147,9 @@ class ASGIMiddleware:
             exclude_spans=["receive", "send"] if exclude_spans is None else exclude_spans)  # type: ignore[arg-type]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, _flush_before_shutdown_complete(send))
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

@@ -207,3 +207,35 @@ def test_requests_succeed_promptly_with_the_sidecar_unreachable(framework):
         assert worst < 2.0, f"a request took {worst:.2f}s while the sidecar was down"  # export never blocks
     finally:
         a.stop()
+
+
+@pytest.mark.parametrize("framework", ["fastapi", "flask"])
+def test_sigterm_flushes_what_the_app_buffered(framework):
+    """Kubernetes stops pods with SIGTERM: spans and logs still buffered in the app must leave first."""
+    with OTLPBackend() as b:
+        slow_export = {"OTEL_BSP_SCHEDULE_DELAY": "60000", "OTEL_BLRP_SCHEDULE_DELAY": "60000"}
+        port = free_port()
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{b.endpoint}",
+               **FAST_EXPORT, **slow_export}
+        proc = subprocess.Popen([sys.executable, str(APPS / "web_app.py"), framework, str(port)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline and proc.poll() is None, "app did not start"
+                    time.sleep(0.1)
+            for _ in range(10):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/predict", timeout=10).read()
+            assert b.items[Signal.TRACES] == 0  # still buffered (60 s export schedule)
+            proc.terminate()
+            proc.wait(30)
+            forwards = [s for _, _, s in b.spans() if s.name.startswith("ml.forward")]
+            assert len(forwards) == 10
+            assert b.items[Signal.LOGS] >= 10
+        finally:
+            if proc.poll() is None:
+                proc.kill()

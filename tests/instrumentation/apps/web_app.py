@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 
 import torch
@@ -84,7 +83,6 @@ elif FRAMEWORK == "flask":
 
     if TELEMETRY:
         otel.instrument_flask(app)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # exit through atexit: the SDK flushes
     waitress.serve(app, host="127.0.0.1", port=PORT, threads=4, _quiet=True)
 else:
     raise SystemExit(f"unknown framework {FRAMEWORK}")
