@@ -56,13 +56,13 @@ app = FastAPI()
 def classify(body: Classify) -> dict:
     otel.set_tags(intent="classify")
     log.info("classifying request: %s", body.prompt, extra={"model_id": "resnet-demo", "model_version": "v2"})
-    if body.fail:
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
     if body.slow:
         time.sleep(1.2)  # a slow request: the sidecar keeps every one
+    # a bad request sends features of the wrong width: the model's forward raises (a 500 with its stack)
+    features = torch.randn(body.batch, 63 if body.fail else 64)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        labels = classifier(torch.randn(body.batch, 64)).argmax(dim=1).tolist()
+        labels = classifier(features).argmax(dim=1).tolist()
     log.info("classified", extra={"execution_time_ms": round((time.perf_counter() - t0) * 1000, 3)})
     return {"labels": labels}
 

@@ -171,6 +171,16 @@ DETECTOR_NAMES: tuple[str, ...] = tuple(d.name for d in DETECTORS)
 #: Excluding ``s`` is what keeps ``gen_ai.usage.input_tokens`` from flagging every GenAI span.
 _KEY_END = r"(?:[^sS]|$|\C[\x01-\x0f])"
 
+#: OpenTelemetry semantic-convention keys that a built-in key pattern would match but that hold
+#: measurements, not secrets (the GenAI latency of the first / each output *token*). The
+#: built-in key rules skip them; their values are still scanned by the detectors.
+SEMCONV_MEASUREMENT_KEYS: frozenset[str] = frozenset({
+    "gen_ai.server.time_to_first_token",
+    "gen_ai.server.time_per_output_token",
+    "gen_ai.client.time_to_first_token",
+    "gen_ai.client.time_per_output_token",
+})
+
 #: Built-in key patterns (name, regex, wire hint), matched anywhere in the key, case-insensitively.
 #: ``token`` only matches keys that *end* in token, so ``gen_ai.usage.input_tokens`` and
 #: ``token_count`` stay readable while ``access_token`` and ``x-auth-token`` do not.

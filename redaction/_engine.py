@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Mapping, Sequence, TypeVar
 import re2
 
 from redaction._config import Action, RedactionConfig, RedactionConfigError, compile_regex
-from redaction._detectors import BUILTIN_KEY_PATTERNS, DETECTORS
+from redaction._detectors import BUILTIN_KEY_PATTERNS, DETECTORS, SEMCONV_MEASUREMENT_KEYS
 
 _UNANCHORED = re2._Anchor.UNANCHORED  # noqa: SLF001 - the raw RE2 API is what makes scanning cheap
 _ANCHOR_BOTH = re2._Anchor.ANCHOR_BOTH  # noqa: SLF001
@@ -164,12 +164,14 @@ class RedactionEngine:
     # --- construction ---------------------------------------------------------------------
 
     @staticmethod
-    def _compile_key_rules(config: RedactionConfig, hash_users: list[str]) -> list[tuple[object, KeyAction]]:
-        rules: list[tuple[object, KeyAction]] = []
+    def _compile_key_rules(config: RedactionConfig, hash_users: list[str]) -> list[tuple[object, KeyAction, bool]]:
+        """(regex, action, built-in?) in order; built-in rules skip the semantic-convention measurements."""
+        rules: list[tuple[object, KeyAction, bool]] = []
         default = _key_action(config.blocked_key_action)
         if config.builtin_blocked_key_patterns:
             for name, pattern, _ in BUILTIN_KEY_PATTERNS:
-                rules.append((compile_regex(pattern), KeyAction(name, default, "[REDACTED]", (name, default.value))))
+                rules.append((compile_regex(pattern), KeyAction(name, default, "[REDACTED]", (name, default.value)),
+                              True))
             if default is Action.HASH:
                 hash_users.append("blocked_key_action")
         for i, rule in enumerate(config.blocked_key_patterns):
@@ -177,7 +179,8 @@ class RedactionEngine:
             action = _key_action(rule.action) if rule.action is not None else default
             if action is Action.HASH:
                 hash_users.append(name)
-            rules.append((compile_regex(rule.pattern), KeyAction(name, action, rule.replacement, (name, action.value))))
+            rules.append((compile_regex(rule.pattern), KeyAction(name, action, rule.replacement, (name, action.value)),
+                          False))
         return rules
 
     @staticmethod
@@ -263,8 +266,9 @@ class RedactionEngine:
     def _classify(self, key: str) -> object:
         if key in self._ignored:
             return IGNORE
-        for rx, action in self._key_rules:
-            if rx.search(key) is not None:
+        measurement = key in SEMCONV_MEASUREMENT_KEYS
+        for rx, action, builtin in self._key_rules:
+            if rx.search(key) is not None and not (builtin and measurement):
                 return action
         if self._allowed_keys is not None and key not in self._allowed_keys:
             return self._disallowed

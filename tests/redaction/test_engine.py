@@ -205,3 +205,15 @@ def test_anchored_user_patterns_still_match_every_value():
     eng = RedactionEngine(RedactionConfig(blocked_values=[r"^secret-\d+$", r"\Atop-\w+\z"]))
     out = redact_roots(eng, [{"a": "x", "b": "secret-42", "c": "top-level", "d": "no secret-42"}], [None], {})
     assert out.roots[0] == {"a": "x", "b": "[REDACTED]", "c": "[REDACTED]", "d": "no secret-42"}
+
+
+def test_genai_latency_keys_are_measurements_not_tokens():
+    """``gen_ai.server.time_to_first_token`` ends in "token" but holds a latency: it stays readable."""
+    from redaction import RedactionConfig, RedactionEngine
+    from redaction._engine import SCAN
+
+    engine = RedactionEngine(RedactionConfig())
+    assert engine.key_action("gen_ai.server.time_to_first_token") is SCAN
+    assert engine.key_action("gen_ai.server.time_per_output_token") is SCAN
+    assert engine.key_action("access_token") is not SCAN
+    assert engine.key_action("x-auth-token") is not SCAN
