@@ -11,6 +11,7 @@ The protobuf adapter lives in :mod:`redaction.otlp`; the in-process SDK adapters
 
 from redaction._config import (
     Action,
+    linear_regex,
     DetectorConfig,
     DetectorsConfig,
     KeyRule,
@@ -35,5 +36,6 @@ __all__ = [
     "RedactionEngine",
     "RedactionStats",
     "ValueRule",
+    "linear_regex",
     "load_redaction_config",
 ]

@@ -91,13 +91,13 @@ class StringAttributeConfig(ConfigModel):
     @model_validator(mode="after")
     def _regexes_compile(self) -> "StringAttributeConfig":
         if self.enabled_regex_matching:
-            import re2
+            from redaction import linear_regex
 
             for i, pattern in enumerate(self.values):
                 try:
-                    re2.compile(pattern)
-                except re2.error as e:
-                    raise ValueError(f"values[{i}]: invalid regular expression {pattern!r}: {e}") from None
+                    linear_regex(pattern)
+                except ValueError as e:
+                    raise ValueError(f"values[{i}]: {e}") from None
         return self
 
 

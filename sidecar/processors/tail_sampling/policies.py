@@ -137,9 +137,9 @@ class StringAttribute(_Attribute):
     def __init__(self, name: str, key: str, values: list[str], regex: bool, invert: bool):
         self.name, self.key, self.invert = name, key, invert
         if regex:
-            import re2
+            from redaction import linear_regex
 
-            searches = [re2.compile(v).search for v in values]
+            searches = [linear_regex(v).search for v in values]
             self._match_str = lambda s: any(search(s) for search in searches)
         else:
             exact = frozenset(values)

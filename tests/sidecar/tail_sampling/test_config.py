@@ -105,7 +105,7 @@ def test_invalid_regex_fails_at_load():
     (p,) = problems(with_policies(
         "{name: a, type: string_attribute, string_attribute: {key: k, values: ['(unclosed'],"
         " enabled_regex_matching: true}}"))
-    assert p.startswith("processors.tail_sampling.policies[0].string_attribute: values[0]: invalid regular expression")
+    assert p == "processors.tail_sampling.policies[0].string_attribute: values[0]: invalid regex '(unclosed': missing )"
 
 
 def test_composite_references_must_exist():
