@@ -237,31 +237,28 @@ class InstrumentedModel(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         d = self._describe
         tensors = d.tensors(args, kwargs)
-        span = self._tracer.start_span(self._span_name, attributes=self._static)
+        attributes = dict(self._static)
+        device = None
+        if tensors:
+            first = tensors[0]
+            device = first.device
+            attributes["ml.batch_size"] = first.shape[0] if first.dim() else 1
+            attributes["ml.input.shapes"] = [d.shape(t.shape) for t in tensors]
+            attributes["ml.input.dtypes"] = [d.dtype(t.dtype) for t in tensors]
+            attributes["ml.device"] = d.device(device)
+        attributes["ml.grad_enabled"] = torch.is_grad_enabled()
+        attributes["ml.inference_mode"] = torch.is_inference_mode_enabled()
+        # one attribute set at start (cheaper than set_attributes after), so samplers see them too
+        span = self._tracer.start_span(self._span_name, attributes=attributes)
         token = attach(set_span_in_context(span))
         ctx = _CURRENT.get()
         if ctx is not None:
             ctx.model_id = self.model_id
             ctx.model_version = self.model_version
-        cuda = begun = device = None
-        if span.is_recording():
-            if tensors:
-                first = tensors[0]
-                device = first.device
-                span.set_attributes({
-                    "ml.batch_size": first.shape[0] if first.dim() else 1,
-                    "ml.input.shapes": [d.shape(t.shape) for t in tensors],
-                    "ml.input.dtypes": [d.dtype(t.dtype) for t in tensors],
-                    "ml.device": d.device(device),
-                    "ml.grad_enabled": torch.is_grad_enabled(),
-                    "ml.inference_mode": torch.is_inference_mode_enabled(),
-                })
-                if self._cuda is not None and device.type in self._gpu_types:
-                    cuda = self._cuda
-                    begun = cuda.begin(device)
-            else:
-                span.set_attributes({"ml.grad_enabled": torch.is_grad_enabled(),
-                                     "ml.inference_mode": torch.is_inference_mode_enabled()})
+        cuda = begun = None
+        if device is not None and self._cuda is not None and device.type in self._gpu_types and span.is_recording():
+            cuda = self._cuda
+            begun = cuda.begin(device)
         try:
             out = self._call(*args, **kwargs)
         except BaseException as e:
@@ -277,6 +274,10 @@ class InstrumentedModel(torch.nn.Module):
         finally:
             detach(token)
             span.end()
+
+    # The wrapper adds no hooks of its own: calling it goes straight to forward instead of through
+    # nn.Module's hook dispatch (hooks registered on the wrapped model still run, in its own call).
+    __call__ = forward
 
     def __getattr__(self, name: str) -> Any:
         try:
