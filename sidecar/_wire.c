@@ -826,7 +826,75 @@ static PyObject *log_runs(PyObject *self, PyObject *args)
     return c.nest.out;
 }
 
+/* --- id lengths (the receiver's check) --------------------------------------------------------------- */
+
+typedef struct {
+    int logs;           /* 0: spans, 1: log records */
+    Py_ssize_t items;
+    int bad_id;
+} IdCheckCtx;
+
+static int idcheck_resource(void *ctx, Py_ssize_t index, Slice rs) { (void)ctx; (void)index; (void)rs; return 0; }
+static int idcheck_scope(void *ctx, Slice ss) { (void)ctx; (void)ss; return 0; }
+
+/* Spans need a 16-byte trace id and an 8-byte span id, and a parent id that is empty or 8 bytes;
+ * log records need each id empty or full length. As in a parsed message, the last occurrence of a
+ * field wins and an occurrence with another wire type is an unknown field. */
+static int idcheck_item(void *vctx, Slice item)
+{
+    IdCheckCtx *c = vctx;
+    c->items++;
+    if (c->bad_id)
+        return 0;
+    uint32_t trace_f = c->logs ? 9 : 1, span_f = c->logs ? 10 : 2;
+    Py_ssize_t trace_n = 0, span_n = 0, parent_n = 0;
+    Reader r = reader_of(item);
+    uint32_t f;
+    int wt;
+    uint64_t num;
+    Slice s;
+    while (r.p < r.end) {
+        if (rd_field(&r, &f, &wt, &num, &s) < 0)
+            return -1;
+        if (wt != WT_LEN)
+            continue;
+        if (f == trace_f)
+            trace_n = s.n;
+        else if (f == span_f)
+            span_n = s.n;
+        else if (!c->logs && f == 4)
+            parent_n = s.n;
+    }
+    if (c->logs)
+        c->bad_id = (trace_n != 0 && trace_n != 16) || (span_n != 0 && span_n != 8);
+    else
+        c->bad_id = trace_n != 16 || span_n != 8 || (parent_n != 0 && parent_n != 8);
+    return 0;
+}
+
+PyDoc_STRVAR(check_ids_doc,
+"check_ids(request: bytes, logs: bool) -> int\n\n"
+"Spans (or log records) in an encoded Export{Trace,Logs}ServiceRequest, or -1 when one has an id of\n"
+"the wrong length (the receiver then describes it from the parsed message).");
+
+static PyObject *check_ids(PyObject *self, PyObject *args)
+{
+    (void)self;
+    const char *data;
+    Py_ssize_t len;
+    int logs;
+    if (!PyArg_ParseTuple(args, "y#p", &data, &len, &logs))
+        return NULL;
+    IdCheckCtx c = {logs, 0, 0};
+    Walk w = {idcheck_resource, idcheck_scope, idcheck_item};
+    Slice req = {(const uint8_t *)data, len};
+    if (walk_request(req, &w, &c) < 0)
+        return NULL;
+    return PyLong_FromSsize_t(c.bad_id ? -1 : c.items);
+}
+
 static PyMethodDef methods[] = {
+    {"check_ids", check_ids, METH_VARARGS, check_ids_doc},
     {"span_metric_rows", span_metric_rows, METH_VARARGS, span_metric_rows_doc},
     {"span_runs", span_runs, METH_VARARGS, span_runs_doc},
     {"log_runs", log_runs, METH_VARARGS, log_runs_doc},

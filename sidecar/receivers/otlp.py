@@ -178,6 +178,18 @@ _CHECKERS: dict[Signal, Callable[[Request], int]] = {
     Signal.TRACES: _check_traces, Signal.LOGS: _check_logs, Signal.METRICS: _check_metrics,
 }
 
+try:  # the optional C scanner checks the same rules on the received bytes, without touching the message
+    from sidecar._wire import check_ids as _check_ids_wire
+except ImportError:  # pragma: no cover - exercised where the extension is not built
+    _check_ids_wire = None
+
+
+def _check(signal: Signal, request: Request, raw: bytes | None) -> int:
+    """Items in the request, or -1 when an id has the wrong length."""
+    if raw is not None and _check_ids_wire is not None and signal is not Signal.METRICS:
+        return _check_ids_wire(raw, signal is Signal.LOGS)
+    return _CHECKERS[signal](request)
+
 
 def _id_problem(value: bytes, want: int, may_be_empty: bool) -> str | None:
     got = len(value)
@@ -292,7 +304,7 @@ class OTLPReceiver(Component):
 
         ``raw`` is the protobuf the request was parsed from: stages that need the encoding reuse it.
         """
-        n = _CHECKERS[signal](request)
+        n = _check(signal, request, raw)
         if n < 0:
             n = count_items(signal, request)
             self._telemetry.received(signal, n)
