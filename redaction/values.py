@@ -57,15 +57,26 @@ def redact_roots(engine: RedactionEngine, roots: Sequence[Any], labels: Sequence
     return Redacted(new_roots, masked, dropped)
 
 
+_SCALARS = (int, float, bool, bytes, type(None))
+
+
 def _walk(engine: RedactionEngine, node: Any, path: tuple, leaves: list, results: dict, tally: Tally) -> None:
     if isinstance(node, str):
         if node:
             leaves.append((path, node))
     elif isinstance(node, Mapping):
+        cached = engine._key_cache.get  # noqa: SLF001 - the hot path: one dict lookup per key
         for key, value in node.items():
-            decision = engine.key_action(str(key))
+            decision = cached(key)
+            if decision is None:
+                decision = engine.key_action(str(key))
             if decision is SCAN:
-                _walk(engine, value, path + (key,), leaves, results, tally)
+                kind = type(value)
+                if kind is str:  # the common case, without a call
+                    if value:
+                        leaves.append((path + (key,), value))
+                elif kind not in _SCALARS:
+                    _walk(engine, value, path + (key,), leaves, results, tally)
             elif decision is not IGNORE:
                 results[path + (key,)] = _key_rule(engine, decision, value, tally)
     elif isinstance(node, (list, tuple)):

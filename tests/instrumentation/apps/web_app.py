@@ -20,7 +20,7 @@ log = logging.getLogger("inference")
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 
 if TELEMETRY:
-    otel.configure(service_name=f"{FRAMEWORK}-classifier", resource_attributes={"deployment.environment": "test"})
+    otel.configure(service_name=f"{FRAMEWORK}-classifier", resource_attributes={"deployment.environment": "test"}, redaction=os.environ.get("REDACTION", "on") == "on")
 
 torch.manual_seed(0)
 net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
