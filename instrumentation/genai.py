@@ -57,15 +57,20 @@ class _Instruments:
                            explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS)
 
 
-_instruments: dict[int, _Instruments] = {}
+_instruments: dict[int, tuple[Any, _Instruments]] = {}
 
 
 def _instruments_for(meter_provider: Any) -> _Instruments:
+    """The instruments of ``meter_provider`` (None: the global one), created on first use.
+
+    The entry keeps the provider it was made for and is checked by identity, so a provider
+    created later at a recycled address never gets another provider's instruments.
+    """
     key = id(meter_provider) if meter_provider is not None else 0
-    inst = _instruments.get(key)
-    if inst is None:
-        inst = _instruments[key] = _Instruments(meter_provider)
-    return inst
+    entry = _instruments.get(key)
+    if entry is None or entry[0] is not meter_provider:
+        entry = _instruments[key] = (meter_provider, _Instruments(meter_provider))
+    return entry[1]
 
 
 class Generation:
