@@ -150,6 +150,13 @@ class BaseExporter(Component):
         """Send one request within ``timeout`` seconds; return the number of items the backend rejected."""
         raise NotImplementedError
 
+    #: True for exporters that send OTLP protobuf and implement :meth:`push_encoded`
+    sends_encoded = False
+
+    def push_encoded(self, signal: Signal, body: bytes, timeout: float) -> int:
+        """Send an already encoded request (one, or several concatenated) within ``timeout``."""
+        raise NotImplementedError
+
     def push_many(self, signal: Signal, requests: list[Request], timeout: float) -> int:
         """Send several requests as one export. The default merges them into one message;
         exporters that can concatenate encodings (the OTLP ones) override this to skip the copy."""
@@ -267,7 +274,11 @@ class BaseExporter(Component):
         """Export one or more same-signal queue items as one request, then forget them."""
         signal = items[0].signal
         n = sum(i.items for i in items)
-        result = self._send(signal, [i.request for i in items], n)
+        if self.sends_encoded:  # the encodings the queue holds (or makes), as they are
+            body = items[0].wire if len(items) == 1 else b"".join([i.wire for i in items])
+            result = self._send_encoded(signal, body, n)
+        else:
+            result = self._send(signal, [i.request for i in items], n)
         outcome = result.outcome
         if outcome is Outcome.EXPORTED:
             self._count_exported(signal, n, result.value)
@@ -280,6 +291,9 @@ class BaseExporter(Component):
         for item in items:
             q.done(item)
 
+    def _send_encoded(self, signal: Signal, body: bytes, n: int) -> Result:
+        return self._retrying(signal, n, lambda: self.push_encoded(signal, body, self._timeout))
+
     def _send(self, signal: Signal, requests: list[Request], n: int) -> Result:
         if len(requests) == 1:
             request = requests[0]
@@ -289,6 +303,10 @@ class BaseExporter(Component):
         else:
             def attempt():
                 return self.push_many(signal, requests, self._timeout)
+        return self._retrying(signal, n, attempt)
+
+    def _retrying(self, signal: Signal, n: int, attempt) -> Result:
+        """One export through the retry sender, with its outcome logged and classified."""
 
         def on_retry(err: RetryableError, delay: float) -> None:
             self.telemetry.retried(signal, n)

@@ -175,13 +175,15 @@ class OTLPExporter(BaseExporter):
         if self._channel is not None:
             self._channel.close()
 
+    sends_encoded = True
+
     def push(self, signal: Signal, request: Request, timeout: float) -> int:
-        return self._push_encoded(signal, request.SerializeToString(), timeout)
+        return self.push_encoded(signal, request.SerializeToString(), timeout)
 
     def push_many(self, signal: Signal, requests: list[Request], timeout: float) -> int:
-        return self._push_encoded(signal, b"".join([r.SerializeToString() for r in requests]), timeout)
+        return self.push_encoded(signal, b"".join([r.SerializeToString() for r in requests]), timeout)
 
-    def _push_encoded(self, signal: Signal, body: bytes, timeout: float) -> int:
+    def push_encoded(self, signal: Signal, body: bytes, timeout: float) -> int:
         try:
             response = self._export[signal](body, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as e:

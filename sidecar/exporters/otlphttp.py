@@ -112,6 +112,7 @@ class OTLPHTTPExporter(BaseExporter):
             self._headers["Content-Encoding"] = "gzip"
         self._gzip = cfg.compression == "gzip"
         self._json = cfg.encoding == "json"
+        self.sends_encoded = not self._json  # protobuf: queued encodings go out as they are
         self._pool: urllib3.PoolManager | None = None
 
     def _open(self) -> None:
@@ -126,6 +127,9 @@ class OTLPHTTPExporter(BaseExporter):
     def _close(self) -> None:
         if self._pool is not None:
             self._pool.clear()
+
+    def push_encoded(self, signal: Signal, body: bytes, timeout: float) -> int:
+        return self._post(signal, body, timeout)
 
     def push(self, signal: Signal, request: Request, timeout: float) -> int:
         if self._json:

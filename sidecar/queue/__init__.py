@@ -8,20 +8,48 @@ so a crash between the two delivers it again (at-least-once).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from sidecar.signals import Request, Signal
 
 
-@dataclass(eq=False)
 class QueueItem:
-    signal: Signal
-    request: Request
-    #: spans / log records / data points, counted once when the item was accepted
-    items: int
-    #: where a persistent queue keeps it (None in memory)
-    key: str | None = field(default=None, repr=False)
+    """One accepted request: its message, its wire encoding, or both.
+
+    A queue keeps the encoding when it is known for free (the bytes the request was received
+    or batched as; what a persistent queue reads from disk) and then no message at all — about a
+    fifth of the memory — and the OTLP exporters send those bytes as they are. Whichever form is
+    missing is made on first use.
+    """
+
+    __slots__ = ("signal", "items", "key", "_request", "_wire")
+
+    def __init__(self, signal: Signal, request: Request | None, items: int, key: str | None = None, *,
+                 wire: bytes | None = None):
+        if request is None and wire is None:
+            raise ValueError("a queue item needs its request or its encoding")
+        self.signal = signal
+        #: spans / log records / data points, counted once when the item was accepted
+        self.items = items
+        #: where a persistent queue keeps it (None in memory)
+        self.key = key
+        self._request = request
+        self._wire = wire
+
+    @property
+    def request(self) -> Request:
+        if self._request is None:
+            self._request = self.signal.request_type.FromString(self._wire)
+        return self._request
+
+    @property
+    def wire(self) -> bytes:
+        if self._wire is None:
+            self._wire = self._request.SerializeToString()
+        return self._wire
+
+    def __repr__(self) -> str:
+        return f"QueueItem({self.signal.value}, {self.items} items)"
 
 
 class SendingQueue(Protocol):

@@ -7,7 +7,7 @@ import threading
 
 from sidecar.component import Refused
 from sidecar.queue import QueueItem
-from sidecar.signals import Request, Signal
+from sidecar.signals import Request, Signal, received_encoding
 
 
 class MemoryQueue:
@@ -27,7 +27,9 @@ class MemoryQueue:
                 raise Refused("shutting_down")
             if len(self._items) >= self.capacity:
                 raise Refused("queue_full", message=f"sending queue is full ({self.capacity} requests)")
-            self._items.append(QueueItem(signal, request, items))
+            raw = received_encoding(request)
+            self._items.append(QueueItem(signal, None, items, wire=raw) if raw is not None
+                               else QueueItem(signal, request, items))
             self._count += items
             self._cond.notify()
 

@@ -155,11 +155,13 @@ class PersistentQueue:
                     return None
                 name, signal, items = self._entries.popleft()
                 self._count -= items
-            request = self._read(name, signal, items)
-            if request is not None:
-                return QueueItem(signal, request, items, key=name)
+            read = self._read(name, signal, items)
+            if read is not None:
+                request, payload = read
+                return QueueItem(signal, request, items, key=name, wire=payload)
 
-    def _read(self, name: str, signal: Signal, items: int) -> Request | None:
+    def _read(self, name: str, signal: Signal, items: int) -> tuple[Request, bytes] | None:
+        """The request in a queue file and its encoding; None (counted, logged) when the file is damaged."""
         path = self.directory / name
         problem = None
         try:
@@ -171,10 +173,9 @@ class PersistentQueue:
         else:
             problem = _check(data)
             if problem is None:
-                request = signal.request_type()
+                payload = data[_HEADER.size:]
                 try:
-                    request.ParseFromString(data[_HEADER.size:])
-                    return request
+                    return signal.request_type.FromString(payload), payload
                 except DecodeError as e:
                     problem = f"not a valid {signal.value} request: {e}"
         log.warning("%s: skipping corrupt queue file %s (%s); %d %s lost",
