@@ -14,7 +14,7 @@ if [ ! -f "$stamp" ]; then
   # resolving a CUDA build for anything that depends on torch.
   .venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v -i warning || true
   .venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -v -i warning || true
-  .venv/bin/python -c "import sidecar, instrumentation, redaction, torch, opentelemetry.sdk" 
+  .venv/bin/python -W ignore -c "import sidecar, instrumentation, redaction, torch, opentelemetry.sdk"
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
