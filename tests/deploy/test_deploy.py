@@ -68,7 +68,9 @@ def test_dashboard_and_alerts_query_metrics_the_sidecar_exposes():
     cfg = parse_config((ROOT / "collector-config" / "sidecar.yaml").read_text(), environ={
         "SIDECAR_STORAGE_DIR": "/tmp/sidecar-deploy-test", "SIDECAR_FILE_EXPORT_DIR": "/tmp/sidecar-deploy-test/out",
         "SIDECAR_OTLP_GRPC_ENDPOINT": "127.0.0.1:0", "SIDECAR_OTLP_HTTP_ENDPOINT": "127.0.0.1:0",
-        "SIDECAR_METRICS_ENDPOINT": "127.0.0.1:0", "SIDECAR_HEALTH_ENDPOINT": "127.0.0.1:0"})
+        "SIDECAR_METRICS_ENDPOINT": "127.0.0.1:0", "SIDECAR_HEALTH_ENDPOINT": "127.0.0.1:0",
+        # the pipeline runs inside pytest, whose RSS (torch and all) is not the sidecar's
+        "SIDECAR_MEMORY_LIMIT_MIB": "100000"})
     service = Service(cfg)
     service.start()
     try:
