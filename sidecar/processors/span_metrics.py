@@ -42,10 +42,7 @@ from sidecar.config import ConfigModel, Duration
 from sidecar.registry import CreateSettings, Factory
 from sidecar.signals import Request, Signal, count_items, encoded
 
-try:  # the optional C accelerator (sidecar/_wire.c); decided once, the pure-Python path is the fallback
-    from sidecar import _wire
-except ImportError:  # pragma: no cover - built by `pip install -e .` wherever a compiler is present
-    _wire = None
+from sidecar.accel import wire as _wire  # the optional C scanner; None: the pure-Python path
 
 log = logging.getLogger(__name__)
 

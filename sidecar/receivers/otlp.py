@@ -32,6 +32,7 @@ from google.rpc import error_details_pb2, status_pb2
 from prometheus_client import Counter
 from pydantic import Field, field_validator, model_validator
 
+from sidecar import accel as _accel
 from sidecar.component import Component, Consumer, Kind, Refused
 from sidecar.config import ConfigModel, HostPort, split_host_port
 from sidecar.otlp_json import OTLPJSONError, from_json
@@ -178,10 +179,8 @@ _CHECKERS: dict[Signal, Callable[[Request], int]] = {
     Signal.TRACES: _check_traces, Signal.LOGS: _check_logs, Signal.METRICS: _check_metrics,
 }
 
-try:  # the optional C scanner checks the same rules on the received bytes, without touching the message
-    from sidecar._wire import check_ids as _check_ids_wire
-except ImportError:  # pragma: no cover - exercised where the extension is not built
-    _check_ids_wire = None
+# the optional C scanner checks the same rules on the received bytes, without touching the message
+_check_ids_wire = _accel.wire.check_ids if _accel.wire is not None else None
 
 
 def _check(signal: Signal, request: Request, raw: bytes | None) -> int:

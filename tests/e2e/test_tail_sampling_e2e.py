@@ -85,11 +85,11 @@ service:
 class Sidecar:
     """A sidecar process with the sampling config, its backend and its ports."""
 
-    def __init__(self, **config):
+    def __init__(self, env: dict | None = None, **config):
         self.grpc_port, self.metrics_port = free_port(), free_port()
         self.backend = OTLPBackend().start()
         self.process = SidecarProcess(sampling_config(self.backend.endpoint, self.grpc_port, self.metrics_port,
-                                                      **config))
+                                                      **config), env=env)
 
     def __enter__(self) -> "Sidecar":
         try:
@@ -524,7 +524,8 @@ def test_two_sidecars_given_the_same_traces_differently_make_identical_decisions
     regrouped = [spans_request(flat[i:i + 97]) for i in range(0, len(flat), 97)]
     want = sum(len(t.spans) for t in traces if t.policy)
 
-    with Sidecar(decision_wait="3s") as a, Sidecar(decision_wait="3s") as b:
+    # the second sidecar also runs the pure-Python paths: the C scanner must not change a decision
+    with Sidecar(decision_wait="3s") as a, Sidecar(decision_wait="3s", env={"SIDECAR_PURE_PYTHON": "1"}) as b:
         def send_all(sc: Sidecar, requests: list) -> None:
             sender = sc.sender()
             for r in requests:

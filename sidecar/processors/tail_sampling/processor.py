@@ -38,10 +38,7 @@ from sidecar.processors.tail_sampling.decisions import LRU, with_threshold
 from sidecar.registry import CreateSettings
 from sidecar.signals import Request, Signal, count_items, encoded
 
-try:  # the optional C accelerator (sidecar/_wire.c); decided once, the pure-Python path is the fallback
-    from sidecar import _wire
-except ImportError:  # pragma: no cover - built by `pip install -e .` wherever a compiler is present
-    _wire = None
+from sidecar.accel import wire as _wire  # the optional C scanner; None: the pure-Python path
 
 log = logging.getLogger(__name__)
 
@@ -565,31 +562,7 @@ class TailSamplingProcessor(Component):
             buf.add_bytes(added)
             buf.over_budget(evicted)
             direct = n_immediate == n and not self._ready
-        if late_kept:
-            self._late[(Signal.LOGS, SAMPLED)].inc(late_kept)
-        if direct:
-            # nothing held back: forward the original request as is, and let a refusal reach the sender
-            try:
-                self._next.consume(Signal.LOGS, request)
-            except Refused as e:
-                self._tel.refused(Signal.LOGS, n, e.reason)
-                raise
-            self._tel.accepted(Signal.LOGS, n)
-            return
-        self._tel.accepted(Signal.LOGS, n)
-        if late_dropped:
-            self._tel.dropped(Signal.LOGS, late_dropped, "sampled_out")
-            self._late[(Signal.LOGS, NOT_SAMPLED)].inc(late_dropped)
-        if traceless_dropped:
-            self._tel.dropped(Signal.LOGS, traceless_dropped, "sampled_out")
-        if evicted:
-            self._count_evicted(evicted)
-        if immediate:
-            out = _Output(Signal.LOGS)
-            for rhead, shead, blobs in immediate:
-                out.add(rhead, shead, blobs)
-            self._enqueue(out)
-            self._flush()
+        self._finish_logs(request, n, direct, late_kept, late_dropped, traceless_dropped, evicted, immediate)
 
     def _resource_matches(self, attributes) -> int:
         """Bits of the attribute checks the resource's own value passes (spans without the key inherit it)."""
@@ -654,10 +627,19 @@ class TailSamplingProcessor(Component):
             buf.add_bytes(added)
             buf.over_budget(evicted)
             direct = len(immediate) == n and not self._ready
+        self._finish_logs(request, n, direct, late_kept, late_dropped, traceless_dropped, evicted,
+                          [(rhead, shead, [rec.SerializeToString()]) for (rhead, shead), rec in immediate])
+
+    def _finish_logs(self, request: Request, n: int, direct: bool, late_kept: int, late_dropped: int,
+                     traceless_dropped: int, evicted: list, immediate: list[tuple]) -> None:
+        """After a logs request is sorted: count it, and forward what is not held back.
+
+        ``immediate`` holds (resource head, scope head, encoded records) forwarded now; when that
+        is the whole request (``direct``) the request itself goes on, so a refusal reaches the sender.
+        """
         if late_kept:
             self._late[(Signal.LOGS, SAMPLED)].inc(late_kept)
         if direct:
-            # nothing held back: forward the original request as is, and let a refusal reach the sender
             try:
                 self._next.consume(Signal.LOGS, request)
             except Refused as e:
@@ -675,8 +657,8 @@ class TailSamplingProcessor(Component):
             self._count_evicted(evicted)
         if immediate:
             out = _Output(Signal.LOGS)
-            for (rhead, shead), rec in immediate:
-                out.add(rhead, shead, [rec.SerializeToString()])
+            for rhead, shead, blobs in immediate:
+                out.add(rhead, shead, blobs)
             self._enqueue(out)
             self._flush()
 
