@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from abc import ABC, abstractmethod
 from typing import Callable, Literal
 
 from pydantic import Field, field_validator
@@ -125,7 +126,7 @@ def partial_success(signal: Signal, response) -> tuple[int, str]:
     return getattr(ps, _REJECTED_FIELD[signal]), ps.error_message
 
 
-class BaseExporter(Component):
+class BaseExporter(Component, ABC):
     """Queue, workers, retry and counting; subclasses only ``push`` (and open/close their client)."""
 
     def __init__(self, settings: CreateSettings, *, timeout: float, queue: QueueConfig, retry: RetryConfig):
@@ -146,16 +147,20 @@ class BaseExporter(Component):
 
     # --- what subclasses provide ----------------------------------------------------------------
 
+    @abstractmethod
     def push(self, signal: Signal, request: Request, timeout: float) -> int:
         """Send one request within ``timeout`` seconds; return the number of items the backend rejected."""
-        raise NotImplementedError
 
-    #: True for exporters that send OTLP protobuf and implement :meth:`push_encoded`
+    #: True for exporters whose wire format is OTLP protobuf: queued encodings go to
+    #: :meth:`push_encoded` as they are, instead of being parsed into messages for :meth:`push`
     sends_encoded = False
 
     def push_encoded(self, signal: Signal, body: bytes, timeout: float) -> int:
-        """Send an already encoded request (one, or several concatenated) within ``timeout``."""
-        raise NotImplementedError
+        """Send an already encoded request (one, or several concatenated) within ``timeout``.
+
+        The OTLP exporters send the bytes themselves; any other exporter gets the message.
+        """
+        return self.push(signal, signal.request_type.FromString(body), timeout)
 
     def push_many(self, signal: Signal, requests: list[Request], timeout: float) -> int:
         """Send several requests as one export. The default merges them into one message;

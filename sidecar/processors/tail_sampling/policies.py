@@ -15,6 +15,7 @@ span matches.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Callable, Iterator, NamedTuple, Optional
 
 from sidecar.processors.tail_sampling.buffer import Trace
@@ -27,13 +28,13 @@ _STATUS = {"UNSET": 0, "OK": 1, "ERROR": 2}
 STATUS, TIMES, RANDOMNESS = "status", "times", "randomness"
 
 
-class Policy:
+class Policy(ABC):
     name: str
     needs: frozenset[str] = frozenset()
 
+    @abstractmethod
     def evaluate(self, trace: Trace, now: float) -> Optional[int]:
         """The threshold to record if this policy keeps ``trace``, else None."""
-        raise NotImplementedError
 
     def leaves(self) -> Iterator["Policy"]:
         """This policy and every sub-policy under it."""
@@ -125,8 +126,9 @@ class _Attribute(Policy):
     invert: bool
     bit: int = 0  # set by attribute_checks()
 
+    @abstractmethod
     def _matches(self, value) -> bool:
-        raise NotImplementedError
+        """Whether one attribute value passes this policy's test (the policy may invert the result)."""
 
     def evaluate(self, trace: Trace, now: float) -> Optional[int]:
         found = bool(trace.matched & self.bit)
