@@ -70,34 +70,38 @@ class _InSpan:
             await send(message)
 
     def _capturing(self, span: Any, receive: Receive, send: Send) -> tuple[Receive, Send]:
-        limit = self.limit
-        req: list[bytes] = []
-        req_size = [0]
-        resp: list[bytes] = []
-        resp_size = [0]
+        request = _CappedBody(span, "http.request.body", self.limit)
+        response = _CappedBody(span, "http.response.body", self.limit)
 
         async def capture_receive() -> Message:
             message = await receive()
             if message.get("type") == "http.request":
-                body = message.get("body", b"")
-                if req_size[0] < limit:
-                    req.append(body[: limit - req_size[0]])
-                req_size[0] += len(body)
-                if not message.get("more_body"):
-                    payload_attribute(span, "http.request.body", req, req_size[0], limit)
+                request.add(message)
             return message
 
         async def capture_send(message: Message) -> None:
             if message.get("type") == "http.response.body":
-                body = message.get("body", b"")
-                if resp_size[0] < limit:
-                    resp.append(body[: limit - resp_size[0]])
-                resp_size[0] += len(body)
-                if not message.get("more_body"):
-                    payload_attribute(span, "http.response.body", resp, resp_size[0], limit)
+                response.add(message)
             await send(message)
 
         return capture_receive, capture_send
+
+
+class _CappedBody:
+    """The first ``limit`` bytes of a streamed body; set on the span once the last chunk has passed."""
+
+    def __init__(self, span: Any, attribute: str, limit: int) -> None:
+        self.span, self.attribute, self.limit = span, attribute, limit
+        self.chunks: list[bytes] = []
+        self.size = 0
+
+    def add(self, message: Message) -> None:
+        body = message.get("body", b"")
+        if self.size < self.limit:
+            self.chunks.append(body[: self.limit - self.size])
+        self.size += len(body)
+        if not message.get("more_body"):
+            payload_attribute(self.span, self.attribute, self.chunks, self.size, self.limit)
 
 
 def _complete(messages: list[Message]) -> bool:

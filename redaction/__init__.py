@@ -11,13 +11,14 @@ The protobuf adapter lives in :mod:`redaction.otlp`; the in-process SDK adapters
 
 from redaction._config import (
     Action,
-    linear_regex,
     DetectorConfig,
     DetectorsConfig,
     KeyRule,
     RedactionConfig,
     RedactionConfigError,
     ValueRule,
+    format_problems,
+    linear_regex,
     load_redaction_config,
 )
 from redaction._detectors import BUILTIN_KEY_PATTERNS, DETECTOR_NAMES
@@ -36,6 +37,7 @@ __all__ = [
     "RedactionEngine",
     "RedactionStats",
     "ValueRule",
+    "format_problems",
     "linear_regex",
     "load_redaction_config",
 ]

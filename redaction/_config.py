@@ -168,14 +168,18 @@ class RedactionConfig(_Model):
 
 
 def format_problems(exc: ValidationError, prefix: str = "") -> list[str]:
-    """pydantic errors -> ``yaml.path[2].key: message`` lines (the sidecar's config loader does the same)."""
+    """pydantic errors -> ``yaml.path[2].key: message`` lines.
+
+    The one formatter of config errors: the sidecar's loader uses it for every section too
+    (it lives here because this package must not import the sidecar).
+    """
     out = []
     for err in exc.errors():
         path = prefix
         for part in err["loc"]:
             if isinstance(part, int):
                 path += f"[{part}]"
-            elif str(part).startswith("function-"):
+            elif str(part).startswith("function-") or part == "tagged-union":
                 continue
             else:
                 path = f"{path}.{part}" if path else str(part)

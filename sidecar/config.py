@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
+from redaction import format_problems as pydantic_problems  # the one YAML-path error formatter
 from sidecar.component import Kind
 from sidecar.signals import Signal
 
@@ -209,27 +210,6 @@ def expand_env(node: Any, path: str, problems: list[str], environ: dict[str, str
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
-
-
-def pydantic_problems(exc: ValidationError, prefix: str) -> list[str]:
-    """Turn pydantic errors into ``yaml.path[2].key: message`` lines."""
-    out = []
-    for err in exc.errors():
-        path = prefix
-        for part in err["loc"]:
-            if isinstance(part, int):
-                path += f"[{part}]"
-            elif isinstance(part, str) and part.startswith("function-") or part in ("tagged-union",):
-                continue
-            else:
-                path = _join(path, str(part))
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-        out.append(f"{path}: {msg}")
-    return out
 
 
 # --- loading ----------------------------------------------------------------------------------

@@ -398,23 +398,10 @@ class TailSamplingProcessor(Component):
                             buf.root_arrived(t, now)
             buf.add_bytes(added)
             buf.over_budget(evicted)
-        self._tel.accepted(Signal.TRACES, n)
-        if late_dropped:
-            self._tel.dropped(Signal.TRACES, late_dropped, "sampled_out")
-            self._late[(Signal.TRACES, NOT_SAMPLED)].inc(late_dropped)
-        if evicted:
-            self._count_evicted(evicted)
-        if late_kept or passthrough:
-            out = _Output(Signal.TRACES)
-            kept = _KeptSpans()
-            for rhead, shead, span, (policy, threshold) in late_kept:
-                out.add(rhead, shead, kept.encode([span.SerializeToString()], span.trace_state, threshold, policy))
-            for rhead, shead, span in passthrough:
-                out.add(rhead, shead, [span.SerializeToString()])
-            if late_kept:
-                self._late[(Signal.TRACES, SAMPLED)].inc(len(late_kept))
-            self._enqueue(out)
-            self._flush()
+        self._finish_traces(
+            n, late_dropped, evicted, len(late_kept),
+            [(rh, sh, [sp.SerializeToString()], sp.trace_state, decision) for rh, sh, sp, decision in late_kept],
+            [(rh, sh, [sp.SerializeToString()]) for rh, sh, sp in passthrough])
 
     def _consume_traces_wire(self, request: Request) -> None:
         """:meth:`_consume_traces` on the C scanner's runs (consecutive spans of one trace and tracestate):
@@ -486,23 +473,7 @@ class TailSamplingProcessor(Component):
                             buf.root_arrived(t, now)
             buf.add_bytes(added)
             buf.over_budget(evicted)
-        self._tel.accepted(Signal.TRACES, n)
-        if late_dropped:
-            self._tel.dropped(Signal.TRACES, late_dropped, "sampled_out")
-            self._late[(Signal.TRACES, NOT_SAMPLED)].inc(late_dropped)
-        if evicted:
-            self._count_evicted(evicted)
-        if late_kept or passthrough:
-            out = _Output(Signal.TRACES)
-            kept = _KeptSpans()
-            for rhead, shead, blobs, ts, (policy, threshold) in late_kept:
-                out.add(rhead, shead, kept.encode(blobs, ts, threshold, policy))
-            for rhead, shead, blobs in passthrough:
-                out.add(rhead, shead, blobs)
-            if n_late_kept:
-                self._late[(Signal.TRACES, SAMPLED)].inc(n_late_kept)
-            self._enqueue(out)
-            self._flush()
+        self._finish_traces(n, late_dropped, evicted, n_late_kept, late_kept, passthrough)
 
     def _consume_logs_wire(self, request: Request) -> None:
         """:meth:`_consume_logs` on the C scanner's runs (consecutive records of one trace, same severity side)."""
@@ -629,6 +600,29 @@ class TailSamplingProcessor(Component):
             direct = len(immediate) == n and not self._ready
         self._finish_logs(request, n, direct, late_kept, late_dropped, traceless_dropped, evicted,
                           [(rhead, shead, [rec.SerializeToString()]) for (rhead, shead), rec in immediate])
+
+    def _finish_traces(self, n: int, late_dropped: int, evicted: list, n_late_kept: int,
+                       late_kept: list[tuple], passthrough: list[tuple]) -> None:
+        """After a traces request is sorted: count it, and forward late spans of kept traces
+        ((resource head, scope head, encoded spans, tracestate, (policy, threshold))) and spans
+        without a trace id ((resource head, scope head, encoded spans))."""
+        self._tel.accepted(Signal.TRACES, n)
+        if late_dropped:
+            self._tel.dropped(Signal.TRACES, late_dropped, "sampled_out")
+            self._late[(Signal.TRACES, NOT_SAMPLED)].inc(late_dropped)
+        if evicted:
+            self._count_evicted(evicted)
+        if late_kept or passthrough:
+            out = _Output(Signal.TRACES)
+            kept = _KeptSpans()
+            for rhead, shead, blobs, ts, (policy, threshold) in late_kept:
+                out.add(rhead, shead, kept.encode(blobs, ts, threshold, policy))
+            for rhead, shead, blobs in passthrough:
+                out.add(rhead, shead, blobs)
+            if n_late_kept:
+                self._late[(Signal.TRACES, SAMPLED)].inc(n_late_kept)
+            self._enqueue(out)
+            self._flush()
 
     def _finish_logs(self, request: Request, n: int, direct: bool, late_kept: int, late_dropped: int,
                      traceless_dropped: int, evicted: list, immediate: list[tuple]) -> None:
