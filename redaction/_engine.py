@@ -76,6 +76,9 @@ class _ValueRule:
     core: int  # the group that is the secret (== group unless the pattern marks one)
     validator: object
     stat: tuple[str, str]
+    #: what a match becomes inside a name: the mask text, or ``[RULE_NAME]`` where the action
+    #: would drop, replace the whole value or hash (none of which suits a groupable name)
+    name_token: bytes
 
 
 class RedactionStats:
@@ -202,7 +205,9 @@ class RedactionEngine:
             if not has_core and _BATCH_UNSAFE.search(pattern):
                 batch_safe = False
             core = group + 1 if has_core and inner == 1 else group
-            rules.append(_ValueRule(name, action, replacement.encode(), group, core, validator, (name, action.value)))
+            token = replacement if action in (Action.MASK, Action.REPLACE) and replacement else f"[{name.upper()}]"
+            rules.append(_ValueRule(name, action, replacement.encode(), group, core, validator, (name, action.value),
+                                    token.encode()))
             alternatives.append(f"({pattern})")
             group += 1 + inner
         return rules, alternatives, batch_safe
@@ -302,8 +307,13 @@ class RedactionEngine:
             return [i for i, b in enumerate(bufs) if pre.Match(_UNANCHORED, b, 0, len(b))[0][0] >= 0]
         return _hits(pre, bufs, b"\n")
 
-    def scan(self, b: bytes, tally: Tally) -> "bytes | None | _Sentinel":
-        """Apply the value rules to one UTF-8 value: None if clean, new bytes, or :data:`DROP`."""
+    def scan(self, b: bytes, tally: Tally, *, name: bool = False) -> "bytes | None | _Sentinel":
+        """Apply the value rules to one UTF-8 value: None if clean, new bytes, or :data:`DROP`.
+
+        ``name=True`` is for span and event names, which backends group by: every action
+        masks only the matched part (``GET /users/[EMAIL]``), so a name is never dropped,
+        replaced whole or hashed into a unique value.
+        """
         full = self._full
         if full is None:
             return None
@@ -332,6 +342,13 @@ class RedactionEngine:
                 continue
             tally[rule.stat] = tally.get(rule.stat, 0) + 1
             action = rule.action
+            if name:
+                if pieces is None:
+                    pieces = []
+                pieces.append(b[last:cs])
+                pieces.append(rule.name_token)
+                last = pos = ce
+                continue
             if action is Action.DROP:
                 return DROP
             if action is Action.REPLACE:
@@ -345,6 +362,17 @@ class RedactionEngine:
             return None
         pieces.append(b[last:])
         return b"".join(pieces)
+
+    def redact_name(self, text: str, tally: Tally | None = None) -> str:
+        """A span, event or metric-label name with every match masked in place (never dropped)."""
+        local = {} if tally is None else tally
+        b = text.encode()
+        if not self.candidates([b]):
+            return text
+        out = self.scan(b, local, name=True)
+        if tally is None:
+            self.stats.merge(local)
+        return text if out is None else out.decode()
 
     def redact_text(self, text: str, tally: Tally | None = None) -> "str | _Sentinel":
         """One string through the value rules: the same object if clean, a new string, or :data:`DROP`."""

@@ -4,9 +4,10 @@ Covers resource, scope, span, span event and link attributes, span status messag
 log bodies (strings, and maps and arrays recursively; bytes are left alone), log
 attributes, and metric data point and exemplar attributes of every metric kind.
 
-Left alone on purpose: span names, event names, metric names and descriptions. They
-are low-cardinality identifiers chosen by instrumentation (``POST /predict``), not
-places for payloads; masking them would break grouping in every backend.
+Span names and span event names are scanned too, but only the matched part is masked
+(``GET /users/[EMAIL]/card/[CARD]``) whatever the rule's action, so names stay
+groupable in every backend. Metric names and descriptions are left alone: they are
+fixed by instrumentation, not places where request data lands.
 
 Walking a message from Python costs far more than serializing it in C, so each span,
 log record, metric, resource and scope is first serialized and all of them are scanned
@@ -84,8 +85,10 @@ class OtlpRedactor:
                 spans = ss.spans
                 for i in self._flagged(spans, _SPAN):
                     span = spans[i]
+                    b.name(span, span)
                     b.attrs(span.attributes, span)
                     for ev in span.events:
+                        b.name(ev, span)
                         b.attrs(ev.attributes, span)
                     for link in span.links:
                         b.attrs(link.attributes, span)
@@ -139,7 +142,7 @@ _METRIC = Metric.SerializeToString
 class _Batch:
     """The strings of one request, collected, then scanned together; key rules apply while collecting."""
 
-    __slots__ = ("engine", "cache", "targets", "bufs", "drops", "changed", "tally", "summary")
+    __slots__ = ("engine", "cache", "targets", "bufs", "drops", "changed", "tally", "summary", "names")
 
     def __init__(self, engine: RedactionEngine):
         self.engine = engine
@@ -150,6 +153,12 @@ class _Batch:
         self.drops: list[tuple] = []
         self.changed: dict[int, list] | None = None if engine.summary == "silent" else {}
         self.tally: Tally = {}
+        self.names: list = []  # spans and events whose name is scanned in name mode
+
+    def name(self, holder, item) -> None:
+        """A span or event name: masked in place, never dropped (see the module docstring)."""
+        if holder.name:
+            self.names.append((holder, item))
 
     def attrs(self, attrs, item) -> None:
         get = self.cache.get
@@ -219,6 +228,14 @@ class _Batch:
             else:
                 setattr(holder, field, out.decode())
                 self.note(item, key, dropped=False)
+        if self.names:
+            encoded_names = [holder.name.encode() for holder, _ in self.names]
+            for i in engine.candidates(encoded_names):
+                out = engine.scan(encoded_names[i], self.tally, name=True)
+                if out is not None:
+                    holder, item = self.names[i]
+                    holder.name = out.decode()
+                    self.note(item, "span.name" if holder is item else "event.name", dropped=False)
         for container, element in self.drops:
             container.remove(element)
         if self.changed:

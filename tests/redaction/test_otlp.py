@@ -176,3 +176,44 @@ def test_second_redaction_stage_updates_the_summary_instead_of_duplicating_it(re
     attrs = {kv.key: kv.value for kv in span.attributes}
     assert attrs["redaction.masked.count"].int_value == 7
     assert "late.note" in attrs["redaction.masked.keys"].string_value.split(",")
+
+
+# --- names: masked in place, never dropped, so they stay groupable ------------------------------
+
+def _named(span_name: str, event_name: str) -> ExportTraceServiceRequest:
+    req = ExportTraceServiceRequest()
+    span = req.resource_spans.add().scope_spans.add().spans.add(
+        name=span_name, trace_id=b"\x01" * 16, span_id=b"\x02" * 8)
+    span.events.add(name=event_name)
+    return req
+
+
+def test_pii_in_span_and_event_names_is_masked_in_place():
+    req = _named("GET /users/jane.doe@example.com/card/4111111111111111", "retry for bob@example.org")
+    tally = OtlpRedactor(RedactionEngine()).redact_traces(req)
+    span = req.resource_spans[0].scope_spans[0].spans[0]
+    assert span.name == "GET /users/[EMAIL]/card/[CARD]"
+    assert span.events[0].name == "retry for [EMAIL]"
+    assert sum(tally.values()) == 3
+    counts = {kv.key: kv.value.int_value for kv in span.attributes}
+    assert counts.get("redaction.masked.count") == 2
+
+
+def test_a_name_is_masked_even_when_the_rule_drops_or_hashes_values():
+    """A drop or hash rule would empty the name or make it unique per user: both break grouping."""
+    engine = RedactionEngine(RedactionConfig.model_validate(
+        {"hash_key_env": "K", "detectors": {"email": {"action": "drop"}, "payment_card": {"action": "hash"}}}),
+        environ={"K": "k"})
+    req = _named("GET /users/jane.doe@example.com/card/4111111111111111", "ok")
+    OtlpRedactor(engine).redact_traces(req)
+    name = req.resource_spans[0].scope_spans[0].spans[0].name
+    assert name.startswith("GET /users/[") and "example.com" not in name and "4111" not in name
+    assert name == "GET /users/[EMAIL]/card/[PAYMENT_CARD]"
+
+
+@pytest.mark.parametrize("name", ["POST /predict", "GET /v1/models/resnet50:predict", "db.query orders 2024-01-02"])
+def test_clean_names_are_left_alone(name):
+    req = _named(name, name)
+    OtlpRedactor(RedactionEngine()).redact_traces(req)
+    span = req.resource_spans[0].scope_spans[0].spans[0]
+    assert (span.name, span.events[0].name) == (name, name)
