@@ -7,16 +7,45 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
+mkdir -p var
+# pip's output goes to var/setup.log (build warnings are not errors); the terminal gets one progress
+# line per step, and the log's tail only when a step fails.
+pip_step() {
+  local what=$1; shift
+  local n=0 t0=$SECONDS line
+  echo "== install: $what (log: var/setup.log)"
+  if ! "$@" 2>&1 | tee -a var/setup.log | while IFS= read -r line; do
+      case "$line" in Collecting*|Processing*|Downloading*|Building*|Installing*)
+        n=$((n + 1))
+        if [ -t 1 ]; then printf '\r   %3d steps, %4ss  %-60.60s' "$n" "$((SECONDS - t0))" "$line"
+        elif [ $((n % 25)) = 0 ]; then echo "   $n steps, $((SECONDS - t0))s: $line"; fi ;;
+      esac
+    done; then
+    if [ -t 1 ]; then echo; fi
+    echo "error: $what failed; the last lines of var/setup.log:" >&2
+    tail -20 var/setup.log >&2
+    exit 1
+  fi
+  if [ -t 1 ]; then printf '\r%-80s\r' ''; fi
+  echo "   done in $((SECONDS - t0))s"
+}
 stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
 if [ ! -f "$stamp" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v -i warning || true
+  : > var/setup.log
+  set -o pipefail
+  pip_step "pip" .venv/bin/python -m pip install --upgrade pip
   # torch is pinned to the CPU build available locally; installing it first keeps pip from
   # resolving a CUDA build for anything that depends on torch.
-  .venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v -i warning || true
-  .venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -v -i warning || true
+  pip_step "torch (CPU build)" .venv/bin/python -m pip install "torch==2.13.0"
+  pip_step "the project and its dev extra" .venv/bin/python -m pip install -e ".[dev]"
   .venv/bin/python -W ignore -c "import sidecar, instrumentation, redaction, torch, opentelemetry.sdk"
   rm -f .venv/.installed-*
   touch "$stamp"
+fi
+# checkov (the Kubernetes policy scan in tests/deploy) pins packaging<24, which pytest cannot share: its own venv.
+if [ ! -x .venv-checkov/bin/checkov ]; then
+  "$PY" -m venv .venv-checkov
+  pip_step "checkov (own venv)" .venv-checkov/bin/python -m pip install "checkov==3.3.30"
 fi
 # promtool (Debian's prometheus package) checks the shipped alert rules.
 if ! command -v promtool >/dev/null 2>&1; then

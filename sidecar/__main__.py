@@ -8,19 +8,27 @@ import signal
 import sys
 import threading
 
+from sidecar import __version__
 from sidecar.config import ConfigError, load_config
 
 log = logging.getLogger("sidecar")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="otel-sidecar", description="OpenTelemetry sidecar collector for PyTorch inference")
-    p.add_argument("command", nargs="?", choices=("run", "validate"), default="run")
+    p = argparse.ArgumentParser(prog="otel-sidecar", description="OpenTelemetry sidecar collector for PyTorch inference",
+                                epilog="Look at what the file exporter kept: python -m sidecar traces --help")
+    p.add_argument("--version", action="version", version=f"otel-sidecar {__version__}")
+    p.add_argument("command", nargs="?", choices=("run", "validate"), default="run",
+                   help="run the collector (default) or only check the config")
     p.add_argument("--config", "-c", required=True, help="path to the YAML config")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["traces"]:  # the trace viewer has its own sub-commands and options
+        from sidecar.cli import main as traces_main
+        return traces_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         config = load_config(args.config)
