@@ -34,23 +34,34 @@ def to_json(signal: Signal, request: Request) -> str:
     return json.dumps(to_dict(signal, request), separators=(",", ":"))
 
 
+#: deeper than any OTLP message needs (protobuf's own parser stops at 100 levels too)
+MAX_DEPTH = 100
+
+
 def from_json(signal: Signal, body: bytes | str) -> Request:
     try:
         d = json.loads(body)
+    except RecursionError:
+        raise OTLPJSONError(f"invalid JSON: nested deeper than {MAX_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise OTLPJSONError(f"invalid JSON: {e}") from None
     return from_dict(signal, d)
 
 
 def from_dict(signal: Signal, d: dict) -> Request:
+    """An OTLP/JSON document as a request message; any problem is an :class:`OTLPJSONError` naming the field."""
     if not isinstance(d, dict):
         raise OTLPJSONError("the body must be a JSON object")
     _walk(signal, d, _hex_to_b64, "")
     msg = signal.request_type()
     try:
-        json_format.ParseDict(d, msg)
+        json_format.ParseDict(d, msg, max_recursion_depth=MAX_DEPTH)
     except json_format.ParseError as e:
         raise OTLPJSONError(str(e)) from None
+    except RecursionError:
+        raise OTLPJSONError(f"nested deeper than {MAX_DEPTH} levels") from None
+    except (TypeError, ValueError, AttributeError, OverflowError) as e:  # a value of the wrong JSON type
+        raise OTLPJSONError(f"invalid OTLP/JSON: {e}") from None
     return msg
 
 
@@ -84,38 +95,52 @@ def _fix_ids(obj: dict, fix, path: str) -> None:
             fix(obj, key, path)
 
 
-def _items(obj: dict, *keys: str) -> list:
+def _items(obj: dict, path: str, *keys: str) -> list:
+    """The objects in the array ``obj[key]`` (the first of ``keys`` present); each must be a JSON object."""
     for key in keys:
         if key in obj:
             value = obj[key]
+            if value is None:
+                return []
             if not isinstance(value, list):
-                raise OTLPJSONError(f"{key}: expected an array")
+                raise OTLPJSONError(f"{path}{key}: expected an array")
+            for i, item in enumerate(value):
+                if not isinstance(item, dict):
+                    raise OTLPJSONError(f"{path}{key}[{i}]: expected an object")
             return value
     return []
 
 
 def _walk(signal: Signal, d: dict, fix, _path: str) -> None:
     if signal is Signal.TRACES:
-        for i, rs in enumerate(_items(d, "resourceSpans", "resource_spans")):
-            for j, ss in enumerate(_items(rs, "scopeSpans", "scope_spans")):
-                for k, span in enumerate(_items(ss, "spans")):
+        for i, rs in enumerate(_items(d, "", "resourceSpans", "resource_spans")):
+            p = f"resourceSpans[{i}]."
+            for j, ss in enumerate(_items(rs, p, "scopeSpans", "scope_spans")):
+                p = f"resourceSpans[{i}].scopeSpans[{j}]."
+                for k, span in enumerate(_items(ss, p, "spans")):
                     p = f"resourceSpans[{i}].scopeSpans[{j}].spans[{k}]"
                     _fix_ids(span, fix, p)
-                    for n, link in enumerate(_items(span, "links")):
+                    for n, link in enumerate(_items(span, p + ".", "links")):
                         _fix_ids(link, fix, f"{p}.links[{n}]")
     elif signal is Signal.LOGS:
-        for i, rl in enumerate(_items(d, "resourceLogs", "resource_logs")):
-            for j, sl in enumerate(_items(rl, "scopeLogs", "scope_logs")):
-                for k, rec in enumerate(_items(sl, "logRecords", "log_records")):
-                    _fix_ids(rec, fix, f"resourceLogs[{i}].scopeLogs[{j}].logRecords[{k}]")
+        for i, rl in enumerate(_items(d, "", "resourceLogs", "resource_logs")):
+            p = f"resourceLogs[{i}]."
+            for j, sl in enumerate(_items(rl, p, "scopeLogs", "scope_logs")):
+                p = f"resourceLogs[{i}].scopeLogs[{j}]."
+                for k, rec in enumerate(_items(sl, p, "logRecords", "log_records")):
+                    _fix_ids(rec, fix, f"{p}logRecords[{k}]")
     else:
-        for i, rm in enumerate(_items(d, "resourceMetrics", "resource_metrics")):
-            for j, sm in enumerate(_items(rm, "scopeMetrics", "scope_metrics")):
-                for k, metric in enumerate(_items(sm, "metrics")):
+        for i, rm in enumerate(_items(d, "", "resourceMetrics", "resource_metrics")):
+            p = f"resourceMetrics[{i}]."
+            for j, sm in enumerate(_items(rm, p, "scopeMetrics", "scope_metrics")):
+                p = f"resourceMetrics[{i}].scopeMetrics[{j}]."
+                for k, metric in enumerate(_items(sm, p, "metrics")):
                     for kind in _METRIC_KINDS:
                         data = metric.get(kind)
-                        if isinstance(data, dict):
-                            for n, dp in enumerate(_items(data, "dataPoints", "data_points")):
-                                for e, ex in enumerate(_items(dp, "exemplars")):
-                                    _fix_ids(ex, fix, f"resourceMetrics[{i}].scopeMetrics[{j}].metrics[{k}]"
-                                                      f".{kind}.dataPoints[{n}].exemplars[{e}]")
+                        if data is not None and not isinstance(data, dict):
+                            raise OTLPJSONError(f"{p}metrics[{k}].{kind}: expected an object")
+                        if data:
+                            mp = f"{p}metrics[{k}].{kind}."
+                            for n, dp in enumerate(_items(data, mp, "dataPoints", "data_points")):
+                                for e, ex in enumerate(_items(dp, f"{mp}dataPoints[{n}].", "exemplars")):
+                                    _fix_ids(ex, fix, f"{mp}dataPoints[{n}].exemplars[{e}]")
