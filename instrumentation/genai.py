@@ -127,6 +127,12 @@ class Generation:
         inst.tokens.record(self.output_tokens, {**attrs, "gen_ai.token.type": "output"})
         if self.finish_reasons:
             final["gen_ai.response.finish_reasons"] = self.finish_reasons
+        for fn in _GEN_OBSERVERS:  # drift and cost summaries (instrumentation.drift)
+            try:
+                fn(self._metric_attrs["gen_ai.request.model"], None, self.input_tokens, self.output_tokens,
+                   end - self._start)
+            except Exception:  # noqa: BLE001 - an observer must never fail a generation
+                pass
         if self._first is not None:
             ttft = self._first - self._start
             final["gen_ai.server.time_to_first_token"] = ttft
@@ -239,3 +245,18 @@ _CURRENT_GEN: contextvars.ContextVar[Generation | None] = contextvars.ContextVar
 def current_generation() -> Generation | None:
     """The :class:`Generation` being traced in this context (inside a decorated function), else None."""
     return _CURRENT_GEN.get()
+
+
+#: Called when a generation ends as ``fn(model, model_version, input_tokens, output_tokens, seconds)``.
+_GEN_OBSERVERS: list[Callable[..., None]] = []
+
+
+def add_generation_observer(fn: Callable[..., None]) -> Callable[[], None]:
+    """Have ``fn`` see each finished generation (drift and cost summaries use this); returns its remover."""
+    _GEN_OBSERVERS.append(fn)
+
+    def remove() -> None:
+        if fn in _GEN_OBSERVERS:
+            _GEN_OBSERVERS.remove(fn)
+
+    return remove

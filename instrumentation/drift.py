@@ -1,0 +1,372 @@
+"""Drift and cost summaries per model version, aggregated in process and exported as OTel metrics.
+
+::
+
+    from instrumentation.drift import enable_drift
+
+    handle = enable_drift(sample_every=1)      # every instrumented forward and generation from now on
+    ...
+    handle.disable()
+
+Nothing lands on spans: each sampled forward adds a few values to SDK histograms with fixed
+explicit buckets (:data:`BOUNDS`), so windows and processes merge by adding bucket counts and
+the sidecar's ``drift`` processor can compare any window with a reference. Instruments (all with
+``ml.model.id``, ``ml.model.version`` and ``ml.drift.feature``):
+
+- ``ml.drift.value`` (histogram; negative values as magnitudes with ``ml.drift.sign="-"``):
+  numeric features, one value per sampled forward —
+  ``batch_size``; per input/output tensor ``input.0.mean|std|min|max|nan_share|inf_share|zero_share``
+  (``output.0...``); per column of a 2-D input with at most ``max_columns`` columns
+  ``input.0[3].mean|std|zero_share``; for classifiers ``output.top_score`` (batch mean of the top
+  softmax probability); for generations ``prompt_tokens`` and ``output_tokens``.
+- ``ml.drift.category`` (counter, plus ``ml.drift.category``): categorical features —
+  ``input.0.shape`` (batch dimension written ``*``), ``input.0.dtype``, ``output.label``
+  (predicted class, one count per row).
+- Cost: ``ml.cost.duration`` (histogram, seconds per forward or generation) and ``ml.cost.items``
+  (counter, batch rows) by ``ml.cost.size_bucket`` (elements per row of the first input, or prompt
+  tokens, rounded up to a power of 4: ``<=4Ki``) and ``ml.intent`` (the request's ``intent`` tag);
+  ``ml.cost.tokens`` (histogram) adds ``gen_ai.token.type``.
+
+Statistics are a handful of fused reductions on at most ``sample_rows`` rows, moved off the
+device only once reduced (one small transfer per forward). torch is imported on the first forward.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from opentelemetry import metrics, trace
+
+from instrumentation._context import _CURRENT
+
+_SCOPE = "instrumentation.drift"
+MODEL_ID = "ml.model.id"
+MODEL_VERSION = "ml.model.version"
+FEATURE = "ml.drift.feature"
+CATEGORY = "ml.drift.category"
+SIGN = "ml.drift.sign"
+SIZE_BUCKET = "ml.cost.size_bucket"
+INTENT = "ml.intent"
+
+
+def _log_bounds(lo_exp: int = -3, hi_exp: int = 4, per_decade: int = 10) -> tuple[float, ...]:
+    return (0.0,) + tuple(round(10 ** (k / per_decade), 12) for k in range(lo_exp * per_decade,
+                                                                           hi_exp * per_decade + 1))
+
+
+#: Fixed bucket bounds of every ``ml.drift.value`` histogram: 0 and 10^(k/10) for 1e-3..1e4 (a 26%
+#: step), so any two windows of any process have the same buckets. OTel histograms take no negative
+#: values: a negative value is recorded as its magnitude in the series marked ``ml.drift.sign="-"``,
+#: and the sidecar mirrors that series to rebuild the signed distribution.
+BOUNDS = _log_bounds()
+_DURATION_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_TOKEN_BOUNDS = tuple(float(4 ** k) for k in range(1, 12))
+_STATS = ("mean", "std", "min", "max", "nan_share", "inf_share", "zero_share")
+_COLUMN_STATS = ("mean", "std", "zero_share")
+_OTHER = "__other__"
+_INF = float("inf")
+_UNITS = ("", "Ki", "Mi", "Gi")
+
+
+def size_bucket(n: int) -> str:
+    """``n`` rounded up to a power of 4 (at least 16), as a label: ``<=64``, ``<=4Ki``, ``<=1Mi``."""
+    bound = 16
+    while bound < n:
+        bound *= 4
+    unit = 0
+    while bound >= 1024 and unit < len(_UNITS) - 1:
+        bound //= 1024
+        unit += 1
+    return f"<={bound}{_UNITS[unit]}"
+
+
+class _Instruments:
+    def __init__(self, meter_provider: Any) -> None:
+        meter = metrics.get_meter(_SCOPE, meter_provider=meter_provider)
+        self.value = meter.create_histogram(
+            "ml.drift.value", description="Per-forward summary statistics of model inputs and outputs",
+            explicit_bucket_boundaries_advisory=BOUNDS)
+        self.category = meter.create_counter(
+            "ml.drift.category", unit="{row}", description="Categorical input/output features (shape, dtype, label)")
+        self.duration = meter.create_histogram(
+            "ml.cost.duration", unit="s", description="Forward or generation duration by input size and intent",
+            explicit_bucket_boundaries_advisory=_DURATION_BOUNDS)
+        self.items = meter.create_counter(
+            "ml.cost.items", unit="{item}", description="Batch rows served, by input size and intent")
+        self.tokens = meter.create_histogram(
+            "ml.cost.tokens", unit="{token}", description="Tokens per generation by prompt size and intent",
+            explicit_bucket_boundaries_advisory=_TOKEN_BOUNDS)
+
+
+class _ModelState:
+    """Per (model id, version): the sample counter and every attribute dict, built once and reused."""
+
+    def __init__(self, model_id: str, model_version: str | None, max_categories: int) -> None:
+        self.base = {MODEL_ID: model_id, MODEL_VERSION: model_version or ""}
+        self.counter = itertools.count()
+        self._features: dict[str, dict[str, str]] = {}
+        self._negative: dict[str, dict[str, str]] = {}
+        self._categories: dict[tuple[str, str], dict[str, str]] = {}
+        self._per_feature: dict[str, int] = {}
+        self._cost: dict[tuple, dict[str, str]] = {}
+        self._max_categories = max_categories
+
+    def feature(self, name: str) -> dict[str, str]:
+        a = self._features.get(name)
+        if a is None:
+            a = self._features[name] = {**self.base, FEATURE: name}
+        return a
+
+    def negative(self, name: str) -> dict[str, str]:
+        a = self._negative.get(name)
+        if a is None:
+            a = self._negative[name] = {**self.base, FEATURE: name, SIGN: "-"}
+        return a
+
+    def category(self, feature: str, value: str) -> dict[str, str]:
+        a = self._categories.get((feature, value))
+        if a is None:
+            seen = self._per_feature.get(feature, 0)
+            if seen >= self._max_categories:  # bounded cardinality: the rest share one category
+                value = _OTHER
+                a = self._categories.get((feature, value))
+                if a is not None:
+                    return a
+            self._per_feature[feature] = seen + 1
+            a = self._categories[(feature, value)] = {**self.base, FEATURE: feature, CATEGORY: value}
+        return a
+
+    def cost(self, bucket: str, intent: str, extra: tuple = ()) -> dict[str, str]:
+        key = (bucket, intent, extra)
+        a = self._cost.get(key)
+        if a is None:
+            a = self._cost[key] = {**self.base, SIZE_BUCKET: bucket, INTENT: intent, **dict(extra)}
+        return a
+
+
+def _intent() -> str:
+    ctx = _CURRENT.get()
+    return ctx.tags.get("intent", "") if ctx is not None else ""
+
+
+def _span_seconds() -> float | None:
+    """Seconds since the current (forward) span started; None when it is not recording."""
+    start = getattr(trace.get_current_span(), "start_time", None)
+    return (time.time_ns() - start) / 1e9 if start else None
+
+
+class DriftObserver:
+    """Sees every instrumented forward (and generation) and records drift and cost summaries.
+
+    ``sample_every=N`` computes statistics on every Nth forward of each model version (cost
+    metrics are recorded for every forward); ``classifier=None`` treats a single 2-D float
+    output with 2..``max_classes`` columns as class scores (logits or probabilities).
+    """
+
+    def __init__(self, meter_provider: Any = None, *, sample_every: int = 1, sample_rows: int = 256,
+                 max_tensors: int = 4, max_columns: int = 16, max_classes: int = 1000,
+                 max_categories: int = 64, classifier: bool | None = None, cost: bool = True) -> None:
+        for name, v in (("sample_every", sample_every), ("sample_rows", sample_rows), ("max_tensors", max_tensors),
+                        ("max_categories", max_categories)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: must be an integer >= 1, got {v!r}")
+        self._inst = _Instruments(meter_provider)
+        self.sample_every = sample_every
+        self.sample_rows = sample_rows
+        self.max_tensors = max_tensors
+        self.max_columns = max_columns
+        self.max_classes = max_classes
+        self.max_categories = max_categories
+        self.classifier = classifier
+        self.cost = cost
+        self._states: dict[tuple[str, str | None], _ModelState] = {}
+        self._lock = threading.Lock()
+        self._torch: Any = None
+
+    def _state(self, model_id: str, model_version: str | None) -> _ModelState:
+        s = self._states.get((model_id, model_version))
+        if s is None:
+            with self._lock:
+                s = self._states.setdefault((model_id, model_version),
+                                            _ModelState(model_id, model_version, self.max_categories))
+        return s
+
+    # --- forward --------------------------------------------------------------------------------
+
+    def observe_forward(self, model_id: str, model_version: str | None, args: tuple, kwargs: dict,
+                        output: Any) -> None:
+        """The forward observer (``instrumentation.torch.add_forward_observer`` calls it)."""
+        torch = self._torch
+        if torch is None:
+            import torch as _torch
+
+            torch = self._torch = _torch
+        state = self._state(model_id, model_version)
+        inputs = _tensors(torch.Tensor, args, kwargs.values() if kwargs else ())
+        first = inputs[0] if inputs else None
+        rows = (first.shape[0] if first.dim() else 1) if first is not None else 1
+        if self.cost:
+            per_row = first.numel() // max(rows, 1) if first is not None else 0
+            attrs = state.cost(size_bucket(per_row), _intent())
+            seconds = _span_seconds()
+            if seconds is not None:
+                self._inst.duration.record(seconds, attrs)
+            self._inst.items.add(rows, attrs)
+        if next(state.counter) % self.sample_every:
+            return
+        outputs = _tensors(torch.Tensor, (output,), ())
+        self._summarize(torch, state, rows, inputs[:self.max_tensors], outputs[:self.max_tensors])
+
+    def _summarize(self, torch: Any, state: _ModelState, rows: int, inputs: list, outputs: list) -> None:
+        inst = self._inst
+        names: list[str] = []
+        parts: list[Any] = []
+        with torch.no_grad():
+            for prefix, tensors in (("input", inputs), ("output", outputs)):
+                for i, t in enumerate(tensors):
+                    name = f"{prefix}.{i}"
+                    inst.category.add(rows, state.category(name + ".shape", _shape(t)))
+                    inst.category.add(rows, state.category(name + ".dtype", str(t.dtype).removeprefix("torch.")))
+                    if t.numel() == 0 or t.is_complex():
+                        continue
+                    x = t.detach()
+                    if x.dim() and x.shape[0] > self.sample_rows:
+                        x = x[:self.sample_rows]
+                    if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16):
+                        x = x.float()
+                    parts.append(_stats(torch, x.reshape(-1)))
+                    names.extend(f"{name}.{s}" for s in _STATS)
+                    if prefix == "input" and x.dim() == 2 and 1 < x.shape[1] <= self.max_columns:
+                        parts.append(torch.stack((x.mean(0), x.std(0, correction=0) if x.shape[0] > 1 else
+                                                  torch.zeros_like(x[0]), (x == 0).float().mean(0))).reshape(-1))
+                        names.extend(f"{name}[{c}].{s}" for s in _COLUMN_STATS for c in range(x.shape[1]))
+            labels = None
+            if outputs and self._is_classifier(outputs):
+                scores = outputs[0].detach()[:self.sample_rows].float()
+                if (scores.sum(1) - 1).abs().amax() > 1e-3:  # logits -> probabilities
+                    scores = scores.softmax(1)
+                top, labels = scores.max(1)
+                parts.append(top.mean().reshape(1).to(torch.float64))
+                names.append("output.top_score")
+                labels = torch.bincount(labels.cpu(), minlength=1)
+            values = torch.cat([p.to(torch.float64).cpu() for p in parts]).tolist() if parts else []
+        record = inst.value.record
+        record(float(rows), state.feature("batch_size"))
+        for name, v in zip(names, values):
+            if v >= 0.0:
+                if v != _INF:
+                    record(v, state.feature(name))
+            elif v != -_INF:  # NaN fails both tests: NaN/Inf are counted as shares instead
+                record(-v, state.negative(name))
+        if labels is not None:
+            for label, n in enumerate(labels.tolist()):
+                if n:
+                    inst.category.add(n, state.category("output.label", str(label)))
+
+    def _is_classifier(self, outputs: list) -> bool:
+        if self.classifier is not None:
+            return self.classifier and outputs[0].dim() == 2
+        o = outputs[0]
+        return len(outputs) == 1 and o.dim() == 2 and o.is_floating_point() and 2 <= o.shape[1] <= self.max_classes
+
+    # --- generation -----------------------------------------------------------------------------
+
+    def observe_generation(self, model: str, model_version: str | None, input_tokens: int | None,
+                           output_tokens: int, seconds: float) -> None:
+        """The generation observer (``instrumentation.genai`` calls it when a generation ends)."""
+        state = self._state(model, model_version)
+        if self.cost:
+            attrs = state.cost(size_bucket(input_tokens or 0), _intent())
+            self._inst.duration.record(seconds, attrs)
+            self._inst.items.add(1, attrs)
+            if input_tokens is not None:
+                self._inst.tokens.record(input_tokens, state.cost(attrs[SIZE_BUCKET], attrs[INTENT],
+                                                                  (("gen_ai.token.type", "input"),)))
+            self._inst.tokens.record(output_tokens, state.cost(attrs[SIZE_BUCKET], attrs[INTENT],
+                                                               (("gen_ai.token.type", "output"),)))
+        if next(state.counter) % self.sample_every:
+            return
+        if input_tokens is not None:
+            self._inst.value.record(float(input_tokens), state.feature("prompt_tokens"))
+        self._inst.value.record(float(output_tokens), state.feature("output_tokens"))
+
+
+def _tensors(tensor_type: type, args: Any, more: Any) -> list:
+    out = []
+    for a in itertools.chain(args, more):
+        if isinstance(a, tensor_type):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(x for x in a if isinstance(x, tensor_type))
+        elif isinstance(a, Mapping):
+            out.extend(x for x in a.values() if isinstance(x, tensor_type))
+    return out
+
+
+def _shape(t: Any) -> str:
+    dims = list(t.shape)
+    return "x".join(["*", *map(str, dims[1:])]) if dims else "scalar"
+
+
+def _stats(torch: Any, x: Any) -> Any:
+    """mean, std, min, max, NaN share, Inf share, zero share of a flat tensor, in one stacked tensor.
+
+    The fast path assumes finite values; when NaN or Inf are present the first four are taken over
+    the finite values only (a masked pass, paid only by such tensors).
+    """
+    n = x.numel()
+    nan = x.isnan()
+    inf = x.isinf()
+    n_nan = nan.sum()
+    n_inf = inf.sum()
+    if bool((n_nan + n_inf) == 0):
+        lo, hi = x.aminmax()
+        std = x.std(correction=0) if n > 1 else torch.zeros((), dtype=x.dtype, device=x.device)
+        body = torch.stack((x.mean(), std, lo, hi))
+    else:
+        finite = ~(nan | inf)
+        k = finite.sum().clamp(min=1)
+        xf = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        mean = xf.sum() / k
+        std = ((torch.where(finite, x - mean, xf) ** 2).sum() / k).sqrt()
+        big = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
+        body = torch.stack((mean, std, torch.where(finite, x, big).amin(), torch.where(finite, x, -big).amax()))
+    shares = torch.stack((n_nan, n_inf, (x == 0).sum())).to(x.dtype) / n
+    return torch.cat((body, shares)).to(torch.float64)
+
+
+class DriftHandle:
+    """What :func:`enable_drift` returns: the observer and how to turn it off."""
+
+    def __init__(self, observer: DriftObserver, removers: list[Any]) -> None:
+        self.observer = observer
+        self._removers = removers
+
+    def disable(self) -> None:
+        for remove in self._removers:
+            remove()
+        self._removers = []
+
+
+def enable_drift(meter_provider: Any = None, **options: Any) -> DriftHandle:
+    """Record drift and cost summaries for every instrumented forward and generation (see the module doc).
+
+    ``options`` are :class:`DriftObserver`'s (``sample_every``, ``sample_rows``, ``max_columns``,
+    ``classifier``, ``cost``, ...). Call :meth:`DriftHandle.disable` to stop.
+    """
+    observer = DriftObserver(meter_provider, **options)
+    removers = []
+    from instrumentation import genai
+
+    removers.append(genai.add_generation_observer(observer.observe_generation))
+    try:
+        from instrumentation.torch import add_forward_observer
+    except ImportError:  # no torch in this app: generations only
+        pass
+    else:
+        removers.append(add_forward_observer(observer.observe_forward))
+    return DriftHandle(observer, removers)
