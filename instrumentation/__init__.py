@@ -5,7 +5,7 @@
     import instrumentation as otel
 
     otel.configure(service_name="classifier")           # OTLP to the sidecar on 127.0.0.1:4317
-    model = otel.instrument_model(model, model_id="resnet50", model_version="3")
+    otel.instrument_model(model, model_id="resnet50", model_version="3")  # hooks; same object
     app.add_middleware(otel.ASGIMiddleware)              # FastAPI; Flask: otel.instrument_flask(app)
 
 Every request becomes one trace (server span, ``ml.forward`` spans, generation spans)
@@ -47,7 +47,6 @@ __all__ = [
     "FORCE_KEEP",
     "ForceKeepSampler",
     "Generation",
-    "InstrumentedModel",
     "JSONFormatter",
     "LoggingBridge",
     "REQUEST_ID",
@@ -70,23 +69,30 @@ __all__ = [
     "set_tags",
     "shutdown",
     "trace_generation",
+    "uninstrument_model",
 ]
 
 
 def instrument_model(model: Any, model_id: str | None = None, model_version: str | None = None,
                      **options: Any) -> Any:
-    """Wrap a torch model so each forward call is a span; see :func:`instrumentation.torch.instrument_model`."""
+    """Trace each forward call of a torch model with hooks on that same object; returns it.
+
+    See :func:`instrumentation.torch.instrument_model`.
+    """
     from instrumentation.torch import instrument_model as _instrument
 
     return _instrument(model, model_id, model_version, **options)
 
 
+def uninstrument_model(model: Any) -> Any:
+    """Remove what :func:`instrument_model` added; returns the model."""
+    from instrumentation.torch import uninstrument_model as _uninstrument
+
+    return _uninstrument(model)
+
+
 def __getattr__(name: str) -> Any:
     """Names whose import pulls in an optional dependency (torch, TorchServe) load on first use."""
-    if name == "InstrumentedModel":
-        from instrumentation.torch import InstrumentedModel
-
-        return InstrumentedModel
     if name == "TracingHandler":
         from instrumentation.torchserve import TracingHandler
 

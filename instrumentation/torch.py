@@ -1,5 +1,23 @@
 """One span per forward pass for any ``nn.Module``, TorchScript or ``torch.compile`` module.
 
+Instrumentation observes, it does not replace: :func:`instrument_model` registers a forward
+pre-hook and an always-called forward hook on the user's own module and returns that same
+object, so ``isinstance``, indexing, ``state_dict`` keys, checkpoints, ``.to()``,
+``train()/eval()`` and the user's own hooks behave as before; :func:`uninstrument_model`
+takes the hooks off again. What is traced where:
+
+* eager modules: every call through ``module(...)`` (not a direct ``module.forward(...)``);
+* ``torch.jit.script(instrumented)``: works and compiles the model and the user's hooks, not
+  ours (hooks are Python-only), so calls of the *scripted* copy are not traced; instrument
+  the scripted module instead if that is what serves;
+* a TorchScript module cannot take Python hooks: it is held in a :class:`ScriptedModel`
+  (the one case where a new object is returned) whose ``state_dict`` keys are the scripted
+  module's own;
+* ``torch.compile(instrumented)`` and ``instrumented.compile()``: the hooks run eagerly
+  outside the graph (``torch.compiler.disable``), one graph break each side. Dynamo does
+  not guard on hooks by default, so instrument before compiling or instrument the compiled
+  module (its ``OptimizedModule`` runs hooks outside dynamo), not after compiling in place.
+
 Span ``ml.forward <model_id>``; attributes under the project's ``ml.*`` namespace:
 
 =========================  ===========================================================
@@ -32,6 +50,8 @@ from __future__ import annotations
 
 import collections
 import contextvars
+import copy
+import functools
 import os
 import re
 import sys
@@ -195,24 +215,56 @@ def _model_name(model: Any) -> str:
     return getattr(model, "original_name", None) or type(model).__name__  # TorchScript keeps original_name
 
 
-class InstrumentedModel(torch.nn.Module):
-    """Wraps a model so each forward call is a span; behaves like the wrapped module otherwise.
+#: Called after every instrumented forward pass as ``fn(model_id, model_version, args, kwargs, output)``.
+ForwardObserver = Callable[[str, "str | None", tuple, dict, Any], None]
+_OBSERVERS: list[ForwardObserver] = []
 
-    Everything that does not change per call (span name, static attributes, metric
-    attributes, the GPU timer) is decided here, once.
+
+def add_forward_observer(fn: ForwardObserver) -> Callable[[], None]:
+    """Have ``fn`` see each instrumented forward pass (drift summaries use this); returns its remover.
+
+    It runs on the inference thread inside the forward span, so it must be cheap; an exception
+    it raises is counted in ``observer_errors`` and never reaches the model's caller.
+    """
+    _OBSERVERS.append(fn)
+
+    def remove() -> None:
+        if fn in _OBSERVERS:
+            _OBSERVERS.remove(fn)
+
+    return remove
+
+
+observer_errors = 0
+
+
+def _observe_forward(model_id: str, model_version: str | None, args: tuple, kwargs: dict, output: Any) -> None:
+    """The one place the forward path hands inputs and outputs to observers (none by default)."""
+    global observer_errors
+    for fn in _OBSERVERS:
+        try:
+            fn(model_id, model_version, args, kwargs, output)
+        except Exception:  # noqa: BLE001 - an observer must never fail an inference
+            observer_errors += 1
+
+
+#: (observer, span, context token, CUDA begin state, device, parent node) per forward pass in flight.
+_FWD_STACK: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("ml_forward_spans", default=None)
+
+
+class _ForwardSpans:
+    """A forward pre-hook and an always-called forward hook that trace one model's forward passes.
+
+    Everything that does not change per call (span name, static attributes, metric attributes,
+    the GPU timer) is decided here, once. The hooks live on the user's own module: the object,
+    its class, its ``state_dict`` keys and its other hooks stay exactly as they were.
     """
 
-    def __init__(self, model: Any, *, model_id: str | None = None, model_version: str | None = None,
-                 tracer_provider: Any = None, meter_provider: Any = None,
-                 submodules: SubmoduleSpans | None = None, cuda_timer: CudaTimer | None = None,
-                 _gpu_device_types: frozenset[str] = frozenset({"cuda"})) -> None:
-        super().__init__()
-        self.module = model
+    def __init__(self, model: Any, *, model_id: str | None, model_version: str | None, tracer_provider: Any,
+                 meter_provider: Any, cuda_timer: CudaTimer | None, gpu_device_types: frozenset[str]) -> None:
         model_id = model_id or _model_name(model)
         self.model_id = model_id
         self.model_version = model_version
-        # the callable the hot path invokes, kept out of nn.Module's registry (it is already `module`)
-        object.__setattr__(self, "_call", model)
         self._tracer = trace.get_tracer(_SCOPE, tracer_provider=tracer_provider)
         self._span_name = f"ml.forward {model_id}"
         static: dict[str, Any] = {"ml.model.id": model_id}
@@ -224,17 +276,14 @@ class InstrumentedModel(torch.nn.Module):
         self._static = static
         self._metric_attrs = {k: static[k] for k in ("ml.model.id", "ml.model.version") if k in static}
         self._describe = _Describer()
-        self._gpu_types = _gpu_device_types
-        meter = metrics.get_meter(_SCOPE, meter_provider=meter_provider)
+        self._gpu_types = gpu_device_types
         if cuda_timer is None and torch.cuda.is_available():
+            meter = metrics.get_meter(_SCOPE, meter_provider=meter_provider)
             cuda_timer = CudaTimer(meter.create_histogram(
                 "ml.forward.gpu_time", unit="ms", description="GPU time of a forward pass, from CUDA events"))
         self._cuda = cuda_timer
-        self._hooks: list[Any] = []
-        if submodules is not None:
-            self._hooks = _add_submodule_spans(model, self._tracer, submodules)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def pre(self, _module: Any, args: tuple, kwargs: dict) -> None:
         d = self._describe
         tensors = d.tensors(args, kwargs)
         attributes = dict(self._static)
@@ -255,43 +304,126 @@ class InstrumentedModel(torch.nn.Module):
         if ctx is not None:
             ctx.model_id = self.model_id
             ctx.model_version = self.model_version
-        cuda = begun = None
+        begun = None
         if device is not None and self._cuda is not None and device.type in self._gpu_types and span.is_recording():
-            cuda = self._cuda
-            begun = cuda.begin(device)
-        try:
-            out = self._call(*args, **kwargs)
-        except BaseException as e:
-            span.record_exception(e)
-            span.set_status(Status(StatusCode.ERROR, f"{type(e).__name__}: {e}"))
-            raise
+            begun = self._cuda.begin(device)
         else:
-            if span.is_recording():
-                span.set_attribute("ml.output.shapes", d.output_shapes(out))
-                if cuda is not None:
-                    cuda.end(begun, device, span, self._metric_attrs)
-            return out
+            device = None
+        _FWD_STACK.set((self, span, token, begun, device, _FWD_STACK.get()))
+
+    def post(self, _module: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        node = _FWD_STACK.get()
+        if node is None or node[0] is not self:
+            return  # our pre-hook never ran (an earlier hook raised): nothing to end
+        _, span, token, begun, device, parent = node
+        _FWD_STACK.set(parent)
+        try:
+            exc = sys.exc_info()[1]  # torch calls always_call hooks from its except block
+            if exc is not None:
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            else:
+                if span.is_recording():
+                    span.set_attribute("ml.output.shapes", self._describe.output_shapes(out))
+                    if device is not None:
+                        self._cuda.end(begun, device, span, self._metric_attrs)  # type: ignore[union-attr]
+                if _OBSERVERS:
+                    _observe_forward(self.model_id, self.model_version, args, kwargs, out)
         finally:
             detach(token)
             span.end()
 
-    # The wrapper adds no hooks of its own: calling it goes straight to forward instead of through
-    # nn.Module's hook dispatch (hooks registered on the wrapped model still run, in its own call).
-    __call__ = forward
+
+def _outside_compile(fn: Callable, owner: Any) -> Callable:
+    """``fn`` run eagerly even inside ``torch.compile``: dynamo does not trace telemetry code, and the
+    hook stays identifiable as ours (``_otel_owner``) for :func:`uninstrument_model`."""
+    wrapped = torch.compiler.disable(fn, recursive=True)
+    wrapped._otel_owner = owner  # type: ignore[attr-defined]
+    return wrapped
+
+
+def _ours(hook: Any) -> bool:
+    return getattr(hook, "_otel_owner", None) is not None
+
+
+def _observer_of(module: Any) -> _ForwardSpans | None:
+    for hook in module._forward_pre_hooks.values():
+        owner = getattr(hook, "_otel_owner", None)
+        if isinstance(owner, _ForwardSpans):
+            return owner
+    return None
+
+
+def _remove_our_hooks(module: Any) -> int:
+    """Take this package's hooks off one module (and only ours); returns how many were removed."""
+    removed = 0
+    for hooks, extra in ((module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
+                         (module._forward_hooks, (module._forward_hooks_with_kwargs,
+                                                  module._forward_hooks_always_called))):
+        for hook_id in [i for i, h in hooks.items() if _ours(h)]:
+            del hooks[hook_id]
+            for d in extra:
+                d.pop(hook_id, None)
+            removed += 1
+    if removed and not any(_ours(h) for h in (*module._forward_pre_hooks.values(), *module._forward_hooks.values())):
+        module.__dict__.pop("__prepare_scriptable__", None)
+    return removed
+
+
+def _without_our_hooks(module: Any) -> Any:
+    """What ``torch.jit.script`` compiles: a shallow copy sharing the parameters, minus our Python-only hooks.
+
+    TorchScript compiles a module's hooks too and cannot compile ours; the user's own hooks stay.
+    """
+    clone = copy.copy(module)
+    clone.__dict__ = dict(module.__dict__)
+    clone.__dict__.pop("__prepare_scriptable__", None)
+    clone._modules = dict(module._modules)  # scripting replaces children in this dict: not in the original's
+    for name in ("_forward_pre_hooks", "_forward_hooks"):
+        hooks = getattr(module, name)
+        setattr(clone, name, type(hooks)((i, h) for i, h in hooks.items() if not _ours(h)))
+    return clone
+
+
+class ScriptedModel(torch.nn.Module):
+    """Holds a TorchScript module, which cannot take Python hooks, so that it can be instrumented.
+
+    The one case where :func:`instrument_model` returns a new object: calls, attributes and
+    methods go to the scripted module, and ``state_dict``/``load_state_dict`` use its own keys
+    (no ``scripted.`` prefix), so checkpoints move between the two unchanged.
+    """
+
+    def __init__(self, scripted: Any) -> None:
+        super().__init__()
+        self.scripted = scripted
+        self._register_state_dict_hook(_strip_prefix)
+        self._register_load_state_dict_pre_hook(_add_prefix)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.scripted(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            inner = self.__dict__.get("_call")
-            if inner is None:
-                raise
-            return getattr(inner, name)
+            return getattr(self._modules["scripted"], name)
 
-    def remove_submodule_spans(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+
+def _strip_prefix(_module: Any, state: dict, prefix: str, _meta: Any) -> None:
+    inner = prefix + "scripted."
+    for key in [k for k in state if k.startswith(inner)]:
+        state[prefix + key[len(inner):]] = state.pop(key)
+
+
+def _add_prefix(state: dict, prefix: str, *_rest: Any) -> None:
+    for key in [k for k in state if k.startswith(prefix) and not k.startswith(prefix + "scripted.")]:
+        state[prefix + "scripted." + key[len(prefix):]] = state.pop(key)
+
+
+def _guard_scripting(module: Any) -> None:
+    if not isinstance(module, torch.jit.ScriptModule) and "__prepare_scriptable__" not in module.__dict__ \
+            and not hasattr(type(module), "__prepare_scriptable__"):
+        module.__dict__["__prepare_scriptable__"] = functools.partial(_without_our_hooks, module)
 
 
 # --- submodule spans --------------------------------------------------------------------------
@@ -300,7 +432,7 @@ _SUB_STACK: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("ml_su
 
 
 def _add_submodule_spans(model: Any, tracer: Any, opts: SubmoduleSpans) -> list[Any]:
-    if isinstance(model, torch.jit.ScriptModule) or hasattr(model, "_orig_mod"):
+    if isinstance(model, (torch.jit.ScriptModule, ScriptedModel)) or hasattr(model, "_orig_mod"):
         warnings.warn("submodule spans need an eager nn.Module; TorchScript/torch.compile models get the "
                       "forward span only", stacklevel=3)
         return []
@@ -322,12 +454,13 @@ def _add_submodule_spans(model: Any, tracer: Any, opts: SubmoduleSpans) -> list[
             token = attach(set_span_in_context(span))
             _SUB_STACK.set((span, token, _SUB_STACK.get()))
 
-        handles.append(mod.register_forward_pre_hook(pre))
-        handles.append(mod.register_forward_hook(_sub_post, always_call=True))
+        handles.append(mod.register_forward_pre_hook(_outside_compile(pre, "submodule")))
+        handles.append(mod.register_forward_hook(_outside_compile(_sub_post, "submodule"), always_call=True))
+        _guard_scripting(mod)
     return handles
 
 
-def _sub_post(_mod: Any, _args: Any, _out: Any) -> None:
+def _sub_post(_mod: Any, _args: Any, _out: Any) -> None:  # noqa: D103
     node = _SUB_STACK.get()
     if node is None:
         return
@@ -343,13 +476,34 @@ def _sub_post(_mod: Any, _args: Any, _out: Any) -> None:
 
 def instrument_model(model: Any, model_id: str | None = None, model_version: str | None = None, *,
                      submodules: SubmoduleSpans | None = None, tracer_provider: Any = None,
-                     meter_provider: Any = None) -> InstrumentedModel:
-    """Return ``model`` wrapped so every forward call is traced (see the module doc for attributes).
+                     meter_provider: Any = None, cuda_timer: CudaTimer | None = None,
+                     _gpu_device_types: frozenset[str] = frozenset({"cuda"})) -> Any:
+    """Trace every forward call of ``model`` with module hooks; returns ``model`` itself, unchanged otherwise.
 
     ``model_id`` defaults to the model's class name. ``submodules={"max_depth": 2,
-    "name_filter": "encoder"}`` adds child spans for matching submodules.
+    "name_filter": "encoder"}`` adds child spans for matching submodules. Calling it again
+    on an instrumented model returns it as it is. :func:`uninstrument_model` undoes it.
     """
-    if isinstance(model, InstrumentedModel):
+    if _observer_of(model) is not None:
         return model
-    return InstrumentedModel(model, model_id=model_id, model_version=model_version, submodules=submodules,
-                             tracer_provider=tracer_provider, meter_provider=meter_provider)
+    if isinstance(model, torch.jit.ScriptModule):
+        if model_id is None:
+            model_id = _model_name(model)
+        model = ScriptedModel(model)
+    spans = _ForwardSpans(model, model_id=model_id, model_version=model_version, tracer_provider=tracer_provider,
+                          meter_provider=meter_provider, cuda_timer=cuda_timer, gpu_device_types=_gpu_device_types)
+    # prepend: the span covers the user's own pre-hooks; the post hook, appended, runs after theirs
+    model.register_forward_pre_hook(_outside_compile(spans.pre, spans), with_kwargs=True, prepend=True)
+    model.register_forward_hook(_outside_compile(spans.post, spans), with_kwargs=True, always_call=True)
+    if submodules is not None:
+        _add_submodule_spans(model, spans._tracer, submodules)
+    _guard_scripting(model)
+    return model
+
+
+def uninstrument_model(model: Any) -> Any:
+    """Remove every hook :func:`instrument_model` added to ``model`` and its submodules; returns ``model``."""
+    modules = model.modules() if hasattr(model, "modules") else [model]
+    for m in modules:
+        _remove_our_hooks(m)
+    return model

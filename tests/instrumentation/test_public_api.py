@@ -10,17 +10,17 @@ import instrumentation
 from .conftest import ROOT
 
 PUBLIC = {
-    "ASGIMiddleware", "FORCE_KEEP", "ForceKeepSampler", "Generation", "InstrumentedModel", "JSONFormatter",
+    "ASGIMiddleware", "FORCE_KEEP", "ForceKeepSampler", "Generation", "JSONFormatter",
     "LoggingBridge", "REQUEST_ID", "RequestContext", "RequestContextSpanProcessor", "Telemetry", "TracingHandler",
     "USER_ID", "WSGIMiddleware", "bridge_logging", "configure", "current_generation", "current_request",
     "get_telemetry", "inject", "instrument_flask", "instrument_model", "k8s_resource_attributes",
-    "request_context", "set_tags", "shutdown", "trace_generation",
+    "request_context", "set_tags", "shutdown", "trace_generation", "uninstrument_model",
 }
 
 
 def test_all_is_pinned():
     assert set(instrumentation.__all__) == PUBLIC
-    assert instrumentation.InstrumentedModel.__name__ == "InstrumentedModel"  # lazy names resolve
+    assert instrumentation.TracingHandler.__name__ == "TracingHandler"  # lazy names resolve
 
 
 def test_import_does_not_pull_in_torch_or_torchserve():

@@ -1,4 +1,4 @@
-"""The forward wrapper: one span per call with the documented ml.* attributes."""
+"""Forward hooks: one span per call with the documented ml.* attributes, on the user's own module."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.trace import StatusCode
 
 from instrumentation import RequestContext, instrument_model, request_context
-from instrumentation.torch import CudaTimer, InstrumentedModel
+from instrumentation import uninstrument_model
+from instrumentation.torch import CudaTimer, ScriptedModel, add_forward_observer
 
 from .conftest import histogram_points
 
@@ -141,19 +142,12 @@ def test_no_global_hooks_and_uninstrumented_models_untouched(spans):
     assert not torch.nn.modules.module._global_forward_pre_hooks
 
 
-def test_wrapper_behaves_like_the_module(spans):
-    net = TinyNet()
-    model = instrument_model(net, tracer_provider=spans.provider)
-    assert model.module is net and model.head is net.head
-    model.eval()
-    assert not net.training
-    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in net.parameters())
-    assert instrument_model(model) is model  # idempotent
-
-
 def test_torchscript_module(spans):
     scripted = torch.jit.script(TinyNet())
     model = instrument_model(scripted, model_version="ts", tracer_provider=spans.provider)
+    assert isinstance(model, ScriptedModel)  # ScriptModules cannot take Python hooks
+    assert set(model.state_dict()) == set(scripted.state_dict())  # but the checkpoint keys are its own
+    model.load_state_dict(TinyNet().state_dict())
     model(torch.randn(3, 4))
     (span,) = spans.finished()
     assert span.name == "ml.forward TinyNet"
@@ -164,11 +158,24 @@ def test_torchscript_module(spans):
 def test_torch_compile_module(spans):
     compiled = torch.compile(TinyNet(), backend="eager")  # dynamo without inductor: seconds, not minutes
     model = instrument_model(compiled, "compiled", tracer_provider=spans.provider)
+    assert model is compiled
     for _ in range(2):
         assert model(torch.randn(4, 4)).shape == (4, 2)
     found = spans.named("ml.forward compiled")
     assert len(found) == 2
     assert found[0].attributes["ml.parameter_count"] == 58 and found[1].attributes["ml.output.shapes"] == ("4x2",)
+
+
+def test_forward_observer_sees_model_inputs_and_outputs(spans):
+    seen = []
+    remove = add_forward_observer(lambda mid, ver, args, kwargs, out: seen.append((mid, ver, args[0].shape, out.shape)))
+    try:
+        model = instrument_model(TinyNet(), "tiny", "3", tracer_provider=spans.provider)
+        model(torch.randn(5, 4))
+    finally:
+        remove()
+    model(torch.randn(1, 4))
+    assert seen == [("tiny", "3", (5, 4), (5, 2))]
 
 
 # --- CUDA path, exercised with fake events on CPU ------------------------------------------------
@@ -221,8 +228,8 @@ def test_cuda_path_records_events_without_sync_and_reaps_when_ready(spans, meter
     timer = CudaTimer(hist, event_factory=FakeEvent, memory_allocated=alloc.memory_allocated,
                       max_memory_allocated=alloc.max_memory_allocated)
     timer._pid = __import__("os").getpid()  # no reaper thread: the test calls reap() itself
-    model = InstrumentedModel(TinyNet(), model_id="gpu-model", model_version="2", tracer_provider=spans.provider,
-                              cuda_timer=timer, _gpu_device_types=frozenset({"cpu"}))
+    model = instrument_model(TinyNet(), "gpu-model", "2", tracer_provider=spans.provider,
+                             cuda_timer=timer, _gpu_device_types=frozenset({"cpu"}))
     model(torch.randn(2, 4))
     start, end = FakeEvent.created
     assert start.recorded_at is not None and end.recorded_at > start.recorded_at
