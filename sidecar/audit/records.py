@@ -1,0 +1,290 @@
+"""What one audit record is, and how it is read off the OTLP spans: pure functions over the protobuf.
+
+**One record per request served**, identified by its *entry span*: a span of kind SERVER
+or CONSUMER, or a span without a parent (a batch job, a plain SDK app). The record is
+keyed by that span's (trace_id, span_id), so a retried export never duplicates it.
+
+The model facts usually sit on other spans of the same trace: the *inference spans*
+(``ml.forward`` spans carrying ``ml.model.id``, generation spans carrying
+``gen_ai.request.model``). Their fields (model id and version, parameters, shapes, token
+counts, tensor payloads) are merged into the record of their trace: directly when the
+entry span is in the same export request, otherwise by the store (see
+:meth:`sidecar.audit.store.AuditStore.write`), which keeps such a *fragment* until its
+entry span arrives. Fields already on the entry span win over a fragment's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterable
+
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+REQUEST_ID = "request.id"
+USER_ID = "user.id"
+TAG_PREFIX = "tag."
+MODEL_ID = "ml.model.id"
+MODEL_VERSION = "ml.model.version"
+GENAI_MODEL = "gen_ai.request.model"
+#: replayable tensor payloads (instrumentation/replay.py writes them when capture is on)
+INPUT_PAYLOAD = "ml.input.payload"
+OUTPUT_PAYLOAD = "ml.output.payload"
+#: the "format" value of a replayable tensor payload
+TENSOR_FORMAT = "ml.tensors/v1"
+#: the span attribute tail sampling sets on the spans of a trace it keeps
+POLICY_ATTRIBUTE = "sampling.policy"
+
+#: span attribute -> parameter name in the record
+PARAMETERS = {
+    "gen_ai.request.temperature": "temperature",
+    "gen_ai.request.top_p": "top_p",
+    "gen_ai.request.top_k": "top_k",
+    "gen_ai.request.seed": "seed",
+    "gen_ai.request.max_tokens": "max_tokens",
+    "gen_ai.usage.input_tokens": "input_tokens",
+    "gen_ai.usage.output_tokens": "output_tokens",
+    "gen_ai.response.finish_reasons": "finish_reasons",
+    "ml.batch_size": "batch_size",
+    "ml.input.shapes": "input_shapes",
+    "ml.output.shapes": "output_shapes",
+    "ml.input.dtypes": "input_dtypes",
+    "ml.device": "device",
+}
+_INPUT_SOURCES = (INPUT_PAYLOAD, "gen_ai.prompt", "http.request.body")
+_OUTPUT_SOURCES = (OUTPUT_PAYLOAD, "gen_ai.completion", "http.response.body")
+_HTTP_STATUS = ("http.response.status_code", "http.status_code")
+_STATUS = {Status.STATUS_CODE_UNSET: "UNSET", Status.STATUS_CODE_OK: "OK", Status.STATUS_CODE_ERROR: "ERROR"}
+_ENTRY_KINDS = (Span.SPAN_KIND_SERVER, Span.SPAN_KIND_CONSUMER)
+
+
+@dataclass
+class AuditRecord:
+    """One request on record. ``parameters`` and ``tags`` are flat JSON objects."""
+
+    trace_id: str
+    span_id: str
+    time_unix_nano: int
+    service: str = ""
+    span_name: str = ""
+    request_id: str | None = None
+    model_id: str | None = None
+    model_version: str | None = None
+    user_id: str | None = None
+    intent: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    latency_ms: float = 0.0
+    status: str = "UNSET"
+    error_code: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    input_payload: str | None = None
+    output_payload: str | None = None
+    trace_kept: bool = False
+    kept_policy: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Every field, JSON-ready (the ``--format jsonl`` line and the replay input)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "AuditRecord":
+        names = {f.name for f in fields(cls)}
+        unknown = set(obj) - names - {"recorded_unix_nano"}
+        if unknown:
+            raise ValueError(f"unknown audit record field(s): {', '.join(sorted(unknown))}")
+        missing = {"trace_id", "span_id", "time_unix_nano"} - set(obj)
+        if missing:
+            raise ValueError(f"audit record lacks {', '.join(sorted(missing))}")
+        return cls(**{k: v for k, v in obj.items() if k in names})
+
+
+@dataclass
+class Fragment:
+    """Model facts from an inference span whose entry span was not in the same export request."""
+
+    trace_id: str
+    span_id: str
+    service: str
+    fields: dict[str, Any]
+
+
+@dataclass
+class Extraction:
+    records: list[AuditRecord]
+    fragments: list[Fragment]
+
+
+# --- attribute values -------------------------------------------------------------------------
+
+
+def _value(v) -> Any:
+    kind = v.WhichOneof("value")
+    if kind is None:
+        return None
+    if kind == "array_value":
+        return [_value(x) for x in v.array_value.values]
+    if kind == "kvlist_value":
+        return {kv.key: _value(kv.value) for kv in v.kvlist_value.values}
+    if kind == "bytes_value":
+        return v.bytes_value.hex()
+    return getattr(v, kind)
+
+
+def _attrs(kvs) -> dict[str, Any]:
+    return {kv.key: _value(kv.value) for kv in kvs}
+
+
+def hash_user_id(user_id: str, salt: str) -> str:
+    """A stable pseudonym: the same user maps to the same value under one salt, and back to nothing."""
+    return "sha256:" + hashlib.sha256((salt + "\0" + user_id).encode()).hexdigest()[:32]
+
+
+def _is_entry(span: Span) -> bool:
+    return span.kind in _ENTRY_KINDS or not span.parent_span_id
+
+
+def _is_inference(attrs: dict[str, Any]) -> bool:
+    return MODEL_ID in attrs or GENAI_MODEL in attrs
+
+
+def _span_facts(span: Span, attrs: dict[str, Any]) -> dict[str, Any]:
+    """The record fields one span provides (absent keys: the span says nothing about them)."""
+    out: dict[str, Any] = {}
+    for ev in span.events:  # generation spans carry prompt and completion as events
+        for kv in ev.attributes:
+            if kv.key in ("gen_ai.prompt", "gen_ai.completion") and kv.key not in attrs:
+                attrs[kv.key] = _value(kv.value)
+    model = attrs.get(MODEL_ID) or attrs.get(GENAI_MODEL)
+    if model is not None:
+        out["model_id"] = str(model)
+    if MODEL_VERSION in attrs:
+        out["model_version"] = str(attrs[MODEL_VERSION])
+    params = {name: attrs[key] for key, name in PARAMETERS.items() if key in attrs}
+    if params:
+        out["parameters"] = params
+    for key, sources in (("input_payload", _INPUT_SOURCES), ("output_payload", _OUTPUT_SOURCES)):
+        for src in sources:
+            if src in attrs and attrs[src] is not None:
+                out[key] = attrs[src] if isinstance(attrs[src], str) else json.dumps(attrs[src])
+                break
+    return out
+
+
+def is_tensor_payload(text: str | None) -> bool:
+    """Whether a payload is in the replayable tensor form (``{"format": "ml.tensors/v1", ...}``)."""
+    return text is not None and TENSOR_FORMAT in text[:64]
+
+
+def merge(target: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
+    """Add ``facts`` to record fields ``target`` without overwriting what is set; parameters merge per key.
+
+    A replayable tensor payload replaces any other (an HTTP body): it is what replay needs.
+    """
+    for key, value in facts.items():
+        if key == "parameters":
+            params = dict(value)
+            params.update(target.get("parameters") or {})
+            target["parameters"] = params
+        elif key in ("input_payload", "output_payload"):
+            old = target.get(key)
+            if old is None or (is_tensor_payload(value) and not is_tensor_payload(old)):
+                target[key] = value
+        elif target.get(key) is None:
+            target[key] = value
+    return target
+
+
+def _error_code(span: Span, attrs: dict[str, Any]) -> str | None:
+    for key in _HTTP_STATUS:
+        code = attrs.get(key)
+        if isinstance(code, int) and code >= 400:
+            return str(code)
+    if attrs.get("error.type"):
+        return str(attrs["error.type"])
+    if span.status.code == Status.STATUS_CODE_ERROR:
+        return (span.status.message or "error")[:200]
+    return None
+
+
+def extract(request, *, user_id_salt: str | None = None) -> Extraction:
+    """The audit records (one per entry span) and leftover fragments of one ExportTraceServiceRequest.
+
+    ``user_id_salt`` set: user ids are replaced by :func:`hash_user_id` before anything is kept.
+    """
+    entries: list[tuple[Span, dict, str, dict]] = []
+    facts_by_trace: dict[bytes, list[tuple[Span, str, dict]]] = {}
+    for rs in request.resource_spans:
+        service = ""
+        for kv in rs.resource.attributes:
+            if kv.key == "service.name":
+                service = kv.value.string_value
+        for ss in rs.scope_spans:
+            for span in ss.spans:
+                attrs = _attrs(span.attributes)
+                if _is_entry(span):
+                    entries.append((span, attrs, service, _span_facts(span, attrs)))
+                elif _is_inference(attrs):
+                    facts_by_trace.setdefault(span.trace_id, []).append((span, service, _span_facts(span, attrs)))
+    records: list[AuditRecord] = []
+    claimed: set[bytes] = set()
+    for span, attrs, service, own in entries:
+        fields_ = merge({}, own)
+        for _s, fsvc, facts in facts_by_trace.get(span.trace_id, ()):
+            if fsvc == service:
+                merge(fields_, facts)
+                claimed.add(span.trace_id)
+        records.append(_record(span, attrs, service, fields_, user_id_salt))
+    fragments = [Fragment(s.trace_id.hex(), s.span_id.hex(), svc, facts)
+                 for tid, group in facts_by_trace.items() if tid not in claimed for s, svc, facts in group]
+    return Extraction(records, fragments)
+
+
+def _record(span: Span, attrs: dict[str, Any], service: str, facts: dict[str, Any],
+            salt: str | None) -> AuditRecord:
+    tags = {k[len(TAG_PREFIX):]: str(v) for k, v in attrs.items() if k.startswith(TAG_PREFIX)}
+    user = attrs.get(USER_ID)
+    if user is not None:
+        user = str(user)
+        if salt is not None:
+            user = hash_user_id(user, salt)
+    rid = attrs.get(REQUEST_ID)
+    end = max(span.end_time_unix_nano, span.start_time_unix_nano)
+    return AuditRecord(
+        trace_id=span.trace_id.hex(), span_id=span.span_id.hex(), time_unix_nano=span.start_time_unix_nano,
+        service=service, span_name=span.name, request_id=None if rid is None else str(rid), user_id=user,
+        intent=tags.get("intent"), tags=tags, latency_ms=(end - span.start_time_unix_nano) / 1e6,
+        status=_STATUS.get(span.status.code, "UNSET"), error_code=_error_code(span, attrs),
+        **facts,
+    )
+
+
+def kept_traces(request) -> dict[str, str]:
+    """trace id (hex) -> the tail-sampling policy that kept it, from the spans tail sampling let through."""
+    out: dict[str, str] = {}
+    for rs in request.resource_spans:
+        for ss in rs.scope_spans:
+            for span in ss.spans:
+                tid = span.trace_id.hex()
+                if out.get(tid):
+                    continue
+                policy = ""
+                for kv in span.attributes:
+                    if kv.key == POLICY_ATTRIBUTE:
+                        policy = kv.value.string_value
+                        break
+                out[tid] = policy
+    return out
+
+
+def records_from_jsonl(lines: Iterable[str]) -> list[AuditRecord]:
+    """Records from ``audit query --format jsonl`` output; a bad line is an error naming its number."""
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(AuditRecord.from_json(json.loads(line)))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"line {i}: not an audit record: {e}") from None
+    return out

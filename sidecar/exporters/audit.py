@@ -1,0 +1,225 @@
+"""``audit``: every request on record, written durably before the receiver acknowledges it.
+
+Place it in a traces pipeline that branches off the receiver *before* sampling, with only
+``memory_limiter`` and a ``redaction`` instance in front, so it sees every request after
+the redaction rules::
+
+    traces/audit: {receivers: [otlp], processors: [memory_limiter/audit, redaction/audit], exporters: [audit]}
+
+``consume`` extracts the records (:mod:`sidecar.audit.records`) and writes them in the
+caller's thread, no queue: when it returns the records are on disk, so the receiver's OK
+means "on record". A store that is down or slower than ``timeout`` makes it refuse with a
+retryable reason (``store_unavailable``); the receiver answers UNAVAILABLE/503 and the
+client retries. Records are idempotent on (trace_id, span_id), so retries never duplicate.
+
+``mode: kept_marker``: the same exporter type placed after ``tail_sampling`` (next to the
+backend exporter) marks the records of the traces it sees as kept, with the policy that
+kept them; tail sampling itself is untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Literal
+
+from prometheus_client import Counter, Gauge, Histogram
+from pydantic import Field, field_validator, model_validator
+
+from sidecar.audit.records import extract, kept_traces
+from sidecar.audit.store import AuditStore, StoreError, open_store
+from sidecar.component import Component, Kind, Refused
+from sidecar.config import ConfigModel, Duration
+from sidecar.registry import CreateSettings, Factory
+from sidecar.signals import Request, Signal, count_items
+
+log = logging.getLogger(__name__)
+
+
+class RetentionConfig(ConfigModel):
+    """Deleted by a background task every ``check_interval``; unset limits keep records forever."""
+
+    #: records older than this (by their start time) are deleted, e.g. ``2160h`` for 90 days
+    max_age: Duration | None = None
+    #: the oldest records are deleted while the live records take more than this
+    max_megabytes: float | None = Field(None, gt=0)
+    check_interval: Duration = 60.0
+
+    @field_validator("max_age", "check_interval")
+    @classmethod
+    def _positive(cls, v: float | None) -> float | None:
+        if v is not None and v <= 0:
+            raise ValueError("must be > 0")
+        return v
+
+
+class AuditExporterConfig(ConfigModel):
+    #: ``sqlite:///var/audit/audit.db`` (relative), ``sqlite:////abs/audit.db``, a path, or ``postgresql://...``
+    store: str = "sqlite:///var/audit/audit.db"
+    #: ``records``: write one record per request; ``kept_marker``: mark records of traces tail sampling kept
+    mode: Literal["records", "kept_marker"] = "records"
+    #: longest a write may take (busy wait, connect, statement) before the request is refused
+    timeout: Duration = 5.0
+    #: replace user ids by a salted SHA-256 pseudonym before they are stored
+    hash_user_id: bool = False
+    #: the secret salt for ``hash_user_id`` (e.g. ``${env:AUDIT_USER_SALT}``)
+    user_id_salt: str | None = None
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: str) -> str:
+        open_store(v)  # parses the URL only; raises ValueError naming what is wrong
+        return v
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be > 0")
+        return v
+
+    @model_validator(mode="after")
+    def _salt(self) -> "AuditExporterConfig":
+        if self.hash_user_id and not self.user_id_salt:
+            raise ValueError("user_id_salt: required when hash_user_id is true (a secret, so pseudonyms "
+                             "cannot be reversed by hashing guessed ids)")
+        return self
+
+
+class _Metrics:
+    """The audit families on ``/metrics``, bound to one exporter."""
+
+    def __init__(self, settings: CreateSettings):
+        root, cid = settings.telemetry.root, str(settings.id)
+        self.written = root.family(Counter, "sidecar_audit_records_written",
+                                   "Audit records stored (durable when counted).", ("component",)).labels(cid)
+        self.duplicates = root.family(Counter, "sidecar_audit_records_duplicate",
+                                      "Audit records already stored (a retried export); not stored twice.",
+                                      ("component",)).labels(cid)
+        self._failed = root.family(Counter, "sidecar_audit_records_failed",
+                                   "Audit records not stored; the export was refused with a retryable code.",
+                                   ("component", "reason"))
+        self.failed = lambda reason: self._failed.labels(cid, reason)
+        self.kept = root.family(Counter, "sidecar_audit_traces_marked_kept",
+                                "Traces whose audit records were marked as kept by tail sampling.",
+                                ("component",)).labels(cid)
+        self.latency = root.family(Histogram, "sidecar_audit_store_latency_seconds",
+                                   "Time of one store transaction (write or kept marks).", ("component",)).labels(cid)
+        self.lag = root.family(Gauge, "sidecar_audit_lag_seconds",
+                               "Now minus the start time of the newest stored record.", ("component",)).labels(cid)
+        self.queued = root.family(Gauge, "sidecar_audit_records_queued",
+                                  "Records received and waiting for their write to complete.", ("component",)).labels(cid)
+        self._deleted = root.family(Counter, "sidecar_audit_records_deleted",
+                                    "Records deleted by retention.", ("component", "reason"))
+        self.deleted = lambda reason: self._deleted.labels(cid, reason)
+
+
+class AuditExporter(Component):
+    def __init__(self, settings: CreateSettings, cfg: AuditExporterConfig):
+        self.id = str(settings.id)
+        self.telemetry = settings.telemetry
+        self.cfg = cfg
+        self.store: AuditStore = open_store(cfg.store, timeout=cfg.timeout)
+        self._salt = cfg.user_id_salt if cfg.hash_user_id else None
+        self.metrics = _Metrics(settings)
+        self._newest = 0
+        self._queued = 0
+        self._state = threading.Lock()
+        self._stopping = threading.Event()
+        self._retention: threading.Thread | None = None
+
+    def start(self, host) -> None:
+        try:
+            self.store.open()
+            self._newest = self.store.newest_time() or 0
+        except StoreError as e:
+            raise ValueError(f"exporters.{self.id}.store: {e}") from None
+        self.metrics.lag.set_function(self._lag)
+        self.metrics.queued.set_function(lambda: self._queued)
+        r = self.cfg.retention
+        if self.cfg.mode == "records" and (r.max_age is not None or r.max_megabytes is not None):
+            self._retention = threading.Thread(target=self._retain_loop, name=f"exporter-{self.id}-retention",
+                                               daemon=True)
+            self._retention.start()
+
+    def _lag(self) -> float:
+        return max(0.0, (time.time_ns() - self._newest) / 1e9) if self._newest else 0.0
+
+    def consume(self, signal: Signal, request: Request) -> None:
+        n = count_items(signal, request)
+        self.telemetry.received(signal, n)
+        if self._stopping.is_set():
+            self.telemetry.refused(signal, n, "shutting_down")
+            raise Refused("shutting_down", message=f"exporter {self.id} is shutting down")
+        if self.cfg.mode == "kept_marker":
+            return self._mark_kept(signal, request, n)
+        extraction = extract(request, user_id_salt=self._salt)
+        records = len(extraction.records)
+        with self._state:
+            self._queued += records
+        t0 = time.perf_counter()
+        try:
+            written = self.store.write(extraction)
+        except StoreError as e:
+            self.metrics.failed("store_unavailable").inc(records)
+            self.telemetry.refused(signal, n, "store_unavailable")
+            raise Refused("store_unavailable", message=f"audit store: {e}") from None
+        finally:
+            self.metrics.latency.observe(time.perf_counter() - t0)
+            with self._state:
+                self._queued -= records
+        self.metrics.written.inc(written)
+        self.metrics.duplicates.inc(records - written)
+        if extraction.records:
+            newest = max(r.time_unix_nano for r in extraction.records)
+            with self._state:
+                self._newest = max(self._newest, newest)
+        self.telemetry.accepted(signal, n)
+        used = records + len(extraction.fragments)
+        self.telemetry.exported(signal, used)
+        self.telemetry.dropped(signal, n - used, "filtered")  # spans that are neither a request nor an inference
+
+    def _mark_kept(self, signal: Signal, request: Request, n: int) -> None:
+        kept = kept_traces(request)
+        t0 = time.perf_counter()
+        try:
+            self.store.mark_kept(kept)
+        except StoreError as e:
+            self.metrics.failed("store_unavailable").inc(len(kept))
+            self.telemetry.refused(signal, n, "store_unavailable")
+            raise Refused("store_unavailable", message=f"audit store: {e}") from None
+        finally:
+            self.metrics.latency.observe(time.perf_counter() - t0)
+        self.metrics.kept.inc(len(kept))
+        self.telemetry.accepted(signal, n)
+        self.telemetry.exported(signal, n)
+
+    def retain_once(self) -> None:
+        """One retention pass (the background task runs it every ``check_interval``)."""
+        r = self.cfg.retention
+        if r.max_age is not None:
+            n = self.store.delete_older_than(time.time_ns() - int(r.max_age * 1e9))
+            self.metrics.deleted("age").inc(n)
+        if r.max_megabytes is not None:
+            n = self.store.shrink_to(int(r.max_megabytes * 1024 * 1024))
+            self.metrics.deleted("size").inc(n)
+
+    def _retain_loop(self) -> None:
+        while not self._stopping.wait(self.cfg.retention.check_interval):
+            try:
+                self.retain_once()
+            except StoreError as e:
+                log.warning("%s: retention pass failed, will retry: %s", self.id, e)
+
+    def shutdown(self, deadline: float) -> None:
+        self._stopping.set()
+        if self._retention is not None:
+            self._retention.join(max(0.0, deadline - time.monotonic()))
+        self.store.close()
+
+
+FACTORY = Factory(type="audit", kind=Kind.EXPORTER, config_model=AuditExporterConfig,
+                  create=lambda settings, cfg, _next: AuditExporter(settings, cfg),
+                  signals=frozenset({Signal.TRACES}))
