@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import socket
 import statistics
@@ -54,7 +55,8 @@ def forward_overhead(calls: int, rounds: int = 7) -> None:
     provider.add_span_processor(BatchSpanProcessor(_Discard(), max_queue_size=65536))
     tracer = provider.get_tracer("hand-written")
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
-    instrumented = instrument_model(model, "tiny", "1", tracer_provider=provider)
+    # instrument_model hooks the object it is given: the bare and hand-written variants use a copy
+    instrumented = instrument_model(copy.deepcopy(model), "tiny", "1", tracer_provider=provider)
     params = sum(p.numel() for p in model.parameters())
 
     def hand_written(x):
