@@ -10,21 +10,21 @@ bad rule fails with its YAML path (``blocked_values[1]: invalid regex '(foo': mi
 from __future__ import annotations
 
 import enum
-from pathlib import Path
+import os
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import re2
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from contract.config import ConfigError, ConfigModel, YamlFile, format_problems
 from redaction._detectors import DETECTOR_NAMES
 
 
-class RedactionConfigError(ValueError):
+class RedactionConfigError(ConfigError):
     """The config cannot be used. ``problems`` holds one ``yaml.path: message`` line per problem."""
 
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("invalid redaction configuration:\n  " + "\n  ".join(problems))
+    title = "invalid redaction configuration"
 
 
 class Action(str, enum.Enum):
@@ -66,8 +66,8 @@ def compile_regex(pattern: str) -> "re2._Regexp":
     return rx
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Model(ConfigModel):
+    model_config = ConfigDict(frozen=True)
 
 
 def _pattern_shorthand(value: Any) -> Any:
@@ -167,64 +167,42 @@ class RedactionConfig(_Model):
     summary: Literal["silent", "info", "debug"] = "info"
 
 
-def format_problems(exc: ValidationError, prefix: str = "") -> list[str]:
-    """pydantic errors -> ``yaml.path[2].key: message`` lines.
-
-    The one formatter of config errors: the sidecar's loader uses it for every section too
-    (it lives here because this package must not import the sidecar).
-    """
-    out = []
-    for err in exc.errors():
-        path = prefix
-        for part in err["loc"]:
-            if isinstance(part, int):
-                path += f"[{part}]"
-            elif str(part).startswith("function-") or part == "tagged-union":
-                continue
-            else:
-                path = f"{path}.{part}" if path else str(part)
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-        out.append(f"{path}: {msg}" if path else msg)
-    return out
-
-
-def load_redaction_config(source: "str | Path | dict | RedactionConfig | None") -> RedactionConfig:
+def load_redaction_config(source: "str | os.PathLike | dict | RedactionConfig | None",
+                          environ: Mapping[str, str] | None = None) -> RedactionConfig:
     """The redaction config from code, a dict, or a YAML file.
 
     A YAML file may be a whole sidecar config (its ``processors.redaction`` section is
-    used, so the app and the sidecar share one file) or just the section's body.
-    Errors name the YAML path and raise :class:`RedactionConfigError`.
+    used, so the app and the sidecar share one file) or just the section's body. The file
+    is read as the sidecar reads it (:class:`contract.config.YamlFile`): ``${env:…}`` in the
+    section is expanded from ``environ`` (default: the process environment). Errors name
+    the YAML path and line and raise :class:`RedactionConfigError`.
     """
     if isinstance(source, RedactionConfig):
         return source
-    prefix = ""
-    if source is None:
-        body: Any = {}
-    elif isinstance(source, dict):
-        body = source
-    else:
-        import yaml
-
+    if source is None or isinstance(source, dict):
         try:
-            body = yaml.safe_load(Path(source).read_text()) or {}
-        except OSError as e:
-            raise RedactionConfigError([f"{source}: cannot read config: {e.strerror}"]) from None
-        except yaml.YAMLError as e:
-            raise RedactionConfigError([f"{source}: not valid YAML: {e}"]) from None
-        if isinstance(body, dict) and "processors" in body:
-            processors = body.get("processors") or {}
-            names = [k for k in processors if str(k) == "redaction" or str(k).startswith("redaction/")]
-            if not names:
-                raise RedactionConfigError([f"{source}: processors: no redaction processor defined"])
-            prefix = f"processors.{names[0]}"
-            body = processors[names[0]] or {}
+            return RedactionConfig.model_validate(source or {})
+        except ValidationError as e:
+            raise RedactionConfigError(format_problems(e)) from None
+    try:
+        doc = YamlFile.read(source)
+    except ConfigError as e:
+        raise RedactionConfigError(e.problems, e.locations) from None
+    keys: tuple[str, ...] = ()
+    if "processors" in (doc.keys() or []):
+        names = [k for k in doc.keys("processors") or [] if k == "redaction" or k.startswith("redaction/")]
+        if not names:
+            raise RedactionConfigError([f"{source}: processors: no redaction processor defined"])
+        keys = ("processors", names[0])
+    prefix = ".".join(keys)
+    body = doc.value(*keys, environ=environ)
+    if body is None:
+        body = {}
+    if doc.problems:
+        raise doc.error(doc.problems, RedactionConfigError)
     if not isinstance(body, dict):
-        raise RedactionConfigError([f"{prefix or source}: must be a mapping"])
+        raise doc.error([f"{prefix or source}: must be a mapping"], RedactionConfigError)
     try:
         return RedactionConfig.model_validate(body)
     except ValidationError as e:
-        raise RedactionConfigError(format_problems(e, prefix)) from None
+        raise doc.error(format_problems(e, prefix), RedactionConfigError) from None

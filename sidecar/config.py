@@ -1,81 +1,38 @@
 """YAML -> typed, validated config, in the OpenTelemetry Collector's shape.
 
 Every problem is reported with its YAML path
-(``processors.tail_sampling.policies[2].latency.threshold_ms: must be > 0``);
-``load_config`` collects all of them before failing so ``validate`` lists every one.
-Component sections are validated by the config model each factory declares.
+(``processors.tail_sampling.policies[2].latency.threshold_ms: must be > 0``) and, where the
+file says, its line (``ConfigError.located``); ``load_config`` collects all of them before
+failing so ``validate`` lists every one. Component sections are validated by the config
+model each factory declares. Reading YAML, env expansion, the model base and the scalar
+types come from :mod:`contract.config`, which the app uses to read this same file.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
-from redaction import format_problems as pydantic_problems  # the one YAML-path error formatter
+from contract.config import (  # noqa: F401 - re-exported: component configs import them from here
+    ConfigError,
+    ConfigModel,
+    Duration,
+    HostPort,
+    YamlFile,
+    expand_env,
+    format_problems,
+    parse_duration,
+    parse_endpoint,
+    split_host_port,
+)
 from sidecar.component import Kind
+from sidecar.registry import ComponentId, factory_for, known_types
 from sidecar.signals import Signal
 
-
-class ConfigError(Exception):
-    """The config is invalid. ``problems`` holds one ``path: message`` line per problem."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
-
-
-class ConfigModel(BaseModel):
-    """Base for every config section: unknown keys are errors, values are checked on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
-
-
-# --- scalar types shared by component configs -------------------------------------------------
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def parse_duration(value: Any) -> float:
-    """``"5s"``, ``"200ms"``, ``"1m"`` or a bare number of seconds -> seconds as float."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 5s or 200ms")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError("must be >= 0")
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if m:
-            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    raise ValueError(f"expected a duration such as 5s or 200ms, got {value!r}")
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-"""Seconds; written in YAML as ``5s``, ``200ms``, ``1m`` or a number of seconds."""
-
-
-def parse_endpoint(value: Any) -> str:
-    if not isinstance(value, str) or not re.match(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):\d{1,5}$", value):
-        raise ValueError(f"expected host:port such as 127.0.0.1:4317, got {value!r}")
-    port = int(value.rsplit(":", 1)[1])
-    if port > 65535:
-        raise ValueError(f"port {port} out of range")
-    return value
-
-
-HostPort = Annotated[str, BeforeValidator(parse_endpoint)]
-
-
-def split_host_port(endpoint: str) -> tuple[str, int]:
-    host, port = endpoint.rsplit(":", 1)
-    return host.strip("[]"), int(port)
+pydantic_problems = format_problems  # the name component tests know
 
 
 # --- the top level -----------------------------------------------------------------------------
@@ -118,28 +75,6 @@ class ServiceConfig(ConfigModel):
 
 
 @dataclass(frozen=True)
-class ComponentId:
-    """``otlp/jaeger`` -> type ``otlp``, name ``jaeger``."""
-
-    type: str
-    name: str = ""
-
-    @classmethod
-    def parse(cls, text: str) -> "ComponentId":
-        if not isinstance(text, str) or not text or text.count("/") > 1:
-            raise ValueError(f"invalid component id {text!r}: expected type or type/name")
-        type_, _, name = text.partition("/")
-        if not re.match(r"^[a-z][a-z0-9_]*$", type_):
-            raise ValueError(f"invalid component type {type_!r} in {text!r}")
-        if _ and not name:
-            raise ValueError(f"invalid component id {text!r}: empty name after '/'")
-        return cls(type_, name)
-
-    def __str__(self) -> str:
-        return f"{self.type}/{self.name}" if self.name else self.type
-
-
-@dataclass(frozen=True)
 class ComponentConfig:
     id: ComponentId
     kind: Kind
@@ -168,75 +103,25 @@ def pipeline_signal(pipeline_id: str) -> Signal:
         raise ValueError(f"unknown signal {type_!r}: pipeline ids start with traces, logs or metrics") from None
 
 
-# --- environment expansion --------------------------------------------------------------------
-
-_ENV_REF = re.compile(r"\$\$|\$\{(?:env:)?([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def expand_env(node: Any, path: str, problems: list[str], environ: dict[str, str] | None = None) -> Any:
-    """Replace ``${env:VAR}``, ``${env:VAR:-default}`` and ``${VAR}`` in every string; ``$$`` is a literal ``$``.
-
-    A scalar that is exactly one reference is re-read as YAML, so ``port: ${env:PORT}`` becomes an int.
-    An unset variable without a default is an error naming the path.
-    """
-    env = os.environ if environ is None else environ
-    if isinstance(node, dict):
-        return {k: expand_env(v, _join(path, str(k)), problems, env) for k, v in node.items()}
-    if isinstance(node, list):
-        return [expand_env(v, f"{path}[{i}]", problems, env) for i, v in enumerate(node)]
-    if not isinstance(node, str) or "$" not in node:
-        return node
-
-    def sub(m: re.Match) -> str:
-        if m.group(0) == "$$":
-            return "$"
-        name, default = m.group(1), m.group(2)
-        if name in env:
-            return env[name]
-        if default is not None:
-            return default
-        problems.append(f"{path}: environment variable {name} is not set and has no default (use ${{env:{name}:-default}})")
-        return ""
-
-    whole = _ENV_REF.fullmatch(node)
-    expanded = _ENV_REF.sub(sub, node)
-    if whole and whole.group(0) != "$$":
-        try:
-            return yaml.safe_load(expanded) if expanded != "" else ""
-        except yaml.YAMLError:
-            return expanded
-    return expanded
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
 # --- loading ----------------------------------------------------------------------------------
 
 
 def load_config(path: str | os.PathLike, environ: dict[str, str] | None = None) -> Config:
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise ConfigError([f"{path}: cannot read config: {e.strerror}"]) from None
-    return parse_config(text, source=str(path), environ=environ)
+    return _parse(YamlFile.read(path), environ)
 
 
 def parse_config(text: str, source: str = "<config>", environ: dict[str, str] | None = None) -> Config:
-    from sidecar.registry import factory_for  # late: the registry imports component modules
+    return _parse(YamlFile(text, source), environ)
 
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError([f"{source}: not valid YAML: {e}"]) from None
+
+def _parse(doc: YamlFile, environ: dict[str, str] | None) -> Config:
+    raw = doc.value(environ=environ)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError([f"{source}: the top level must be a mapping with receivers, exporters and service"])
+        raise doc.error([f"{doc.source}: the top level must be a mapping with receivers, exporters and service"])
 
-    problems: list[str] = []
-    raw = expand_env(raw, "", problems, environ)
+    problems: list[str] = list(doc.problems)
     known_top = {"receivers", "processors", "exporters", "extensions", "service", "connectors"}
     for key in raw:
         if key not in known_top:
@@ -260,8 +145,6 @@ def parse_config(text: str, source: str = "<config>", environ: dict[str, str] | 
                 continue
             factory = factory_for(kind, cid.type)
             if factory is None:
-                from sidecar.registry import known_types
-
                 problems.append(f"{where}: unknown {kind.value} type {cid.type!r} (known: {', '.join(known_types(kind))})")
                 continue
             if body is None:
@@ -272,7 +155,7 @@ def parse_config(text: str, source: str = "<config>", environ: dict[str, str] | 
             try:
                 cfg = factory.config_model.model_validate(body)
             except ValidationError as e:
-                problems.extend(pydantic_problems(e, where))
+                problems.extend(format_problems(e, where))
                 continue
             parsed[str(key)] = ComponentConfig(cid, kind, cfg)
         sections[kind] = parsed
@@ -285,13 +168,13 @@ def parse_config(text: str, source: str = "<config>", environ: dict[str, str] | 
         try:
             service = ServiceConfig.model_validate(service_raw)
         except ValidationError as e:
-            problems.extend(pydantic_problems(e, "service"))
+            problems.extend(format_problems(e, "service"))
 
     if service is not None:
         problems.extend(_check_references(service, sections, raw))
 
     if problems:
-        raise ConfigError(problems)
+        raise doc.error(problems)
     return Config(
         receivers=sections[Kind.RECEIVER],
         processors=sections[Kind.PROCESSOR],
@@ -302,8 +185,6 @@ def parse_config(text: str, source: str = "<config>", environ: dict[str, str] | 
 
 
 def _check_references(service: ServiceConfig, sections: dict[Kind, dict[str, ComponentConfig]], raw: dict) -> list[str]:
-    from sidecar.registry import factory_for
-
     problems = []
     for i, ext in enumerate(service.extensions):
         if ext not in sections[Kind.EXTENSION] and ext not in (raw.get("extensions") or {}):

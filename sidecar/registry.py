@@ -1,13 +1,15 @@
-"""The one list of component types the sidecar knows.
+"""The one list of component types the sidecar knows, and the ``type/name`` ids that pick them.
 
 Each component module exposes ``FACTORY``: its type name, kind, config model,
 supported signals and one ``create`` function. Adding a component means adding
-its module path here.
+its module path here. The config loader imports this module, never the reverse,
+and component modules are loaded by name on first lookup, so there is no import cycle.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -16,17 +18,39 @@ from sidecar.signals import Signal
 
 if TYPE_CHECKING:
     from sidecar.component import Component, Consumer
-    from sidecar.config import ComponentId
     from sidecar.telemetry import ComponentTelemetry
 
 ALL_SIGNALS = frozenset(Signal)
+_TYPE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class ComponentId:
+    """``otlp/jaeger`` -> type ``otlp``, name ``jaeger``."""
+
+    type: str
+    name: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> "ComponentId":
+        if not isinstance(text, str) or not text or text.count("/") > 1:
+            raise ValueError(f"invalid component id {text!r}: expected type or type/name")
+        type_, slash, name = text.partition("/")
+        if not _TYPE.match(type_):
+            raise ValueError(f"invalid component type {type_!r} in {text!r}")
+        if slash and not name:
+            raise ValueError(f"invalid component id {text!r}: empty name after '/'")
+        return cls(type_, name)
+
+    def __str__(self) -> str:
+        return f"{self.type}/{self.name}" if self.name else self.type
 
 
 @dataclass(frozen=True)
 class CreateSettings:
     """What every component gets at creation, besides its config and the next stage."""
 
-    id: "ComponentId"
+    id: ComponentId
     kind: Kind
     telemetry: "ComponentTelemetry"
 
