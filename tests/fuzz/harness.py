@@ -32,7 +32,6 @@ import json
 import os
 import random
 import sys
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -40,7 +39,6 @@ from pathlib import Path
 
 import grpc
 import psutil
-from google.protobuf import json_format
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -239,9 +237,17 @@ def mutate_structure(rng: random.Random, signal: str, data: bytes):
     return msg.SerializeToString()
 
 
+_JSON_SEEDS: dict[bytes, str] = {}
+
+
 def mutate_json(rng: random.Random, signal: str, data: bytes) -> bytes:
-    msg = SIGNALS[signal][0].FromString(data)
-    doc = json.loads(json_format.MessageToJson(msg))
+    text = _JSON_SEEDS.get(data)
+    if text is None:
+        from sidecar.otlp_json import to_json  # OTLP/JSON: hex ids, integer enums
+        from sidecar.signals import Signal
+
+        text = _JSON_SEEDS[data] = to_json(Signal(signal), SIGNALS[signal][0].FromString(data))
+    doc = json.loads(text)
     op = rng.randrange(8)
     if op == 0:  # type confusion somewhere
         _confuse(rng, doc)
@@ -282,6 +288,10 @@ def _confuse(rng: random.Random, node) -> None:
         parent[key] = rng.choice([None, True, -1, 2 ** 70, 1.5e308, "x" * 1000, [], {}, "-0x1", "NaN", {"a": [1]}])
 
 
+_EMPTY_MEMBER = gzip.compress(b"", compresslevel=1)
+_BOMBS = {mib: gzip.compress(b"\x00" * mib * 1024 * 1024, compresslevel=9) for mib in (1, 24, 64)}
+
+
 def gzip_variant(rng: random.Random, body: bytes) -> bytes:
     op = rng.randrange(4)
     if op == 0:
@@ -291,9 +301,8 @@ def gzip_variant(rng: random.Random, body: bytes) -> bytes:
         z[rng.randrange(len(z))] ^= 0xFF
         return bytes(z)
     if op == 2:  # many tiny members (quadratic decompression is the bug this looks for)
-        member = gzip.compress(b"", compresslevel=1)
-        return member * rng.randint(1000, 20_000) + gzip.compress(body, compresslevel=1)
-    return gzip.compress(b"\x00" * rng.randint(1, 64) * 1024 * 1024, compresslevel=9)  # a bomb
+        return _EMPTY_MEMBER * rng.randint(1000, 20_000) + gzip.compress(body, compresslevel=1)
+    return _BOMBS[rng.choice(list(_BOMBS))]  # a decompression bomb
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -311,6 +320,13 @@ class Report:
     redaction_errors: int = 0
     seconds: float = 0.0
     kept: list = field(default_factory=list)  # (kind, transport, detail) of the first bad inputs
+
+    def merge(self, other: "Report") -> None:
+        self.inputs += other.inputs
+        self.hangs += other.hangs
+        self.server_errors += other.server_errors
+        self.outcomes.update(other.outcomes)
+        self.kept.extend(other.kept[: max(0, 20 - len(self.kept))])
 
     def line(self) -> str:
         return (f"path={self.path} inputs={self.inputs} crashes={self.crashes} hangs={self.hangs} "
@@ -336,19 +352,14 @@ def _sidecar_env(grpc_port: int, http_port: int, workdir: Path, pure: bool) -> d
     }
 
 
-class _Target:
-    """One running sidecar and the clients that talk to it."""
+class _Sidecar:
+    """The sidecar under test, on fixed ports so it can be restarted after a crash."""
 
-    def __init__(self, workdir: Path, pure: bool):
+    def __init__(self, workdir: Path, pure: bool, grpc_port: int, http_port: int):
         self.workdir, self.pure = workdir, pure
-        self.grpc_port, self.http_port = free_port(), free_port()
+        self.grpc_port, self.http_port = grpc_port, http_port
         self.proc = SidecarProcess(shipped_config(), workdir=workdir,
-                                   env=_sidecar_env(self.grpc_port, self.http_port, workdir, pure)).start(60)
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}",
-                                             options=[("grpc.max_send_message_length", 64 * 1024 * 1024)])
-        self.calls = {s: self.channel.unary_unary(m, request_serializer=None, response_deserializer=None)
-                      for s, (_, m, _) in SIGNALS.items()}
-        self.http: http.client.HTTPConnection | None = None
+                                   env=_sidecar_env(grpc_port, http_port, workdir, pure)).start(60)
         self.ps = psutil.Process(self.proc.pid)
 
     def alive(self) -> bool:
@@ -359,6 +370,26 @@ class _Target:
             return self.ps.memory_info().rss / 2 ** 20
         except psutil.Error:
             return 0.0
+
+    def stop(self) -> None:
+        if self.alive():
+            try:
+                self.proc.terminate(60)
+            except Exception:  # noqa: BLE001 - a stuck sidecar is killed
+                self.proc.kill()
+        self.proc._log.close()  # noqa: SLF001
+
+
+class _Client:
+    """gRPC and HTTP/1.1 keep-alive connections to the sidecar's receivers."""
+
+    def __init__(self, grpc_port: int, http_port: int):
+        self.http_port = http_port
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}",
+                                             options=[("grpc.max_send_message_length", 64 * 1024 * 1024)])
+        self.calls = {s: self.channel.unary_unary(m, request_serializer=None, response_deserializer=None)
+                      for s, (_, m, _) in SIGNALS.items()}
+        self.http: http.client.HTTPConnection | None = None
 
     def send_grpc(self, signal: str, body: bytes, timeout: float) -> str:
         try:
@@ -393,16 +424,10 @@ class _Target:
                     return "http:connection_closed"
         return "http:connection_closed"
 
-    def stop(self) -> None:
+    def close(self) -> None:
         self.channel.close()
         if self.http is not None:
             self.http.close()
-        if self.alive():
-            try:
-                self.proc.terminate(60)
-            except Exception:
-                self.proc.kill()
-        self.proc._log.close()  # noqa: SLF001
 
 
 def _bad(outcome: str) -> str | None:
@@ -445,25 +470,15 @@ def fuzz_redaction(rng: random.Random, seeds: dict[str, list[bytes]], n: int, re
                 report.kept.append(("redaction", signal, repr(e)[:300]))
 
 
-def run(inputs: int, pure: bool, *, seed: int = 1, hang_seconds: float = 10.0, workdir: Path,
-        progress: bool = False) -> Report:
+def send_inputs(job: tuple) -> Report:
+    """One client's share: ``count`` inputs generated from ``seed``, sent, and their answers judged."""
+    grpc_port, http_port, seed, count, hang_seconds, workdir, path = job
     rng = random.Random(seed)
-    seeds = seed_requests(rng)
-    report = Report(path="python" if pure else "c")
-    workdir.mkdir(parents=True, exist_ok=True)
-    target = _Target(workdir / "sidecar-0", pure)
-    stop_sampling = threading.Event()
-
-    def sample_rss():
-        while not stop_sampling.wait(0.2):
-            report.peak_rss_mib = max(report.peak_rss_mib, target.rss_mib())
-
-    sampler = threading.Thread(target=sample_rss, daemon=True)
-    sampler.start()
-    started = time.monotonic()
-    last_print = started
+    seeds = seed_requests(random.Random(0))
+    report = Report(path=path)
+    client = _Client(grpc_port, http_port)
     try:
-        for i in range(inputs):
+        for _ in range(count):
             signal = rng.choice(list(SIGNALS))
             base = rng.choice(seeds[signal])
             style = rng.random()
@@ -475,13 +490,13 @@ def run(inputs: int, pure: bool, *, seed: int = 1, hang_seconds: float = 10.0, w
             else:
                 body = mutate_structure(rng, signal, base)
             if transport == "grpc":
-                outcome = target.send_grpc(signal, body, hang_seconds)
+                outcome = client.send_grpc(signal, body, hang_seconds)
             else:
                 ctype = "application/json" if transport == "http-json" else "application/x-protobuf"
                 encoding = None
                 if rng.random() < 0.15:
                     body, encoding = gzip_variant(rng, body), "gzip"
-                outcome = target.send_http(signal, body, ctype, encoding, hang_seconds)
+                outcome = client.send_http(signal, body, ctype, encoding, hang_seconds)
             report.inputs += 1
             report.outcomes[outcome] += 1
             bad = _bad(outcome)
@@ -489,24 +504,54 @@ def run(inputs: int, pure: bool, *, seed: int = 1, hang_seconds: float = 10.0, w
                 report.hangs += 1
             elif bad == "server_error":
                 report.server_errors += 1
-            if bad and len(report.kept) < 20:
-                _keep(workdir, report, bad, transport, signal, body, outcome)
-            if i % 50 == 0 and not target.alive():
-                report.crashes += 1
-                _keep(workdir, report, "crash", transport, signal, body, target.proc.log()[-2000:])
-                target.stop()
-                target = _Target(workdir / f"sidecar-{report.crashes}", pure)
-            if progress and time.monotonic() - last_print > 10:
-                last_print = time.monotonic()
-                report.seconds = last_print - started
-                print(report.line(), flush=True)
-        if not target.alive():
-            report.crashes += 1
-        fuzz_redaction(rng, seeds, max(inputs // 4, 100), report)
+            if bad and len(report.kept) < 5:
+                _keep(workdir, report, bad, transport, signal, body, f"{outcome} seed={seed}")
+    finally:
+        client.close()
+    return report
+
+
+def run(inputs: int, pure: bool, *, seed: int = 1, clients: int = 1, hang_seconds: float = 10.0,
+        workdir: Path, progress: bool = False) -> Report:
+    """Fuzz one sidecar (restarted after any crash) with ``inputs`` inputs from ``clients`` processes."""
+    import multiprocessing
+
+    path = "python" if pure else "c"
+    report = Report(path=path)
+    workdir.mkdir(parents=True, exist_ok=True)
+    grpc_port, http_port = free_port(), free_port()
+    target = _Sidecar(workdir / "sidecar-0", pure, grpc_port, http_port)
+    chunk = 2000
+    jobs = [(grpc_port, http_port, seed * 1_000_003 + i, min(chunk, inputs - i * chunk), hang_seconds, workdir, path)
+            for i in range((inputs + chunk - 1) // chunk)]
+    started = time.monotonic()
+    last_print = started
+    try:
+        with multiprocessing.get_context("spawn").Pool(clients) as pool:
+            pending = pool.imap_unordered(send_inputs, jobs)
+            done = 0
+            while done < len(jobs):
+                try:
+                    part = pending.next(timeout=0.2)
+                except multiprocessing.TimeoutError:
+                    part = None
+                if part is not None:
+                    done += 1
+                    report.merge(part)
+                report.peak_rss_mib = max(report.peak_rss_mib, target.rss_mib())
+                if not target.alive():  # a crash: keep its log, restart on the same ports
+                    report.crashes += 1
+                    report.kept.append(("crash", "-", target.proc.log()[-2000:]))
+                    target.stop()
+                    target = _Sidecar(workdir / f"sidecar-{report.crashes}", pure, grpc_port, http_port)
+                if progress and time.monotonic() - last_print > 15:
+                    last_print = time.monotonic()
+                    report.seconds = last_print - started
+                    print(report.line(), flush=True)
+        rng = random.Random(seed)
+        fuzz_redaction(rng, seed_requests(rng), max(inputs // 4, 100), report)
     finally:
         report.seconds = time.monotonic() - started
-        stop_sampling.set()
-        sampler.join()
         target.stop()
     return report
 
@@ -523,12 +568,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inputs", type=int, default=20_000, help="receiver inputs per scanner path")
     ap.add_argument("--paths", default="c,python", help="scanner paths to fuzz: c, python or both")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--clients", type=int, default=2, help="client processes sending at once")
     ap.add_argument("--hang-seconds", type=float, default=10.0)
     ap.add_argument("--workdir", type=Path, default=Path("var/fuzz"))
     args = ap.parse_args(argv)
     failed = False
     for path in args.paths.split(","):
-        report = run(args.inputs, path == "python", seed=args.seed, hang_seconds=args.hang_seconds,
+        report = run(args.inputs, path == "python", seed=args.seed, clients=args.clients,
+                     hang_seconds=args.hang_seconds,
                      workdir=args.workdir / path, progress=True)
         print(report.line())
         print("  outcomes:", dict(report.outcomes.most_common()))
