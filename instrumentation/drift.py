@@ -273,6 +273,24 @@ class DriftObserver:
         o = outputs[0]
         return len(outputs) == 1 and o.dim() == 2 and o.is_floating_point() and 2 <= o.shape[1] <= self.max_classes
 
+    def observe_values(self, model_id: str, model_version: str | None, values: Mapping[str, float],
+                       categories: Mapping[str, str] | None = None, rows: int = 1) -> None:
+        """Record features the app computes itself (any framework): numeric ``values`` and ``categories``.
+
+        Each call is one observation per feature (categories count ``rows``); NaN and Inf are skipped.
+        """
+        state = self._state(model_id, model_version)
+        record = self._inst.value.record
+        for name, v in values.items():
+            v = float(v)
+            if v >= 0.0:
+                if v != _INF:
+                    record(v, state.feature(name))
+            elif v != -_INF:
+                record(-v, state.negative(name))
+        for name, cat in (categories or {}).items():
+            self._inst.category.add(rows, state.category(name, str(cat)))
+
     # --- generation -----------------------------------------------------------------------------
 
     def observe_generation(self, model: str, model_version: str | None, input_tokens: int | None,

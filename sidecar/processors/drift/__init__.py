@@ -1,0 +1,19 @@
+"""``drift``: drift scores per model version and feature against a pinned reference (see :mod:`.processor`)."""
+
+from __future__ import annotations
+
+from sidecar.component import Kind
+from sidecar.processors.drift.config import DriftConfig
+from sidecar.processors.drift.processor import DriftProcessor
+from sidecar.registry import Factory
+from sidecar.signals import Signal
+
+__all__ = ["DriftConfig", "DriftProcessor", "FACTORY"]
+
+FACTORY = Factory(
+    type="drift",
+    kind=Kind.PROCESSOR,
+    config_model=DriftConfig,
+    create=lambda settings, cfg, next_consumer: DriftProcessor(settings, cfg, next_consumer),
+    signals=frozenset({Signal.METRICS}),
+)
