@@ -3,6 +3,12 @@
 Instrumented the way the README tells users to: ``configure()``, ``instrument_model()``,
 ``ASGIMiddleware``, ``trace_generation`` and plain ``logging`` calls. Run by run_demo.py:
 ``python examples/demo_app.py PORT``.
+
+Two versions of the classifier serve ``/classify``: the stable ``v1`` and a canary ``v2``
+that gets every fourth request (or the version named in ``X-Model-Version``). The canary
+is slower (about 25 ms more per forward) and fails one forward in twelve, so the per-version
+span metrics have something to tell. ``GET /debug/redactions`` answers the in-process
+redaction counts per detector, for the demo's report.
 """
 
 from __future__ import annotations
@@ -12,9 +18,11 @@ import os
 import sys
 import time
 
+import itertools
+
 import torch
 import uvicorn
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, Header, HTTPException
 from pydantic import BaseModel
 
 import instrumentation as otel
@@ -25,12 +33,35 @@ stdout = logging.StreamHandler(sys.stdout)
 stdout.setFormatter(otel.JSONFormatter())  # the structured JSON lines `kubectl logs` shows
 logging.basicConfig(level=logging.INFO, handlers=[stdout])
 
-otel.configure(service_name="resnet-demo", resource_attributes={"service.version": "1.4.2"})
+telemetry = otel.configure(service_name="resnet-demo", resource_attributes={"service.version": "1.4.2"})
+
+
+class Canary(torch.nn.Module):
+    """The v2 candidate: the same network, slower, and one forward in ``fail_every`` blows up."""
+
+    def __init__(self, net: torch.nn.Module, fail_every: int = 12, extra_s: float = 0.025):
+        super().__init__()
+        self.net, self.fail_every, self.extra_s = net, fail_every, extra_s
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        time.sleep(self.extra_s)  # a heavier backbone
+        if self.calls % self.fail_every == 0:
+            raise FloatingPointError("canary v2: non-finite logits after layer 2")
+        return self.net(x)
+
+
+def _net() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)).eval()
+
 
 torch.manual_seed(0)
-classifier = otel.instrument_model(
-    torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)).eval(),
-    model_id="resnet-demo", model_version="v2")
+classifiers = {
+    "v1": otel.instrument_model(_net(), model_id="resnet-demo", model_version="v1"),
+    "v2": otel.instrument_model(Canary(_net()).eval(), model_id="resnet-demo", model_version="v2"),
+}
+_route = itertools.count()
 lm_head = torch.nn.Linear(32, 100).eval()
 
 
@@ -53,16 +84,17 @@ app = FastAPI()
 
 
 @app.post("/classify")
-def classify(body: Classify) -> dict:
+def classify(body: Classify, x_model_version: str | None = Header(None)) -> dict:
+    version = x_model_version if x_model_version in classifiers else ("v2" if next(_route) % 4 == 3 else "v1")
     otel.set_tags(intent="classify")
-    log.info("classifying request: %s", body.prompt, extra={"model_id": "resnet-demo", "model_version": "v2"})
+    log.info("classifying request: %s", body.prompt, extra={"model_id": "resnet-demo", "model_version": version})
     if body.slow:
         time.sleep(1.2)  # a slow request: the sidecar keeps every one
     # a bad request sends features of the wrong width: the model's forward raises (a 500 with its stack)
     features = torch.randn(body.batch, 63 if body.fail else 64)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        labels = classifier(features).argmax(dim=1).tolist()
+        labels = classifiers[version](features).argmax(dim=1).tolist()
     log.info("classified", extra={"execution_time_ms": round((time.perf_counter() - t0) * 1000, 3)})
     return {"labels": labels}
 
@@ -83,6 +115,13 @@ def generate(body: Generate) -> dict:
         gen.finish("length")
     log.info("generated %d tokens", len(tokens))
     return {"tokens": tokens}
+
+
+@app.get("/debug/redactions")
+def redactions() -> dict:
+    """What in-process redaction changed so far, per detector and action (``email:mask`` -> 12)."""
+    engine = telemetry.redaction_engine
+    return {f"{rule}:{action}": n for (rule, action), n in (engine.stats.snapshot() if engine else {}).items()}
 
 
 uvicorn.run(otel.ASGIMiddleware(app), host=os.environ.get("DEMO_HOST", "127.0.0.1"), port=PORT, log_level="warning", access_log=False)

@@ -1,13 +1,17 @@
 """The local demo: the sidecar with its default config, an instrumented torch service, real traffic.
 
 Starts ``python -m sidecar --config collector-config/sidecar.yaml`` (its file exporter is
-the embedded backend), starts examples/demo_app.py (FastAPI + torch, instrumented),
-sends a mix of plain, failing, slow, debug-forced and generation requests — some with
-PII — and shows what the sidecar kept, redacted and forwarded.
+the embedded backend) on free ports, starts examples/demo_app.py (FastAPI + torch,
+instrumented; a stable v1 and a canary v2 of the classifier), sends a mix of plain,
+failing, slow, debug-forced and generation requests — some with PII — and reports what
+the sidecar measured, kept, dropped and redacted, and where to look at it.
+
+    python examples/run_demo.py [--work-dir var/demo] [--otlp-grpc-port N] [--otlp-http-port N]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -22,16 +26,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
 
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from rich import box  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
+from rich.table import Table  # noqa: E402
 
-from sidecar.otlp_json import from_json  # noqa: E402
-from sidecar.signals import Signal  # noqa: E402
+import demo_report as rep  # noqa: E402
+from sidecar.cli import render  # noqa: E402
+from sidecar.cli.store import POLICY, TraceStore  # noqa: E402
 from sidecar.testing import free_port  # noqa: E402
 
-WORK = ROOT / "var" / "demo"
 EMAIL, CARD = "alice@example.com", "4111 1111 1111 1111"
 PII = (EMAIL, CARD, "4111111111111111")
+MODEL = "resnet-demo"
+
+
+class DemoError(Exception):
+    """A step failed; the message is one line that says why and which log to read."""
 
 
 def post(port: int, path: str, body: dict, headers: dict | None = None) -> int:
@@ -44,164 +57,269 @@ def post(port: int, path: str, body: dict, headers: dict | None = None) -> int:
         return e.code
 
 
-def wait_http(url: str, timeout: float = 60) -> None:
+def get(url: str, timeout: float = 5) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read()
+
+
+def last_error(log: Path) -> str:
+    """The line of a log that says why a process stopped: its last ERROR/exception line, else its last line."""
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.exists() else []
+    for ln in reversed(lines):
+        if " ERROR " in ln or "Error:" in ln or "error:" in ln:
+            return ln
+    return lines[-1] if lines else "(no output)"
+
+
+def wait_ready(url: str, proc: subprocess.Popen, what: str, log: Path, timeout: float = 60) -> None:
+    """Until ``url`` answers; a process that exits first is reported with the line of its log that says why."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DemoError(f"{what} exited during start-up (code {proc.returncode}): {last_error(log)} "
+                            f"-- full log: {log}")
         try:
-            urllib.request.urlopen(url, timeout=2)
+            get(url, timeout=2)
             return
-        except (urllib.error.URLError, ConnectionError):
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(0.2)
-    raise TimeoutError(url)
+    raise DemoError(f"{what} not ready after {timeout:.0f}s -- see {log}")
 
 
-def scrape(port: int) -> dict[tuple, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
+def settled(m: rep.Samples) -> bool:
+    """Every trace decided and everything handed to the exporter written."""
+    buffered = rep.total(m, "sidecar_tail_sampling_buffered_traces")
+    queued = rep.total(m, "sidecar_queue_size")
+    at_exporter = rep.total(m, "sidecar_items_received_total", kind="exporter")
+    exported = rep.total(m, "sidecar_items_exported_total")
+    return buffered == 0 and queued == 0 and exported >= at_exporter > 0
 
 
-def total(metrics: dict, name: str, **labels) -> float:
-    return sum(v for (n, ls), v in metrics.items() if n == name and all(dict(ls).get(k) == w for k, w in labels.items()))
-
-
-def read_jsonl(path: Path, signal: Signal) -> list:
-    return [from_json(signal, line) for line in path.read_text().splitlines() if line] if path.exists() else []
-
-
-def attr(kvs, key):
-    for kv in kvs:
-        if kv.key == key:
-            return getattr(kv.value, kv.value.WhichOneof("value"))
-    return None
-
-
-def main() -> int:
-    shutil.rmtree(WORK, ignore_errors=True)
-    WORK.mkdir(parents=True)
-    metrics_port, health_port, app_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "SIDECAR_STORAGE_DIR": str(WORK / "storage"), "SIDECAR_FILE_EXPORT_DIR": str(WORK / "telemetry"),
-           "SIDECAR_METRICS_ENDPOINT": f"127.0.0.1:{metrics_port}", "SIDECAR_HEALTH_ENDPOINT": f"127.0.0.1:{health_port}",
-           "PYTHONPATH": str(ROOT)}
-    print("== starting the sidecar: python -m sidecar --config collector-config/sidecar.yaml")
-    sidecar = subprocess.Popen([sys.executable, "-m", "sidecar", "--config", str(ROOT / "collector-config" / "sidecar.yaml")],
-                               env=env, stdout=open(WORK / "sidecar.log", "w"), stderr=subprocess.STDOUT, cwd=ROOT)
-    app = None
-    try:
-        wait_http(f"http://127.0.0.1:{health_port}/readyz")
-        print(f"   ready: OTLP on 127.0.0.1:4317 (gRPC) and :4318 (HTTP), metrics on :{metrics_port}, "
-              f"health on :{health_port}")
-        print("== starting the instrumented torch service (examples/demo_app.py)")
-        app = subprocess.Popen([sys.executable, str(ROOT / "examples" / "demo_app.py"), str(app_port)], env=env,
-                               stdout=open(WORK / "app.stdout.jsonl", "w"), stderr=open(WORK / "app.stderr.log", "w"))
-        wait_http(f"http://127.0.0.1:{app_port}/docs")
-
-        print("== sending traffic")
-        sent = Counter()
-        statuses = Counter()
-        pii_prompt = f"classify the photo sent by {EMAIL}, card {CARD}, please"
-        for i in range(200):
-            prompt = pii_prompt if i % 5 == 0 else f"classify image #{i}"
-            statuses[post(app_port, "/classify", {"prompt": prompt}, {"X-User-ID": EMAIL})] += 1
-            sent["plain"] += 1
-        for _ in range(8):
-            statuses[post(app_port, "/classify", {"prompt": "boom", "fail": True})] += 1
-            sent["error"] += 1
-        slow = [threading.Thread(target=lambda: statuses.update([post(app_port, "/classify", {"prompt": "big", "slow": True})]))
-                for _ in range(4)]
+def send_traffic(console: Console, port: int) -> tuple[Counter, Counter, float]:
+    pii_prompt = f"classify the photo sent by {EMAIL}, card {CARD}, please"
+    plan = ([("plain", i) for i in range(240)] + [("error", i) for i in range(2)] + [("forced", i) for i in range(5)]
+            + [("generate", i) for i in range(20)])
+    sent, statuses = Counter(), Counter()
+    t0 = time.monotonic()
+    with Progress(TextColumn("   traffic"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("", total=len(plan) + 4)
+        slow = [threading.Thread(target=lambda: statuses.update(
+            [post(port, "/classify", {"prompt": "big", "slow": True}, {"X-Model-Version": "v1"})])) for _ in range(4)]
         for t in slow:
             t.start()
+        for kind, i in plan:
+            if kind == "plain":
+                prompt = pii_prompt if i % 5 == 0 else f"classify image #{i}"
+                code = post(port, "/classify", {"prompt": prompt}, {"X-User-ID": EMAIL})
+            elif kind == "error":  # a malformed input on the stable version: its forward raises
+                code = post(port, "/classify", {"prompt": "boom", "fail": True}, {"X-Model-Version": "v1"})
+            elif kind == "forced":
+                code = post(port, "/classify", {"prompt": pii_prompt}, {"X-Debug-Trace": "1", "X-Model-Version": "v1"})
+            else:
+                code = post(port, "/generate", {"prompt": f"tell me a story {i}", "max_tokens": 12})
+            sent[kind] += 1
+            statuses[code] += 1
+            progress.advance(task)
         for t in slow:
             t.join()
         sent["slow"] += 4
-        for _ in range(5):
-            statuses[post(app_port, "/classify", {"prompt": pii_prompt}, {"X-Debug-Trace": "1"})] += 1
-            sent["forced"] += 1
-        for i in range(20):
-            statuses[post(app_port, "/generate", {"prompt": f"tell me a story {i}", "max_tokens": 12})] += 1
-            sent["generate"] += 1
-        print(f"   {sum(sent.values())} requests: {dict(sent)}; HTTP statuses {dict(statuses)}")
+        progress.advance(task, 4)
+    return sent, statuses, time.monotonic() - t0
 
-        print("== waiting for tail-sampling decisions and export")
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    work = Path(args.work_dir).resolve()
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "telemetry").mkdir(parents=True)
+    grpc_port, http_port = args.otlp_grpc_port or free_port(), args.otlp_http_port or free_port()
+    metrics_port, health_port, app_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "SIDECAR_STORAGE_DIR": str(work / "storage"), "SIDECAR_FILE_EXPORT_DIR": str(work / "telemetry"),
+           "SIDECAR_OTLP_GRPC_ENDPOINT": f"127.0.0.1:{grpc_port}", "SIDECAR_OTLP_HTTP_ENDPOINT": f"127.0.0.1:{http_port}",
+           "SIDECAR_METRICS_ENDPOINT": f"127.0.0.1:{metrics_port}", "SIDECAR_HEALTH_ENDPOINT": f"127.0.0.1:{health_port}",
+           "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{grpc_port}", "PYTHONPATH": str(ROOT),
+           "PYTHONWARNINGS": "ignore"}
+    sidecar_log, app_log = work / "sidecar.log", work / "app.stderr.log"
+    t_start = time.monotonic()
+    console.print("[bold]== starting the sidecar[/]: python -m sidecar --config collector-config/sidecar.yaml")
+    sidecar = subprocess.Popen([sys.executable, "-m", "sidecar", "--config", str(ROOT / "collector-config" / "sidecar.yaml")],
+                               env=env, stdout=open(sidecar_log, "w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    app = None
+    try:
+        with console.status("   waiting for /readyz"):
+            wait_ready(f"http://127.0.0.1:{health_port}/readyz", sidecar, "the sidecar", sidecar_log)
+        console.print(f"   ready: OTLP gRPC :{grpc_port}, HTTP :{http_port}, metrics :{metrics_port}, health :{health_port}")
+        console.print("[bold]== starting the instrumented torch service[/] (examples/demo_app.py: v1 stable, v2 canary)")
+        app = subprocess.Popen([sys.executable, str(ROOT / "examples" / "demo_app.py"), str(app_port)], env=env,
+                               stdout=open(work / "app.stdout.jsonl", "w"), stderr=open(app_log, "w"))
+        with console.status("   loading torch and the models"):
+            wait_ready(f"http://127.0.0.1:{app_port}/docs", app, "the demo app", app_log, timeout=120)
+        console.print("[bold]== sending traffic[/]")
+        sent, statuses, traffic_s = send_traffic(console, app_port)
+        console.print(f"   {sum(sent.values())} requests in {traffic_s:.1f}s: {dict(sent)}; "
+                      f"HTTP statuses {dict(statuses)}", soft_wrap=True)
+        app_redactions = json.loads(get(f"http://127.0.0.1:{app_port}/debug/redactions"))
         app.terminate()  # flushes the app's telemetry
         app.wait(30)
         app = None
-        last, stable = None, time.monotonic()
-        while time.monotonic() - stable < 3:
-            m = scrape(metrics_port)
-            now = total(m, "sidecar_items_exported_total")
-            if now != last:
-                last, stable = now, time.monotonic()
-            time.sleep(0.5)
-        m = scrape(metrics_port)
-        (WORK / "sidecar-metrics.txt").write_text(
-            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode())
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        deadline = time.monotonic() + 60
+        with console.status("   waiting for tail-sampling decisions and export"):
+            while not settled(m := rep.parse_metrics(get(metrics_url).decode())) and time.monotonic() < deadline:
+                time.sleep(0.3)
+        text = get(metrics_url).decode()
+        (work / "sidecar-metrics.txt").write_text(text)
+        m = rep.parse_metrics(text)
     finally:
         if app is not None:
             app.kill()
         sidecar.terminate()
         sidecar.wait(60)
+    report(console, work, m, sent, statuses, traffic_s, app_redactions)
+    console.print(f"\n(demo finished in {time.monotonic() - t_start:.1f}s)")
+    return check(console, work, m, statuses)
 
-    out = WORK / "telemetry"
-    traces = read_jsonl(out / "traces.jsonl", Signal.TRACES)
-    logs = read_jsonl(out / "logs.jsonl", Signal.LOGS)
-    spans = [s for r in traces for rs in r.resource_spans for ss in rs.scope_spans for s in ss.spans]
-    records = [rec for r in logs for rl in r.resource_logs for sl in rl.scope_logs for rec in sl.log_records]
-    kept_by_policy: dict[bytes, str] = {}
-    for s in spans:
-        kept_by_policy.setdefault(s.trace_id, attr(s.attributes, "sampling.policy") or "?")
 
-    print(f"\n== kept (written by the file exporter to {out.relative_to(ROOT)}/)")
-    print(f"   {len(kept_by_policy)} traces ({len(spans)} spans) kept, by policy: {dict(Counter(kept_by_policy.values()))}")
-    plain = sent["plain"] + sent["generate"]
-    baseline = Counter(kept_by_policy.values()).get("baseline", 0)
-    print(f"   errors {Counter(kept_by_policy.values()).get('errors', 0)}/{sent['error']}, "
-          f"slow {Counter(kept_by_policy.values()).get('slow', 0)}/{sent['slow']}, "
-          f"forced {Counter(kept_by_policy.values()).get('debug', 0)}/{sent['forced']}, "
-          f"plain {baseline}/{plain} (~10% by the consistent probabilistic rule)")
-    in_kept = sum(1 for r in records if r.trace_id in kept_by_policy)
-    print(f"   {len(records)} log records forwarded: {in_kept} belong to kept traces, "
-          f"{len(records) - in_kept} are ERROR logs or carry no trace id")
-    dropped_sampled = total(m, "sidecar_items_dropped_total", reason="sampled_out")
-    print(f"   dropped by sampling (intended): {dropped_sampled:.0f} spans and log records")
+def report(console: Console, work: Path, m: rep.Samples, sent: Counter, statuses: Counter, traffic_s: float,
+           app_redactions: dict) -> None:
+    tele = work / "telemetry"
+    store = TraceStore(tele)
+    store.refresh()
+    kept = store.recent()
 
-    print("\n== redacted")
-    forwarded = "".join(p.read_text() for p in out.glob("*.jsonl"))
+    console.rule("per model version (span metrics: every forward, before sampling)")
+    t = Table(box=box.SIMPLE_HEAD)
+    for col in ("model", "version", "requests", "errors", "error rate", "p50", "p95", "p99", "2% alert"):
+        t.add_column(col, justify="left" if col in ("model", "version", "2% alert") else "right")
+    versions = rep.per_version(m, MODEL, traffic_s)
+    for v in versions:
+        t.add_row(MODEL, v.version, str(v.calls), str(v.errors), f"{v.error_rate:.1%}", f"{v.p50_ms:.1f}ms",
+                  f"{v.p95_ms:.1f}ms", f"{v.p99_ms:.1f}ms", "WOULD FIRE" if v.would_alert else "quiet")
+    console.print(t)
+    for v in versions:
+        verdict = "would trip" if v.would_alert else "would not trip"
+        console.print(f"   {MODEL} {v.version}: error rate {v.error_rate:.1%} at {v.rate_per_s:.1f} req/s {verdict} "
+                      f"ModelVersionErrorRateHigh (> 2% and > 1 req/s, for 5m)")
+    console.print("   latency quantiles are interpolated in the histogram buckets, as histogram_quantile() does")
+
+    console.rule("tail sampling, counted in traces (spans and log records that went with them)")
+    kept_spans, kept_logs = Counter(), Counter()
+    for tr in kept:
+        p = tr.first(POLICY) or "?"
+        kept_spans[p] += len(tr.spans)
+        kept_logs[p] += len(tr.logs)
+    t = Table(box=box.SIMPLE_HEAD)
+    for col in ("outcome", "policy / reason", "traces", "spans", "log records"):
+        t.add_column(col, justify="right" if col in ("traces", "spans", "log records") else "left")
+    for row in rep.sampling_table(m, kept_spans, kept_logs):
+        t.add_row(row.outcome, row.policy, str(row.traces), str(row.spans), str(row.logs))
+    console.print(t)
+    by_policy = Counter(tr.first(POLICY) for tr in kept)
+    errors_sent = statuses.get(500, 0)
+    console.print(f"   errors kept {by_policy.get('errors', 0)}/{errors_sent}, slow kept {by_policy.get('slow', 0)}/{sent['slow']}, "
+                  f"forced kept {by_policy.get('debug', 0)}/{sent['forced']}; the rest by the consistent 10% rule")
+    traceless = sum(1 for line in _lines(tele / "logs.jsonl") for rl in line.get("resourceLogs", ())
+                    for sl in rl.get("scopeLogs", ()) for r in sl.get("logRecords", ()) if not r.get("traceId"))
+    console.print(f"   log records without a trace id forwarded on their own: {traceless}")
+
+    console.rule("redaction, per detector (values changed)")
+    t = Table(box=box.SIMPLE_HEAD)
+    t.add_column("detector:action")
+    t.add_column("in the app", justify="right")
+    t.add_column("in the sidecar", justify="right")
+    for name, in_app, in_sidecar in rep.redactions(app_redactions, m):
+        t.add_row(name, str(in_app), str(in_sidecar))
+    console.print(t)
+    forwarded = "".join(p.read_text() for p in tele.glob("*.jsonl")) + (work / "app.stdout.jsonl").read_text()
     leaks = {p: forwarded.count(p) for p in PII}
-    example = next((r.body.string_value for r in records if "classifying request: classify the photo" in r.body.string_value), None)
-    print(f"   sent:      {pii_prompt!r} with X-User-ID: {EMAIL}")
-    print(f"   forwarded: {example!r}")
-    users = Counter(attr(s.attributes, "user.id") for s in spans if attr(s.attributes, "user.id"))
-    print(f"   user.id on forwarded spans: {dict(users)}")
-    print(f"   PII strings in everything forwarded: {sum(leaks.values())} ({leaks})")
-    by_rule = Counter()
-    for (name, labels), v in m.items():
-        if name == "sidecar_redaction_values_total":
-            by_rule[f"{dict(labels).get('rule')}:{dict(labels).get('action')}"] += v
-    print(f"   redacted in the sidecar, by rule: {dict(by_rule) or 'none (the app already redacted in-process)'}")
+    console.print(f"   sent:      'classify the photo sent by {EMAIL}, card {CARD}, please' "
+                  f"with X-User-ID: {EMAIL}", soft_wrap=True)
+    example = next((lg.body for tr in kept for lg in tr.logs
+                    if isinstance(lg.body, str) and lg.body.startswith("classifying request: classify the photo")), None)
+    console.print(f"   forwarded: {example!r}")
+    console.print(f"   PII strings in everything forwarded and in the app's stdout: {sum(leaks.values())}")
 
-    print("\n== metrics derived from every span before sampling (Prometheus /metrics)")
-    calls = total(m, "traces_span_metrics_calls_total", model_id="resnet-demo")
-    errors = total(m, "traces_span_metrics_calls_total", model_id="resnet-demo", status_code="STATUS_CODE_ERROR")
-    print(f"   model resnet-demo v2: {calls:.0f} forward calls counted, {errors:.0f} errors — the true totals,"
-          f" although only {len(kept_by_policy)} traces were kept")
-    print("\n== sidecar counters")
-    for name in ("received", "accepted", "exported"):
-        print(f"   {name:9}", {sig: int(total(m, f'sidecar_items_{name}_total', signal=sig,
-                                             kind='receiver' if name != 'exported' else 'exporter'))
-                                for sig in ('traces', 'logs', 'metrics')})
-    refused = total(m, "sidecar_items_refused_total")
-    lost = total(m, "sidecar_items_dropped_total", intended="false")
-    print(f"   refused {refused:.0f}, lost (dropped unintentionally) {lost:.0f}")
-    print("\n== one structured JSON log line from the app's stdout (what `kubectl logs` shows)")
-    lines = (WORK / "app.stdout.jsonl").read_text().splitlines()
-    print("  ", next((line for line in lines if '"classified"' in line), lines[0] if lines else "(none)"))
-    print(f"\nfiles: {WORK.relative_to(ROOT)}/ (telemetry/*.jsonl, sidecar.log, app.stdout.jsonl)")
-    ok = sum(leaks.values()) == 0 and Counter(kept_by_policy.values()).get("errors", 0) == sent["error"]
-    return 0 if ok else 1
+    console.rule("one kept error trace (the canary's), with its logs in place")
+    errors = [tr for tr in kept if tr.is_error]
+    pick = next((tr for tr in errors if tr.first("ml.model.version") == "v2" and tr.logs), errors[0] if errors else None)
+    if pick is not None:
+        console.print("\n".join(render.tree(pick)), highlight=False, markup=False, soft_wrap=True)
+        console.print(f"   the same from the command line: python -m sidecar traces show {pick.trace_id} --dir {_rel(tele)}",
+                      soft_wrap=True)
+
+    console.rule("sidecar counters (items)")
+    for name in ("received", "exported"):
+        kind = "receiver" if name == "received" else "exporter"
+        console.print(f"   {name:9} " + ", ".join(
+            f"{sig} {int(rep.total(m, f'sidecar_items_{name}_total', signal=sig, kind=kind))}" for sig in ("traces", "logs", "metrics")))
+    refused = rep.total(m, "sidecar_receiver_requests_refused_total")
+    lost = rep.total(m, "sidecar_items_dropped_total", intended="false")
+    console.print(f"   refused requests {int(refused)}, lost (dropped unintentionally) items {int(lost)}")
+
+    console.rule("where everything lives")
+    t = Table(box=box.SIMPLE_HEAD)
+    t.add_column("what")
+    t.add_column("where / command")
+    t.add_row("recent kept traces", f"python -m sidecar traces ls --dir {_rel(tele)}")
+    t.add_row("one trace, by trace or request id", f"python -m sidecar traces show ID --dir {_rel(tele)} [--attributes]")
+    t.add_row("follow new traces", f"python -m sidecar traces tail --dir {_rel(tele)}")
+    t.add_row("raw OTLP/JSON (one request a line)", f"{_rel(tele)}/traces.jsonl, logs.jsonl, metrics.jsonl")
+    t.add_row("the sidecar's /metrics at the end", f"{_rel(work)}/sidecar-metrics.txt")
+    t.add_row("the sidecar's log", f"{_rel(work)}/sidecar.log")
+    t.add_row("the app's JSON logs (kubectl logs)", f"{_rel(work)}/app.stdout.jsonl, app.stderr.log")
+    t.add_row("the config that ran", "collector-config/sidecar.yaml")
+    console.print(t)
+
+
+def check(console: Console, work: Path, m: rep.Samples, statuses: Counter) -> int:
+    """Exit status: every error trace kept, nothing refused or lost, nothing with PII forwarded."""
+    store = TraceStore(work / "telemetry")
+    store.refresh()
+    errors_kept = sum(1 for tr in store.recent() if tr.first(POLICY) == "errors")
+    forwarded = "".join(p.read_text() for p in (work / "telemetry").glob("*.jsonl"))
+    problems = []
+    if errors_kept != statuses.get(500, 0):
+        problems.append(f"{errors_kept} error traces kept for {statuses.get(500, 0)} failed requests")
+    if any(p in forwarded for p in PII):
+        problems.append("PII forwarded")
+    refused = rep.total(m, "sidecar_receiver_requests_refused_total")
+    lost = rep.total(m, "sidecar_items_dropped_total", intended="false")
+    if refused or lost:
+        problems.append(f"the sidecar refused {int(refused)} requests and lost {int(lost)} items "
+                        f"(see {_rel(work)}/sidecar.log)")
+    console.print(f"FAILED: {'; '.join(problems)}" if problems else "OK: every error trace kept, nothing lost, no PII",
+                  soft_wrap=True)
+    return 1 if problems else 0
+
+
+def _lines(path: Path):
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line:
+                yield json.loads(line)
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work-dir", default=str(ROOT / "var" / "demo"), help="where the demo writes (emptied first)")
+    ap.add_argument("--otlp-grpc-port", type=int, default=0, help="the sidecar's OTLP/gRPC port (default: a free one)")
+    ap.add_argument("--otlp-http-port", type=int, default=0, help="the sidecar's OTLP/HTTP port (default: a free one)")
+    args = ap.parse_args(argv)
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=120)
+    try:
+        return run(args, console)
+    except DemoError as e:
+        console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -22,7 +22,12 @@ def clock(ns: int) -> str:
 
 
 def ms(value: float) -> str:
-    return f"{value / 1000:.2f}s" if value >= 1000 else f"{value:.1f}ms"
+    return f"{value / 1000:.2f}s" if abs(value) >= 1000 else f"{value:.1f}ms"
+
+
+def offset(value_ms: float) -> str:
+    """An offset from the trace's start; negative when a log precedes the first span kept."""
+    return ("+" if value_ms >= 0 else "") + ms(value_ms)
 
 
 def _short(v: Any, width: int) -> str:
@@ -44,7 +49,7 @@ def _fmt_value(v: Any) -> str:
 
 def _log_line(lg: LogRow, t0: int) -> str:
     body = lg.body if isinstance(lg.body, str) else json.dumps(lg.body, separators=(",", ":"))
-    return f"+{ms((lg.time_ns - t0) / 1e6)} {lg.severity or 'LOG'} {body}"
+    return f"{offset((lg.time_ns - t0) / 1e6)} {lg.severity or 'LOG'} {body}"
 
 
 def tree(t: Trace, show_attributes: bool = False, show_logs: bool = True) -> list[str]:
@@ -88,7 +93,7 @@ def tree(t: Trace, show_attributes: bool = False, show_logs: bool = True) -> lis
         if span.status_code == STATUS_ERROR:
             status = "  ERROR" + (f": {span.status_message}" if span.status_message else "")
         kind = _KINDS.get(span.kind, "")
-        out.append(f"{prefix}{branch}{span.name}  [{kind}] +{ms((span.start_ns - t0) / 1e6)} {ms(span.duration_ms)}{status}")
+        out.append(f"{prefix}{branch}{span.name}  [{kind}] {offset((span.start_ns - t0) / 1e6)} {ms(span.duration_ms)}{status}")
         inner = prefix + ("   " if last else "│  ")
         kids = sorted(children.get(span.span_id, []), key=lambda s: s.start_ns)
         bar = "│  " if kids else "   "
@@ -96,7 +101,7 @@ def tree(t: Trace, show_attributes: bool = False, show_logs: bool = True) -> lis
             for k in sorted(span.attributes):
                 emit(f"{inner}{bar}  ", f"{k} = {_fmt_value(span.attributes[k])}")
             for ev in span.events:
-                out.append(f"{inner}{bar}  event +{ms((int(ev.get('timeUnixNano', t0)) - t0) / 1e6)} {ev.get('name', '')}")
+                out.append(f"{inner}{bar}  event {offset((int(ev.get('timeUnixNano', t0)) - t0) / 1e6)} {ev.get('name', '')}")
                 for kv in ev.get("attributes", []):
                     emit(f"{inner}{bar}    ", f"{kv['key']} = {_fmt_value(value(kv.get('value', {})))}")
         if show_logs:
