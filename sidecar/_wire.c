@@ -3,10 +3,14 @@
  * the few facts per span / log record the span_metrics and tail_sampling hot loops need, so
  * Python does only dict work instead of ~100 ns per protobuf field read.
  *
- * Input is what upb's SerializeToString() produced, but it is parsed defensively: every read
- * is bounds-checked and a bad varint, length or wire type raises ValueError (invalid UTF-8 in
- * a string raises UnicodeDecodeError, a ValueError). Fields with an unexpected wire type are
- * skipped as unknown fields, as protobuf parsers do. No global state; the GIL is held throughout.
+ * The C half of one facade (sidecar/wire.py); sidecar/_wire_py.py is the pure-Python half, with the
+ * same functions, signatures and named-tuple results (sidecar/_wire_types.py), and the tests run one
+ * test class against both. On input the protobuf parser accepts, both answer the same: unknown
+ * fields (groups too) are skipped, a field with an unexpected wire type is an unknown field, the last
+ * occurrence of a scalar wins and repeated occurrences of a message field merge, enums are open
+ * (any int32). Every read is bounds-checked; a bad varint, length, tag or group raises ValueError
+ * (invalid UTF-8 in a string this scanner decodes raises UnicodeDecodeError, a ValueError). The GIL
+ * is held throughout; the only module state is the result types, imported once.
  *
  * Field numbers (opentelemetry-proto):
  *   Export*ServiceRequest: 1 Resource{Spans,Logs}
@@ -25,7 +29,16 @@
 /* Most attribute keys one call can look for (span_metrics dimensions + 3, tail_sampling checks). */
 #define MAX_KEYS 64
 
-enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_I32 = 5 };
+/* Deepest nesting of groups skipped inside one field (upb's default message depth limit). */
+#define MAX_GROUP_DEPTH 100
+
+/* Status codes with a meaning (UNSET, OK, ERROR): only these set a bit in a run's status mask. */
+#define KNOWN_STATUS_CODES 3
+
+enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_SGROUP = 3, WT_EGROUP = 4, WT_I32 = 5 };
+
+/* The result types (sidecar/_wire_types.py), shared with the pure-Python scanner. */
+static PyTypeObject *SpanMetricRow_T, *SpanRun_T, *LogRun_T, *KeyHits_T, *ResourceGroup_T, *ScopeGroup_T;
 
 typedef struct {
     const uint8_t *p;
@@ -81,17 +94,28 @@ static inline int rd_fixed(Reader *r, int nbytes, uint64_t *out)
     return 0;
 }
 
-/* One field: its number, wire type and value (a number, or the payload of a length-delimited field). */
-static inline int rd_field(Reader *r, uint32_t *field, int *wt, uint64_t *num, Slice *s)
+static int skip_group(Reader *r, uint32_t field, int depth);
+
+/* One tag: its field number and wire type, as upb reads it (at most 5 bytes, field numbers 1..2^29-1). */
+static inline int rd_tag(Reader *r, uint32_t *field, int *wt)
 {
-    uint64_t tag, n;
+    const uint8_t *at = r->p;
+    uint64_t tag;
     if (rd_varint(r, &tag) < 0)
         return -1;
-    if ((tag >> 3) == 0 || (tag >> 3) > 0x1FFFFFFF)
+    if (r->p - at > 5 || (tag >> 3) == 0 || (tag >> 3) > 0x1FFFFFFF)
         return bad("invalid field number");
     *field = (uint32_t)(tag >> 3);
     *wt = (int)(tag & 7);
-    switch (*wt) {
+    return 0;
+}
+
+/* The value of a field whose tag was just read: a number, the payload of a length-delimited field,
+ * or (a group) nothing: the group is skipped whole, up to its matching end tag. */
+static inline int rd_value(Reader *r, uint32_t field, int wt, uint64_t *num, Slice *s, int depth)
+{
+    uint64_t n;
+    switch (wt) {
     case WT_VARINT:
         return rd_varint(r, num);
     case WT_I64:
@@ -107,9 +131,43 @@ static inline int rd_field(Reader *r, uint32_t *field, int *wt, uint64_t *num, S
         s->n = (Py_ssize_t)n;
         r->p += n;
         return 0;
-    default: /* groups (3, 4) never occur in OTLP; 6 and 7 are invalid */
+    case WT_SGROUP:
+        return skip_group(r, field, depth + 1);
+    case WT_EGROUP:
+        return bad("end of a group that was not started");
+    default: /* 6 and 7 are invalid */
         return bad("unsupported wire type");
     }
+}
+
+/* Skips the fields of a group (an unknown field to OTLP's schema) through its end tag. */
+static int skip_group(Reader *r, uint32_t field, int depth)
+{
+    uint32_t f;
+    int wt;
+    uint64_t num;
+    Slice s;
+    if (depth > MAX_GROUP_DEPTH)
+        return bad("groups nested too deep");
+    for (;;) {
+        if (r->p >= r->end)
+            return bad("unterminated group");
+        if (rd_tag(r, &f, &wt) < 0)
+            return -1;
+        if (wt == WT_EGROUP)
+            return f == field ? 0 : bad("end of a group that was not started");
+        if (rd_value(r, f, wt, &num, &s, depth) < 0)
+            return -1;
+    }
+}
+
+/* One field: its number, wire type and value (a number, or the payload of a length-delimited field).
+ * A group comes back with wire type WT_SGROUP and no value: no OTLP field is a group. */
+static inline int rd_field(Reader *r, uint32_t *field, int *wt, uint64_t *num, Slice *s)
+{
+    if (rd_tag(r, field, wt) < 0)
+        return -1;
+    return rd_value(r, *field, *wt, num, s, 0);
 }
 
 static PyObject *bytes_of(Slice s) { return PyBytes_FromStringAndSize((const char *)s.p, s.n); }
@@ -121,8 +179,8 @@ static int slice_eq(Slice a, Slice b) { return a.n == b.n && (a.n == 0 || memcmp
 /* --- heads -------------------------------------------------------------------------------------- */
 
 /* A Resource{Spans,Logs} or Scope{Spans,Logs} without its children: its fields 1 and 3 as encoded, with
- * an empty field 1 in front when absent. That is exactly what the Python fallback's
- * ``ResourceSpans(resource=rs.resource, schema_url=rs.schema_url).SerializeToString()`` gives. */
+ * an empty field 1 in front when absent. For a canonical encoding that is exactly
+ * ``ResourceSpans(resource=rs.resource, schema_url=rs.schema_url).SerializeToString()``. */
 static PyObject *head_of(Slice msg)
 {
     Reader r = reader_of(msg);
@@ -169,7 +227,7 @@ typedef struct {
     uint32_t flags;
     long kind, status;
     uint64_t start, end;
-    /* per wanted key: whether the span has it, and the encoded AnyValue of its first occurrence */
+    /* per wanted key: whether the span has it, and the KeyValue of its first occurrence */
     char found[MAX_KEYS];
     Slice vals[MAX_KEYS];
 } SpanFacts;
@@ -195,37 +253,81 @@ static int keys_of(PyObject *tuple, Keys *k)
         }
         k->keys[i].p = (const uint8_t *)PyBytes_AS_STRING(b);
         k->keys[i].n = PyBytes_GET_SIZE(b);
+        for (Py_ssize_t j = 0; j < i; j++) {
+            if (slice_eq(k->keys[i], k->keys[j])) {
+                PyErr_SetString(PyExc_ValueError, "duplicate attribute key");
+                return -1;
+            }
+        }
     }
     k->nkeys = (int)n;
     return 0;
 }
 
+/* A KeyValue: when its key (the last key field, as parsed) is a wanted key the span has not had yet,
+ * the span has it, and sp->vals holds the whole KeyValue (its value fields are read when needed). */
 static int parse_attribute(Slice kv, const Keys *k, SpanFacts *sp)
 {
     Reader r = reader_of(kv);
-    Slice key = {NULL, 0}, val = {NULL, 0}, s;
+    Slice key = {NULL, 0}, s;
     uint32_t f;
     int wt;
     uint64_t num;
-    int j = -1;
+    int has_key = 0;
     while (r.p < r.end) {
         if (rd_field(&r, &f, &wt, &num, &s) < 0)
             return -1;
         if (wt == WT_LEN && f == 1) {
             key = s;
-            for (j = 0; j < k->nkeys && !(!sp->found[j] && slice_eq(key, k->keys[j])); j++)
-                ;
-            if (j == k->nkeys)
-                return 0; /* not a wanted key (or seen already): its value does not matter */
-        } else if (wt == WT_LEN && f == 2) {
-            val = s;
+            has_key = 1;
         }
     }
-    if (j >= 0) {
-        sp->found[j] = 1;
-        sp->vals[j] = val;
+    (void)has_key; /* no key field: the key is "" */
+    for (int j = 0; j < k->nkeys; j++) {
+        if (!sp->found[j] && slice_eq(key, k->keys[j])) {
+            sp->found[j] = 1;
+            sp->vals[j] = kv;
+            break;
+        }
     }
     return 0;
+}
+
+/* The value of a KeyValue as the parser sees it: every value field (2) merged, i.e. their payloads
+ * concatenated; one field (the usual case) is returned as a slice of the input, else copied. */
+static PyObject *value_bytes(Slice kv)
+{
+    Reader r = reader_of(kv);
+    Slice s, first = {NULL, 0};
+    uint32_t f;
+    int wt;
+    uint64_t num;
+    int count = 0;
+    Py_ssize_t total = 0;
+    while (r.p < r.end) {
+        if (rd_field(&r, &f, &wt, &num, &s) < 0)
+            return NULL;
+        if (f == 2 && wt == WT_LEN) {
+            if (!count++)
+                first = s;
+            total += s.n;
+        }
+    }
+    if (count <= 1)
+        return bytes_of(first);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, total);
+    if (out == NULL)
+        return NULL;
+    char *w = PyBytes_AS_STRING(out);
+    r = reader_of(kv);
+    while (r.p < r.end) { /* cannot fail: read once already */
+        rd_field(&r, &f, &wt, &num, &s);
+        if (f == 2 && wt == WT_LEN) {
+            memcpy(w, s.p, (size_t)s.n);
+            w += s.n;
+        }
+    }
+    return out;
 }
 
 static int parse_status(Slice st, long *code)
@@ -335,27 +437,35 @@ static int walk_request(Slice req, const Walk *w, void *ctx)
 
 /* --- span_metrics ------------------------------------------------------------------------------- */
 
-/* An attribute value as a label string: strings as they are, bools "true"/"false", ints and doubles
- * as Python's str() writes them, anything else (or no value) "". */
-static PyObject *label_of(Slice any)
+/* A KeyValue's value as a label string: strings as they are, bools "true"/"false", ints and doubles
+ * as Python's str() writes them, anything else (or no value) "". Several value fields merge: of the
+ * oneof, the last member on the wire wins. */
+static PyObject *label_of(Slice kv)
 {
-    Reader r = reader_of(any);
-    Slice s, str = {NULL, 0};
+    Reader kr = reader_of(kv);
+    Slice s, any, str = {NULL, 0};
     uint32_t f, kind = 0;
     int wt;
     uint64_t num, val = 0;
-    while (r.p < r.end) {
-        if (rd_field(&r, &f, &wt, &num, &s) < 0)
+    while (kr.p < kr.end) {
+        if (rd_field(&kr, &f, &wt, &num, &any) < 0)
             return NULL;
-        int ok = ((f == 1 || f == 5 || f == 6 || f == 7) && wt == WT_LEN) || ((f == 2 || f == 3) && wt == WT_VARINT) ||
-                 (f == 4 && wt == WT_I64);
-        if (!ok)
+        if (f != 2 || wt != WT_LEN)
             continue;
-        kind = f; /* a oneof: the last member on the wire wins */
-        if (wt == WT_LEN)
-            str = s;
-        else
-            val = num;
+        Reader r = reader_of(any);
+        while (r.p < r.end) {
+            if (rd_field(&r, &f, &wt, &num, &s) < 0)
+                return NULL;
+            int ok = ((f == 1 || f == 5 || f == 6 || f == 7) && wt == WT_LEN) ||
+                     ((f == 2 || f == 3) && wt == WT_VARINT) || (f == 4 && wt == WT_I64);
+            if (!ok)
+                continue;
+            kind = f;
+            if (wt == WT_LEN)
+                str = s;
+            else
+                val = num;
+        }
     }
     switch (kind) {
     case 1:
@@ -377,6 +487,25 @@ static PyObject *label_of(Slice any)
     default:
         return PyUnicode_FromStringAndSize("", 0);
     }
+}
+
+/* A new instance of a named-tuple type holding ``items`` (references stolen; a NULL item means an
+ * earlier call failed: the others are released and NULL returned). */
+static PyObject *named(PyTypeObject *t, Py_ssize_t n, PyObject **items)
+{
+    PyObject *o = NULL;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (items[i] == NULL)
+            goto fail;
+    if ((o = t->tp_alloc(t, n)) == NULL)
+        goto fail;
+    for (Py_ssize_t i = 0; i < n; i++)
+        PyTuple_SET_ITEM(o, i, items[i]);
+    return o;
+fail:
+    for (Py_ssize_t i = 0; i < n; i++)
+        Py_XDECREF(items[i]);
+    return NULL;
 }
 
 typedef struct {
@@ -434,19 +563,24 @@ static int metrics_span(void *vctx, Slice item)
         goto fail;
     PyTuple_SET_ITEM(key, 3, x);
     for (int j = 0; j < n; j++) {
+        x = NULL;
         if (sp->found[j]) {
             if ((x = label_of(sp->vals[j])) == NULL)
                 goto fail;
-        } else {
+            if (PyUnicode_GET_LENGTH(x) == 0) /* an empty label counts as absent */
+                Py_CLEAR(x);
+        }
+        if (x == NULL) {
             x = PyTuple_GET_ITEM(c->base, j + 1);
             Py_INCREF(x);
         }
         PyTuple_SET_ITEM(key, 4 + j, x);
     }
     uint64_t d = sp->end > sp->start ? sp->end - sp->start : 0;
-    PyObject *row = Py_BuildValue("(NKKlNN)", key, (unsigned long long)d, (unsigned long long)sp->end, sp->status,
-                                  bytes_of(sp->trace_id), bytes_of(sp->span_id));
-    if (row == NULL) /* Py_BuildValue released key and the bytes already */
+    PyObject *items[6] = {key, PyLong_FromUnsignedLongLong(d), PyLong_FromUnsignedLongLong(sp->end),
+                          PyLong_FromLong(sp->status), bytes_of(sp->trace_id), bytes_of(sp->span_id)};
+    PyObject *row = named(SpanMetricRow_T, 6, items);
+    if (row == NULL) /* named() released the items already */
         return -1;
     int rc = PyList_Append(c->rows, row);
     Py_DECREF(row);
@@ -457,11 +591,8 @@ fail:
 }
 
 PyDoc_STRVAR(span_metric_rows_doc,
-"span_metric_rows(request: bytes, keys: tuple[bytes, ...], bases: list[tuple]) -> list[tuple]\n\n"
-"One row per span of an encoded ExportTraceServiceRequest:\n"
-"(key, duration_ns, end_ns, status_code, trace_id, span_id), where key is\n"
-"(service, name, kind, status_code, value per key...). A value is the span attribute's label\n"
-"string, else the resource's: bases[i] = (service, value per key...) for the i-th resource.");
+"span_metric_rows(request: bytes, keys: tuple[bytes, ...], bases: list[tuple]) -> list[SpanMetricRow]\n\n"
+"One SpanMetricRow per span of an encoded ExportTraceServiceRequest (see sidecar._wire_types).");
 
 static PyObject *span_metric_rows(PyObject *self, PyObject *args)
 {
@@ -489,7 +620,7 @@ static PyObject *span_metric_rows(PyObject *self, PyObject *args)
 
 /* --- tail_sampling: runs of spans / log records of one trace ------------------------------------- */
 
-/* Builds the [(resource head, [(scope head, [run, ...]), ...]), ...] nesting both run scanners return. */
+/* Builds the [ResourceGroup(head, [ScopeGroup(head, [run, ...]), ...]), ...] nesting both run scanners return. */
 typedef struct {
     PyObject *out;    /* the result */
     PyObject *scopes; /* borrowed: the current resource's scope list */
@@ -506,7 +637,10 @@ static int nest_resource(Nest *n, Slice rs)
         Py_DECREF(head);
         return -1;
     }
-    PyObject *pair = Py_BuildValue("(NN)", head, scopes);
+    Py_INCREF(scopes); /* one reference for the pair, one kept below */
+    PyObject *items[2] = {head, scopes};
+    PyObject *pair = named(ResourceGroup_T, 2, items);
+    Py_DECREF(scopes);
     if (pair == NULL)
         return -1;
     int rc = PyList_Append(n->out, pair);
@@ -526,7 +660,10 @@ static int nest_scope(Nest *n, Slice ss)
         Py_DECREF(head);
         return -1;
     }
-    PyObject *pair = Py_BuildValue("(NN)", head, runs);
+    Py_INCREF(runs);
+    PyObject *items[2] = {head, runs};
+    PyObject *pair = named(ScopeGroup_T, 2, items);
+    Py_DECREF(runs);
     if (pair == NULL)
         return -1;
     int rc = PyList_Append(n->scopes, pair);
@@ -546,7 +683,7 @@ typedef struct {
     Py_ssize_t nbytes;
     uint64_t status_mask, start, end;
     int root;
-    PyObject *hits[MAX_KEYS]; /* owned while open: NULL, or [any span lacked the key, value bytes...] */
+    PyObject *hits[MAX_KEYS]; /* owned while open: NULL, or the list of value bytes (repeats left out) */
     char absent[MAX_KEYS];
 } SpanRunCtx;
 
@@ -558,8 +695,7 @@ static void span_run_clear(SpanRunCtx *c)
     c->open = 0;
 }
 
-/* Appends the open run to the current scope's list as
- * (trace_id, trace_state, blobs, nbytes, status_mask, start, end, has_root, hits). */
+/* Appends the open run to the current scope's list as a SpanRun. */
 static int span_run_close(SpanRunCtx *c)
 {
     if (!c->open)
@@ -569,26 +705,26 @@ static int span_run_close(SpanRunCtx *c)
     if (hits == NULL)
         return -1;
     for (int j = 0; j < n; j++) {
-        PyObject *h = c->hits[j];
-        if (h == NULL) {
-            h = Py_None;
+        PyObject *h = Py_None;
+        if (c->hits[j] == NULL) {
             Py_INCREF(h);
         } else {
-            PyObject *flag = c->absent[j] ? Py_True : Py_False;
-            PyObject *placeholder = PyList_GET_ITEM(h, 0);
-            Py_INCREF(flag);
-            PyList_SET_ITEM(h, 0, flag);
-            Py_DECREF(placeholder);
+            PyObject *items[2] = {PyBool_FromLong(c->absent[j]), c->hits[j]};
             c->hits[j] = NULL;
+            if ((h = named(KeyHits_T, 2, items)) == NULL) {
+                Py_DECREF(hits);
+                return -1;
+            }
         }
         PyTuple_SET_ITEM(hits, j, h);
     }
     PyObject *blobs = c->blobs;
     c->blobs = NULL;
     c->open = 0;
-    PyObject *run = Py_BuildValue("(NNNnKKKON)", bytes_of(c->trace_id), str_of(c->trace_state), blobs, c->nbytes,
-                                  (unsigned long long)c->status_mask, (unsigned long long)c->start,
-                                  (unsigned long long)c->end, c->root ? Py_True : Py_False, hits);
+    PyObject *items[9] = {bytes_of(c->trace_id), str_of(c->trace_state), blobs, PyLong_FromSsize_t(c->nbytes),
+                          PyLong_FromUnsignedLongLong(c->status_mask), PyLong_FromUnsignedLongLong(c->start),
+                          PyLong_FromUnsignedLongLong(c->end), PyBool_FromLong(c->root), hits};
+    PyObject *run = named(SpanRun_T, 9, items);
     if (run == NULL)
         return -1;
     int rc = PyList_Append(c->nest.runs, run);
@@ -642,7 +778,7 @@ static int span_run_item(void *vctx, Slice item)
     if (rc < 0)
         return -1;
     c->nbytes += item.n;
-    if (sp->status >= 0 && sp->status < 64)
+    if (sp->status >= 0 && sp->status < KNOWN_STATUS_CODES) /* open enum: others carry no bit */
         c->status_mask |= (uint64_t)1 << sp->status;
     if (sp->start && (!c->start || sp->start < c->start))
         c->start = sp->start;
@@ -656,20 +792,23 @@ static int span_run_item(void *vctx, Slice item)
             continue;
         }
         PyObject *h = c->hits[j];
-        if (h == NULL) {
-            if ((h = c->hits[j] = PyList_New(1)) == NULL)
-                return -1;
-            Py_INCREF(Py_None);
-            PyList_SET_ITEM(h, 0, Py_None); /* replaced by the absent flag on close */
-        } else {
-            PyObject *last = PyList_GET_ITEM(h, PyList_GET_SIZE(h) - 1);
-            if (PyBytes_Check(last) && PyBytes_GET_SIZE(last) == sp->vals[j].n &&
-                (sp->vals[j].n == 0 || memcmp(PyBytes_AS_STRING(last), sp->vals[j].p, (size_t)sp->vals[j].n) == 0))
-                continue; /* the same value as the previous span's */
-        }
-        PyObject *v = bytes_of(sp->vals[j]);
+        PyObject *v = value_bytes(sp->vals[j]);
         if (v == NULL)
             return -1;
+        if (h == NULL) {
+            if ((h = c->hits[j] = PyList_New(0)) == NULL) {
+                Py_DECREF(v);
+                return -1;
+            }
+        } else {
+            PyObject *last = PyList_GET_ITEM(h, PyList_GET_SIZE(h) - 1);
+            int same = PyBytes_GET_SIZE(last) == PyBytes_GET_SIZE(v) &&
+                       memcmp(PyBytes_AS_STRING(last), PyBytes_AS_STRING(v), (size_t)PyBytes_GET_SIZE(v)) == 0;
+            if (same) { /* the same value as the previous span's */
+                Py_DECREF(v);
+                continue;
+            }
+        }
         rc = PyList_Append(h, v);
         Py_DECREF(v);
         if (rc < 0)
@@ -679,13 +818,9 @@ static int span_run_item(void *vctx, Slice item)
 }
 
 PyDoc_STRVAR(span_runs_doc,
-"span_runs(request: bytes, keys: tuple[bytes, ...]) -> list\n\n"
-"The spans of an encoded ExportTraceServiceRequest as runs of consecutive spans with the same trace id and\n"
-"tracestate: [(resource head, [(scope head, [run, ...]), ...]), ...], a head being the encoding of the\n"
-"Resource/ScopeSpans without its children. A run is (trace_id, trace_state, [span bytes...], total bytes,\n"
-"status mask (bit 1 << code), earliest non-zero start, latest end, has a root (no parent, or a remote\n"
-"one), hits): hits[j] is None when no span has keys[j], else [some span lacks it, encoded AnyValue of\n"
-"each span's first occurrence (repeats of the previous value left out)...].");
+"span_runs(request: bytes, keys: tuple[bytes, ...]) -> list[ResourceGroup]\n\n"
+"The spans of an encoded ExportTraceServiceRequest as SpanRuns: consecutive spans with the same trace id\n"
+"and tracestate, nested in ResourceGroup / ScopeGroup (see sidecar._wire_types).");
 
 static PyObject *span_runs(PyObject *self, PyObject *args)
 {
@@ -733,8 +868,8 @@ static int log_run_close(LogRunCtx *c)
     PyObject *blobs = c->blobs;
     c->blobs = NULL;
     c->open = 0;
-    PyObject *run = Py_BuildValue("(NNnO)", bytes_of(c->trace_id), blobs, c->nbytes,
-                                  c->immediate ? Py_True : Py_False);
+    PyObject *items[4] = {bytes_of(c->trace_id), blobs, PyLong_FromSsize_t(c->nbytes), PyBool_FromLong(c->immediate)};
+    PyObject *run = named(LogRun_T, 4, items);
     if (run == NULL)
         return -1;
     int rc = PyList_Append(c->nest.runs, run);
@@ -798,10 +933,9 @@ static int log_run_item(void *vctx, Slice item)
 }
 
 PyDoc_STRVAR(log_runs_doc,
-"log_runs(request: bytes, keep_severity: int) -> list\n\n"
-"The log records of an encoded ExportLogsServiceRequest as runs of consecutive records with the same\n"
-"trace id and the same answer to severity_number >= keep_severity, nested like span_runs():\n"
-"[(resource head, [(scope head, [(trace_id, [record bytes...], total bytes, at/above keep_severity), ...])])].");
+"log_runs(request: bytes, keep_severity: int) -> list[ResourceGroup]\n\n"
+"The log records of an encoded ExportLogsServiceRequest as LogRuns: consecutive records with the same\n"
+"trace id and the same answer to severity_number >= keep_severity, nested like span_runs().");
 
 static PyObject *log_runs(PyObject *self, PyObject *args)
 {
@@ -903,13 +1037,37 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "sidecar._wire",
-    "Per-item facts from encoded OTLP requests in one C pass (optional accelerator; see span_metrics and "
-    "tail_sampling for the pure-Python equivalents).",
+    "Per-item facts from encoded OTLP requests in one C pass: the C half of sidecar.wire "
+    "(sidecar._wire_py is the pure-Python half, with the same functions and results).",
     -1, methods, NULL, NULL, NULL, NULL,
 };
 
+static int load_types(void)
+{
+    static const char *names[] = {"SpanMetricRow", "SpanRun", "LogRun", "KeyHits", "ResourceGroup", "ScopeGroup"};
+    PyTypeObject **slots[] = {&SpanMetricRow_T, &SpanRun_T, &LogRun_T, &KeyHits_T, &ResourceGroup_T, &ScopeGroup_T};
+    PyObject *types = PyImport_ImportModule("sidecar._wire_types");
+    if (types == NULL)
+        return -1;
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        PyObject *t = PyObject_GetAttrString(types, names[i]);
+        if (t == NULL || !PyType_Check(t) || !PyType_IsSubtype((PyTypeObject *)t, &PyTuple_Type)) {
+            if (t != NULL)
+                PyErr_Format(PyExc_TypeError, "sidecar._wire_types.%s must be a named tuple", names[i]);
+            Py_XDECREF(t);
+            Py_DECREF(types);
+            return -1;
+        }
+        Py_XSETREF(*slots[i], (PyTypeObject *)t); /* kept for the life of the process */
+    }
+    Py_DECREF(types);
+    return 0;
+}
+
 PyMODINIT_FUNC PyInit__wire(void)
 {
+    if (load_types() < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && PyModule_AddIntConstant(m, "MAX_KEYS", MAX_KEYS) < 0) {
         Py_DECREF(m);

@@ -1,0 +1,340 @@
+"""The pure-Python half of the wire scanner (``sidecar.wire``): the same functions as ``sidecar/_wire.c``.
+
+Each function takes the encoded request (``bytes``) and returns the named tuples of
+``sidecar._wire_types``, exactly as the C half does. The facts about each item come from the
+protobuf parser itself (one parse per call, so this half accepts and rejects precisely what the
+parser does; a rejection is a ValueError); the exact bytes of each item and the resource / scope
+heads come from a small wire walk that skips unknown fields, groups included, the same way the C
+half does. The tests run one test class against both halves.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from sidecar._wire_types import KeyHits, LogRun, ResourceGroup, ScopeGroup, SpanMetricRow, SpanRun
+
+#: Most attribute keys one call can look for (as in the C half).
+MAX_KEYS = 64
+_MAX_GROUP_DEPTH = 100
+#: Status codes with a meaning (UNSET, OK, ERROR); only these set a bit in a run's status mask.
+_KNOWN_STATUS_CODES = 3
+_MASK64 = (1 << 64) - 1
+_LEN, _SGROUP, _EGROUP = 2, 3, 4
+
+
+def _bad(what: str) -> ValueError:
+    return ValueError(f"malformed protobuf: {what}")
+
+
+def _parse(message_type, data: bytes):
+    if not isinstance(data, bytes):
+        raise TypeError(f"request must be bytes, not {type(data).__name__}")
+    try:
+        return message_type.FromString(data)
+    except DecodeError as e:
+        raise _bad(str(e)) from None
+
+
+def _keys(keys) -> list:
+    """The keys as the str the parser gives attribute keys (None for bytes no valid key can equal)."""
+    if not isinstance(keys, tuple):
+        raise TypeError("keys must be a tuple of bytes")
+    if len(keys) > MAX_KEYS:
+        raise ValueError(f"at most {MAX_KEYS} attribute keys")
+    out = []
+    for i, k in enumerate(keys):
+        if not isinstance(k, bytes):
+            raise TypeError("attribute keys must be bytes")
+        if k in keys[:i]:
+            raise ValueError("duplicate attribute key")
+        try:
+            out.append(k.decode())
+        except UnicodeDecodeError:
+            out.append(None)
+    return out
+
+
+# --- the wire walk --------------------------------------------------------------------------------
+
+
+def _varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
+    if pos < end and data[pos] < 0x80:
+        return data[pos], pos + 1
+    value = shift = 0
+    while shift < 70:
+        if pos >= end:
+            raise _bad("truncated varint")
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value & _MASK64, pos
+        shift += 7
+    raise _bad("varint longer than 10 bytes")
+
+
+def _tag(data: bytes, pos: int, end: int) -> tuple[int, int, int]:
+    tag, after = _varint(data, pos, end)
+    field = tag >> 3
+    if after - pos > 5 or field == 0 or field > 0x1FFFFFFF:
+        raise _bad("invalid field number")
+    return field, tag & 7, after
+
+
+def _skip(data: bytes, pos: int, end: int, field: int, wt: int, depth: int = 0) -> int:
+    """The position after the value of a field whose tag was just read (a group: after its end tag)."""
+    if wt == 0:
+        return _varint(data, pos, end)[1]
+    if wt == 1 or wt == 5:
+        pos += 8 if wt == 1 else 4
+        if pos > end:
+            raise _bad("truncated fixed-width field")
+        return pos
+    if wt == _LEN:
+        n, pos = _varint(data, pos, end)
+        if n > end - pos:
+            raise _bad("length past the end of the buffer")
+        return pos + n
+    if wt == _SGROUP:
+        depth += 1
+        if depth > _MAX_GROUP_DEPTH:
+            raise _bad("groups nested too deep")
+        while True:
+            if pos >= end:
+                raise _bad("unterminated group")
+            f, w, pos = _tag(data, pos, end)
+            if w == _EGROUP:
+                if f != field:
+                    raise _bad("end of a group that was not started")
+                return pos
+            pos = _skip(data, pos, end, f, w, depth)
+    if wt == _EGROUP:
+        raise _bad("end of a group that was not started")
+    raise _bad("unsupported wire type")
+
+
+def _fields(data: bytes, pos: int, end: int) -> list[tuple[int, int, int, int]]:
+    """(field, wire type, value start, value end) of each field of the message at data[pos:end]."""
+    out = []
+    while pos < end:
+        field, wt, pos = _tag(data, pos, end)
+        if wt == _LEN:
+            n, start = _varint(data, pos, end)
+            if n > end - start:
+                raise _bad("length past the end of the buffer")
+            pos = start + n
+            out.append((field, wt, start, pos))
+        else:
+            start = pos
+            pos = _skip(data, pos, end, field, wt)
+            out.append((field, wt, start, pos))
+    return out
+
+
+def _children(data: bytes, pos: int, end: int, field: int) -> list[tuple[int, int]]:
+    """(start, end) of each length-delimited occurrence of ``field``."""
+    return [(a, b) for f, wt, a, b in _fields(data, pos, end) if f == field and wt == _LEN]
+
+
+def _head(data: bytes, pos: int, end: int) -> bytes:
+    """A Resource{Spans,Logs} / Scope{Spans,Logs} without its children: fields 1 and 3 as encoded
+    (tag and length included), an empty field 1 in front when it has none."""
+    parts = []
+    has_first = False
+    while pos < end:
+        at = pos
+        field, wt, pos = _tag(data, pos, end)
+        pos = _skip(data, pos, end, field, wt)
+        if wt == _LEN and field in (1, 3):
+            parts.append(data[at:pos])
+            has_first |= field == 1
+    return (b"" if has_first else b"\x0a\x00") + b"".join(parts)
+
+
+def _first_values(data: bytes, pos: int, end: int, wanted: dict[bytes, int]) -> dict[int, bytes]:
+    """Per wanted key index: the encoded value of the span's first attribute with that key (several
+    value fields of one KeyValue concatenated: the parser merges them)."""
+    found: dict[int, bytes] = {}
+    for field, wt, a, b in _fields(data, pos, end):
+        if field != 9 or wt != _LEN:
+            continue
+        key = b""
+        values = []
+        for f, w, x, y in _fields(data, a, b):
+            if w == _LEN:
+                if f == 1:
+                    key = data[x:y]
+                elif f == 2:
+                    values.append(data[x:y])
+        j = wanted.get(key)
+        if j is not None and j not in found:
+            found[j] = values[0] if len(values) == 1 else b"".join(values)
+    return found
+
+
+# --- the scanners ------------------------------------------------------------------------------------
+
+
+def any_label(value) -> str:
+    """An AnyValue as a label string: strings as they are, bools true/false, numbers as ``str()``, else ""."""
+    s = value.string_value
+    if s:
+        return s
+    kind = value.WhichOneof("value")
+    if kind == "bool_value":
+        return "true" if value.bool_value else "false"
+    if kind in ("int_value", "double_value"):
+        return str(getattr(value, kind))
+    return ""  # no value, an empty string, arrays, maps and bytes
+
+
+def check_ids(request: bytes, logs: bool) -> int:
+    """Spans (or log records) in an encoded Export{Trace,Logs}ServiceRequest, or -1 when one has an id
+    of the wrong length: spans need a 16-byte trace id, an 8-byte span id and an empty or 8-byte parent;
+    a log record's ids may also be empty."""
+    n = 0
+    bad = False
+    if logs:
+        for rl in _parse(ExportLogsServiceRequest, request).resource_logs:
+            for sl in rl.scope_logs:
+                for rec in sl.log_records:
+                    n += 1
+                    t, s = len(rec.trace_id), len(rec.span_id)
+                    bad = bad or (t != 0 and t != 16) or (s != 0 and s != 8)
+    else:
+        for rs in _parse(ExportTraceServiceRequest, request).resource_spans:
+            for ss in rs.scope_spans:
+                for span in ss.spans:
+                    n += 1
+                    p = len(span.parent_span_id)
+                    bad = bad or len(span.trace_id) != 16 or len(span.span_id) != 8 or (p != 0 and p != 8)
+    return -1 if bad else n
+
+
+def span_metric_rows(request: bytes, keys: tuple, bases: list) -> list[SpanMetricRow]:
+    """One SpanMetricRow per span; ``bases[i]`` = (service, value per key...) of the i-th resource."""
+    str_keys = _keys(keys)
+    if not isinstance(bases, list):
+        raise TypeError("bases must be a list")
+    msg = _parse(ExportTraceServiceRequest, request)
+    n = len(str_keys)
+    slot = {k: j for j, k in enumerate(str_keys) if k is not None}
+    rows = []
+    for i, rs in enumerate(msg.resource_spans):
+        if i >= len(bases):
+            raise ValueError("fewer bases than resources")
+        base = bases[i]
+        if not isinstance(base, tuple) or len(base) != n + 1:
+            raise TypeError("each base must be a tuple (service, one value per key)")
+        service, base_labels = base[0], base[1:]
+        for ss in rs.scope_spans:
+            for span in ss.spans:
+                labels = base_labels
+                if slot:
+                    seen = set()
+                    for kv in span.attributes:
+                        j = slot.get(kv.key)
+                        if j is not None and j not in seen:
+                            seen.add(j)
+                            label = any_label(kv.value)
+                            if label:  # an empty label counts as absent
+                                if labels is base_labels:
+                                    labels = list(base_labels)
+                                labels[j] = label
+                            if len(seen) == n:
+                                break
+                status = span.status.code
+                start, end = span.start_time_unix_nano, span.end_time_unix_nano
+                rows.append(SpanMetricRow((service, span.name, span.kind, status, *labels),
+                                          end - start if end > start else 0, end, status, span.trace_id, span.span_id))
+    return rows
+
+
+def span_runs(request: bytes, keys: tuple) -> list[ResourceGroup]:
+    """The spans of an encoded ExportTraceServiceRequest as SpanRuns (see sidecar._wire_types)."""
+    _keys(keys)
+    msg = _parse(ExportTraceServiceRequest, request)
+    data = request
+    wanted = {k: j for j, k in enumerate(keys)}
+    n_keys = len(keys)
+    out = []
+    for rs, (ra, rb) in zip(msg.resource_spans, _children(data, 0, len(data), 1)):
+        scopes: list[ScopeGroup] = []
+        out.append(ResourceGroup(_head(data, ra, rb), scopes))
+        for ss, (sa, sb) in zip(rs.scope_spans, _children(data, ra, rb, 2)):
+            runs: list[SpanRun] = []
+            scopes.append(ScopeGroup(_head(data, sa, sb), runs))
+            run = None
+            for span, (a, b) in zip(ss.spans, _children(data, sa, sb, 2)):
+                tid, ts = span.trace_id, span.trace_state
+                if run is None or tid != run[0] or ts != run[1]:
+                    if run is not None:
+                        runs.append(_span_run(run))
+                    # trace_id, trace_state, spans, nbytes, mask, start, end, root, values per key, absent per key
+                    run = [tid, ts, [], 0, 0, 0, 0, False, [None] * n_keys, [False] * n_keys]
+                blob = data[a:b]
+                run[2].append(blob)
+                run[3] += b - a
+                code = span.status.code
+                if 0 <= code < _KNOWN_STATUS_CODES:  # enums are open: other codes set no bit
+                    run[4] |= 1 << code
+                start, end = span.start_time_unix_nano, span.end_time_unix_nano
+                if start and (not run[5] or start < run[5]):
+                    run[5] = start
+                if end > run[6]:
+                    run[6] = end
+                if not span.parent_span_id or span.flags & 0x300 == 0x300:
+                    run[7] = True
+                if n_keys:
+                    present = {k: j for k, j in wanted.items() if blob.find(k) >= 0}  # cheap prefilter
+                    found = _first_values(data, a, b, present) if present else {}
+                    values, absent = run[8], run[9]
+                    for j in range(n_keys):
+                        v = found.get(j)
+                        if v is None:
+                            absent[j] = True
+                        elif values[j] is None:
+                            values[j] = [v]
+                        elif values[j][-1] != v:  # a repeat of the previous value is left out
+                            values[j].append(v)
+            if run is not None:
+                runs.append(_span_run(run))
+    return out
+
+
+def _span_run(run: list) -> SpanRun:
+    hits = tuple(None if v is None else KeyHits(a, v) for v, a in zip(run[8], run[9]))
+    return SpanRun(run[0], run[1], run[2], run[3], run[4], run[5], run[6], run[7], hits)
+
+
+def log_runs(request: bytes, keep_severity: int) -> list[ResourceGroup]:
+    """The log records of an encoded ExportLogsServiceRequest as LogRuns (see sidecar._wire_types)."""
+    if not isinstance(keep_severity, int):
+        raise TypeError("keep_severity must be an int")
+    if not -(1 << 63) <= keep_severity < 1 << 63:
+        raise OverflowError("keep_severity out of range")
+    msg = _parse(ExportLogsServiceRequest, request)
+    data = request
+    out = []
+    for rl, (ra, rb) in zip(msg.resource_logs, _children(data, 0, len(data), 1)):
+        scopes: list[ScopeGroup] = []
+        out.append(ResourceGroup(_head(data, ra, rb), scopes))
+        for sl, (sa, sb) in zip(rl.scope_logs, _children(data, ra, rb, 2)):
+            runs: list[LogRun] = []
+            scopes.append(ScopeGroup(_head(data, sa, sb), runs))
+            run = None
+            for rec, (a, b) in zip(sl.log_records, _children(data, sa, sb, 2)):
+                tid = rec.trace_id
+                keep = rec.severity_number >= keep_severity
+                if run is None or tid != run[0] or keep != run[3]:
+                    if run is not None:
+                        runs.append(LogRun(*run))
+                    run = [tid, [], 0, keep]
+                run[1].append(data[a:b])
+                run[2] += b - a
+            if run is not None:
+                runs.append(LogRun(*run))
+    return out

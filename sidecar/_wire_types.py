@@ -1,0 +1,75 @@
+"""The results of the wire scanner (``sidecar.wire``), shared by its C and pure-Python halves.
+
+Both halves return instances of exactly these classes (the C extension imports them), so a
+result compares, unpacks and reads by name the same whichever half produced it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class SpanMetricRow(NamedTuple):
+    """One span, as span_metrics counts it."""
+
+    #: (service, name, kind, status_code, label per key...). A label is the span's first attribute with
+    #: that key rendered as text (strings as they are, bools true/false, numbers as ``str()``, anything
+    #: else ""); an empty label counts as absent and the resource's value (from ``bases``) stands in.
+    #: kind and status_code are the raw enum numbers: enums are open, any int32 can arrive.
+    key: tuple
+    duration_ns: int  #: end - start, or 0 when the end is not after the start
+    end_ns: int
+    status_code: int
+    trace_id: bytes
+    span_id: bytes
+
+
+class KeyHits(NamedTuple):
+    """What the spans of one run hold for one attribute key."""
+
+    absent: bool  #: some span of the run lacks the key (its resource decides for it)
+    #: the encoded AnyValue of each span's first occurrence of the key (several value fields of one
+    #: KeyValue concatenated, which parses as their merge); a repeat of the previous value left out
+    values: list
+
+
+class SpanRun(NamedTuple):
+    """Consecutive spans of one scope with one trace id and one tracestate."""
+
+    trace_id: bytes
+    trace_state: str
+    spans: list  #: each span's exact bytes as received
+    nbytes: int  #: their total length
+    #: bit ``1 << code`` for each of the known status codes (UNSET 0, OK 1, ERROR 2) a span has;
+    #: any other code (enums are open) sets no bit
+    status_mask: int
+    start_ns: int  #: earliest non-zero start
+    end_ns: int  #: latest end
+    has_root: bool  #: a span without a parent, or whose parent is remote (flags 0x300)
+    hits: tuple  #: per key asked for: None when no span has it, else KeyHits
+
+
+class LogRun(NamedTuple):
+    """Consecutive log records of one scope with one trace id and one side of ``keep_severity``."""
+
+    trace_id: bytes
+    records: list  #: each record's exact bytes as received
+    nbytes: int
+    keep: bool  #: severity_number >= keep_severity
+
+
+class ScopeGroup(NamedTuple):
+    """A Scope{Spans,Logs}: its head (the encoding without its items) and its runs."""
+
+    head: bytes
+    runs: list
+
+
+class ResourceGroup(NamedTuple):
+    """A Resource{Spans,Logs}: its head (fields 1 and 3 as encoded, an empty field 1 when absent) and scopes."""
+
+    head: bytes
+    scopes: list
+
+
+__all__ = ["KeyHits", "LogRun", "ResourceGroup", "ScopeGroup", "SpanMetricRow", "SpanRun"]

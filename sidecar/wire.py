@@ -1,0 +1,55 @@
+"""The wire scanner: per-item facts from encoded OTLP requests, for the hot loops of span_metrics,
+tail_sampling and the receiver's id check.
+
+One facade over two implementations with the same functions, signatures and result types
+(``sidecar._wire_types``), chosen once here, as ``json.scanner`` does: the C extension
+(``sidecar/_wire.c``) when it was built, else the pure-Python one (``sidecar/_wire_py.py``).
+``SIDECAR_PURE_PYTHON=1`` selects the pure-Python one even when the extension is built: an escape
+hatch, and how the test suite runs a second time. Callers never branch on which one runs.
+
+    check_ids(request: bytes, logs: bool) -> int
+    span_metric_rows(request: bytes, keys: tuple[bytes, ...], bases: list[tuple]) -> list[SpanMetricRow]
+    span_runs(request: bytes, keys: tuple[bytes, ...]) -> list[ResourceGroup]   # of ScopeGroup of SpanRun
+    log_runs(request: bytes, keep_severity: int) -> list[ResourceGroup]         # of ScopeGroup of LogRun
+
+On input the protobuf parser accepts, both answer identically (unknown fields and groups skipped,
+open enums carried as their number); malformed input raises ValueError.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+from sidecar import _wire_py
+from sidecar._wire_py import any_label
+from sidecar._wire_types import KeyHits, LogRun, ResourceGroup, ScopeGroup, SpanMetricRow, SpanRun
+
+
+def _pure_python_requested() -> bool:
+    return os.environ.get("SIDECAR_PURE_PYTHON", "").strip().lower() in ("1", "true", "yes")
+
+
+def _c_implementation() -> ModuleType | None:
+    if _pure_python_requested():
+        return None
+    try:
+        from sidecar import _wire
+    except ImportError:  # pragma: no cover - built by `pip install -e .` wherever a compiler is present
+        return None
+    return _wire
+
+
+#: The implementation in use: the C extension, else the pure-Python module.
+implementation: ModuleType = _c_implementation() or _wire_py
+#: "c" or "python", for logs and /metrics-adjacent diagnostics.
+IMPLEMENTATION = "python" if implementation is _wire_py else "c"
+
+MAX_KEYS: int = implementation.MAX_KEYS
+check_ids = implementation.check_ids
+span_metric_rows = implementation.span_metric_rows
+span_runs = implementation.span_runs
+log_runs = implementation.log_runs
+
+__all__ = ["IMPLEMENTATION", "MAX_KEYS", "KeyHits", "LogRun", "ResourceGroup", "ScopeGroup", "SpanMetricRow",
+           "SpanRun", "any_label", "check_ids", "implementation", "log_runs", "span_metric_rows", "span_runs"]
