@@ -22,38 +22,40 @@ from typing import Any, Iterable
 
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-REQUEST_ID = "request.id"
-USER_ID = "user.id"
-TAG_PREFIX = "tag."
-MODEL_ID = "ml.model.id"
-MODEL_VERSION = "ml.model.version"
-GENAI_MODEL = "gen_ai.request.model"
+from contract import attributes as attr
+
+REQUEST_ID = attr.REQUEST_ID
+USER_ID = attr.USER_ID
+TAG_PREFIX = attr.TAG_PREFIX
+MODEL_ID = attr.ML_MODEL_ID
+MODEL_VERSION = attr.ML_MODEL_VERSION
+GENAI_MODEL = attr.GEN_AI_REQUEST_MODEL
 #: replayable tensor payloads (instrumentation/replay.py writes them when capture is on)
-INPUT_PAYLOAD = "ml.input.payload"
-OUTPUT_PAYLOAD = "ml.output.payload"
+INPUT_PAYLOAD = attr.ML_INPUT_PAYLOAD
+OUTPUT_PAYLOAD = attr.ML_OUTPUT_PAYLOAD
 #: the "format" value of a replayable tensor payload
 TENSOR_FORMAT = "ml.tensors/v1"
 #: the span attribute tail sampling sets on the spans of a trace it keeps
-POLICY_ATTRIBUTE = "sampling.policy"
+POLICY_ATTRIBUTE = attr.SAMPLING_POLICY
 
 #: span attribute -> parameter name in the record
 PARAMETERS = {
-    "gen_ai.request.temperature": "temperature",
-    "gen_ai.request.top_p": "top_p",
-    "gen_ai.request.top_k": "top_k",
-    "gen_ai.request.seed": "seed",
-    "gen_ai.request.max_tokens": "max_tokens",
-    "gen_ai.usage.input_tokens": "input_tokens",
-    "gen_ai.usage.output_tokens": "output_tokens",
-    "gen_ai.response.finish_reasons": "finish_reasons",
-    "ml.batch_size": "batch_size",
-    "ml.input.shapes": "input_shapes",
-    "ml.output.shapes": "output_shapes",
-    "ml.input.dtypes": "input_dtypes",
-    "ml.device": "device",
+    attr.GEN_AI_REQUEST_TEMPERATURE: "temperature",
+    attr.GEN_AI_REQUEST_TOP_P: "top_p",
+    attr.GEN_AI_REQUEST_TOP_K: "top_k",
+    attr.GEN_AI_REQUEST_SEED: "seed",
+    attr.GEN_AI_REQUEST_MAX_TOKENS: "max_tokens",
+    attr.GEN_AI_USAGE_INPUT_TOKENS: "input_tokens",
+    attr.GEN_AI_USAGE_OUTPUT_TOKENS: "output_tokens",
+    attr.GEN_AI_RESPONSE_FINISH_REASONS: "finish_reasons",
+    attr.ML_BATCH_SIZE: "batch_size",
+    attr.ML_INPUT_SHAPES: "input_shapes",
+    attr.ML_OUTPUT_SHAPES: "output_shapes",
+    attr.ML_INPUT_DTYPES: "input_dtypes",
+    attr.ML_DEVICE: "device",
 }
-_INPUT_SOURCES = (INPUT_PAYLOAD, "gen_ai.prompt", "http.request.body")
-_OUTPUT_SOURCES = (OUTPUT_PAYLOAD, "gen_ai.completion", "http.response.body")
+_INPUT_SOURCES = (INPUT_PAYLOAD, attr.GEN_AI_PROMPT, "http.request.body")
+_OUTPUT_SOURCES = (OUTPUT_PAYLOAD, attr.GEN_AI_COMPLETION, "http.response.body")
 _HTTP_STATUS = ("http.response.status_code", "http.status_code")
 _STATUS = {Status.STATUS_CODE_UNSET: "UNSET", Status.STATUS_CODE_OK: "OK", Status.STATUS_CODE_ERROR: "ERROR"}
 _ENTRY_KINDS = (Span.SPAN_KIND_SERVER, Span.SPAN_KIND_CONSUMER)
@@ -153,7 +155,7 @@ def _span_facts(span: Span, attrs: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for ev in span.events:  # generation spans carry prompt and completion as events
         for kv in ev.attributes:
-            if kv.key in ("gen_ai.prompt", "gen_ai.completion") and kv.key not in attrs:
+            if kv.key in (attr.GEN_AI_PROMPT, attr.GEN_AI_COMPLETION) and kv.key not in attrs:
                 attrs[kv.key] = _value(kv.value)
     model = attrs.get(MODEL_ID) or attrs.get(GENAI_MODEL)
     if model is not None:
@@ -217,7 +219,7 @@ def extract(request, *, user_id_salt: str | None = None) -> Extraction:
     for rs in request.resource_spans:
         service = ""
         for kv in rs.resource.attributes:
-            if kv.key == "service.name":
+            if kv.key == attr.SERVICE_NAME:
                 service = kv.value.string_value
         for ss in rs.scope_spans:
             for span in ss.spans:
@@ -253,7 +255,7 @@ def _record(span: Span, attrs: dict[str, Any], service: str, facts: dict[str, An
     return AuditRecord(
         trace_id=span.trace_id.hex(), span_id=span.span_id.hex(), time_unix_nano=span.start_time_unix_nano,
         service=service, span_name=span.name, request_id=None if rid is None else str(rid), user_id=user,
-        intent=tags.get("intent"), tags=tags, latency_ms=(end - span.start_time_unix_nano) / 1e6,
+        intent=tags.get(attr.INTENT), tags=tags, latency_ms=(end - span.start_time_unix_nano) / 1e6,
         status=_STATUS.get(span.status.code, "UNSET"), error_code=_error_code(span, attrs),
         **facts,
     )

@@ -32,7 +32,8 @@ from sidecar.audit.store import AuditStore, StoreError, open_store
 from sidecar.component import Component, Kind, Refused
 from sidecar.config import ConfigModel, Duration
 from sidecar.registry import CreateSettings, Factory
-from sidecar.signals import Request, Signal, count_items
+from sidecar.envelope import Envelope
+from sidecar.signals import Request, Signal
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,8 @@ class AuditExporter(Component):
         self.metrics.lag.set_function(self._lag)
         self.metrics.queued.set_function(lambda: self._queued)
         r = self.cfg.retention
-        if self.cfg.mode == "records" and (r.max_age is not None or r.max_megabytes is not None):
+        self._stopping.clear()
+        if self._retention is None and self.cfg.mode == "records" and (r.max_age is not None or r.max_megabytes is not None):
             self._retention = threading.Thread(target=self._retain_loop, name=f"exporter-{self.id}-retention",
                                                daemon=True)
             self._retention.start()
@@ -147,12 +149,13 @@ class AuditExporter(Component):
     def _lag(self) -> float:
         return max(0.0, (time.time_ns() - self._newest) / 1e9) if self._newest else 0.0
 
-    def consume(self, signal: Signal, request: Request) -> None:
-        n = count_items(signal, request)
-        self.telemetry.received(signal, n)
+    def consume(self, envelope: Envelope) -> None:
+        """Write (or mark) now, in the caller's thread; returning means it is stored. The pipeline's
+        edge counts received/accepted/refused; this counts what it exported and filtered."""
+        signal, n = envelope.signal, envelope.items
         if self._stopping.is_set():
-            self.telemetry.refused(signal, n, "shutting_down")
             raise Refused("shutting_down", message=f"exporter {self.id} is shutting down")
+        request = envelope.message  # read only: nothing here changes it
         if self.cfg.mode == "kept_marker":
             return self._mark_kept(signal, request, n)
         extraction = extract(request, user_id_salt=self._salt)
@@ -164,7 +167,6 @@ class AuditExporter(Component):
             written = self.store.write(extraction)
         except StoreError as e:
             self.metrics.failed("store_unavailable").inc(records)
-            self.telemetry.refused(signal, n, "store_unavailable")
             raise Refused("store_unavailable", message=f"audit store: {e}") from None
         finally:
             self.metrics.latency.observe(time.perf_counter() - t0)
@@ -176,7 +178,6 @@ class AuditExporter(Component):
             newest = max(r.time_unix_nano for r in extraction.records)
             with self._state:
                 self._newest = max(self._newest, newest)
-        self.telemetry.accepted(signal, n)
         used = records + len(extraction.fragments)
         self.telemetry.exported(signal, used)
         self.telemetry.dropped(signal, n - used, "filtered")  # spans that are neither a request nor an inference
@@ -188,12 +189,10 @@ class AuditExporter(Component):
             self.store.mark_kept(kept)
         except StoreError as e:
             self.metrics.failed("store_unavailable").inc(len(kept))
-            self.telemetry.refused(signal, n, "store_unavailable")
             raise Refused("store_unavailable", message=f"audit store: {e}") from None
         finally:
             self.metrics.latency.observe(time.perf_counter() - t0)
         self.metrics.kept.inc(len(kept))
-        self.telemetry.accepted(signal, n)
         self.telemetry.exported(signal, n)
 
     def retain_once(self) -> None:
@@ -217,6 +216,7 @@ class AuditExporter(Component):
         self._stopping.set()
         if self._retention is not None:
             self._retention.join(max(0.0, deadline - time.monotonic()))
+            self._retention = None
         self.store.close()
 
 
