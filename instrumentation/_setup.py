@@ -1,7 +1,8 @@
 """``configure()``: tracer, logger and meter providers exporting OTLP to the sidecar.
 
 Everything the SDK already reads from ``OTEL_*`` variables is left to it (headers,
-sampler, batch sizes, service name, resource attributes); explicit arguments win.
+sampler, batch sizes, service name, resource attributes); exporters, protocols and
+endpoints per signal are chosen in :mod:`instrumentation._exporters`; explicit arguments win.
 Export runs in the SDK's batch processors: a bounded deque per signal, a background
 worker, drops instead of blocking, the worker restarted after ``fork``.
 """
@@ -31,6 +32,7 @@ from opentelemetry.trace import Link, SpanKind
 from opentelemetry.util.types import Attributes
 
 from instrumentation._context import FORCE_KEEP, RequestContextSpanProcessor, current_request
+from instrumentation._exporters import build_exporters, report_sdk_failures
 
 Protocol = Literal["grpc", "http/protobuf"]
 
@@ -45,9 +47,6 @@ K8S_ENV = {
     "K8S_NODE_NAME": "k8s.node.name",
     "K8S_CONTAINER_NAME": "k8s.container.name",
 }
-_DEFAULT_PORTS = {"grpc": 4317, "http/protobuf": 4318}
-_SIGNAL_ENDPOINT_ENV = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-                        "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
 
 
 def k8s_resource_attributes(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
@@ -120,7 +119,7 @@ class Telemetry:
                  meter_provider: MeterProvider | None, *, owns: tuple[bool, bool, bool],
                  drop_counters: dict[str, _DropCounter | None], capture_payloads: bool,
                  log_handler: logging.Handler | None, exporter_owners: list[Any], exporters: tuple[Any, ...],
-                 shutdown_timeout_millis: int) -> None:
+                 shutdown_timeout_millis: int, console_handler: logging.Handler | None = None) -> None:
         self.tracer_provider = tracer_provider
         self.logger_provider = logger_provider
         self.meter_provider = meter_provider
@@ -128,6 +127,7 @@ class Telemetry:
         #: the in-process redaction engine (None when off); JSONFormatter uses it for stdout too
         self.redaction_engine: Any = None
         self.log_handler = log_handler
+        self.console_handler = console_handler
         self._owns = owns
         self._drops = drop_counters
         self._our_processors = exporter_owners
@@ -141,12 +141,17 @@ class Telemetry:
         return {signal: (c.dropped if c is not None else 0) for signal, c in self._drops.items()}
 
     def force_flush(self, timeout_millis: int = 10_000) -> bool:
-        ok = self.tracer_provider.force_flush(timeout_millis)
+        """Flush all three signals in parallel; returns within ``timeout_millis`` (False if not all done).
+
+        Whatever is still being retried against an unreachable sidecar at the deadline carries on
+        in the background (daemon threads); the caller is not held past its deadline.
+        """
+        tasks = [lambda: self.tracer_provider.force_flush(timeout_millis)]
         if self.logger_provider is not None:
-            ok = self.logger_provider.force_flush(timeout_millis) and ok
+            tasks.append(lambda: self.logger_provider.force_flush(timeout_millis))  # type: ignore[union-attr]
         if self.meter_provider is not None:
-            ok = self.meter_provider.force_flush(timeout_millis) and ok
-        return ok
+            tasks.append(lambda: self.meter_provider.force_flush(timeout_millis))  # type: ignore[union-attr]
+        return _run_with_deadline(tasks, timeout_millis / 1000)
 
     def shutdown(self, timeout_millis: int | None = None) -> None:
         """Flush and stop, within ``timeout_millis`` (default: configure's ``shutdown_timeout_millis``).
@@ -159,8 +164,10 @@ class Telemetry:
             if self._shut:
                 return
             self._shut = True
-        if self.log_handler is not None:
-            logging.getLogger().removeHandler(self.log_handler)
+        root = logging.getLogger()
+        for h in (self.log_handler, self.console_handler):
+            if h is not None:
+                root.removeHandler(h)
         timeout = (self._shutdown_timeout_millis if timeout_millis is None else timeout_millis) / 1000
         owns_tp, owns_lp, owns_mp = self._owns
         tasks: list[Any] = [p.shutdown for p in self._our_processors]
@@ -171,13 +178,7 @@ class Telemetry:
         if self.meter_provider is not None and owns_mp:
             mp = self.meter_provider
             tasks.append(lambda: mp.shutdown(timeout * 1000))
-        threads = [threading.Thread(target=t, name="otel-shutdown", daemon=True) for t in tasks]
-        deadline = time.monotonic() + timeout
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-        if any(t.is_alive() for t in threads):
+        if not _run_with_deadline(tasks, timeout):
             for e in self._exporters:  # interrupts the exporters' retry back-off; unsent data is dropped
                 try:
                     e.shutdown()
@@ -185,54 +186,56 @@ class Telemetry:
                     pass
 
 
+def _run_with_deadline(tasks: list[Any], timeout: float) -> bool:
+    """Run ``tasks`` in parallel daemon threads; True when all finished (and none returned False) in time."""
+    results: list[Any] = []
+
+    def run(task: Any) -> None:
+        try:
+            results.append(task() is not False)
+        except Exception:  # noqa: BLE001 - a failing provider is reported as not flushed
+            results.append(False)
+
+    threads = [threading.Thread(target=run, args=(t,), name="otel-flush", daemon=True) for t in tasks]
+    deadline = time.monotonic() + max(0.0, timeout)
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return not any(t.is_alive() for t in threads) and all(results)
+
+
 _lock = threading.Lock()
 _handle: Telemetry | None = None
 
 
-def _endpoint_for(protocol: str, endpoint: str | None) -> str | None:
-    """Explicit endpoint, else None when OTEL_* names one (the SDK reads it), else the sidecar on loopback."""
-    if endpoint is None:
-        if any(os.environ.get(k) for k in _SIGNAL_ENDPOINT_ENV):
-            return None
-        endpoint = f"127.0.0.1:{_DEFAULT_PORTS[protocol]}"
-    if "://" not in endpoint:
-        endpoint = "http://" + endpoint  # the sidecar on loopback speaks plaintext
-    return endpoint.rstrip("/")
+def _exporter_slot(processor: Any) -> tuple[Any, str] | None:
+    """Where an SDK span/log processor keeps its exporter (Batch*: its worker; Simple*: itself), if anywhere."""
+    worker = getattr(processor, "_batch_processor", None)
+    if worker is not None and hasattr(worker, "_exporter"):
+        return worker, "_exporter"
+    for attr in ("span_exporter", "_exporter"):
+        if attr in vars(processor):
+            return processor, attr
+    return None
 
 
-def _exporters(protocol: str, endpoint: str | None, headers: dict[str, str] | None) -> tuple[Any, Any, Any]:
-    base = _endpoint_for(protocol, endpoint)
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+def _adopt(processors: tuple[Any, ...], wrap: Any) -> bool:
+    """Put in-process redaction in front of the exporters an existing provider already has.
 
-        return (OTLPSpanExporter(endpoint=base, headers=headers), OTLPLogExporter(endpoint=base, headers=headers),
-                OTLPMetricExporter(endpoint=base, headers=headers))
-    if protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter as HTTPLog
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HTTPMetric
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HTTPSpan
-
-        def url(path: str) -> str | None:
-            return None if base is None else base + path
-
-        return (HTTPSpan(endpoint=url("/v1/traces"), headers=headers),
-                HTTPLog(endpoint=url("/v1/logs"), headers=headers),
-                HTTPMetric(endpoint=url("/v1/metrics"), headers=headers))
-    raise ValueError(f"protocol: must be 'grpc' or 'http/protobuf', got {protocol!r}")
-
-
-def _reconnect_after_fork(exporters: tuple[Any, ...]) -> None:
-    """gRPC channels do not survive fork: give each exporter a fresh channel in the child."""
-    def reinit() -> None:
-        for e in exporters:
-            init = getattr(e, "_initialize_channel_and_stub", None)
-            if init is not None:
-                init()
-
-    if hasattr(os, "register_at_fork"):
-        os.register_at_fork(after_in_child=reinit)
+    Returns whether the provider exports anywhere at all: if it does, configure() adds no
+    exporter of its own, so nothing is exported twice.
+    """
+    exporting = False
+    for p in processors:
+        slot = _exporter_slot(p)
+        if slot is None:
+            continue
+        exporting = True
+        if wrap is not None:
+            owner, attr = slot
+            setattr(owner, attr, wrap(getattr(owner, attr)))
+    return exporting
 
 
 def configure(service_name: str | None = None, endpoint: str | None = None, protocol: Protocol | None = None, *,
@@ -243,26 +246,40 @@ def configure(service_name: str | None = None, endpoint: str | None = None, prot
               flush_on_sigterm: bool = True) -> Telemetry:
     """Set up traces, logs and metrics over OTLP to the sidecar; idempotent (later calls return the first handle).
 
-    ``protocol`` defaults to ``OTEL_EXPORTER_OTLP_PROTOCOL`` or ``grpc``; ``endpoint`` to
-    ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``127.0.0.1:4317`` (gRPC) / ``:4318`` (HTTP).
+    Exporters, protocols and endpoints follow the standard ``OTEL_*`` variables, per signal
+    too (see :mod:`instrumentation._exporters`); explicit ``endpoint``/``protocol`` win.
     ``redaction`` (True — the default — for the built-in detectors, a config path, dict or
     engine; False or None to turn it off) redacts spans and logs on the export thread before
-    they leave the process; the sidecar redacts again before data leaves the pod.
-    If the app already installed an SDK TracerProvider/LoggerProvider, our processors
-    are added to it instead of replacing it.
+    they leave the process; the sidecar redacts again before data leaves the pod. Its counts
+    are exported as the ``sidecar_redaction_values`` counter, ``component="in_process"``.
+
+    If the app (or ``opentelemetry-instrument``) already installed an SDK provider that
+    exports, configure() adds no exporter to it — each span and log is exported once — and
+    puts redaction in front of the exporters it has. Logging: if the root logger had no
+    handler, WARNING and above still reach stderr as before, and the root level is lowered to
+    INFO so INFO records are exported; an app that set up logging keeps its levels
+    (``log_level`` sets the root level explicitly).
     """
     global _handle
     with _lock:
         if _handle is not None:
             return _handle
-        protocol = protocol or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")  # type: ignore[assignment]
-        span_exporter, log_exporter, metric_exporter = _exporters(protocol, endpoint, headers)
-        raw_exporters = (span_exporter, log_exporter, metric_exporter)
-        if protocol == "grpc":
-            _reconnect_after_fork((span_exporter, log_exporter, metric_exporter))
-        engine = None
+        span_exporters = build_exporters("traces", protocol=protocol, endpoint=endpoint, headers=headers)
+        log_exporters = build_exporters("logs", protocol=protocol, endpoint=endpoint, headers=headers)
+        metric_exporters = build_exporters("metrics", protocol=protocol, endpoint=endpoint, headers=headers) \
+            if metrics_enabled else []
+        raw_exporters = (*span_exporters, *log_exporters, *metric_exporters)
+        engine = wrap_spans = wrap_logs = None
         if redaction not in (None, False):
-            span_exporter, log_exporter, engine = _with_redaction(redaction, span_exporter, log_exporter)
+            from instrumentation.redaction import RedactingLogExporter, RedactingSpanExporter, make_engine
+
+            engine = make_engine(None if redaction is True else redaction)  # fails closed: bad rules raise here
+
+            def wrap_spans(e: Any) -> Any:
+                return e if isinstance(e, RedactingSpanExporter) else RedactingSpanExporter(e, engine)
+
+            def wrap_logs(e: Any) -> Any:
+                return e if isinstance(e, RedactingLogExporter) else RedactingLogExporter(e, engine)
 
         attrs = dict(resource_attributes or {})
         if service_name:
@@ -272,15 +289,21 @@ def configure(service_name: str | None = None, endpoint: str | None = None, prot
 
         queue = {"max_queue_size": max_queue_size, "max_export_batch_size": min(512, max_queue_size)} \
             if max_queue_size else {}
-        span_processor = BatchSpanProcessor(span_exporter, **queue)
-        log_processor = BatchLogRecordProcessor(log_exporter, **queue)
-        drops = {"spans": _count_drops(span_processor), "logs": _count_drops(log_processor)}
+        span_processors = [BatchSpanProcessor(wrap_spans(e) if wrap_spans else e, **queue) for e in span_exporters]
+        log_processors = [BatchLogRecordProcessor(wrap_logs(e) if wrap_logs else e, **queue) for e in log_exporters]
+        drops = {"spans": _count_drops(span_processors[0]) if span_processors else None,
+                 "logs": _count_drops(log_processors[0]) if log_processors else None}
 
         ours: list[Any] = []
         existing = trace.get_tracer_provider()
         if isinstance(existing, TracerProvider):
             tracer_provider, owns_tp = existing, False
-            ours.append(span_processor)
+            current = existing._active_span_processor._span_processors
+            if not any(isinstance(p, RequestContextSpanProcessor) for p in current):
+                existing.add_span_processor(RequestContextSpanProcessor())
+            if _adopt(current, wrap_spans):
+                span_processors, drops["spans"] = [], None
+            ours.extend(span_processors)
         else:
             from opentelemetry.sdk.trace.sampling import _get_from_env_or_default
 
@@ -288,17 +311,21 @@ def configure(service_name: str | None = None, endpoint: str | None = None, prot
                                              sampler=ForceKeepSampler(_get_from_env_or_default()))
             owns_tp = True
             trace.set_tracer_provider(tracer_provider)
-        tracer_provider.add_span_processor(RequestContextSpanProcessor())
-        tracer_provider.add_span_processor(span_processor)
+            tracer_provider.add_span_processor(RequestContextSpanProcessor())
+        for sp in span_processors:
+            tracer_provider.add_span_processor(sp)
 
         existing_lp = _logs.get_logger_provider()
         if isinstance(existing_lp, LoggerProvider):
             logger_provider, owns_lp = existing_lp, False
-            ours.append(log_processor)
+            if _adopt(existing_lp._multi_log_record_processor._log_record_processors, wrap_logs):
+                log_processors, drops["logs"] = [], None
+            ours.extend(log_processors)
         else:
             logger_provider, owns_lp = LoggerProvider(resource=resource, shutdown_on_exit=False), True
             _logs.set_logger_provider(logger_provider)
-        logger_provider.add_log_record_processor(log_processor)
+        for lp in log_processors:
+            logger_provider.add_log_record_processor(lp)
 
         meter_provider: MeterProvider | None = None
         owns_mp = False
@@ -307,42 +334,32 @@ def configure(service_name: str | None = None, endpoint: str | None = None, prot
             if isinstance(existing_mp, MeterProvider):
                 meter_provider = existing_mp  # readers cannot be added later: the app's own export it
             else:
-                meter_provider = MeterProvider(resource=resource, shutdown_on_exit=False,
-                                               metric_readers=[PeriodicExportingMetricReader(metric_exporter)])
+                meter_provider = MeterProvider(resource=resource, shutdown_on_exit=False, metric_readers=[
+                    PeriodicExportingMetricReader(e) for e in metric_exporters])
                 owns_mp = True
                 metrics.set_meter_provider(meter_provider)
+            if engine is not None:
+                from instrumentation.redaction import export_redaction_counts
 
-        handler = None
+                export_redaction_counts(engine, meter_provider)
+
+        report_sdk_failures()
+        handler = console = None
         if logging_bridge:
-            from instrumentation.logs import LoggingBridge
+            from instrumentation.logs import LoggingBridge, take_over_root_logging
 
             handler = LoggingBridge(logger_provider=logger_provider)
-            root = logging.getLogger()
-            root.addHandler(handler)
-            if log_level is not None:
-                root.setLevel(log_level)
+            console = take_over_root_logging(handler, log_level)
 
         _handle = Telemetry(tracer_provider, logger_provider, meter_provider, owns=(owns_tp, owns_lp, owns_mp),
                             drop_counters=drops, capture_payloads=capture_payloads, log_handler=handler,
                             exporter_owners=ours, exporters=raw_exporters,
-                            shutdown_timeout_millis=shutdown_timeout_millis)
+                            shutdown_timeout_millis=shutdown_timeout_millis, console_handler=console)
         _handle.redaction_engine = engine
         atexit.register(_handle.shutdown)
         if flush_on_sigterm:
             _flush_on_sigterm()
         return _handle
-
-
-def _with_redaction(redaction: Any, span_exporter: Any, log_exporter: Any) -> tuple[Any, Any, Any]:
-    """Wrap the exporters so nothing leaves the process unredacted (fails closed: bad rules raise here).
-
-    ``redaction`` is an engine, a config, a dict or a YAML path (the sidecar's
-    ``processors.redaction`` section), or True for the default rules.
-    """
-    from instrumentation.redaction import RedactingLogExporter, RedactingSpanExporter, make_engine
-
-    engine = make_engine(None if redaction is True else redaction)
-    return RedactingSpanExporter(span_exporter, engine), RedactingLogExporter(log_exporter, engine), engine
 
 
 def _flush_on_sigterm() -> None:

@@ -187,6 +187,72 @@ def _redacted(line: dict[str, Any]) -> dict[str, Any]:
     return line if result is None else result.roots[0]
 
 
+class ConsoleFallback(logging.StreamHandler):
+    """What Python's last-resort handler did before ``configure()`` gave the root logger a handler.
+
+    A record reaches stderr only when no other handler (the bridge aside) would have shown it:
+    the app's ``log.error`` and the 500 tracebacks stay visible to a developer running locally,
+    and nothing is printed twice once the app sets up its own logging. The SDK's own records
+    are left out: export failures have their own rate-limited line.
+    """
+
+    def __init__(self, bridge: logging.Handler) -> None:
+        super().__init__()  # sys.stderr, looked up per record as the last-resort handler does
+        self.setLevel(logging.WARNING)
+        self.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
+        self._ours = (bridge, self)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        import sys
+
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("opentelemetry"):
+            return False
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None:
+            if any(h not in self._ours for h in logger.handlers):
+                return False  # the app has a handler for this record: it prints it, not us
+            if not logger.propagate:
+                break
+            logger = logger.parent  # type: ignore[assignment]
+        return super().filter(record)
+
+
+def take_over_root_logging(bridge: logging.Handler, level: int | None = None) -> logging.Handler | None:
+    """Attach ``bridge`` to the root logger; returns the console fallback handler if one was needed.
+
+    An SDK ``LoggingHandler`` already on the root logger (``opentelemetry-instrument`` with
+    logging auto-instrumentation) is replaced: the bridge carries the same trace context plus
+    the request identity, and two handlers would export every record twice. When the root
+    logger had no handler and Python's default WARNING level, the level is lowered to INFO so
+    INFO records are exported (stderr still shows WARNING and above, as before).
+    """
+    from opentelemetry.sdk._logs import LoggingHandler
+
+    root = logging.getLogger()
+    untouched = not root.handlers and root.level == logging.WARNING
+    for h in list(root.handlers):
+        if isinstance(h, (LoggingHandler, LoggingBridge)):
+            root.removeHandler(h)
+    console = None
+    if not any(h.level <= logging.CRITICAL for h in root.handlers):
+        console = ConsoleFallback(bridge)
+        root.addHandler(console)
+    root.addHandler(bridge)
+    if level is not None:
+        root.setLevel(level)
+    elif untouched:
+        root.setLevel(logging.INFO)
+    return console
+
+
 def bridge_logging(logger: logging.Logger | None = None, level: int = logging.NOTSET,
                    logger_provider: APILoggerProvider | None = None) -> LoggingBridge:
     """Attach a :class:`LoggingBridge` to ``logger`` (root by default) and return it."""

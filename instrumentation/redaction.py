@@ -44,7 +44,12 @@ from redaction._engine import MASKED_COUNT, MASKED_KEYS, REDACTED_COUNT, REDACTE
 from redaction.values import Redacted, redact_roots
 
 __all__ = ["RedactingLogExporter", "RedactingSpanExporter", "RedactionConfig", "RedactionEngine",
-           "load_redaction_config", "make_engine"]
+           "export_redaction_counts", "load_redaction_config", "make_engine"]
+
+#: The sidecar's counter (``sidecar/processors/redaction.py``): Prometheus shows both as
+#: ``sidecar_redaction_values_total{component, rule, action}``, so one dashboard panel sums them.
+METRIC_NAME = "sidecar_redaction_values"
+IN_PROCESS_COMPONENT = "in_process"
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,24 @@ def make_engine(source: EngineLike = None) -> RedactionEngine:
     if isinstance(source, RedactionEngine):
         return source
     return RedactionEngine(load_redaction_config(source))
+
+
+def export_redaction_counts(engine: RedactionEngine, meter_provider: Any,
+                           component: str = IN_PROCESS_COMPONENT) -> Any:
+    """Export ``engine``'s per-rule counts as an OTel counter named and labelled like the sidecar's.
+
+    Read from the engine's stats when the metric reader collects, so redaction itself touches
+    no instrument.
+    """
+    from opentelemetry.metrics import CallbackOptions, Observation
+
+    def observe(_options: CallbackOptions) -> list[Observation]:
+        return [Observation(n, {"component": component, "rule": rule, "action": action})
+                for (rule, action), n in sorted(engine.stats.snapshot().items())]
+
+    meter = meter_provider.get_meter("instrumentation.redaction")
+    return meter.create_observable_counter(METRIC_NAME, callbacks=[observe],
+                                           description="Values changed by a redaction rule, by action.")
 
 
 class _Redactor:

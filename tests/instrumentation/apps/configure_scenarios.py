@@ -49,6 +49,7 @@ def fork() -> None:
 
 
 def existing_provider() -> None:
+    """An app (or a distro) that already exports: configure() must not export a second time."""
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -59,9 +60,64 @@ def existing_provider() -> None:
     trace.set_tracer_provider(provider)
     handle = instrumentation.configure(endpoint=os.environ["ENDPOINT"])
     assert handle.tracer_provider is provider and trace.get_tracer_provider() is provider
-    emit("shared")
+    with instrumentation.request_context(instrumentation.RequestContext(request_id="req-7")):
+        with trace.get_tracer("scenario").start_as_current_span("shared") as span:
+            span.set_attribute("note", "call jane.doe@example.com")
     instrumentation.shutdown()
-    assert [s.name for s in mine.get_finished_spans()] == ["shared"], "the app's own exporter lost its spans"
+    (got,) = mine.get_finished_spans()  # exactly once, through the app's own exporter
+    assert got.attributes["request.id"] == "req-7", dict(got.attributes)
+    assert "jane.doe@example.com" not in got.attributes["note"], "redaction skipped on the app's exporter"
+
+
+def existing_bare_provider() -> None:
+    """An app provider with no exporter: configure() adds the OTLP one."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    trace.set_tracer_provider(TracerProvider())
+    instrumentation.configure(endpoint=os.environ["ENDPOINT"])
+    emit("bare")
+    instrumentation.shutdown()
+
+
+def env_per_signal() -> None:
+    instrumentation.configure()  # every choice from OTEL_* variables, per signal
+    emit("per-signal")
+    instrumentation.shutdown()
+
+
+def unreachable() -> None:
+    """The sidecar is down: flush and shutdown still return within their deadline."""
+    import time
+
+    handle = instrumentation.configure(endpoint=os.environ["ENDPOINT"], protocol=os.environ["PROTOCOL"])
+    for i in range(50):
+        emit(f"lost-{i}")
+    t0 = time.monotonic()
+    ok = handle.force_flush(1000)
+    flush = time.monotonic() - t0
+    t0 = time.monotonic()
+    instrumentation.shutdown(1000)
+    stop = time.monotonic() - t0
+    print(f"flush {flush:.3f} ok {ok} shutdown {stop:.3f}")
+
+
+def console() -> None:
+    """No logging setup of the app's own: records still reach stderr, INFO is exported."""
+    instrumentation.configure(endpoint=os.environ["ENDPOINT"])
+    log = logging.getLogger("app")
+    log.info("info goes to the sidecar only")
+    log.error("error shown on the console too")
+    with trace.get_tracer("scenario").start_as_current_span("console"):
+        pass
+    instrumentation.get_telemetry().force_flush(5000)
+    instrumentation.shutdown()
+
+
+def redaction_counts() -> None:
+    handle = instrumentation.configure(endpoint=os.environ["ENDPOINT"])
+    logging.getLogger("app").warning("card 4111 1111 1111 1111 for jane.doe@example.com")
+    handle.force_flush(5000)  # logs first: the redaction happens on their export
+    instrumentation.shutdown()
 
 
 def dropping() -> None:
@@ -82,7 +138,11 @@ def redacted() -> None:
     instrumentation.shutdown()
 
 
+SCENARIOS = {"basic": basic, "env": env_only, "fork": fork, "existing": existing_provider,
+             "existing-bare": existing_bare_provider, "per-signal": env_per_signal, "unreachable": unreachable,
+             "console": console, "redaction-counts": redaction_counts, "dropping": dropping, "redaction": redacted}
+
 if __name__ == "__main__":
-    logging.getLogger().setLevel(logging.INFO)
-    {"basic": basic, "env": env_only, "fork": fork, "existing": existing_provider, "dropping": dropping,
-     "redaction": redacted}[sys.argv[1]]()
+    if sys.argv[1] != "console":  # that one checks what happens to an app with no logging setup at all
+        logging.getLogger().setLevel(logging.INFO)
+    SCENARIOS[sys.argv[1]]()
