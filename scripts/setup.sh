@@ -57,3 +57,13 @@ if ! command -v promtool >/dev/null 2>&1; then
     echo "note: promtool not found and not root; alert-rule tests will be skipped" >&2
   fi
 fi
+# rsyslogd (Debian's rsyslog, with its gnutls driver) receives the syslog exporter's messages in its tests.
+if ! command -v rsyslogd >/dev/null 2>&1 && [ ! -x /usr/sbin/rsyslogd ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing Debian's rsyslog package for the syslog exporter tests..."
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends rsyslog rsyslog-gnutls >/dev/null) \
+      || echo "warning: could not install rsyslog; syslog delivery tests will be skipped" >&2
+  else
+    echo "note: rsyslogd not found and not root; syslog delivery tests will be skipped" >&2
+  fi
+fi

@@ -36,7 +36,7 @@ from sidecar.envelope import Envelope
 from sidecar.exporters.base import BaseExporter, ExporterConfig
 from sidecar.exporters.senders import Delivery
 from sidecar.registry import CreateSettings, Factory
-from sidecar.signals import Request, Signal
+from sidecar.signals import Signal
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,18 @@ class _Stream:
             self._closed = True
             idle, self._idle = self._idle, []
         for sock in idle:
-            sock.close()
+            _close(sock)
+
+
+def _close(sock: socket.socket) -> None:
+    """Close, with a TLS close_notify first so the server logs an orderly end rather than an error."""
+    if isinstance(sock, ssl.SSLSocket):
+        try:
+            sock.settimeout(0.5)
+            sock = sock.unwrap()
+        except (OSError, ValueError):
+            pass
+    sock.close()
 
 
 def _alive(sock: socket.socket) -> bool:

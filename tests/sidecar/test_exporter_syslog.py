@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import time
+from pathlib import Path
 
 import pytest
 from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
@@ -35,6 +37,7 @@ from tests.sidecar.rsyslog import WHY_NOT, Rsyslog, available, parse_rfc5424
 TRACE_ID = bytes.fromhex("4bf92f3577b34da6a3ce929d0e0e4736")
 SPAN_ID = bytes.fromhex("00f067aa0ba902b7")
 T0 = 1_700_000_000_123_456_789
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def logs_request(*records: dict, resource: dict | None = None) -> ExportLogsServiceRequest:
@@ -316,6 +319,12 @@ def test_untrusted_server_certificate_is_permanent(rsyslog):
     finally:
         exp.shutdown(time.monotonic() + 5)
     assert tel.value("retried", Signal.LOGS) == 0
+    exp, tel, _ = exporter(f"127.0.0.1:{rsyslog.tls_port}", "tls", tls={"insecure_skip_verify": True})
+    try:
+        exp.consume(Envelope(Signal.LOGS, logs_request({"body": "self-signed, not checked"})))
+        received_with(rsyslog, "self-signed, not checked", 1)
+    finally:
+        exp.shutdown(time.monotonic() + 5)
 
 
 def test_missing_ca_file_fails_at_start_naming_the_key(tmp_path):
@@ -349,11 +358,64 @@ def test_filtered_spans_are_counted_as_intended_drops(rsyslog):
 
 # --- the whole path: app logging -> OTel SDK -> sidecar process -> rsyslogd -------------------
 
+@contextlib.contextmanager
+def handler_app(http_port: int):
+    """A TorchServe-style handler's logging: its logger with its own custom handler, the bridge beside it,
+    the real OTel SDK exporting OTLP/HTTP to the sidecar. Yields (logger, tracer, what the own handler wrote)."""
+    from instrumentation import LoggingBridge
+
+    resource = Resource.create({"service.name": "torchserve-resnet", "process.pid": str(os.getpid())})
+    tracer_provider = TracerProvider(resource=resource)
+    tracer_provider.add_span_processor(SimpleSpanProcessor(
+        OTLPSpanExporter(endpoint=f"http://127.0.0.1:{http_port}/v1/traces")))
+    logger_provider = LoggerProvider(resource=resource)
+    logger_provider.add_log_record_processor(SimpleLogRecordProcessor(
+        OTLPLogExporter(endpoint=f"http://127.0.0.1:{http_port}/v1/logs")))
+    own_output = io.StringIO()
+    log = logging.getLogger("tests.syslog.handler")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    own, bridge = logging.StreamHandler(own_output), LoggingBridge(logger_provider=logger_provider)
+    log.addHandler(own)
+    log.addHandler(bridge)
+    try:
+        yield log, tracer_provider.get_tracer("tests.syslog"), own_output
+    finally:
+        log.removeHandler(own)
+        log.removeHandler(bridge)
+        logger_provider.shutdown()
+        tracer_provider.shutdown()
+
+
+def handle_one_request(log, tracer, request_id: str, fail: str) -> str:
+    """What TracingHandler.handle sets up around a handler's code; returns the trace id."""
+    from instrumentation import RequestContext, request_context
+
+    ctx = RequestContext(request_id=request_id)
+    ctx.model_id, ctx.model_version = "resnet50", "v3"
+    with request_context(ctx), tracer.start_as_current_span("torchserve.handle resnet50") as span:
+        log.info("e2e inference done", extra={"latency_ms": 12.5})
+        log.error("e2e inference failed: out of memory")
+        span.set_status(Status(StatusCode.ERROR, fail))
+    return format(span.get_span_context().trace_id, "032x")
+
+
+def check_handler_messages(got: list[dict], trace_id: str, request_id: str) -> None:
+    for r in got:
+        p = check_received(r)
+        sd = p.sd["otel@32473"]
+        assert sd["trace_id"] == trace_id and sd["request_id"] == request_id
+        assert (sd["model_id"], sd["model_version"]) == ("resnet50", "v3")
+        assert p.app_name == "torchserve-resnet" and p.procid == str(os.getpid())
+        if "e2e inference done" in p.msg:
+            assert p.severity == rfc.INFORMATIONAL and sd["latency_ms"] == "12.5"
+        else:
+            assert p.severity == rfc.ERROR
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(180)
-def test_app_logs_flow_through_the_sidecar_to_rsyslog_with_their_trace_ids(rsyslog, tmp_path):
-    from instrumentation import LoggingBridge, RequestContext, request_context
-
+def test_app_logs_flow_through_the_sidecar_to_rsyslog_over_each_transport(rsyslog, tmp_path):
     http, metrics = free_port(), free_port()
     tls_exporter = (f"""
   syslog/tls:
@@ -376,52 +438,34 @@ service:
     logs: {{receivers: [otlp], processors: [batch], exporters: [syslog/udp, syslog/tcp{", syslog/tls" if tls_exporter else ""}]}}
     traces: {{receivers: [otlp], processors: [batch], exporters: [syslog/tcp]}}
 """
-    resource = Resource.create({"service.name": "torchserve-resnet", "process.pid": str(os.getpid())})
-    tracer_provider = TracerProvider(resource=resource)
-    tracer_provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"http://127.0.0.1:{http}/v1/traces")))
-    logger_provider = LoggerProvider(resource=resource)
-    logger_provider.add_log_record_processor(SimpleLogRecordProcessor(OTLPLogExporter(
-        endpoint=f"http://127.0.0.1:{http}/v1/logs")))
-    # a handler's logger with its own custom handler, as TorchServe handlers have; the bridge sits on top
-    own_output = io.StringIO()
-    log = logging.getLogger("tests.syslog.handler")
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    own = logging.StreamHandler(own_output)
-    bridge = LoggingBridge(logger_provider=logger_provider)
-    log.addHandler(own)
-    log.addHandler(bridge)
-    tracer = tracer_provider.get_tracer("tests.syslog")
-    try:
-        with SidecarProcess(config, workdir=tmp_path / "sidecar"):
-            ctx = RequestContext(request_id="req-e2e-1")
-            ctx.model_id, ctx.model_version = "resnet50", "v3"
-            with request_context(ctx), tracer.start_as_current_span("torchserve.handle resnet50") as span:
-                log.info("e2e inference done", extra={"latency_ms": 12.5})
-                log.error("e2e inference failed: out of memory")
-                span.set_status(Status(StatusCode.ERROR, "e2e OOM"))
-            trace_id = format(span.get_span_context().trace_id, "032x")
-            n_inputs = 3 if tls_exporter else 2
-            got = rsyslog.wait_for(lambda rs: sum("e2e inference" in r["msg"] for r in rs) >= 2 * n_inputs
-                                   and any("e2e OOM" in r["msg"] for r in rs))
-    finally:
-        log.removeHandler(own)
-        log.removeHandler(bridge)
-        logger_provider.shutdown()
-        tracer_provider.shutdown()
+    n_inputs = 3 if tls_exporter else 2
+    with handler_app(http) as (log, tracer, own_output), SidecarProcess(config, workdir=tmp_path / "sidecar"):
+        trace_id = handle_one_request(log, tracer, "req-e2e-1", "e2e OOM")
+        got = rsyslog.wait_for(lambda rs: sum("e2e inference" in r["msg"] for r in rs) >= 2 * n_inputs
+                               and any("e2e OOM" in r["msg"] for r in rs))
     assert "e2e inference done" in own_output.getvalue()  # the app's own handler still gets its records
     logs = [r for r in got if "e2e inference" in r["msg"]]
     assert sorted(r["input"] for r in logs) == sorted(["udp", "tcp", "tls"][:n_inputs] * 2)
-    for r in logs:
-        p = check_received(r)
-        sd = p.sd["otel@32473"]
-        assert sd["trace_id"] == trace_id and sd["request_id"] == "req-e2e-1"
-        assert (sd["model_id"], sd["model_version"]) == ("resnet50", "v3")
-        assert p.app_name == "torchserve-resnet" and p.procid == str(os.getpid())
-        if "done" in p.msg:
-            assert p.severity == rfc.INFORMATIONAL and sd["latency_ms"] == "12.5"
-        else:
-            assert p.severity == rfc.ERROR
+    check_handler_messages(logs, trace_id, "req-e2e-1")
     [span_msg] = [r for r in got if "e2e OOM" in r["msg"]]
     sd = check_received(span_msg).sd["otel@32473"]
     assert sd["trace_id"] == trace_id and sd["status"] == "ERROR" and sd["name"] == "torchserve.handle resnet50"
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(180)
+def test_the_shipped_syslog_config_delivers(rsyslog, tmp_path):
+    """collector-config/sidecar-syslog.yaml (the README's example) as shipped, pointed at this rsyslogd."""
+    ports = {k: free_port() for k in ("grpc", "http", "health", "metrics")}
+    env = {"SYSLOG_ENDPOINT": f"127.0.0.1:{rsyslog.tcp_port}", "SIDECAR_FILE_EXPORT_DIR": str(tmp_path / "files"),
+           "SIDECAR_OTLP_GRPC_ENDPOINT": f"127.0.0.1:{ports['grpc']}",
+           "SIDECAR_OTLP_HTTP_ENDPOINT": f"127.0.0.1:{ports['http']}",
+           "SIDECAR_HEALTH_ENDPOINT": f"127.0.0.1:{ports['health']}",
+           "SIDECAR_METRICS_ENDPOINT": f"127.0.0.1:{ports['metrics']}"}
+    config = (ROOT / "collector-config" / "sidecar-syslog.yaml").read_text()
+    with handler_app(ports["http"]) as (log, tracer, _), SidecarProcess(config, workdir=tmp_path / "sc", env=env):
+        trace_id = handle_one_request(log, tracer, "req-shipped", "shipped OOM")
+        got = rsyslog.wait_for(lambda rs: sum(trace_id in r["sd"] for r in rs) >= 3)
+    mine = [r for r in got if trace_id in r["sd"]]
+    check_handler_messages([r for r in mine if "e2e inference" in r["msg"]], trace_id, "req-shipped")
+    assert sorted(r["msgid"] for r in mine) == ["log", "log", "span"] and {r["facility"] for r in mine} == {"16"}
