@@ -7,6 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks")); sys.path.insert(0, str(ROOT))
 from workload import trace_request, logs_request, trace_ids_of
+from sidecar.envelope import Envelope
 from sidecar.config import parse_config
 from sidecar.signals import Signal, count_items
 from sidecar.receivers.otlp import _check_traces, _check_logs
@@ -39,11 +40,11 @@ def make(name, nxt):
     return f.create(CreateSettings(cc.id, Kind.PROCESSOR, tel.component("processor", name)), cc.config, nxt)
 r=SignalRouter("x"); r.routes={Signal.TRACES: Null(), Signal.LOGS: Null(), Signal.METRICS: Null()}
 sm=make("span_metrics", r)
-t("span_metrics", lambda: [sm.consume(Signal.TRACES, a) for a,b in parsed])
+t("span_metrics", lambda: [sm.consume(Envelope(Signal.TRACES, a)) for a,b in parsed])
 from sidecar.host import Host
 ts=make("tail_sampling", r)
 def intake():
     for a,b in parsed:
-        ts.consume(Signal.TRACES, a); ts.consume(Signal.LOGS, b)
+        ts.consume(Envelope(Signal.TRACES, a)); ts.consume(Envelope(Signal.LOGS, b))
 t("tail_sampling intake", intake)
 t("tail_sampling decide all", lambda: ts.shutdown(time.monotonic()+30))

@@ -18,8 +18,8 @@ import enum
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from sidecar.envelope import Envelope
     from sidecar.host import Host
-    from sidecar.signals import Request, Signal
 
 
 class Refused(Exception):
@@ -31,6 +31,8 @@ class Refused(Exception):
         self.reason = reason
         self.retryable = retryable
         self.retry_after = retry_after
+        #: set by the first pipeline edge that counts it, so stages in front do not count it again
+        self.counted = False
 
 
 class ExportError(Exception):
@@ -65,19 +67,22 @@ class Kind(str, enum.Enum):
 
 
 class Consumer(Protocol):
-    def consume(self, signal: "Signal", request: "Request") -> None:
-        """Take ownership of ``request`` or raise :class:`Refused`.
+    def consume(self, envelope: "Envelope") -> None:
+        """Take ownership of ``envelope`` or raise :class:`Refused`.
 
         Returning means the data is accepted: from here on, losing it is this
-        component's fault and must be counted.
+        component's fault and must be reported as dropped, with a reason. The pipeline
+        counts received / accepted / refused at its edges; components do not.
+        To change the data, call ``envelope.mutable()`` (never edit ``envelope.message``).
         """
 
 
 class Component:
-    """Base for every receiver, processor, exporter and extension."""
+    """Base for every receiver, processor, exporter and extension.
 
-    #: A processor that changes data in place says so; the pipeline clones before fan-out to it.
-    mutates_data: bool = False
+    Contract (checked over the registry by tests/sidecar/test_contract.py): ``shutdown`` works
+    without ``start`` and twice; ``start``/``shutdown`` may run twice.
+    """
 
     def start(self, host: "Host") -> None:  # noqa: B027 - optional hook
         """Open sockets, start workers. Called back to front: exporters before receivers."""

@@ -17,10 +17,42 @@ from sidecar.component import Component, Consumer, Kind, Refused
 from sidecar.config import ComponentConfig, Config, pipeline_signal
 from sidecar.host import Host
 from sidecar.registry import CreateSettings, factory_for
-from sidecar.signals import Request, Signal, forget_encoding
-from sidecar.telemetry import SelfTelemetry
+from sidecar.envelope import Envelope
+from sidecar.signals import Signal
+from sidecar.telemetry import ComponentTelemetry, SelfTelemetry
 
 log = logging.getLogger(__name__)
+
+
+class Edge:
+    """Counts what crosses one edge of the graph, for the component it leads into.
+
+    Every component's input is wrapped in one: ``received`` when offered, then ``accepted``
+    or ``refused`` (with the reason). A refusal is counted once, by the edge into the stage
+    that raised it; the stages in front only pass it back to the sender, so one queue-full
+    event is one refusal, not one per stage. Components count nothing themselves; they
+    report only what they drop after accepting it (``telemetry.dropped(signal, n, reason)``).
+    Model: otelcol's ``service/internal/obsconsumer``.
+    """
+
+    __slots__ = ("next", "telemetry")
+
+    def __init__(self, consumer: Consumer, telemetry: ComponentTelemetry):
+        self.next = consumer
+        self.telemetry = telemetry
+
+    def consume(self, envelope: Envelope) -> None:
+        tel = self.telemetry
+        signal, n = envelope.signal, envelope.items
+        tel.received(signal, n)
+        try:
+            self.next.consume(envelope)
+        except Refused as e:
+            if not e.counted:
+                e.counted = True
+                tel.refused(signal, n, e.reason)
+            raise
+        tel.accepted(signal, n)
 
 
 class SignalRouter:
@@ -29,53 +61,43 @@ class SignalRouter:
     def __init__(self, owner: str):
         self.owner = owner
         self.routes: dict[Signal, Consumer] = {}
-        #: set for the output of a stage that mutates data: the received encoding is stale after it
-        self.after_mutation = False
 
-    def consume(self, signal: Signal, request: Request) -> None:
-        if self.after_mutation:
-            forget_encoding(request)
+    def consume(self, envelope: Envelope) -> None:
         try:
-            nxt = self.routes[signal]
+            nxt = self.routes[envelope.signal]
         except KeyError:
             raise Refused("unsupported_signal", retryable=False,
-                          message=f"{self.owner} is not in any {signal.value} pipeline") from None
-        nxt.consume(signal, request)
+                          message=f"{self.owner} is not in any {envelope.signal.value} pipeline") from None
+        nxt.consume(envelope)
 
 
 class Fanout:
     """Delivers one request to several consumers, each independently.
 
-    When any branch mutates data, every branch but the last gets its own copy — a branch
-    that only holds data (batch, tail sampling) must not see another branch's redaction.
-    Decided once, at build time. If any consumer refuses, the sender is told to retry:
-    a duplicate is better than a loss.
+    Each branch gets a read-only view of the same data: nothing is copied unless a branch
+    changes it, and then ``Envelope.mutable()`` gives that branch its own copy, so a branch
+    that only holds data (batch, tail sampling) never sees another branch's redaction. If any
+    consumer refuses, the sender is told to retry: a duplicate is better than a loss.
     """
 
-    def __init__(self, consumers: list[Consumer], mutates: list[bool]):
+    def __init__(self, consumers: list[Consumer]):
         self.consumers = consumers
-        any_mutates = any(mutates)
-        self.copy_for = [any_mutates and i < len(consumers) - 1 for i in range(len(consumers))]
 
-    def consume(self, signal: Signal, request: Request) -> None:
+    def consume(self, envelope: Envelope) -> None:
         refused: Refused | None = None
-        for consumer, copy in zip(self.consumers, self.copy_for):
-            data = request
-            if copy:
-                data = type(request)()
-                data.CopyFrom(request)
+        for consumer in self.consumers:
             try:
-                consumer.consume(signal, data)
+                consumer.consume(envelope.share())
             except Refused as e:
                 refused = refused or e
         if refused is not None:
             raise refused
 
 
-def _fan(consumers: list[Consumer], mutates: list[bool]) -> Consumer:
+def _fan(consumers: list[Consumer]) -> Consumer:
     if len(consumers) == 1:
         return consumers[0]
-    return Fanout(consumers, mutates)
+    return Fanout(consumers)
 
 
 @dataclass
@@ -96,15 +118,24 @@ class Service:
         self.host = Host(self.telemetry)
         self.graph = Graph()
         self._metrics_server = None
+        self._inputs: dict[int, Edge] = {}
         self._build()
 
     # --- building ---------------------------------------------------------------------------
 
     def _create(self, cc: ComponentConfig, next_consumer: Consumer | None) -> Component:
         factory = factory_for(cc.kind, cc.id.type)
-        settings = CreateSettings(id=cc.id, kind=cc.kind,
-                                  telemetry=self.telemetry.component(cc.kind.value, str(cc.id)))
-        return factory.create(settings, cc.config, next_consumer)
+        tel = self.telemetry.component(cc.kind.value, str(cc.id))
+        settings = CreateSettings(id=cc.id, kind=cc.kind, telemetry=tel)
+        if cc.kind is Kind.RECEIVER:  # a receiver's edge is its output: what it offered the pipeline
+            next_consumer = Edge(next_consumer, tel)
+        comp = factory.create(settings, cc.config, next_consumer)
+        self._inputs[id(comp)] = Edge(comp, tel)
+        return comp
+
+    def _input(self, comp: Component) -> Consumer:
+        """The counted edge into ``comp``: what every stage in front of it calls."""
+        return self._inputs[id(comp)]
 
     def _build(self) -> None:
         cfg = self.config
@@ -125,26 +156,23 @@ class Service:
                 if proc_id not in g.processors:
                     routers[proc_id] = SignalRouter(f"processor {proc_id}")
                     g.processors[proc_id] = self._create(cfg.processors[proc_id], routers[proc_id])
-                    routers[proc_id].after_mutation = g.processors[proc_id].mutates_data
         g.processor_order = _front_to_back([p.processors for p in pipelines.values()])
 
         # wire each pipeline back to front; remember its head per receiver
-        heads: dict[str, dict[Signal, list[tuple[Consumer, bool]]]] = {}
+        heads: dict[str, dict[Signal, list[Consumer]]] = {}
         for pid, pipe in pipelines.items():
             signal = pipeline_signal(pid)
-            nxt: Consumer = _fan([g.exporters[e] for e in pipe.exporters], [False] * len(pipe.exporters))
-            mutates = False
+            nxt: Consumer = _fan([self._input(g.exporters[e]) for e in pipe.exporters])
             for proc_id in reversed(pipe.processors):
                 routers[proc_id].routes[signal] = nxt
-                nxt = g.processors[proc_id]
-                mutates = mutates or g.processors[proc_id].mutates_data
+                nxt = self._input(g.processors[proc_id])
             for rec_id in pipe.receivers:
-                heads.setdefault(rec_id, {}).setdefault(signal, []).append((nxt, mutates))
+                heads.setdefault(rec_id, {}).setdefault(signal, []).append(nxt)
 
         for rec_id, by_signal in heads.items():
             router = SignalRouter(f"receiver {rec_id}")
             for signal, entries in by_signal.items():
-                router.routes[signal] = _fan([c for c, _ in entries], [m for _, m in entries])
+                router.routes[signal] = _fan(entries)
             g.receivers[rec_id] = self._create(cfg.receivers[rec_id], router)
 
     # --- running ----------------------------------------------------------------------------

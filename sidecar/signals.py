@@ -1,14 +1,14 @@
-"""The three OTLP signals and the one unit of data: the Export*ServiceRequest message.
+"""The three OTLP signals and their Export*ServiceRequest messages.
 
 Nothing on the hot path converts spans to dicts; components read and write these
-protobuf messages directly.
+protobuf messages (or their encodings) directly, carried between stages in a
+:class:`sidecar.envelope.Envelope`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
-from typing import Iterator, Union
+from typing import Union
 
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
     ExportLogsServiceRequest,
@@ -86,40 +86,3 @@ def resource_list(signal: Signal, request: Request):
         return request.resource_logs
     return request.resource_metrics
 
-
-# --- the request's wire encoding, known while the receiver hands it down ------------------------
-#
-# The receiver parsed the request from bytes; stages that work on the encoding (span_metrics,
-# tail_sampling, the persistent queue) reuse those bytes instead of serializing again. An entry
-# lives exactly as long as the receiver's synchronous consume call (the receiver holds the
-# request, so its id cannot be reused), and the pipeline forgets it before handing a request on
-# from any stage that mutates data, so a stale encoding is never read.
-
-_ENCODINGS: dict[int, bytes] = {}
-
-
-def encoded(request: Request) -> bytes:
-    """The request's wire encoding: the bytes it was received as when still valid, else serialized now."""
-    raw = _ENCODINGS.get(id(request))
-    return raw if raw is not None else request.SerializeToString()
-
-
-def received_encoding(request: Request) -> bytes | None:
-    """The bytes ``request`` was received as, if they still describe it; None otherwise (never serializes)."""
-    return _ENCODINGS.get(id(request))
-
-
-@contextlib.contextmanager
-def known_encoding(request: Request, raw: bytes) -> Iterator[None]:
-    """While the block runs, :func:`encoded` returns ``raw`` for ``request`` (which was parsed from it)."""
-    key = id(request)
-    _ENCODINGS[key] = raw
-    try:
-        yield
-    finally:
-        _ENCODINGS.pop(key, None)
-
-
-def forget_encoding(request: Request) -> None:
-    """The request is about to change (or has): its received bytes no longer describe it."""
-    _ENCODINGS.pop(id(request), None)

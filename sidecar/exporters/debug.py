@@ -18,6 +18,7 @@ from sidecar.config import ConfigModel
 from sidecar.exporters.base import BaseExporter, QueueConfig
 from sidecar.queue.retry import RetryConfig
 from sidecar.registry import CreateSettings, Factory
+from sidecar.envelope import Envelope
 from sidecar.signals import Request, Signal, count_items, resource_list
 
 Verbosity = Literal["basic", "normal", "detailed"]
@@ -103,9 +104,9 @@ class DebugExporter(BaseExporter):
         self.verbosity = cfg.verbosity
         self._lock = threading.Lock()  # whole requests, not interleaved lines
 
-    def push(self, signal: Signal, request: Request, timeout: float) -> int:
-        text = "\n".join(f"{self.id}: {line}" if i == 0 else line
-                         for i, line in enumerate(format_request(signal, request, self.verbosity))) + "\n"
+    def push(self, envelope: Envelope, timeout: float) -> int:
+        lines = format_request(envelope.signal, envelope.message, self.verbosity)
+        text = "\n".join(f"{self.id}: {line}" if i == 0 else line for i, line in enumerate(lines)) + "\n"
         with self._lock:
             stream = sys.stderr  # looked up per call: whoever redirected stderr last gets the output
             stream.write(text)

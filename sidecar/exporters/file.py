@@ -20,7 +20,8 @@ from sidecar.component import Kind, RetryableError
 from sidecar.config import ConfigModel, Duration
 from sidecar.exporters.base import BaseExporter, ExporterConfig
 from sidecar.registry import CreateSettings, Factory
-from sidecar.signals import Request, Signal
+from sidecar.envelope import Envelope
+from sidecar.signals import Signal
 
 
 class RotationConfig(ConfigModel):
@@ -153,14 +154,11 @@ class FileExporter(BaseExporter):
             f.flush()
             f.close()
 
-    def push(self, signal: Signal, request: Request, timeout: float) -> int:
-        line = otlp_json.to_json(signal, request).encode() + b"\n"
-        self._files[signal].write(line, self._flush_each)
-        return 0
-
-    def push_many(self, signal: Signal, requests: list[Request], timeout: float) -> int:
-        """One write for the batch, one JSON line per request: no merged copy is built."""
-        lines = b"".join([otlp_json.to_json(signal, r).encode() + b"\n" for r in requests])
+    def push(self, envelope: Envelope, timeout: float) -> int:
+        """One JSON line per request; a merged envelope is one write of its parts' lines (no merged copy)."""
+        signal = envelope.signal
+        parts = envelope.parts or (envelope,)
+        lines = b"".join([otlp_json.to_json(signal, e.message).encode() + b"\n" for e in parts])
         self._files[signal].write(lines, self._flush_each)
         return 0
 

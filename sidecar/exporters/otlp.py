@@ -20,7 +20,8 @@ from sidecar.component import ExportError, Kind, PermanentError, RetryableError
 from sidecar.config import ConfigModel, parse_endpoint
 from sidecar.exporters.base import BaseExporter, Compression, ExporterConfig, partial_success
 from sidecar.registry import CreateSettings, Factory
-from sidecar.signals import Request, Signal
+from sidecar.envelope import Envelope
+from sidecar.signals import Signal
 
 _SCHEME = re.compile(r"^(https?)://")
 
@@ -175,17 +176,11 @@ class OTLPExporter(BaseExporter):
         if self._channel is not None:
             self._channel.close()
 
-    sends_encoded = True
-
-    def push(self, signal: Signal, request: Request, timeout: float) -> int:
-        return self.push_encoded(signal, request.SerializeToString(), timeout)
-
-    def push_many(self, signal: Signal, requests: list[Request], timeout: float) -> int:
-        return self.push_encoded(signal, b"".join([r.SerializeToString() for r in requests]), timeout)
-
-    def push_encoded(self, signal: Signal, body: bytes, timeout: float) -> int:
+    def push(self, envelope: Envelope, timeout: float) -> int:
+        """Send the envelope's encoding as it is (received bytes, or queued encodings concatenated)."""
+        signal = envelope.signal
         try:
-            response = self._export[signal](body, timeout=timeout, metadata=self._metadata)
+            response = self._export[signal](envelope.encoded, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise classify(e.code(), e.details() or "", e.trailing_metadata()) from None
         except ValueError:

@@ -24,7 +24,8 @@ from sidecar.component import ExportError, Kind, PermanentError, RetryableError
 from sidecar.config import ConfigModel
 from sidecar.exporters.base import BaseExporter, Compression, ExporterConfig, partial_success
 from sidecar.registry import CreateSettings, Factory
-from sidecar.signals import Request, Signal
+from sidecar.envelope import Envelope
+from sidecar.signals import Signal
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,6 @@ class OTLPHTTPExporter(BaseExporter):
             self._headers["Content-Encoding"] = "gzip"
         self._gzip = cfg.compression == "gzip"
         self._json = cfg.encoding == "json"
-        self.sends_encoded = not self._json  # protobuf: queued encodings go out as they are
         self._pool: urllib3.PoolManager | None = None
 
     def _open(self) -> None:
@@ -128,19 +128,12 @@ class OTLPHTTPExporter(BaseExporter):
         if self._pool is not None:
             self._pool.clear()
 
-    def push_encoded(self, signal: Signal, body: bytes, timeout: float) -> int:
-        return self._post(signal, body, timeout)
-
-    def push(self, signal: Signal, request: Request, timeout: float) -> int:
+    def push(self, envelope: Envelope, timeout: float) -> int:
+        """protobuf: the encoding as it is (received, or queued encodings concatenated); json: the message."""
+        signal = envelope.signal
         if self._json:
-            return self._post(signal, otlp_json.to_json(signal, request).encode(), timeout)
-        return self._post(signal, request.SerializeToString(), timeout)
-
-    def push_many(self, signal: Signal, requests: list[Request], timeout: float) -> int:
-        if self._json:
-            return super().push_many(signal, requests, timeout)
-        # protobuf: the concatenation of the encodings is the encoding of the merged request
-        return self._post(signal, b"".join([r.SerializeToString() for r in requests]), timeout)
+            return self._post(signal, otlp_json.to_json(signal, envelope.message).encode(), timeout)
+        return self._post(signal, envelope.encoded, timeout)
 
     def _post(self, signal: Signal, body: bytes, timeout: float) -> int:
         url = self._urls[signal]

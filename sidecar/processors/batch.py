@@ -6,10 +6,12 @@ caller's thread once ``send_batch_size`` items are pending, or by a timer thread
 (no per-span work); only requests larger than ``send_batch_max_size`` are split, at
 span / log record / data point granularity.
 
-Nothing accepted is lost silently: when the next stage refuses a batch, it goes back
-to the front of the pending list and is retried; while pending is full, new data is
-refused with ``Refused("batch_full")``; what is still pending at the shutdown deadline
-is counted dropped with reason ``shutdown``.
+Nothing accepted is lost silently: when the next stage refuses a batch, it waits in an
+:class:`~sidecar.outbox.Outbox` (in order, retried after the refusal's retry-after); while
+pending plus waiting data is over ``max_pending_items``, new data is refused with
+``Refused("batch_full")``; what is still held at the shutdown deadline is counted dropped
+with reason ``shutdown``. Batches of received requests are the concatenation of their
+encodings: no parse, no copy.
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from sidecar.component import Component, Consumer, Kind, Refused
 from sidecar.config import ConfigModel, Duration
+from sidecar.envelope import Envelope
+from sidecar.outbox import Outbox
 from sidecar.registry import ALL_SIGNALS, CreateSettings, Factory
-from sidecar.signals import Request, Signal, count_items, known_encoding, new_request, received_encoding, resource_list
+from sidecar.signals import Request, Signal, new_request, resource_list
+from sidecar.ticker import Ticker
 
 log = logging.getLogger(__name__)
 
@@ -138,43 +143,24 @@ def split_request(signal: Signal, request: Request, max_items: int) -> list[tupl
     return pieces
 
 
-def merge_requests(signal: Signal, chunks: list[tuple]) -> tuple[Request, bytes | None]:
-    """One request holding every chunk's resource entries, and its encoding when that came for free.
-
-    A chunk is (request or None, items, received encoding or None): a chunk whose encoding is
-    known keeps only that (a fifth of the memory of the message). The merge concatenates the
-    chunks' encodings (the encoding of the merged request: its top-level fields are repeated)
-    and parses once — cheaper than copying messages. A single chunk is sent as it is.
-    """
-    if len(chunks) == 1:
-        request, _, raw = chunks[0]
-        return (request if request is not None else signal.request_type.FromString(raw)), raw
-    joined = b"".join([raw if raw is not None else request.SerializeToString() for request, _, raw in chunks])
-    return signal.request_type.FromString(joined), joined
-
-
 # --- the processor ------------------------------------------------------------------------------
 
 
 class _Pending:
-    """One signal's accepted-but-unsent data."""
+    """One signal's accepted data not yet cut into a batch."""
 
-    __slots__ = ("chunks", "items", "since", "retry_at", "send_lock")
+    __slots__ = ("chunks", "items", "since")
 
     def __init__(self):
-        self.chunks: collections.deque[tuple] = collections.deque()  # (request, items, received encoding)
+        self.chunks: collections.deque[Envelope] = collections.deque()
         self.items = 0
         self.since = 0.0  # clock time the oldest pending item arrived
-        self.retry_at = 0.0  # after a refusal, no send before this clock time
-        self.send_lock = threading.Lock()  # one sender per signal keeps batches in order
 
 
 class BatchProcessor(Component):
     def __init__(self, settings: CreateSettings, config: BatchConfig, next_consumer: Consumer, *,
                  clock: Callable[[], float] = time.monotonic):
         self.id = str(settings.id)
-        self._next = next_consumer
-        self._telemetry = settings.telemetry
         self._clock = clock
         self.send_batch_size = config.send_batch_size
         self.send_batch_max_size = config.send_batch_max_size
@@ -183,172 +169,118 @@ class BatchProcessor(Component):
                                                                       config.send_batch_max_size)
         self._lock = threading.Lock()
         self._pending = {s: _Pending() for s in Signal}
+        # cut batches wait here, in order, while the next stage refuses
+        self._out = {s: Outbox(next_consumer, settings.telemetry, max_items=2 * self.max_pending_items,
+                               min_retry_delay=self.timeout, clock=clock, name=self.id) for s in Signal}
         self._closed = False
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._ticker = Ticker(self.tick, self._until_due, name=f"{self.id}-timer")
         gauge = settings.telemetry.root.family(Gauge, "sidecar_batch_pending_items",
                                                "Items accepted by a batch processor and not yet sent.",
                                                ("component", "signal"))
-        for signal, p in self._pending.items():
-            gauge.labels(self.id, signal.value).set_function(lambda p=p: p.items)
+        for signal in Signal:
+            gauge.labels(self.id, signal.value).set_function(lambda s=signal: self.pending_items(s))
 
     def pending_items(self, signal: Signal) -> int:
-        return self._pending[signal].items
+        """Accepted and not yet taken by the next stage: pending plus cut batches waiting."""
+        return self._pending[signal].items + self._out[signal].items
 
     # --- taking data ------------------------------------------------------------------------
 
-    def consume(self, signal: Signal, request: Request) -> None:
-        n = count_items(signal, request)
-        self._telemetry.received(signal, n)
+    def consume(self, envelope: Envelope) -> None:
+        signal, n = envelope.signal, envelope.items
         if n == 0:
             return
         if self.send_batch_max_size and n > self.send_batch_max_size:
-            chunks = [(piece, k, None) for piece, k in split_request(signal, request, self.send_batch_max_size)]
+            chunks = [Envelope(signal, piece, items=k)
+                      for piece, k in split_request(signal, envelope.message, self.send_batch_max_size)]
         else:
-            raw = received_encoding(request)
-            chunks = ((None if raw is not None else request, n, raw),)
+            chunks = (envelope,)
         now = self._clock()
         p = self._pending[signal]
-        was_empty = ready = False
         with self._lock:
-            refusal = None
+            held = p.items + self._out[signal].items
             if self._closed:
-                refusal = Refused("shutting_down", retry_after=1.0, message=f"processor {self.id} is shutting down")
-            elif p.items and p.items + n > self.max_pending_items:
-                refusal = Refused("batch_full", retry_after=max(self.timeout, 1.0),
-                                  message=f"processor {self.id}: {p.items} {signal.item_name} pending, "
-                                          f"limit {self.max_pending_items}; the next stage is not keeping up")
-            else:
-                was_empty = not p.items
-                if was_empty:
-                    p.since = now
-                p.chunks.extend(chunks)
-                p.items += n
-                ready = p.items >= self.send_batch_size and now >= p.retry_at
-        if refusal is not None:
-            self._telemetry.refused(signal, n, refusal.reason)
-            raise refusal
-        self._telemetry.accepted(signal, n)
+                raise Refused("shutting_down", retry_after=1.0, message=f"processor {self.id} is shutting down")
+            if held and held + n > self.max_pending_items:
+                raise Refused("batch_full", retry_after=max(self.timeout, 1.0),
+                              message=f"processor {self.id}: {held} {signal.item_name} pending, "
+                                      f"limit {self.max_pending_items}; the next stage is not keeping up")
+            was_empty = not p.items
+            if was_empty:
+                p.since = now
+            p.chunks.extend(chunks)
+            p.items += n
+            ready = p.items >= self.send_batch_size
         if was_empty:
-            self._wake.set()
+            self._ticker.wake()
         if ready:
             self._send(signal, force=False, blocking=False)
 
     # --- sending ----------------------------------------------------------------------------
 
-    def _take(self, p: _Pending, force: bool) -> tuple[list[tuple], int] | None:
-        """Pop the next batch under the lock: at least send_batch_size items unless ``force``."""
+    def _take(self, p: _Pending, force: bool) -> Envelope | None:
+        """Cut the next batch under the lock: at least send_batch_size items unless ``force``."""
         if not p.chunks or (not force and p.items < self.send_batch_size):
             return None
-        batch: list[tuple] = []
+        batch: list[Envelope] = []
         n = 0
         limit = self.send_batch_max_size
         while p.chunks:
-            k = p.chunks[0][1]
+            k = p.chunks[0].items
             if batch and (n >= self.send_batch_size or (limit and n + k > limit)):
                 break
             batch.append(p.chunks.popleft())
             n += k
         p.items -= n
-        return batch, n
+        return Envelope.merge(batch)
 
     def _send(self, signal: Signal, *, force: bool, blocking: bool) -> bool:
-        """Send ready batches on this thread. False when the next stage refused (the data stays pending)."""
-        p = self._pending[signal]
-        while p.send_lock.acquire(blocking=blocking):
-            try:
-                while True:
-                    with self._lock:
-                        taken = self._take(p, force)
-                    if taken is None:
-                        break
-                    if not self._deliver(signal, p, *taken):
-                        return False
-            finally:
-                p.send_lock.release()
-            # Data that arrived while we held the send lock: its callers did not wait for the lock.
+        """Send ready batches on this thread, in order. False when the next stage refused (the data waits)."""
+        p, out = self._pending[signal], self._out[signal]
+        while True:
+            if not out.flush(blocking=blocking):
+                return False
             with self._lock:
-                if p.items < self.send_batch_size or self._clock() < p.retry_at:
+                batch = self._take(p, force)
+                if batch is None:
                     return True
-        return True
+                out.put(batch)
 
-    def _deliver(self, signal: Signal, p: _Pending, batch: list[tuple], n: int) -> bool:
-        try:
-            merged, raw = merge_requests(signal, batch)
-            if raw is None:
-                self._next.consume(signal, merged)
-            else:
-                with known_encoding(merged, raw):
-                    self._next.consume(signal, merged)
-        except Refused as e:
-            if not e.retryable:
-                log.warning("%s: next stage rejected %d %s for good: %s", self.id, n, signal.item_name, e)
-                self._telemetry.dropped(signal, n, e.reason)
-                return True
-            now = self._clock()
-            with self._lock:
-                p.chunks.extendleft(reversed(batch))
-                if not p.items:
-                    p.since = now
-                p.items += n
-                p.retry_at = now + max(self.timeout, e.retry_after or 0.0)
-            return False
-        except Exception:
-            log.exception("%s: next stage failed on %d %s; dropping them", self.id, n, signal.item_name)
-            self._telemetry.dropped(signal, n, "internal")
-        return True
+    def _due(self, signal: Signal) -> float | None:
+        """When this signal's data must go next: a refused batch's retry time, else the oldest item's timeout."""
+        p, out = self._pending[signal], self._out[signal]
+        if len(out):
+            return out.retry_at
+        return p.since + self.timeout if p.items else None
 
     def tick(self) -> None:
-        """Send every signal's pending data whose oldest item has waited ``timeout`` (the timer's work)."""
+        """Send every signal's data that is due (the timer's work; tests call it with a fake clock)."""
         now = self._clock()
-        with self._lock:
-            due = [s for s, p in self._pending.items()
-                   if p.items and now >= max(p.since + self.timeout, p.retry_at)]
-        for signal in due:
-            self._send(signal, force=True, blocking=True)
+        for signal in Signal:
+            due = self._due(signal)
+            if due is not None and now >= due:
+                self._send(signal, force=True, blocking=True)
 
-    def _next_due(self) -> float | None:
-        with self._lock:
-            dues = [max(p.since + self.timeout, p.retry_at) for p in self._pending.values() if p.items]
-        return min(dues) if dues else None
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.tick()
-            except Exception:  # pragma: no cover - the timer must survive anything
-                log.exception("%s: batch timer failed", self.id)
-            due = self._next_due()
-            self._wake.wait(None if due is None else max(0.0, due - self._clock()))
-            self._wake.clear()
+    def _until_due(self) -> float | None:
+        dues = [d for d in map(self._due, Signal) if d is not None]
+        return max(0.0, min(dues) - self._clock()) if dues else None
 
     # --- lifecycle --------------------------------------------------------------------------
 
     def start(self, host) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"{self.id}-timer", daemon=True)
-        self._thread.start()
+        self._ticker.start()
 
     def shutdown(self, deadline: float) -> None:
         """Refuse new data, send everything pending, retry refusals until ``deadline``; count the rest dropped."""
         with self._lock:
             self._closed = True
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
-            self._thread = None
+        self._ticker.stop(deadline)
         for signal, p in self._pending.items():
-            while not self._send(signal, force=True, blocking=True) and time.monotonic() < deadline:
-                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+            out = self._out[signal]
             with self._lock:
-                left = p.items
-                p.chunks.clear()
-                p.items = 0
-            if left:
-                log.warning("%s: dropping %d %s still refused at the shutdown deadline", self.id, left,
-                            signal.item_name)
-                self._telemetry.dropped(signal, left, "shutdown")
+                while (batch := self._take(p, force=True)) is not None:
+                    out.put(batch)
+            out.drain(deadline)
 
 
 FACTORY = Factory(

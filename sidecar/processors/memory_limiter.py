@@ -5,7 +5,7 @@ limit (``limit - spike_limit``) the processor refuses everything with
 ``Refused("memory_limit")`` (receivers answer RESOURCE_EXHAUSTED / 429 so clients back off
 and retry), and it asks Python and glibc to hand memory back. It accepts again once RSS
 is below the soft limit. Checking on a timer, not per request, keeps ``consume`` at one
-flag check; passed-through data is counted by the next stage, refused data here.
+flag check; the pipeline's edges count what passes and what is refused.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 from sidecar.component import Component, Consumer, Kind, Refused
 from sidecar.config import ConfigModel, Duration
 from sidecar.registry import ALL_SIGNALS, CreateSettings, Factory
-from sidecar.signals import Request, Signal, count_items
+from sidecar.envelope import Envelope
 
 log = logging.getLogger(__name__)
 
@@ -162,21 +162,12 @@ class MemoryLimiter(Component):
         limits.labels(self.id, "hard").set(self.limit)
         limits.labels(self.id, "soft").set(self.soft_limit)
 
-    def consume(self, signal: Signal, request: Request) -> None:
-        n = count_items(signal, request)  # walks resources and scopes only: len() per span list
-        tel = self._telemetry
-        tel.received(signal, n)
+    def consume(self, envelope: Envelope) -> None:
         if self.refusing:
-            tel.refused(signal, n, "memory_limit")
             raise Refused("memory_limit", retry_after=self._retry_after,
                           message=f"memory limit reached: RSS {self.rss // _MIB} MiB >= soft limit "
                                   f"{self.soft_limit // _MIB} MiB; retry later")
-        try:
-            self._next.consume(signal, request)
-        except Refused as e:
-            tel.refused(signal, n, e.reason)
-            raise
-        tel.accepted(signal, n)
+        self._next.consume(envelope)
 
     def check(self) -> None:
         """Sample RSS and switch modes; above the soft limit, collect garbage and trim the heap first."""

@@ -29,14 +29,12 @@ from redaction import RedactionConfig, RedactionConfigError, RedactionEngine, Re
 from redaction.otlp import OtlpRedactor
 from sidecar.component import Component, Consumer, Kind, Refused
 from sidecar.registry import ALL_SIGNALS, CreateSettings, Factory
-from sidecar.signals import Request, Signal, count_items
+from sidecar.envelope import Envelope
 
 log = logging.getLogger(__name__)
 
 
 class RedactionProcessor(Component):
-    mutates_data = True
-
     def __init__(self, settings: CreateSettings, config: RedactionConfig, next_consumer: Consumer):
         try:
             self.engine = RedactionEngine(config)
@@ -48,21 +46,14 @@ class RedactionProcessor(Component):
         self._next = next_consumer
         _RedactionMetrics.for_registry(settings.telemetry.registry).add(str(settings.id), self.engine.stats)
 
-    def consume(self, signal: Signal, request: Request) -> None:
-        n = count_items(signal, request)
-        self._tel.received(signal, n)
+    def consume(self, envelope: Envelope) -> None:
+        signal = envelope.signal
         try:
-            self.redactor.redact(signal.value, request)
+            self.redactor.redact(signal.value, envelope.mutable())
         except Exception as e:  # fail closed: never forward what could not be redacted
             log.exception("redaction failed; refusing the request")
-            self._tel.refused(signal, n, "redaction_error")
             raise Refused("redaction_error", retryable=False, message=f"redaction failed: {e}") from e
-        try:
-            self._next.consume(signal, request)
-        except Refused as e:
-            self._tel.refused(signal, n, e.reason)
-            raise
-        self._tel.accepted(signal, n)
+        self._next.consume(envelope)
 
 
 class _RedactionMetrics:

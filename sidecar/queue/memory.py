@@ -6,8 +6,7 @@ import collections
 import threading
 
 from sidecar.component import Refused
-from sidecar.queue import QueueItem
-from sidecar.signals import Request, Signal, received_encoding
+from sidecar.envelope import Envelope
 
 
 class MemoryQueue:
@@ -15,31 +14,29 @@ class MemoryQueue:
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._items: collections.deque[QueueItem] = collections.deque()
+        self._items: collections.deque[Envelope] = collections.deque()
         self._cond = threading.Condition()
         self._count = 0  # items (spans, ...) waiting, for the gauge
         self._closed = False
         self._aborted = False
 
-    def put(self, signal: Signal, request: Request, items: int) -> None:
+    def put(self, envelope: Envelope) -> None:
         with self._cond:
             if self._closed:
                 raise Refused("shutting_down")
             if len(self._items) >= self.capacity:
                 raise Refused("queue_full", message=f"sending queue is full ({self.capacity} requests)")
-            raw = received_encoding(request)
-            self._items.append(QueueItem(signal, None, items, wire=raw) if raw is not None
-                               else QueueItem(signal, request, items))
-            self._count += items
+            self._items.append(envelope.compact())
+            self._count += envelope.items
             self._cond.notify()
 
-    def get(self) -> QueueItem | None:
+    def get(self) -> Envelope | None:
         return self._take(block=True)
 
-    def try_get(self) -> QueueItem | None:
+    def try_get(self) -> Envelope | None:
         return self._take(block=False)
 
-    def _take(self, block: bool) -> QueueItem | None:
+    def _take(self, block: bool) -> Envelope | None:
         with self._cond:
             while block and not self._items and not self._closed and not self._aborted:
                 self._cond.wait()
@@ -49,7 +46,7 @@ class MemoryQueue:
             self._count -= item.items
             return item
 
-    def done(self, item: QueueItem) -> None:
+    def done(self, item: Envelope) -> None:
         """Nothing to forget: the item left memory when it was handed out."""
 
     def close(self) -> None:
@@ -57,7 +54,7 @@ class MemoryQueue:
             self._closed = True
             self._cond.notify_all()
 
-    def abort(self) -> list[QueueItem]:
+    def abort(self) -> list[Envelope]:
         with self._cond:
             self._closed = self._aborted = True
             left = list(self._items)
@@ -65,6 +62,10 @@ class MemoryQueue:
             self._count = 0
             self._cond.notify_all()
             return left
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def size(self) -> int:
         return len(self._items)

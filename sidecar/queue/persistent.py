@@ -31,8 +31,8 @@ from pathlib import Path
 from google.protobuf.message import DecodeError
 
 from sidecar.component import Refused
-from sidecar.queue import QueueItem
-from sidecar.signals import Request, Signal, encoded
+from sidecar.envelope import Envelope
+from sidecar.signals import Signal
 from sidecar.telemetry import ComponentTelemetry
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,16 @@ _MAGIC = b"OTQ1"
 _HEADER = struct.Struct(">4sII")  # magic, payload length, crc32 of payload
 _NAME = re.compile(r"^(\d{20})-(traces|logs|metrics)-(\d+)\.otlp$")
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+class Stored(Envelope):
+    """An envelope read back from a queue file; ``key`` names the file to delete once it is done."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, signal: Signal, message, encoded: bytes, items: int, key: str):
+        super().__init__(signal, message, encoded=encoded, items=items)
+        self.key = key
 
 
 class StorageLocked(RuntimeError):
@@ -97,7 +107,8 @@ class PersistentQueue:
 
     # --- producer -------------------------------------------------------------------------------
 
-    def put(self, signal: Signal, request: Request, items: int) -> None:
+    def put(self, envelope: Envelope) -> None:
+        signal, items = envelope.signal, envelope.items
         with self._cond:
             if self._closed:
                 raise Refused("shutting_down")
@@ -108,7 +119,7 @@ class PersistentQueue:
             self._writing += 1
         name = f"{seq:020d}-{signal.value}-{items}.otlp"
         try:
-            self._write(name, encoded(request))
+            self._write(name, envelope.encoded)
         except OSError as e:
             with self._cond:
                 self._writing -= 1
@@ -140,13 +151,13 @@ class PersistentQueue:
 
     # --- consumers ------------------------------------------------------------------------------
 
-    def get(self) -> QueueItem | None:
+    def get(self) -> Envelope | None:
         return self._take(block=True)
 
-    def try_get(self) -> QueueItem | None:
+    def try_get(self) -> Envelope | None:
         return self._take(block=False)
 
-    def _take(self, block: bool) -> QueueItem | None:
+    def _take(self, block: bool) -> Envelope | None:
         while True:
             with self._cond:
                 while block and not self._entries and not self._closed and not self._aborted:
@@ -158,9 +169,9 @@ class PersistentQueue:
             read = self._read(name, signal, items)
             if read is not None:
                 request, payload = read
-                return QueueItem(signal, request, items, key=name, wire=payload)
+                return Stored(signal, request, payload, items, name)
 
-    def _read(self, name: str, signal: Signal, items: int) -> tuple[Request, bytes] | None:
+    def _read(self, name: str, signal: Signal, items: int) -> tuple[object, bytes] | None:
         """The request in a queue file and its encoding; None (counted, logged) when the file is damaged."""
         path = self.directory / name
         problem = None
@@ -185,9 +196,10 @@ class PersistentQueue:
         _unlink(path)
         return None
 
-    def done(self, item: QueueItem) -> None:
-        if item.key is not None:
-            _unlink(self.directory / item.key)
+    def done(self, envelope: Envelope) -> None:
+        key = getattr(envelope, "key", None)
+        if key is not None:
+            _unlink(self.directory / key)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -196,7 +208,7 @@ class PersistentQueue:
             self._closed = True
             self._cond.notify_all()
 
-    def abort(self) -> list[QueueItem]:
+    def abort(self) -> list[Envelope]:
         """Stop handing out items; whatever is left stays on disk for the next start."""
         with self._cond:
             if self._aborted:
@@ -209,6 +221,10 @@ class PersistentQueue:
         os.close(self._dir_fd)
         os.close(self._lock_fd)  # releases the flock
         return []
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def size(self) -> int:
         return len(self._entries)

@@ -15,13 +15,14 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import AGGREGATION_TEMPORALITY_C
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from pydantic import ValidationError
 
+from sidecar.envelope import Envelope
 from sidecar.component import Kind, Refused
 from sidecar.config import ComponentId, pydantic_problems
 from sidecar.processors.batch import BatchConfig, BatchProcessor, split_request
 from sidecar.registry import CreateSettings
 from sidecar.signals import Signal, count_items
 from sidecar.telemetry import SelfTelemetry
-from sidecar.testing import CollectingConsumer
+from sidecar.testing import CollectingConsumer, Counted
 
 
 class FakeClock:
@@ -56,20 +57,20 @@ def make(clock: FakeClock | None = None, **cfg):
     cid = ComponentId("batch")
     settings = CreateSettings(id=cid, kind=Kind.PROCESSOR, telemetry=telemetry.component("processor", str(cid)))
     proc = BatchProcessor(settings, BatchConfig.model_validate(cfg), sink, clock=clock or FakeClock())
-    return proc, sink
+    return Counted(proc, settings.telemetry), sink  # behind the pipeline's counting edge, as the graph runs it
 
 
-def counter(proc: BatchProcessor, family: str, signal: Signal = Signal.TRACES, *extra: str) -> float:
-    return proc._telemetry.value(family, signal, *extra)
+def counter(proc: Counted, family: str, signal: Signal = Signal.TRACES, *extra: str) -> float:
+    return proc._edge.telemetry.value(family, signal, *extra)
 
 
 def test_merges_requests_and_sends_when_send_batch_size_is_reached():
     proc, sink = make(send_batch_size=250)
     inputs = [traces(100, service=f"svc-{i}", start=100 * i) for i in range(3)]
-    proc.consume(Signal.TRACES, inputs[0])
-    proc.consume(Signal.TRACES, inputs[1])
+    proc.consume(Envelope(Signal.TRACES, inputs[0]))
+    proc.consume(Envelope(Signal.TRACES, inputs[1]))
     assert sink.requests == []  # 200 < 250: waiting
-    proc.consume(Signal.TRACES, inputs[2])
+    proc.consume(Envelope(Signal.TRACES, inputs[2]))
     batches = sink.of(Signal.TRACES)
     assert len(batches) == 1 and count_items(Signal.TRACES, batches[0]) == 300
     assert len(batches[0].resource_spans) == 3  # merged by appending resource entries
@@ -81,8 +82,8 @@ def test_merges_requests_and_sends_when_send_batch_size_is_reached():
 def test_timeout_sends_a_partial_batch():
     clock = FakeClock()
     proc, sink = make(clock, send_batch_size=1000, timeout="200ms")
-    proc.consume(Signal.LOGS, ExportLogsServiceRequest(resource_logs=[{"scope_logs": [
-        {"log_records": [LogRecord(body=AnyValue(string_value="hello"))]}]}]))
+    proc.consume(Envelope(Signal.LOGS, ExportLogsServiceRequest(resource_logs=[{"scope_logs": [
+        {"log_records": [LogRecord(body=AnyValue(string_value="hello"))]}]}])))
     clock.now += 0.1
     proc.tick()
     assert sink.requests == []
@@ -95,9 +96,9 @@ def test_timeout_sends_a_partial_batch():
 def test_signals_are_batched_separately():
     clock = FakeClock()
     proc, sink = make(clock, send_batch_size=10)
-    proc.consume(Signal.TRACES, traces(4))
-    proc.consume(Signal.LOGS, ExportLogsServiceRequest(resource_logs=[{"scope_logs": [
-        {"log_records": [LogRecord()] * 3}]}]))
+    proc.consume(Envelope(Signal.TRACES, traces(4)))
+    proc.consume(Envelope(Signal.LOGS, ExportLogsServiceRequest(resource_logs=[{"scope_logs": [
+        {"log_records": [LogRecord()] * 3}]}])))
     clock.now += 1
     proc.tick()
     assert [s for s, _ in sink.requests] == [Signal.TRACES, Signal.LOGS] or \
@@ -108,7 +109,7 @@ def test_signals_are_batched_separately():
 def test_send_batch_max_size_splits_oversized_requests_keeping_resource_and_scope():
     proc, sink = make(send_batch_size=1000, send_batch_max_size=1000)
     big = traces(1250, scopes=2)  # 2500 spans in two scopes
-    proc.consume(Signal.TRACES, big)
+    proc.consume(Envelope(Signal.TRACES, big))
     batches = sink.of(Signal.TRACES)
     assert [count_items(Signal.TRACES, b) for b in batches] == [1000, 1000]
     assert proc.pending_items(Signal.TRACES) == 500
@@ -124,7 +125,7 @@ def test_batches_never_exceed_send_batch_max_size():
     clock = FakeClock()
     proc, sink = make(clock, send_batch_size=100, send_batch_max_size=150)
     for i in range(10):
-        proc.consume(Signal.TRACES, traces(70, start=70 * i))
+        proc.consume(Envelope(Signal.TRACES, traces(70, start=70 * i)))
     clock.now += 1
     proc.tick()
     sizes = [count_items(Signal.TRACES, b) for b in sink.of(Signal.TRACES)]
@@ -161,11 +162,11 @@ def test_refused_batches_stay_pending_and_are_retried_in_order():
     proc, sink = make(clock, send_batch_size=100, timeout="200ms")
     sink.refuse = Refused("queue_full", retry_after=2.0)
     first = traces(100, start=0)
-    proc.consume(Signal.TRACES, first)  # accepted, the flush is refused
+    proc.consume(Envelope(Signal.TRACES, first))  # accepted, the flush is refused
     assert sink.requests == [] and proc.pending_items(Signal.TRACES) == 100
     calls = sink.calls
     second = traces(100, start=100)
-    proc.consume(Signal.TRACES, second)  # no hammering the refusing stage from callers
+    proc.consume(Envelope(Signal.TRACES, second))  # no hammering the refusing stage from callers
     assert sink.calls == calls
     clock.now += 1.0
     proc.tick()
@@ -182,13 +183,13 @@ def test_pending_is_bounded_and_new_data_is_refused_when_full():
     proc, sink = make(send_batch_size=100, max_pending_items=300)
     sink.refuse = Refused("queue_full")
     for _ in range(3):
-        proc.consume(Signal.TRACES, traces(100))
+        proc.consume(Envelope(Signal.TRACES, traces(100)))
     with pytest.raises(Refused) as err:
-        proc.consume(Signal.TRACES, traces(50))
+        proc.consume(Envelope(Signal.TRACES, traces(50)))
     assert err.value.reason == "batch_full" and err.value.retryable
     assert proc.pending_items(Signal.TRACES) == 300
     assert counter(proc, "refused", Signal.TRACES, "batch_full") == 50
-    proc.consume(Signal.LOGS, ExportLogsServiceRequest(resource_logs=[{"scope_logs": [{"log_records": [{}]}]}]))
+    proc.consume(Envelope(Signal.LOGS, ExportLogsServiceRequest(resource_logs=[{"scope_logs": [{"log_records": [{}]}]}])))
 
 
 def test_default_pending_bound_is_ten_batches():
@@ -199,31 +200,31 @@ def test_default_pending_bound_is_ten_batches():
 def test_non_retryable_refusal_drops_and_counts():
     proc, sink = make(send_batch_size=10)
     sink.refuse = Refused("unsupported_signal", retryable=False)
-    proc.consume(Signal.TRACES, traces(10))
+    proc.consume(Envelope(Signal.TRACES, traces(10)))
     assert proc.pending_items(Signal.TRACES) == 0
     assert counter(proc, "dropped", Signal.TRACES, "unsupported_signal", "false") == 10
 
 
 def test_shutdown_sends_everything_and_then_refuses():
     proc, sink = make(send_batch_size=1000)
-    proc.consume(Signal.TRACES, traces(7))
+    proc.consume(Envelope(Signal.TRACES, traces(7)))
     proc.shutdown(time.monotonic() + 5)
     assert sink.items[Signal.TRACES] == 7
     with pytest.raises(Refused) as err:
-        proc.consume(Signal.TRACES, traces(1))
+        proc.consume(Envelope(Signal.TRACES, traces(1)))
     assert err.value.reason == "shutting_down"
 
 
 def test_shutdown_retries_until_the_deadline_then_counts_the_rest_dropped():
     proc, sink = make(send_batch_size=1000)
-    proc.consume(Signal.TRACES, traces(7))
+    proc.consume(Envelope(Signal.TRACES, traces(7)))
     sink.refuse = Refused("queue_full")
     sink.refuse_times = 2  # refuses twice, then accepts: within the deadline
     proc.shutdown(time.monotonic() + 5)
     assert sink.items[Signal.TRACES] == 7
 
     proc, sink = make(send_batch_size=1000)
-    proc.consume(Signal.TRACES, traces(9))
+    proc.consume(Envelope(Signal.TRACES, traces(9)))
     sink.refuse = Refused("queue_full")  # refuses forever
     proc.shutdown(time.monotonic())
     assert sink.items[Signal.TRACES] == 0
@@ -235,7 +236,7 @@ def test_concurrent_callers_lose_and_duplicate_nothing():
 
     def produce(k: int) -> None:
         for i in range(50):
-            proc.consume(Signal.TRACES, traces(5, service=f"t{k}", start=i * 5))
+            proc.consume(Envelope(Signal.TRACES, traces(5, service=f"t{k}", start=i * 5)))
 
     threads = [threading.Thread(target=produce, args=(k,)) for k in range(4)]
     for t in threads:
@@ -254,7 +255,7 @@ def test_timer_thread_sends_after_timeout():
     proc, sink = make(clock=time.monotonic, send_batch_size=1000, timeout="20ms")
     proc.start(None)
     try:
-        proc.consume(Signal.TRACES, traces(3))
+        proc.consume(Envelope(Signal.TRACES, traces(3)))
         assert sink.wait_for_items(Signal.TRACES, 3, timeout=5)
     finally:
         proc.shutdown(time.monotonic() + 2)

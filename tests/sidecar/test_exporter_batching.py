@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 
+from sidecar.envelope import Envelope
 from sidecar.signals import Signal
 from sidecar.testing import OTLPBackend, OTLPHTTPBackend, free_port
 from tests.sidecar.test_exporter_otlp import make, traces, wait_for
@@ -24,9 +25,9 @@ def test_waiting_requests_are_merged_into_fewer_exports(max_size):
     try:
         sent = [traces(m) for m in range(1, 31)]
         for req in sent:
-            exp.consume(Signal.TRACES, req)
+            exp.consume(Envelope(Signal.TRACES, req))
         for m in range(1, 6):
-            exp.consume(Signal.LOGS, logs(m))
+            exp.consume(Envelope(Signal.LOGS, logs(m)))
         backend.start()
         assert backend.wait_for_items(Signal.TRACES, 90, timeout=15)
         assert backend.wait_for_items(Signal.LOGS, 5, timeout=15)
@@ -63,7 +64,7 @@ def test_otlphttp_batches_by_concatenating_encodings():
     exp.start(Host(tel))
     try:
         for m in range(1, 21):
-            exp.consume(Signal.TRACES, traces(m))
+            exp.consume(Envelope(Signal.TRACES, traces(m)))
         backend.start()
         assert backend.wait_for_items(Signal.TRACES, 60, timeout=15)
         assert len(backend.requests[Signal.TRACES]) < 20

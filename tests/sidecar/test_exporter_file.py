@@ -9,6 +9,7 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from sidecar.envelope import Envelope
 from sidecar import otlp_json
 from sidecar.component import Kind, Refused
 from sidecar.config import ComponentId
@@ -17,6 +18,7 @@ from sidecar.host import Host
 from sidecar.registry import CreateSettings
 from sidecar.signals import Signal
 from sidecar.telemetry import SelfTelemetry
+from sidecar.testing import Counted
 
 
 def traces(marker: int, spans: int = 2) -> ExportTraceServiceRequest:
@@ -57,7 +59,7 @@ def make(factory, body: dict, name: str = ""):
     comp = tel.component("exporter", str(cid))
     exp = factory.create(CreateSettings(cid, Kind.EXPORTER, comp), factory.config_model.model_validate(body), None)
     exp.start(Host(tel))
-    return exp, comp
+    return Counted(exp, comp), comp  # behind the pipeline's counting edge, as the graph runs it
 
 
 def test_writes_json_lines_that_round_trip(tmp_path):
@@ -65,7 +67,7 @@ def test_writes_json_lines_that_round_trip(tmp_path):
     sent = {Signal.TRACES: [traces(1), traces(2)], Signal.LOGS: [logs()], Signal.METRICS: [metrics()]}
     for signal, reqs in sent.items():
         for req in reqs:
-            exp.consume(signal, req)
+            exp.consume(Envelope(signal, req))
     exp.shutdown(time.monotonic() + 5)
     for signal, reqs in sent.items():
         lines = (tmp_path / "out" / f"{signal.value}.jsonl").read_text().splitlines()
@@ -78,7 +80,7 @@ def test_writes_json_lines_that_round_trip(tmp_path):
 def test_appends_across_restarts(tmp_path):
     for i in range(2):
         exp, _ = make(file.FACTORY, {"directory": str(tmp_path)})
-        exp.consume(Signal.TRACES, traces(i))
+        exp.consume(Envelope(Signal.TRACES, traces(i)))
         exp.shutdown(time.monotonic() + 5)
     assert len((tmp_path / "traces.jsonl").read_text().splitlines()) == 2
 
@@ -89,7 +91,7 @@ def test_rotates_by_size_and_keeps_max_backups(tmp_path):
     exp, _ = make(file.FACTORY, {"directory": str(tmp_path), "rotation": {"max_megabytes": max_mb, "max_backups": 2},
                                  "sending_queue": {"num_consumers": 1}})
     for i in range(12):
-        exp.consume(Signal.TRACES, traces(i))
+        exp.consume(Envelope(Signal.TRACES, traces(i)))
     exp.shutdown(time.monotonic() + 5)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["traces.jsonl", "traces.jsonl.1", "traces.jsonl.2"]
@@ -105,7 +107,7 @@ def test_rotates_by_size_and_keeps_max_backups(tmp_path):
 
 def test_flush_interval_batches_writes_but_shutdown_flushes(tmp_path):
     exp, _ = make(file.FACTORY, {"directory": str(tmp_path), "flush_interval": "1h"})
-    exp.consume(Signal.LOGS, logs())
+    exp.consume(Envelope(Signal.LOGS, logs()))
     exp.shutdown(time.monotonic() + 5)
     assert [otlp_json.from_json(Signal.LOGS, x) for x in (tmp_path / "logs.jsonl").read_text().splitlines()] == [logs()]
 
@@ -120,7 +122,7 @@ def test_write_error_is_retried_until_the_file_can_be_written(tmp_path):
     target = tmp_path / "out"
     exp, tel = make(file.FACTORY, {"directory": str(target), "sending_queue": {"num_consumers": 1},
                                    "retry_on_failure": {"initial_interval": "20ms", "max_interval": "20ms"}})
-    exp.consume(Signal.TRACES, traces(1))
+    exp.consume(Envelope(Signal.TRACES, traces(1)))
     deadline = time.monotonic() + 10
     while tel.value("exported", Signal.TRACES) < 2:
         assert time.monotonic() < deadline
@@ -128,7 +130,7 @@ def test_write_error_is_retried_until_the_file_can_be_written(tmp_path):
     (target / "traces.jsonl").unlink()
     (target / "traces.jsonl").mkdir()  # the file's place is taken: every open fails until it is freed
     exp._files[Signal.TRACES].close()
-    exp.consume(Signal.TRACES, traces(2))
+    exp.consume(Envelope(Signal.TRACES, traces(2)))
     while tel.value("retried", Signal.TRACES) < 2:
         assert time.monotonic() < deadline
         time.sleep(0.01)
@@ -145,8 +147,8 @@ def test_write_error_is_retried_until_the_file_can_be_written(tmp_path):
 
 def test_debug_basic_prints_one_line_per_request(capsys):
     exp, tel = make(debug.FACTORY, {})
-    exp.consume(Signal.TRACES, traces(1, spans=37))
-    exp.consume(Signal.LOGS, logs())
+    exp.consume(Envelope(Signal.TRACES, traces(1, spans=37)))
+    exp.consume(Envelope(Signal.LOGS, logs()))
     exp.shutdown(time.monotonic() + 1)
     err = capsys.readouterr().err.splitlines()
     assert err == ["debug: traces: 1 resources, 37 spans", "debug: logs: 1 resources, 1 log records"]
@@ -155,8 +157,8 @@ def test_debug_basic_prints_one_line_per_request(capsys):
 
 def test_debug_normal_and_detailed(capsys):
     exp, _ = make(debug.FACTORY, {"verbosity": "normal"})
-    exp.consume(Signal.TRACES, traces(1))
-    exp.consume(Signal.LOGS, logs())
+    exp.consume(Envelope(Signal.TRACES, traces(1)))
+    exp.consume(Envelope(Signal.LOGS, logs()))
     out = capsys.readouterr().err
     assert "span classifier 'forward 1' trace=00000000000000000000000000000002" in out
     assert "12.500ms status=ERROR" in out
@@ -164,9 +166,9 @@ def test_debug_normal_and_detailed(capsys):
     assert "ml.model.id" not in out
 
     exp, _ = make(debug.FACTORY, {"verbosity": "detailed"})
-    exp.consume(Signal.TRACES, traces(1))
-    exp.consume(Signal.LOGS, logs())
-    exp.consume(Signal.METRICS, metrics())
+    exp.consume(Envelope(Signal.TRACES, traces(1)))
+    exp.consume(Envelope(Signal.LOGS, logs()))
+    exp.consume(Envelope(Signal.METRICS, metrics()))
     out = capsys.readouterr().err
     assert "attrs={ml.model.id=resnet50}" in out
     assert "attrs={request.id=r-1}" in out
@@ -178,5 +180,5 @@ def test_debug_refuses_after_shutdown():
     exp, tel = make(debug.FACTORY, {})
     exp.shutdown(time.monotonic() + 1)
     with pytest.raises(Refused):
-        exp.consume(Signal.TRACES, traces(1))
+        exp.consume(Envelope(Signal.TRACES, traces(1)))
     assert tel.value("refused", Signal.TRACES, "shutting_down") == 2

@@ -14,6 +14,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from pydantic import ValidationError
 
+from sidecar.envelope import Envelope
 from sidecar.component import Kind, PermanentError, Refused, RetryableError
 from sidecar.config import ComponentId
 from sidecar.exporters.otlp import FACTORY, OTLPExporterConfig, _target, classify
@@ -21,7 +22,7 @@ from sidecar.host import Host
 from sidecar.registry import CreateSettings
 from sidecar.signals import Signal
 from sidecar.telemetry import SelfTelemetry
-from sidecar.testing import OTLPBackend, free_port
+from sidecar.testing import Counted, OTLPBackend, free_port
 
 FAST_RETRY = {"initial_interval": "50ms", "max_interval": "200ms", "max_elapsed_time": "30s"}
 
@@ -46,7 +47,7 @@ def make(endpoint: str, name: str = "main", **extra):
     comp = tel.component("exporter", f"otlp/{name}")
     exp = FACTORY.create(CreateSettings(ComponentId("otlp", name), Kind.EXPORTER, comp), cfg, None)
     exp.start(Host(tel))
-    return exp, comp
+    return Counted(exp, comp), comp  # behind the pipeline's counting edge, as the graph runs it
 
 
 def wait_for(cond, timeout: float = 10.0) -> None:
@@ -139,7 +140,7 @@ def test_delivers_requests_intact(backend):
     try:
         sent = [traces(i) for i in range(10)]
         for req in sent:
-            exp.consume(Signal.TRACES, req)
+            exp.consume(Envelope(Signal.TRACES, req))
         assert backend.wait_for_items(Signal.TRACES, 30, timeout=10)
     finally:
         exp.shutdown(time.monotonic() + 5)
@@ -154,12 +155,12 @@ def test_outage_then_restart_on_same_port_delivers_every_item_exactly_once():
     backend = OTLPBackend(port).start()
     exp, tel = make(backend.endpoint, sending_queue={"num_consumers": 2})
     try:
-        exp.consume(Signal.TRACES, traces(0))
+        exp.consume(Envelope(Signal.TRACES, traces(0)))
         wait_for(lambda: tel.value("exported", Signal.TRACES) == 3)  # acknowledged, not only received
         backend.stop()
         sent = [traces(i) for i in range(1, 21)]
         for req in sent:
-            exp.consume(Signal.TRACES, req)  # acknowledged while the backend is down
+            exp.consume(Envelope(Signal.TRACES, req))  # acknowledged while the backend is down
         time.sleep(0.3)
         assert backend.items[Signal.TRACES] == 3
         backend.start()
@@ -179,7 +180,7 @@ def test_resource_exhausted_with_retry_info_waits_the_servers_delay(backend):
     exp, tel = make(backend.endpoint)
     try:
         t0 = time.monotonic()
-        exp.consume(Signal.TRACES, traces(1))
+        exp.consume(Envelope(Signal.TRACES, traces(1)))
         assert backend.wait_for_items(Signal.TRACES, 3, timeout=10)
         assert time.monotonic() - t0 >= 0.4  # not the 50 ms backoff
     finally:
@@ -191,7 +192,7 @@ def test_permanent_errors_drop_and_count(backend):
     backend.failure = (grpc.StatusCode.INVALID_ARGUMENT, 400, None)
     exp, tel = make(backend.endpoint)
     try:
-        exp.consume(Signal.TRACES, traces(1))
+        exp.consume(Envelope(Signal.TRACES, traces(1)))
         wait_for(lambda: tel.value("dropped", Signal.TRACES, "permanent_error", "false") >= 3)
     finally:
         exp.shutdown(time.monotonic() + 5)
@@ -204,7 +205,7 @@ def test_retries_exhausted_is_counted():
     exp, tel = make(f"127.0.0.1:{free_port()}",
                     retry_on_failure={"initial_interval": "20ms", "max_interval": "20ms", "max_elapsed_time": "100ms"})
     try:
-        exp.consume(Signal.TRACES, traces(1))
+        exp.consume(Envelope(Signal.TRACES, traces(1)))
         wait_for(lambda: tel.value("dropped", Signal.TRACES, "retries_exhausted", "false") >= 3)
     finally:
         exp.shutdown(time.monotonic() + 5)
@@ -219,12 +220,12 @@ def test_one_backend_down_does_not_delay_another_exporter(backend):
         accepted = 0
         with pytest.raises(Refused) as refused:
             for i in range(10):  # 5 queued + at most 1 in its worker's retry loop
-                dead.consume(Signal.TRACES, traces(i))
+                dead.consume(Envelope(Signal.TRACES, traces(i)))
                 accepted += 1
         assert refused.value.reason == "queue_full"  # its queue is full: only it refuses
         t0 = time.monotonic()
         for i in range(5):
-            live.consume(Signal.TRACES, traces(i))
+            live.consume(Envelope(Signal.TRACES, traces(i)))
         assert backend.wait_for_items(Signal.TRACES, 15, timeout=10)
         assert time.monotonic() - t0 < 5
     finally:
@@ -262,7 +263,7 @@ def test_partial_success_counts_rejected_items_and_sends_headers(caplog):
     server.start()
     exp, tel = make(f"http://127.0.0.1:{port}", headers={"X-Scope-OrgID": "tenant-1"})
     try:
-        exp.consume(Signal.TRACES, traces(1, spans=5))
+        exp.consume(Envelope(Signal.TRACES, traces(1, spans=5)))
         assert servicer.done.wait(10)
         wait_for(lambda: tel.value("exported", Signal.TRACES) >= 3)
     finally:
@@ -277,7 +278,7 @@ def test_partial_success_counts_rejected_items_and_sends_headers(caplog):
 def test_shutdown_drains_the_queue_before_returning(backend):
     exp, tel = make(backend.endpoint, sending_queue={"num_consumers": 1})
     for i in range(30):
-        exp.consume(Signal.TRACES, traces(i))
+        exp.consume(Envelope(Signal.TRACES, traces(i)))
     exp.shutdown(time.monotonic() + 10)
     assert backend.items[Signal.TRACES] == 90
     assert tel.value("dropped", Signal.TRACES, "shutdown", "false") == 0

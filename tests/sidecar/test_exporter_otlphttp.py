@@ -12,6 +12,7 @@ import pytest
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from pydantic import ValidationError
 
+from sidecar.envelope import Envelope
 from sidecar import otlp_json
 from sidecar.component import Kind, PermanentError, RetryableError
 from sidecar.config import ComponentId
@@ -119,7 +120,7 @@ def test_gzip_and_headers_arrive_and_data_is_intact(backend):
     sent = [logs(i) for i in range(5)]
     try:
         for req in sent:
-            exp.consume(Signal.LOGS, req)
+            exp.consume(Envelope(Signal.LOGS, req))
         assert backend.wait_for_items(Signal.LOGS, 10, timeout=10)
     finally:
         exp.shutdown(time.monotonic() + 5)
@@ -138,7 +139,7 @@ def test_503_with_retry_after_is_retried_then_delivered(backend):
     exp, tel = make(backend.endpoint)
     try:
         t0 = time.monotonic()
-        exp.consume(Signal.LOGS, logs(1))
+        exp.consume(Envelope(Signal.LOGS, logs(1)))
         assert backend.wait_for_items(Signal.LOGS, 2, timeout=10)
         assert time.monotonic() - t0 >= 1.0  # the server's Retry-After, not the 50 ms backoff
     finally:
@@ -150,7 +151,7 @@ def test_400_is_dropped_as_permanent(backend):
     backend.failure = (None, 400, None)
     exp, tel = make(backend.endpoint)
     try:
-        exp.consume(Signal.LOGS, logs(1))
+        exp.consume(Envelope(Signal.LOGS, logs(1)))
         wait_for(lambda: tel.value("dropped", Signal.LOGS, "permanent_error", "false") == 2)
     finally:
         exp.shutdown(time.monotonic() + 5)
@@ -162,7 +163,7 @@ def test_connection_refused_is_retried_until_the_backend_comes_up():
     exp, tel = make(f"http://127.0.0.1:{port}", compression="none")
     backend = OTLPHTTPBackend(port)
     try:
-        exp.consume(Signal.LOGS, logs(1))
+        exp.consume(Envelope(Signal.LOGS, logs(1)))
         wait_for(lambda: tel.value("retried", Signal.LOGS) > 0)
         backend.start()
         assert backend.wait_for_items(Signal.LOGS, 2, timeout=10)
@@ -195,7 +196,7 @@ def test_json_encoding_and_partial_success(caplog):
     backend.server.start()
     exp, tel = make(f"http://127.0.0.1:{backend.server.port}", encoding="json")
     try:
-        exp.consume(Signal.LOGS, logs(7, records=3))
+        exp.consume(Envelope(Signal.LOGS, logs(7, records=3)))
         assert backend.got.wait(10)
         wait_for(lambda: tel.value("exported", Signal.LOGS) == 2)
     finally:

@@ -8,6 +8,7 @@ import time
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from sidecar.envelope import Envelope
 from sidecar.component import Kind
 from sidecar.config import ComponentId
 from sidecar.exporters.otlp import FACTORY as OTLP
@@ -82,7 +83,7 @@ def test_exporter_queue_lives_in_its_own_subdirectory(tmp_path):
     exp.start(host)
     req = ExportTraceServiceRequest()
     req.resource_spans.add().scope_spans.add().spans.add(name="s")
-    exp.consume(Signal.TRACES, req)  # the backend is down: it waits on disk
+    exp.consume(Envelope(Signal.TRACES, req))  # the backend is down: it waits on disk
     assert len(list((tmp_path / "exporter_otlp_a").glob("*-traces-1.otlp"))) == 1
     exp.shutdown(time.monotonic() + 0.1)
     assert len(list((tmp_path / "exporter_otlp_a").glob("*-traces-1.otlp"))) == 1

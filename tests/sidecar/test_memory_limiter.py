@@ -9,13 +9,14 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
+from sidecar.envelope import Envelope
 from sidecar.component import Kind, Refused
 from sidecar.config import ComponentId, ConfigError, parse_config
 from sidecar.processors.memory_limiter import MemoryLimiter, MemoryLimiterConfig, read_rss, total_memory
 from sidecar.registry import CreateSettings
 from sidecar.signals import Signal
 from sidecar.telemetry import SelfTelemetry
-from sidecar.testing import CollectingConsumer
+from sidecar.testing import CollectingConsumer, Counted
 
 MIB = 1024 * 1024
 
@@ -52,7 +53,7 @@ def make(body: dict, memory: FakeMemory, total_mib: int | None = None):
     limiter = MemoryLimiter(settings, MemoryLimiterConfig.model_validate(body), sink, rss_reader=memory.read,
                             release_memory=memory.release,
                             total_memory_bytes=None if total_mib is None else total_mib * MIB)
-    return limiter, sink, telemetry
+    return Counted(limiter, settings.telemetry), sink, telemetry  # behind the pipeline's counting edge
 
 
 def test_passes_data_through_while_under_the_soft_limit():
@@ -60,7 +61,7 @@ def test_passes_data_through_while_under_the_soft_limit():
     limiter, sink, _ = make({"limit_mib": 100}, memory)
     limiter.check()
     req = spans(3)
-    limiter.consume(Signal.TRACES, req)
+    limiter.consume(Envelope(Signal.TRACES, req))
     assert sink.requests == [(Signal.TRACES, req)]
     assert sink.requests[0][1] is req  # no copy
     assert memory.releases == 0
@@ -76,12 +77,12 @@ def test_refuses_above_the_soft_limit_and_recovers_below_it():
     assert limiter.refusing
     assert memory.releases == 1  # tried to hand memory back before deciding
     with pytest.raises(Refused) as err:
-        limiter.consume(Signal.TRACES, spans(4))
+        limiter.consume(Envelope(Signal.TRACES, spans(4)))
     assert err.value.reason == "memory_limit" and err.value.retryable
     assert err.value.retry_after == 2.0
     assert "85 MiB" in str(err.value)
     assert sink.requests == []
-    assert limiter._telemetry.value("refused", Signal.TRACES, "memory_limit") == 4
+    assert limiter._edge.telemetry.value("refused", Signal.TRACES, "memory_limit") == 4
     assert telemetry.registry.get_sample_value("sidecar_memory_limiter_refusing", {"component": "memory_limiter"}) == 1
     assert telemetry.registry.get_sample_value("sidecar_memory_limiter_rss_bytes",
                                                {"component": "memory_limiter"}) == 85 * MIB
@@ -89,7 +90,7 @@ def test_refuses_above_the_soft_limit_and_recovers_below_it():
     memory.rss = 79 * MIB
     limiter.check()
     assert not limiter.refusing
-    limiter.consume(Signal.LOGS, ExportLogsServiceRequest())
+    limiter.consume(Envelope(Signal.LOGS, ExportLogsServiceRequest()))
     assert len(sink.requests) == 1
     assert telemetry.registry.get_sample_value("sidecar_memory_limiter_refusing", {"component": "memory_limiter"}) == 0
 

@@ -1,9 +1,12 @@
-"""The pipeline graph: one instance per id, shared processors per signal, copies before mutation, ordering."""
+"""The pipeline graph: one instance per id, shared processors per signal, copy on mutation, ordering, counting."""
 
 import time
 
+import pytest
+
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from sidecar.envelope import Envelope
 from sidecar.component import Refused
 from sidecar.config import parse_config
 from sidecar.pipeline import Fanout, Service, _front_to_back
@@ -19,34 +22,39 @@ def _request(name: str = "op") -> ExportTraceServiceRequest:
 
 
 class Mutating(CollectingConsumer):
-    def consume(self, signal, request):
-        request.resource_spans[0].scope_spans[0].spans[0].name = "mutated"
-        super().consume(signal, request)
+    """A processor that changes data in place and declares nothing about it."""
+
+    def consume(self, envelope):
+        envelope.mutable().resource_spans[0].scope_spans[0].spans[0].name = "mutated"
+        super().consume(envelope)
 
 
-def test_fanout_gives_holding_branches_a_copy_when_another_branch_mutates():
+def test_fanout_gives_a_branch_that_mutates_its_own_copy():
     holder, mutator = CollectingConsumer(), Mutating()
     for order in ([holder, mutator], [mutator, holder]):
         holder.requests.clear()
         mutator.requests.clear()
-        fan = Fanout(order, [isinstance(c, Mutating) for c in order])
-        fan.consume(Signal.TRACES, _request())
+        req = _request()
+        Fanout(order).consume(Envelope(Signal.TRACES, req, encoded=req.SerializeToString(), items=1))
         assert holder.of(Signal.TRACES)[0].resource_spans[0].scope_spans[0].spans[0].name == "op"
+        assert holder.envelopes[-1].encoded == _request().SerializeToString()  # still the received bytes
         assert mutator.of(Signal.TRACES)[0].resource_spans[0].scope_spans[0].spans[0].name == "mutated"
+        assert req.resource_spans[0].scope_spans[0].spans[0].name == "op"  # the shared message is untouched
 
 
 def test_fanout_without_mutation_shares_one_object():
     a, b = CollectingConsumer(), CollectingConsumer()
     req = _request()
-    Fanout([a, b], [False, False]).consume(Signal.TRACES, req)
+    Fanout([a, b]).consume(Envelope(Signal.TRACES, req))
     assert a.of(Signal.TRACES)[0] is req and b.of(Signal.TRACES)[0] is req
+    assert a.envelopes[0].read_only and b.envelopes[0].read_only
 
 
 def test_fanout_delivers_to_every_branch_and_reports_a_refusal():
     a, b = CollectingConsumer(), CollectingConsumer()
     a.refuse = Refused("queue_full")
     try:
-        Fanout([a, b], [False, False]).consume(Signal.TRACES, _request())
+        Fanout([a, b]).consume(Envelope(Signal.TRACES, _request()))
         raise AssertionError("refusal swallowed")
     except Refused as e:
         assert e.reason == "queue_full"
@@ -112,19 +120,6 @@ service:
         assert tel.value("exported", Signal.TRACES) == 5
 
 
-def test_received_encoding_is_reused_only_while_it_is_true():
-    from sidecar.signals import encoded, forget_encoding, known_encoding
-
-    req = _request()
-    raw = req.SerializeToString()
-    fake = b"not what you would serialize"
-    with known_encoding(req, fake):
-        assert encoded(req) is fake  # reused, not re-serialized
-        forget_encoding(req)
-        assert encoded(req) == raw
-    assert encoded(req) == raw
-
-
 def test_stages_after_a_mutating_processor_never_see_the_stale_received_encoding():
     """redaction before tail_sampling: tail_sampling works on bytes, and they must be the redacted ones."""
     import grpc
@@ -160,3 +155,145 @@ service:
         (_, _, span), = backend.spans()
         (value,) = [kv.value.string_value for kv in span.attributes if kv.key == "user.email"]
         assert "a@example.com" not in value and value
+
+
+# --- a processor that declares nothing cannot export stale bytes ----------------------------------
+
+
+class Scrub:
+    """A new in-place processor, redaction-like, that declares nothing about mutating."""
+
+    def __init__(self, next_consumer):
+        self._next = next_consumer
+
+    def consume(self, envelope):
+        msg = envelope.mutable()  # the only way to change the message: the received bytes are dropped
+        for rs in msg.resource_spans:
+            for ss in rs.scope_spans:
+                for span in ss.spans:
+                    for kv in span.attributes:
+                        if kv.key == "user.email":
+                            kv.value.string_value = "[EMAIL]"
+        self._next.consume(envelope)
+
+    def start(self, host):
+        pass
+
+    def shutdown(self, deadline):
+        pass
+
+
+@pytest.fixture
+def scrub_registered(monkeypatch):
+    from sidecar import registry
+    from sidecar.component import Kind
+    from sidecar.config import ConfigModel
+
+    class ScrubConfig(ConfigModel):
+        pass
+
+    factory = registry.Factory(type="scrub", kind=Kind.PROCESSOR, config_model=ScrubConfig,
+                               create=lambda settings, cfg, nxt: Scrub(nxt))
+    monkeypatch.setitem(registry._load(), (Kind.PROCESSOR, "scrub"), factory)
+
+
+def _emails(backend) -> list[str]:
+    return [kv.value.string_value for _, _, span in backend.spans() for kv in span.attributes if kv.key == "user.email"]
+
+
+def test_an_undeclared_in_place_processor_cannot_cause_stale_bytes_to_be_exported(scrub_registered):
+    """scrub -> stages that work on bytes (span_metrics, tail_sampling) -> a queued OTLP exporter that sends
+    bytes as they are; a second pipeline shares the receiver without scrub and must see the original."""
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+    with OTLPBackend() as scrubbed, OTLPBackend() as raw:
+        port = free_port()
+        cfg = parse_config(f"""
+receivers:
+  otlp: {{protocols: {{grpc: {{endpoint: 127.0.0.1:{port}}}}}}}
+processors:
+  scrub: {{}}
+  span_metrics: {{}}
+  tail_sampling:
+    decision_wait: 100ms
+    decision_wait_after_root_received: 0s
+    policies: [{{name: all, type: always_sample}}]
+exporters:
+  otlp/scrubbed: {{endpoint: {scrubbed.endpoint}, tls: {{insecure: true}}, sending_queue: {{batch: {{max_size: 100}}}}}}
+  otlp/raw: {{endpoint: {raw.endpoint}, tls: {{insecure: true}}}}
+service:
+  telemetry: {{metrics: {{address: null}}}}
+  pipelines:
+    traces: {{receivers: [otlp], processors: [scrub, span_metrics, tail_sampling], exporters: [otlp/scrubbed]}}
+    traces/raw: {{receivers: [otlp], exporters: [otlp/raw]}}
+""", environ={})
+        service = Service(cfg)
+        service.start()
+        try:
+            stub = trace_service_pb2_grpc.TraceServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+            stub.Export(_request(), timeout=5)
+            assert scrubbed.wait_for_items(Signal.TRACES, 1, timeout=10)
+            assert raw.wait_for_items(Signal.TRACES, 1, timeout=10)
+        finally:
+            service.shutdown(5)
+        assert _emails(scrubbed) == ["[EMAIL]"]
+        assert _emails(raw) == ["a@example.com"]  # the other branch of the fan-out is untouched
+
+
+# --- counting at the edges ----------------------------------------------------------------------
+
+
+def _by_component(registry, family: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for metric in registry.collect():
+        if metric.name == family:
+            for sample in metric.samples:
+                if sample.name.endswith("_total") and sample.value:
+                    key = f"{sample.labels['kind']} {sample.labels['component']}"
+                    out[key] = out.get(key, 0) + sample.value
+    return out
+
+
+def test_one_queue_full_event_is_one_refusal_counted_where_it_happened():
+    """receiver -> memory_limiter -> span_metrics -> exporter whose queue is full: only the exporter counts
+    the refusal (one SidecarRefusingData alert, not four); every stage in front still counts what it received."""
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+    port = free_port()
+    cfg = parse_config(f"""
+receivers:
+  otlp: {{protocols: {{grpc: {{endpoint: 127.0.0.1:{port}}}}}}}
+processors:
+  memory_limiter: {{limit_mib: 100000}}
+  span_metrics: {{}}
+exporters:
+  otlp: {{endpoint: 127.0.0.1:{free_port()}, tls: {{insecure: true}},
+          sending_queue: {{queue_size: 1, num_consumers: 1}}, retry_on_failure: {{initial_interval: 10s}}}}
+service:
+  telemetry: {{metrics: {{address: null}}}}
+  pipelines:
+    traces: {{receivers: [otlp], processors: [memory_limiter, span_metrics], exporters: [otlp]}}
+""", environ={})
+    service = Service(cfg)
+    service.start()
+    try:
+        stub = trace_service_pb2_grpc.TraceServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        codes = []
+        for i in range(4):  # the worker holds one (retrying), the queue one; then the queue is full
+            try:
+                stub.Export(_request(f"op-{i}"), timeout=5)
+                codes.append("OK")
+            except grpc.RpcError as e:
+                codes.append(e.code().name)
+        assert codes[:2] == ["OK", "OK"] and "UNAVAILABLE" in codes
+        refused = codes.count("UNAVAILABLE")
+        registry = service.telemetry.registry
+        assert _by_component(registry, "sidecar_items_refused") == {"exporter otlp": refused}
+        received = _by_component(registry, "sidecar_items_received")
+        assert received == {"receiver otlp": 4, "processor memory_limiter": 4, "processor span_metrics": 4,
+                            "exporter otlp": 4}
+        assert _by_component(registry, "sidecar_items_accepted") == {c: 4 - refused for c in received}
+    finally:
+        service.shutdown(1)

@@ -8,6 +8,7 @@ import time
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from sidecar.envelope import Envelope
 from sidecar.component import Kind, Refused
 from sidecar.config import ComponentId
 from sidecar.exporters.otlp import FACTORY
@@ -16,7 +17,7 @@ from sidecar.queue.memory import MemoryQueue
 from sidecar.registry import CreateSettings
 from sidecar.signals import Signal
 from sidecar.telemetry import SelfTelemetry
-from sidecar.testing import free_port
+from sidecar.testing import Counted, free_port
 
 
 def traces(marker: int) -> ExportTraceServiceRequest:
@@ -37,12 +38,12 @@ def exporter(**queue):
 def test_fifo_and_close_lets_consumers_drain():
     q = MemoryQueue(10)
     for i in range(3):
-        q.put(Signal.TRACES, traces(i), 1)
+        q.put(Envelope(Signal.TRACES, traces(i)))
     q.close()
     with pytest.raises(Refused) as e:
-        q.put(Signal.TRACES, traces(9), 1)
+        q.put(Envelope(Signal.TRACES, traces(9)))
     assert e.value.reason == "shutting_down"
-    assert [q.get().request for _ in range(3)] == [traces(0), traces(1), traces(2)]
+    assert [q.get().message for _ in range(3)] == [traces(0), traces(1), traces(2)]
     assert q.get() is None
 
 
@@ -59,10 +60,11 @@ def test_abort_wakes_blocked_consumers_and_returns_leftovers():
 
 def test_full_queue_refuses_with_a_retryable_reason_and_counts():
     exp, tel, root = exporter(queue_size=2)  # not started: nothing drains the queue
-    exp.consume(Signal.TRACES, traces(1))
-    exp.consume(Signal.TRACES, traces(2))
+    exp = Counted(exp, tel)  # behind the pipeline's counting edge, as the graph runs it
+    exp.consume(Envelope(Signal.TRACES, traces(1)))
+    exp.consume(Envelope(Signal.TRACES, traces(2)))
     with pytest.raises(Refused) as e:
-        exp.consume(Signal.TRACES, traces(3))
+        exp.consume(Envelope(Signal.TRACES, traces(3)))
     assert e.value.reason == "queue_full" and e.value.retryable
     assert tel.value("accepted", Signal.TRACES) == 2
     assert tel.value("refused", Signal.TRACES, "queue_full") == 1
@@ -74,7 +76,7 @@ def test_gauges_show_the_backlog():
     exp, _, root = exporter(queue_size=7, num_consumers=1)
     exp.start(Host(root))
     for i in range(4):
-        exp.consume(Signal.TRACES, traces(i))
+        exp.consume(Envelope(Signal.TRACES, traces(i)))
     size = root.registry.get_sample_value("sidecar_queue_size", {"component": "otlp"})
     assert root.registry.get_sample_value("sidecar_queue_capacity", {"component": "otlp"}) == 7
     assert size in (3, 4)  # one may be in the worker's hands
@@ -86,11 +88,11 @@ def test_shutdown_with_backend_down_stops_by_the_deadline_and_counts_the_loss():
     exp, tel, root = exporter(num_consumers=2)
     exp.start(Host(root))
     for i in range(10):
-        exp.consume(Signal.TRACES, traces(i))
+        exp.consume(Envelope(Signal.TRACES, traces(i)))
     t0 = time.monotonic()
     exp.shutdown(t0 + 0.3)
     assert time.monotonic() - t0 < 2
     assert tel.value("dropped", Signal.TRACES, "shutdown", "false") == 10
     with pytest.raises(Refused) as e:
-        exp.consume(Signal.TRACES, traces(11))
+        exp.consume(Envelope(Signal.TRACES, traces(11)))
     assert e.value.reason == "shutting_down"

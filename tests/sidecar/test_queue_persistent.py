@@ -14,6 +14,7 @@ import pytest
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from sidecar.envelope import Envelope
 from sidecar.component import Kind, Refused
 from sidecar.config import ComponentId
 from sidecar.exporters.otlp import OTLPExporter, OTLPExporterConfig
@@ -60,14 +61,14 @@ def test_items_survive_a_crash_and_come_back_in_order(tmp_path):
     for i in range(5):
         req = traces(i) if i % 2 == 0 else logs(i)
         sig = Signal.TRACES if i % 2 == 0 else Signal.LOGS
-        q.put(sig, req, 2 if sig is Signal.TRACES else 1)
+        q.put(Envelope(sig, req, items=2 if sig is Signal.TRACES else 1))
         sent.append((sig, req.SerializeToString()))
     del q  # crash: no close, no shutdown
 
     q2 = PersistentQueue(tmp_path / "q", 100)
     assert q2.size() == 5 and q2.item_count() == 8
     got = drain(q2)
-    assert [(it.signal, it.request.SerializeToString()) for it in got] == sent
+    assert [(it.signal, it.message.SerializeToString()) for it in got] == sent
     q2.abort()
 
     q3 = PersistentQueue(tmp_path / "q", 100)  # everything was acknowledged: nothing comes back
@@ -77,33 +78,33 @@ def test_items_survive_a_crash_and_come_back_in_order(tmp_path):
 
 def test_an_item_handed_out_but_not_done_is_delivered_again(tmp_path):
     q = PersistentQueue(tmp_path / "q", 10)
-    q.put(Signal.TRACES, traces(1), 2)
-    q.put(Signal.TRACES, traces(2), 2)
+    q.put(Envelope(Signal.TRACES, traces(1), items=2))
+    q.put(Envelope(Signal.TRACES, traces(2), items=2))
     first = q.get()
     q.done(first)
     in_flight = q.get()  # pushed but the backend never answered before the crash
-    assert in_flight.request == traces(2)
+    assert in_flight.message == traces(2)
     del q, in_flight, first
 
     q2 = PersistentQueue(tmp_path / "q", 10)
-    assert [it.request for it in drain(q2)] == [traces(2)]
+    assert [it.message for it in drain(q2)] == [traces(2)]
     q2.abort()
 
 
 def test_numbering_continues_after_restart(tmp_path):
     q = PersistentQueue(tmp_path / "q", 10)
-    q.put(Signal.TRACES, traces(1), 2)
+    q.put(Envelope(Signal.TRACES, traces(1), items=2))
     q.abort()
     q2 = PersistentQueue(tmp_path / "q", 10)
-    q2.put(Signal.TRACES, traces(2), 2)
-    assert [it.request for it in drain(q2)] == [traces(1), traces(2)]
+    q2.put(Envelope(Signal.TRACES, traces(2), items=2))
+    assert [it.message for it in drain(q2)] == [traces(1), traces(2)]
     q2.abort()
 
 
 def test_corrupt_and_truncated_files_are_skipped_counted_and_logged(tmp_path, caplog):
     q = PersistentQueue(tmp_path / "q", 10)
     for i in range(4):
-        q.put(Signal.TRACES, traces(i, spans=3), 3)
+        q.put(Envelope(Signal.TRACES, traces(i, spans=3), items=3))
     q.abort()
     files = sorted(p for p in (tmp_path / "q").iterdir() if p.name.endswith(".otlp"))
     data = files[1].read_bytes()
@@ -117,7 +118,7 @@ def test_corrupt_and_truncated_files_are_skipped_counted_and_logged(tmp_path, ca
     with caplog.at_level(logging.WARNING, logger="sidecar.queue.persistent"):
         q2 = PersistentQueue(tmp_path / "q", 10, telemetry=tel)
         got = drain(q2)
-    assert [it.request for it in got] == [traces(0, spans=3), traces(3, spans=3)]
+    assert [it.message for it in got] == [traces(0, spans=3), traces(3, spans=3)]
     assert tel.value("dropped", Signal.TRACES, "corrupt", "false") == 6
     assert sum("corrupt queue file" in r.getMessage() for r in caplog.records) == 2
     assert not list((tmp_path / "q").glob("*.tmp"))
@@ -127,14 +128,14 @@ def test_corrupt_and_truncated_files_are_skipped_counted_and_logged(tmp_path, ca
 
 def test_full_queue_refuses_and_counts_in_flight_writes(tmp_path):
     q = PersistentQueue(tmp_path / "q", 2)
-    q.put(Signal.TRACES, traces(1), 2)
-    q.put(Signal.TRACES, traces(2), 2)
+    q.put(Envelope(Signal.TRACES, traces(1), items=2))
+    q.put(Envelope(Signal.TRACES, traces(2), items=2))
     with pytest.raises(Refused) as e:
-        q.put(Signal.TRACES, traces(3), 2)
+        q.put(Envelope(Signal.TRACES, traces(3), items=2))
     assert e.value.reason == "queue_full" and e.value.retryable
     q.close()
     with pytest.raises(Refused) as e:
-        q.put(Signal.TRACES, traces(4), 2)
+        q.put(Envelope(Signal.TRACES, traces(4), items=2))
     assert e.value.reason == "shutting_down"
     q.abort()
 
@@ -148,13 +149,13 @@ def test_write_failure_refuses_and_leaves_nothing_behind(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(os, "fsync", failing_fsync)  # the disk, not the queue, is what fails here
     with pytest.raises(Refused) as e:
-        q.put(Signal.TRACES, traces(1), 2)
+        q.put(Envelope(Signal.TRACES, traces(1), items=2))
     assert e.value.reason == reason and e.value.retryable
     monkeypatch.undo()
     assert q.size() == 0
     assert [p.name for p in (tmp_path / "q").iterdir()] == [".lock"]
-    q.put(Signal.TRACES, traces(2), 2)  # the queue still works once the disk does
-    assert [it.request for it in drain(q)] == [traces(2)]
+    q.put(Envelope(Signal.TRACES, traces(2), items=2))  # the queue still works once the disk does
+    assert [it.message for it in drain(q)] == [traces(2)]
     q.abort()
 
 
@@ -176,6 +177,7 @@ _CHILD = textwrap.dedent("""
     from sidecar.exporters.otlp import OTLPExporter, OTLPExporterConfig
     from sidecar.extensions.file_storage import FileStorage, FileStorageConfig
     from sidecar.host import Host
+    from sidecar.envelope import Envelope
     from sidecar.registry import CreateSettings
     from sidecar.signals import Signal
     from sidecar.telemetry import SelfTelemetry
@@ -196,7 +198,7 @@ _CHILD = textwrap.dedent("""
     exp.start(host)
     for line in sys.stdin:
         req = ExportTraceServiceRequest.FromString(bytes.fromhex(line.strip()))
-        exp.consume(Signal.TRACES, req)
+        exp.consume(Envelope(Signal.TRACES, req))
         print("ack", flush=True)
     time.sleep(60)
 """)
@@ -250,13 +252,13 @@ def test_shutdown_keeps_undelivered_requests_on_disk_for_the_next_start(tmp_path
     port = free_port()
     exp, tel = _exporter(tmp_path / "storage", f"127.0.0.1:{port}")
     for i in range(5):
-        exp.consume(Signal.TRACES, traces(i))
+        exp.consume(Envelope(Signal.TRACES, traces(i)))
     t0 = time.monotonic()
     exp.shutdown(time.monotonic() + 0.3)
     assert time.monotonic() - t0 < 3
     assert tel.value("dropped", Signal.TRACES, "shutdown", "false") == 0
     with pytest.raises(Refused) as e:
-        exp.consume(Signal.TRACES, traces(99))
+        exp.consume(Envelope(Signal.TRACES, traces(99)))
     assert e.value.reason == "shutting_down"
 
     with OTLPBackend(port) as backend:

@@ -26,10 +26,12 @@ from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 from opentelemetry.proto.metrics.v1.metrics_pb2 import Exemplar, Metric, NumberDataPoint
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
+from sidecar.envelope import Envelope
 from sidecar.component import Kind, Refused
 from sidecar.config import ComponentId, ConfigError, parse_config
 from sidecar.otlp_json import to_json
 from sidecar.receivers.otlp import FACTORY, OTLPReceiverConfig
+from sidecar.pipeline import Edge
 from sidecar.registry import CreateSettings
 from sidecar.signals import Signal
 from sidecar.telemetry import SelfTelemetry
@@ -86,7 +88,8 @@ def sink():
 def make_receiver(telemetry: SelfTelemetry, sink, body: dict, name: str = ""):
     cid = ComponentId("otlp", name)
     settings = CreateSettings(id=cid, kind=Kind.RECEIVER, telemetry=telemetry.component("receiver", str(cid)))
-    return FACTORY.create(settings, OTLPReceiverConfig.model_validate(body), sink)
+    # the pipeline's counting edge out of the receiver, as the graph wires it
+    return FACTORY.create(settings, OTLPReceiverConfig.model_validate(body), Edge(sink, settings.telemetry))
 
 
 @pytest.fixture(scope="module")
@@ -408,10 +411,10 @@ def test_shutdown_lets_in_flight_requests_finish_and_refuses_new_ones(telemetry,
             self.entered = threading.Semaphore(0)
             self.release = threading.Event()
 
-        def consume(self, signal, request):
+        def consume(self, envelope):
             self.entered.release()
             self.release.wait(10)
-            super().consume(signal, request)
+            super().consume(envelope)
 
     slow = Slow()
     rec = make_receiver(telemetry, slow, {"protocols": {"grpc": {"endpoint": f"127.0.0.1:{free_port()}"},

@@ -15,6 +15,7 @@ from opentelemetry.trace import Link, Status, StatusCode
 from prometheus_client import generate_latest
 
 from redaction import RedactionConfigError
+from sidecar.envelope import Envelope
 from sidecar.component import Kind, Refused
 from sidecar.config import ComponentId, ConfigError, parse_config
 from sidecar.pipeline import Service
@@ -22,7 +23,7 @@ from sidecar.processors.redaction import FACTORY, RedactionProcessor
 from sidecar.registry import CreateSettings
 from sidecar.signals import Signal
 from sidecar.telemetry import SelfTelemetry
-from sidecar.testing import CollectingConsumer, OTLPBackend, free_port
+from sidecar.testing import CollectingConsumer, Counted, OTLPBackend, free_port
 from tests.redaction.corpus import LOOKALIKES, PII, PREFIX, SUFFIX, secret_core, sentence
 from tests.redaction.test_otlp import metrics, traces
 
@@ -121,7 +122,7 @@ def test_metrics_data_points_are_redacted(sidecar):
     endpoint, backend, service = sidecar
     consumer = service.graph.processors["redaction"]
     req = metrics(sentence("jane@example.com"))
-    consumer.consume(Signal.METRICS, req)
+    consumer.consume(Envelope(Signal.METRICS, req))
     assert backend.wait_for_items(Signal.METRICS, 5, timeout=20)
     data = b"".join(r.SerializeToString() for r in backend.requests[Signal.METRICS])
     assert b"jane@example.com" not in data and data.count(PREFIX.encode()) == 11
@@ -140,17 +141,23 @@ def test_lookalikes_pass_through_untouched():
     proc, nxt, _ = make({})
     req = traces(" | ".join(LOOKALIKES))
     before = req.SerializeToString()
-    proc.consume(Signal.TRACES, req)
+    proc.consume(Envelope(Signal.TRACES, req))
     assert nxt.of(Signal.TRACES)[0].SerializeToString() == before
 
 
-def test_refusal_from_next_stage_is_counted_and_propagated():
+def test_refusal_from_next_stage_is_propagated_and_counted_once_where_it_happened():
     proc, nxt, tel = make({})
     nxt.refuse = Refused("queue_full")
-    with pytest.raises(Refused):
-        proc.consume(Signal.TRACES, traces("x"))
+    exporter_tel = tel.component("exporter", "otlp")
+    proc._next = Counted(nxt, exporter_tel)  # the graph's edges: into redaction, and into the exporter
+    counted = Counted(proc, tel.component("processor", "redaction"))
+    with pytest.raises(Refused) as e:
+        counted.consume(Envelope(Signal.TRACES, traces("x")))
+    assert e.value.reason == "queue_full"  # the sender is told why
     c = tel.component("processor", "redaction")
-    assert c.value("refused", Signal.TRACES, "queue_full") == 1
+    assert c.value("received", Signal.TRACES) == 1 and c.value("accepted", Signal.TRACES) == 0
+    assert c.value("refused", Signal.TRACES, "queue_full") == 0  # not a second alert for one event
+    assert exporter_tel.value("refused", Signal.TRACES, "queue_full") == 1
 
 
 def test_redaction_failure_fails_closed(monkeypatch):
@@ -161,7 +168,7 @@ def test_redaction_failure_fails_closed(monkeypatch):
 
     monkeypatch.setattr(proc.redactor, "redact_traces", boom)
     with pytest.raises(Refused) as e:
-        proc.consume(Signal.TRACES, traces(sentence("jane@example.com")))
+        proc.consume(Envelope(Signal.TRACES, traces(sentence("jane@example.com"))))
     assert not e.value.retryable and nxt.of(Signal.TRACES) == []
 
 
@@ -192,7 +199,7 @@ def test_hashing_in_the_sidecar_is_stable_across_instances(monkeypatch):
         proc, nxt, _ = make({"blocked_key_patterns": [{"pattern": "^user\\.id$", "action": "hash"}]})
         req = traces("clean")
         req.resource_spans[0].scope_spans[0].spans[0].attributes.add(key="user.id").value.string_value = "u-42"
-        proc.consume(Signal.TRACES, req)
+        proc.consume(Envelope(Signal.TRACES, req))
         span = nxt.of(Signal.TRACES)[0].resource_spans[0].scope_spans[0].spans[0]
         outs.append({kv.key: kv.value.string_value for kv in span.attributes}["user.id"])
     assert outs[0] == outs[1] and "u-42" not in outs[0] and len(outs[0]) == 64

@@ -14,6 +14,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from prometheus_client.exposition import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
+from sidecar.envelope import Envelope
 from sidecar.component import Kind, Refused
 from sidecar.config import ComponentId, ConfigError, parse_config
 from sidecar.pipeline import SignalRouter
@@ -21,7 +22,7 @@ from sidecar.processors.span_metrics import SpanMetricsConfig, SpanMetricsProces
 from sidecar.registry import CreateSettings
 from sidecar.signals import Signal
 from sidecar.telemetry import SelfTelemetry
-from sidecar.testing import CollectingConsumer
+from sidecar.testing import CollectingConsumer, Counted
 
 MS = 1_000_000
 
@@ -35,7 +36,8 @@ def make(with_metrics_route: bool = False, **cfg):
     router.routes[Signal.TRACES] = sink
     if with_metrics_route:
         router.routes[Signal.METRICS] = sink
-    return SpanMetricsProcessor(settings, config, router, wall_clock=lambda: 1_700_000_000.0), sink, tel
+    proc = SpanMetricsProcessor(settings, config, router, wall_clock=lambda: 1_700_000_000.0)
+    return Counted(proc, tel), sink, tel  # behind the pipeline's counting edge, as the graph runs it
 
 
 def add_span(ss, *, name="forward", kind=Span.SPAN_KIND_INTERNAL, error=False, duration_ms=5.0, attrs=None):
@@ -86,7 +88,7 @@ def test_counts_equal_ground_truth_and_spans_pass_through_unchanged():
             add_span(ss, error=error, attrs={"ml.model.id": model, "ml.model.version": version})
             truth[(service, model, version, error)] += 1
         sent.append(req.SerializeToString())
-        proc.consume(Signal.TRACES, req)
+        proc.consume(Envelope(Signal.TRACES, req))
     assert [r.SerializeToString() for r in sink.of(Signal.TRACES)] == sent
     for (service, model, version, error), n in truth.items():
         status = "STATUS_CODE_ERROR" if error else "STATUS_CODE_UNSET"
@@ -101,7 +103,7 @@ def test_error_rate_per_model_version_is_computable():
     req, ss = request("ranker")
     for i in range(10):
         add_span(ss, error=i < 3, attrs={"ml.model.id": "bert", "ml.model.version": "v2"})
-    proc.consume(Signal.TRACES, req)
+    proc.consume(Envelope(Signal.TRACES, req))
     err = sample(tel, "traces_span_metrics_calls_total",
                  **labels("ranker", status="STATUS_CODE_ERROR", model_id="bert", model_version="v2"))
     ok = sample(tel, "traces_span_metrics_calls_total", **labels("ranker", model_id="bert", model_version="v2"))
@@ -113,7 +115,7 @@ def test_histogram_bucket_placement():
     req, ss = request("svc")
     for d in (1, 2, 2.5, 10, 50, 100, 150, 5000):
         add_span(ss, duration_ms=d)
-    proc.consume(Signal.TRACES, req)
+    proc.consume(Envelope(Signal.TRACES, req))
     lab = labels("svc")
     bucket = lambda le: sample(tel, "traces_span_metrics_duration_seconds_bucket", le=le, **lab)
     assert [bucket("0.002"), bucket("0.01"), bucket("0.1"), bucket("+Inf")] == [2, 4, 6, 8]  # le is inclusive
@@ -125,10 +127,10 @@ def test_model_id_falls_back_to_gen_ai_then_resource():
     req, ss = request("chat", {"ml.model.id": "resource-model", "ml.model.version": "r1"})
     add_span(ss, attrs={"gen_ai.request.model": "llama"})  # the resource's ml.model.id outranks gen_ai
     add_span(ss, attrs={"ml.model.id": "span-model", "http.route": "/v1/chat"})
-    proc.consume(Signal.TRACES, req)
+    proc.consume(Envelope(Signal.TRACES, req))
     req, ss = request("chat")
     add_span(ss, attrs={"gen_ai.request.model": "llama", "user.tier": "gold"})
-    proc.consume(Signal.TRACES, req)
+    proc.consume(Envelope(Signal.TRACES, req))
     calls = lambda **kw: sample(tel, "traces_span_metrics_calls_total", **labels("chat", **kw))
     # ml.model.id (span, then resource) comes first; gen_ai.request.model only when neither has it
     assert calls(model_id="resource-model", model_version="r1", http_route="none", user_tier="") == 1
@@ -142,7 +144,7 @@ def test_exemplars_point_at_the_latest_error_and_the_slowest_span():
     add_span(ss, duration_ms=5)
     slow = add_span(ss, duration_ms=500)
     err = add_span(ss, duration_ms=3, error=True)
-    proc.consume(Signal.TRACES, req)
+    proc.consume(Envelope(Signal.TRACES, req))
     text = generate_openmetrics(tel.registry).decode()
     assert f'trace_id="{slow.trace_id.hex()}"' in text
     assert f'trace_id="{err.trace_id.hex()}"' in text
@@ -155,8 +157,8 @@ def test_refused_spans_are_counted_once_when_resent():
     add_span(ss)
     sink.refuse, sink.refuse_times = Refused("queue_full"), 1
     with pytest.raises(Refused):
-        proc.consume(Signal.TRACES, req)
-    proc.consume(Signal.TRACES, req)
+        proc.consume(Envelope(Signal.TRACES, req))
+    proc.consume(Envelope(Signal.TRACES, req))
     assert sample(tel, "traces_span_metrics_calls_total", **labels("svc")) == 1
 
 
@@ -166,10 +168,10 @@ def test_otlp_metrics_emitted_into_the_metrics_pipeline_and_metrics_pass_through
     req, ss = request("ranker")
     for d in (1, 20, 30):
         add_span(ss, duration_ms=d, attrs={"ml.model.id": "bert", "ml.model.version": "v1"})
-    proc.consume(Signal.TRACES, req)
+    proc.consume(Envelope(Signal.TRACES, req))
     incoming = ExportMetricsServiceRequest()
     incoming.resource_metrics.add()
-    proc.consume(Signal.METRICS, incoming)
+    proc.consume(Envelope(Signal.METRICS, incoming))
     proc.flush_metrics()
     passed, emitted = sink.of(Signal.METRICS)
     assert passed is incoming
@@ -193,7 +195,7 @@ def test_without_a_metrics_pipeline_nothing_is_emitted():
     assert not proc.emits_metrics
     req, ss = request("svc")
     add_span(ss)
-    proc.consume(Signal.TRACES, req)
+    proc.consume(Envelope(Signal.TRACES, req))
     proc.shutdown(deadline=0)
     assert sink.of(Signal.METRICS) == []
 
@@ -203,7 +205,7 @@ def test_cardinality_is_capped_into_one_overflow_series():
     req, ss = request("svc")
     for i in range(20):
         add_span(ss, name=f"op-{i}")
-    proc.consume(Signal.TRACES, req)
+    proc.consume(Envelope(Signal.TRACES, req))
     assert len(proc.snapshot()) == 6
     assert sample(tel, "traces_span_metrics_calls_total", otel_metric_overflow="true") == 15
     assert sample(tel, "sidecar_span_metrics_overflow_spans_total", component="span_metrics") == 15

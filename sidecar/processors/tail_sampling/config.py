@@ -302,6 +302,21 @@ class LogsConfig(ConfigModel):
         return v
 
 
+class OutputConfig(ConfigModel):
+    """``output``: decided data waiting for the next stage while it refuses (held in order, retried)."""
+
+    #: above this many items waiting, new data is refused (``downstream_backpressure``) so senders back off
+    backpressure_items: int = Field(50_000, ge=1)
+    #: above this many, the oldest waiting output is dropped and counted (``downstream_refused``)
+    max_items: int = Field(200_000, ge=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> "OutputConfig":
+        if self.max_items < self.backpressure_items:
+            raise ValueError(f"max_items ({self.max_items}) must be >= backpressure_items ({self.backpressure_items})")
+        return self
+
+
 class TailSamplingConfig(ConfigModel):
     decision_wait: Duration = 10.0
     #: Decide this long after the local root span arrived instead of waiting the full decision_wait.
@@ -312,6 +327,7 @@ class TailSamplingConfig(ConfigModel):
     max_buffered_bytes: int = 128 * 1024 * 1024
     decision_cache: DecisionCacheConfig = Field(default_factory=DecisionCacheConfig)
     logs: LogsConfig = Field(default_factory=LogsConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
     policies: list[PolicyConfig]
 
     _wait = field_validator("decision_wait")(_positive)

@@ -16,7 +16,7 @@ from sidecar.processors.tail_sampling import TailSamplingConfig, TailSamplingPro
 from sidecar.registry import CreateSettings
 from sidecar.signals import Signal
 from sidecar.telemetry import SelfTelemetry
-from sidecar.testing import CollectingConsumer
+from sidecar.testing import CollectingConsumer, Counted
 
 MS = 1_000_000
 
@@ -109,7 +109,7 @@ def make(policies: list[dict] | None = None, *, clock: FakeClock | None = None, 
     if rng is not None:
         kwargs["rng"] = rng
     proc = TailSamplingProcessor(settings, cfg, sink, **kwargs)
-    return proc, sink, clock, tel
+    return Counted(proc, tel), sink, clock, tel  # behind the pipeline's counting edge, as the graph runs it
 
 
 def kept_spans(sink: CollectingConsumer) -> list[Span]:

@@ -7,6 +7,7 @@ from fractions import Fraction
 
 import pytest
 
+from sidecar.envelope import Envelope
 from sidecar.processors.tail_sampling.decisions import (MAX_THRESHOLD, UNKNOWN, parse_threshold, randomness,
                                                         threshold_for, threshold_hex, with_threshold)
 from sidecar.signals import Signal
@@ -45,7 +46,7 @@ def test_tracestate_rewrite_preserves_rv_and_other_entries():
 def test_ten_percent_of_20000_traces_within_one_and_a_half_points():
     proc, sink, clock, _ = make(TEN_PERCENT)
     for _ in range(20):
-        proc.consume(Signal.TRACES, traces_request(*[span(tid(), root=True) for _ in range(1000)]))
+        proc.consume(Envelope(Signal.TRACES, traces_request(*[span(tid(), root=True) for _ in range(1000)])))
     proc.tick(clock.advance(1))
     share = 100 * len(kept_trace_ids(sink)) / 20_000
     assert 8.5 <= share <= 11.5, share
@@ -56,8 +57,8 @@ def test_kept_spans_carry_the_ten_percent_threshold_and_keep_rv():
     keep_rv = "ot=rv:ffffffffffffff;x:1,vendor=a"  # rv above every threshold: always kept
     drop_rv = "ot=rv:00000000000001"
     t_keep, t_drop = tid(), bytes(9) + b"\xff" * 7  # the trace id alone would be kept
-    proc.consume(Signal.TRACES, traces_request(span(t_keep, root=True, trace_state=keep_rv),
-                                               span(t_drop, root=True, trace_state=drop_rv)))
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(t_keep, root=True, trace_state=keep_rv),
+                                               span(t_drop, root=True, trace_state=drop_rv))))
     proc.tick(clock.advance(1))
     (s,) = kept_spans(sink)
     assert s.trace_id == t_keep
@@ -67,7 +68,7 @@ def test_kept_spans_carry_the_ten_percent_threshold_and_keep_rv():
 def test_decision_agrees_with_the_threshold_rule():
     proc, sink, clock, _ = make(TEN_PERCENT)
     ids = [os.urandom(16) for _ in range(2000)]
-    proc.consume(Signal.TRACES, traces_request(*[span(t, root=True) for t in ids]))
+    proc.consume(Envelope(Signal.TRACES, traces_request(*[span(t, root=True) for t in ids])))
     proc.tick(clock.advance(1))
     expected = {t for t in ids if int.from_bytes(t[9:], "big") >= threshold_for(10)}
     assert kept_trace_ids(sink) == expected
@@ -76,7 +77,7 @@ def test_decision_agrees_with_the_threshold_rule():
 @pytest.mark.parametrize("pct", [0, 100])
 def test_extremes(pct):
     proc, sink, clock, _ = make([{"name": "p", "type": "probabilistic", "probabilistic": {"sampling_percentage": pct}}])
-    proc.consume(Signal.TRACES, traces_request(*[span(tid(), root=True) for _ in range(500)]))
+    proc.consume(Envelope(Signal.TRACES, traces_request(*[span(tid(), root=True) for _ in range(500)])))
     proc.tick(clock.advance(1))
     assert len(kept_trace_ids(sink)) == (500 if pct else 0)
     assert MAX_THRESHOLD == 1 << 56

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from sidecar.envelope import Envelope
 from sidecar.signals import Signal
 
 from .helpers import attr, kept_spans, kept_trace_ids, kv, make, span, tid, traces_metric, traces_request
@@ -14,7 +15,7 @@ def run(policies: list[dict], traces: dict[str, list], **overrides) -> tuple[set
     proc, sink, clock, _ = make(policies, **overrides)
     ids = {name: tid() for name in traces}
     for name, spans in traces.items():
-        proc.consume(Signal.TRACES, traces_request(*[span(ids[name], **kw) for kw in spans]))
+        proc.consume(Envelope(Signal.TRACES, traces_request(*[span(ids[name], **kw) for kw in spans])))
     proc.tick(clock.advance(10))
     by_id = {v: k for k, v in ids.items()}
     kept = {by_id[s.trace_id]: attr(s, "sampling.policy") for s in kept_spans(sink)}
@@ -71,8 +72,8 @@ def test_attribute_falls_back_to_resource_attributes():
     proc, sink, clock, _ = make([{"name": "s", "type": "string_attribute",
                                   "string_attribute": {"key": "deployment.environment", "values": ["canary"]}}])
     canary, prod = tid(), tid()
-    proc.consume(Signal.TRACES, traces_request(span(canary), resource={"deployment.environment": "canary"}))
-    proc.consume(Signal.TRACES, traces_request(span(prod), resource={"deployment.environment": "prod"}))
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(canary), resource={"deployment.environment": "canary"})))
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(prod), resource={"deployment.environment": "prod"})))
     proc.tick(clock.advance(10))
     assert kept_trace_ids(sink) == {canary}
 
@@ -103,7 +104,7 @@ def test_rate_limiting_spends_spans_per_second():
     for second in range(2):
         for _ in range(5):  # 5 traces of 4 spans: only 2 fit in 10 spans/s
             t = tid()
-            proc.consume(Signal.TRACES, traces_request(*[span(t) for _ in range(4)]))
+            proc.consume(Envelope(Signal.TRACES, traces_request(*[span(t) for _ in range(4)])))
         proc.tick(clock.advance(10))
         assert len(kept_trace_ids(sink)) == 2 * (second + 1)
     assert kept_spans(sink)[0].trace_state == ""  # keep probability unknown: no th
@@ -143,7 +144,7 @@ def test_composite_allocates_the_span_budget():
     proc, sink, clock, tel = make(policy)
     errors = [tid() for _ in range(6)]
     plain = [tid() for _ in range(20)]
-    proc.consume(Signal.TRACES, traces_request(*[span(t, error=True) for t in errors], *[span(t) for t in plain]))
+    proc.consume(Envelope(Signal.TRACES, traces_request(*[span(t, error=True) for t in errors], *[span(t) for t in plain])))
     proc.tick(clock.advance(10))
     kept = kept_trace_ids(sink)
     # 3 error spans fit the errors share; the other 3 errors fall through to "rest", whose 7 also take 4 plain
@@ -163,8 +164,8 @@ def test_adaptive_converges_toward_its_target(first_rate, second_rate):
     kept_per_second = []
     for second, rate in enumerate([first_rate] * 12 + [second_rate] * 12):
         before = traces_metric(tel, "sampled", "budget")
-        proc.consume(Signal.TRACES, traces_request(*[span(tid(), root=True) for _ in range(rate)]))
-        proc.consume(Signal.TRACES, traces_request(span(tid(), root=True, error=True)))
+        proc.consume(Envelope(Signal.TRACES, traces_request(*[span(tid(), root=True) for _ in range(rate)])))
+        proc.consume(Envelope(Signal.TRACES, traces_request(span(tid(), root=True, error=True))))
         proc.tick(clock.advance(1))
         kept_per_second.append(traces_metric(tel, "sampled", "budget") - before)
     settled_low = sum(kept_per_second[6:12]) / 6
@@ -182,6 +183,6 @@ def test_attribute_named_only_in_an_event_does_not_match_the_span():
     s = span(mentioned)
     ev = s.events.add(name="note")
     ev.attributes.append(kv("sampling.force_keep", True))
-    proc.consume(Signal.TRACES, traces_request(span(forced, attrs={"sampling.force_keep": True}), s))
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(forced, attrs={"sampling.force_keep": True}), s)))
     proc.tick(clock.advance(10))
     assert kept_trace_ids(sink) == {forced}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+from sidecar.envelope import Envelope
 from sidecar.component import Refused
 from sidecar.signals import Signal
 
@@ -17,9 +18,9 @@ ERRORS_ONLY = [{"name": "errors", "type": "status_code", "status_code": {"status
 def test_decides_early_after_the_local_root_plus_grace():
     proc, sink, clock, _ = make()
     t = tid()
-    proc.consume(Signal.TRACES, traces_request(span(t), span(t)))
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(t), span(t))))
     clock.advance(2)
-    proc.consume(Signal.TRACES, traces_request(span(t, root=True)))
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(t, root=True))))
     clock.advance(0.9)
     proc.tick()
     assert kept_spans(sink) == []
@@ -31,7 +32,7 @@ def test_decides_early_after_the_local_root_plus_grace():
 def test_a_parent_flagged_remote_makes_a_local_root():
     proc, sink, clock, _ = make()
     t = tid()
-    proc.consume(Signal.TRACES, traces_request(span(t, remote_parent=True)))
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(t, remote_parent=True))))
     proc.tick(clock.advance(1))
     assert kept_trace_ids(sink) == {t}
 
@@ -39,7 +40,7 @@ def test_a_parent_flagged_remote_makes_a_local_root():
 def test_without_a_root_the_decision_waits_decision_wait():
     proc, sink, clock, _ = make()
     t = tid()
-    proc.consume(Signal.TRACES, traces_request(span(t)))
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(t))))
     proc.tick(clock.advance(9.99))
     assert kept_spans(sink) == []
     proc.tick(clock.advance(0.01))
@@ -52,7 +53,7 @@ def test_kept_spans_name_the_policy_carry_the_threshold_and_keep_resource_and_sc
     req = traces_request(span(t, root=True, error=True), span(t, trace_state="vendor=x"),
                          resource={"service.name": "ranker", "k8s.pod.name": "p-1"}, scope="torch")
     original = req.SerializeToString()
-    proc.consume(Signal.TRACES, req)
+    proc.consume(Envelope(Signal.TRACES, req))
     proc.tick(clock.advance(1))
     (out,) = sink.of(Signal.TRACES)
     (rs,) = out.resource_spans
@@ -68,7 +69,7 @@ def test_spans_of_one_trace_from_several_requests_are_emitted_together():
     proc, sink, clock, _ = make()
     a, b = tid(), tid()
     for _ in range(3):
-        proc.consume(Signal.TRACES, traces_request(span(a), span(b)))
+        proc.consume(Envelope(Signal.TRACES, traces_request(span(a), span(b))))
     proc.tick(clock.advance(10))
     (out,) = sink.of(Signal.TRACES)
     # one resource entry per distinct resource and scope, not one per request or per span
@@ -84,8 +85,8 @@ def test_drop_policy_vetoes_keep():
              "string_attribute": {"key": "http.route", "values": ["/healthz"]}}]}},
     ])
     health, other = tid(), tid()
-    proc.consume(Signal.TRACES, traces_request(span(health, root=True, attrs={"http.route": "/healthz"}),
-                                               span(other, root=True, attrs={"http.route": "/predict"})))
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(health, root=True, attrs={"http.route": "/healthz"}),
+                                               span(other, root=True, attrs={"http.route": "/predict"}))))
     proc.tick(clock.advance(1))
     assert kept_trace_ids(sink) == {other}
     assert traces_metric(tel, "dropped", "no-health") == 1
@@ -96,9 +97,9 @@ def test_drop_policy_vetoes_keep():
 def test_logs_follow_their_trace_and_error_logs_are_always_kept():
     proc, sink, clock, tel = make(ERRORS_ONLY)
     kept, dropped = tid(), tid()
-    proc.consume(Signal.TRACES, traces_request(span(kept, root=True, error=True), span(dropped, root=True)))
-    proc.consume(Signal.LOGS, logs_request((kept, 9, "kept info"), (dropped, 9, "dropped info"),
-                                           (dropped, 17, "dropped but ERROR"), (b"", 9, "no trace")))
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(kept, root=True, error=True), span(dropped, root=True))))
+    proc.consume(Envelope(Signal.LOGS, logs_request((kept, 9, "kept info"), (dropped, 9, "dropped info"),
+                                           (dropped, 17, "dropped but ERROR"), (b"", 9, "no trace"))))
     # ERROR and trace-less records go out at once; the others wait for their trace
     assert sorted(r.body.string_value for r in kept_logs(sink)) == ["dropped but ERROR", "no trace"]
     proc.tick(clock.advance(1))
@@ -110,7 +111,7 @@ def test_logs_follow_their_trace_and_error_logs_are_always_kept():
 def test_logs_without_trace_are_forwarded_as_received():
     proc, sink, _, _ = make(ERRORS_ONLY)
     req = logs_request((b"", 9, "a"), (b"", 13, "b"))
-    proc.consume(Signal.LOGS, req)
+    proc.consume(Envelope(Signal.LOGS, req))
     assert sink.of(Signal.LOGS) == [req]
 
 
@@ -118,7 +119,7 @@ def test_logs_without_trace_can_be_sampled():
     draws = iter([0.1, 0.9, 0.2, 0.7])
     proc, sink, _, tel = make(ERRORS_ONLY, rng=lambda: next(draws),
                               logs={"without_trace_sampling_percentage": 50})
-    proc.consume(Signal.LOGS, logs_request(*[(b"", 9, str(i)) for i in range(4)]))
+    proc.consume(Envelope(Signal.LOGS, logs_request(*[(b"", 9, str(i)) for i in range(4)])))
     assert [r.body.string_value for r in kept_logs(sink)] == ["0", "2"]
     assert tel.value("dropped", Signal.LOGS, "sampled_out", "true") == 2
 
@@ -126,7 +127,7 @@ def test_logs_without_trace_can_be_sampled():
 def test_error_log_exception_can_be_disabled():
     proc, sink, clock, _ = make(ERRORS_ONLY, logs={"always_keep_severity_at_least": 0})
     t = tid()
-    proc.consume(Signal.LOGS, logs_request((t, 21, "fatal")))
+    proc.consume(Envelope(Signal.LOGS, logs_request((t, 21, "fatal"))))
     proc.tick(clock.advance(10))
     assert kept_logs(sink) == []
 
@@ -134,12 +135,12 @@ def test_error_log_exception_can_be_disabled():
 def test_late_spans_and_logs_follow_the_cached_decision():
     proc, sink, clock, tel = make(ERRORS_ONLY)
     kept, dropped = tid(), tid()
-    proc.consume(Signal.TRACES, traces_request(span(kept, root=True, error=True), span(dropped, root=True)))
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(kept, root=True, error=True), span(dropped, root=True))))
     proc.tick(clock.advance(1))
     assert len(kept_spans(sink)) == 1
     clock.advance(30)
-    proc.consume(Signal.TRACES, traces_request(span(kept), span(dropped)))
-    proc.consume(Signal.LOGS, logs_request((kept, 9, "late kept"), (dropped, 9, "late dropped")))
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(kept), span(dropped))))
+    proc.consume(Envelope(Signal.LOGS, logs_request((kept, 9, "late kept"), (dropped, 9, "late dropped"))))
     # forwarded immediately, without waiting for another tick
     late = kept_spans(sink)[1:]
     assert [s.trace_id for s in late] == [kept]
@@ -156,8 +157,8 @@ def test_late_spans_and_logs_follow_the_cached_decision():
 def test_flood_of_never_ending_traces_is_bounded_by_num_traces():
     proc, _, clock, tel = make(ERRORS_ONLY, num_traces=100)
     for i in range(100):
-        proc.consume(Signal.TRACES, traces_request(*[span(tid()) for _ in range(50)]))
-        proc.consume(Signal.LOGS, logs_request((tid(), 9, "x")))
+        proc.consume(Envelope(Signal.TRACES, traces_request(*[span(tid()) for _ in range(50)])))
+        proc.consume(Envelope(Signal.LOGS, logs_request((tid(), 9, "x"))))
         clock.advance(0.001)
         assert proc.buffered_traces <= 100
     evicted_spans = tel.value("dropped", Signal.TRACES, "dropped_too_early", "false")
@@ -171,8 +172,8 @@ def test_flood_is_bounded_by_bytes():
     proc, _, clock, tel = make(ERRORS_ONLY, max_buffered_bytes=budget)
     t = tid()
     for i in range(300):  # one never-ending trace plus fresh ones, ~100 KB per request
-        proc.consume(Signal.TRACES, traces_request(span(t), *[span(tid(), attrs={"blob": "x" * 1000})
-                                                              for _ in range(100)]))
+        proc.consume(Envelope(Signal.TRACES, traces_request(span(t), *[span(tid(), attrs={"blob": "x" * 1000})
+                                                              for _ in range(100)])))
         clock.advance(0.001)
         assert proc.buffered_bytes <= budget
     assert proc.buffered_traces < 300
@@ -182,7 +183,7 @@ def test_flood_is_bounded_by_bytes():
 def test_next_stage_refusal_is_retried_not_lost():
     proc, sink, clock, tel = make()
     t = tid()
-    proc.consume(Signal.TRACES, traces_request(span(t, root=True), span(t)))
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(t, root=True), span(t))))
     sink.refuse = Refused("queue_full")
     proc.tick(clock.advance(1))
     proc.tick(clock.advance(1))
@@ -194,13 +195,12 @@ def test_next_stage_refusal_is_retried_not_lost():
 
 
 def test_backed_up_output_refuses_new_data():
-    proc, sink, clock, tel = make()
-    proc.READY_SOFT_LIMIT = 5
-    proc.consume(Signal.TRACES, traces_request(*[span(tid(), root=True) for _ in range(10)]))
+    proc, sink, clock, tel = make(output={"backpressure_items": 5})
+    proc.consume(Envelope(Signal.TRACES, traces_request(*[span(tid(), root=True) for _ in range(10)])))
     sink.refuse = Refused("queue_full")
     proc.tick(clock.advance(1))
     try:
-        proc.consume(Signal.TRACES, traces_request(span(tid())))
+        proc.consume(Envelope(Signal.TRACES, traces_request(span(tid()))))
     except Refused as e:
         assert e.retryable
     else:
@@ -211,8 +211,8 @@ def test_backed_up_output_refuses_new_data():
 def test_shutdown_decides_everything_pending():
     proc, sink, clock, _ = make()
     ids = {tid() for _ in range(5)}
-    proc.consume(Signal.TRACES, traces_request(*[span(t) for t in ids]))
-    proc.consume(Signal.LOGS, logs_request(*[(t, 9, "x") for t in ids]))
+    proc.consume(Envelope(Signal.TRACES, traces_request(*[span(t) for t in ids])))
+    proc.consume(Envelope(Signal.LOGS, logs_request(*[(t, 9, "x") for t in ids])))
     proc.shutdown(deadline=time.monotonic() + 5)
     assert kept_trace_ids(sink) == ids
     assert len(kept_logs(sink)) == 5
@@ -223,7 +223,7 @@ def test_ticker_thread_decides_in_production():
     proc, sink, _, _ = make(clock=time.monotonic, decision_wait_after_root_received="10ms")
     proc.start(None)
     try:
-        proc.consume(Signal.TRACES, traces_request(span(tid(), root=True)))
+        proc.consume(Envelope(Signal.TRACES, traces_request(span(tid(), root=True))))
         assert sink.wait_for_items(Signal.TRACES, 1, timeout=5)
     finally:
         proc.shutdown(time.monotonic() + 5)
@@ -231,7 +231,7 @@ def test_ticker_thread_decides_in_production():
 
 def test_span_without_trace_id_passes_through():
     proc, sink, _, _ = make(ERRORS_ONLY)
-    proc.consume(Signal.TRACES, traces_request(span(b"")))
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(b""))))
     assert len(kept_spans(sink)) == 1
 
 
@@ -242,9 +242,9 @@ def test_two_instances_decide_identically():
     b, sink_b, clock_b, _ = make(policies)
     batches = [[span(tid(), root=True, error=os.urandom(1)[0] < 20) for _ in range(200)] for _ in range(5)]
     for batch in batches:
-        a.consume(Signal.TRACES, traces_request(*batch))
+        a.consume(Envelope(Signal.TRACES, traces_request(*batch)))
     for batch in reversed(batches):  # different arrival order and timing
-        b.consume(Signal.TRACES, traces_request(*batch))
+        b.consume(Envelope(Signal.TRACES, traces_request(*batch)))
         b.tick(clock_b.advance(0.5))
     a.tick(clock_a.advance(1))
     b.tick(clock_b.advance(10))
@@ -255,11 +255,10 @@ def test_two_instances_decide_identically():
 
 
 def test_output_backlog_is_bounded_and_overflow_counted():
-    proc, sink, clock, tel = make()
-    proc.READY_HARD_LIMIT = 10
+    proc, sink, clock, tel = make(output={"backpressure_items": 10, "max_items": 10})
     sink.refuse = Refused("queue_full")
     for _ in range(5):  # 5 decided outputs of 4 spans each while the next stage refuses
-        proc.consume(Signal.TRACES, traces_request(*[span(tid(), root=True) for _ in range(4)]))
+        proc.consume(Envelope(Signal.TRACES, traces_request(*[span(tid(), root=True) for _ in range(4)])))
         proc.tick(clock.advance(1))
     assert proc.pending_output_items == 8
     assert tel.value("dropped", Signal.TRACES, "downstream_refused", "false") == 20 - proc.pending_output_items
@@ -271,9 +270,9 @@ def test_output_backlog_is_bounded_and_overflow_counted():
 def test_kept_spans_from_different_resources_and_scopes_stay_under_their_own():
     proc, sink, clock, _ = make()
     t = tid()
-    proc.consume(Signal.TRACES, traces_request(span(t, root=True), resource={"service.name": "a"}, scope="s1"))
-    proc.consume(Signal.TRACES, traces_request(span(t), resource={"service.name": "b"}, scope="s1"))
-    proc.consume(Signal.TRACES, traces_request(span(t), resource={"service.name": "a"}, scope="s2"))
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(t, root=True), resource={"service.name": "a"}, scope="s1")))
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(t), resource={"service.name": "b"}, scope="s1")))
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(t), resource={"service.name": "a"}, scope="s2")))
     proc.tick(clock.advance(10))
     (out,) = sink.of(Signal.TRACES)
     layout = {(rs.resource.attributes[0].value.string_value, ss.scope.name): len(ss.spans)
@@ -285,9 +284,9 @@ def test_kept_spans_from_different_resources_and_scopes_stay_under_their_own():
 def test_a_span_that_already_names_a_policy_or_threshold_gets_them_replaced():
     proc, sink, clock, _ = make([{"name": "rl", "type": "rate_limiting", "rate_limiting": {"spans_per_second": 100}}])
     t = tid()
-    proc.consume(Signal.TRACES, traces_request(
+    proc.consume(Envelope(Signal.TRACES, traces_request(
         span(t, root=True, attrs={"sampling.policy": "upstream", "x": 1}, trace_state="ot=th:8;rv:12345678901234"),
-        span(t, trace_state="ot=th:8")))
+        span(t, trace_state="ot=th:8"))))
     proc.tick(clock.advance(10))
     first, second = kept_spans(sink)
     assert [(kv.key, getattr(kv.value, kv.value.WhichOneof("value"))) for kv in first.attributes] == [
@@ -300,8 +299,8 @@ def test_buffered_bytes_cover_the_encoded_data_and_return_to_zero():
     proc, _, clock, _ = make(ERRORS_ONLY)
     req = traces_request(*[span(tid(), attrs={"blob": "x" * 500}) for _ in range(20)])
     wire = req.ByteSize()
-    proc.consume(Signal.TRACES, req)
-    proc.consume(Signal.LOGS, logs_request((req.resource_spans[0].scope_spans[0].spans[0].trace_id, 9, "y" * 300)))
+    proc.consume(Envelope(Signal.TRACES, req))
+    proc.consume(Envelope(Signal.LOGS, logs_request((req.resource_spans[0].scope_spans[0].spans[0].trace_id, 9, "y" * 300))))
     assert wire + 300 < proc.buffered_bytes < 3 * wire
     proc.tick(clock.advance(10))
     assert proc.buffered_bytes == 0 and proc.buffered_traces == 0

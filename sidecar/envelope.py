@@ -1,0 +1,124 @@
+"""The request envelope: the one unit of data between stages.
+
+An :class:`Envelope` holds one OTLP request of one signal: its item count (counted once,
+where the data entered the sidecar) and its protobuf message and/or its wire encoding,
+each made on first use. Stages that work on the encoding (span_metrics, tail_sampling,
+the queues, the OTLP exporters) reuse the bytes the request was received as; stages that
+read fields use :attr:`Envelope.message`.
+
+The message is read-only. :meth:`Envelope.mutable` is the one way to change it, and it
+gives up the encoding, so stale bytes can never be exported. Data shared by a fan-out is
+marked read-only (:meth:`share`): ``mutable()`` on such a view hands that view a private
+copy, so one branch's redaction never reaches another branch. Model: otelcol's
+exporterhelper request (item count + encoding) and pdata's read-only marking in the
+fan-out consumer.
+
+    env = Envelope(Signal.TRACES, request)            # from a message (items counted now)
+    env = Envelope(Signal.TRACES, encoded=raw, items=n) # from received bytes, parsed on first .message
+    msg = env.mutable(); redact(msg); env.recount()     # change it: the bytes are gone
+"""
+
+from __future__ import annotations
+
+from sidecar.signals import Request, Signal, count_items
+
+
+class Envelope:
+    """One request of one signal between two stages; see the module docstring."""
+
+    __slots__ = ("signal", "items", "_message", "_encoded", "read_only", "parts")
+
+    def __init__(self, signal: Signal, message: Request | None = None, *, encoded: bytes | None = None,
+                 items: int | None = None, read_only: bool = False):
+        if message is None and encoded is None:
+            raise ValueError("an envelope needs its message or its encoding")
+        self.signal = signal
+        self._message = message
+        self._encoded = encoded
+        #: spans / log records / data points; counted from the message when not given
+        self.items = count_items(signal, self.message) if items is None else items
+        #: set on views shared by a fan-out: mutable() copies before handing the message out
+        self.read_only = read_only
+        #: the envelopes a merged envelope was made of (exporters that write one record per request)
+        self.parts: tuple[Envelope, ...] | None = None
+
+    @property
+    def message(self) -> Request:
+        """The request message, parsed from the encoding on first read. Do not change it: use :meth:`mutable`."""
+        msg = self._message
+        if msg is None:
+            msg = self._message = self.signal.request_type.FromString(self._encoded)
+        return msg
+
+    @property
+    def encoded(self) -> bytes:
+        """The wire encoding: the received bytes while nothing changed the request, else serialized once now."""
+        raw = self._encoded
+        if raw is None:
+            raw = self._encoded = self._message.SerializeToString()
+        return raw
+
+    @property
+    def has_encoding(self) -> bool:
+        """True when the encoding is at hand without serializing."""
+        return self._encoded is not None
+
+    @property
+    def has_message(self) -> bool:
+        """True when the message is at hand without parsing."""
+        return self._message is not None
+
+    def mutable(self) -> Request:
+        """The message, to change in place. Drops the encoding; a read-only view gets its own copy first."""
+        msg = self.message
+        if self.read_only:
+            copy = type(msg)()
+            copy.CopyFrom(msg)
+            msg = self._message = copy
+            self.read_only = False
+        self._encoded = None
+        self.parts = None
+        return msg
+
+    def compact(self) -> "Envelope":
+        """The same request in its smallest form: only the encoding when there is one (queues hold these).
+
+        A view is made, so other holders of this envelope keep their parsed message.
+        """
+        if self._encoded is None or self._message is None:
+            return self
+        view = self.share()
+        view._message, view.read_only = None, self.read_only
+        return view
+
+    def recount(self) -> int:
+        """Count the items again (after :meth:`mutable` removed some) and return the new count."""
+        self.items = count_items(self.signal, self.message)
+        return self.items
+
+    def share(self) -> "Envelope":
+        """A read-only view of the same data for one branch of a fan-out (no copy until someone mutates)."""
+        view = Envelope.__new__(Envelope)
+        view.signal, view.items = self.signal, self.items
+        view._message, view._encoded = self._message, self._encoded
+        view.read_only, view.parts = True, self.parts
+        return view
+
+    @classmethod
+    def merge(cls, envelopes: "list[Envelope]") -> "Envelope":
+        """One envelope holding several of the same signal, remembering its parts.
+
+        The merged encoding is the concatenation of the parts' encodings (protobuf merges
+        repeated top-level fields), so merging received requests costs no parse and no copy;
+        a part that exists only as a message is serialized once.
+        """
+        if len(envelopes) == 1:
+            return envelopes[0]
+        merged = cls(envelopes[0].signal, encoded=b"".join([e.encoded for e in envelopes]),
+                     items=sum(e.items for e in envelopes))
+        merged.parts = tuple(envelopes)
+        return merged
+
+    def __repr__(self) -> str:
+        forms = "+".join(f for f, v in (("message", self._message), ("encoded", self._encoded)) if v is not None)
+        return f"Envelope({self.signal.value}, {self.items} items, {forms}{', read-only' if self.read_only else ''})"

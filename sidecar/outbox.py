@@ -1,0 +1,135 @@
+"""Output a stage has accepted and holds for the next stage: ordered, bounded, honouring retry-after.
+
+``batch`` and ``tail_sampling`` accept data and hand it on later; when the next stage refuses,
+the data must wait, in order, without hammering the refusing stage, and without growing
+forever. An :class:`Outbox` does that once for both:
+
+- :meth:`put` appends an envelope; beyond ``max_items`` the oldest are dropped and counted
+  (``downstream_refused``: loss, not intended).
+- :meth:`flush` delivers in order, one delivery at a time; a retryable refusal keeps the
+  envelope at the head and pauses until ``retry_after`` (at least ``min_retry_delay``); a
+  permanent refusal drops it, counted with the refusal's reason.
+- :meth:`drain` flushes until empty or the shutdown deadline, then counts what is left
+  dropped (``shutdown``).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import Callable
+
+from sidecar.component import Consumer, Refused
+from sidecar.envelope import Envelope
+from sidecar.telemetry import ComponentTelemetry
+
+log = logging.getLogger(__name__)
+
+
+class Outbox:
+    def __init__(self, next_consumer: Consumer, telemetry: ComponentTelemetry, *, max_items: int,
+                 min_retry_delay: float = 0.0, clock: Callable[[], float] = time.monotonic, name: str = ""):
+        self._next = next_consumer
+        self._tel = telemetry
+        self.max_items = max_items
+        self._min_retry = min_retry_delay
+        self._clock = clock
+        self._name = name
+        self._lock = threading.Lock()  # the deque, items, retry_at
+        self._send_lock = threading.Lock()  # one delivery at a time keeps the order
+        self._held: collections.deque[Envelope] = collections.deque()
+        #: items held (the gauge and the callers' limits read it)
+        self.items = 0
+        #: after a retryable refusal, no delivery before this clock time
+        self.retry_at = float("-inf")
+        self._in_flight: Envelope | None = None  # being delivered: put() never drops it
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def put(self, envelope: Envelope) -> None:
+        """Hold ``envelope`` for delivery; beyond ``max_items`` the oldest held data is dropped and counted."""
+        dropped: list[Envelope] = []
+        with self._lock:
+            self._held.append(envelope)
+            self.items += envelope.items
+            while self.items > self.max_items and len(self._held) > 1:
+                old = self._held.popleft()
+                if old is self._in_flight:  # being delivered right now: drop the next one instead
+                    victim = self._held.popleft()
+                    self._held.appendleft(old)
+                    old = victim
+                self.items -= old.items
+                dropped.append(old)
+        for env in dropped:
+            self._tel.dropped(env.signal, env.items, "downstream_refused")
+        if dropped:
+            log.warning("%s: output held over %d items; dropped the oldest %d requests", self._name,
+                        self.max_items, len(dropped))
+
+    def waiting(self) -> bool:
+        """True while a refusal's retry-after has not passed: callers must not push now."""
+        return bool(self._held) and self._clock() < self.retry_at
+
+    def flush(self, *, blocking: bool = True) -> bool:
+        """Deliver held envelopes in order until empty, refused or waiting; True when empty."""
+        if not self._send_lock.acquire(blocking=blocking):
+            return False
+        try:
+            while True:
+                with self._lock:
+                    if not self._held:
+                        return True
+                    if self._clock() < self.retry_at:
+                        return False
+                    env = self._in_flight = self._held[0]
+                done = self._deliver(env)
+                with self._lock:
+                    self._in_flight = None
+                    if not done:
+                        return False
+                    if self._held and self._held[0] is env:
+                        self._held.popleft()
+                        self.items -= env.items
+        finally:
+            self._send_lock.release()
+
+    def _deliver(self, env: Envelope) -> bool:
+        """One delivery. False: refused for now (kept at the head); True: done with it (sent or dropped)."""
+        try:
+            self._next.consume(env)
+        except Refused as e:
+            if e.retryable:
+                with self._lock:
+                    self.retry_at = self._clock() + max(self._min_retry, e.retry_after or 0.0)
+                return False
+            log.warning("%s: next stage rejected %d %s for good: %s", self._name, env.items, env.signal.item_name, e)
+            self._tel.dropped(env.signal, env.items, e.reason)
+        except Exception:
+            log.exception("%s: next stage failed on %d %s; dropping them", self._name, env.items,
+                          env.signal.item_name)
+            self._tel.dropped(env.signal, env.items, "downstream_error")
+        return True
+
+    def drain(self, deadline: float, wait: Callable[[float], object] = time.sleep) -> None:
+        """Flush until empty or the monotonic ``deadline``, then count the rest dropped (``shutdown``)."""
+        while not self.flush() and time.monotonic() < deadline:
+            with self._lock:
+                self.retry_at = float("-inf")  # at shutdown, try again soon rather than honour long delays
+            wait(min(0.05, max(0.0, deadline - time.monotonic())))
+        self.discard("shutdown")
+
+    def discard(self, reason: str) -> int:
+        """Count everything held as dropped with ``reason`` and forget it; returns the items."""
+        with self._lock:
+            left = list(self._held)
+            self._held.clear()
+            self.items = 0
+        for env in left:
+            self._tel.dropped(env.signal, env.items, reason)
+        n = sum(e.items for e in left)
+        if n:
+            log.warning("%s: dropping %d items still held at the shutdown deadline", self._name, n)
+        return n

@@ -1,0 +1,141 @@
+"""Building tail_sampling's output from encoded parts, without parsing what it forwards.
+
+Export*ServiceRequest, Resource{Spans,Logs} and Scope{Spans,Logs} share one layout: field 1 is
+the resource/scope (or, in the request, the resource entries), field 2 the repeated children.
+Kept spans get ``sampling.policy`` and ``ot=th:...`` appended as encoded fields.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.logs.v1.logs_pb2 import ResourceLogs, ScopeLogs
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
+
+from sidecar.processors.tail_sampling.decisions import with_threshold
+from sidecar.signals import Request, Signal
+
+#: The span attribute naming the policy that kept the span's trace.
+POLICY_ATTRIBUTE = "sampling.policy"
+_POLICY_BYTES = POLICY_ATTRIBUTE.encode()
+
+
+# --- building requests from encoded parts -------------------------------------------------------------
+# Export*ServiceRequest, Resource{Spans,Logs} and Scope{Spans,Logs} share one layout: field 1 is the
+# resource/scope (or, in the request, the resource entries), field 2 the repeated children. A "head" is an
+# encoded Resource{Spans,Logs} or Scope{Spans,Logs} without its children; appending length-delimited
+# field-2 entries to it gives the whole message.
+
+_VARINTS = [bytes([n]) if n < 0x80 else bytes([(n & 0x7F) | 0x80, n >> 7]) for n in range(1 << 14)]
+
+
+def _varint(n: int) -> bytes:
+    if n < 16384:
+        return _VARINTS[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(tag: bytes, payload: bytes) -> bytes:
+    n = len(payload)
+    return tag + (_VARINTS[n] if n < 16384 else _varint(n)) + payload
+
+
+_TAG1, _TAG2 = b"\x0a", b"\x12"
+
+
+def span_heads(rs) -> tuple[bytes, Callable]:
+    return ResourceSpans(resource=rs.resource, schema_url=rs.schema_url).SerializeToString(), _scope_span_head
+
+
+def _scope_span_head(ss) -> bytes:
+    return ScopeSpans(scope=ss.scope, schema_url=ss.schema_url).SerializeToString()
+
+
+def log_heads(rl) -> tuple[bytes, Callable]:
+    return ResourceLogs(resource=rl.resource, schema_url=rl.schema_url).SerializeToString(), _scope_log_head
+
+
+def _scope_log_head(sl) -> bytes:
+    return ScopeLogs(scope=sl.scope, schema_url=sl.schema_url).SerializeToString()
+
+
+class Output:
+    """Collects encoded items under their resource and scope heads; :meth:`request` parses them once."""
+
+    __slots__ = ("signal", "n", "_resources")
+
+    def __init__(self, signal: Signal):
+        self.signal = signal
+        self.n = 0
+        self._resources: dict[bytes, dict[bytes, list[bytes]]] = {}
+
+    def add(self, resource_head: bytes, scope_head: bytes, items: list[bytes]) -> None:
+        """Add encoded items (spans or log records) as they are."""
+        scopes = self._resources.get(resource_head)
+        if scopes is None:
+            scopes = self._resources[resource_head] = {}
+        entries = scopes.get(scope_head)
+        if entries is None:
+            entries = scopes[scope_head] = []
+        varints = _VARINTS
+        entries.extend([_TAG2 + varints[len(b)] + b if len(b) < 16384 else _field(_TAG2, b) for b in items])
+        self.n += len(items)
+
+    def request(self) -> Request:
+        parts = []
+        for resource_head, scopes in self._resources.items():
+            body = resource_head + b"".join(
+                [_field(_TAG2, scope_head + b"".join(entries)) for scope_head, entries in scopes.items()])
+            parts.append(_field(_TAG1, body))
+        return self.signal.request_type.FromString(b"".join(parts))
+
+
+class KeptSpans:
+    """Encodes kept spans with their trace's policy name and sampling threshold appended (memoised per output)."""
+
+    __slots__ = ("_suffixes",)
+
+    def __init__(self):
+        self._suffixes: dict[tuple[str, int, str], bytes | None] = {}
+
+    def encode(self, blobs: list[bytes], tracestate: str, threshold: int, policy: str) -> list[bytes]:
+        key = (tracestate, threshold, policy)
+        suffix = self._suffixes.get(key, b"")
+        if suffix == b"":
+            suffix = self._suffixes[key] = _suffix(tracestate, threshold, policy)
+        if suffix is None:
+            return [_marked_slowly(b, tracestate, threshold, policy) for b in blobs]
+        return [b + suffix if _POLICY_BYTES not in b else _marked_slowly(b, tracestate, threshold, policy)
+                for b in blobs]
+
+
+def _suffix(tracestate: str, threshold: int, policy: str) -> bytes | None:
+    """Encoded fields that, appended to a span, set its new tracestate and add the policy attribute.
+
+    None when the new tracestate is empty but the old one is not: an empty string is not encoded,
+    so appending cannot clear a field.
+    """
+    new_ts = with_threshold(tracestate, threshold)
+    if not new_ts and tracestate:
+        return None
+    attr = KeyValue(key=POLICY_ATTRIBUTE, value=AnyValue(string_value=policy))
+    return Span(trace_state=new_ts, attributes=[attr]).SerializeToString()
+
+
+def _marked_slowly(blob: bytes, tracestate: str, threshold: int, policy: str) -> bytes:
+    """The general case: parse, replace the attribute if the span already has one, re-encode."""
+    span = Span.FromString(blob)
+    span.trace_state = with_threshold(tracestate, threshold)
+    for kv in span.attributes:
+        if kv.key == POLICY_ATTRIBUTE:
+            kv.value.string_value = policy
+            break
+    else:
+        span.attributes.add(key=POLICY_ATTRIBUTE).value.string_value = policy
+    return span.SerializeToString()
