@@ -106,6 +106,15 @@ def expand_env(node: Any, path: str, problems: list[str], environ: Mapping[str, 
     return node
 
 
+def _syntax_error(e: yaml.YAMLError) -> str:
+    """PyYAML's error as one line: where, then what (its own text quotes the input and ``<unicode string>``)."""
+    mark, context, context_mark = (getattr(e, a, None) for a in ("problem_mark", "context", "context_mark"))
+    if context and context_mark:
+        context += f" (from line {context_mark.line + 1})"
+    what = "; ".join(str(x) for x in (context, getattr(e, "problem", None)) if x) or str(e)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark else what
+
+
 def join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
@@ -124,13 +133,12 @@ class YamlFile:
         self.source = source
         self.problems: list[str] = []
         self._lines: dict[str, int] = {}
+        self._merged: dict[int, int] = {}
         self._loader = yaml.SafeLoader(text)
         try:
             self._root = self._loader.get_single_node()
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            raise ConfigError([f"{source}: not valid YAML: {e}"],
-                              [f"{source}:{mark.line + 1}" if mark else None]) from None
+            raise ConfigError([f"{source}: not valid YAML: {_syntax_error(e)}"]) from None
         finally:
             self._loader.dispose()
 
@@ -142,13 +150,21 @@ class YamlFile:
             raise ConfigError([f"{path}: cannot read config: {e.strerror}"]) from None
         return cls(text, str(path))
 
+    def _pairs(self, node: yaml.MappingNode) -> tuple[list, int]:
+        """The mapping's (key, value) node pairs with ``<<`` merges applied, and how many were merged in."""
+        if id(node) not in self._merged:
+            own = sum(1 for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge")
+            self._loader.flatten_mapping(node)  # merged pairs first, then the mapping's own
+            self._merged[id(node)] = len(node.value) - own
+        return node.value, self._merged[id(node)]
+
     def _node(self, keys: tuple[str, ...]) -> yaml.Node | None:
         node = self._root
         for key in keys:
             if not isinstance(node, yaml.MappingNode):
                 return None
-            self._loader.flatten_mapping(node)
-            node = next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key), None)
+            pairs, _ = self._pairs(node)
+            node = next((v for k, v in reversed(pairs) if isinstance(k, yaml.ScalarNode) and k.value == key), None)
         return node
 
     def keys(self, *keys: str) -> list[str] | None:
@@ -156,8 +172,8 @@ class YamlFile:
         node = self._node(keys)
         if not isinstance(node, yaml.MappingNode):
             return None
-        self._loader.flatten_mapping(node)
-        return [str(self._loader.construct_object(k, deep=True)) for k, _ in node.value]
+        keys_ = [str(self._loader.construct_object(k, deep=True)) for k, _ in self._pairs(node)[0]]
+        return list(dict.fromkeys(keys_))
 
     def value(self, *keys: str, environ: Mapping[str, str] | None = None) -> Any:
         """The Python value at ``keys`` (the whole document without), references expanded from ``environ``."""
@@ -173,17 +189,23 @@ class YamlFile:
             self.problems.append(f"{path}: nested more than {_MAX_DEPTH} levels deep (a recursive alias?)")
             return None
         if isinstance(node, yaml.MappingNode):
-            self._loader.flatten_mapping(node)
+            pairs, merged = self._pairs(node)
             out: dict[Any, Any] = {}
-            for key_node, value_node in node.value:
+            inherited = set()  # keys that came from a << merge: the mapping's own may override them
+            for i, (key_node, value_node) in enumerate(pairs):
                 key = self._construct(key_node, path)
                 if isinstance(key, (list, dict)):
                     key = str(key)  # a complex key: no config section has one, so it fails as unknown
                 where = join(path, str(key))
-                if key in out:
+                if key in out and key not in inherited:
                     self.problems.append(f"{where}: duplicate key (first on line {self._lines.get(where, '?')})")
                     continue
-                self._lines.setdefault(where, key_node.start_mark.line + 1)  # errors point at the key
+                if i < merged:
+                    inherited.add(key)
+                    self._lines.setdefault(where, key_node.start_mark.line + 1)
+                else:
+                    inherited.discard(key)
+                    self._lines[where] = key_node.start_mark.line + 1  # errors point at the key
                 out[key] = self._build(value_node, where, env, depth + 1)
             return out
         if isinstance(node, yaml.SequenceNode):

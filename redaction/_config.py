@@ -196,13 +196,16 @@ def load_redaction_config(source: "str | os.PathLike | dict | RedactionConfig | 
         keys = ("processors", names[0])
     prefix = ".".join(keys)
     body = doc.value(*keys, environ=environ)
+    problems = list(doc.problems)  # every problem at once, in the sidecar's order
     if body is None:
         body = {}
-    if doc.problems:
-        raise doc.error(doc.problems, RedactionConfigError)
     if not isinstance(body, dict):
-        raise doc.error([f"{prefix or source}: must be a mapping"], RedactionConfigError)
-    try:
-        return RedactionConfig.model_validate(body)
-    except ValidationError as e:
-        raise doc.error(format_problems(e, prefix), RedactionConfigError) from None
+        problems.append(f"{prefix or source}: must be a mapping")
+    else:
+        try:
+            config = RedactionConfig.model_validate(body)
+        except ValidationError as e:
+            problems.extend(format_problems(e, prefix))
+    if problems:
+        raise doc.error(problems, RedactionConfigError)
+    return config

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
     except ConfigError as e:
         print(f"{args.config}: {len(e.problems)} problem(s):", file=sys.stderr)
-        for p in e.problems:
+        for p in e.located:  # file:line: yaml.path: message
             print(f"  {p}", file=sys.stderr)
         return 2
     if args.command == "validate":
