@@ -77,6 +77,7 @@ _MODULES = (
     "sidecar.exporters.otlphttp",
     "sidecar.exporters.file",
     "sidecar.exporters.debug",
+    "sidecar.exporters.syslog",
     "sidecar.extensions.health_check",
     "sidecar.extensions.file_storage",
 )
