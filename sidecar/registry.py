@@ -73,6 +73,7 @@ _MODULES = (
     "sidecar.processors.span_metrics",
     "sidecar.processors.tail_sampling",
     "sidecar.processors.redaction",
+    "sidecar.processors.k8s_resource",
     "sidecar.exporters.otlp",
     "sidecar.exporters.otlphttp",
     "sidecar.exporters.file",
