@@ -38,6 +38,9 @@ TENSOR_FORMAT = "ml.tensors/v1"
 #: the span attribute tail sampling sets on the spans of a trace it keeps
 POLICY_ATTRIBUTE = attr.SAMPLING_POLICY
 
+#: set on the spans of ``python -m instrumentation.replay``
+REPLAY = "replay"
+
 #: span attribute -> parameter name in the record
 PARAMETERS = {
     attr.GEN_AI_REQUEST_TEMPERATURE: "temperature",
@@ -224,6 +227,8 @@ def extract(request, *, user_id_salt: str | None = None) -> Extraction:
         for ss in rs.scope_spans:
             for span in ss.spans:
                 attrs = _attrs(span.attributes)
+                if attrs.get(REPLAY) is True:  # instrumentation.replay re-running a record: not a request
+                    continue
                 if _is_entry(span):
                     entries.append((span, attrs, service, _span_facts(span, attrs)))
                 elif _is_inference(attrs):
