@@ -31,8 +31,8 @@ from pydantic import Field, field_validator, model_validator
 
 from sidecar.component import Kind, PermanentError, RetryableError
 from sidecar.config import ConfigModel, HostPort, split_host_port
-from sidecar.exporters import _rfc5424 as rfc
 from sidecar.envelope import Envelope
+from sidecar.exporters import _rfc5424 as rfc
 from sidecar.exporters.base import BaseExporter, ExporterConfig
 from sidecar.exporters.senders import Delivery
 from sidecar.registry import CreateSettings, Factory
