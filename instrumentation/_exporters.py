@@ -193,12 +193,17 @@ class SDKFailureLines(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             message = record.getMessage().splitlines()[0] if record.msg else record.name
-            signal = next((s for s in SIGNALS if s in message), "")
-            self._limiter.report(f"sdk:{record.name}:{signal}", message)
+            if message.startswith(_AT_SHUTDOWN):
+                return  # our own deadline cut the exporter short: the failure line for that batch follows
+            lower = message.lower()
+            signal = next((s for s, words in _SIGNAL_WORDS if any(w in lower for w in words)), "sdk")
+            self._limiter.report(signal, message)  # one key per signal, shared with FailureReporting
         except Exception:  # noqa: BLE001 - reporting must never raise into the exporter
             pass
 
 
+_AT_SHUTDOWN = ("Shutdown in progress", "Exporter already shutdown", "Can't export", "Processor already shutdown")
+_SIGNAL_WORDS = (("traces", ("span", "trace")), ("metrics", ("metric",)), ("logs", ("log",)))
 _SDK_LINES = SDKFailureLines()
 
 
