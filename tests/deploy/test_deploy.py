@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sidecar.envelope import Envelope
 from sidecar.config import parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,20 +32,6 @@ def test_alert_rules_pass_promtool_unit_tests():
     test = subprocess.run([promtool, "test", "rules", "alerts_test.yaml"], cwd=DEPLOY / "prometheus",
                           capture_output=True, text=True)
     assert test.returncode == 0, test.stdout + test.stderr
-
-
-def test_kubernetes_manifests_parse_and_use_a_native_sidecar():
-    docs = [d for f in (DEPLOY / "kubernetes").glob("*.yaml") for d in yaml.safe_load_all(f.read_text()) if d]
-    kinds = {d["kind"] for d in docs}
-    assert {"Deployment", "Service", "StatefulSet"} <= kinds
-    (deploy,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "resnet-server"]
-    (sidecar,) = deploy["spec"]["template"]["spec"]["initContainers"]
-    assert sidecar["restartPolicy"] == "Always"
-    assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    app = deploy["spec"]["template"]["spec"]["containers"][0]
-    env = {e["name"] for e in app["env"]}
-    assert {"OTEL_EXPORTER_OTLP_ENDPOINT", "K8S_POD_NAME", "K8S_NAMESPACE_NAME", "K8S_NODE_NAME"} <= env
 
 
 def _queried_metrics() -> set[str]:
@@ -81,7 +68,7 @@ def test_dashboard_and_alerts_query_metrics_the_sidecar_exposes():
         from workload import trace_request
 
         req, _ = trace_request(random.Random(1), 200, pii=1.0)
-        service.graph.processors["memory_limiter"].consume(Signal.TRACES, req)  # the head of the traces pipeline
+        service.graph.processors["memory_limiter"].consume(Envelope(Signal.TRACES, req))  # the head of the traces pipeline
     finally:
         service.shutdown(5)  # tail sampling decides everything pending, redaction and export follow
     from prometheus_client import generate_latest
