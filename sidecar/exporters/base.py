@@ -27,20 +27,19 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import Callable, Literal
 
 from pydantic import Field, field_validator
 
 from sidecar.component import Component, Kind
 from sidecar.config import ConfigModel, Duration
 from sidecar.envelope import Envelope
+from sidecar.exporters.senders import Delivery, QueueSender, RetryingSender, TimeoutSender
 from sidecar.queue import SendingQueue
 from sidecar.queue.retry import RetryConfig
 from sidecar.registry import CreateSettings
 from sidecar.signals import Signal
 
-if TYPE_CHECKING:
-    from sidecar.exporters.senders import Delivery
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +137,6 @@ class BaseExporter(Component, ABC):
     """The chain queue -> retry -> timeout -> :meth:`push`; subclasses implement ``push`` (and open/close)."""
 
     def __init__(self, settings: CreateSettings, *, timeout: float, queue: QueueConfig, retry: RetryConfig):
-        from sidecar.exporters.senders import QueueSender, RetryingSender, TimeoutSender
-
         self.id = str(settings.id)
         self.telemetry = settings.telemetry
         self.log = RateLimitedLog(logging.getLogger(f"sidecar.exporter.{self.id}"))
@@ -151,7 +148,7 @@ class BaseExporter(Component, ABC):
     # --- what subclasses provide ----------------------------------------------------------------
 
     @abstractmethod
-    def push(self, envelope: Envelope, timeout: float) -> "int | Delivery":
+    def push(self, envelope: Envelope, timeout: float) -> int | Delivery:
         """Send one request within ``timeout`` seconds; return the number of items the backend rejected
         (or a :class:`~sidecar.exporters.senders.Delivery` that also names items left out by design)."""
 

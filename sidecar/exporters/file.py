@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -22,6 +23,7 @@ from sidecar.exporters.base import BaseExporter, ExporterConfig
 from sidecar.registry import CreateSettings, Factory
 from sidecar.envelope import Envelope
 from sidecar.signals import Signal
+from sidecar.ticker import Ticker
 
 
 class RotationConfig(ConfigModel):
@@ -127,8 +129,7 @@ class FileExporter(BaseExporter):
                        for s in Signal}
         self._flush_interval = cfg.flush_interval
         self._flush_each = cfg.flush_interval == 0
-        self._flusher: threading.Thread | None = None
-        self._stop_flusher = threading.Event()
+        self._flusher = Ticker(self._flush_all, self._flush_interval or 1.0, name=f"exporter-{self.id}-flush")
 
     def _open(self) -> None:
         try:
@@ -138,18 +139,14 @@ class FileExporter(BaseExporter):
         if not os.access(self.directory, os.W_OK):
             raise ValueError(f"exporters.{self.id}.directory: {self.directory} is not writable")
         if not self._flush_each:
-            self._flusher = threading.Thread(target=self._flush_loop, name=f"exporter-{self.id}-flush", daemon=True)
             self._flusher.start()
 
-    def _flush_loop(self) -> None:
-        while not self._stop_flusher.wait(self._flush_interval):
-            for f in self._files.values():
-                f.flush()
+    def _flush_all(self) -> None:
+        for f in self._files.values():
+            f.flush()
 
     def _close(self) -> None:
-        self._stop_flusher.set()
-        if self._flusher is not None:
-            self._flusher.join(2)
+        self._flusher.stop(time.monotonic() + 2)
         for f in self._files.values():
             f.flush()
             f.close()

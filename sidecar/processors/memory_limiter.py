@@ -1,6 +1,6 @@
 """The ``memory_limiter`` processor: refuse data while the process is near its memory limit.
 
-A background thread reads the resident set size every ``check_interval``. Above the soft
+A :class:`~sidecar.ticker.Ticker` reads the resident set size every ``check_interval``. Above the soft
 limit (``limit - spike_limit``) the processor refuses everything with
 ``Refused("memory_limit")`` (receivers answer RESOURCE_EXHAUSTED / 429 so clients back off
 and retry), and it asks Python and glibc to hand memory back. It accepts again once RSS
@@ -15,7 +15,7 @@ import ctypes.util
 import gc
 import logging
 import os
-import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +25,7 @@ from pydantic import Field, model_validator
 from sidecar.component import Component, Consumer, Kind, Refused
 from sidecar.config import ConfigModel, Duration
 from sidecar.registry import ALL_SIGNALS, CreateSettings, Factory
+from sidecar.ticker import Ticker
 from sidecar.envelope import Envelope
 
 log = logging.getLogger(__name__)
@@ -148,8 +149,7 @@ class MemoryLimiter(Component):
         self.refusing = False
         self.rss = 0
         self._retry_after = max(self.check_interval, 1.0)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._ticker = Ticker(self.check, self.check_interval, name=f"{self.id}-check")
 
         root = settings.telemetry.root
         root.family(Gauge, "sidecar_memory_limiter_rss_bytes", "Resident set size at the last check.",
@@ -186,24 +186,12 @@ class MemoryLimiter(Component):
                 log.info("%s: RSS %d MiB is below the soft limit again: accepting data", self.id, rss // _MIB)
             self.refusing = over
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.check_interval):
-            try:
-                self.check()
-            except Exception:  # never let a failed read stop the checks
-                log.exception("%s: memory check failed", self.id)
-
     def start(self, host) -> None:
         self.check()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=f"{self.id}-check", daemon=True)
-        self._thread.start()
+        self._ticker.start()
 
     def shutdown(self, deadline: float) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=max(0.1, min(self.check_interval, 5.0)))
-            self._thread = None
+        self._ticker.stop(min(deadline, time.monotonic() + 5.0))
 
 
 FACTORY = Factory(

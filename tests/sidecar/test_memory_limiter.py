@@ -136,7 +136,7 @@ def test_background_checks_start_with_an_immediate_reading():
         assert not limiter.refusing  # the thread keeps checking
     finally:
         limiter.shutdown(time.monotonic() + 1)
-    assert limiter._thread is None
+    assert not limiter._ticker.running
 
 
 @pytest.mark.parametrize("body, message", [
