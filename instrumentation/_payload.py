@@ -10,7 +10,9 @@ successful forward calls are captured, after they return (a model that changes i
 tensors in place records the changed values).
 
 Format ``ml.tensors/v1``: ``{"format": "ml.tensors/v1", "value": V}`` where V is
-``{"tensor": {"dtype", "shape", "data"}}`` (data flat, row-major; floats round-trip exactly),
+``{"tensor": {"dtype", "shape", "b64"}}`` (the raw little-endian bytes, row-major, in
+base64: exact, compact, and free of the digit runs that decimal floats would offer the
+card-number and other redaction detectors),
 ``{"list": [V...]}``, ``{"tuple": [V...]}``, ``{"dict": {key: V}}`` or ``{"py": scalar}``.
 A payload larger than the limit is replaced by ``{"format": ..., "omitted": "..."}`` so
 the record says why it cannot be replayed. Redaction (in-process and in the sidecar) still
@@ -25,7 +27,10 @@ as ``{"unsupported": type name}``), and any payload over the size limit.
 
 from __future__ import annotations
 
+import base64
 import json
+import math
+import sys
 import threading
 from typing import Any, Callable
 
@@ -87,9 +92,10 @@ def _encode_value(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
         if v.is_complex() or v.is_quantized or v.layout != torch.strided:
             return {"unsupported": f"tensor {v.dtype} {v.layout}"}
-        t = v.detach().cpu()
-        return {"tensor": {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
-                           "data": t.reshape(-1).tolist()}}
+        t = v.detach().cpu().contiguous().reshape(-1)
+        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        return {"tensor": {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape),
+                           "b64": base64.b64encode(raw).decode("ascii")}}
     if v is None or isinstance(v, (bool, int, float, str)):
         return {"py": v}
     if isinstance(v, tuple):
@@ -116,6 +122,8 @@ def encode_call(args: tuple, kwargs: dict) -> str:
 def _decode_value(v: Any) -> Any:
     import torch
 
+    if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
+        raise PayloadError("tensor payloads are little-endian; this host is not")
     if not isinstance(v, dict) or len(v) != 1:
         raise PayloadError(f"not an encoded value: {str(v)[:80]}")
     (kind, body), = v.items()
@@ -123,7 +131,16 @@ def _decode_value(v: Any) -> Any:
         dtype = getattr(torch, body["dtype"], None)
         if not isinstance(dtype, torch.dtype):
             raise PayloadError(f"unknown dtype {body['dtype']!r}")
-        return torch.tensor(body["data"], dtype=dtype).reshape(body["shape"])
+        try:
+            raw = base64.b64decode(body["b64"], validate=True)
+        except (ValueError, TypeError):
+            raise PayloadError("tensor bytes are not valid base64 (redacted?)") from None
+        shape = [int(x) for x in body["shape"]]
+        if len(raw) != math.prod(shape) * dtype.itemsize:
+            raise PayloadError(f"tensor bytes do not fill shape {shape} of {body['dtype']} (redacted?)")
+        if not raw:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
     if kind == "py":
         return body
     if kind in ("list", "tuple"):
