@@ -57,6 +57,16 @@ if ! command -v promtool >/dev/null 2>&1; then
     echo "note: promtool not found and not root; alert-rule tests will be skipped" >&2
   fi
 fi
+# PostgreSQL (Debian's postgresql): the audit store tests start a real server from its initdb/pg_ctl.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing Debian's postgresql package for the audit store tests..."
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null) \
+      || echo "warning: could not install postgresql; PostgreSQL audit store tests will be skipped" >&2
+  else
+    echo "note: PostgreSQL not found and not root; PostgreSQL audit store tests will be skipped" >&2
+  fi
+fi
 # rsyslogd (Debian's rsyslog, with its gnutls driver) receives the syslog exporter's messages in its tests.
 if ! command -v rsyslogd >/dev/null 2>&1 && [ ! -x /usr/sbin/rsyslogd ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
