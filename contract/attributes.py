@@ -15,6 +15,7 @@ request identity                   app middleware -> every span and log record o
 ``ml.model.*``                     torch / TorchServe / GenAI instrumentation -> span metrics'
                                    ``model_id``/``model_version`` labels, audit, drift
 ``ml.*`` forward facts, payloads   torch instrumentation, replay capture -> audit records
+``ml.drift.*``                     drift summaries (metrics) -> the drift processor
 ``gen_ai.*``                       GenAI instrumentation -> span metrics (model fallback),
                                    audit, redaction (measurement keys that look like secrets)
 ``service.name``                   the app's OTel resource -> every sidecar label and record
@@ -50,6 +51,14 @@ ML_DEVICE = "ml.device"
 #: Replayable tensor payloads, written only when the app enables capture.
 ML_INPUT_PAYLOAD = "ml.input.payload"
 ML_OUTPUT_PAYLOAD = "ml.output.payload"
+
+# --- drift summaries (instrumentation.drift -> the sidecar's drift processor) -----------------
+#: Histogram of per-forward summary statistics; a data point per model version and feature.
+ML_DRIFT_VALUE = "ml.drift.value"
+#: Counter of categorical features (shape, dtype, label); also the attribute naming the category.
+ML_DRIFT_CATEGORY = "ml.drift.category"
+ML_DRIFT_FEATURE = "ml.drift.feature"
+ML_DRIFT_SIGN = "ml.drift.sign"
 
 # --- generative AI (OpenTelemetry GenAI semantic conventions) ---------------------------------
 GEN_AI_OPERATION_NAME = "gen_ai.operation.name"

@@ -18,12 +18,10 @@ from opentelemetry import baggage, propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
-#: Span attribute names shared with the sidecar (the project-wide contract).
-REQUEST_ID = "request.id"
-USER_ID = "user.id"
-FORCE_KEEP = "sampling.force_keep"
-#: Semantic tags travel as span attributes and W3C baggage entries with this prefix.
-TAG_PREFIX = "tag."
+from contract.attributes import REQUEST_ID, SAMPLING_FORCE_KEEP, TAG_PREFIX, USER_ID
+
+#: Span attribute names shared with the sidecar: the project-wide contract, in contract.attributes.
+FORCE_KEEP = SAMPLING_FORCE_KEEP
 
 
 class RequestContext:

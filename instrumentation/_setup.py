@@ -31,6 +31,7 @@ from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import Link, SpanKind
 from opentelemetry.util.types import Attributes
 
+from contract.attributes import SERVICE_NAME
 from instrumentation._context import FORCE_KEEP, RequestContextSpanProcessor, current_request
 from instrumentation._exporters import build_exporters, report_sdk_failures
 
@@ -283,7 +284,7 @@ def configure(service_name: str | None = None, endpoint: str | None = None, prot
 
         attrs = dict(resource_attributes or {})
         if service_name:
-            attrs["service.name"] = service_name
+            attrs[SERVICE_NAME] = service_name
         # k8s identity < OTEL_RESOURCE_ATTRIBUTES/OTEL_SERVICE_NAME < explicit arguments
         resource = Resource(k8s_resource_attributes()).merge(Resource.create(attrs))
 

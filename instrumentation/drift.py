@@ -41,14 +41,23 @@ from typing import Any
 
 from opentelemetry import metrics, trace
 
+from contract.attributes import (
+    GEN_AI_TOKEN_TYPE,
+    ML_DRIFT_CATEGORY,
+    ML_DRIFT_FEATURE,
+    ML_DRIFT_SIGN,
+    ML_DRIFT_VALUE,
+    ML_MODEL_ID,
+    ML_MODEL_VERSION,
+)
 from instrumentation._context import _CURRENT
 
 _SCOPE = "instrumentation.drift"
-MODEL_ID = "ml.model.id"
-MODEL_VERSION = "ml.model.version"
-FEATURE = "ml.drift.feature"
-CATEGORY = "ml.drift.category"
-SIGN = "ml.drift.sign"
+MODEL_ID = ML_MODEL_ID
+MODEL_VERSION = ML_MODEL_VERSION
+FEATURE = ML_DRIFT_FEATURE
+CATEGORY = ML_DRIFT_CATEGORY
+SIGN = ML_DRIFT_SIGN
 SIZE_BUCKET = "ml.cost.size_bucket"
 INTENT = "ml.intent"
 
@@ -88,10 +97,10 @@ class _Instruments:
     def __init__(self, meter_provider: Any) -> None:
         meter = metrics.get_meter(_SCOPE, meter_provider=meter_provider)
         self.value = meter.create_histogram(
-            "ml.drift.value", description="Per-forward summary statistics of model inputs and outputs",
+            ML_DRIFT_VALUE, description="Per-forward summary statistics of model inputs and outputs",
             explicit_bucket_boundaries_advisory=BOUNDS)
         self.category = meter.create_counter(
-            "ml.drift.category", unit="{row}", description="Categorical input/output features (shape, dtype, label)")
+            ML_DRIFT_CATEGORY, unit="{row}", description="Categorical input/output features (shape, dtype, label)")
         self.duration = meter.create_histogram(
             "ml.cost.duration", unit="s", description="Forward or generation duration by input size and intent",
             explicit_bucket_boundaries_advisory=_DURATION_BOUNDS)
@@ -303,9 +312,9 @@ class DriftObserver:
             self._inst.items.add(1, attrs)
             if input_tokens is not None:
                 self._inst.tokens.record(input_tokens, state.cost(attrs[SIZE_BUCKET], attrs[INTENT],
-                                                                  (("gen_ai.token.type", "input"),)))
+                                                                  ((GEN_AI_TOKEN_TYPE, "input"),)))
             self._inst.tokens.record(output_tokens, state.cost(attrs[SIZE_BUCKET], attrs[INTENT],
-                                                               (("gen_ai.token.type", "output"),)))
+                                                               ((GEN_AI_TOKEN_TYPE, "output"),)))
         if next(state.counter) % self.sample_every:
             return
         if input_tokens is not None:

@@ -29,6 +29,19 @@ from opentelemetry import metrics, trace
 from opentelemetry.context import attach, detach
 from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
 
+from contract.attributes import (
+    GEN_AI_COMPLETION,
+    GEN_AI_OPERATION_NAME,
+    GEN_AI_PROMPT,
+    GEN_AI_REQUEST_MODEL,
+    GEN_AI_RESPONSE_FINISH_REASONS,
+    GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN,
+    GEN_AI_SERVER_TIME_TO_FIRST_TOKEN,
+    GEN_AI_TOKEN_TYPE,
+    GEN_AI_USAGE_INPUT_TOKENS,
+    GEN_AI_USAGE_OUTPUT_TOKENS,
+)
+
 _SCOPE = "instrumentation.genai"
 # Bucket boundaries recommended by the GenAI semantic conventions.
 _DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
@@ -46,10 +59,10 @@ class _Instruments:
         self.duration = hist("gen_ai.server.request.duration", unit="s",
                              description="Generative AI server request duration",
                              explicit_bucket_boundaries_advisory=_DURATION_BUCKETS)
-        self.ttft = hist("gen_ai.server.time_to_first_token", unit="s",
+        self.ttft = hist(GEN_AI_SERVER_TIME_TO_FIRST_TOKEN, unit="s",
                          description="Time to generate the first token",
                          explicit_bucket_boundaries_advisory=_TTFT_BUCKETS)
-        self.tpot = hist("gen_ai.server.time_per_output_token", unit="s",
+        self.tpot = hist(GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN, unit="s",
                          description="Time per output token after the first",
                          explicit_bucket_boundaries_advisory=_TPOT_BUCKETS)
         self.tokens = hist("gen_ai.client.token.usage", unit="{token}",
@@ -107,12 +120,12 @@ class Generation:
     def prompt(self, text: str) -> None:
         """Record the prompt (only with ``capture_content=True``)."""
         if self._capture:
-            self.span.add_event("gen_ai.content.prompt", {"gen_ai.prompt": text})
+            self.span.add_event("gen_ai.content.prompt", {GEN_AI_PROMPT: text})
 
     def completion(self, text: str) -> None:
         """Record generated text (only with ``capture_content=True``)."""
         if self._capture:
-            self.span.add_event("gen_ai.content.completion", {"gen_ai.completion": text})
+            self.span.add_event("gen_ai.content.completion", {GEN_AI_COMPLETION: text})
 
     def _end(self, error: BaseException | None) -> None:
         end = time.perf_counter()
@@ -120,26 +133,26 @@ class Generation:
         if error is not None:
             attrs = {**attrs, "error.type": type(error).__qualname__}
         inst.duration.record(end - self._start, attrs)
-        final: dict[str, Any] = {"gen_ai.usage.output_tokens": self.output_tokens}
+        final: dict[str, Any] = {GEN_AI_USAGE_OUTPUT_TOKENS: self.output_tokens}
         if self.input_tokens is not None:
-            final["gen_ai.usage.input_tokens"] = self.input_tokens
-            inst.tokens.record(self.input_tokens, {**attrs, "gen_ai.token.type": "input"})
-        inst.tokens.record(self.output_tokens, {**attrs, "gen_ai.token.type": "output"})
+            final[GEN_AI_USAGE_INPUT_TOKENS] = self.input_tokens
+            inst.tokens.record(self.input_tokens, {**attrs, GEN_AI_TOKEN_TYPE: "input"})
+        inst.tokens.record(self.output_tokens, {**attrs, GEN_AI_TOKEN_TYPE: "output"})
         if self.finish_reasons:
-            final["gen_ai.response.finish_reasons"] = self.finish_reasons
+            final[GEN_AI_RESPONSE_FINISH_REASONS] = self.finish_reasons
         for fn in _GEN_OBSERVERS:  # drift and cost summaries (instrumentation.drift)
             try:
-                fn(self._metric_attrs["gen_ai.request.model"], None, self.input_tokens, self.output_tokens,
+                fn(self._metric_attrs[GEN_AI_REQUEST_MODEL], None, self.input_tokens, self.output_tokens,
                    end - self._start)
             except Exception:  # noqa: BLE001 - an observer must never fail a generation
                 pass
         if self._first is not None:
             ttft = self._first - self._start
-            final["gen_ai.server.time_to_first_token"] = ttft
+            final[GEN_AI_SERVER_TIME_TO_FIRST_TOKEN] = ttft
             inst.ttft.record(ttft, attrs)
             if self.output_tokens > 1 and self._last is not None:
                 tpot = (self._last - self._first) / (self.output_tokens - 1)
-                final["gen_ai.server.time_per_output_token"] = tpot
+                final[GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN] = tpot
                 inst.tpot.record(tpot, attrs)
         span.set_attributes(final)
         if error is not None:
@@ -163,7 +176,7 @@ class trace_generation:  # noqa: N801 - used like a function (context manager / 
         self._tracer = trace.get_tracer(_SCOPE, tracer_provider=tracer_provider)
         self._inst = _instruments_for(meter_provider)
         self._name = f"{operation} {model}"
-        attrs: dict[str, Any] = {"gen_ai.operation.name": operation, "gen_ai.request.model": model}
+        attrs: dict[str, Any] = {GEN_AI_OPERATION_NAME: operation, GEN_AI_REQUEST_MODEL: model}
         self._metric_attrs = dict(attrs)
         for key, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed),
                            ("max_tokens", max_tokens)):

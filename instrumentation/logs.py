@@ -20,6 +20,7 @@ from opentelemetry._logs import LoggerProvider as APILoggerProvider
 from opentelemetry._logs import SeverityNumber, get_logger_provider
 from opentelemetry.context import get_current
 
+from contract.attributes import ML_MODEL_ID, ML_MODEL_VERSION
 from instrumentation._context import REQUEST_ID, TAG_PREFIX, USER_ID, current_request
 
 #: Attributes every LogRecord has; anything else on a record came from ``extra={...}``.
@@ -97,10 +98,10 @@ class LoggingBridge(logging.Handler):
                     attributes[USER_ID] = ctx.user_id
                 for k, v in ctx.tags.items():
                     attributes[TAG_PREFIX + k] = v
-                if ctx.model_id and "ml.model.id" not in attributes:
-                    attributes["ml.model.id"] = ctx.model_id
+                if ctx.model_id and ML_MODEL_ID not in attributes:
+                    attributes[ML_MODEL_ID] = ctx.model_id
                     if ctx.model_version:
-                        attributes["ml.model.version"] = ctx.model_version
+                        attributes[ML_MODEL_VERSION] = ctx.model_version
             if record.exc_info and record.exc_info[0] is not None:
                 attributes.update(exception_attributes(record.exc_info))
             attributes["code.function.name"] = record.funcName

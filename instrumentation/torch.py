@@ -65,6 +65,15 @@ from opentelemetry import metrics, trace
 from opentelemetry.context import attach, detach
 from opentelemetry.trace import Status, StatusCode, set_span_in_context
 
+from contract.attributes import (
+    ML_BATCH_SIZE,
+    ML_DEVICE,
+    ML_INPUT_DTYPES,
+    ML_INPUT_SHAPES,
+    ML_MODEL_ID,
+    ML_MODEL_VERSION,
+    ML_OUTPUT_SHAPES,
+)
 from instrumentation._context import _CURRENT
 
 _SCOPE = "instrumentation.torch"
@@ -267,14 +276,14 @@ class _ForwardSpans:
         self.model_version = model_version
         self._tracer = trace.get_tracer(_SCOPE, tracer_provider=tracer_provider)
         self._span_name = f"ml.forward {model_id}"
-        static: dict[str, Any] = {"ml.model.id": model_id}
+        static: dict[str, Any] = {ML_MODEL_ID: model_id}
         if model_version is not None:
-            static["ml.model.version"] = model_version
+            static[ML_MODEL_VERSION] = model_version
         static["ml.parameter_count"] = sum(p.numel() for p in model.parameters()) if hasattr(
             model, "parameters") else 0
         static["ml.torch.version"] = torch.__version__
         self._static = static
-        self._metric_attrs = {k: static[k] for k in ("ml.model.id", "ml.model.version") if k in static}
+        self._metric_attrs = {k: static[k] for k in (ML_MODEL_ID, ML_MODEL_VERSION) if k in static}
         self._describe = _Describer()
         self._gpu_types = gpu_device_types
         if cuda_timer is None and torch.cuda.is_available():
@@ -291,10 +300,10 @@ class _ForwardSpans:
         if tensors:
             first = tensors[0]
             device = first.device
-            attributes["ml.batch_size"] = first.shape[0] if first.dim() else 1
-            attributes["ml.input.shapes"] = [d.shape(t.shape) for t in tensors]
-            attributes["ml.input.dtypes"] = [d.dtype(t.dtype) for t in tensors]
-            attributes["ml.device"] = d.device(device)
+            attributes[ML_BATCH_SIZE] = first.shape[0] if first.dim() else 1
+            attributes[ML_INPUT_SHAPES] = [d.shape(t.shape) for t in tensors]
+            attributes[ML_INPUT_DTYPES] = [d.dtype(t.dtype) for t in tensors]
+            attributes[ML_DEVICE] = d.device(device)
         attributes["ml.grad_enabled"] = torch.is_grad_enabled()
         attributes["ml.inference_mode"] = torch.is_inference_mode_enabled()
         # one attribute set at start (cheaper than set_attributes after), so samplers see them too
@@ -324,7 +333,7 @@ class _ForwardSpans:
                 span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
             else:
                 if span.is_recording():
-                    span.set_attribute("ml.output.shapes", self._describe.output_shapes(out))
+                    span.set_attribute(ML_OUTPUT_SHAPES, self._describe.output_shapes(out))
                     if device is not None:
                         self._cuda.end(begun, device, span, self._metric_attrs)  # type: ignore[union-attr]
                 if _OBSERVERS:

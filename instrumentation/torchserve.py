@@ -23,6 +23,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.context import attach, detach
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode, set_span_in_context
 
+from contract.attributes import ML_BATCH_SIZE, ML_MODEL_ID, ML_MODEL_VERSION
 from instrumentation._context import _CURRENT, RequestContext
 
 _SCOPE = "instrumentation.torchserve"
@@ -108,9 +109,9 @@ class TracingHandlerMixin:
             model = getattr(context, "model_name", None) or type(self).__name__
             manifest = getattr(context, "manifest", None) or {}
             version = (manifest.get("model") or {}).get("modelVersion")
-            attrs: dict[str, Any] = {"ml.model.id": model}
+            attrs: dict[str, Any] = {ML_MODEL_ID: model}
             if version is not None:
-                attrs["ml.model.version"] = str(version)
+                attrs[ML_MODEL_VERSION] = str(version)
             self._otel_model_attrs = attrs
         return self._otel_model_attrs
 
@@ -121,18 +122,18 @@ class TracingHandlerMixin:
         links = [Link(sc) for sc in (trace.get_current_span(p).get_span_context() for p in parents[1:])
                  if sc.is_valid]
         model_attrs = self._model_attrs(context)
-        model = model_attrs["ml.model.id"]
+        model = model_attrs[ML_MODEL_ID]
         first = carriers[0] if carriers else {}
         req_ids = getattr(context, "request_ids", None) or {}
         ctx = RequestContext(request_id=first.get("x-request-id") or req_ids.get(0),
                              force_keep=first.get("x-debug-trace", "").lower() in _TRUE)
-        ctx.model_id, ctx.model_version = model, model_attrs.get("ml.model.version")
+        ctx.model_id, ctx.model_version = model, model_attrs.get(ML_MODEL_VERSION)
         rc_token = _CURRENT.set(ctx)
         parent_token = attach(parents[0]) if parents else None
         try:
             span = self._otel_tracer().start_span(
                 f"torchserve.handle {model}", kind=SpanKind.SERVER,
-                attributes={**model_attrs, "ml.batch_size": n},
+                attributes={**model_attrs, ML_BATCH_SIZE: n},
                 links=links)
             token = attach(set_span_in_context(span))
             try:

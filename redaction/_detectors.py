@@ -26,6 +26,13 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Callable
 
+from contract.attributes import (
+    GEN_AI_CLIENT_TIME_PER_OUTPUT_TOKEN,
+    GEN_AI_CLIENT_TIME_TO_FIRST_TOKEN,
+    GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN,
+    GEN_AI_SERVER_TIME_TO_FIRST_TOKEN,
+)
+
 Validator = Callable[[bytes], bool]
 
 
@@ -175,10 +182,10 @@ _KEY_END = r"(?:[^sS]|$|\C[\x01-\x0f])"
 #: measurements, not secrets (the GenAI latency of the first / each output *token*). The
 #: built-in key rules skip them; their values are still scanned by the detectors.
 SEMCONV_MEASUREMENT_KEYS: frozenset[str] = frozenset({
-    "gen_ai.server.time_to_first_token",
-    "gen_ai.server.time_per_output_token",
-    "gen_ai.client.time_to_first_token",
-    "gen_ai.client.time_per_output_token",
+    GEN_AI_SERVER_TIME_TO_FIRST_TOKEN,
+    GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN,
+    GEN_AI_CLIENT_TIME_TO_FIRST_TOKEN,
+    GEN_AI_CLIENT_TIME_PER_OUTPUT_TOKEN,
 })
 
 #: Built-in key patterns (name, regex, wire hint), matched anywhere in the key, case-insensitively.

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from contract.attributes import ML_MODEL_VERSION, REQUEST_ID, SAMPLING_POLICY, SERVICE_NAME
+
 STATUS_ERROR = 2
-MODEL_VERSION = "ml.model.version"
-REQUEST_ID = "request.id"
-POLICY = "sampling.policy"
+MODEL_VERSION = ML_MODEL_VERSION
+POLICY = SAMPLING_POLICY
 _HEX_ID = re.compile(r"[0-9a-f]{8,32}")
 
 
@@ -178,7 +179,7 @@ class TraceStore:
     def _add_spans(self, req: dict) -> set[str]:
         ids = set()
         for rs in req.get("resourceSpans", ()):
-            service = attributes(rs.get("resource", {}).get("attributes")).get("service.name", "")
+            service = attributes(rs.get("resource", {}).get("attributes")).get(SERVICE_NAME, "")
             for ss in rs.get("scopeSpans", ()):
                 for s in ss.get("spans", ()):
                     tid = s.get("traceId", "")

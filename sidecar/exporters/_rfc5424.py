@@ -20,6 +20,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
+from contract.attributes import ML_MODEL_ID, ML_MODEL_VERSION, REQUEST_ID, SERVICE_NAME
+
 BOM = b"\xef\xbb\xbf"
 NILVALUE = "-"
 
@@ -41,9 +43,8 @@ _STATUS_ERROR = 2
 _STATUS_TEXT = {0: "UNSET", 1: "OK", 2: "ERROR"}
 
 # attribute names shared with the instrumentation (the project-wide contract)
-REQUEST_ID = "request.id"
-MODEL_ID = "ml.model.id"
-MODEL_VERSION = "ml.model.version"
+MODEL_ID = ML_MODEL_ID
+MODEL_VERSION = ML_MODEL_VERSION
 
 #: an SD-PARAM value longer than this (in UTF-8 bytes, before escaping) is cut: ids and
 #: short attributes fit, a stack trace pasted into an attribute does not crowd out MSG
@@ -248,7 +249,7 @@ class Formatter:
 
     def _resource_header(self, res: dict) -> dict:
         host = self.hostname or _text(res.get("host.name")) or self.default_hostname
-        app = self.app_name or _text(res.get("service.name"))
+        app = self.app_name or _text(res.get(SERVICE_NAME))
         return {"hostname": header_field(host, _HEADER_MAX["hostname"]),
                 "app_name": header_field(app, _HEADER_MAX["app_name"]),
                 "procid": header_field(_text(res.get("process.pid")), _HEADER_MAX["procid"])}

@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from contract.attributes import SERVICE_NAME
 from sidecar.component import Kind
 from sidecar.config import ConfigModel
 from sidecar.exporters.base import BaseExporter, QueueConfig
@@ -52,7 +53,7 @@ def _attrs(kvs) -> str:
 
 def _service(resource) -> str:
     for kv in resource.attributes:
-        if kv.key == "service.name":
+        if kv.key == SERVICE_NAME:
             return kv.value.string_value
     return "?"
 

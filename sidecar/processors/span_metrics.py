@@ -37,6 +37,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Exemplar
 from pydantic import Field, field_validator, model_validator
 
+from contract.attributes import GEN_AI_REQUEST_MODEL, ML_MODEL_ID, ML_MODEL_VERSION, SERVICE_NAME
 from sidecar.component import Component, Consumer, Kind, Refused
 from sidecar.config import ConfigModel, Duration
 from sidecar.registry import CreateSettings, Factory
@@ -133,10 +134,9 @@ class SpanMetricsConfig(ConfigModel):
 
 # --- aggregation -------------------------------------------------------------------------------
 
-SERVICE_NAME = "service.name"
-MODEL_ID = "ml.model.id"
-GENAI_MODEL = "gen_ai.request.model"
-MODEL_VERSION = "ml.model.version"
+MODEL_ID = ML_MODEL_ID
+GENAI_MODEL = GEN_AI_REQUEST_MODEL
+MODEL_VERSION = ML_MODEL_VERSION
 _ERROR = Status.STATUS_CODE_ERROR
 _GENAI_SLOT = 2
 

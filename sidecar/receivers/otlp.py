@@ -15,29 +15,24 @@ runs, so they are not in this receiver's counters.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import threading
 import time
-import zlib
 from concurrent import futures
-from http import HTTPStatus
 from typing import Callable
 
 import grpc
-from google.protobuf import duration_pb2
 from google.protobuf.message import DecodeError
-from google.rpc import error_details_pb2, status_pb2
 from prometheus_client import Counter
 from pydantic import Field, field_validator, model_validator
 
-from sidecar import accel as _accel
+from sidecar import wire
 from sidecar.component import Component, Consumer, Kind, Refused
 from sidecar.config import ConfigModel, HostPort, split_host_port
-from sidecar.otlp_json import OTLPJSONError, from_json
+from sidecar.envelope import Envelope
+from sidecar.receivers.otlp_http import OTLPHTTPApp
+from sidecar.receivers.outcomes import Rejected, classify, retry_info_trailer
 from sidecar.registry import ALL_SIGNALS, CreateSettings, Factory
-from sidecar.signals import Request, Signal, count_items, known_encoding
+from sidecar.signals import Request, Signal, count_items
 
 log = logging.getLogger(__name__)
 
@@ -179,14 +174,11 @@ _CHECKERS: dict[Signal, Callable[[Request], int]] = {
     Signal.TRACES: _check_traces, Signal.LOGS: _check_logs, Signal.METRICS: _check_metrics,
 }
 
-# the optional C scanner checks the same rules on the received bytes, without touching the message
-_check_ids_wire = _accel.wire.check_ids if _accel.wire is not None else None
-
-
 def _check(signal: Signal, request: Request, raw: bytes | None) -> int:
-    """Items in the request, or -1 when an id has the wrong length."""
-    if raw is not None and _check_ids_wire is not None and signal is not Signal.METRICS:
-        return _check_ids_wire(raw, signal is Signal.LOGS)
+    """Items in the request, or -1 when an id has the wrong length: the wire scanner checks the received
+    protobuf (the same rules), the message is checked for JSON input and metrics."""
+    if raw is not None and signal is not Signal.METRICS:
+        return wire.check_ids(raw, signal is Signal.LOGS)
     return _CHECKERS[signal](request)
 
 
@@ -240,43 +232,6 @@ def describe_bad_id(signal: Signal, req: Request) -> str:
     return first({Signal.TRACES: traces, Signal.LOGS: logs, Signal.METRICS: metrics}[signal]())
 
 
-# --- outcomes ---------------------------------------------------------------------------------------
-
-
-class _Rejected(Exception):
-    """A request answered with an error; classified once, rendered by each protocol."""
-
-    def __init__(self, reason: str, message: str, grpc_code: grpc.StatusCode, http_status: int,
-                 retry_after: float | None = None):
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-        self.grpc_code = grpc_code
-        self.http_status = http_status
-        self.retry_after = retry_after
-
-
-def _classify(refused: Refused) -> _Rejected:
-    """What to tell the client when the pipeline refused: throttled, retry later, or give up."""
-    if refused.reason == "memory_limit":
-        return _Rejected(refused.reason, str(refused), grpc.StatusCode.RESOURCE_EXHAUSTED, 429,
-                         refused.retry_after or 1.0)
-    if refused.retryable:
-        return _Rejected(refused.reason, str(refused), grpc.StatusCode.UNAVAILABLE, 503, refused.retry_after or 1.0)
-    if refused.reason == "unsupported_signal":
-        return _Rejected(refused.reason, str(refused), grpc.StatusCode.UNIMPLEMENTED, 404)
-    return _Rejected(refused.reason, str(refused), grpc.StatusCode.INVALID_ARGUMENT, 400)
-
-
-def _retry_info_trailer(rej: _Rejected) -> tuple[tuple[str, bytes], ...]:
-    """``grpc-status-details-bin`` with a google.rpc.RetryInfo, which OTLP clients honour as the backoff."""
-    delay = rej.retry_after or 1.0
-    status = status_pb2.Status(code=rej.grpc_code.value[0], message=rej.message)
-    status.details.add().Pack(error_details_pb2.RetryInfo(
-        retry_delay=duration_pb2.Duration(seconds=int(delay), nanos=int(round((delay % 1) * 1e9)))))
-    return (("grpc-status-details-bin", status.SerializeToString()),)
-
-
 # --- the receiver -----------------------------------------------------------------------------------
 
 
@@ -295,41 +250,36 @@ class OTLPReceiver(Component):
         self._http_server = None
         self.grpc_port: int | None = None
         self.http_port: int | None = None
-        self._http_app: _OTLPHTTPApp | None = None
+        self._http_app: OTLPHTTPApp | None = None
 
     # the one path every request takes, whatever its protocol
     def ingest(self, signal: Signal, request: Request, protocol: str, raw: bytes | None = None) -> None:
-        """Check, count and hand ``request`` down; raise :class:`_Rejected` with the answer otherwise.
+        """Check ``request``, put it in an envelope and hand it down; raise :class:`Rejected` otherwise.
 
-        ``raw`` is the protobuf the request was parsed from: stages that need the encoding reuse it.
+        ``raw`` is the protobuf the request was parsed from: it travels in the envelope, so stages
+        that need the encoding reuse it. Items are counted here, once, for every stage after.
+        The pipeline's edge out of this receiver counts received / accepted / refused.
         """
         n = _check(signal, request, raw)
         if n < 0:
             n = count_items(signal, request)
             self._telemetry.received(signal, n)
-            raise self.reject(signal, n, protocol, _Rejected(
+            self._telemetry.refused(signal, n, "invalid")  # refused here, at its source
+            raise self.reject(protocol, Rejected(
                 "invalid", describe_bad_id(signal, request), grpc.StatusCode.INVALID_ARGUMENT, 400))
         if n == 0:
             return  # nothing to deliver
-        self._telemetry.received(signal, n)
         try:
-            if raw is None:
-                self._next.consume(signal, request)
-            else:
-                with known_encoding(request, raw):
-                    self._next.consume(signal, request)
+            self._next.consume(Envelope(signal, request, encoded=raw, items=n))
         except Refused as e:
-            raise self.reject(signal, n, protocol, _classify(e)) from None
+            raise self.reject(protocol, classify(e)) from None
         except Exception as e:  # a bug downstream must not take the server down
             log.exception("%s: the pipeline failed on a %s request", self.id, signal.value)
-            raise self.reject(signal, n, protocol, _Rejected(
+            raise self.reject(protocol, Rejected(
                 "internal", f"internal error: {type(e).__name__}", grpc.StatusCode.INTERNAL, 500)) from None
-        self._telemetry.accepted(signal, n)
 
-    def reject(self, signal: Signal | None, n: int, protocol: str, rej: _Rejected) -> _Rejected:
-        """Count a refused request (and its items, when it parsed) and return the rejection to raise."""
-        if signal is not None:
-            self._telemetry.refused(signal, n, rej.reason)
+    def reject(self, protocol: str, rej: Rejected) -> Rejected:
+        """Count a refused request (``sidecar_receiver_requests_refused``) and return the rejection to raise."""
         key = (protocol, rej.reason)
         child = self._refused_children.get(key)
         if child is None:
@@ -371,7 +321,7 @@ class OTLPReceiver(Component):
     def _start_http(self, cfg: HTTPServerConfig) -> None:
         from sidecar.httpserver import BackgroundHTTPServer
 
-        app = _OTLPHTTPApp(self, cfg)
+        app = OTLPHTTPApp(self, cfg)
         host, port = split_host_port(cfg.endpoint)
         try:
             # Waitress refuses bodies over twice the limit before buffering them; the app answers the
@@ -433,153 +383,15 @@ class _GRPCService:
             try:
                 request = self._parse(raw)
             except DecodeError as e:
-                raise self._receiver.reject(None, 0, "grpc", _Rejected(
+                raise self._receiver.reject("grpc", Rejected(
                     "invalid", f"invalid OTLP protobuf {self._signal.value} request: {e}",
                     grpc.StatusCode.INVALID_ARGUMENT, 400)) from None
             self._ingest(self._signal, request, "grpc", raw)
-        except _Rejected as rej:
+        except Rejected as rej:
             if rej.retry_after is not None:
-                context.set_trailing_metadata(_retry_info_trailer(rej))
+                context.set_trailing_metadata(retry_info_trailer(rej))
             context.abort(rej.grpc_code, rej.message)
         return self._ok
-
-
-_PROTOBUF = "application/x-protobuf"
-_JSON = "application/json"
-
-
-def _status_line(code: int) -> str:
-    return f"{code} {HTTPStatus(code).phrase}"
-
-
-class _OTLPHTTPApp:
-    """The WSGI app behind OTLP/HTTP: POST protobuf or JSON, optionally gzip, to one path per signal."""
-
-    def __init__(self, receiver: OTLPReceiver, cfg: HTTPServerConfig):
-        self._receiver = receiver
-        self._limit = cfg.max_request_body_size
-        self._paths = {cfg.traces_url_path: Signal.TRACES, cfg.logs_url_path: Signal.LOGS,
-                       cfg.metrics_url_path: Signal.METRICS}
-        self._ok = {(s, False): s.response_type().SerializeToString() for s in Signal}
-        self._ok.update({(s, True): b"{}" for s in Signal})
-        self._inflight = 0
-        self._idle = threading.Condition()
-        self._draining = False
-
-    def drain(self, deadline: float) -> None:
-        """Answer new requests with 503 and wait for those in flight, until ``deadline``."""
-        with self._idle:
-            self._draining = True
-            while self._inflight and time.monotonic() < deadline:
-                self._idle.wait(max(0.0, deadline - time.monotonic()))
-
-    def __call__(self, environ, start_response):
-        with self._idle:
-            self._inflight += 1
-        try:
-            return self._handle(environ, start_response)
-        finally:
-            with self._idle:
-                self._inflight -= 1
-                if not self._inflight:
-                    self._idle.notify_all()
-
-    def _handle(self, environ, start_response):
-        media = environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower()
-        as_json = media != _PROTOBUF  # errors for unknown types are answered in JSON, the readable one
-        signal = self._paths.get(environ.get("PATH_INFO", ""))
-        try:
-            if signal is None:
-                raise self._rejected(None, "not_found", f"no OTLP signal at {environ.get('PATH_INFO')!r}", 404)
-            if environ["REQUEST_METHOD"] != "POST":
-                raise self._rejected(signal, "method_not_allowed", "only POST is allowed", 405)
-            if self._draining:
-                raise self._rejected(signal, "shutting_down", "the receiver is shutting down", 503,
-                                     grpc.StatusCode.UNAVAILABLE, retry_after=1.0)
-            if media != _PROTOBUF and media != _JSON:
-                raise self._rejected(signal, "unsupported_media_type",
-                                     f"unsupported Content-Type {media or '(none)'!r}; use {_PROTOBUF} or {_JSON}", 415)
-            body = self._read_body(signal, environ)
-            try:
-                if as_json:
-                    request = from_json(signal, body)
-                else:
-                    request = signal.request_type.FromString(body)
-            except OTLPJSONError as e:
-                raise self._rejected(signal, "invalid", f"invalid OTLP/JSON {signal.value} request: {e}", 400) from None
-            except DecodeError as e:
-                raise self._rejected(signal, "invalid", f"invalid OTLP protobuf {signal.value} request: {e}",
-                                     400) from None
-            self._receiver.ingest(signal, request, "http", None if as_json else body)
-        except _Rejected as rej:
-            return self._error(start_response, rej, as_json, signal)
-        body = self._ok[(signal, as_json)]
-        start_response("200 OK", [("Content-Type", _JSON if as_json else _PROTOBUF),
-                                  ("Content-Length", str(len(body)))])
-        return [body]
-
-    def _read_body(self, signal: Signal, environ) -> bytes:
-        encoding = environ.get("HTTP_CONTENT_ENCODING", "").strip().lower()
-        if encoding not in ("", "identity", "gzip"):
-            raise self._rejected(signal, "unsupported_media_type",
-                                 f"unsupported Content-Encoding {encoding!r}; use gzip or none", 415)
-        limit = self._limit
-        declared = environ.get("CONTENT_LENGTH") or ""
-        try:
-            length = int(declared) if declared else -1
-        except ValueError:
-            raise self._rejected(signal, "invalid", f"invalid Content-Length {declared!r}", 400) from None
-        if length > limit:
-            raise self._too_large(signal, f"body of {length} bytes")
-        body = environ["wsgi.input"].read(length if length >= 0 else limit + 1)
-        if len(body) > limit:
-            raise self._too_large(signal, "body")
-        if encoding == "gzip":
-            body = self._gunzip(signal, body)
-        return body
-
-    def _gunzip(self, signal: Signal, body: bytes) -> bytes:
-        """Decompress at most ``limit`` bytes: a small body that inflates without bound is refused early."""
-        limit = self._limit
-        out = b""
-        rest = body
-        try:
-            while True:
-                d = zlib.decompressobj(wbits=31)
-                out += d.decompress(rest, limit + 1 - len(out))
-                if len(out) > limit:
-                    raise self._too_large(signal, "decompressed body")
-                if not d.eof:
-                    raise self._rejected(signal, "invalid", "invalid gzip body: truncated", 400)
-                rest = d.unused_data
-                if not rest:  # more than one gzip member is allowed
-                    return out
-        except zlib.error as e:
-            raise self._rejected(signal, "invalid", f"invalid gzip body: {e}", 400) from None
-
-    def _too_large(self, signal: Signal, what: str) -> _Rejected:
-        return self._rejected(signal, "too_large", f"{what} exceeds max_request_body_size ({self._limit} bytes)", 413,
-                              grpc.StatusCode.RESOURCE_EXHAUSTED)
-
-    def _rejected(self, signal: Signal | None, reason: str, message: str, http_status: int,
-                  grpc_code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT,
-                  retry_after: float | None = None) -> _Rejected:
-        return self._receiver.reject(signal, 0, "http",
-                                     _Rejected(reason, message, grpc_code, http_status, retry_after))
-
-    def _error(self, start_response, rej: _Rejected, as_json: bool, signal: Signal | None):
-        code = rej.grpc_code.value[0]
-        if as_json:
-            body = json.dumps({"code": code, "message": rej.message}).encode()
-        else:
-            body = status_pb2.Status(code=code, message=rej.message).SerializeToString()
-        headers = [("Content-Type", _JSON if as_json else _PROTOBUF), ("Content-Length", str(len(body)))]
-        if rej.http_status == 405:
-            headers.append(("Allow", "POST"))
-        if rej.retry_after is not None and rej.http_status in (429, 503):
-            headers.append(("Retry-After", str(max(1, math.ceil(rej.retry_after)))))
-        start_response(_status_line(rej.http_status), headers)
-        return [body]
 
 
 FACTORY = Factory(

@@ -15,15 +15,23 @@ from typing import Any
 
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 
+from contract.attributes import (
+    ML_DRIFT_CATEGORY,
+    ML_DRIFT_FEATURE,
+    ML_DRIFT_SIGN,
+    ML_DRIFT_VALUE,
+    ML_MODEL_ID,
+    ML_MODEL_VERSION,
+)
 from sidecar.processors.drift.scores import signed_counts
 
-VALUE_METRIC = "ml.drift.value"
-CATEGORY_METRIC = "ml.drift.category"
-MODEL_ID = "ml.model.id"
-MODEL_VERSION = "ml.model.version"
-FEATURE = "ml.drift.feature"
-CATEGORY = "ml.drift.category"
-SIGN = "ml.drift.sign"
+VALUE_METRIC = ML_DRIFT_VALUE
+CATEGORY_METRIC = ML_DRIFT_CATEGORY
+MODEL_ID = ML_MODEL_ID
+MODEL_VERSION = ML_MODEL_VERSION
+FEATURE = ML_DRIFT_FEATURE
+CATEGORY = ML_DRIFT_CATEGORY
+SIGN = ML_DRIFT_SIGN
 FORMAT = "otel-sidecar-drift-reference/1"
 _DELTA = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
 

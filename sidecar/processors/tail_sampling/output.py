@@ -13,11 +13,12 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import ResourceLogs, ScopeLogs
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
+from contract.attributes import SAMPLING_POLICY
 from sidecar.processors.tail_sampling.decisions import with_threshold
 from sidecar.signals import Request, Signal
 
 #: The span attribute naming the policy that kept the span's trace.
-POLICY_ATTRIBUTE = "sampling.policy"
+POLICY_ATTRIBUTE = SAMPLING_POLICY
 _POLICY_BYTES = POLICY_ATTRIBUTE.encode()
 
 
