@@ -39,6 +39,9 @@ class EnvInt(int):
         obj.text = text
         return obj
 
+    def __getnewargs__(self) -> tuple:  # copy and pickle keep the text
+        return int(self), self.text
+
 
 class EnvFloat(float):
     """A float read from a whole unquoted ``${env:…}``; ``text`` is what a string field receives."""
@@ -49,6 +52,9 @@ class EnvFloat(float):
         obj = super().__new__(cls, value)
         obj.text = text
         return obj
+
+    def __getnewargs__(self) -> tuple:  # copy and pickle keep the text
+        return float(self), self.text
 
 
 def expand_scalar(text: str, path: str, problems: list[str], environ: Mapping[str, str], *,
