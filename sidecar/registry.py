@@ -64,6 +64,9 @@ class Factory:
     #: exporters and extensions.
     create: Callable[[CreateSettings, object, "Consumer | None"], "Component"]
     signals: frozenset = field(default=ALL_SIGNALS)
+    #: names of the metric families the component registers (``telemetry.root.family``) beyond the
+    #: received/accepted/refused/dropped counters the pipeline keeps for it; checked by the contract test
+    telemetry: frozenset = field(default=frozenset())
 
 
 _MODULES = (
@@ -74,10 +77,12 @@ _MODULES = (
     "sidecar.processors.tail_sampling",
     "sidecar.processors.redaction",
     "sidecar.processors.k8s_resource",
+    "sidecar.processors.drift",
     "sidecar.exporters.otlp",
     "sidecar.exporters.otlphttp",
     "sidecar.exporters.file",
     "sidecar.exporters.debug",
+    "sidecar.exporters.audit",
     "sidecar.exporters.syslog",
     "sidecar.extensions.health_check",
     "sidecar.extensions.file_storage",

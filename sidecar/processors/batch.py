@@ -289,4 +289,5 @@ FACTORY = Factory(
     config_model=BatchConfig,
     create=lambda settings, cfg, next_consumer: BatchProcessor(settings, cfg, next_consumer),
     signals=ALL_SIGNALS,
+    telemetry=frozenset({"sidecar_batch_pending_items"}),
 )

@@ -200,4 +200,6 @@ FACTORY = Factory(
     config_model=MemoryLimiterConfig,
     create=lambda settings, cfg, next_consumer: MemoryLimiter(settings, cfg, next_consumer),
     signals=ALL_SIGNALS,
+    telemetry=frozenset({"sidecar_memory_limiter_limit_bytes", "sidecar_memory_limiter_refusing",
+                         "sidecar_memory_limiter_rss_bytes"}),
 )

@@ -95,4 +95,5 @@ FACTORY = Factory(
     config_model=RedactionConfig,
     create=lambda settings, cfg, next_consumer: RedactionProcessor(settings, cfg, next_consumer),
     signals=ALL_SIGNALS,
+    telemetry=frozenset({"sidecar_redaction_values"}),
 )

@@ -400,4 +400,5 @@ FACTORY = Factory(
     config_model=OTLPReceiverConfig,
     create=lambda settings, cfg, next_consumer: OTLPReceiver(settings, cfg, next_consumer),
     signals=ALL_SIGNALS,
+    telemetry=frozenset({"sidecar_receiver_requests_refused"}),
 )

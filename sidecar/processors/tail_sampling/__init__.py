@@ -17,6 +17,8 @@ FACTORY = Factory(
     config_model=TailSamplingConfig,
     create=lambda settings, cfg, next_consumer: TailSamplingProcessor(settings, cfg, next_consumer),
     signals=frozenset({Signal.TRACES, Signal.LOGS}),
+    telemetry=frozenset({"sidecar_tail_sampling_buffered_bytes", "sidecar_tail_sampling_buffered_traces",
+                         "sidecar_tail_sampling_late_items", "sidecar_tail_sampling_traces"}),
 )
 
 __all__ = ["FACTORY", "POLICY_ATTRIBUTE", "TailSamplingConfig", "TailSamplingProcessor"]
