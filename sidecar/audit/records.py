@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
@@ -60,6 +60,8 @@ PARAMETERS = {
 _INPUT_SOURCES = (INPUT_PAYLOAD, attr.GEN_AI_PROMPT, "http.request.body")
 _OUTPUT_SOURCES = (OUTPUT_PAYLOAD, attr.GEN_AI_COMPLETION, "http.response.body")
 _HTTP_STATUS = ("http.response.status_code", "http.status_code")
+_USED = frozenset({REQUEST_ID, USER_ID, MODEL_ID, MODEL_VERSION, GENAI_MODEL, REPLAY, "error.type", *PARAMETERS,
+                   *_INPUT_SOURCES, *_OUTPUT_SOURCES, *_HTTP_STATUS})
 _STATUS = {Status.STATUS_CODE_UNSET: "UNSET", Status.STATUS_CODE_OK: "OK", Status.STATUS_CODE_ERROR: "ERROR"}
 _ENTRY_KINDS = (Span.SPAN_KIND_SERVER, Span.SPAN_KIND_CONSUMER)
 
@@ -89,8 +91,10 @@ class AuditRecord:
     kept_policy: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """Every field, JSON-ready (the ``--format jsonl`` line and the replay input)."""
-        return asdict(self)
+        """Every field, JSON-ready (the ``--format jsonl`` line and the replay input); a shallow copy."""
+        d = {name: getattr(self, name) for name in _FIELDS}
+        d["tags"], d["parameters"] = dict(self.tags), dict(self.parameters)
+        return d
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "AuditRecord":
@@ -102,6 +106,9 @@ class AuditRecord:
         if missing:
             raise ValueError(f"audit record lacks {', '.join(sorted(missing))}")
         return cls(**{k: v for k, v in obj.items() if k in names})
+
+
+_FIELDS = tuple(f.name for f in fields(AuditRecord))
 
 
 @dataclass
@@ -137,7 +144,8 @@ def _value(v) -> Any:
 
 
 def _attrs(kvs) -> dict[str, Any]:
-    return {kv.key: _value(kv.value) for kv in kvs}
+    """The attributes a record can use (only those values are decoded: this runs for every span)."""
+    return {kv.key: _value(kv.value) for kv in kvs if kv.key in _USED or kv.key.startswith(TAG_PREFIX)}
 
 
 def hash_user_id(user_id: str, salt: str) -> str:

@@ -212,7 +212,6 @@ class AuditStore(ABC):
         if not extraction.records and not extraction.fragments:
             return 0
         now = time.time_ns()
-        written = 0
         with self._transaction() as cur:
             for frag in extraction.fragments:
                 self._store_fragment(cur, frag, now)
@@ -220,17 +219,21 @@ class AuditStore(ABC):
             traces = sorted({r.trace_id for r in records})
             pending = self._fragments_for(cur, traces)
             kept = self._kept_for(cur, traces)
+            rows = []
             for rec in records:
-                fields_ = rec.to_json()
-                for frag in pending.get((rec.trace_id, rec.service), ()):
-                    merge(fields_, frag)
-                rec = AuditRecord(**fields_)
+                frags = pending.get((rec.trace_id, rec.service))
+                if frags:
+                    fields_ = rec.to_json()
+                    for frag in frags:
+                        merge(fields_, frag)
+                    rec = AuditRecord(**fields_)
                 if rec.trace_id in kept:
                     rec.trace_kept, rec.kept_policy = True, kept[rec.trace_id]
-                cur.execute(self._sql(f"INSERT INTO audit_records ({', '.join(COLUMNS)}) VALUES "
+                rows.append(_row(rec, now))
+            cur.executemany(self._sql(f"INSERT INTO audit_records ({', '.join(COLUMNS)}) VALUES "
                                       f"({', '.join('?' * len(COLUMNS))}) ON CONFLICT (trace_id, span_id) DO NOTHING"),
-                            _row(rec, now))
-                written += max(cur.rowcount, 0)
+                            rows)
+            written = max(cur.rowcount, 0)
             if pending:
                 cur.executemany(self._sql("DELETE FROM audit_fragments WHERE trace_id = ? AND service = ?"),
                                 list(pending))

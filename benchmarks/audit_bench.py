@@ -1,0 +1,146 @@
+"""The audit branch's cost per request: the same sidecar pipeline with and without it, one run.
+
+    .venv/bin/python benchmarks/audit_bench.py [--requests-per-export 64] [--exports 150] [--store sqlite|postgres]
+
+Two real ``python -m sidecar`` processes run one after the other, each fed the same
+pre-encoded OTLP exports (the workload of benchmarks/workload.py: server span + 3 model
+spans per request) by 4 gRPC client threads, forwarding to a counting backend:
+
+- baseline: traces -> memory_limiter, span_metrics, tail_sampling (10%), redaction -> otlp
+- audit:    the same, plus ``audit/kept`` (kept_marker) next to otlp, plus a second traces
+            pipeline memory_limiter/audit, redaction/audit -> audit (SQLite WAL, synchronous=FULL)
+
+Printed: wall time per request as the client sees it (export acknowledged), the sidecar's
+CPU time per request, and the ratios audit / baseline. Every audit write is one fsynced
+transaction per export, so the per-request cost shrinks as exports carry more requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+import psutil  # noqa: E402
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc  # noqa: E402
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest  # noqa: E402
+
+from counting_backend import CountingBackend  # noqa: E402
+from sidecar.testing import SidecarProcess, free_port  # noqa: E402
+from workload import trace_request  # noqa: E402
+
+CLIENTS = 4
+
+
+def config(port: int, backend: int, store: str | None) -> str:
+    audit_exporters = ", audit/kept" if store else ""
+    audit = f"""
+    traces/audit:
+      receivers: [otlp]
+      processors: [memory_limiter/audit, redaction/audit]
+      exporters: [audit]""" if store else ""
+    audit_defs = f"""
+  audit: {{store: "{store}"}}
+  audit/kept: {{store: "{store}", mode: kept_marker}}""" if store else ""
+    return f"""
+receivers:
+  otlp: {{protocols: {{grpc: {{endpoint: 127.0.0.1:{port}, max_recv_msg_size_mib: 64}}}}}}
+processors:
+  memory_limiter: {{check_interval: 1s, limit_mib: 4000}}
+  memory_limiter/audit: {{check_interval: 1s, limit_mib: 4000}}
+  span_metrics: {{}}
+  tail_sampling:
+    decision_wait: 1s
+    num_traces: 200000
+    policies:
+      - {{name: errors, type: status_code, status_code: {{status_codes: [ERROR]}}}}
+      - {{name: baseline, type: probabilistic, probabilistic: {{sampling_percentage: 10}}}}
+  redaction: {{allow_all_keys: true}}
+  redaction/audit: {{allow_all_keys: true}}
+exporters:
+  otlp/backend: {{endpoint: 127.0.0.1:{backend}, tls: {{insecure: true}}}}{audit_defs}
+service:
+  telemetry: {{metrics: {{address: null}}}}
+  pipelines:
+    traces:
+      receivers: [otlp]
+      processors: [memory_limiter, span_metrics, tail_sampling, redaction]
+      exporters: [otlp/backend{audit_exporters}]{audit}
+"""
+
+
+def run(bodies: list[bytes], requests: int, store: str | None, workdir: str) -> tuple[float, float]:
+    """(wall seconds, sidecar CPU seconds) to have every export acknowledged."""
+    backend = CountingBackend(free_port())
+    port = free_port()
+    try:
+        with SidecarProcess(config(port, backend.port, store), workdir=workdir) as sidecar:
+            proc = psutil.Process(sidecar.pid)
+            channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)])
+            export = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                                         request_serializer=None, response_deserializer=None)
+            export(bodies[0], timeout=30)  # warm up (not counted: its request ids repeat below and are duplicates)
+            cpu0 = sum(proc.cpu_times()[:2])
+            t0 = time.perf_counter()
+
+            def client(k: int) -> None:
+                for body in bodies[k::CLIENTS]:
+                    export(body, timeout=60)
+
+            threads = [threading.Thread(target=client, args=(k,)) for k in range(CLIENTS)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+            cpu = sum(proc.cpu_times()[:2]) - cpu0
+            channel.close()
+            return wall, cpu
+    finally:
+        backend.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests-per-export", type=int, default=64)
+    ap.add_argument("--exports", type=int, default=150)
+    ap.add_argument("--store", choices=("sqlite", "postgres"), default="sqlite")
+    args = ap.parse_args()
+    rng = random.Random(10)
+    bodies = [trace_request(rng, args.requests_per_export, pii=0.0)[0].SerializeToString()
+              for _ in range(args.exports + 1)]
+    n = args.requests_per_export * args.exports
+    with tempfile.TemporaryDirectory() as tmp:
+        store, pg = f"sqlite:///{tmp}/audit.db", None
+        if args.store == "postgres":
+            sys.path.insert(0, str(ROOT))
+            from tests.sidecar.audit.conftest import PostgresServer, _bindir
+
+            pg = PostgresServer(_bindir()).start()
+            store = pg.new_database()
+        try:
+            base_wall, base_cpu = run(bodies, n, None, f"{tmp}/baseline")
+            audit_wall, audit_cpu = run(bodies, n, store, f"{tmp}/audit")
+        finally:
+            if pg is not None:
+                pg.stop()
+    print(f"{n} requests ({args.exports} exports of {args.requests_per_export}, {CLIENTS} clients), "
+          f"audit store {args.store}")
+    print(f"{'':22s} {'wall us/request':>16s} {'sidecar CPU us/request':>23s}")
+    print(f"{'without audit branch':22s} {base_wall / n * 1e6:16.1f} {base_cpu / n * 1e6:23.1f}")
+    print(f"{'with audit branch':22s} {audit_wall / n * 1e6:16.1f} {audit_cpu / n * 1e6:23.1f}")
+    print(f"{'ratio':22s} {audit_wall / base_wall:16.2f} {audit_cpu / base_cpu:23.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
