@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 #: the largest UDP payload over IPv4
 _UDP_MAX = 65507
+#: longest wait after a TLS 1.3 handshake for a server refusing the client's certificate (once per connection)
+_TLS13_PROBE = 0.2
 
 
 class SyslogTLSConfig(ConfigModel):
@@ -217,7 +219,7 @@ class _Stream:
         if self._context is None:
             return sock
         try:
-            return self._context.wrap_socket(sock, server_hostname=self._server_name)
+            tls = self._context.wrap_socket(sock, server_hostname=self._server_name)
         except ssl.SSLCertVerificationError as e:
             sock.close()
             raise PermanentError(f"{where}: server certificate not trusted: {e.verify_message}",
@@ -225,6 +227,16 @@ class _Stream:
         except OSError as e:
             sock.close()
             raise RetryableError(f"{where}: TLS handshake failed: {_describe(e)}", reason="connection") from None
+        # With TLS 1.3 the client's handshake ends before the server has judged the client's
+        # certificate: a server that refuses it closes the connection a round trip later, and
+        # whatever was written by then is lost without an error. Wait that round trip (bounded)
+        # before the first write; session tickets arriving instead mean the server accepted us.
+        if tls.version() == "TLSv1.3" and not _alive(tls, wait=min(_TLS13_PROBE, timeout / 2)):
+            tls.close()
+            raise PermanentError(f"{where}: the server closed the connection right after the TLS handshake: it "
+                                 "requires a client certificate (tls.cert_file, tls.key_file) it did not get "
+                                 "or does not trust", reason="tls_client_rejected")
+        return tls
 
     def close(self) -> None:
         with self._lock:
@@ -245,13 +257,26 @@ def _close(sock: socket.socket) -> None:
     sock.close()
 
 
-def _alive(sock: socket.socket) -> bool:
-    """An idle connection is usable while the server has sent nothing (it never does; EOF or RST does)."""
+def _alive(sock: socket.socket, wait: float = 0.0) -> bool:
+    """Whether the server still takes data on ``sock``: a syslog server never writes to the client, so
+    anything readable is the end (EOF, RST, a TLS alert), except TLS session tickets, which are read here."""
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        readable, _, _ = select.select([sock], [], [], wait)
+        if not readable:
+            return True
+        if not isinstance(sock, ssl.SSLSocket):
+            return False
+        timeout = sock.gettimeout()
+        sock.setblocking(False)
+        try:
+            sock.recv(1)  # application data or b"" (closed): not a usable syslog connection
+            return False
+        except ssl.SSLWantReadError:
+            return True  # only TLS records of its own (session tickets) were waiting
+        finally:
+            sock.settimeout(timeout)
     except (OSError, ValueError):
         return False
-    return not readable
 
 
 def _where(addr: tuple[str, int]) -> str:

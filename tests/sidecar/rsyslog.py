@@ -1,7 +1,7 @@
 """A real rsyslogd for the syslog exporter's tests, and a strict RFC 5424 reader.
 
 :class:`Rsyslog` starts Debian's ``rsyslogd -n`` with its own config: UDP, TCP and (when
-the gtls driver is installed) TLS inputs on free loopback ports, ``mmpstrucdata`` to
+the gtls driver is installed) TLS inputs, one of them requiring a client certificate, on free loopback ports, ``mmpstrucdata`` to
 parse structured data the way rsyslog does, and one JSON line per message with the
 raw message and rsyslog's reading of it. :func:`parse_rfc5424` checks a raw message
 against the RFC's grammar, stricter than rsyslog's own parser.
@@ -116,7 +116,7 @@ def _free_port(kind: int) -> int:
 
 
 class Rsyslog:
-    """rsyslogd in the foreground with inputs ``udp``, ``tcp`` and ``tls`` (when available) on loopback."""
+    """rsyslogd in the foreground with inputs ``udp``, ``tcp``, ``tls`` and ``mtls`` (when available) on loopback."""
 
     def __init__(self, workdir: Path):
         self.dir = workdir
@@ -124,12 +124,22 @@ class Rsyslog:
         self.udp_port = _free_port(socket.SOCK_DGRAM)
         self.tcp_port = _free_port(socket.SOCK_STREAM)
         self.tls_port = _free_port(socket.SOCK_STREAM) if HAS_GTLS and OPENSSL else None
+        #: TLS that requires a client certificate signed by ``ca_file`` (x509/certvalid)
+        self.mtls_port = _free_port(socket.SOCK_STREAM) if self.tls_port else None
         self.proc: subprocess.Popen | None = None
         if self.tls_port:
             self.ca_file, self.key_file = workdir / "server.pem", workdir / "server.key"
             subprocess.run([OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
                             "-keyout", str(self.key_file), "-out", str(self.ca_file), "-subj", "/CN=localhost",
                             "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                           check=True, capture_output=True)
+            # a client certificate signed by the server's (self-signed, CA:TRUE) certificate
+            self.client_cert, self.client_key = workdir / "client.pem", workdir / "client.key"
+            csr = workdir / "client.csr"
+            subprocess.run([OPENSSL, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(self.client_key),
+                            "-out", str(csr), "-subj", "/CN=sidecar"], check=True, capture_output=True)
+            subprocess.run([OPENSSL, "x509", "-req", "-in", str(csr), "-CA", str(self.ca_file), "-CAkey",
+                            str(self.key_file), "-CAcreateserial", "-out", str(self.client_cert), "-days", "2"],
                            check=True, capture_output=True)
         (workdir / "rsyslog.conf").write_text(self._config())
 
@@ -138,7 +148,9 @@ class Rsyslog:
         tls_global = (f' DefaultNetstreamDriverCAFile="{self.ca_file}" DefaultNetstreamDriverCertFile="{self.ca_file}"'
                       f' DefaultNetstreamDriverKeyFile="{self.key_file}"') if self.tls_port else ""
         tls_input = (f'input(type="imtcp" name="tls" address="127.0.0.1" port="{self.tls_port}" '
-                     'streamDriver.name="gtls" streamDriver.mode="1" streamDriver.authMode="anon")'
+                     'streamDriver.name="gtls" streamDriver.mode="1" streamDriver.authMode="anon")\n'
+                     f'input(type="imtcp" name="mtls" address="127.0.0.1" port="{self.mtls_port}" '
+                     'streamDriver.name="gtls" streamDriver.mode="1" streamDriver.authMode="x509/certvalid")'
                      if self.tls_port else "")
         props = {"raw": "rawmsg", "version": "protocol-version", "sd": "structured-data", "msgid": "msgid",
                  "app": "app-name", "procid": "procid", "host": "hostname", "severity": "syslogseverity",
@@ -177,6 +189,7 @@ action(type="omfile" file="{self.out}" template="json" flushOnTXEnd="on" asyncWr
             time.sleep(0.05)
         if self.tls_port:
             _wait_port(self.tls_port, deadline)
+            _wait_port(self.mtls_port, deadline)
         return self
 
     _PROBE = b"<14>1 - probe rsyslog-test - probe - ready?"

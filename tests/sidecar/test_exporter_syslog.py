@@ -6,6 +6,9 @@ import contextlib
 import io
 import logging
 import os
+import socket
+import ssl
+import threading
 import time
 from pathlib import Path
 
@@ -325,6 +328,64 @@ def test_untrusted_server_certificate_is_permanent(rsyslog):
         received_with(rsyslog, "self-signed, not checked", 1)
     finally:
         exp.shutdown(time.monotonic() + 5)
+
+
+def test_mutual_tls_sends_the_client_certificate_and_a_refusal_is_not_counted_as_delivered(rsyslog):
+    if not rsyslog.tls_port:
+        pytest.skip("rsyslog's gtls driver or the openssl CLI is not installed")
+    endpoint = f"127.0.0.1:{rsyslog.mtls_port}"
+    tls = {"ca_file": str(rsyslog.ca_file), "server_name_override": "localhost"}
+    exp, tel, _ = exporter(endpoint, "tls", tls={**tls, "cert_file": str(rsyslog.client_cert),
+                                                 "key_file": str(rsyslog.client_key)})
+    try:
+        exp.consume(Envelope(Signal.LOGS, logs_request({"body": "with a client certificate"})))
+        [r] = received_with(rsyslog, "with a client certificate", 1)
+    finally:
+        exp.shutdown(time.monotonic() + 5)
+    assert r["input"] == "mtls" and tel.value("exported", Signal.LOGS) == 1
+    # without one, rsyslog closes the connection after the (TLS 1.3) handshake: dropped as permanent, not "exported"
+    exp, tel, _ = exporter(endpoint, "tls", tls=tls)
+    try:
+        exp.consume(Envelope(Signal.LOGS, logs_request({"body": "without a client certificate"})))
+        wait_for(lambda: tel.value("dropped", Signal.LOGS, "permanent_error", "false") == 1)
+    finally:
+        exp.shutdown(time.monotonic() + 5)
+    assert tel.value("exported", Signal.LOGS) == 0
+
+
+def test_tls_session_tickets_do_not_look_like_a_closed_connection(rsyslog):
+    """An OpenSSL server sends TLS 1.3 session tickets after the handshake (rsyslog's gtls does not):
+    the connection stays in use instead of being reopened for every request."""
+    if not rsyslog.tls_port:
+        pytest.skip("the openssl CLI is not installed")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(rsyslog.ca_file, rsyslog.key_file)
+    listener = socket.create_server(("127.0.0.1", 0))
+    connections, received = [], bytearray()
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with ctx.wrap_socket(conn, server_side=True) as tls:
+                connections.append(tls.version())
+                while chunk := tls.recv(65536):
+                    received.extend(chunk)
+
+    threading.Thread(target=serve, daemon=True).start()
+    exp, tel, _ = exporter(f"127.0.0.1:{listener.getsockname()[1]}", "tls",
+                           tls={"ca_file": str(rsyslog.ca_file), "server_name_override": "localhost"},
+                           sending_queue={"num_consumers": 1})
+    try:
+        for i in range(3):
+            exp.consume(Envelope(Signal.LOGS, logs_request({"body": f"ticket {i}"})))
+            wait_for(lambda: received.count(b"ticket") == i + 1)
+    finally:
+        exp.shutdown(time.monotonic() + 5)
+        listener.close()
+    assert connections == ["TLSv1.3"] and tel.value("exported", Signal.LOGS) == 3
 
 
 def test_missing_ca_file_fails_at_start_naming_the_key(tmp_path):
