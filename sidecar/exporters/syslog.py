@@ -10,8 +10,9 @@ Transports: UDP (RFC 5426, one datagram per message), TCP with octet counting
 worker at most, opened lazily and re-opened after a failure; an idle connection the
 server has closed is noticed before it is reused (a syslog server never writes back, so
 a readable socket means it is gone). Connection errors and timeouts are retryable; a
-certificate the client cannot verify is permanent. Delivery is at least once: syslog has
-no acknowledgement, so a retry after a failure part-way through a request re-sends it.
+server certificate the client cannot verify, or a server that refuses the client's
+certificate, is permanent. Delivery is at least once: syslog has no acknowledgement, so
+a retry after a failure part-way through a request re-sends it.
 Metrics are not a syslog thing: the exporter serves logs and traces pipelines.
 """
 
