@@ -187,3 +187,13 @@ def test_validate_command_prints_file_and_line(tmp_path):
 def test_merge_keys_and_anchors_are_read():
     doc = YamlFile("base: &b {name: x, port: 1}\nsection:\n  <<: *b\n  port: 2\n")
     assert doc.value("section") == {"name": "x", "port": 2}
+
+
+def test_a_value_read_from_the_environment_survives_copy_and_pickle():
+    import copy
+    import pickle
+
+    value = YamlFile("a: ${env:N}").value(environ={"N": "007"})["a"]
+    for clone in (copy.deepcopy(value), pickle.loads(pickle.dumps(value))):
+        assert clone == 7
+        assert Section(name=clone).name == "007"

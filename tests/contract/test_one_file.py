@@ -90,3 +90,16 @@ def test_a_bad_rule_names_path_and_line_in_the_app(shared_file):
     (p,) = e.value.located
     assert p.startswith(f"{shared_file}:8: processors.redaction.blocked_values[0]")
     assert "invalid regex '(unclosed'" in p
+
+
+def test_an_unknown_key_in_the_section_names_path_and_line_on_both_sides(tmp_path):
+    text = SHARED.replace("    summary:", "    detectors: {emial: false}\n    summary:")
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(text)
+    line = next(i for i, x in enumerate(text.splitlines(), 1) if "emial" in x)
+    expected = [f"{path}:{line}: processors.redaction.detectors.emial: unknown key"]
+    with pytest.raises(RedactionConfigError) as app:
+        load_redaction_config(path, environ=ENV)
+    with pytest.raises(ConfigError) as sidecar:
+        load_config(path, environ=ENV)
+    assert app.value.located == sidecar.value.located == expected
