@@ -1,9 +1,13 @@
-"""Self-telemetry: every component counts what it received, accepted, refused, dropped and exported.
+"""Self-telemetry: what every component received, accepted, refused, dropped and exported.
 
 Counters are Prometheus metrics on one registry, served on ``/metrics`` together with
 the span metrics. Components get a :class:`ComponentTelemetry` whose children are
 bound per (signal, reason) on first use and cached, so the hot path is one dict
-lookup and one locked add.
+lookup and one locked add. The pipeline counts ``received`` / ``accepted`` / ``refused``
+at its edges (:class:`sidecar.pipeline.Edge`); a component reports only what it drops
+and what it exports. A component's own metrics are declared one way: a family from
+:meth:`SelfTelemetry.family` (or a scrape-time collector from :meth:`SelfTelemetry.collector`),
+named in its ``Factory.telemetry``.
 
 Outcomes, per component and signal, in items (spans, log records, data points):
 
@@ -18,11 +22,13 @@ Outcomes, per component and signal, in items (spans, log records, data points):
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from typing import Callable, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from sidecar.signals import Signal
+
+T = TypeVar("T")
 
 #: Drop reasons that are the product working as designed rather than data loss.
 INTENDED_DROP_REASONS = frozenset({"sampled_out", "filtered", "policy_drop", "rate_limited"})
@@ -60,6 +66,16 @@ class SelfTelemetry:
                 metric = metric_type(name, documentation, labelnames, registry=self.registry)
                 self._families[name] = metric
             return metric
+
+    def collector(self, name: str, make: Callable[[], T]) -> T:
+        """A collector rendered at scrape time (one per registry, shared by every instance of the
+        component type): made by ``make()`` and registered on first use, the same object after."""
+        with self._families_lock:
+            collector = self._families.get(name)
+            if collector is None:
+                collector = self._families[name] = make()
+                self.registry.register(collector)
+            return collector
 
     def component(self, kind: str, component_id: str) -> "ComponentTelemetry":
         return ComponentTelemetry(self, kind, component_id)

@@ -359,4 +359,5 @@ class SyslogExporter(BaseExporter):
 
 FACTORY = Factory(type="syslog", kind=Kind.EXPORTER, config_model=SyslogExporterConfig,
                   create=lambda settings, cfg, _next: SyslogExporter(settings, cfg),
-                  signals=frozenset({Signal.LOGS, Signal.TRACES}))
+                  signals=frozenset({Signal.LOGS, Signal.TRACES}),
+                  telemetry=frozenset({"sidecar_syslog_messages_truncated"}))

@@ -18,18 +18,15 @@ read from the engine's stats at scrape time, so the hot path touches no Promethe
 from __future__ import annotations
 
 import logging
-import threading
-import weakref
 from typing import Iterator
 
-from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily
 
 from redaction import RedactionConfig, RedactionConfigError, RedactionEngine, RedactionStats
 from redaction.otlp import OtlpRedactor
 from sidecar.component import Component, Consumer, Kind, Refused
-from sidecar.registry import ALL_SIGNALS, CreateSettings, Factory
 from sidecar.envelope import Envelope
+from sidecar.registry import ALL_SIGNALS, CreateSettings, Factory
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +41,8 @@ class RedactionProcessor(Component):
         self.redactor = OtlpRedactor(self.engine)
         self._tel = settings.telemetry
         self._next = next_consumer
-        _RedactionMetrics.for_registry(settings.telemetry.registry).add(str(settings.id), self.engine.stats)
+        settings.telemetry.root.collector("sidecar_redaction_values", _RedactionMetrics).add(
+            str(settings.id), self.engine.stats)
 
     def consume(self, envelope: Envelope) -> None:
         signal = envelope.signal
@@ -59,20 +57,8 @@ class RedactionProcessor(Component):
 class _RedactionMetrics:
     """``sidecar_redaction_values_total``: one family per registry, one stats object per component."""
 
-    _by_registry: "weakref.WeakKeyDictionary[CollectorRegistry, _RedactionMetrics]" = weakref.WeakKeyDictionary()
-    _lock = threading.Lock()
-
     def __init__(self) -> None:
         self._components: dict[str, RedactionStats] = {}
-
-    @classmethod
-    def for_registry(cls, registry: CollectorRegistry) -> "_RedactionMetrics":
-        with cls._lock:
-            metrics = cls._by_registry.get(registry)
-            if metrics is None:
-                metrics = cls._by_registry[registry] = cls()
-                registry.register(metrics)
-            return metrics
 
     def add(self, component: str, stats: RedactionStats) -> None:
         self._components[component] = stats

@@ -16,4 +16,6 @@ FACTORY = Factory(
     config_model=DriftConfig,
     create=lambda settings, cfg, next_consumer: DriftProcessor(settings, cfg, next_consumer),
     signals=frozenset({Signal.METRICS}),
+    telemetry=frozenset({"sidecar_drift_chi2", "sidecar_drift_dropped_points", "sidecar_drift_js", "sidecar_drift_psi",
+                         "sidecar_drift_samples", "sidecar_drift_wasserstein"}),
 )

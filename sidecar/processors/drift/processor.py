@@ -104,7 +104,7 @@ class DriftProcessor(Component):
         family = settings.telemetry.root.family
         self._dropped = family(Counter, "sidecar_drift_dropped_points",
                                "Drift data points not scored, by reason.", ("component", "reason"))
-        _DriftMetrics.for_registry(settings.telemetry.registry).processors.add(self)
+        settings.telemetry.root.collector("sidecar_drift", _DriftMetrics).processors.add(self)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -262,20 +262,8 @@ class DriftProcessor(Component):
 class _DriftMetrics:
     """One Prometheus collector per registry rendering every drift processor's scores at scrape time."""
 
-    _by_registry: "weakref.WeakKeyDictionary[CollectorRegistry, _DriftMetrics]" = weakref.WeakKeyDictionary()
-    _lock = threading.Lock()
-
     def __init__(self) -> None:
         self.processors: "weakref.WeakSet[DriftProcessor]" = weakref.WeakSet()
-
-    @classmethod
-    def for_registry(cls, registry: CollectorRegistry) -> "_DriftMetrics":
-        with cls._lock:
-            m = cls._by_registry.get(registry)
-            if m is None:
-                m = cls._by_registry[registry] = cls()
-                registry.register(m)
-            return m
 
     def describe(self) -> list:
         return []
