@@ -8,16 +8,20 @@
     ...
     handle.disable()
 
-Nothing lands on spans: each sampled forward adds a few values to SDK histograms with fixed
-explicit buckets (:data:`BOUNDS`), so windows and processes merge by adding bucket counts and
-the sidecar's ``drift`` processor can compare any window with a reference. Instruments (all with
-``ml.model.id``, ``ml.model.version`` and ``ml.drift.feature``):
+Nothing lands on spans: each sampled forward adds a few values to in-process histograms with
+fixed explicit buckets (:data:`BOUNDS`), so windows and processes merge by adding bucket counts
+and the sidecar's ``drift`` processor can compare any window with a reference. They are exported
+as OTel histogram and sum metrics with the app's other metrics (appended to each export of the
+meter provider's periodic readers; cumulative, restarted after ``fork``). Aggregating them here
+instead of through SDK instruments is what keeps them cheap: one SDK ``record`` costs ~10 us of
+attribute handling, and a forward has dozens of features. Metrics (all with ``ml.model.id``,
+``ml.model.version`` and ``ml.drift.feature``):
 
 - ``ml.drift.value`` (histogram; negative values as magnitudes with ``ml.drift.sign="-"``):
   numeric features, one value per sampled forward —
   ``batch_size``; per input/output tensor ``input.0.mean|std|min|max|nan_share|inf_share|zero_share``
   (``output.0...``); per column of a 2-D input with at most ``max_columns`` columns
-  ``input.0[3].mean|std|zero_share``; for classifiers ``output.top_score`` (batch mean of the top
+  ``input.0[3].mean|std``; for classifiers ``output.top_score`` (batch mean of the top
   softmax probability); for generations ``prompt_tokens`` and ``output_tokens``.
 - ``ml.drift.category`` (counter, plus ``ml.drift.category``): categorical features —
   ``input.0.shape`` (batch dimension written ``*``), ``input.0.dtype``, ``output.label``
@@ -27,16 +31,20 @@ the sidecar's ``drift`` processor can compare any window with a reference. Instr
   tokens, rounded up to a power of 4: ``<=4Ki``) and ``ml.intent`` (the request's ``intent`` tag);
   ``ml.cost.tokens`` (histogram) adds ``gen_ai.token.type``.
 
-Statistics are a handful of fused reductions on at most ``sample_rows`` rows, moved off the
-device only once reduced (one small transfer per forward). torch is imported on the first forward.
+Statistics are a handful of reductions on at most ``sample_rows`` rows (and ``sample_elements``
+evenly strided elements of those), moved off the device only once reduced: one small transfer per
+sampled forward. torch is imported on the first forward.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
+import os
 import threading
 import time
-from collections.abc import Mapping
+from bisect import bisect_left
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from opentelemetry import metrics, trace
@@ -53,6 +61,7 @@ from contract.attributes import (
 from instrumentation._context import _CURRENT
 
 _SCOPE = "instrumentation.drift"
+_log = logging.getLogger(__name__)
 MODEL_ID = ML_MODEL_ID
 MODEL_VERSION = ML_MODEL_VERSION
 FEATURE = ML_DRIFT_FEATURE
@@ -75,7 +84,7 @@ BOUNDS = _log_bounds()
 _DURATION_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _TOKEN_BOUNDS = tuple(float(4 ** k) for k in range(1, 12))
 _STATS = ("mean", "std", "min", "max", "nan_share", "inf_share", "zero_share")
-_COLUMN_STATS = ("mean", "std", "zero_share")
+_COLUMN_STATS = ("mean", "std")
 _OTHER = "__other__"
 _INF = float("inf")
 _UNITS = ("", "Ki", "Mi", "Gi")
@@ -96,11 +105,6 @@ def size_bucket(n: int) -> str:
 class _Instruments:
     def __init__(self, meter_provider: Any) -> None:
         meter = metrics.get_meter(_SCOPE, meter_provider=meter_provider)
-        self.value = meter.create_histogram(
-            ML_DRIFT_VALUE, description="Per-forward summary statistics of model inputs and outputs",
-            explicit_bucket_boundaries_advisory=BOUNDS)
-        self.category = meter.create_counter(
-            ML_DRIFT_CATEGORY, unit="{row}", description="Categorical input/output features (shape, dtype, label)")
         self.duration = meter.create_histogram(
             "ml.cost.duration", unit="s", description="Forward or generation duration by input size and intent",
             explicit_bucket_boundaries_advisory=_DURATION_BOUNDS)
@@ -111,43 +115,71 @@ class _Instruments:
             explicit_bucket_boundaries_advisory=_TOKEN_BOUNDS)
 
 
+class _Series:
+    """One histogram series (a feature, or the magnitudes of its negative values): cumulative."""
+
+    __slots__ = ("attributes", "counts", "count", "sum", "min", "max")
+
+    def __init__(self, attributes: dict[str, str]) -> None:
+        self.attributes = attributes
+        self.counts = [0] * (len(BOUNDS) + 1)
+        self.count = 0
+        self.sum = 0.0
+        self.min = _INF
+        self.max = -_INF
+
+
 class _ModelState:
-    """Per (model id, version): the sample counter and every attribute dict, built once and reused."""
+    """Per (model id, version): the sample counter, the drift histograms and category counts, cost attributes."""
 
     def __init__(self, model_id: str, model_version: str | None, max_categories: int) -> None:
         self.base = {MODEL_ID: model_id, MODEL_VERSION: model_version or ""}
         self.counter = itertools.count()
-        self._features: dict[str, dict[str, str]] = {}
-        self._negative: dict[str, dict[str, str]] = {}
-        self._categories: dict[tuple[str, str], dict[str, str]] = {}
+        self.lock = threading.Lock()
+        self.series: dict[tuple[str, bool], _Series] = {}
+        self.categories: dict[tuple[str, str], list] = {}  # -> [attributes, count]
         self._per_feature: dict[str, int] = {}
         self._cost: dict[tuple, dict[str, str]] = {}
         self._max_categories = max_categories
 
-    def feature(self, name: str) -> dict[str, str]:
-        a = self._features.get(name)
-        if a is None:
-            a = self._features[name] = {**self.base, FEATURE: name}
-        return a
+    def add_values(self, names: Any, values: Any) -> None:
+        """Count each finite value into its feature's histogram (negative ones as magnitudes)."""
+        series = self.series
+        bounds = BOUNDS
+        with self.lock:
+            for name, v in zip(names, values):
+                if v >= 0.0:
+                    if v == _INF:
+                        continue
+                    neg = False
+                elif v > -_INF:  # NaN fails both tests: NaN/Inf are counted as shares instead
+                    v, neg = -v, True
+                else:
+                    continue
+                s = series.get((name, neg))
+                if s is None:
+                    attrs = {**self.base, FEATURE: name, SIGN: "-"} if neg else {**self.base, FEATURE: name}
+                    s = series[(name, neg)] = _Series(attrs)
+                s.counts[bisect_left(bounds, v)] += 1
+                s.count += 1
+                s.sum += v
+                if v < s.min:
+                    s.min = v
+                if v > s.max:
+                    s.max = v
 
-    def negative(self, name: str) -> dict[str, str]:
-        a = self._negative.get(name)
-        if a is None:
-            a = self._negative[name] = {**self.base, FEATURE: name, SIGN: "-"}
-        return a
-
-    def category(self, feature: str, value: str) -> dict[str, str]:
-        a = self._categories.get((feature, value))
-        if a is None:
-            seen = self._per_feature.get(feature, 0)
-            if seen >= self._max_categories:  # bounded cardinality: the rest share one category
-                value = _OTHER
-                a = self._categories.get((feature, value))
-                if a is not None:
-                    return a
-            self._per_feature[feature] = seen + 1
-            a = self._categories[(feature, value)] = {**self.base, FEATURE: feature, CATEGORY: value}
-        return a
+    def add_category(self, feature: str, value: str, n: int) -> None:
+        with self.lock:
+            c = self.categories.get((feature, value))
+            if c is None:
+                seen = self._per_feature.get(feature, 0)
+                if seen >= self._max_categories:  # bounded cardinality: the rest share one category
+                    value = _OTHER
+                    c = self.categories.get((feature, value))
+                if c is None:
+                    self._per_feature[feature] = seen + 1
+                    c = self.categories[(feature, value)] = [{**self.base, FEATURE: feature, CATEGORY: value}, 0]
+            c[1] += n
 
     def cost(self, bucket: str, intent: str, extra: tuple = ()) -> dict[str, str]:
         key = (bucket, intent, extra)
@@ -177,15 +209,17 @@ class DriftObserver:
     """
 
     def __init__(self, meter_provider: Any = None, *, sample_every: int = 1, sample_rows: int = 256,
-                 max_tensors: int = 4, max_columns: int = 16, max_classes: int = 1000,
-                 max_categories: int = 64, classifier: bool | None = None, cost: bool = True) -> None:
+                 sample_elements: int = 16384, max_tensors: int = 4, max_columns: int = 16,
+                 max_classes: int = 1000, max_categories: int = 64, classifier: bool | None = None,
+                 cost: bool = True) -> None:
         for name, v in (("sample_every", sample_every), ("sample_rows", sample_rows), ("max_tensors", max_tensors),
-                        ("max_categories", max_categories)):
+                        ("max_categories", max_categories), ("sample_elements", sample_elements)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: must be an integer >= 1, got {v!r}")
         self._inst = _Instruments(meter_provider)
         self.sample_every = sample_every
         self.sample_rows = sample_rows
+        self.sample_elements = sample_elements
         self.max_tensors = max_tensors
         self.max_columns = max_columns
         self.max_classes = max_classes
@@ -195,10 +229,14 @@ class DriftObserver:
         self._states: dict[tuple[str, str | None], _ModelState] = {}
         self._lock = threading.Lock()
         self._torch: Any = None
+        self._start_ns = time.time_ns()
+        self._pid = os.getpid()
 
     def _state(self, model_id: str, model_version: str | None) -> _ModelState:
         s = self._states.get((model_id, model_version))
         if s is None:
+            if self._pid != os.getpid():
+                self._forked()
             with self._lock:
                 s = self._states.setdefault((model_id, model_version),
                                             _ModelState(model_id, model_version, self.max_categories))
@@ -231,15 +269,14 @@ class DriftObserver:
         self._summarize(torch, state, rows, inputs[:self.max_tensors], outputs[:self.max_tensors])
 
     def _summarize(self, torch: Any, state: _ModelState, rows: int, inputs: list, outputs: list) -> None:
-        inst = self._inst
-        names: list[str] = []
+        names: list[str] = ["batch_size"]
         parts: list[Any] = []
         with torch.no_grad():
             for prefix, tensors in (("input", inputs), ("output", outputs)):
                 for i, t in enumerate(tensors):
                     name = f"{prefix}.{i}"
-                    inst.category.add(rows, state.category(name + ".shape", _shape(t)))
-                    inst.category.add(rows, state.category(name + ".dtype", str(t.dtype).removeprefix("torch.")))
+                    state.add_category(name + ".shape", _shape(t), rows)
+                    state.add_category(name + ".dtype", str(t.dtype).removeprefix("torch."), rows)
                     if t.numel() == 0 or t.is_complex():
                         continue
                     x = t.detach()
@@ -247,11 +284,14 @@ class DriftObserver:
                         x = x[:self.sample_rows]
                     if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16):
                         x = x.float()
-                    parts.append(_stats(torch, x.reshape(-1)))
+                    flat = x.reshape(-1)
+                    if flat.numel() > self.sample_elements:  # evenly strided: every part of the tensor
+                        flat = flat[::-(-flat.numel() // self.sample_elements)]
+                    parts.append(_stats(torch, flat))
                     names.extend(f"{name}.{s}" for s in _STATS)
                     if prefix == "input" and x.dim() == 2 and 1 < x.shape[1] <= self.max_columns:
-                        parts.append(torch.stack((x.mean(0), x.std(0, correction=0) if x.shape[0] > 1 else
-                                                  torch.zeros_like(x[0]), (x == 0).float().mean(0))).reshape(-1))
+                        std = x.std(0, correction=0) if x.shape[0] > 1 else torch.zeros_like(x[0])
+                        parts.append(torch.cat((x.mean(0), std)))
                         names.extend(f"{name}[{c}].{s}" for s in _COLUMN_STATS for c in range(x.shape[1]))
             labels = None
             if outputs and self._is_classifier(outputs):
@@ -263,18 +303,11 @@ class DriftObserver:
                 names.append("output.top_score")
                 labels = torch.bincount(labels.cpu(), minlength=1)
             values = torch.cat([p.to(torch.float64).cpu() for p in parts]).tolist() if parts else []
-        record = inst.value.record
-        record(float(rows), state.feature("batch_size"))
-        for name, v in zip(names, values):
-            if v >= 0.0:
-                if v != _INF:
-                    record(v, state.feature(name))
-            elif v != -_INF:  # NaN fails both tests: NaN/Inf are counted as shares instead
-                record(-v, state.negative(name))
+        state.add_values(names, [float(rows), *values])
         if labels is not None:
             for label, n in enumerate(labels.tolist()):
                 if n:
-                    inst.category.add(n, state.category("output.label", str(label)))
+                    state.add_category("output.label", str(label), n)
 
     def _is_classifier(self, outputs: list) -> bool:
         if self.classifier is not None:
@@ -289,16 +322,9 @@ class DriftObserver:
         Each call is one observation per feature (categories count ``rows``); NaN and Inf are skipped.
         """
         state = self._state(model_id, model_version)
-        record = self._inst.value.record
-        for name, v in values.items():
-            v = float(v)
-            if v >= 0.0:
-                if v != _INF:
-                    record(v, state.feature(name))
-            elif v != -_INF:
-                record(-v, state.negative(name))
+        state.add_values(values.keys(), [float(v) for v in values.values()])
         for name, cat in (categories or {}).items():
-            self._inst.category.add(rows, state.category(name, str(cat)))
+            state.add_category(name, str(cat), rows)
 
     # --- generation -----------------------------------------------------------------------------
 
@@ -318,8 +344,61 @@ class DriftObserver:
         if next(state.counter) % self.sample_every:
             return
         if input_tokens is not None:
-            self._inst.value.record(float(input_tokens), state.feature("prompt_tokens"))
-        self._inst.value.record(float(output_tokens), state.feature("output_tokens"))
+            state.add_values(("prompt_tokens", "output_tokens"), (float(input_tokens), float(output_tokens)))
+        else:
+            state.add_values(("output_tokens",), (float(output_tokens),))
+
+    # --- export ---------------------------------------------------------------------------------
+
+    def _forked(self) -> None:
+        """In a forked child: start from zero with a new start time (the parent keeps exporting its own)."""
+        with self._lock:
+            if self._pid != os.getpid():
+                self._states = {}
+                self._start_ns = time.time_ns()
+                self._pid = os.getpid()
+
+    def metrics(self) -> list[Any]:
+        """The drift histograms and category counts as SDK ``Metric`` objects (cumulative), for an exporter."""
+        from opentelemetry.sdk.metrics.export import (
+            AggregationTemporality,
+            Histogram,
+            HistogramDataPoint,
+            Metric,
+            NumberDataPoint,
+            Sum,
+        )
+
+        if self._pid != os.getpid():
+            self._forked()
+        now = time.time_ns()
+        start = self._start_ns
+        hist, cats = [], []
+        for state in list(self._states.values()):
+            with state.lock:
+                for s in state.series.values():
+                    hist.append(HistogramDataPoint(dict(s.attributes), start, now, s.count, s.sum, list(s.counts),
+                                                   BOUNDS, s.min, s.max))
+                for attrs, n in state.categories.values():
+                    cats.append(NumberDataPoint(dict(attrs), start, now, n))
+        out = []
+        cumulative = AggregationTemporality.CUMULATIVE
+        if hist:
+            out.append(Metric(ML_DRIFT_VALUE, "Per-forward summary statistics of model inputs and outputs", "",
+                              Histogram(hist, cumulative)))
+        if cats:
+            out.append(Metric(ML_DRIFT_CATEGORY, "Categorical input/output features (shape, dtype, label)", "{row}",
+                              Sum(cats, cumulative, True)))
+        return out
+
+    def metrics_data(self, resource: Any = None) -> Any:
+        """:meth:`metrics` wrapped as one SDK ``MetricsData`` (what a metric exporter takes)."""
+        from opentelemetry.sdk.metrics.export import MetricsData, ResourceMetrics, ScopeMetrics
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+        scope = ScopeMetrics(InstrumentationScope(_SCOPE), self.metrics(), "")
+        return MetricsData([ResourceMetrics(resource or Resource.create(), [scope], "")])
 
 
 def _tensors(tensor_type: type, args: Any, more: Any) -> list:
@@ -346,15 +425,16 @@ def _stats(torch: Any, x: Any) -> Any:
     the finite values only (a masked pass, paid only by such tensors).
     """
     n = x.numel()
-    nan = x.isnan()
-    inf = x.isinf()
-    n_nan = nan.sum()
-    n_inf = inf.sum()
-    if bool((n_nan + n_inf) == 0):
+    total = x.sum()
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    if bool(total.isfinite()):  # then no value is NaN or Inf (one sync; the result moves off the device anyway)
         lo, hi = x.aminmax()
-        std = x.std(correction=0) if n > 1 else torch.zeros((), dtype=x.dtype, device=x.device)
-        body = torch.stack((x.mean(), std, lo, hi))
+        std = x.std(correction=0) if n > 1 else zero
+        body = torch.stack((total / n, std, lo, hi))
+        shares = torch.stack((zero, zero, (x == 0).sum().to(x.dtype) / n))
     else:
+        nan, inf = x.isnan(), x.isinf()
+        n_nan, n_inf = nan.sum(), inf.sum()
         finite = ~(nan | inf)
         k = finite.sum().clamp(min=1)
         xf = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
@@ -362,7 +442,7 @@ def _stats(torch: Any, x: Any) -> Any:
         std = ((torch.where(finite, x - mean, xf) ** 2).sum() / k).sqrt()
         big = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
         body = torch.stack((mean, std, torch.where(finite, x, big).amin(), torch.where(finite, x, -big).amax()))
-    shares = torch.stack((n_nan, n_inf, (x == 0).sum())).to(x.dtype) / n
+        shares = torch.stack((n_nan, n_inf, (x == 0).sum())).to(x.dtype) / n
     return torch.cat((body, shares)).to(torch.float64)
 
 
@@ -379,14 +459,63 @@ class DriftHandle:
         self._removers = []
 
 
+def _ride_on_readers(observer: DriftObserver, meter_provider: Any) -> Callable[[], None]:
+    """Append the observer's metrics to every export of the provider's periodic readers; returns the undo.
+
+    The SDK has no public hook for metrics aggregated outside its instruments, so the exporter of
+    each reader that has one (``PeriodicExportingMetricReader``) gets a wrapper around ``export``.
+    """
+    provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
+    resource = getattr(getattr(provider, "_sdk_config", None), "resource", None)
+    exporters = [e for e in (getattr(r, "_exporter", None) for r in getattr(provider, "_metric_readers", ()))
+                 if e is not None]
+    if not exporters:
+        _log.warning("drift: the meter provider has no exporting metric reader; drift summaries are kept "
+                     "in process only (DriftObserver.metrics_data() reads them)")
+    for exporter in exporters:
+        riders = exporter.__dict__.get("_drift_observers")
+        if riders is None:
+            riders = exporter._drift_observers = []
+            exporter.export = _with_drift(exporter.export, riders, resource)
+        riders.append(observer)
+
+    def undo() -> None:
+        for exporter in exporters:
+            riders = exporter.__dict__.get("_drift_observers", [])
+            if observer in riders:
+                riders.remove(observer)
+
+    return undo
+
+
+def _with_drift(export: Callable[..., Any], riders: list, resource: Any) -> Callable[..., Any]:
+    from opentelemetry.sdk.metrics.export import MetricsData, ResourceMetrics, ScopeMetrics
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    scope = InstrumentationScope(_SCOPE)
+
+    def export_with_drift(metrics_data: Any, *args: Any, **kwargs: Any) -> Any:
+        extra = [m for observer in list(riders) for m in observer.metrics()]
+        if extra:
+            res = resource if resource is not None else (
+                metrics_data.resource_metrics[0].resource if metrics_data.resource_metrics else None)
+            if res is not None:
+                metrics_data = MetricsData([*metrics_data.resource_metrics,
+                                            ResourceMetrics(res, [ScopeMetrics(scope, extra, "")], "")])
+        return export(metrics_data, *args, **kwargs)
+
+    return export_with_drift
+
+
 def enable_drift(meter_provider: Any = None, **options: Any) -> DriftHandle:
     """Record drift and cost summaries for every instrumented forward and generation (see the module doc).
 
-    ``options`` are :class:`DriftObserver`'s (``sample_every``, ``sample_rows``, ``max_columns``,
-    ``classifier``, ``cost``, ...). Call :meth:`DriftHandle.disable` to stop.
+    ``options`` are :class:`DriftObserver`'s (``sample_every``, ``sample_rows``, ``sample_elements``,
+    ``max_columns``, ``classifier``, ``cost``, ...). The summaries are exported with the metrics of
+    ``meter_provider`` (default: the global one ``configure()`` set). :meth:`DriftHandle.disable` stops.
     """
     observer = DriftObserver(meter_provider, **options)
-    removers = []
+    removers = [_ride_on_readers(observer, meter_provider)]
     from instrumentation import genai
 
     removers.append(genai.add_generation_observer(observer.observe_generation))

@@ -11,10 +11,18 @@ from instrumentation.drift import BOUNDS, DriftObserver, enable_drift, size_buck
 from tests.instrumentation.conftest import histogram_points
 
 
-def points(reader, name: str) -> dict:
+def data_points(source, name: str) -> list:
+    """Data points of one metric: drift metrics from the observer (aggregated outside the SDK), cost ones from the reader."""
+    if not name.startswith("ml.drift."):
+        return histogram_points(source, name)
+    return [p for rm in source.metrics_data().resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+            if m.name == name for p in m.data.data_points]
+
+
+def points(source, name: str) -> dict:
     """feature (plus sign / category) -> data point, for one metric."""
     out = {}
-    for p in histogram_points(reader, name):
+    for p in data_points(source, name):
         a = dict(p.attributes)
         key = a.get("ml.drift.feature") or a.get("ml.cost.size_bucket")
         if "ml.drift.sign" in a:
@@ -50,14 +58,14 @@ def model(version: str, tracer_provider, meter_provider, n_in: int = 4, n_out: i
 
 def test_every_statistic_of_one_forward_is_recorded_exactly(drift, meter):
     enable, reader, tp = drift
-    enable()
+    h = enable()
     m = model("1", tp, meter[0])
     x = torch.randn(32, 4)
     x[0, 1] = 0.0
     x[1, 2] = float("nan")
     with torch.no_grad():
         out = m(x)
-    v = points(reader, "ml.drift.value")
+    v = points(h.observer, "ml.drift.value")
     finite = x[~x.isnan()]
     assert v["batch_size"].sum == 32
     assert v["input.0.nan_share"].sum == pytest.approx(1 / 128)
@@ -68,11 +76,12 @@ def test_every_statistic_of_one_forward_is_recorded_exactly(drift, meter):
     assert v["input.0.max"].sum == pytest.approx(finite.max().item(), rel=1e-6)
     col0 = x[:, 0].double().mean().item()
     assert (v["input.0[0].mean"] if col0 >= 0 else v["input.0[0].mean-"]).sum == pytest.approx(abs(col0), rel=1e-5)
-    assert v["input.0[1].zero_share"].sum == pytest.approx(1 / 32)
+    assert v["input.0[1].std"].sum == pytest.approx(x[:, 1].double().std(correction=0).item(), rel=1e-5)
+    assert "input.0[1].zero_share" not in v  # per column: mean and std only
     top = out.softmax(1).max(1).values.mean().item()  # NaN row: its top score is NaN, so the mean is skipped
     assert "output.top_score" in v or top != top
     assert all(tuple(p.explicit_bounds) == BOUNDS for p in v.values())
-    c = points(reader, "ml.drift.category")
+    c = points(h.observer, "ml.drift.category")
     assert c[("input.0.shape", "*x4")].value == 32
     assert c[("input.0.dtype", "float32")].value == 32
     assert sum(p.value for k, p in c.items() if k[0] == "output.label") == 32
@@ -81,26 +90,26 @@ def test_every_statistic_of_one_forward_is_recorded_exactly(drift, meter):
 
 def test_classifier_labels_and_top_score(drift, meter):
     enable, reader, tp = drift
-    enable()
+    h = enable()
     m = model("1", tp, meter[0])
     with torch.no_grad():
         m.weight.zero_()
         m.bias.copy_(torch.tensor([0.0, 5.0, 0.0]))  # every row predicts class 1
         m(torch.randn(10, 4))
-    c = points(reader, "ml.drift.category")
+    c = points(h.observer, "ml.drift.category")
     assert c[("output.label", "1")].value == 10 and ("output.label", "0") not in c
     top = torch.tensor([0.0, 5.0, 0.0]).softmax(0).max().item()
-    assert points(reader, "ml.drift.value")["output.top_score"].sum == pytest.approx(top, rel=1e-6)
+    assert points(h.observer, "ml.drift.value")["output.top_score"].sum == pytest.approx(top, rel=1e-6)
 
 
 def test_sample_every_n_and_cost_on_every_forward(drift, meter):
     enable, reader, tp = drift
-    enable(sample_every=3)
+    h = enable(sample_every=3)
     m = model("2", tp, meter[0])
     with torch.no_grad(), request_context(RequestContext(tags={"intent": "fraud-check"})):
         for _ in range(9):
             m(torch.randn(8, 4))
-    v = points(reader, "ml.drift.value")
+    v = points(h.observer, "ml.drift.value")
     assert v["batch_size"].count == 3
     cost = [p for p in histogram_points(reader, "ml.cost.items")]
     assert len(cost) == 1 and cost[0].value == 72
@@ -118,30 +127,30 @@ def test_disable_stops_recording(drift, meter):
         m(torch.randn(4, 4))
         h.disable()
         m(torch.randn(4, 4))
-    assert points(reader, "ml.drift.value")["batch_size"].count == 1
+    assert points(h.observer, "ml.drift.value")["batch_size"].count == 1
 
 
 def test_large_and_low_precision_inputs_reduce_on_a_sample_of_rows(drift, meter):
     enable, reader, tp = drift
-    enable(sample_rows=16)
+    h = enable(sample_rows=16)
     m = itorch.instrument_model(torch.nn.Flatten(), "img", "1", tracer_provider=tp, meter_provider=meter[0])
     x = torch.zeros(64, 3, 8, 8, dtype=torch.float16)
     x[16:] = 1.0  # rows past the sample do not count
     with torch.no_grad():
         m(x)
-    v = points(reader, "ml.drift.value")
+    v = points(h.observer, "ml.drift.value")
     assert v["input.0.zero_share"].sum == 1.0
-    c = points(reader, "ml.drift.category")
+    c = points(h.observer, "ml.drift.category")
     assert c[("input.0.shape", "*x3x8x8")].value == 64 and c[("input.0.dtype", "float16")].value == 64
     assert points(reader, "ml.cost.items")["<=256"].value == 64
 
 
 def test_generation_token_counts(drift, meter):
     enable, reader, _ = drift
-    enable()
+    h = enable()
     with trace_generation(model="llama", input_tokens=300, meter_provider=meter[0]) as gen:
         gen.token(40)
-    v = points(reader, "ml.drift.value")
+    v = points(h.observer, "ml.drift.value")
     assert v["prompt_tokens"].sum == 300 and v["output_tokens"].sum == 40
     tokens = points(reader, "ml.cost.tokens")
     assert tokens[("<=1Ki", "input")].sum == 300 and tokens[("<=1Ki", "output")].sum == 40

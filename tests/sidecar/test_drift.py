@@ -51,7 +51,12 @@ class App:
         self.observer.observe_values(model, version, values, categories)
 
     def export(self):
-        return encode_metrics(self.reader.get_metrics_data())
+        """What the app's exporter sends: the SDK's own metrics plus the drift summaries riding along."""
+        from opentelemetry.sdk.metrics.export import MetricsData
+
+        sdk = self.reader.get_metrics_data()
+        drift = self.observer.metrics_data()
+        return encode_metrics(MetricsData([*(sdk.resource_metrics if sdk else []), *drift.resource_metrics]))
 
 
 class Clock:
