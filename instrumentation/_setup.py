@@ -265,6 +265,8 @@ def configure(service_name: str | None = None, endpoint: str | None = None, prot
     with _lock:
         if _handle is not None:
             return _handle
+        # stable HTTP semantic conventions unless the user chose (``http/dup`` emits old and new)
+        os.environ.setdefault("OTEL_SEMCONV_STABILITY_OPT_IN", "http")
         span_exporters = build_exporters("traces", protocol=protocol, endpoint=endpoint, headers=headers)
         log_exporters = build_exporters("logs", protocol=protocol, endpoint=endpoint, headers=headers)
         metric_exporters = build_exporters("metrics", protocol=protocol, endpoint=endpoint, headers=headers) \

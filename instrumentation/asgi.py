@@ -130,6 +130,11 @@ def _flush_before_shutdown_complete(send: Send) -> Send:
     return wrapped
 
 
+#: Scope key set by the outermost ASGIMiddleware, so a second one (say, the app's own inside an
+#: auto-instrumented stack) passes the request through instead of tracing it twice.
+_TRACED = "instrumentation.traced"
+
+
 class ASGIMiddleware:
     """Traces every HTTP request and gives it an identity shared by its spans and logs.
 
@@ -145,6 +150,7 @@ class ASGIMiddleware:
         self._rid_header = self.identity.request_id_header.encode("latin-1")
         self._uid_header = self.identity.user_id_header.encode("latin-1") if self.identity.user_id_header else None
         self._debug_header = self.identity.debug_header.encode("latin-1") if self.identity.debug_header else None
+        self._inner = app
         self.app = OpenTelemetryMiddleware(
             _InSpan(app, self.identity), excluded_urls=excluded_urls, tracer_provider=tracer_provider,
             meter_provider=meter_provider,
@@ -157,6 +163,10 @@ class ASGIMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if _TRACED in scope:  # an outer ASGIMiddleware (the app's own, or auto-instrumentation's) has it
+            await self._inner(scope, receive, send)
+            return
+        scope[_TRACED] = True
         rid = uid = debug = None
         rid_h, uid_h, debug_h = self._rid_header, self._uid_header, self._debug_header
         for name, value in scope.get("headers") or ():

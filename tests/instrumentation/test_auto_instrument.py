@@ -1,0 +1,107 @@
+"""``opentelemetry-instrument uvicorn app:app``: this project's distro, configurator and instrumentors, for real.
+
+A plain FastAPI app (no import of ours) runs under the OpenTelemetry launcher against a real
+OTLP/gRPC receiver; every span and log arrives once, with request ids and redaction.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sidecar.signals import Signal
+from sidecar.testing import OTLPBackend, free_port
+
+from .conftest import APPS
+
+pytestmark = pytest.mark.e2e
+LAUNCHER = Path(sys.executable).with_name("opentelemetry-instrument")
+
+
+def attrs(item) -> dict:
+    return {kv.key: next(iter(kv.value.ListFields()))[1] if kv.value.ListFields() else None for kv in item.attributes}
+
+
+def wait_until(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def served():
+    """Start the app under opentelemetry-instrument; yield (base url, backend, process)."""
+    port = free_port()
+    with OTLPBackend() as backend:
+        # not ROOT: its (ignored, possibly stale) egg-info would shadow the installed entry points
+        env = {**os.environ, "PYTHONPATH": str(APPS),
+               "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{backend.endpoint}", "OTEL_SERVICE_NAME": "auto-app",
+               "OTEL_BSP_SCHEDULE_DELAY": "50", "OTEL_BLRP_SCHEDULE_DELAY": "50",
+               "OTEL_METRIC_EXPORT_INTERVAL": "500"}
+        for k in ("OTEL_PYTHON_DISTRO", "OTEL_PYTHON_CONFIGURATOR", "OTEL_SEMCONV_STABILITY_OPT_IN",
+                  "OTEL_TRACES_EXPORTER", "OTEL_LOGS_EXPORTER", "OTEL_METRICS_EXPORTER"):
+            env.pop(k, None)
+        proc = subprocess.Popen([str(LAUNCHER), sys.executable, "-m", "uvicorn", "auto_app:app",
+                                 "--port", str(port), "--log-level", "warning"],
+                                env=env, cwd=APPS, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                return httpx.get(url + "/docs", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        try:
+            wait_until(up, "the app to serve", timeout=60)
+            yield url, backend, proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+
+
+def test_each_span_and_log_once_with_request_ids_force_keep_and_redaction(served):
+    url, backend, proc = served
+    r = httpx.get(url + "/predict", params={"user": "jane.doe@example.com"},
+                  headers={"X-Request-ID": "req-auto-1", "X-Debug-Trace": "1"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "req-auto-1"
+    r = httpx.get(url + "/fail", headers={"X-Request-ID": "req-auto-2"})
+    assert r.status_code == 500 and r.headers["x-request-id"] == "req-auto-2"
+    wait_until(lambda: len([s for _, _, s in backend.spans() if s.kind == 2]) >= 3 and
+               len(backend.log_records()) >= 2, "server spans and logs")  # /docs, /predict, /fail
+
+    proc.send_signal(signal.SIGTERM)  # uvicorn's graceful shutdown, then our flush
+    _, stderr = proc.communicate(timeout=30)
+
+    spans = [s for _, _, s in backend.spans()]
+    ids = [(s.trace_id, s.span_id) for s in spans]
+    assert len(ids) == len(set(ids)), "a span was exported twice"
+    server = {attrs(s).get("request.id"): s for s in spans if s.kind == 2}  # SERVER
+    assert len([s for s in spans if s.kind == 2]) == 3, [s.name for s in spans]  # one server span per request
+    predict, failed = server["req-auto-1"], server["req-auto-2"]
+    a = attrs(predict)
+    assert a["sampling.force_keep"] is True
+    assert a["http.request.method"] == "GET" and a["http.response.status_code"] == 200  # stable semconv
+    assert attrs(failed)["http.response.status_code"] == 500
+
+    logs = [rec for _, _, rec in backend.log_records()]
+    keys = [(rec.trace_id, rec.time_unix_nano, rec.body.string_value) for rec in logs]
+    assert len(keys) == len(set(keys)), "a log record was exported twice"
+    (info,) = [rec for rec in logs if rec.body.string_value.startswith("scoring for")]
+    assert "jane.doe@example.com" not in info.body.string_value  # redacted in process
+    assert attrs(info)["request.id"] == "req-auto-1" and info.trace_id == predict.trace_id
+    (error,) = [rec for rec in logs if attrs(rec).get("exception.type") == "RuntimeError"]
+    assert attrs(error)["request.id"] == "req-auto-2"
+    # the developer watching the console sees the 500's traceback too
+    assert "RuntimeError: model weights missing" in stderr and "Traceback" in stderr
+    assert backend.items[Signal.METRICS] > 0
