@@ -36,9 +36,10 @@ def wait_until(condition, what: str, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture
-def served():
-    """Start the app under opentelemetry-instrument; yield (base url, backend, process)."""
+@pytest.fixture(params=[{}, {"APP_CONFIGURES_ITSELF": "1"}, {"OTEL_SEMCONV_STABILITY_OPT_IN": "http/dup"}],
+                ids=["plain-app", "app-calls-configure-too", "semconv-dup"])
+def served(request):
+    """Start the app under opentelemetry-instrument; yield (base url, backend, process, extra env)."""
     port = free_port()
     with OTLPBackend() as backend:
         # not ROOT: its (ignored, possibly stale) egg-info would shadow the installed entry points
@@ -49,6 +50,7 @@ def served():
         for k in ("OTEL_PYTHON_DISTRO", "OTEL_PYTHON_CONFIGURATOR", "OTEL_SEMCONV_STABILITY_OPT_IN",
                   "OTEL_TRACES_EXPORTER", "OTEL_LOGS_EXPORTER", "OTEL_METRICS_EXPORTER"):
             env.pop(k, None)
+        env.update(request.param)
         proc = subprocess.Popen([str(LAUNCHER), sys.executable, "-m", "uvicorn", "auto_app:app",
                                  "--port", str(port), "--log-level", "warning"],
                                 env=env, cwd=APPS, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -63,7 +65,7 @@ def served():
 
         try:
             wait_until(up, "the app to serve", timeout=60)
-            yield url, backend, proc
+            yield url, backend, proc, request.param
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -71,7 +73,7 @@ def served():
 
 
 def test_each_span_and_log_once_with_request_ids_force_keep_and_redaction(served):
-    url, backend, proc = served
+    url, backend, proc, extra = served
     r = httpx.get(url + "/predict", params={"user": "jane.doe@example.com"},
                   headers={"X-Request-ID": "req-auto-1", "X-Debug-Trace": "1"})
     assert r.status_code == 200 and r.headers["x-request-id"] == "req-auto-1"
@@ -93,6 +95,10 @@ def test_each_span_and_log_once_with_request_ids_force_keep_and_redaction(served
     assert a["sampling.force_keep"] is True
     assert a["http.request.method"] == "GET" and a["http.response.status_code"] == 200  # stable semconv
     assert attrs(failed)["http.response.status_code"] == 500
+    if extra.get("OTEL_SEMCONV_STABILITY_OPT_IN") == "http/dup":  # old and new names side by side
+        assert a["http.method"] == "GET" and a["http.status_code"] == 200
+    else:
+        assert "http.method" not in a and "http.status_code" not in a
 
     logs = [rec for _, _, rec in backend.log_records()]
     keys = [(rec.trace_id, rec.time_unix_nano, rec.body.string_value) for rec in logs]

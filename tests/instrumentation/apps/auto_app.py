@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from fastapi import FastAPI
 
@@ -19,3 +20,12 @@ def predict(user: str = "") -> dict:
 @app.get("/fail")
 def fail() -> dict:
     raise RuntimeError("model weights missing")
+
+
+if os.environ.get("APP_CONFIGURES_ITSELF"):
+    # an app written for plain configure() and then run under opentelemetry-instrument anyway:
+    # its own calls must not add a second set of exporters or a second server span
+    import instrumentation
+
+    instrumentation.configure(service_name="auto-app")
+    app.add_middleware(instrumentation.ASGIMiddleware)
