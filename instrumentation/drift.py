@@ -38,6 +38,7 @@ sampled forward. torch is imported on the first forward.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
@@ -231,6 +232,13 @@ class DriftObserver:
         self._torch: Any = None
         self._start_ns = time.time_ns()
         self._pid = os.getpid()
+        #: summaries of GPU tensors whose copy to the host is in flight: (event, state, names, rows, host, labels)
+        self._pending: collections.deque = collections.deque()
+        self.max_pending = 1024
+        #: sampled forwards not summarized because ``max_pending`` copies were in flight
+        self.dropped = 0
+        #: device types whose summaries are read at once; others are copied off asynchronously
+        self._host_types = frozenset({"cpu"})
 
     def _state(self, model_id: str, model_version: str | None) -> _ModelState:
         s = self._states.get((model_id, model_version))
@@ -263,6 +271,8 @@ class DriftObserver:
             if seconds is not None:
                 self._inst.duration.record(seconds, attrs)
             self._inst.items.add(rows, attrs)
+        if self._pending:
+            self._reap()
         if next(state.counter) % self.sample_every:
             return
         outputs = _tensors(torch.Tensor, (output,), ())
@@ -271,6 +281,8 @@ class DriftObserver:
     def _summarize(self, torch: Any, state: _ModelState, rows: int, inputs: list, outputs: list) -> None:
         names: list[str] = ["batch_size"]
         parts: list[Any] = []
+        device = (inputs or outputs)[0].device if inputs or outputs else None
+        on_host = device is None or device.type in self._host_types
         with torch.no_grad():
             for prefix, tensors in (("input", inputs), ("output", outputs)):
                 for i, t in enumerate(tensors):
@@ -287,7 +299,7 @@ class DriftObserver:
                     flat = x.reshape(-1)
                     if flat.numel() > self.sample_elements:  # evenly strided: every part of the tensor
                         flat = flat[::-(-flat.numel() // self.sample_elements)]
-                    parts.append(_stats(torch, flat))
+                    parts.append(_stats(torch, flat, on_host))
                     names.extend(f"{name}.{s}" for s in _STATS)
                     if prefix == "input" and x.dim() == 2 and 1 < x.shape[1] <= self.max_columns:
                         std = x.std(0, correction=0) if x.shape[0] > 1 else torch.zeros_like(x[0])
@@ -296,18 +308,54 @@ class DriftObserver:
             labels = None
             if outputs and self._is_classifier(outputs):
                 scores = outputs[0].detach()[:self.sample_rows].float()
-                if (scores.sum(1) - 1).abs().amax() > 1e-3:  # logits -> probabilities
-                    scores = scores.softmax(1)
-                top, labels = scores.max(1)
-                parts.append(top.mean().reshape(1).to(torch.float64))
+                # rows already summing to 1 are probabilities, else logits: decided on the device, no sync
+                probs = torch.where((scores.sum(1) - 1).abs().amax() <= 1e-3, scores, scores.softmax(1))
+                top, labels = probs.max(1)
+                parts.append(top.mean().reshape(1).to(parts[0].device if parts else top.device))
                 names.append("output.top_score")
-                labels = torch.bincount(labels.cpu(), minlength=1)
-            values = torch.cat([p.to(torch.float64).cpu() for p in parts]).tolist() if parts else []
+                labels = torch.bincount(labels, minlength=outputs[0].shape[1])
+            if not parts:
+                state.add_values(names, [float(rows)])
+                return
+            values = torch.cat([p.to(torch.float32) for p in parts])
+            if not on_host:  # copy off the device without waiting for it; reaped once the copy is done
+                self._defer(torch, state, names, rows, values, labels)
+                return
+        self._add(state, names, rows, values.tolist(), labels.tolist() if labels is not None else None)
+
+    @staticmethod
+    def _add(state: _ModelState, names: list[str], rows: int, values: list, labels: list | None) -> None:
         state.add_values(names, [float(rows), *values])
         if labels is not None:
-            for label, n in enumerate(labels.tolist()):
+            for label, n in enumerate(labels):
                 if n:
                     state.add_category("output.label", str(label), n)
+
+    def _defer(self, torch: Any, state: _ModelState, names: list[str], rows: int, values: Any, labels: Any) -> None:
+        if len(self._pending) >= self.max_pending:
+            self.dropped += 1  # the device is far behind: never grow without bound
+            return
+        host = values.to("cpu", non_blocking=True)
+        host_labels = labels.to("cpu", non_blocking=True) if labels is not None else None
+        done = torch.cuda.Event() if values.device.type == "cuda" else None
+        if done is not None:
+            done.record()
+        self._pending.append((done, state, names, rows, host, host_labels))
+
+    def _reap(self) -> None:
+        """Count every deferred summary whose device-to-host copy has completed (in order)."""
+        pending = self._pending
+        while pending:
+            try:
+                entry = pending.popleft()
+            except IndexError:  # another thread took it
+                return
+            done = entry[0]
+            if done is not None and not done.query():
+                pending.appendleft(entry)  # copies on a stream complete in order: the rest are not done
+                return
+            _, state, names, rows, host, host_labels = entry
+            self._add(state, names, rows, host.tolist(), host_labels.tolist() if host_labels is not None else None)
 
     def _is_classifier(self, outputs: list) -> bool:
         if self.classifier is not None:
@@ -355,6 +403,7 @@ class DriftObserver:
         with self._lock:
             if self._pid != os.getpid():
                 self._states = {}
+                self._pending = collections.deque()
                 self._start_ns = time.time_ns()
                 self._pid = os.getpid()
 
@@ -371,6 +420,8 @@ class DriftObserver:
 
         if self._pid != os.getpid():
             self._forked()
+        if self._pending:
+            self._reap()
         now = time.time_ns()
         start = self._start_ns
         hist, cats = [], []
@@ -418,16 +469,16 @@ def _shape(t: Any) -> str:
     return "x".join(["*", *map(str, dims[1:])]) if dims else "scalar"
 
 
-def _stats(torch: Any, x: Any) -> Any:
+def _stats(torch: Any, x: Any, on_host: bool) -> Any:
     """mean, std, min, max, NaN share, Inf share, zero share of a flat tensor, in one stacked tensor.
 
-    The fast path assumes finite values; when NaN or Inf are present the first four are taken over
-    the finite values only (a masked pass, paid only by such tensors).
+    Min, max, mean and std are over the finite values. On the host, a finite sum lets the fast path
+    skip the masks; on a device the masked path always runs (asking would wait for the device).
     """
     n = x.numel()
     total = x.sum()
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    if bool(total.isfinite()):  # then no value is NaN or Inf (one sync; the result moves off the device anyway)
+    if on_host and bool(total.isfinite()):  # then no value is NaN or Inf
         lo, hi = x.aminmax()
         std = x.std(correction=0) if n > 1 else zero
         body = torch.stack((total / n, std, lo, hi))
@@ -437,13 +488,13 @@ def _stats(torch: Any, x: Any) -> Any:
         n_nan, n_inf = nan.sum(), inf.sum()
         finite = ~(nan | inf)
         k = finite.sum().clamp(min=1)
-        xf = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        xf = torch.where(finite, x, zero)
         mean = xf.sum() / k
-        std = ((torch.where(finite, x - mean, xf) ** 2).sum() / k).sqrt()
-        big = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
+        std = ((torch.where(finite, x - mean, zero) ** 2).sum() / k).sqrt()
+        big = torch.full((), _INF, dtype=x.dtype, device=x.device)  # a fill, not a copy from the host
         body = torch.stack((mean, std, torch.where(finite, x, big).amin(), torch.where(finite, x, -big).amax()))
         shares = torch.stack((n_nan, n_inf, (x == 0).sum())).to(x.dtype) / n
-    return torch.cat((body, shares)).to(torch.float64)
+    return torch.cat((body, shares))
 
 
 class DriftHandle:

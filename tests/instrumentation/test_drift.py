@@ -164,3 +164,24 @@ def test_options_are_checked():
 def test_size_buckets():
     assert [size_bucket(n) for n in (0, 16, 17, 1024, 1025, 150528)] == ["<=16", "<=16", "<=64", "<=1Ki", "<=4Ki",
                                                                           "<=256Ki"]
+
+
+def test_device_tensors_are_summarized_without_waiting(drift, meter):
+    """Off the host the masked statistics run and the copy is reaped later (here: CPU posing as a device)."""
+    enable, reader, tp = drift
+    h = enable()
+    h.observer._host_types = frozenset()  # every tensor takes the device path
+    m = model("1", tp, meter[0])
+    x = torch.randn(16, 4)
+    x[3, 0] = float("inf")
+    with torch.no_grad():
+        m(x)
+    assert len(h.observer._pending) == 1  # not counted yet: the copy might still be in flight
+    v = points(h.observer, "ml.drift.value")  # collecting reaps completed copies
+    assert not h.observer._pending
+    finite = x[x.isfinite()].double()
+    mean = finite.mean().item()
+    assert (v["input.0.mean"] if mean >= 0 else v["input.0.mean-"]).sum == pytest.approx(abs(mean), rel=1e-5)
+    assert v["input.0.inf_share"].sum == pytest.approx(1 / 64)
+    assert v["input.0.max"].sum == pytest.approx(finite.max().item(), rel=1e-6)
+    assert sum(p.value for k, p in points(h.observer, "ml.drift.category").items() if k[0] == "output.label") == 16
