@@ -119,7 +119,8 @@ def load_records(source: str, *, model_version: str | None = None, limit: int | 
         if model_version is not None:
             records = [r for r in records if r.model_version == model_version]
         return records[:limit] if limit is not None else records
-    from sidecar.audit.store import Query, open_store
+    from sidecar.audit.store import Query
+    from sidecar.audit.urls import open_store
 
     store = open_store(source).open()
     try:

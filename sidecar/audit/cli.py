@@ -14,7 +14,8 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from sidecar.audit.store import Query, StoreError, open_store
+from sidecar.audit.store import Query, StoreError
+from sidecar.audit.urls import open_store
 from sidecar.config import parse_duration
 
 

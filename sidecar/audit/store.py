@@ -1,6 +1,6 @@
 """Where audit records live: SQLite (embedded default) or PostgreSQL, one schema, one SQL dialect.
 
-``open_store(url)``: ``sqlite:///var/audit.db`` (or a bare path) or ``postgresql://...``.
+``open_store(url)`` (:mod:`sidecar.audit.urls`): ``sqlite:///var/audit.db`` (or a bare path) or ``postgresql://...``.
 Every write is one transaction that is durable when :meth:`AuditStore.write` returns
 (SQLite: WAL with ``synchronous=FULL``; PostgreSQL: a committed transaction), so the
 exporter can acknowledge after it. Records are keyed by (trace_id, span_id): writing the
@@ -403,22 +403,3 @@ class SQLiteStore(AuditStore):
 
     def _reclaim(self, cur) -> None:
         cur.execute("PRAGMA incremental_vacuum").fetchall()  # one page per step: run it to the end
-
-
-def open_store(url: str, *, timeout: float = 5.0) -> AuditStore:
-    """A store for ``url`` (not yet opened): ``sqlite:///path``, a plain path, or ``postgresql://...``."""
-    if url.startswith(("postgresql://", "postgres://")):
-        from sidecar.audit.postgres import PostgresStore
-
-        return PostgresStore(url, timeout=timeout)
-    if url.startswith("sqlite://"):
-        path = url[len("sqlite://"):]  # sqlite:///rel.db -> rel.db, sqlite:////abs.db -> /abs.db
-        if not path.startswith("/"):
-            raise ValueError(f"{url!r}: expected sqlite:///relative/path or sqlite:////absolute/path")
-        path = path[1:]
-        if not path:
-            raise ValueError(f"{url!r}: no file path")
-        return SQLiteStore(url, path, busy_timeout=timeout)
-    if "://" in url:
-        raise ValueError(f"{url!r}: unsupported store; use sqlite:///path/audit.db or postgresql://user@host/db")
-    return SQLiteStore(url, url, busy_timeout=timeout)

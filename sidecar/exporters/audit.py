@@ -28,7 +28,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import Field, field_validator, model_validator
 
 from sidecar.audit.records import extract, kept_traces
-from sidecar.audit.store import AuditStore, StoreError, open_store
+from sidecar.audit.store import AuditStore, StoreError
+from sidecar.audit.urls import open_store
 from sidecar.component import Component, Kind, Refused
 from sidecar.config import ConfigModel, Duration
 from sidecar.registry import CreateSettings, Factory

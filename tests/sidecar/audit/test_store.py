@@ -9,7 +9,8 @@ import time
 import pytest
 
 from sidecar.audit.records import extract
-from sidecar.audit.store import SCHEMA_VERSION, Query, SQLiteStore, StoreError, open_store
+from sidecar.audit.store import SCHEMA_VERSION, Query, SQLiteStore, StoreError
+from sidecar.audit.urls import open_store
 
 from .spans import App
 
