@@ -102,7 +102,7 @@ def send_traffic(console: Console, port: int) -> tuple[Counter, Counter, float]:
     sent, statuses = Counter(), Counter()
     t0 = time.monotonic()
     with Progress(TextColumn("   traffic"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
+                  console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("", total=len(plan) + 4)
         slow = [threading.Thread(target=lambda: statuses.update(
             [post(port, "/classify", {"prompt": "big", "slow": True}, {"X-Model-Version": "v1"})])) for _ in range(4)]

@@ -93,7 +93,8 @@ def tree(t: Trace, show_attributes: bool = False, show_logs: bool = True) -> lis
         if span.status_code == STATUS_ERROR:
             status = "  ERROR" + (f": {span.status_message}" if span.status_message else "")
         kind = _KINDS.get(span.kind, "")
-        out.append(f"{prefix}{branch}{span.name}  [{kind}] {offset((span.start_ns - t0) / 1e6)} {ms(span.duration_ms)}{status}")
+        kind = f"  [{kind}]" if kind else ""
+        out.append(f"{prefix}{branch}{span.name}{kind} {offset((span.start_ns - t0) / 1e6)} {ms(span.duration_ms)}{status}")
         inner = prefix + ("   " if last else "│  ")
         kids = sorted(children.get(span.span_id, []), key=lambda s: s.start_ns)
         bar = "│  " if kids else "   "

@@ -21,6 +21,7 @@ STATUS_ERROR = 2
 MODEL_VERSION = ML_MODEL_VERSION
 POLICY = SAMPLING_POLICY
 _HEX_ID = re.compile(r"[0-9a-f]{8,32}")
+_FINGERPRINT = 256
 
 
 def value(v: dict) -> Any:
@@ -151,7 +152,9 @@ class TraceStore:
             raise StoreError(f"{self.directory}: no such directory (the file exporter's `directory`; "
                              f"pass --dir or set SIDECAR_FILE_EXPORT_DIR)")
         self.traces: dict[str, Trace] = {}
-        self._read: dict[int, int] = {}  # inode -> bytes read: a rotated file keeps its inode and its offset
+        #: inode -> (the file's first bytes, bytes read). A rotated file keeps its inode and its offset; the
+        #: first bytes tell a new file that reuses a deleted backup's inode from the file read before.
+        self._read: dict[int, tuple[bytes, int]] = {}
 
     def refresh(self) -> set[str]:
         """Read what was appended since the last call; returns the trace ids that got new spans."""
@@ -160,14 +163,18 @@ class TraceStore:
             for path in signal_files(self.directory, signal):
                 try:
                     inode = path.stat().st_ino
-                    offset = self._read.get(inode, 0)
+                    with open(path, "rb") as f:
+                        head = f.read(_FINGERPRINT)
+                    seen_head, offset = self._read.get(inode, (b"", 0))
+                    if not head.startswith(seen_head):
+                        offset = 0  # another file under a recycled inode
                     for offset, obj in _lines(path, offset):
                         changed |= add(obj)
                 except FileNotFoundError:  # rotated away between listing and reading
                     continue
                 except OSError as e:
                     raise StoreError(f"{path}: {e.strerror or e}") from None
-                self._read[inode] = offset
+                self._read[inode] = (head, offset)
         return changed
 
     def _trace(self, trace_id: str) -> Trace:
