@@ -31,8 +31,6 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 import psutil  # noqa: E402
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc  # noqa: E402
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest  # noqa: E402
 
 from counting_backend import CountingBackend  # noqa: E402
 from sidecar.testing import SidecarProcess, free_port  # noqa: E402
@@ -78,7 +76,7 @@ service:
 """
 
 
-def run(bodies: list[bytes], requests: int, store: str | None, workdir: str) -> tuple[float, float]:
+def run(bodies: list[bytes], store: str | None, workdir: str) -> tuple[float, float]:
     """(wall seconds, sidecar CPU seconds) to have every export acknowledged."""
     backend = CountingBackend(free_port())
     port = free_port()
@@ -128,8 +126,8 @@ def main() -> int:
             pg = PostgresServer(_bindir()).start()
             store = pg.new_database()
         try:
-            base_wall, base_cpu = run(bodies, n, None, f"{tmp}/baseline")
-            audit_wall, audit_cpu = run(bodies, n, store, f"{tmp}/audit")
+            base_wall, base_cpu = run(bodies, None, f"{tmp}/baseline")
+            audit_wall, audit_cpu = run(bodies, store, f"{tmp}/audit")
         finally:
             if pg is not None:
                 pg.stop()

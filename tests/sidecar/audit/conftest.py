@@ -47,9 +47,17 @@ class PostgresServer:
 
     def start(self) -> "PostgresServer":
         self._run(f"{self.bindir}/initdb", "-D", self.data, "-A", "trust", "-U", "audit", "--no-sync")
+        return self.resume()
+
+    def resume(self) -> "PostgresServer":
+        """Start the server on its data directory (again, after :meth:`halt`)."""
         self._run(f"{self.bindir}/pg_ctl", "-D", self.data, "-w", "-t", "60", "-l", os.path.join(self.root, "log"),
                   "-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=on", "start")
         return self
+
+    def halt(self) -> None:
+        """Stop the server, keeping its data: the store is down."""
+        self._run(f"{self.bindir}/pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
 
     def stop(self) -> None:
         try:
@@ -69,8 +77,7 @@ class PostgresServer:
         return self.dsn(name)
 
 
-@pytest.fixture(scope="session")
-def postgres_server():
+def _require_postgres() -> str:
     bindir = _bindir()
     if bindir is None:
         pytest.skip("PostgreSQL binaries not found (scripts/setup.sh installs Debian's postgresql)")
@@ -78,7 +85,20 @@ def postgres_server():
         import psycopg  # noqa: F401
     except ImportError:
         pytest.skip("psycopg not installed (pip install -e '.[dev]')")
-    server = PostgresServer(bindir).start()
+    return bindir
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    server = PostgresServer(_require_postgres()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_postgres_server():
+    """A server of this test's own, which the test may take down."""
+    server = PostgresServer(_require_postgres()).start()
     yield server
     server.stop()
 

@@ -114,6 +114,43 @@ def test_a_locked_store_refuses_with_a_retryable_code_then_recovers(tmp_path):
         service.shutdown(5)
 
 
+def test_postgres_down_refuses_then_the_retry_lands_once(own_postgres_server):
+    url = own_postgres_server.new_database()
+    service, port, _ = _service(url, timeout="1s")
+    try:
+        app = App()
+        app.request("before")
+        app.request("during")
+        first = app.take()
+        stub = trace_service_pb2_grpc.TraceServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        spans = list(first.resource_spans[0].scope_spans[0].spans)
+        before, during = type(first)(), type(first)()
+        for req, rid in ((before, "before"), (during, "during")):
+            req.CopyFrom(first)
+            ss = req.resource_spans[0].scope_spans[0]
+            tids = {s.trace_id for s in spans if any(a.value.string_value == rid for a in s.attributes)}
+            del ss.spans[:]
+            ss.spans.extend(s for s in spans if s.trace_id in tids)
+        stub.Export(before, timeout=10)
+        own_postgres_server.halt()
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Export(during, timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        own_postgres_server.resume()
+        stub.Export(during, timeout=10)  # the client's retry reconnects
+        store = open_store(url).open()
+        assert [r.request_id for r in store.query(Query())] == ["before", "during"]
+        store.close()
+    finally:
+        service.shutdown(5)
+
+
+def test_start_fails_fast_naming_the_store(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(ValueError, match=r"exporters.audit.store: .*file/audit.db"):
+        _service(f"sqlite:///{tmp_path}/file/audit.db")
+
+
 def test_kept_marker_marks_the_records_of_kept_traces(tmp_path):
     url = f"sqlite:///{tmp_path}/audit.db"
     service, port, _ = _service(url)
