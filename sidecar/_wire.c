@@ -228,39 +228,48 @@ typedef struct {
     long kind, status;
     uint64_t start, end;
     /* per wanted key: whether the span has it, and the KeyValue of its first occurrence */
-    char found[MAX_KEYS];
-    Slice vals[MAX_KEYS];
+    char found[MAX_KEYS + 1];
+    Slice vals[MAX_KEYS + 1];
 } SpanFacts;
 
 typedef struct {
-    Slice keys[MAX_KEYS];
+    Slice keys[MAX_KEYS + 1]; /* + 1: span_metric_rows looks for the service key in resources too */
     int nkeys;
 } Keys;
 
-/* Keys from a tuple of bytes (borrowed pointers: the caller's tuple keeps them alive). */
-static int keys_of(PyObject *tuple, Keys *k)
+/* Appends one key; a key given twice is refused (each key is looked for once). */
+static int add_key(Keys *k, PyObject *b)
+{
+    if (!PyBytes_Check(b)) {
+        PyErr_SetString(PyExc_TypeError, "attribute keys must be bytes");
+        return -1;
+    }
+    Slice key = {(const uint8_t *)PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b)};
+    for (int j = 0; j < k->nkeys; j++) {
+        if (slice_eq(key, k->keys[j])) {
+            PyErr_SetString(PyExc_ValueError, "duplicate attribute key");
+            return -1;
+        }
+    }
+    k->keys[k->nkeys++] = key;
+    return 0;
+}
+
+/* Keys from a tuple of bytes (borrowed pointers: the caller's tuple keeps them alive), after ``first``
+ * when not NULL. */
+static int keys_of(PyObject *tuple, Keys *k, PyObject *first)
 {
     Py_ssize_t n = PyTuple_GET_SIZE(tuple);
     if (n > MAX_KEYS) {
         PyErr_Format(PyExc_ValueError, "at most %d attribute keys", MAX_KEYS);
         return -1;
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *b = PyTuple_GET_ITEM(tuple, i);
-        if (!PyBytes_Check(b)) {
-            PyErr_SetString(PyExc_TypeError, "attribute keys must be bytes");
+    k->nkeys = 0;
+    if (first != NULL && add_key(k, first) < 0)
+        return -1;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (add_key(k, PyTuple_GET_ITEM(tuple, i)) < 0)
             return -1;
-        }
-        k->keys[i].p = (const uint8_t *)PyBytes_AS_STRING(b);
-        k->keys[i].n = PyBytes_GET_SIZE(b);
-        for (Py_ssize_t j = 0; j < i; j++) {
-            if (slice_eq(k->keys[i], k->keys[j])) {
-                PyErr_SetString(PyExc_ValueError, "duplicate attribute key");
-                return -1;
-            }
-        }
-    }
-    k->nkeys = (int)n;
     return 0;
 }
 
@@ -328,6 +337,34 @@ static PyObject *value_bytes(Slice kv)
         }
     }
     return out;
+}
+
+/* The first attribute with each key of a Resource{Spans,Logs}'s resource (field 1; several occurrences
+ * merge, so their attributes are read in order as one list). */
+static int resource_facts(Slice rs, const Keys *k, SpanFacts *f)
+{
+    Reader r = reader_of(rs);
+    Slice res, kv;
+    uint32_t fld;
+    int wt;
+    uint64_t num;
+    memset(f->found, 0, (size_t)k->nkeys);
+    if (!k->nkeys)
+        return 0;
+    while (r.p < r.end) {
+        if (rd_field(&r, &fld, &wt, &num, &res) < 0)
+            return -1;
+        if (fld != 1 || wt != WT_LEN)
+            continue;
+        Reader rr = reader_of(res);
+        while (rr.p < rr.end) {
+            if (rd_field(&rr, &fld, &wt, &num, &kv) < 0)
+                return -1;
+            if (fld == 1 && wt == WT_LEN && parse_attribute(kv, k, f) < 0)
+                return -1;
+        }
+    }
+    return 0;
 }
 
 static int parse_status(Slice st, long *code)
@@ -509,26 +546,31 @@ fail:
 }
 
 typedef struct {
-    Keys k;
-    PyObject *bases; /* list of tuples (service, base value per key) */
-    PyObject *base;  /* borrowed: the current resource's */
+    Keys k;          /* the span keys */
+    Keys rk;         /* the service key, then the span keys: looked for in each resource */
+    PyObject *base;  /* owned: the current resource's (service, label per key) */
     PyObject *rows;
-    SpanFacts sp;
+    SpanFacts sp, res;
 } MetricsCtx;
 
 static int metrics_resource(void *vctx, Py_ssize_t index, Slice rs)
 {
     MetricsCtx *c = vctx;
-    (void)rs;
-    if (index >= PyList_GET_SIZE(c->bases)) {
-        PyErr_SetString(PyExc_ValueError, "fewer bases than resources");
+    (void)index;
+    if (resource_facts(rs, &c->rk, &c->res) < 0)
         return -1;
-    }
-    c->base = PyList_GET_ITEM(c->bases, index);
-    if (!PyTuple_Check(c->base) || PyTuple_GET_SIZE(c->base) != c->k.nkeys + 1) {
-        PyErr_SetString(PyExc_TypeError, "each base must be a tuple (service, one value per key)");
+    PyObject *base = PyTuple_New(c->rk.nkeys);
+    if (base == NULL)
         return -1;
+    for (int j = 0; j < c->rk.nkeys; j++) {
+        PyObject *x = c->res.found[j] ? label_of(c->res.vals[j]) : PyUnicode_FromStringAndSize("", 0);
+        if (x == NULL) {
+            Py_DECREF(base);
+            return -1;
+        }
+        PyTuple_SET_ITEM(base, j, x);
     }
+    Py_XSETREF(c->base, base);
     return 0;
 }
 
@@ -591,27 +633,28 @@ fail:
 }
 
 PyDoc_STRVAR(span_metric_rows_doc,
-"span_metric_rows(request: bytes, keys: tuple[bytes, ...], bases: list[tuple]) -> list[SpanMetricRow]\n\n"
+"span_metric_rows(request: bytes, service_key: bytes, keys: tuple[bytes, ...]) -> list[SpanMetricRow]\n\n"
 "One SpanMetricRow per span of an encoded ExportTraceServiceRequest (see sidecar._wire_types).");
 
 static PyObject *span_metric_rows(PyObject *self, PyObject *args)
 {
     const char *data;
     Py_ssize_t len;
-    PyObject *keys, *bases;
+    PyObject *service_key, *keys;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y#O!O!", &data, &len, &PyTuple_Type, &keys, &PyList_Type, &bases))
+    if (!PyArg_ParseTuple(args, "y#O!O!", &data, &len, &PyBytes_Type, &service_key, &PyTuple_Type, &keys))
         return NULL;
     MetricsCtx c;
-    if (keys_of(keys, &c.k) < 0)
+    if (keys_of(keys, &c.k, NULL) < 0 || keys_of(keys, &c.rk, service_key) < 0)
         return NULL;
-    c.bases = bases;
     c.base = NULL;
     if ((c.rows = PyList_New(0)) == NULL)
         return NULL;
     Walk w = {metrics_resource, metrics_scope, metrics_span};
     Slice req = {(const uint8_t *)data, len};
-    if (walk_request(req, &w, &c) < 0) {
+    int rc = walk_request(req, &w, &c);
+    Py_XDECREF(c.base);
+    if (rc < 0) {
         Py_DECREF(c.rows);
         return NULL;
     }
@@ -627,20 +670,14 @@ typedef struct {
     PyObject *runs;   /* borrowed: the current scope's run list */
 } Nest;
 
-static int nest_resource(Nest *n, Slice rs)
+/* ``values`` (stolen; NULL: an error already set) is the resource's value per key. */
+static int nest_resource(Nest *n, Slice rs, PyObject *values)
 {
-    PyObject *head = head_of(rs);
-    if (head == NULL)
-        return -1;
     PyObject *scopes = PyList_New(0);
-    if (scopes == NULL) {
-        Py_DECREF(head);
-        return -1;
-    }
-    Py_INCREF(scopes); /* one reference for the pair, one kept below */
-    PyObject *items[2] = {head, scopes};
-    PyObject *pair = named(ResourceGroup_T, 2, items);
-    Py_DECREF(scopes);
+    Py_XINCREF(scopes); /* one reference for the group, one kept below */
+    PyObject *items[3] = {head_of(rs), scopes, values};
+    PyObject *pair = named(ResourceGroup_T, 3, items);
+    Py_XDECREF(scopes);
     if (pair == NULL)
         return -1;
     int rc = PyList_Append(n->out, pair);
@@ -684,6 +721,7 @@ typedef struct {
     uint64_t status_mask, start, end;
     int root;
     PyObject *hits[MAX_KEYS]; /* owned while open: NULL, or the list of value bytes (repeats left out) */
+    SpanFacts res;            /* the current resource's attributes */
     char absent[MAX_KEYS];
 } SpanRunCtx;
 
@@ -736,9 +774,24 @@ static int span_run_resource(void *vctx, Py_ssize_t index, Slice rs)
 {
     SpanRunCtx *c = vctx;
     (void)index;
-    if (span_run_close(c) < 0)
+    if (span_run_close(c) < 0 || resource_facts(rs, &c->k, &c->res) < 0)
         return -1;
-    return nest_resource(&c->nest, rs);
+    PyObject *values = PyTuple_New(c->k.nkeys);
+    if (values == NULL)
+        return -1;
+    for (int j = 0; j < c->k.nkeys; j++) {
+        PyObject *v = Py_None;
+        if (c->res.found[j]) {
+            if ((v = value_bytes(c->res.vals[j])) == NULL) {
+                Py_DECREF(values);
+                return -1;
+            }
+        } else {
+            Py_INCREF(v);
+        }
+        PyTuple_SET_ITEM(values, j, v);
+    }
+    return nest_resource(&c->nest, rs, values);
 }
 
 static int span_run_scope(void *vctx, Slice ss)
@@ -831,7 +884,7 @@ static PyObject *span_runs(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "y#O!", &data, &len, &PyTuple_Type, &keys))
         return NULL;
     SpanRunCtx c;
-    if (keys_of(keys, &c.k) < 0)
+    if (keys_of(keys, &c.k, NULL) < 0)
         return NULL;
     c.open = 0;
     c.blobs = NULL;
@@ -883,7 +936,7 @@ static int log_run_resource(void *vctx, Py_ssize_t index, Slice rl)
     (void)index;
     if (log_run_close(c) < 0)
         return -1;
-    return nest_resource(&c->nest, rl);
+    return nest_resource(&c->nest, rl, PyTuple_New(0));
 }
 
 static int log_run_scope(void *vctx, Slice sl)

@@ -154,12 +154,13 @@ def _head(data: bytes, pos: int, end: int) -> bytes:
     return (b"" if has_first else b"\x0a\x00") + b"".join(parts)
 
 
-def _first_values(data: bytes, pos: int, end: int, wanted: dict[bytes, int]) -> dict[int, bytes]:
-    """Per wanted key index: the encoded value of the span's first attribute with that key (several
-    value fields of one KeyValue concatenated: the parser merges them)."""
-    found: dict[int, bytes] = {}
+def _first_values(data: bytes, pos: int, end: int, wanted: dict[bytes, int], field_number: int = 9,
+                  found: dict[int, bytes] | None = None) -> dict[int, bytes]:
+    """Per wanted key index: the encoded value of the first attribute (a ``field_number`` entry) with that
+    key (several value fields of one KeyValue concatenated: the parser merges them)."""
+    found = {} if found is None else found
     for field, wt, a, b in _fields(data, pos, end):
-        if field != 9 or wt != _LEN:
+        if field != field_number or wt != _LEN:
             continue
         key = b""
         values = []
@@ -214,48 +215,67 @@ def check_ids(request: bytes, logs: bool) -> int:
     return -1 if bad else n
 
 
-def span_metric_rows(request: bytes, keys: tuple, bases: list) -> list[SpanMetricRow]:
-    """One SpanMetricRow per span; ``bases[i]`` = (service, value per key...) of the i-th resource."""
+def _first_labels(attributes, slot: dict[str, int], n: int) -> list[str]:
+    """Per key: the label of the first attribute with that key ("" when none)."""
+    labels = [""] * n
+    seen = set()
+    for kv in attributes:
+        j = slot.get(kv.key)
+        if j is not None and j not in seen:
+            seen.add(j)
+            labels[j] = any_label(kv.value)
+    return labels
+
+
+def span_metric_rows(request: bytes, service_key: bytes, keys: tuple) -> list[SpanMetricRow]:
+    """One SpanMetricRow per span of an encoded ExportTraceServiceRequest (see sidecar._wire_types)."""
+    if not isinstance(service_key, bytes):
+        raise TypeError("service_key must be bytes")
     str_keys = _keys(keys)
-    if not isinstance(bases, list):
-        raise TypeError("bases must be a list")
+    if service_key in keys:
+        raise ValueError("duplicate attribute key")
     msg = _parse(ExportTraceServiceRequest, request)
     n = len(str_keys)
     slot = {k: j for j, k in enumerate(str_keys) if k is not None}
-    rows = []
-    for i, rs in enumerate(msg.resource_spans):
-        if i >= len(bases):
-            raise ValueError("fewer bases than resources")
-        base = bases[i]
-        if not isinstance(base, tuple) or len(base) != n + 1:
-            raise TypeError("each base must be a tuple (service, one value per key)")
+    resource_slot = {k: j + 1 for k, j in slot.items()}
+    try:
+        resource_slot[service_key.decode()] = 0
+    except UnicodeDecodeError:
+        pass
+    rows: list[SpanMetricRow] = []
+    append, new_row, get, everything = rows.append, tuple.__new__, slot.get, (1 << n) - 1
+    for rs in msg.resource_spans:
+        base = _first_labels(rs.resource.attributes, resource_slot, n + 1)
         service, base_labels = base[0], base[1:]
+        head = (service,)
         for ss in rs.scope_spans:
             for span in ss.spans:
                 labels = base_labels
                 if slot:
-                    seen = set()
+                    seen = 0  # bit j: key j met (its first occurrence counts)
                     for kv in span.attributes:
-                        j = slot.get(kv.key)
-                        if j is not None and j not in seen:
-                            seen.add(j)
-                            label = any_label(kv.value)
+                        j = get(kv.key)
+                        if j is not None and not seen >> j & 1:
+                            seen |= 1 << j
+                            value = kv.value
+                            label = value.string_value or any_label(value)
                             if label:  # an empty label counts as absent
                                 if labels is base_labels:
                                     labels = list(base_labels)
                                 labels[j] = label
-                            if len(seen) == n:
+                            if seen == everything:
                                 break
                 status = span.status.code
                 start, end = span.start_time_unix_nano, span.end_time_unix_nano
-                rows.append(SpanMetricRow((service, span.name, span.kind, status, *labels),
-                                          end - start if end > start else 0, end, status, span.trace_id, span.span_id))
+                append(new_row(SpanMetricRow, (head + (span.name, span.kind, status, *labels),
+                                               end - start if end > start else 0, end, status, span.trace_id,
+                                               span.span_id)))
     return rows
 
 
 def span_runs(request: bytes, keys: tuple) -> list[ResourceGroup]:
     """The spans of an encoded ExportTraceServiceRequest as SpanRuns (see sidecar._wire_types)."""
-    _keys(keys)
+    str_keys = _keys(keys)
     msg = _parse(ExportTraceServiceRequest, request)
     data = request
     wanted = {k: j for j, k in enumerate(keys)}
@@ -263,7 +283,16 @@ def span_runs(request: bytes, keys: tuple) -> list[ResourceGroup]:
     out = []
     for rs, (ra, rb) in zip(msg.resource_spans, _children(data, 0, len(data), 1)):
         scopes: list[ScopeGroup] = []
-        out.append(ResourceGroup(_head(data, ra, rb), scopes))
+        values = [None] * n_keys
+        if n_keys:
+            present = {k: j for k, j in wanted.items() if data.find(k, ra, rb) >= 0}
+            if present:
+                found: dict[int, bytes] = {}
+                for a, b in _children(data, ra, rb, 1):  # the resource (several occurrences merge)
+                    _first_values(data, a, b, present, 1, found)
+                for j, v in found.items():
+                    values[j] = v
+        out.append(ResourceGroup(_head(data, ra, rb), scopes, tuple(values)))
         for ss, (sa, sb) in zip(rs.scope_spans, _children(data, ra, rb, 2)):
             runs: list[SpanRun] = []
             scopes.append(ScopeGroup(_head(data, sa, sb), runs))
@@ -290,7 +319,7 @@ def span_runs(request: bytes, keys: tuple) -> list[ResourceGroup]:
                     run[7] = True
                 if n_keys:
                     present = {k: j for k, j in wanted.items() if blob.find(k) >= 0}  # cheap prefilter
-                    found = _first_values(data, a, b, present) if present else {}
+                    found = _span_values(span, blob, data, a, b, present, str_keys) if present else {}
                     values, absent = run[8], run[9]
                     for j in range(n_keys):
                         v = found.get(j)
@@ -303,6 +332,23 @@ def span_runs(request: bytes, keys: tuple) -> list[ResourceGroup]:
             if run is not None:
                 runs.append(_span_run(run))
     return out
+
+
+def _span_values(span, blob: bytes, data: bytes, a: int, b: int, present: dict[bytes, int],
+                 str_keys: list) -> dict[int, bytes]:
+    """The span's first value per present key, as encoded. A span encoded canonically (as the parser would
+    write it back: the usual case) reads them from the parsed span; any other encoding is walked."""
+    if span.SerializeToString() != blob:
+        return _first_values(data, a, b, present)
+    want = {str_keys[j]: j for j in present.values() if str_keys[j] is not None}
+    found: dict[int, bytes] = {}
+    for kv in span.attributes:
+        j = want.get(kv.key)
+        if j is not None and j not in found:
+            found[j] = kv.value.SerializeToString()
+            if len(found) == len(want):
+                break
+    return found
 
 
 def _span_run(run: list) -> SpanRun:
@@ -321,7 +367,7 @@ def log_runs(request: bytes, keep_severity: int) -> list[ResourceGroup]:
     out = []
     for rl, (ra, rb) in zip(msg.resource_logs, _children(data, 0, len(data), 1)):
         scopes: list[ScopeGroup] = []
-        out.append(ResourceGroup(_head(data, ra, rb), scopes))
+        out.append(ResourceGroup(_head(data, ra, rb), scopes, ()))
         for sl, (sa, sb) in zip(rl.scope_logs, _children(data, ra, rb, 2)):
             runs: list[LogRun] = []
             scopes.append(ScopeGroup(_head(data, sa, sb), runs))

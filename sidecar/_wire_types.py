@@ -14,7 +14,8 @@ class SpanMetricRow(NamedTuple):
 
     #: (service, name, kind, status_code, label per key...). A label is the span's first attribute with
     #: that key rendered as text (strings as they are, bools true/false, numbers as ``str()``, anything
-    #: else ""); an empty label counts as absent and the resource's value (from ``bases``) stands in.
+    #: else ""); an empty label counts as absent and the resource's label for the key stands in. The
+    #: service is the resource's label for ``service_key``.
     #: kind and status_code are the raw enum numbers: enums are open, any int32 can arrive.
     key: tuple
     duration_ns: int  #: end - start, or 0 when the end is not after the start
@@ -66,10 +67,12 @@ class ScopeGroup(NamedTuple):
 
 
 class ResourceGroup(NamedTuple):
-    """A Resource{Spans,Logs}: its head (fields 1 and 3 as encoded, an empty field 1 when absent) and scopes."""
+    """A Resource{Spans,Logs}: its head (fields 1 and 3 as encoded, an empty field 1 when absent), its scopes,
+    and per key asked for the encoded AnyValue of the resource's first attribute with that key, or None."""
 
     head: bytes
     scopes: list
+    values: tuple
 
 
 __all__ = ["KeyHits", "LogRun", "ResourceGroup", "ScopeGroup", "SpanMetricRow", "SpanRun"]

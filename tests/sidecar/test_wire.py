@@ -30,6 +30,7 @@ try:
 except ImportError:  # pragma: no cover - the extension is built by `pip install -e .`
     _c = None
 
+SERVICE = b"service.name"
 KEYS = (b"ml.model.id", b"gen_ai.request.model", b"ml.model.version", b"user.tier", b"sampling.force_keep",
         b"http.status")
 
@@ -87,6 +88,8 @@ class ScannerContract:
             for rs, group in zip(msg.resource_spans, runs):
                 assert ResourceSpans.FromString(group.head) == ResourceSpans(resource=rs.resource,
                                                                              schema_url=rs.schema_url)
+                assert [None if v is None else AnyValue.FromString(v) for v in group.values] == \
+                    [first_value(rs.resource.attributes, k.decode()) for k in KEYS]
                 assert len(group.scopes) == len(rs.scope_spans)
                 for ss, scope in zip(rs.scope_spans, group.scopes):
                     assert isinstance(scope, ScopeGroup)
@@ -125,9 +128,10 @@ class ScannerContract:
 
     def test_span_metric_rows_label_the_first_occurrence_and_empty_is_absent(self):
         for msg, data in samples(7, 60):
-            bases = [("svc%d" % i,) + tuple(f"base-{k.decode()}" for k in KEYS) for i in range(len(msg.resource_spans))]
-            rows = iter(self.impl.span_metric_rows(data, KEYS, bases))
-            for base, rs in zip(bases, msg.resource_spans):
+            rows = iter(self.impl.span_metric_rows(data, SERVICE, KEYS))
+            for rs in msg.resource_spans:
+                base = [(v is not None and wire.any_label(v)) or "" for v in
+                        (first_value(rs.resource.attributes, k.decode()) for k in (SERVICE, *KEYS))]
                 for ss in rs.scope_spans:
                     for s in ss.spans:
                         row = next(rows)
@@ -149,7 +153,7 @@ class ScannerContract:
         span = req.resource_spans.add().scope_spans.add().spans.add(name="generate")
         for k, v in (("ml.model.id", ""), ("ml.model.version", "v1"), ("gen_ai.request.model", "llama")):
             span.attributes.add(key=k).value.string_value = v
-        [row] = self.impl.span_metric_rows(req.SerializeToString(), KEYS[:3], [("svc", "", "", "")])
+        [row] = self.impl.span_metric_rows(req.SerializeToString(), SERVICE, KEYS[:3])
         assert row.key[4:] == ("", "llama", "v1")
 
     def test_label_strings_match_the_python_rendering(self):
@@ -160,11 +164,15 @@ class ScannerContract:
             values.append(AnyValue(**{field: v}))
         values.append(AnyValue())  # no value
         req = ExportTraceServiceRequest()
-        ss = req.resource_spans.add().scope_spans.add()
+        rs = req.resource_spans.add()
+        rs.resource.attributes.add(key="k").value.string_value = "base"
+        rs.resource.attributes.add(key="service.name").value.int_value = 7
+        ss = rs.scope_spans.add()
         for av in values:
             ss.spans.add(name="s").attributes.append(KeyValue(key="k", value=av))
-        rows = self.impl.span_metric_rows(req.SerializeToString(), (b"k",), [("svc", "base")])
+        rows = self.impl.span_metric_rows(req.SerializeToString(), SERVICE, (b"k",))
         assert [row.key[4] for row in rows] == [wire.any_label(av) or "base" for av in values]
+        assert {row.key[0] for row in rows} == {"7"}
 
     def test_open_enums_are_carried_as_their_number(self):
         req = ExportTraceServiceRequest()
@@ -174,7 +182,7 @@ class ScannerContract:
             sp = ss.spans.add(trace_id=b"t" * 16, span_id=b"s" * 8, kind=c)
             sp.status.code = c
         data = req.SerializeToString()
-        rows = self.impl.span_metric_rows(data, (), [("svc",)])
+        rows = self.impl.span_metric_rows(data, SERVICE, ())
         assert [(r.key[2], r.key[3], r.status_code) for r in rows] == [(c, c, c) for c in codes]
         [run] = self.impl.span_runs(data, ())[0].scopes[0].runs
         assert run.status_mask == 0  # no known code among them, and no bit allocated by value
@@ -191,8 +199,8 @@ class ScannerContract:
         assert known(ExportTraceServiceRequest.FromString(req).resource_spans[0].scope_spans[0].spans[0]) == span
         [run] = self.impl.span_runs(req, (b"user.tier",))[0].scopes[0].runs
         assert run.spans == [weird] and run.hits[0].values == [AnyValue(string_value="gold").SerializeToString()]
-        [row] = self.impl.span_metric_rows(req, (b"user.tier",), [("svc", "")])
-        assert row.key == ("svc", "op", 2, 0, "gold")
+        [row] = self.impl.span_metric_rows(req, SERVICE, (b"user.tier",))
+        assert row.key == ("", "op", 2, 0, "gold")
         assert self.impl.check_ids(req, False) == 1
 
     def test_repeated_value_fields_merge_like_the_parser(self):
@@ -203,7 +211,7 @@ class ScannerContract:
             spans=[Span.FromString(span)])])])
         data = tag(1, 2) + varint(len(b := tag(2, 2) + varint(len(s := tag(2, 2) + varint(len(span)) + span)) + s)) + b
         assert ExportTraceServiceRequest.FromString(data) == req
-        [row] = self.impl.span_metric_rows(data, (b"user.tier",), [("svc", "")])
+        [row] = self.impl.span_metric_rows(data, SERVICE, (b"user.tier",))
         assert row.key[4] == "5"
         [run] = self.impl.span_runs(data, (b"user.tier",))[0].scopes[0].runs
         assert [AnyValue.FromString(v) for v in run.hits[0].values] == [AnyValue(int_value=5)]
@@ -234,7 +242,7 @@ class ScannerContract:
     def test_malformed_input_raises_value_error(self, data):
         for call in (lambda: self.impl.span_runs(data, KEYS), lambda: self.impl.log_runs(data, 17),
                      lambda: self.impl.check_ids(data, False),
-                     lambda: self.impl.span_metric_rows(data, KEYS, [("s",) + ("",) * len(KEYS)] * 8)):
+                     lambda: self.impl.span_metric_rows(data, SERVICE, KEYS)):
             with pytest.raises(ValueError):
                 call()
 
@@ -247,20 +255,19 @@ class ScannerContract:
             self.impl.span_runs(b"", ("not bytes",))
         with pytest.raises(TypeError):
             self.impl.span_runs("not bytes", ())
-        with pytest.raises(ValueError, match="fewer bases"):
-            self.impl.span_metric_rows(b"\x0a\x00", (), [])
+        with pytest.raises(ValueError, match="duplicate"):
+            self.impl.span_metric_rows(b"\x0a\x00", b"k", (b"k",))
         with pytest.raises(TypeError):
-            self.impl.span_metric_rows(b"\x0a\x00", (b"k",), [("svc",)])
+            self.impl.span_metric_rows(b"\x0a\x00", "service.name", (b"k",))
 
     def test_no_memory_is_leaked_on_success_or_error(self):
         msg, data = next(samples(3, 1))
         logs = next(samples(4, 1, logs=True))[1]
-        bases = [("s",) + ("",) * len(KEYS)] * 8
 
         def work():
             self.impl.span_runs(data, KEYS)
             self.impl.log_runs(logs, 17)
-            self.impl.span_metric_rows(data, KEYS, bases)
+            self.impl.span_metric_rows(data, SERVICE, KEYS)
             for bad in (data[:-3], logs[:-3]):
                 for call in (lambda: self.impl.span_runs(bad, KEYS), lambda: self.impl.log_runs(bad, 17)):
                     try:
@@ -313,7 +320,7 @@ def _answers(impl, data: bytes, logs: bool):
         calls.append(lambda: impl.log_runs(data, 17))
     else:
         calls += [lambda: impl.span_runs(data, KEYS),
-                  lambda: impl.span_metric_rows(data, KEYS, [("s",) + ("",) * len(KEYS)] * 64)]
+                  lambda: impl.span_metric_rows(data, SERVICE, KEYS)]
     for call in calls:
         try:
             out.append(call())
