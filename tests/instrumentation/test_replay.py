@@ -19,6 +19,7 @@ from instrumentation._payload import PayloadError, decode, decode_call, encode, 
 from instrumentation.replay import load_records, replay
 from instrumentation.torch import instrument_model, uninstrument_model
 from sidecar.audit import Query, extract, open_store
+from sidecar.signals import Signal
 from tests.instrumentation import replay_models
 
 N = 12
@@ -152,3 +153,20 @@ def test_bad_model_spec_is_named(recorded):
         out = subprocess.run([sys.executable, "-m", "instrumentation.replay", "--audit", recorded, "--model", spec],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and msg in out.stderr, out.stderr
+
+
+def test_cli_sends_replay_spans_over_otlp(recorded):
+    from sidecar.testing import OTLPBackend
+
+    with OTLPBackend() as backend:
+        _cli("--audit", recorded, "--model", "tests.instrumentation.replay_models:same", "--limit", "2",
+             "--otlp-endpoint", backend.endpoint, "--service-name", "replayer")
+        assert backend.wait_for_items(Signal.TRACES, 2)
+        spans = backend.spans()
+    records = load_records(recorded, limit=2)
+    assert len(spans) == 2
+    for (resource, _scope, span), rec in zip(spans, records):
+        attrs = {kv.key: kv.value for kv in span.attributes}
+        assert attrs["replay"].bool_value is True and attrs["replay.exact_match"].bool_value is True
+        assert [(link.trace_id.hex(), link.span_id.hex()) for link in span.links] == [(rec.trace_id, rec.span_id)]
+        assert any(kv.key == "service.name" and kv.value.string_value == "replayer" for kv in resource.attributes)
