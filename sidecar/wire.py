@@ -8,12 +8,15 @@ One facade over two implementations with the same functions, signatures and resu
 hatch, and how the test suite runs a second time. Callers never branch on which one runs.
 
     check_ids(request: bytes, logs: bool) -> int
-    span_metric_rows(request: bytes, keys: tuple[bytes, ...], bases: list[tuple]) -> list[SpanMetricRow]
+    span_metric_rows(request: bytes, service_key: bytes, keys: tuple[bytes, ...]) -> list[SpanMetricRow]
     span_runs(request: bytes, keys: tuple[bytes, ...]) -> list[ResourceGroup]   # of ScopeGroup of SpanRun
     log_runs(request: bytes, keep_severity: int) -> list[ResourceGroup]         # of ScopeGroup of LogRun
 
-On input the protobuf parser accepts, both answer identically (unknown fields and groups skipped,
-open enums carried as their number); malformed input raises ValueError.
+On input the protobuf parser accepts, both answer identically (unknown fields and groups skipped, a
+field with an unexpected wire type treated as unknown, the last scalar winning, repeated message
+fields merged, open enums carried as their number). On input it rejects, the Python half raises
+ValueError (it parses first); the C half raises ValueError where its reading finds the damage and
+may answer where it does not look (the receiver only hands on what the parser accepted).
 """
 
 from __future__ import annotations
