@@ -8,7 +8,7 @@ file, so an exporter's unset ``${env:TOKEN}`` is not its problem).
 Expansion follows the OpenTelemetry Collector: ``${env:VAR}``, ``${env:VAR:-default}``
 and ``${VAR}``; ``$$`` is a literal ``$``. A plain (unquoted) scalar that is exactly one
 reference takes the YAML type of the value (``port: ${env:PORT}`` is an int), yet a
-string field still receives the variable's text (see :class:`EnvInt`); a quoted scalar
+string field still receives the variable's text (see :class:`EnvText`); a quoted scalar
 or a reference inside a longer string is always a string.
 """
 
@@ -29,32 +29,23 @@ _ENV = re.compile(r"^(?:env:)?([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?$", re.DOTALL)
 _MAX_DEPTH = 100
 
 
-class EnvInt(int):
-    """An int read from a whole unquoted ``${env:…}``; ``text`` is what a string field receives."""
+class EnvText(str):
+    """The text of a whole unquoted ``${env:VAR}``, typed by whoever reads it.
 
-    text: str
+    A string field takes the text as is (``ID=007`` stays ``"007"``); any other field takes
+    :meth:`resolve`, the value YAML reads from the text (``4317``, ``true``, ``[a, b]``).
+    This is otelcol's rule: the expanded value keeps its original text for string fields.
+    """
 
-    def __new__(cls, value: int, text: str) -> "EnvInt":
-        obj = super().__new__(cls, value)
-        obj.text = text
-        return obj
+    __slots__ = ()
 
-    def __getnewargs__(self) -> tuple:  # copy and pickle keep the text
-        return int(self), self.text
+    def resolve(self) -> Any:
+        return typed_env_value(str(self))
 
 
-class EnvFloat(float):
-    """A float read from a whole unquoted ``${env:…}``; ``text`` is what a string field receives."""
-
-    text: str
-
-    def __new__(cls, value: float, text: str) -> "EnvFloat":
-        obj = super().__new__(cls, value)
-        obj.text = text
-        return obj
-
-    def __getnewargs__(self) -> tuple:  # copy and pickle keep the text
-        return float(self), self.text
+def resolved(value: Any) -> Any:
+    """``value`` with an :class:`EnvText` replaced by its YAML value (for readers without a schema)."""
+    return value.resolve() if isinstance(value, EnvText) else value
 
 
 def expand_scalar(text: str, path: str, problems: list[str], environ: Mapping[str, str], *,
@@ -82,33 +73,27 @@ def expand_scalar(text: str, path: str, problems: list[str], environ: Mapping[st
     expanded = _REF.sub(sub, text)
     if not (plain and whole and whole.group(0) != "$$") or expanded == "":
         return expanded
-    return typed_env_value(expanded)
+    return EnvText(expanded)
 
 
 def typed_env_value(text: str) -> Any:
-    """A whole unquoted reference's value, typed as YAML would type it in place of the reference."""
+    """What YAML reads from ``text`` in place of the reference (dates stay text: no field wants one)."""
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
-        return value
-    if isinstance(value, int):
-        return EnvInt(value, text)
-    if isinstance(value, float):
-        return EnvFloat(value, text)
-    return text  # strings, and dates (which no config field wants as a date)
+    return value if isinstance(value, (bool, int, float, list, dict, type(None), str)) else text
 
 
 def expand_env(node: Any, path: str, problems: list[str], environ: Mapping[str, str] | None = None) -> Any:
-    """Expand references in already-loaded Python data (every string is treated as unquoted)."""
+    """Expand references in already-loaded Python data (strings count as unquoted; no schema, so typed)."""
     env = os.environ if environ is None else environ
     if isinstance(node, dict):
         return {k: expand_env(v, join(path, str(k)), problems, env) for k, v in node.items()}
     if isinstance(node, list):
         return [expand_env(v, f"{path}[{i}]", problems, env) for i, v in enumerate(node)]
     if isinstance(node, str) and "$" in node:
-        return expand_scalar(node, path, problems, env)
+        return resolved(expand_scalar(node, path, problems, env))
     return node
 
 

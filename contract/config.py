@@ -20,48 +20,59 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo, field_validator
 
-from contract._yaml import EnvFloat, EnvInt, YamlFile, expand_env, typed_env_value
+from contract._yaml import EnvText, YamlFile, expand_env, resolved, typed_env_value
 from contract.errors import ConfigError, format_problems
 
 __all__ = [
-    "ConfigError", "ConfigModel", "Duration", "EnvFloat", "EnvInt", "HostPort", "YamlFile",
-    "expand_env", "format_problems", "parse_duration", "parse_endpoint", "split_host_port", "typed_env_value",
+    "ConfigError", "ConfigModel", "Duration", "EnvText", "HostPort", "YamlFile", "expand_env", "format_problems",
+    "parse_duration", "parse_endpoint", "resolved", "split_host_port", "typed_env_value",
 ]
 
 
 class ConfigModel(BaseModel):
     """Base for every config section: unknown keys are errors, values are checked on assignment.
 
-    A number that came from a whole unquoted ``${env:VAR}`` reaches a string field as the
-    variable's text (``ID=0`` -> ``"0"``), as the OpenTelemetry Collector does.
+    A whole unquoted ``${env:VAR}`` (:class:`EnvText`) reaches a string field as the
+    variable's text (``ID=0`` -> ``"0"``) and any other field as its YAML value, as the
+    OpenTelemetry Collector does.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
     @field_validator("*", mode="before")
     @classmethod
-    def _env_text_for_strings(cls, value: Any, info: ValidationInfo) -> Any:
+    def _env_values(cls, value: Any, info: ValidationInfo) -> Any:
         field = cls.model_fields.get(info.field_name) if info.field_name else None
-        return value if field is None else _text_where_strings(value, field.annotation)
+        return value if field is None else _typed_for(value, field.annotation)
 
 
-def _text_where_strings(value: Any, tp: Any) -> Any:
-    """Replace env-typed numbers by their text wherever ``tp`` wants a string and not a number."""
-    if isinstance(value, (EnvInt, EnvFloat)):
-        return value.text if _wants_only_text(tp) else value
+def _typed_for(value: Any, tp: Any) -> Any:
+    """Each :class:`EnvText` in ``value`` as text where ``tp`` wants only a string, else as its YAML value."""
+    if isinstance(value, EnvText):
+        return str(value) if _wants_only_text(tp) else value.resolve()
     origin, args = get_origin(tp), get_args(tp)
     if origin is Annotated:
-        return _text_where_strings(value, args[0])
+        return _typed_for(value, args[0])
     if origin in (Union, types.UnionType):
         kind = _container_kind(value)
         shaped = [a for a in args if kind is not None and _container_kind(a) == kind]
-        return _text_where_strings(value, shaped[0]) if len(shaped) == 1 else value
+        return _typed_for(value, shaped[0]) if len(shaped) == 1 else value
     kind = _container_kind(tp)
     if kind == "map" and isinstance(value, dict) and len(args) == 2:
-        return {k: _text_where_strings(v, args[1]) for k, v in value.items()}
+        return {k: _typed_for(v, args[1]) for k, v in value.items()}
     if kind == "seq" and isinstance(value, list) and args and (len(args) == 1 or args[1] is Ellipsis):
-        return [_text_where_strings(v, args[0]) for v in value]
-    return value
+        return [_typed_for(v, args[0]) for v in value]
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return value  # the model's own fields decide
+    return _deep_resolved(value)  # Any, bare containers: no schema below, so YAML types
+
+
+def _deep_resolved(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_resolved(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_resolved(v) for v in value]
+    return resolved(value)
 
 
 def _container_kind(obj: Any) -> str | None:

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import re2
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from contract.config import ConfigError, ConfigModel, YamlFile, format_problems
+from contract.config import ConfigError, ConfigModel, YamlFile, format_problems, resolved
 from redaction._detectors import DETECTOR_NAMES
 
 
@@ -195,7 +195,7 @@ def load_redaction_config(source: "str | os.PathLike | dict | RedactionConfig | 
             raise RedactionConfigError([f"{source}: processors: no redaction processor defined"])
         keys = ("processors", names[0])
     prefix = ".".join(keys)
-    body = doc.value(*keys, environ=environ)
+    body = resolved(doc.value(*keys, environ=environ))
     problems = list(doc.problems)  # every problem at once, in the sidecar's order
     if body is None:
         body = {}

@@ -26,6 +26,7 @@ from contract.config import (  # noqa: F401 - re-exported: component configs imp
     format_problems,
     parse_duration,
     parse_endpoint,
+    resolved,
     split_host_port,
 )
 from sidecar.component import Kind
@@ -115,10 +116,12 @@ def parse_config(text: str, source: str = "<config>", environ: dict[str, str] | 
 
 
 def _parse(doc: YamlFile, environ: dict[str, str] | None) -> Config:
-    raw = doc.value(environ=environ)
+    raw = resolved(doc.value(environ=environ))
     if raw is None:
         raw = {}
-    if not isinstance(raw, dict):
+    if isinstance(raw, dict):  # a whole section may come from one ${env:…}
+        raw = {k: resolved(v) for k, v in raw.items()}
+    else:
         raise doc.error([f"{doc.source}: the top level must be a mapping with receivers, exporters and service"])
 
     problems: list[str] = list(doc.problems)
@@ -137,6 +140,7 @@ def _parse(doc: YamlFile, environ: dict[str, str] | None) -> Config:
             section = {}
         parsed: dict[str, ComponentConfig] = {}
         for key, body in section.items():
+            body = resolved(body)
             where = f"{kind.section}.{key}"
             try:
                 cid = ComponentId.parse(str(key))

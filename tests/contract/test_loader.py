@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import Field, ValidationError
 
-from contract.config import ConfigError, ConfigModel, Duration, YamlFile, format_problems
+from contract.config import ConfigError, ConfigModel, Duration, YamlFile, expand_env, format_problems
 from sidecar.config import load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,15 +76,22 @@ def test_references_expand_like_otelcol(text, environ, expected):
 
 
 def test_a_quoted_reference_stays_a_string():
-    assert YamlFile('id: "${env:ID}"').value(environ={"ID": "0"}) == {"id": "0"}
-    assert YamlFile("id: '${env:ID}'").value(environ={"ID": "true"}) == {"id": "true"}
+    for text, value in (('id: "${env:ID}"', "0"), ("id: '${env:ID}'", "true"), ('id: "${env:ID}"', "[x]")):
+        got = load(text.replace("id:", "anything:"), {"ID": value}).anything
+        assert got == value and type(got) is str
 
 
 def test_a_whole_unquoted_reference_takes_the_values_yaml_type():
-    doc = YamlFile("a: ${env:P}\nb: ${env:R}\nc: ${env:B}\nd: ${env:L}\ne: ${env:S}")
-    got = doc.value(environ={"P": "4317", "R": "0.5", "B": "true", "L": "[x, y]", "S": "hello"})
-    assert got == {"a": 4317, "b": 0.5, "c": True, "d": ["x", "y"], "e": "hello"}
-    assert type(got["a"]) is not str and type(got["c"]) is bool
+    s = load("port: ${env:P}\nratio: ${env:R}\nenabled: ${env:B}\ntags: ${env:L}\nanything: ${env:A}",
+             {"P": "4317", "R": "0.5", "B": "true", "L": "[x, y]", "A": "{k: 1}"})
+    assert (s.port, s.ratio, s.enabled, s.tags, s.anything) == (4317, 0.5, True, ["x", "y"], {"k": 1})
+
+
+def test_what_yaml_would_read_as_a_list_or_bool_stays_text_in_a_string_field():
+    # ORDER_MASK unset: the default "[ORDER]" is a YAML list, yet the field wants the text
+    s = load("name: ${env:ORDER_MASK:-[ORDER]}\nheaders:\n  flag: ${env:YES}\n  nothing: ${env:NULL}",
+             {"YES": "yes", "NULL": "null"})
+    assert s.name == "[ORDER]" and s.headers == {"flag": "yes", "nothing": "null"}
 
 
 def test_a_string_field_gets_the_variables_text_even_unquoted():
@@ -195,5 +202,11 @@ def test_a_value_read_from_the_environment_survives_copy_and_pickle():
 
     value = YamlFile("a: ${env:N}").value(environ={"N": "007"})["a"]
     for clone in (copy.deepcopy(value), pickle.loads(pickle.dumps(value))):
-        assert clone == 7
-        assert Section(name=clone).name == "007"
+        assert Section(name=clone, port=clone).model_dump(include={"name", "port"}) == {"name": "007", "port": 7}
+
+
+def test_sections_from_one_reference_and_python_data_are_typed():
+    found: list[str] = []
+    assert expand_env({"a": "${env:P}", "b": ["${env:L}"]}, "", found, {"P": "1", "L": "[x]"}) == {"a": 1, "b": [["x"]]}
+    cfg = parse_config(SIDECAR.replace("batch: {}", "batch: ${env:BATCH}"), environ={"ID": "1", "BATCH": "{timeout: 2s}"})
+    assert cfg.processors["batch"].config.timeout == 2.0
