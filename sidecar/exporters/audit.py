@@ -35,6 +35,7 @@ from sidecar.config import ConfigModel, Duration
 from sidecar.registry import CreateSettings, Factory
 from sidecar.envelope import Envelope
 from sidecar.signals import Request, Signal
+from sidecar.ticker import Ticker
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,10 @@ class AuditExporter(Component):
         self._queued = 0
         self._state = threading.Lock()
         self._stopping = threading.Event()
-        self._retention: threading.Thread | None = None
+        r = cfg.retention
+        self._retention: Ticker | None = None
+        if cfg.mode == "records" and (r.max_age is not None or r.max_megabytes is not None):
+            self._retention = Ticker(self._retain, r.check_interval, name=f"exporter-{self.id}-retention")
 
     def start(self, host) -> None:
         try:
@@ -140,11 +144,8 @@ class AuditExporter(Component):
             raise ValueError(f"exporters.{self.id}.store: {e}") from None
         self.metrics.lag.set_function(self._lag)
         self.metrics.queued.set_function(lambda: self._queued)
-        r = self.cfg.retention
         self._stopping.clear()
-        if self._retention is None and self.cfg.mode == "records" and (r.max_age is not None or r.max_megabytes is not None):
-            self._retention = threading.Thread(target=self._retain_loop, name=f"exporter-{self.id}-retention",
-                                               daemon=True)
+        if self._retention is not None:
             self._retention.start()
 
     def _lag(self) -> float:
@@ -206,18 +207,16 @@ class AuditExporter(Component):
             n = self.store.shrink_to(int(r.max_megabytes * 1024 * 1024))
             self.metrics.deleted("size").inc(n)
 
-    def _retain_loop(self) -> None:
-        while not self._stopping.wait(self.cfg.retention.check_interval):
-            try:
-                self.retain_once()
-            except StoreError as e:
-                log.warning("%s: retention pass failed, will retry: %s", self.id, e)
+    def _retain(self) -> None:
+        try:
+            self.retain_once()
+        except StoreError as e:
+            log.warning("%s: retention pass failed, will retry at the next check: %s", self.id, e)
 
     def shutdown(self, deadline: float) -> None:
         self._stopping.set()
         if self._retention is not None:
-            self._retention.join(max(0.0, deadline - time.monotonic()))
-            self._retention = None
+            self._retention.stop(deadline)
         self.store.close()
 
 
