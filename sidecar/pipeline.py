@@ -5,6 +5,11 @@ that names them; a processor may serve one pipeline per signal (that is how
 ``tail_sampling`` sees a trace's spans and logs together). The graph starts back
 to front (extensions, exporters, processors, receivers) and stops front to back so
 every stage drains into a live one.
+
+Data travels as :class:`~sidecar.envelope.Envelope` objects. Every component's input is
+an :class:`Edge` that counts received / accepted / refused for it (a receiver's edge is
+its output); a fan-out hands each branch a read-only view, so a branch that changes the
+data gets its own copy.
 """
 
 from __future__ import annotations

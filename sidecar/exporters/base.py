@@ -35,7 +35,6 @@ from sidecar.component import Component, Kind
 from sidecar.config import ConfigModel, Duration
 from sidecar.envelope import Envelope
 from sidecar.exporters.senders import Delivery, QueueSender, RetryingSender, TimeoutSender
-from sidecar.queue import SendingQueue
 from sidecar.queue.retry import RetryConfig
 from sidecar.registry import CreateSettings
 from sidecar.signals import Signal
@@ -159,10 +158,6 @@ class BaseExporter(Component, ABC):
         """Release the client. Called once at the end of shutdown."""
 
     # --- the stage interface --------------------------------------------------------------------
-
-    @property
-    def _queue(self) -> SendingQueue | None:
-        return self._sender.queue
 
     @property
     def _abort(self) -> threading.Event:

@@ -1,0 +1,108 @@
+"""The two helpers stages share: the bounded, ordered outbox and the ticker."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from sidecar.component import Refused
+from sidecar.envelope import Envelope
+from sidecar.outbox import Outbox
+from sidecar.signals import Signal
+from sidecar.telemetry import SelfTelemetry
+from sidecar.testing import CollectingConsumer
+from sidecar.ticker import Ticker
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def env(name: str, spans: int = 1) -> Envelope:
+    req = ExportTraceServiceRequest()
+    ss = req.resource_spans.add().scope_spans.add()
+    for i in range(spans):
+        ss.spans.add(name=f"{name}.{i}")
+    return Envelope(Signal.TRACES, req)
+
+
+def names(sink: CollectingConsumer) -> list[str]:
+    return [s.name for r in sink.of(Signal.TRACES) for rs in r.resource_spans for ss in rs.scope_spans
+            for s in ss.spans]
+
+
+def make(**kw):
+    sink, clock = CollectingConsumer(), Clock()
+    tel = SelfTelemetry().component("processor", "p")
+    return Outbox(sink, tel, clock=clock, name="p", **kw), sink, clock, tel
+
+
+def test_delivers_in_order_and_honours_retry_after():
+    box, sink, clock, _ = make(max_items=100)
+    sink.refuse = Refused("queue_full", retry_after=5.0)
+    sink.refuse_times = 1
+    box.put(env("a"))
+    box.put(env("b"))
+    assert not box.flush() and box.items == 2
+    calls = sink.calls
+    clock.now += 4.9
+    assert not box.flush() and sink.calls == calls  # the refusing stage is not hammered
+    clock.now += 0.2
+    assert box.flush() and names(sink) == ["a.0", "b.0"] and box.items == 0
+
+
+def test_over_the_limit_the_oldest_is_dropped_and_counted_as_loss():
+    box, sink, _, tel = make(max_items=4)
+    sink.refuse = Refused("queue_full")
+    for name in "abc":
+        box.put(env(name, spans=2))
+    assert box.items == 4
+    assert tel.value("dropped", Signal.TRACES, "downstream_refused", "false") == 2
+    sink.refuse = None
+    box.retry_at = float("-inf")
+    assert box.flush() and names(sink) == ["b.0", "b.1", "c.0", "c.1"]
+
+
+def test_a_permanent_refusal_drops_with_its_reason_and_moves_on():
+    box, sink, _, tel = make(max_items=10)
+    sink.refuse = Refused("unsupported_signal", retryable=False)
+    sink.refuse_times = 1
+    box.put(env("a", spans=3))
+    box.put(env("b"))
+    assert box.flush() and names(sink) == ["b.0"]
+    assert tel.value("dropped", Signal.TRACES, "unsupported_signal", "false") == 3
+
+
+def test_drain_counts_what_is_left_at_the_deadline():
+    box, sink, _, tel = make(max_items=10)
+    sink.refuse = Refused("queue_full")
+    box.put(env("a", spans=3))
+    box.drain(time.monotonic())
+    assert box.items == 0 and tel.value("dropped", Signal.TRACES, "shutdown", "false") == 3
+
+
+def test_ticker_runs_its_work_survives_errors_and_stops():
+    ran = threading.Semaphore(0)
+    calls = []
+
+    def work():
+        calls.append(1)
+        ran.release()
+        if len(calls) == 1:
+            raise RuntimeError("first run fails")
+
+    ticker = Ticker(work, lambda: None, name="t")  # no interval: runs only when woken
+    ticker.stop()  # stop before start is fine
+    ticker.start()
+    for _ in range(2):
+        ticker.wake()
+        assert ran.acquire(timeout=5)
+    ticker.stop(time.monotonic() + 5)
+    ticker.stop()
+    assert not ticker.running and len(calls) == 2
