@@ -217,8 +217,11 @@ def replay(records: list[AuditRecord], model: Any, *, model_name: str = "model",
     from opentelemetry.trace import Link, SpanContext, TraceFlags
 
     tracer = trace.get_tracer("instrumentation.replay", tracer_provider=tracer_provider)
+    device = None
     if isinstance(model, torch.nn.Module):
         model.eval()
+        first = next(iter(model.parameters()), None)
+        device = first.device if first is not None and first.device.type != "cpu" else None
     report = Report(model_name)
     for rec in records:
         res = RecordResult(rec.request_id, rec.trace_id, rec.span_id, replayed=False,
@@ -229,6 +232,8 @@ def replay(records: list[AuditRecord], model: Any, *, model_name: str = "model",
         except PayloadError as e:
             res.reason = f"input: {e}"
             continue
+        if device is not None:  # payloads decode on the CPU; a GPU model gets its inputs where it lives
+            args, kwargs = _to(args, device), _to(kwargs, device)
         links = []
         try:
             links = [Link(SpanContext(int(rec.trace_id, 16), int(rec.span_id, 16), is_remote=True,
@@ -240,6 +245,8 @@ def replay(records: list[AuditRecord], model: Any, *, model_name: str = "model",
             t0 = time.perf_counter()
             with torch.inference_mode():
                 out = model(*args, **kwargs)
+            if device is not None and device.type == "cuda":
+                torch.cuda.synchronize(device)  # the latency of the work, not of queuing it
             res.replay_latency_ms = (time.perf_counter() - t0) * 1e3
             res.replayed = True
             try:
@@ -249,6 +256,18 @@ def replay(records: list[AuditRecord], model: Any, *, model_name: str = "model",
             if res.exact is not None:
                 span.set_attribute(REPLAY_EXACT, res.exact)
     return report
+
+
+def _to(value: Any, device: Any) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
 
 
 # --- output ------------------------------------------------------------------------------------
