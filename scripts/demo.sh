@@ -5,5 +5,5 @@
 #   bash scripts/demo.sh [--work-dir DIR] [--otlp-grpc-port N] [--otlp-http-port N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+SETUP_DEMO_ONLY=1 bash scripts/setup.sh
 PYTHONWARNINGS=ignore exec .venv/bin/python examples/run_demo.py "$@"

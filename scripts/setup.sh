@@ -42,6 +42,8 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+# The demo needs neither checkov nor promtool (scripts/demo.sh sets SETUP_DEMO_ONLY=1).
+[ "${SETUP_DEMO_ONLY:-0}" = 1 ] && exit 0
 # checkov (the Kubernetes policy scan in tests/deploy) pins packaging<24, which pytest cannot share: its own venv.
 if [ ! -x .venv-checkov/bin/checkov ]; then
   "$PY" -m venv .venv-checkov

@@ -9,7 +9,6 @@ as a real process, fed by the real OTel SDK exporters.
 
 import logging
 import re
-import time
 import urllib.request
 from concurrent import futures
 from pathlib import Path
