@@ -32,7 +32,7 @@ USER_ID = "user.id"
 TAG_PREFIX = "tag."
 #: The tag (a key of the request's tags, so ``tag.intent`` on spans) that says what a request
 #: was for; audit records and drift/cost summaries group by it.
-INTENT = "intent"
+INTENT_TAG = "intent"
 
 # --- sampling ---------------------------------------------------------------------------------
 #: true on every span of a request the app wants kept whatever the sampling policies say.
@@ -84,5 +84,5 @@ GEN_AI_CLIENT_TIME_PER_OUTPUT_TOKEN = "gen_ai.client.time_per_output_token"
 # --- the resource -----------------------------------------------------------------------------
 SERVICE_NAME = "service.name"
 
-#: Every attribute name above (the dotted ones; ``INTENT`` is a tag key), for tests and tools.
+#: Every attribute name above (the dotted ones; ``INTENT_TAG`` is a tag key), for tests and tools.
 ALL: frozenset[str] = frozenset(v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str) and "." in v)

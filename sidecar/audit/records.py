@@ -268,7 +268,7 @@ def _record(span: Span, attrs: dict[str, Any], service: str, facts: dict[str, An
     return AuditRecord(
         trace_id=span.trace_id.hex(), span_id=span.span_id.hex(), time_unix_nano=span.start_time_unix_nano,
         service=service, span_name=span.name, request_id=None if rid is None else str(rid), user_id=user,
-        intent=tags.get(attr.INTENT), tags=tags, latency_ms=(end - span.start_time_unix_nano) / 1e6,
+        intent=tags.get(attr.INTENT_TAG), tags=tags, latency_ms=(end - span.start_time_unix_nano) / 1e6,
         status=_STATUS.get(span.status.code, "UNSET"), error_code=_error_code(span, attrs),
         **facts,
     )
