@@ -7,13 +7,23 @@ invocation on the same traffic, and every scenario is reported as a ratio to it.
 
     .venv/bin/python benchmarks/throughput.py            # all scenarios
     .venv/bin/python benchmarks/throughput.py --sustain 30   # + 20k spans/s + 10k logs/s with 10 s decision wait
+    .venv/bin/python benchmarks/throughput.py --requests 60 --pii 0.05 --pii 1.0 \
+        --only floor --only passthrough --only "redaction on" --only "span_metrics + tail" --only default
+
+``--pii`` sets the share of traces that carry PII (``benchmarks/workload.py``); each density
+is its own load with its own floor, so every ratio compares figures of one traffic. The
+``default`` scenario is ``collector-config/sidecar.yaml`` itself (memory_limiter, span_metrics,
+tail_sampling, redaction, the persistent queue with batching after it) with its file exporter
+swapped for OTLP to the counting backend and ``decision_wait`` set to ``--decision-wait``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import re
 import sys
 import tempfile
 import threading
@@ -22,6 +32,7 @@ from pathlib import Path
 
 import grpc
 import psutil
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -52,13 +63,40 @@ PROCESSORS = {
 
 #: "queue_batch" is not a processor: it turns on the exporter's sending_queue.batch (batching after the queue)
 SCENARIOS = {
-    "batch processor + otlp": ["batch"],
+    "passthrough: batch processor + otlp": ["batch"],
     "queue batching + otlp": ["queue_batch"],
     "recommended: span_metrics+tail_sampling 10%+queue batching": ["span_metrics", "tail_sampling", "queue_batch"],
     "recommended with batch processor": ["span_metrics", "tail_sampling", "batch"],
     "redaction on 100% + queue batching": ["redaction", "queue_batch"],
     "recommended + redaction after sampling": ["span_metrics", "tail_sampling", "redaction", "queue_batch"],
+    "default: collector-config/sidecar.yaml, persistent queue": ["default"],
 }
+#: scenario names for the issue-13 table
+SPAN_METRICS_TAIL = "recommended: span_metrics+tail_sampling 10%+queue batching"
+_ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def default_config(decision_wait: str, workers: int = 8) -> str:
+    """The shipped default config, pointed at the counting backend; placeholders as :func:`sidecar_config`.
+
+    Only the endpoints, the exporter (file -> otlp, same persistent ``sending_queue``) and
+    ``decision_wait`` change; every processor and the queue's storage stay as shipped.
+    """
+    text = (ROOT / "collector-config" / "sidecar.yaml").read_text()
+    text = _ENV_REF.sub(lambda m: os.environ.get(m.group(1), m.group(2) or ""), text)
+    cfg = yaml.safe_load(text)
+    cfg["receivers"]["otlp"]["protocols"] = {
+        "grpc": {"endpoint": "127.0.0.1:LISTEN_PORT", "max_recv_msg_size_mib": 64, "workers": workers}}
+    cfg["extensions"]["health_check"]["endpoint"] = "127.0.0.1:HEALTH_PORT"
+    cfg["processors"]["tail_sampling"]["decision_wait"] = decision_wait
+    (name, file_exporter), = cfg["exporters"].items()
+    cfg["exporters"] = {"otlp": {"endpoint": "127.0.0.1:BACKEND_PORT", "tls": {"insecure": True},
+                                 "compression": "none",
+                                 "sending_queue": {**file_exporter["sending_queue"], "num_consumers": 2}}}
+    cfg["service"]["telemetry"]["metrics"]["address"] = "127.0.0.1:METRICS_PORT"
+    for pipe in cfg["service"]["pipelines"].values():
+        pipe["exporters"] = ["otlp" if e == name else e for e in pipe["exporters"]]
+    return yaml.safe_dump(cfg, sort_keys=False)
 
 
 def sidecar_config(port, backend_port, processors: list[str], decision_wait: str, metrics_port, workers: int = 8) -> str:
@@ -173,7 +211,8 @@ def run_target(name: str, command_config: str | None, bodies, spans: int, logs: 
         pid, stop = proc.pid, (lambda: (proc.terminate(), proc.wait(10)))
     else:
         sc = SidecarProcess(command_config.replace("BACKEND_PORT", str(backend_port)).replace("LISTEN_PORT", str(port))
-                            .replace("METRICS_PORT", str(metrics_port)), workdir=workdir).start()
+                            .replace("METRICS_PORT", str(metrics_port)).replace("HEALTH_PORT", str(free_port())),
+                            workdir=workdir).start()
         pid, stop = sc.pid, (lambda: sc.terminate(60))
     ps = psutil.Process(pid)
     try:
@@ -250,12 +289,45 @@ def sustained(rate_spans: int, rate_logs: int, seconds: int) -> dict:
             "peak_rss_mb": rss, "refusals": refused, "seconds": elapsed}
 
 
+def run_density(args, pii: float, decision_wait_s: float) -> list[dict]:
+    """The floor and the selected scenarios on one load; each result carries its ratio to that floor."""
+    bodies, spans, logs = build_load(args.requests, pii=pii)
+    print(f"load (pii {pii:g}): {len(bodies)} requests, {spans} spans + {logs} log records", flush=True)
+    results = [run_target("floor (decode, re-encode, forward)", None, bodies, spans, logs, sampling=False,
+                          decision_wait_s=0)]
+    for name, procs in SCENARIOS.items():
+        if args.only and not any(o in name for o in args.only):
+            continue
+        if procs == ["default"]:
+            cfg = default_config(args.decision_wait)
+        else:
+            cfg = sidecar_config("LISTEN_PORT", "BACKEND_PORT", procs, args.decision_wait, "METRICS_PORT")
+        sampling = "tail_sampling" in procs or procs == ["default"]
+        results.append(run_target(name, cfg, bodies, spans, logs, sampling=sampling, decision_wait_s=decision_wait_s))
+        print(f"  {name}: {results[-1]['cpu_us_per_item']:.2f} µs/item", flush=True)
+    floor = results[0]["cpu_us_per_item"]
+    for r in results:
+        r["pii"] = pii
+        r["x_floor"] = r["cpu_us_per_item"] / floor
+    return results
+
+
+def print_table(results: list[dict]) -> None:
+    print(f"\n{'pii':>4} {'scenario':58} {'CPU µs/item':>11} {'x floor':>8} {'items/s':>9} {'peak RSS MB':>11} "
+          f"{'delivered':>17}")
+    for r in results:
+        print(f"{r['pii']:4g} {r['scenario']:58} {r['cpu_us_per_item']:11.2f} {r['x_floor']:8.2f} "
+              f"{r['items_per_s']:9.0f} {r['peak_rss_mb']:11.1f} {r['delivered_spans']:>8}/{r['delivered_logs']:<8}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=300, help="trace requests (each 128 traces x 4 spans + 256 logs)")
     p.add_argument("--only", action="append", help="run only scenarios whose name contains this")
     p.add_argument("--decision-wait", default="2s", help="tail sampling decision_wait for the CPU runs")
     p.add_argument("--sustain", type=int, default=0, help="seconds of the sustained 20k spans/s + 10k logs/s run")
+    p.add_argument("--pii", action="append", type=float,
+                   help="share of traces carrying PII; repeat for several loads (default 0.05)")
     p.add_argument("--json", help="write results here")
     p.add_argument("--profile", help="write py-spy stacks of each target to this directory (pip install py-spy)")
     args = p.parse_args()
@@ -264,23 +336,11 @@ def main() -> None:
     if PROFILE_DIR:
         Path(PROFILE_DIR).mkdir(parents=True, exist_ok=True)
 
-    bodies, spans, logs = build_load(args.requests)
-    print(f"load: {len(bodies)} requests, {spans} spans + {logs} log records", flush=True)
     decision_wait_s = float(args.decision_wait.rstrip("s"))
-    results = [run_target("floor (decode, re-encode, forward)", None, bodies, spans, logs, sampling=False,
-                          decision_wait_s=0)]
-    for name, procs in SCENARIOS.items():
-        if args.only and not any(o in name for o in args.only):
-            continue
-        cfg = sidecar_config("LISTEN_PORT", "BACKEND_PORT", procs, args.decision_wait, "METRICS_PORT")
-        results.append(run_target(name, cfg, bodies, spans, logs, sampling="tail_sampling" in procs,
-                                  decision_wait_s=decision_wait_s))
-    floor = results[0]["cpu_us_per_item"]
-    print(f"\n{'scenario':55} {'CPU µs/item':>11} {'x floor':>8} {'items/s':>9} {'peak RSS MB':>11} {'delivered':>17}")
-    for r in results:
-        print(f"{r['scenario']:55} {r['cpu_us_per_item']:11.2f} {r['cpu_us_per_item'] / floor:8.2f} "
-              f"{r['items_per_s']:9.0f} {r['peak_rss_mb']:11.1f} {r['delivered_spans']:>8}/{r['delivered_logs']:<8}")
-        r["x_floor"] = r["cpu_us_per_item"] / floor
+    results = []
+    for pii in args.pii or [0.05]:
+        results.extend(run_density(args, pii, decision_wait_s))
+    print_table(results)
     if args.sustain:
         s = sustained(20_000, 10_000, args.sustain)
         print(f"\n{s['scenario']}: offered {s['offered_items_per_s']:.0f}/s of {s['target_items_per_s']}/s, "

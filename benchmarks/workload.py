@@ -11,6 +11,14 @@ SPANS_PER_TRACE = 4
 LOGS_PER_TRACE = 2
 BASE_NS = 1_750_000_000_000_000_000
 
+#: What a PII-carrying trace's prompt and log body hold, in turn: an email, a card number, a phone, a key.
+PII_TEXTS = (
+    "classify the photo sent by bob@example.com card 4111 1111 1111 1111",
+    "summarize the invoice for card 5500 0000 0000 0004, due friday",
+    "call me back at (415) 555-0132 about the order",
+    "use key sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8t to call the upstream model",
+)
+
 
 def _attr(kvs, key, value):
     kv = kvs.add(key=key)
@@ -34,7 +42,10 @@ def _resource(res):
 def trace_request(rng: random.Random, n_traces: int, pii: float = 0.05) -> tuple[ExportTraceServiceRequest, dict]:
     """``n_traces`` traces of SPANS_PER_TRACE spans each: server -> preprocess, forward, postprocess.
 
-    A ``pii`` fraction of the traces carry an email and a card number in the user id and the prompt.
+    A ``pii`` fraction of the traces carry PII the way an LLM service with payload capture does:
+    an email in the user id, a prompt attribute with an email, card, phone or key
+    (:data:`PII_TEXTS`), and an ``authorization`` header on the server span. ``pii=1.0`` is the
+    dense traffic of issue 13, 0.05 the light traffic of the earlier benchmarks.
     """
     req = ExportTraceServiceRequest()
     rs = req.resource_spans.add()
@@ -59,6 +70,8 @@ def trace_request(rng: random.Random, n_traces: int, pii: float = 0.05) -> tuple
                      ("request.id", f"{rng.getrandbits(64):016x}"),
                      ("user.id", "alice@example.com" if has_pii else f"user-{rng.randrange(1000)}")):
             _attr(root.attributes, k, v)
+        if has_pii:
+            _attr(root.attributes, "http.request.header.authorization", f"Bearer {rng.getrandbits(128):032x}")
         if forced:
             _attr(root.attributes, "sampling.force_keep", True)
         if error:
@@ -73,7 +86,7 @@ def trace_request(rng: random.Random, n_traces: int, pii: float = 0.05) -> tuple
                          ("ml.output.shapes", "8x1000"), ("ml.torch.version", "2.13.0")):
                 _attr(sp.attributes, k, v)
             if has_pii and i == 0:
-                _attr(sp.attributes, "prompt", "classify the photo sent by bob@example.com card 4111 1111 1111 1111")
+                _attr(sp.attributes, "prompt", rng.choice(PII_TEXTS))
             if error and i == 1:
                 sp.status.code = 2
                 ev = sp.events.add(name="exception", time_unix_nano=start + 500)
@@ -94,7 +107,7 @@ def logs_request(rng: random.Random, trace_ids: list[bytes], pii: float = 0.05) 
         for j in range(LOGS_PER_TRACE):
             rec = sl.log_records.add(time_unix_nano=BASE_NS + rng.getrandbits(40), severity_number=9, severity_text="INFO",
                                      trace_id=tid, span_id=rng.getrandbits(64).to_bytes(8, "big"))
-            rec.body.string_value = ("inference done for bob@example.com" if has_pii and j == 0 else
+            rec.body.string_value = (f"inference done: {rng.choice(PII_TEXTS)}" if has_pii and j == 0 else
                                      "inference done" if j else "request received")
             for k, v in (("model_id", "resnet50"), ("model_version", "v3"), ("execution_time_ms", 41.7),
                          ("request_id", f"{rng.getrandbits(64):016x}")):

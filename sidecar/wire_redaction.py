@@ -1,0 +1,255 @@
+"""Redaction on the wire: the rule engine applied to an encoded OTLP request, answering new bytes.
+
+The object-level adapter (``redaction.otlp.OtlpRedactor``) parses a request and walks its
+messages from Python. Here the strings and their keys are located in the encoded request in one
+pass (``locate``), all of them are scanned together with RE2 (``RedactionEngine.candidates``), key
+rules are decided per key from the engine's cache, and the few replacements are spliced into the
+bytes with every enclosing length prefix rewritten (``splice``). The output parses to exactly
+what the object-level path makes of the same request (a randomized test holds them to that):
+the same masks, drops, hashes and names, and the same summary attributes on changed spans and
+log records.
+
+``locate`` and ``splice`` come from the C extension (``sidecar/_wire_redact.c``) when it was
+built, else from the pure-Python module (``sidecar/_wire_redact_py.py``); ``SIDECAR_PURE_PYTHON=1``
+selects the pure-Python one, as for ``sidecar.wire``. Callers use :func:`redact` and never
+branch on which one runs.
+
+    redact(engine, signal: str, request: bytes) -> bytes | None   # None: nothing changed
+
+A request whose changed item already holds summary attributes from an earlier redaction stage
+raises :class:`NeedsObjectPath` (the object path merges the counts); malformed input raises
+ValueError.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+from redaction._config import Action
+from redaction._engine import (
+    DROP,
+    IGNORE,
+    MASKED_COUNT,
+    MASKED_KEYS,
+    REDACTED_COUNT,
+    REDACTED_KEYS,
+    SCAN,
+    RedactionEngine,
+)
+from redaction.otlp import _as_text
+from sidecar import _wire_redact_py
+from sidecar._wire_redact_types import (
+    BODY_LABEL,
+    HAS_SUMMARY,
+    ITEM_SITE,
+    KV_SITE,
+    LOGS,
+    METRICS,
+    NAME_SITE,
+    SITE,
+    STATUS_LABEL,
+    TRACES,
+    Located,
+)
+
+__all__ = ["IMPLEMENTATION", "Located", "NeedsObjectPath", "implementation", "locate", "redact", "splice"]
+
+
+def _pure_python_requested() -> bool:
+    return os.environ.get("SIDECAR_PURE_PYTHON", "").strip().lower() in ("1", "true", "yes")
+
+
+def _c_implementation() -> ModuleType | None:
+    if _pure_python_requested():
+        return None
+    try:
+        from sidecar import _wire_redact
+    except ImportError:  # pragma: no cover - built by `pip install -e .` wherever a compiler is present
+        return None
+    return _wire_redact
+
+
+#: The implementation in use: the C extension, else the pure-Python module.
+implementation: ModuleType = _c_implementation() or _wire_redact_py
+#: "c" or "python".
+IMPLEMENTATION = "python" if implementation is _wire_redact_py else "c"
+locate = implementation.locate
+splice = implementation.splice
+
+_SIGNALS = {"traces": TRACES, "logs": LOGS, "metrics": METRICS}
+#: the attributes field of a span (9) and of a log record (6), as a tag byte
+_ATTR_TAG = {TRACES: b"\x4a", LOGS: b"\x32"}
+
+
+class NeedsObjectPath(Exception):
+    """This request needs the object-level path (a changed item already carries summary attributes)."""
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _len(tag: bytes, payload: bytes) -> bytes:
+    return tag + _varint(len(payload)) + payload
+
+
+def _kv(key: str, value: bytes) -> bytes:
+    """An encoded KeyValue with an encoded AnyValue."""
+    return _len(b"\x0a", key.encode()) + _len(b"\x12", value)
+
+
+def _string_value(s: bytes) -> bytes:
+    return _len(b"\x0a", s)
+
+
+def _int_value(n: int) -> bytes:
+    return b"\x18" + _varint(n & 0xFFFFFFFFFFFFFFFF)
+
+
+def redact(engine: RedactionEngine, signal: str, request: bytes) -> "bytes | None":
+    """``request`` redacted by ``engine``: new bytes, or None when no rule changed anything.
+
+    Counts go to ``engine.stats`` as on the object path.
+    """
+    sig = _SIGNALS.get(signal)
+    if sig is None:
+        raise ValueError(f"unknown signal {signal!r}")
+    cache = engine._key_cache  # noqa: SLF001 - the engine's per-key decisions; misses go through key_action
+    loc = locate(request, sig, cache, SCAN)
+    tally: dict = {}
+    edits: list = []
+    changed: dict[int, list] | None = None if engine.summary == "silent" else {}
+    skip = _key_rules(engine, request, loc, tally, edits, changed)
+    texts = loc.texts
+    if texts:
+        sites = loc.sites
+        for i in engine.candidates(texts):
+            if skip and i in skip:
+                continue
+            out = engine.scan(texts[i], tally)
+            if out is None:
+                continue
+            base = i * SITE
+            len_start, end, drop_start, drop_end, item, key_start, key_end = sites[base:base + SITE]
+            if out is DROP:
+                edits.append((drop_start, drop_end, b"", -1))
+            else:
+                edits.append((len_start, end, _varint(len(out)) + out, -1))
+            if changed is not None and item >= 0:
+                _note(changed, item, _label(request, key_start, key_end), out is DROP)
+    names = loc.names
+    if names:
+        name_sites = loc.name_sites
+        for i in engine.candidates(names):
+            out = engine.scan(names[i], tally, name=True)
+            if out is None:
+                continue
+            len_start, end, item, is_event = name_sites[i * NAME_SITE:(i + 1) * NAME_SITE]
+            edits.append((len_start, end, _varint(len(out)) + out, -1))
+            if changed is not None:
+                _note(changed, item, "event.name" if is_event else "span.name", False)
+    if not edits:
+        engine.stats.merge(tally)
+        return None
+    if changed:
+        _summaries(engine, sig, loc, changed, edits)
+    new = splice(request, _outermost(edits))
+    engine.stats.merge(tally)
+    return new
+
+
+def _key_rules(engine: RedactionEngine, request: bytes, loc: Located, tally: dict, edits: list,
+               changed: "dict | None") -> "set[int] | None":
+    """Apply key rules to the KeyValues ``locate`` reported; the indices of texts no longer to scan."""
+    keys = loc.keys
+    if not keys:
+        return None
+    cache_get = engine._key_cache.get  # noqa: SLF001
+    kv_sites = loc.kv_sites
+    skip: set[int] | None = None
+    covered = -1  # KeyValues inside one a key rule already took are its value, not attributes
+    for k, key in enumerate(keys):
+        start, content, end, item, first, last = kv_sites[k * KV_SITE:(k + 1) * KV_SITE]
+        if start < covered:
+            continue
+        decision = cache_get(key)
+        if decision is None:
+            decision = engine.key_action(key)
+        if decision is SCAN:
+            continue
+        covered = end
+        if last > first:
+            skip = skip or set()
+            skip.update(range(first, last))
+        if decision is IGNORE:
+            continue
+        tally[decision.stat] = tally.get(decision.stat, 0) + 1
+        if decision.action is Action.DROP:
+            edits.append((start, end, b"", -1))
+        else:
+            text = ""
+            if decision.action is Action.HASH:
+                from opentelemetry.proto.common.v1.common_pb2 import KeyValue
+
+                text = _as_text(KeyValue.FromString(request[content:end]).value)
+            new = engine.key_replacement(decision, text).encode()
+            edits.append((start, end, _len(request[start:start + 1], _kv(key, _string_value(new))), -1))
+        if changed is not None and item >= 0:
+            _note(changed, item, key, decision.action is Action.DROP)
+    return skip
+
+
+def _label(request: bytes, key_start: int, key_end: int) -> str:
+    if key_start == BODY_LABEL:
+        return "body"
+    if key_start == STATUS_LABEL:
+        return "status.message"
+    return request[key_start:key_end].decode()
+
+
+def _note(changed: dict, item: int, key: str, dropped: bool) -> None:
+    entry = changed.get(item)
+    if entry is None:
+        entry = changed[item] = ([], [])
+    entry[1 if dropped else 0].append(key)
+
+
+def _summaries(engine: RedactionEngine, sig: int, loc: Located, changed: dict, edits: list) -> None:
+    """Append the summary attributes to each changed span or log record, as ``redaction.otlp._summarize`` does."""
+    debug = engine.summary == "debug"
+    tag = _ATTR_TAG[sig]
+    items = loc.items
+    for item, (masked, dropped) in changed.items():
+        start, end, flags = items[item * ITEM_SITE:(item + 1) * ITEM_SITE]
+        if flags & HAS_SUMMARY:
+            raise NeedsObjectPath("a changed item already carries redaction summary attributes")
+        parts = []
+        for keys_name, keys, count_name in ((MASKED_KEYS, masked, MASKED_COUNT), (REDACTED_KEYS, dropped, REDACTED_COUNT)):
+            if not keys:
+                continue
+            parts.append(_len(tag, _kv(count_name, _int_value(len(keys)))))
+            if debug:
+                parts.append(_len(tag, _kv(keys_name, _string_value(",".join(sorted(set(keys))).encode()))))
+        edits.append((end, end, b"".join(parts), start))
+
+
+def _outermost(edits: list) -> list:
+    """The edits less any inside a range another edit removes or replaces (a dropped array in a dropped KeyValue)."""
+    if len(edits) < 2:
+        return edits
+    ordered = sorted(edits, key=lambda e: (e[0], -e[1]) if e[3] < 0 else (e[0], 0))
+    out = []
+    reach = -1
+    for e in ordered:
+        if e[3] < 0:
+            if e[0] < reach:
+                continue
+            reach = max(reach, e[1])
+        out.append(e)
+    return out
