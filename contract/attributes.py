@@ -85,4 +85,5 @@ GEN_AI_CLIENT_TIME_PER_OUTPUT_TOKEN = "gen_ai.client.time_per_output_token"
 SERVICE_NAME = "service.name"
 
 #: Every attribute name above (the dotted ones; ``INTENT_TAG`` is a tag key), for tests and tools.
-ALL: frozenset[str] = frozenset(v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str) and "." in v)
+ALL: frozenset[str] = frozenset(
+    v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str) and "." in v)

@@ -148,7 +148,8 @@ def test_unknown_key_is_rejected_with_its_path_and_line(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(path, environ={"ID": "1"})
     assert e.value.problems == ["processors.batch.send_batch_sise: unknown key"]
-    assert e.value.located == [f"{path}:{line_of(text, 'send_batch_sise')}: processors.batch.send_batch_sise: unknown key"]
+    line = line_of(text, "send_batch_sise")
+    assert e.value.located == [f"{path}:{line}: processors.batch.send_batch_sise: unknown key"]
     assert f"{path}:{line_of(text, 'send_batch_sise')}: processors.batch.send_batch_sise" in str(e.value)
 
 
@@ -208,5 +209,6 @@ def test_a_value_read_from_the_environment_survives_copy_and_pickle():
 def test_sections_from_one_reference_and_python_data_are_typed():
     found: list[str] = []
     assert expand_env({"a": "${env:P}", "b": ["${env:L}"]}, "", found, {"P": "1", "L": "[x]"}) == {"a": 1, "b": [["x"]]}
-    cfg = parse_config(SIDECAR.replace("batch: {}", "batch: ${env:BATCH}"), environ={"ID": "1", "BATCH": "{timeout: 2s}"})
+    text = SIDECAR.replace("batch: {}", "batch: ${env:BATCH}")
+    cfg = parse_config(text, environ={"ID": "1", "BATCH": "{timeout: 2s}"})
     assert cfg.processors["batch"].config.timeout == 2.0

@@ -68,7 +68,8 @@ def test_the_app_needs_only_the_redaction_sections_variables(shared_file):
     assert load_redaction_config(shared_file, environ=env).blocked_values[0].pattern == r"ORD-\d{4}"
     with pytest.raises(ConfigError) as e:
         load_config(shared_file, environ=env)
-    assert e.value.problems[0].startswith("exporters.otlphttp.headers.authorization: environment variable BACKEND_TOKEN")
+    assert e.value.problems[0].startswith("exporters.otlphttp.headers.authorization: "
+                                          "environment variable BACKEND_TOKEN")
 
 
 def test_both_sides_fail_alike_on_a_missing_rule_variable(shared_file):
