@@ -143,9 +143,19 @@ def _value(v) -> Any:
     return getattr(v, kind)
 
 
+_SCALARS = frozenset({"string_value", "int_value", "double_value", "bool_value"})
+
+
 def _attrs(kvs) -> dict[str, Any]:
     """The attributes a record can use (only those values are decoded: this runs for every span)."""
-    return {kv.key: _value(kv.value) for kv in kvs if kv.key in _USED or kv.key.startswith(TAG_PREFIX)}
+    out = {}
+    for kv in kvs:
+        key = kv.key
+        if key in _USED or key.startswith(TAG_PREFIX):
+            v = kv.value
+            kind = v.WhichOneof("value")
+            out[key] = getattr(v, kind) if kind in _SCALARS else _value(v)
+    return out
 
 
 def hash_user_id(user_id: str, salt: str) -> str:
@@ -173,7 +183,7 @@ def _span_facts(span: Span, attrs: dict[str, Any]) -> dict[str, Any]:
         out["model_id"] = str(model)
     if MODEL_VERSION in attrs:
         out["model_version"] = str(attrs[MODEL_VERSION])
-    params = {name: attrs[key] for key, name in PARAMETERS.items() if key in attrs}
+    params = {PARAMETERS[key]: value for key, value in attrs.items() if key in PARAMETERS}
     if params:
         out["parameters"] = params
     for key, sources in (("input_payload", _INPUT_SOURCES), ("output_payload", _OUTPUT_SOURCES)):
