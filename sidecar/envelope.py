@@ -16,6 +16,7 @@ fan-out consumer.
     env = Envelope(Signal.TRACES, request)            # from a message (items counted now)
     env = Envelope(Signal.TRACES, encoded=raw, items=n) # from received bytes, parsed on first .message
     msg = env.mutable(); redact(msg); env.recount()     # change it: the bytes are gone
+    env.replace_encoding(new_bytes)                     # or rewrite the bytes: the message is gone
 """
 
 from __future__ import annotations
@@ -79,6 +80,17 @@ class Envelope:
         self._encoded = None
         self.parts = None
         return msg
+
+    def replace_encoding(self, encoded: bytes) -> None:
+        """Give the request new bytes (a stage that rewrites the encoding, like wire-level redaction).
+
+        The message is dropped with the old bytes, so nothing stale remains; the item count
+        stays (the caller keeps the same items). A read-only view only changes itself.
+        """
+        self._encoded = encoded
+        self._message = None
+        self.read_only = False
+        self.parts = None
 
     def compact(self) -> "Envelope":
         """The same request in its smallest form: only the encoding when there is one (queues hold these).

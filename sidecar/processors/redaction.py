@@ -7,6 +7,13 @@ Collector's key names (``allow_all_keys``, ``allowed_keys``, ``blocked_key_patte
 ``detectors``. A rule that cannot compile fails config validation with its YAML path;
 ``hash`` without its key in the environment fails start-up.
 
+Each request is redacted on the wire (:mod:`sidecar.wire_redaction`: strings located in the
+encoded request, scanned in one RE2 pass, replacements spliced into the bytes), which gives
+the same output as the object-level adapter (``redaction.otlp``) at a fraction of the cost on
+PII-dense traffic. The rare request the wire path hands back (malformed bytes, or a changed
+item that already carries summary attributes from an earlier stage) goes through the object
+path.
+
 In the recommended pipeline it runs after tail sampling, so dropped data costs
 nothing to redact. It fails closed: if redacting a request raises, the request is
 refused (not retryable) instead of being forwarded unredacted.
@@ -24,6 +31,7 @@ from prometheus_client.core import CounterMetricFamily
 
 from redaction import RedactionConfig, RedactionConfigError, RedactionEngine, RedactionStats
 from redaction.otlp import OtlpRedactor
+from sidecar import wire_redaction
 from sidecar.component import Component, Consumer, Kind, Refused
 from sidecar.envelope import Envelope
 from sidecar.registry import ALL_SIGNALS, CreateSettings, Factory
@@ -47,7 +55,13 @@ class RedactionProcessor(Component):
     def consume(self, envelope: Envelope) -> None:
         signal = envelope.signal
         try:
-            self.redactor.redact(signal.value, envelope.mutable())
+            try:
+                new = wire_redaction.redact(self.engine, signal.value, envelope.encoded)
+            except (wire_redaction.NeedsObjectPath, ValueError):
+                self.redactor.redact(signal.value, envelope.mutable())
+            else:
+                if new is not None:
+                    envelope.replace_encoding(new)
         except Exception as e:  # fail closed: never forward what could not be redacted
             log.exception("redaction failed; refusing the request")
             raise Refused("redaction_error", retryable=False, message=f"redaction failed: {e}") from e

@@ -160,13 +160,20 @@ def test_refusal_from_next_stage_is_propagated_and_counted_once_where_it_happene
     assert exporter_tel.value("refused", Signal.TRACES, "queue_full") == 1
 
 
-def test_redaction_failure_fails_closed(monkeypatch):
+@pytest.mark.parametrize("where", ["wire", "object"])
+def test_redaction_failure_fails_closed(monkeypatch, where):
+    from sidecar import wire_redaction
+
     proc, nxt, _ = make({})
 
     def boom(*_a, **_k):
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(proc.redactor, "redact_traces", boom)
+    if where == "wire":
+        monkeypatch.setattr(wire_redaction, "splice", boom)
+    else:  # the object path, which takes the requests the wire path hands back
+        monkeypatch.setattr(wire_redaction, "locate", lambda *_a: (_ for _ in ()).throw(ValueError("malformed")))
+        monkeypatch.setattr(proc.redactor, "redact_traces", boom)
     with pytest.raises(Refused) as e:
         proc.consume(Envelope(Signal.TRACES, traces(sentence("jane@example.com"))))
     assert not e.value.retryable and nxt.of(Signal.TRACES) == []
