@@ -8,7 +8,7 @@
    with telemetry off, with an OTLP backend up, and with the endpoint unreachable
    (target: unreachable p99 within 5% of up p99).
 
-    .venv/bin/python benchmarks/instrumentation_bench.py [--calls 3000] [--requests 1000]
+    .venv/bin/python benchmarks/instrumentation_bench.py [--calls 3000] [--requests 1000] [--only forward]
 """
 
 from __future__ import annotations
@@ -163,9 +163,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=3000)
     ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--only", choices=("forward", "requests"), help="run one of the two parts")
     args = ap.parse_args()
-    forward_overhead(args.calls)
-    request_latency(args.requests)
+    if args.only != "requests":
+        forward_overhead(args.calls)
+    if args.only != "forward":
+        request_latency(args.requests)
 
 
 if __name__ == "__main__":
