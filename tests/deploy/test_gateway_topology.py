@@ -83,6 +83,7 @@ def _scrape(port: int) -> str:
 
 @pytest.mark.e2e
 @pytest.mark.timeout(120)
+@pytest.mark.filterwarnings("ignore:.*LoggingHandler.*:DeprecationWarning")  # the SDK's own handler is what we need
 def test_traces_logs_and_metrics_reach_the_gateway_with_the_pods_identity(tmp_path):
     from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
     from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
