@@ -34,11 +34,14 @@ def format_problems(exc: ValidationError, prefix: str = "") -> list[str]:
     out = []
     for err in exc.errors():
         path = prefix
-        for part in err["loc"]:
-            if isinstance(part, int):
+        loc = err["loc"]
+        for i, part in enumerate(loc):
+            if loc[i + 1:i + 2] == ("[key]",):  # a bad mapping key: pydantic gives True as 1, so say the key
+                path = f"{path}.{err.get('input', part)}" if path else str(err.get("input", part))
+            elif isinstance(part, int):
                 path += f"[{part}]"
-            elif str(part).startswith("function-") or part == "tagged-union":
-                continue
+            elif str(part).startswith("function-") or part in ("tagged-union", "[key]"):
+                continue  # pydantic's validator markers are not YAML
             else:
                 path = f"{path}.{part}" if path else str(part)
         msg = err["msg"]

@@ -212,3 +212,10 @@ def test_sections_from_one_reference_and_python_data_are_typed():
     text = SIDECAR.replace("batch: {}", "batch: ${env:BATCH}")
     cfg = parse_config(text, environ={"ID": "1", "BATCH": "{timeout: 2s}"})
     assert cfg.processors["batch"].config.timeout == 2.0
+
+
+def test_a_key_yaml_reads_as_a_boolean_is_named_in_the_error():
+    with pytest.raises(ConfigError) as e:
+        load("headers:\n  on: x\n", {})  # YAML 1.1 reads `on` as true
+    assert e.value.located == ["t.yaml:2: headers.True: Input should be a valid string "
+                               "(YAML read True; quote the value to keep it text)"]
