@@ -189,3 +189,32 @@ def test_tail_sampling_takes_open_status_codes_without_allocating_by_value(scann
     assert peak < 8 * 1024 * 1024, f"peak {peak} bytes for one small request"
     proc.tick(clock.advance(30))
     assert sink.of(Signal.TRACES) == []  # no known ERROR among the codes: nothing kept, nothing raised
+
+
+def test_more_dimensions_than_the_scanner_takes_fail_at_start_up_naming_the_key():
+    from sidecar.processors.span_metrics import SpanMetricsConfig
+
+    too_many = [{"name": f"attr.{i}"} for i in range(wire.MAX_KEYS - 2)]
+    with pytest.raises(ValueError, match=r"dimensions: at most 61"):
+        SpanMetricsConfig.model_validate({"dimensions": too_many})
+    SpanMetricsConfig.model_validate({"dimensions": too_many[:-1]})  # the most it takes
+
+
+def test_attribute_policies_on_one_key_share_its_scan():
+    """Two policies on user.tier: the key is scanned once and both judge its value."""
+    policies = [
+        {"name": "gold", "type": "string_attribute", "string_attribute": {"key": "user.tier", "values": ["gold"]}},
+        {"name": "not-gold", "type": "string_attribute",
+         "string_attribute": {"key": "user.tier", "values": ["gold"], "invert_match": True}},
+    ]
+    proc, sink, clock, _ = make_tail_sampling(policies)
+    req = ExportTraceServiceRequest()
+    ss = req.resource_spans.add().scope_spans.add()
+    for i, tier in enumerate(["gold", "bronze"]):
+        sp = ss.spans.add(trace_id=bytes([i + 1]) * 16, span_id=b"s" * 8, name=tier)
+        sp.attributes.add(key="user.tier").value.string_value = tier
+    proc.consume(Envelope(Signal.TRACES, req))
+    proc.tick(clock.advance(30))
+    kept = {s.name: [kv.value.string_value for kv in s.attributes if kv.key == "sampling.policy"]
+            for r in sink.of(Signal.TRACES) for rs in r.resource_spans for ss in rs.scope_spans for s in ss.spans}
+    assert kept == {"gold": ["gold"], "bronze": ["not-gold"]}
