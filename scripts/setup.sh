@@ -38,7 +38,7 @@ if [ ! -f "$stamp" ]; then
   # resolving a CUDA build for anything that depends on torch.
   pip_step "torch (CPU build)" .venv/bin/python -m pip install "torch==2.13.0"
   pip_step "the project and its dev extra" .venv/bin/python -m pip install -e ".[dev]"
-  .venv/bin/python -W ignore -c "import sidecar, instrumentation, redaction, torch, opentelemetry.sdk"
+  .venv/bin/python -W ignore -c "import sidecar, instrumentation, redaction, contract, torch, opentelemetry.sdk"
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
