@@ -4,7 +4,7 @@
 
     from instrumentation.drift import enable_drift
 
-    handle = enable_drift(sample_every=1)      # every instrumented forward and generation from now on
+    handle = enable_drift()         # every instrumented forward and generation, within 5% of forward time
     ...
     handle.disable()
 
@@ -26,7 +26,8 @@ attribute handling, and a forward has dozens of features. Metrics (all with ``ml
 - ``ml.drift.category`` (counter, plus ``ml.drift.category``): categorical features —
   ``input.0.shape`` (batch dimension written ``*``), ``input.0.dtype``, ``output.label``
   (predicted class, one count per row).
-- Cost: ``ml.cost.duration`` (histogram, seconds per forward or generation) and ``ml.cost.items``
+- Cost, on every forward: ``ml.cost.duration`` (histogram, seconds per forward or generation,
+  from the forward span: none when it is not recording) and ``ml.cost.items``
   (counter, batch rows) by ``ml.cost.size_bucket`` (elements per row of the first input, or prompt
   tokens, rounded up to a power of 4: ``<=4Ki``) and ``ml.intent`` (the request's ``intent`` tag);
   ``ml.cost.tokens`` (histogram) adds ``gen_ai.token.type``.
@@ -48,18 +49,19 @@ from bisect import bisect_left
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from opentelemetry import metrics, trace
+from opentelemetry import trace
 
 from contract.attributes import (
     GEN_AI_TOKEN_TYPE,
+    INTENT_TAG,
     ML_DRIFT_CATEGORY,
     ML_DRIFT_FEATURE,
     ML_DRIFT_SIGN,
-    ML_DRIFT_VALUE,
     ML_MODEL_ID,
     ML_MODEL_VERSION,
 )
 from instrumentation._context import _CURRENT
+from instrumentation._drift_export import ride_on_readers, to_metrics
 
 _SCOPE = "instrumentation.drift"
 _log = logging.getLogger(__name__)
@@ -103,31 +105,29 @@ def size_bucket(n: int) -> str:
     return f"<={bound}{_UNITS[unit]}"
 
 
-class _Instruments:
-    def __init__(self, meter_provider: Any) -> None:
-        meter = metrics.get_meter(_SCOPE, meter_provider=meter_provider)
-        self.duration = meter.create_histogram(
-            "ml.cost.duration", unit="s", description="Forward or generation duration by input size and intent",
-            explicit_bucket_boundaries_advisory=_DURATION_BOUNDS)
-        self.items = meter.create_counter(
-            "ml.cost.items", unit="{item}", description="Batch rows served, by input size and intent")
-        self.tokens = meter.create_histogram(
-            "ml.cost.tokens", unit="{token}", description="Tokens per generation by prompt size and intent",
-            explicit_bucket_boundaries_advisory=_TOKEN_BOUNDS)
-
-
 class _Series:
-    """One histogram series (a feature, or the magnitudes of its negative values): cumulative."""
+    """One cumulative histogram series (a feature, the magnitudes of its negative values, a cost)."""
 
-    __slots__ = ("attributes", "counts", "count", "sum", "min", "max")
+    __slots__ = ("attributes", "bounds", "counts", "count", "sum", "min", "max", "items")
 
-    def __init__(self, attributes: dict[str, str]) -> None:
+    def __init__(self, attributes: dict[str, str], bounds: tuple[float, ...] = BOUNDS) -> None:
         self.attributes = attributes
-        self.counts = [0] * (len(BOUNDS) + 1)
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
         self.count = 0
         self.sum = 0.0
         self.min = _INF
         self.max = -_INF
+        self.items = 0  # cost series: batch rows served
+
+    def add(self, v: float) -> None:
+        self.counts[bisect_left(self.bounds, v)] += 1
+        self.count += 1
+        self.sum += v
+        if v < self.min:
+            self.min = v
+        if v > self.max:
+            self.max = v
 
 
 class _ModelState:
@@ -136,11 +136,16 @@ class _ModelState:
     def __init__(self, model_id: str, model_version: str | None, max_categories: int) -> None:
         self.base = {MODEL_ID: model_id, MODEL_VERSION: model_version or ""}
         self.counter = itertools.count()
+        #: the budget's balance in seconds (see DriftObserver) and how far it may grow
+        self.credit = 0.0
+        self.credit_cap = 0.0
         self.lock = threading.Lock()
         self.series: dict[tuple[str, bool], _Series] = {}
         self.categories: dict[tuple[str, str], list] = {}  # -> [attributes, count]
         self._per_feature: dict[str, int] = {}
-        self._cost: dict[tuple, dict[str, str]] = {}
+        #: (size bucket, intent) -> duration series (with items); (size bucket, intent, token type) -> tokens
+        self.cost: dict[tuple, _Series] = {}
+        self.tokens: dict[tuple, _Series] = {}
         self._max_categories = max_categories
 
     def add_values(self, names: Any, values: Any) -> None:
@@ -182,17 +187,27 @@ class _ModelState:
                     c = self.categories[(feature, value)] = [{**self.base, FEATURE: feature, CATEGORY: value}, 0]
             c[1] += n
 
-    def cost(self, bucket: str, intent: str, extra: tuple = ()) -> dict[str, str]:
-        key = (bucket, intent, extra)
-        a = self._cost.get(key)
-        if a is None:
-            a = self._cost[key] = {**self.base, SIZE_BUCKET: bucket, INTENT: intent, **dict(extra)}
-        return a
+    def add_cost(self, bucket: str, intent: str, seconds: float | None, items: int,
+                 tokens: tuple[tuple[str, int], ...] = ()) -> None:
+        with self.lock:
+            s = self.cost.get((bucket, intent))
+            if s is None:
+                s = self.cost[(bucket, intent)] = _Series({**self.base, SIZE_BUCKET: bucket, INTENT: intent},
+                                                          _DURATION_BOUNDS)
+            if seconds is not None:
+                s.add(seconds)
+            s.items += items
+            for kind, n in tokens:
+                t = self.tokens.get((bucket, intent, kind))
+                if t is None:
+                    t = self.tokens[(bucket, intent, kind)] = _Series(
+                        {**self.base, SIZE_BUCKET: bucket, INTENT: intent, GEN_AI_TOKEN_TYPE: kind}, _TOKEN_BOUNDS)
+                t.add(float(n))
 
 
 def _intent() -> str:
     ctx = _CURRENT.get()
-    return ctx.tags.get("intent", "") if ctx is not None else ""
+    return ctx.tags.get(INTENT_TAG, "") if ctx is not None else ""
 
 
 def _span_seconds() -> float | None:
@@ -204,21 +219,28 @@ def _span_seconds() -> float | None:
 class DriftObserver:
     """Sees every instrumented forward (and generation) and records drift and cost summaries.
 
-    ``sample_every=N`` computes statistics on every Nth forward of each model version (cost
-    metrics are recorded for every forward); ``classifier=None`` treats a single 2-D float
-    output with 2..``max_classes`` columns as class scores (logits or probabilities).
+    Statistics are computed on every ``sample_every``-th forward of each model version, and within
+    ``budget``: each forward earns ``budget`` times its duration, each summary spends what it took,
+    and a forward is summarized only while the balance is not negative — so a large model gets every
+    forward summarized and a tiny one every few, never costing more than ``budget`` of the forward
+    time in the long run (None: no budget). The choice never depends on the data, so the samples
+    stay representative. Cost metrics are recorded for every forward. ``classifier=None`` treats a
+    single 2-D float output with 2..``max_classes`` columns as class scores (logits or probabilities).
     """
 
-    def __init__(self, meter_provider: Any = None, *, sample_every: int = 1, sample_rows: int = 256,
+    def __init__(self, *, sample_every: int = 1, budget: float | None = 0.05, sample_rows: int = 256,
                  sample_elements: int = 16384, max_tensors: int = 4, max_columns: int = 16,
                  max_classes: int = 1000, max_categories: int = 64, classifier: bool | None = None,
-                 cost: bool = True) -> None:
+                 cost: bool = True, clock: Callable[[], float] = time.perf_counter) -> None:
+        if budget is not None and not 0 < budget <= 1:
+            raise ValueError(f"budget: must be a fraction in (0, 1] or None, got {budget!r}")
         for name, v in (("sample_every", sample_every), ("sample_rows", sample_rows), ("max_tensors", max_tensors),
                         ("max_categories", max_categories), ("sample_elements", sample_elements)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: must be an integer >= 1, got {v!r}")
-        self._inst = _Instruments(meter_provider)
         self.sample_every = sample_every
+        self.budget = budget
+        self._clock = clock
         self.sample_rows = sample_rows
         self.sample_elements = sample_elements
         self.max_tensors = max_tensors
@@ -264,19 +286,26 @@ class DriftObserver:
         inputs = _tensors(torch.Tensor, args, kwargs.values() if kwargs else ())
         first = inputs[0] if inputs else None
         rows = (first.shape[0] if first.dim() else 1) if first is not None else 1
+        seconds = _span_seconds()
         if self.cost:
             per_row = first.numel() // max(rows, 1) if first is not None else 0
-            attrs = state.cost(size_bucket(per_row), _intent())
-            seconds = _span_seconds()
-            if seconds is not None:
-                self._inst.duration.record(seconds, attrs)
-            self._inst.items.add(rows, attrs)
+            state.add_cost(size_bucket(per_row), _intent(), seconds, rows)
         if self._pending:
             self._reap()
+        budget = self.budget
+        if budget is not None and seconds is not None:
+            state.credit = min(state.credit + budget * seconds, state.credit_cap)
+            if state.credit < 0:
+                return
         if next(state.counter) % self.sample_every:
             return
         outputs = _tensors(torch.Tensor, (output,), ())
+        t0 = self._clock()
         self._summarize(torch, state, rows, inputs[:self.max_tensors], outputs[:self.max_tensors])
+        if budget is not None and seconds is not None:
+            spent = self._clock() - t0
+            state.credit -= spent
+            state.credit_cap = 4 * spent  # a quiet spell saves up for a few summaries, not for a burst
 
     def _summarize(self, torch: Any, state: _ModelState, rows: int, inputs: list, outputs: list) -> None:
         names: list[str] = ["batch_size"]
@@ -308,16 +337,20 @@ class DriftObserver:
             labels = None
             if outputs and self._is_classifier(outputs):
                 scores = outputs[0].detach()[:self.sample_rows].float()
-                # rows already summing to 1 are probabilities, else logits: decided on the device, no sync
-                probs = torch.where((scores.sum(1) - 1).abs().amax() <= 1e-3, scores, scores.softmax(1))
+                # rows already summing to 1 are probabilities, else logits (on a device: decided there, no sync)
+                is_probs = (scores.sum(1) - 1).abs().amax() <= 1e-3
+                if on_host:
+                    probs = scores if bool(is_probs) else scores.softmax(1)
+                else:
+                    probs = torch.where(is_probs, scores, scores.softmax(1))
                 top, labels = probs.max(1)
-                parts.append(top.mean().reshape(1).to(parts[0].device if parts else top.device))
+                parts.append(top.mean().reshape(1))
                 names.append("output.top_score")
                 labels = torch.bincount(labels, minlength=outputs[0].shape[1])
             if not parts:
                 state.add_values(names, [float(rows)])
                 return
-            values = torch.cat([p.to(torch.float32) for p in parts])
+            values = torch.cat([p if p.dtype == torch.float32 else p.float() for p in parts])
             if not on_host:  # copy off the device without waiting for it; reaped once the copy is done
                 self._defer(torch, state, names, rows, values, labels)
                 return
@@ -381,14 +414,9 @@ class DriftObserver:
         """The generation observer (``instrumentation.genai`` calls it when a generation ends)."""
         state = self._state(model, model_version)
         if self.cost:
-            attrs = state.cost(size_bucket(input_tokens or 0), _intent())
-            self._inst.duration.record(seconds, attrs)
-            self._inst.items.add(1, attrs)
-            if input_tokens is not None:
-                self._inst.tokens.record(input_tokens, state.cost(attrs[SIZE_BUCKET], attrs[INTENT],
-                                                                  ((GEN_AI_TOKEN_TYPE, "input"),)))
-            self._inst.tokens.record(output_tokens, state.cost(attrs[SIZE_BUCKET], attrs[INTENT],
-                                                               ((GEN_AI_TOKEN_TYPE, "output"),)))
+            tokens = (("input", input_tokens), ("output", output_tokens)) if input_tokens is not None else \
+                (("output", output_tokens),)
+            state.add_cost(size_bucket(input_tokens or 0), _intent(), seconds, 1, tokens)
         if next(state.counter) % self.sample_every:
             return
         if input_tokens is not None:
@@ -408,39 +436,12 @@ class DriftObserver:
                 self._pid = os.getpid()
 
     def metrics(self) -> list[Any]:
-        """The drift histograms and category counts as SDK ``Metric`` objects (cumulative), for an exporter."""
-        from opentelemetry.sdk.metrics.export import (
-            AggregationTemporality,
-            Histogram,
-            HistogramDataPoint,
-            Metric,
-            NumberDataPoint,
-            Sum,
-        )
-
+        """The drift histograms, category counts and cost metrics as SDK ``Metric`` objects (cumulative)."""
         if self._pid != os.getpid():
             self._forked()
         if self._pending:
             self._reap()
-        now = time.time_ns()
-        start = self._start_ns
-        hist, cats = [], []
-        for state in list(self._states.values()):
-            with state.lock:
-                for s in state.series.values():
-                    hist.append(HistogramDataPoint(dict(s.attributes), start, now, s.count, s.sum, list(s.counts),
-                                                   BOUNDS, s.min, s.max))
-                for attrs, n in state.categories.values():
-                    cats.append(NumberDataPoint(dict(attrs), start, now, n))
-        out = []
-        cumulative = AggregationTemporality.CUMULATIVE
-        if hist:
-            out.append(Metric(ML_DRIFT_VALUE, "Per-forward summary statistics of model inputs and outputs", "",
-                              Histogram(hist, cumulative)))
-        if cats:
-            out.append(Metric(ML_DRIFT_CATEGORY, "Categorical input/output features (shape, dtype, label)", "{row}",
-                              Sum(cats, cumulative, True)))
-        return out
+        return to_metrics(list(self._states.values()), self._start_ns)
 
     def metrics_data(self, resource: Any = None) -> Any:
         """:meth:`metrics` wrapped as one SDK ``MetricsData`` (what a metric exporter takes)."""
@@ -510,54 +511,6 @@ class DriftHandle:
         self._removers = []
 
 
-def _ride_on_readers(observer: DriftObserver, meter_provider: Any) -> Callable[[], None]:
-    """Append the observer's metrics to every export of the provider's periodic readers; returns the undo.
-
-    The SDK has no public hook for metrics aggregated outside its instruments, so the exporter of
-    each reader that has one (``PeriodicExportingMetricReader``) gets a wrapper around ``export``.
-    """
-    provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
-    resource = getattr(getattr(provider, "_sdk_config", None), "resource", None)
-    exporters = [e for e in (getattr(r, "_exporter", None) for r in getattr(provider, "_metric_readers", ()))
-                 if e is not None]
-    if not exporters:
-        _log.warning("drift: the meter provider has no exporting metric reader; drift summaries are kept "
-                     "in process only (DriftObserver.metrics_data() reads them)")
-    for exporter in exporters:
-        riders = exporter.__dict__.get("_drift_observers")
-        if riders is None:
-            riders = exporter._drift_observers = []
-            exporter.export = _with_drift(exporter.export, riders, resource)
-        riders.append(observer)
-
-    def undo() -> None:
-        for exporter in exporters:
-            riders = exporter.__dict__.get("_drift_observers", [])
-            if observer in riders:
-                riders.remove(observer)
-
-    return undo
-
-
-def _with_drift(export: Callable[..., Any], riders: list, resource: Any) -> Callable[..., Any]:
-    from opentelemetry.sdk.metrics.export import MetricsData, ResourceMetrics, ScopeMetrics
-    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-
-    scope = InstrumentationScope(_SCOPE)
-
-    def export_with_drift(metrics_data: Any, *args: Any, **kwargs: Any) -> Any:
-        extra = [m for observer in list(riders) for m in observer.metrics()]
-        if extra:
-            res = resource if resource is not None else (
-                metrics_data.resource_metrics[0].resource if metrics_data.resource_metrics else None)
-            if res is not None:
-                metrics_data = MetricsData([*metrics_data.resource_metrics,
-                                            ResourceMetrics(res, [ScopeMetrics(scope, extra, "")], "")])
-        return export(metrics_data, *args, **kwargs)
-
-    return export_with_drift
-
-
 def enable_drift(meter_provider: Any = None, **options: Any) -> DriftHandle:
     """Record drift and cost summaries for every instrumented forward and generation (see the module doc).
 
@@ -565,8 +518,8 @@ def enable_drift(meter_provider: Any = None, **options: Any) -> DriftHandle:
     ``max_columns``, ``classifier``, ``cost``, ...). The summaries are exported with the metrics of
     ``meter_provider`` (default: the global one ``configure()`` set). :meth:`DriftHandle.disable` stops.
     """
-    observer = DriftObserver(meter_provider, **options)
-    removers = [_ride_on_readers(observer, meter_provider)]
+    observer = DriftObserver(**options)
+    removers = [ride_on_readers(observer, meter_provider)]
     from instrumentation import genai
 
     removers.append(genai.add_generation_observer(observer.observe_generation))

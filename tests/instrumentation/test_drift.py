@@ -8,13 +8,10 @@ import torch
 import instrumentation.torch as itorch
 from instrumentation import RequestContext, request_context, trace_generation
 from instrumentation.drift import BOUNDS, DriftObserver, enable_drift, size_bucket
-from tests.instrumentation.conftest import histogram_points
 
 
 def data_points(source, name: str) -> list:
-    """Data points of one metric: drift metrics from the observer (aggregated outside the SDK), cost ones from the reader."""
-    if not name.startswith("ml.drift."):
-        return histogram_points(source, name)
+    """Data points of one metric, as the observer exports them (aggregated outside the SDK's instruments)."""
     return [p for rm in source.metrics_data().resource_metrics for sm in rm.scope_metrics for m in sm.metrics
             if m.name == name for p in m.data.data_points]
 
@@ -41,6 +38,7 @@ def drift(meter, spans):
     handles = []
 
     def enable(**options):
+        options.setdefault("budget", None)  # exact counts: no time budget unless a test sets one
         h = enable_drift(provider, **options)
         handles.append(h)
         return h
@@ -111,11 +109,11 @@ def test_sample_every_n_and_cost_on_every_forward(drift, meter):
             m(torch.randn(8, 4))
     v = points(h.observer, "ml.drift.value")
     assert v["batch_size"].count == 3
-    cost = [p for p in histogram_points(reader, "ml.cost.items")]
+    cost = data_points(h.observer, "ml.cost.items")
     assert len(cost) == 1 and cost[0].value == 72
     assert dict(cost[0].attributes) == {"ml.model.id": "clf", "ml.model.version": "2",
                                          "ml.cost.size_bucket": "<=16", "ml.intent": "fraud-check"}
-    dur = histogram_points(reader, "ml.cost.duration")
+    dur = data_points(h.observer, "ml.cost.duration")
     assert dur[0].count == 9 and dur[0].sum > 0
 
 
@@ -142,7 +140,7 @@ def test_large_and_low_precision_inputs_reduce_on_a_sample_of_rows(drift, meter)
     assert v["input.0.zero_share"].sum == 1.0
     c = points(h.observer, "ml.drift.category")
     assert c[("input.0.shape", "*x3x8x8")].value == 64 and c[("input.0.dtype", "float16")].value == 64
-    assert points(reader, "ml.cost.items")["<=256"].value == 64
+    assert points(h.observer, "ml.cost.items")["<=256"].value == 64
 
 
 def test_generation_token_counts(drift, meter):
@@ -152,7 +150,7 @@ def test_generation_token_counts(drift, meter):
         gen.token(40)
     v = points(h.observer, "ml.drift.value")
     assert v["prompt_tokens"].sum == 300 and v["output_tokens"].sum == 40
-    tokens = points(reader, "ml.cost.tokens")
+    tokens = points(h.observer, "ml.cost.tokens")
     assert tokens[("<=1Ki", "input")].sum == 300 and tokens[("<=1Ki", "output")].sum == 40
 
 
@@ -185,3 +183,19 @@ def test_device_tensors_are_summarized_without_waiting(drift, meter):
     assert v["input.0.inf_share"].sum == pytest.approx(1 / 64)
     assert v["input.0.max"].sum == pytest.approx(finite.max().item(), rel=1e-6)
     assert sum(p.value for k, p in points(h.observer, "ml.drift.category").items() if k[0] == "output.label") == 16
+
+
+def test_time_budget_bounds_the_share_of_forward_time_spent_on_statistics(drift, meter):
+    """Each summary 'costs' 1 s on a fake clock; forwards earn 5% of their (real, sub-second) duration."""
+    enable, _, tp = drift
+    ticks = iter(range(10**6))
+    h = enable(budget=0.05, clock=lambda: float(next(ticks)))
+    m = model("1", tp, meter[0])
+    with torch.no_grad():
+        for _ in range(50):
+            m(torch.randn(4, 4))
+    v = points(h.observer, "ml.drift.value")
+    assert v["batch_size"].count == 1  # the first is free; the next needs 20 s of forwards
+    assert data_points(h.observer, "ml.cost.items")[0].value == 200  # cost metrics count every forward
+    with pytest.raises(ValueError, match="budget"):
+        DriftObserver(budget=0)

@@ -8,9 +8,7 @@ import random
 
 import pytest
 from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader
-from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation  # noqa: F401 - SDK present
+from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 from prometheus_client.exposition import generate_latest
 from pydantic import ValidationError
 
@@ -37,26 +35,35 @@ class Sink:
 
 
 class App:
-    """An app's meter provider with drift summaries; ``export()`` is what its OTLP exporter would send."""
+    """An app's drift summaries; ``export()`` is what its OTLP exporter sends (``delta``: as a delta exporter would)."""
 
     def __init__(self, delta: bool = False):
-        temporality = {} if not delta else {
-            __import__("opentelemetry.sdk.metrics", fromlist=["Histogram"]).Histogram: AggregationTemporality.DELTA,
-            __import__("opentelemetry.sdk.metrics", fromlist=["Counter"]).Counter: AggregationTemporality.DELTA}
-        self.reader = InMemoryMetricReader(preferred_temporality=temporality)
-        self.provider = MeterProvider(metric_readers=[self.reader])
-        self.observer = DriftObserver(self.provider)
+        self.delta = delta
+        self.observer = DriftObserver()
+        self._last: dict[tuple, object] = {}
 
     def observe(self, model: str, version: str, values: dict, categories: dict | None = None) -> None:
         self.observer.observe_values(model, version, values, categories)
 
     def export(self):
-        """What the app's exporter sends: the SDK's own metrics plus the drift summaries riding along."""
-        from opentelemetry.sdk.metrics.export import MetricsData
-
-        sdk = self.reader.get_metrics_data()
-        drift = self.observer.metrics_data()
-        return encode_metrics(MetricsData([*(sdk.resource_metrics if sdk else []), *drift.resource_metrics]))
+        req = encode_metrics(self.observer.metrics_data())
+        if self.delta:  # what changed since the last export, marked DELTA
+            for m in req.resource_metrics[0].scope_metrics[0].metrics:
+                data = getattr(m, m.WhichOneof("data"))
+                data.aggregation_temporality = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
+                for dp in data.data_points:
+                    key = (m.name, tuple(
+                        (kv.key, kv.value.string_value) for kv in dp.attributes))
+                    now = list(dp.bucket_counts) if m.name == "ml.drift.value" else dp.as_int
+                    last = self._last.get(key)
+                    self._last[key] = now
+                    if last is not None:
+                        if m.name == "ml.drift.value":
+                            del dp.bucket_counts[:]
+                            dp.bucket_counts.extend(a - b for a, b in zip(now, last))
+                        else:
+                            dp.as_int = now - last
+        return req
 
 
 class Clock:

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from prometheus_client.exposition import generate_latest
 
 from instrumentation.drift import DriftObserver
@@ -41,11 +39,10 @@ def test_sidecar_drift_families_exist():
 
 def test_cost_series_match_the_app_instruments_as_prometheus_names_them():
     """Prometheus' OTLP receiver: dots -> underscores, unit ``s`` -> ``_seconds``, counters -> ``_total``."""
-    reader = InMemoryMetricReader()
-    observer = DriftObserver(MeterProvider(metric_readers=[reader]))
+    observer = DriftObserver()
     observer.observe_generation("llama", None, 10, 5, 0.1)
     names = set()
-    for rm in reader.get_metrics_data().resource_metrics:
+    for rm in observer.metrics_data().resource_metrics:
         for sm in rm.scope_metrics:
             for m in sm.metrics:
                 base = m.name.replace(".", "_") + ("_seconds" if m.unit == "s" else "")
