@@ -104,8 +104,9 @@ def send_traffic(console: Console, port: int) -> tuple[Counter, Counter, float]:
     with Progress(TextColumn("   traffic"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("", total=len(plan) + 4)
-        slow = [threading.Thread(target=lambda: statuses.update(
-            [post(port, "/classify", {"prompt": "big", "slow": True}, {"X-Model-Version": "v1"})])) for _ in range(4)]
+        slow_codes: list[int] = []  # list.append is atomic; Counter += from two threads is not
+        slow = [threading.Thread(target=lambda: slow_codes.append(
+            post(port, "/classify", {"prompt": "big", "slow": True}, {"X-Model-Version": "v1"}))) for _ in range(4)]
         for t in slow:
             t.start()
         for kind, i in plan:
@@ -123,6 +124,7 @@ def send_traffic(console: Console, port: int) -> tuple[Counter, Counter, float]:
             progress.advance(task)
         for t in slow:
             t.join()
+        statuses.update(slow_codes)
         sent["slow"] += 4
         progress.advance(task, 4)
     return sent, statuses, time.monotonic() - t0
@@ -165,7 +167,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         deadline = time.monotonic() + 60
         with console.status("   waiting for tail-sampling decisions and export"):
-            while not settled(m := rep.parse_metrics(get(metrics_url).decode())) and time.monotonic() < deadline:
+            while not settled(rep.parse_metrics(get(metrics_url).decode())):
+                if time.monotonic() > deadline:
+                    console.print("   warning: not everything was decided and exported after 60s; "
+                                  "the figures below may be incomplete", soft_wrap=True)
+                    break
                 time.sleep(0.3)
         text = get(metrics_url).decode()
         (work / "sidecar-metrics.txt").write_text(text)
