@@ -49,33 +49,32 @@ if [ ! -x .venv-checkov/bin/checkov ]; then
   "$PY" -m venv .venv-checkov
   pip_step "checkov (own venv)" .venv-checkov/bin/python -m pip install "checkov==3.3.30"
 fi
-# promtool (Debian's prometheus package) checks the shipped alert rules.
-if ! command -v promtool >/dev/null 2>&1; then
+# Debian packages the tests start for real: promtool (prometheus) checks the alert rules and scrapes a
+# sidecar, PostgreSQL backs the audit store tests, rsyslogd receives the syslog exporter's messages.
+# One apt-get run installs whichever are missing. In CI (CI=true) a missing one is an error: the
+# tests that need it would otherwise be skipped and the run would pass without them.
+need=()
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+{ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; } || need+=(postgresql)
+{ command -v rsyslogd >/dev/null 2>&1 || [ -x /usr/sbin/rsyslogd ]; } || need+=(rsyslog rsyslog-gnutls)
+if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing Debian's prometheus package for promtool..."
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) \
-      || echo "warning: could not install prometheus; alert-rule tests will be skipped" >&2
+    echo "== install: Debian packages ${need[*]} (log: var/setup.log)"
+    t0=$SECONDS
+    if (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}") \
+        >>var/setup.log 2>&1; then
+      echo "   done in $((SECONDS - t0))s"
+    elif [ "${CI:-}" = true ]; then
+      echo "error: could not install ${need[*]}; the last lines of var/setup.log:" >&2
+      tail -20 var/setup.log >&2
+      exit 1
+    else
+      echo "warning: could not install ${need[*]}; the tests that need them will be skipped" >&2
+    fi
+  elif [ "${CI:-}" = true ]; then
+    echo "error: ${need[*]} missing and this is not root with apt-get: CI cannot run every test" >&2
+    exit 1
   else
-    echo "note: promtool not found and not root; alert-rule tests will be skipped" >&2
-  fi
-fi
-# PostgreSQL (Debian's postgresql): the audit store tests start a real server from its initdb/pg_ctl.
-if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing Debian's postgresql package for the audit store tests..."
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null) \
-      || echo "warning: could not install postgresql; PostgreSQL audit store tests will be skipped" >&2
-  else
-    echo "note: PostgreSQL not found and not root; PostgreSQL audit store tests will be skipped" >&2
-  fi
-fi
-# rsyslogd (Debian's rsyslog, with its gnutls driver) receives the syslog exporter's messages in its tests.
-if ! command -v rsyslogd >/dev/null 2>&1 && [ ! -x /usr/sbin/rsyslogd ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing Debian's rsyslog package for the syslog exporter tests..."
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends rsyslog rsyslog-gnutls >/dev/null) \
-      || echo "warning: could not install rsyslog; syslog delivery tests will be skipped" >&2
-  else
-    echo "note: rsyslogd not found and not root; syslog delivery tests will be skipped" >&2
+    echo "note: ${need[*]} missing and not root; the tests that need them will be skipped" >&2
   fi
 fi
