@@ -62,3 +62,23 @@ def test_loki_links_otlp_logs_to_traces_by_structured_metadata():
 def test_the_demo_image_installs_the_cpu_torch_wheel():
     text = (ROOT / "deploy" / "container" / "Dockerfile.demo-app").read_text()
     assert "--index-url https://download.pytorch.org/whl/cpu torch==" in text
+
+
+def test_dashboard_panels_are_placed_once_and_use_provisioned_datasources():
+    import json
+
+    dash_dir = ROOT / "deploy" / "grafana" / "dashboards"
+    ds = yaml.safe_load((ROOT / "deploy" / "grafana" / "provisioning" / "datasources.yaml").read_text())
+    uids = {d["uid"] for d in ds["datasources"]}
+    for path in dash_dir.glob("*.json"):
+        dash = json.loads(path.read_text())
+        ids = [p["id"] for p in dash["panels"]]
+        assert len(ids) == len(set(ids)), f"{path.name}: duplicate panel ids"
+        cells = set()
+        for p in dash["panels"]:
+            g = p["gridPos"]
+            mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+            assert not cells & mine, f"{path.name}: panel {p['title']!r} overlaps another"
+            cells |= mine
+            uid = (p.get("datasource") or {}).get("uid", "${datasource}")
+            assert uid == "${datasource}" or uid in uids, f"{path.name}: {p['title']!r} uses datasource {uid!r}"
