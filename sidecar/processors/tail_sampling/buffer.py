@@ -59,6 +59,33 @@ class Trace:
         #: ``rv`` from the first tracestate that has one
         self.rv: int | None = None
 
+    def add_spans(self, key: tuple, spans: list, nbytes: int) -> int:
+        """Append a run of encoded spans (``nbytes`` in all) under ``key``; consecutive runs under one key
+        share a group. Returns the memory added: the encoded size plus the per-item overhead."""
+        if self.last_span_key is key:
+            self.last_spans.extend(spans)
+        else:
+            self.last_span_key = key
+            self.last_spans = spans
+            self.span_groups.append((key, spans))
+        self.n_spans += len(spans)
+        size = nbytes + len(spans) * ITEM_OVERHEAD
+        self.nbytes += size
+        return size
+
+    def add_logs(self, key: tuple, records: list, nbytes: int) -> int:
+        """:meth:`add_spans` for a run of encoded log records."""
+        if self.last_log_key is key:
+            self.last_logs.extend(records)
+        else:
+            self.last_log_key = key
+            self.last_logs = records
+            self.log_groups.append((key, records))
+        self.n_logs += len(records)
+        size = nbytes + len(records) * ITEM_OVERHEAD
+        self.nbytes += size
+        return size
+
     @property
     def duration_ns(self) -> int:
         """Earliest span start to latest span end, as the OpenTelemetry Collector measures it."""
