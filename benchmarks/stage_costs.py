@@ -32,7 +32,7 @@ t("parse", lambda: [(TR.FromString(a), LR.FromString(b)) for a,b in reqs])
 t("serialize", lambda: [(a.SerializeToString(), b.SerializeToString()) for a,b in parsed])
 t("check ids", lambda: [(_check_traces(a), _check_logs(b)) for a,b in parsed])
 class Null:
-    def consume(self, s, r): pass
+    def consume(self, envelope): pass
 cfg = parse_config(open(ROOT / "collector-config" / "sidecar.yaml").read(), environ={})
 tel=SelfTelemetry()
 def make(name, nxt):
