@@ -111,9 +111,10 @@ def export_reference(sources: list[str], *, model_id: str | None = None, model_v
                 early = type(request)()
                 early.CopyFrom(request)
                 _in_period(early, None, since)
-                tracker.deltas(early)
+                tracker.commit(tracker.deltas(early)[2], 0.0)
             _in_period(request, since, until)
-            deltas, _ = tracker.deltas(request)
+            deltas, _, baselines = tracker.deltas(request)
+            tracker.commit(baselines, 0.0)
             for key, w in deltas.items():
                 if model_id is not None and key[0] != model_id or model_version is not None and key[1] != model_version:
                     continue

@@ -25,13 +25,24 @@ from sidecar.telemetry import SelfTelemetry
 
 
 class Sink:
-    """The next stage: keeps what it is given."""
+    """The next stage: keeps what it is given; refuses the next ``refuse`` requests."""
 
     def __init__(self):
         self.got: list[Envelope] = []
+        self.refuse = 0
 
     def consume(self, envelope: Envelope) -> None:
+        if self.refuse:
+            self.refuse -= 1
+            raise Refused("queue_full")
         self.got.append(envelope)
+
+
+def accepted(tracker: DeltaTracker, request, now: float = 0.0):
+    """Deltas of a request the pipeline accepted (its baselines committed)."""
+    deltas, drops, baselines = tracker.deltas(request)
+    tracker.commit(baselines, now)
+    return deltas, drops
 
 
 class App:
@@ -122,10 +133,10 @@ def test_tracker_turns_exports_into_deltas_with_signs(delta):
     tracker = DeltaTracker()
     app.observe("m", "1", {"x": 0.5}, {"shape": "*x4"})
     app.observe("m", "1", {"x": -0.5}, {"shape": "*x4"})
-    first, drops = tracker.deltas(app.export())
+    first, drops = accepted(tracker, app.export())
     assert not drops
     app.observe("m", "1", {"x": -3.0}, {"shape": "*x8"})
-    second, _ = tracker.deltas(app.export())
+    second, _ = accepted(tracker, app.export())
     edges = S.signed_edges(BOUNDS)
 
     def values(w):
@@ -146,8 +157,8 @@ def test_two_processes_with_the_same_resource_do_not_mix():
     a.observe("m", "1", {"x": 1.0})
     b.observe("m", "1", {"x": 1.0})
     b.observe("m", "1", {"x": 1.0})
-    tracker.deltas(a.export())
-    got, _ = tracker.deltas(b.export())
+    accepted(tracker, a.export())
+    got, _ = accepted(tracker, b.export())
     assert got[("m", "1", "x")].total == 2
 
 
@@ -225,7 +236,7 @@ def test_reference_file_for_all_versions(tmp_path):
     rng = random.Random(2)
     for _ in range(300):
         app.observe("m", "1", {"x": rng.gauss(0, 1)})
-    windows, _ = tracker.deltas(app.export())
+    windows, _ = accepted(tracker, app.export())
     ref = {("m", "*", k[2]): w for k, w in windows.items()}
     path = tmp_path / "ref.json"
     path.write_text(json.dumps(dump_reference(ref, created="now", source="test")))
@@ -271,3 +282,31 @@ def test_bad_reference_file_names_the_problem(tmp_path):
     path.write_text("{}")
     with pytest.raises(ReferenceError, match="format"):
         load_reference(str(path))
+
+
+def test_a_refused_request_sent_again_counts_once():
+    clock = Clock()
+    p, sink, _ = make(clock, reference={"window": "1m"})
+    app = App()
+    for i in range(10):
+        app.observe("m", "1", {"x": float(i)})
+    req = app.export()
+    sink.refuse = 1
+    with pytest.raises(Refused):
+        p.consume(Envelope(Signal.METRICS, req))
+    p.consume(Envelope(Signal.METRICS, req))  # the app's exporter retries the same cumulative points
+    clock.t += 61  # the reference period is over
+    assert p.scores()[("m", "1", "x")]["samples_reference"] == 10
+
+
+def test_series_of_ended_processes_are_forgotten():
+    tracker = DeltaTracker()
+    a, b = App(), App()
+    a.observe("m", "1", {"x": 1.0})
+    b.observe("m", "1", {"x": 1.0})
+    accepted(tracker, a.export(), now=100.0)
+    accepted(tracker, b.export(), now=200.0)
+    assert tracker.evict(before=150.0) == 1  # a's one series
+    b.observe("m", "1", {"x": 1.0})
+    got, _ = accepted(tracker, b.export(), now=300.0)
+    assert got[("m", "1", "x")].total == 1  # b's baseline survived

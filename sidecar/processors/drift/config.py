@@ -44,10 +44,12 @@ class DriftConfig(ConfigModel):
     psi_bins: int = Field(10, ge=2, le=100)
     #: How often the scores are sent as OTLP gauges into the metrics pipeline.
     flush_interval: Duration = 15.0
+    #: An app process's cumulative series not exported for this long is forgotten (it ended).
+    stale_after: Duration = 900.0
     #: (model id, version, feature) combinations kept; further ones are dropped and counted.
     max_series: int = Field(10_000, ge=1)
 
-    @field_validator("window", "flush_interval")
+    @field_validator("window", "flush_interval", "stale_after")
     @classmethod
     def _positive(cls, v: float) -> float:
         if v <= 0:

@@ -124,6 +124,8 @@ class DriftProcessor(Component):
     def _run(self) -> None:
         while not self._stop.wait(self._cfg.flush_interval):
             try:
+                with self._lock:  # series of processes that stopped exporting
+                    self._tracker.evict(self._clock() - self._cfg.stale_after)
                 self.flush_metrics()
             except Exception:  # noqa: BLE001 - never let the flush thread die
                 log.exception("drift flush failed")
@@ -138,8 +140,10 @@ class DriftProcessor(Component):
         if envelope.signal is not Signal.METRICS:
             raise Refused("unsupported_signal", retryable=False,
                           message=f"drift does not take {envelope.signal.value}")
-        deltas, drops = self._tracker.deltas(envelope.message)
+        deltas, drops, baselines = self._tracker.deltas(envelope.message)
         self._next.consume(envelope)  # refused: the sender retries, so its points count then
+        with self._lock:
+            self._tracker.commit(baselines, self._clock())
         if deltas:
             self.add(deltas)
         for reason, n in drops.items():
@@ -186,7 +190,9 @@ class DriftProcessor(Component):
 
     def windows(self) -> Iterator[tuple[Key, Window | None, Window | None]]:
         """(key, reference, current) per feature, copied under the lock."""
-        oldest = int(self._clock() // self._slice) - self._cfg.slices
+        now = self._clock()
+        oldest = int(now // self._slice) - self._cfg.slices
+        settled = now - self._cfg.reference.window
         with self._lock:
             items = []
             for key, f in self._features.items():
@@ -197,7 +203,8 @@ class DriftProcessor(Component):
                             cur = s.copy()
                         else:
                             cur.add(s)
-                ref = f.reference.copy() if f.reference is not None and f.pinned else None
+                pinned = f.pinned or f.first_seen <= settled  # the reference period is over
+                ref = f.reference.copy() if f.reference is not None and pinned else None
                 items.append((key, ref, cur))
         return iter(items)
 

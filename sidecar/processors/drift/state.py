@@ -87,18 +87,23 @@ def _attrs(kvs: Iterable[Any]) -> dict[str, str]:
 class DeltaTracker:
     """Turns exported data points into per-(model, version, feature) deltas.
 
-    ``max_series`` bounds the cumulative state kept; data points of further series are
-    reported back as ``overflow`` so the caller can count them.
+    ``max_series`` bounds the cumulative state kept (further series are dropped and reported as
+    ``max_series``); :meth:`evict` forgets series not seen for a while (processes that ended).
+    :meth:`deltas` does not move the baselines: :meth:`commit` does, once the request was accepted,
+    so a request refused and sent again is counted once.
     """
 
     def __init__(self, max_series: int = 50_000) -> None:
         self._last: dict[tuple, Any] = {}
+        self._seen: dict[tuple, float] = {}
         self._max = max_series
 
-    def deltas(self, request: Any) -> tuple[dict[Key, Window], dict[str, int]]:
-        """Deltas of every drift data point in one ExportMetricsServiceRequest, and dropped counts by reason."""
+    def deltas(self, request: Any) -> tuple[dict[Key, Window], dict[str, int], dict[tuple, Any]]:
+        """Deltas of every drift data point in one ExportMetricsServiceRequest, dropped counts by reason,
+        and the new baselines to :meth:`commit`."""
         out: dict[Key, Window] = {}
         drops: dict[str, int] = {}
+        updates: dict[tuple, Any] = {}
         pending_neg: dict[Key, tuple[tuple[float, ...], list[int]]] = {}
         for rm in request.resource_metrics:
             resource = None
@@ -113,7 +118,7 @@ class DeltaTracker:
                     if resource is None:
                         resource = tuple(sorted((kv.key, str(kv.value)) for kv in rm.resource.attributes))
                     for dp in points:
-                        self._point(m.name, resource, dp, delta_t, out, pending_neg, drops)
+                        self._point(m.name, resource, dp, delta_t, out, pending_neg, drops, updates)
         for key, (bounds, neg) in pending_neg.items():  # a negative series without positive values this time
             w = out.get(key)
             if w is None:
@@ -122,10 +127,24 @@ class DeltaTracker:
                 drops["bounds_mismatch"] = drops.get("bounds_mismatch", 0) + 1
                 continue
             w.add(_numeric(bounds, [0] * (len(bounds) + 1), neg))
-        return out, drops
+        return out, drops, updates
+
+    def commit(self, updates: dict[tuple, Any], now: float) -> None:
+        """Make the cumulative values of an accepted request the baselines of their series."""
+        self._last.update(updates)
+        for series in updates:
+            self._seen[series] = now
+
+    def evict(self, before: float) -> int:
+        """Forget series last seen before ``before``; returns how many."""
+        stale = [series for series, seen in self._seen.items() if seen < before]
+        for series in stale:
+            del self._seen[series]
+            self._last.pop(series, None)
+        return len(stale)
 
     def _point(self, name: str, resource: tuple, dp: Any, delta_t: bool, out: dict[Key, Window],
-               pending_neg: dict, drops: dict[str, int]) -> None:
+               pending_neg: dict, drops: dict[str, int], updates: dict[tuple, Any]) -> None:
         a = _attrs(dp.attributes)
         feature = a.get(FEATURE)
         if not feature or MODEL_ID not in a:
@@ -143,11 +162,11 @@ class DeltaTracker:
             now = int(dp.as_int) if dp.HasField("as_int") else int(dp.as_double)
             bounds = None
         if not delta_t:
-            last = self._last.get(series)
-            if last is None and len(self._last) >= self._max:
+            last = updates.get(series, self._last.get(series))
+            if last is None and len(self._last) + len(updates) >= self._max:
                 drops["max_series"] = drops.get("max_series", 0) + 1
                 return
-            self._last[series] = now
+            updates[series] = now
             if last is not None:
                 if name == VALUE_METRIC:
                     d = [x - y for x, y in zip(now, last)] if len(last) == len(now) else now
