@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["traces"]:  # the trace viewer has its own sub-commands and options
         from sidecar.cli import main as traces_main
         return traces_main(argv[1:])
+    if argv[:1] == ["drift"]:  # drift references: python -m sidecar drift export-reference --from ... --out ...
+        from sidecar.drift_cli import main as drift_main
+        return drift_main(argv[1:])
     if argv[:1] == ["audit"]:  # the audit trail: python -m sidecar audit query --store URL ...
         from sidecar.audit.cli import main as audit_main
         return audit_main(argv[1:])
