@@ -42,10 +42,12 @@ class _Discard(SpanExporter):
 
 
 def _per_call(fn, x, calls: int) -> float:
-    t0 = time.perf_counter()
+    # CPU time of this (the inference) thread: on a shared machine, time spent preempted by other
+    # processes would otherwise land on whichever variant happened to be running
+    t0 = time.thread_time()
     for _ in range(calls):
         fn(x)
-    return (time.perf_counter() - t0) / calls
+    return (time.thread_time() - t0) / calls
 
 
 def forward_overhead(calls: int, rounds: int = 7) -> None:
@@ -80,7 +82,7 @@ def forward_overhead(calls: int, rounds: int = 7) -> None:
             for name, fn in variants.items():
                 results[name].append(_per_call(fn, x, calls))
     med = {k: statistics.median(v) for k, v in results.items()}
-    print(f"forward, median of {rounds} rounds x {calls} calls (batch 8, MLP 16-32-4, 1 thread):")
+    print(f"forward, median of {rounds} rounds x {calls} calls (batch 8, MLP 16-32-4, 1 thread, thread CPU time):")
     for name in variants:
         print(f"  {name:<13} {med[name] * 1e6:8.2f} us/call")
     span_cost = med["hand-written"] - med["bare"]

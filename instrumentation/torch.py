@@ -258,6 +258,7 @@ def _observe_forward(model_id: str, model_version: str | None, args: tuple, kwar
 
 
 #: (observer, span, context token, CUDA begin state, device, parent node) per forward pass in flight.
+_is_compiling = torch.compiler.is_compiling
 _FWD_STACK: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("ml_forward_spans", default=None)
 
 
@@ -291,8 +292,31 @@ class _ForwardSpans:
             cuda_timer = CudaTimer(meter.create_histogram(
                 "ml.forward.gpu_time", unit="ms", description="GPU time of a forward pass, from CUDA events"))
         self._cuda = cuda_timer
+        # what compiled code calls: run eagerly, outside the graph (a graph break each side); eager
+        # calls skip this wrapper, which costs more than a microsecond per call
+        self._pre_eager = torch.compiler.disable(self._pre, recursive=True)
+        self._post_eager = torch.compiler.disable(self._post, recursive=True)
 
-    def pre(self, _module: Any, args: tuple, kwargs: dict) -> None:
+    def pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+        """The forward pre-hook. Under ``torch.compile`` dynamo sees only the branch to the eager copy."""
+        if _is_compiling():
+            return self._pre_eager(module, args, kwargs)
+        return self._pre(module, args, kwargs)
+
+    def post(self, module: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        """The always-called forward hook (also after an exception, which it records)."""
+        if _is_compiling():
+            return self._post_eager(module, args, kwargs, out)
+        return self._post(module, args, kwargs, out)
+
+    def __deepcopy__(self, memo: dict) -> "_ForwardSpans":
+        return self  # copy.deepcopy(model): the copy reports as the same model (tracers and locks are shared)
+
+    def __reduce__(self) -> tuple:
+        # torch.save(model) of the whole module: loaded, it is instrumented again, on the global providers
+        return (_restore_spans, (self.model_id, self.model_version, self._static["ml.parameter_count"]))
+
+    def _pre(self, _module: Any, args: tuple, kwargs: dict) -> None:
         d = self._describe
         tensors = d.tensors(args, kwargs)
         attributes = dict(self._static)
@@ -320,7 +344,7 @@ class _ForwardSpans:
             device = None
         _FWD_STACK.set((self, span, token, begun, device, _FWD_STACK.get()))
 
-    def post(self, _module: Any, args: tuple, kwargs: dict, out: Any) -> None:
+    def _post(self, _module: Any, args: tuple, kwargs: dict, out: Any) -> None:
         node = _FWD_STACK.get()
         if node is None or node[0] is not self:
             return  # our pre-hook never ran (an earlier hook raised): nothing to end
@@ -343,6 +367,13 @@ class _ForwardSpans:
             span.end()
 
 
+def _restore_spans(model_id: str, model_version: str | None, parameter_count: int) -> _ForwardSpans:
+    spans = _ForwardSpans(torch.nn.Identity(), model_id=model_id, model_version=model_version, tracer_provider=None,
+                          meter_provider=None, cuda_timer=None, gpu_device_types=frozenset({"cuda"}))
+    spans._static["ml.parameter_count"] = parameter_count
+    return spans
+
+
 def _outside_compile(fn: Callable, owner: Any) -> Callable:
     """``fn`` run eagerly even inside ``torch.compile``: dynamo does not trace telemetry code, and the
     hook stays identifiable as ours (``_otel_owner``) for :func:`uninstrument_model`."""
@@ -352,12 +383,12 @@ def _outside_compile(fn: Callable, owner: Any) -> Callable:
 
 
 def _ours(hook: Any) -> bool:
-    return getattr(hook, "_otel_owner", None) is not None
+    return getattr(hook, "_otel_owner", None) is not None or isinstance(getattr(hook, "__self__", None), _ForwardSpans)
 
 
 def _observer_of(module: Any) -> _ForwardSpans | None:
     for hook in module._forward_pre_hooks.values():
-        owner = getattr(hook, "_otel_owner", None)
+        owner = getattr(hook, "__self__", None)
         if isinstance(owner, _ForwardSpans):
             return owner
     return None
@@ -502,8 +533,8 @@ def instrument_model(model: Any, model_id: str | None = None, model_version: str
     spans = _ForwardSpans(model, model_id=model_id, model_version=model_version, tracer_provider=tracer_provider,
                           meter_provider=meter_provider, cuda_timer=cuda_timer, gpu_device_types=_gpu_device_types)
     # prepend: the span covers the user's own pre-hooks; the post hook, appended, runs after theirs
-    model.register_forward_pre_hook(_outside_compile(spans.pre, spans), with_kwargs=True, prepend=True)
-    model.register_forward_hook(_outside_compile(spans.post, spans), with_kwargs=True, always_call=True)
+    model.register_forward_pre_hook(spans.pre, with_kwargs=True, prepend=True)
+    model.register_forward_hook(spans.post, with_kwargs=True, always_call=True)
     if submodules is not None:
         _add_submodule_spans(model, spans._tracer, submodules)
     _guard_scripting(model)

@@ -128,3 +128,12 @@ def test_uninstrument_removes_only_our_hooks(spans):
     assert len(spans.finished()) == 1 + 3 and calls == ["user", "user"]
     assert "__prepare_scriptable__" not in model.__dict__
     assert not model[0]._forward_hooks and len(model._forward_hooks) == 1
+
+
+def test_whole_model_pickles_and_loads_still_instrumented(spans, tmp_path):
+    model = instrument_model(net(), "seq", "4", tracer_provider=spans.provider)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert isinstance(loaded, torch.nn.Sequential) and list(loaded.state_dict()) == list(model.state_dict())
+    loaded(torch.randn(1, 4))  # traced on the global providers (none in this test): it runs, it is no wrapper
+    assert instrument_model(loaded) is loaded and uninstrument_model(loaded) is loaded
