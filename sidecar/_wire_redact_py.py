@@ -12,6 +12,8 @@ Malformed input raises ValueError. The tests run one test class against both hal
 
 from __future__ import annotations
 
+from array import array
+
 from sidecar._wire_py import _LEN, _bad, _skip, _tag, _varint
 from sidecar._wire_redact_types import BODY_LABEL, HAS_SUMMARY, LOGS, METRICS, STATUS_LABEL, TRACES, Located
 
@@ -198,7 +200,12 @@ def locate(request: bytes, signal: int, decisions: dict, scan: object) -> Locate
         loc.groups(loc.metric)
     else:
         raise ValueError(f"unknown signal {signal!r}")
-    return Located(loc.texts, loc.sites, loc.names, loc.name_sites, loc.keys, loc.kv_sites, loc.items)
+    return Located(loc.texts, _int64s(loc.sites), loc.names, _int64s(loc.name_sites), loc.keys,
+                   _int64s(loc.kv_sites), _int64s(loc.items))
+
+
+def _int64s(values: list) -> bytes:
+    return array("q", values).tobytes()
 
 
 # --- splice ---------------------------------------------------------------------------------------
@@ -232,6 +239,12 @@ def splice(request: bytes, edits: list) -> bytes:
         raise TypeError(f"request must be bytes, not {type(request).__name__}")
     if not edits:
         return request
+    size = len(request)
+    for start, end, data, owner in edits:
+        if not isinstance(data, bytes):
+            raise TypeError("an edit's data must be bytes")
+        if start < 0 or end < start or end > size or owner >= size or owner < -1:
+            raise ValueError("edits overlap or lie outside the request")
     edits = sorted(edits, key=_order)
     out: list[bytes] = []
     _splice(request, 0, len(request), edits, 0, len(edits), out)

@@ -1,8 +1,9 @@
 """The result of the wire-level string locator (``sidecar.wire_redaction``), shared by its C and
 pure-Python halves: the C extension imports this class, so both halves return the same type.
 
-Positions are byte offsets into the request. Several ints describe one thing, flat in one list
-(``sites[i * SITE:(i + 1) * SITE]``), so the C half builds no tuple per string.
+Positions are byte offsets into the request. Several ints describe one thing, flat, as the bytes
+of native int64s (read them with ``memoryview(sites).cast("q")[i * SITE:(i + 1) * SITE]``), so the
+C half builds no object per position.
 """
 
 from __future__ import annotations

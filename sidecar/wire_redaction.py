@@ -86,7 +86,12 @@ class NeedsObjectPath(Exception):
     """This request needs the object-level path (a changed item already carries summary attributes)."""
 
 
+_SMALL = [bytes((n,)) for n in range(0x80)]
+
+
 def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _SMALL[n]
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
@@ -128,7 +133,7 @@ def redact(engine: RedactionEngine, signal: str, request: bytes) -> "bytes | Non
     skip = _key_rules(engine, request, loc, tally, edits, changed)
     texts = loc.texts
     if texts:
-        sites = loc.sites
+        sites = memoryview(loc.sites).cast("q")
         for i in engine.candidates(texts):
             if skip and i in skip:
                 continue
@@ -145,7 +150,7 @@ def redact(engine: RedactionEngine, signal: str, request: bytes) -> "bytes | Non
                 _note(changed, item, _label(request, key_start, key_end), out is DROP)
     names = loc.names
     if names:
-        name_sites = loc.name_sites
+        name_sites = memoryview(loc.name_sites).cast("q")
         for i in engine.candidates(names):
             out = engine.scan(names[i], tally, name=True)
             if out is None:
@@ -171,7 +176,7 @@ def _key_rules(engine: RedactionEngine, request: bytes, loc: Located, tally: dic
     if not keys:
         return None
     cache_get = engine._key_cache.get  # noqa: SLF001
-    kv_sites = loc.kv_sites
+    kv_sites = memoryview(loc.kv_sites).cast("q")
     skip: set[int] | None = None
     covered = -1  # KeyValues inside one a key rule already took are its value, not attributes
     for k, key in enumerate(keys):
@@ -198,11 +203,24 @@ def _key_rules(engine: RedactionEngine, request: bytes, loc: Located, tally: dic
                 from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 
                 text = _as_text(KeyValue.FromString(request[content:end]).value)
-            new = engine.key_replacement(decision, text).encode()
-            edits.append((start, end, _len(request[start:start + 1], _kv(key, _string_value(new))), -1))
+            new = engine.key_replacement(decision, text)
+            tag = request[start:start + 1]
+            if decision.action is Action.HASH:
+                encoded = _len(tag, _kv(key, _string_value(new.encode())))
+            else:  # the same few (key, replacement) pairs over and over: encoded once
+                encoded = _REPLACED.get((tag, key, new))
+                if encoded is None:
+                    if len(_REPLACED) >= 1024:
+                        _REPLACED.clear()
+                    encoded = _REPLACED[(tag, key, new)] = _len(tag, _kv(key, _string_value(new.encode())))
+            edits.append((start, end, encoded, -1))
         if changed is not None and item >= 0:
             _note(changed, item, key, decision.action is Action.DROP)
     return skip
+
+
+#: a key rule's new KeyValue by (tag, key, replacement); bounded
+_REPLACED: dict = {}
 
 
 def _label(request: bytes, key_start: int, key_end: int) -> str:
@@ -220,23 +238,41 @@ def _note(changed: dict, item: int, key: str, dropped: bool) -> None:
     entry[1 if dropped else 0].append(key)
 
 
+#: encoded summary attributes by (signal, summary level, masked keys, dropped keys); bounded
+_SUMMARY_CACHE: dict = {}
+
+
 def _summaries(engine: RedactionEngine, sig: int, loc: Located, changed: dict, edits: list) -> None:
     """Append the summary attributes to each changed span or log record, as ``redaction.otlp._summarize`` does."""
     debug = engine.summary == "debug"
-    tag = _ATTR_TAG[sig]
-    items = loc.items
+    items = memoryview(loc.items).cast("q")
+    cache = _SUMMARY_CACHE
     for item, (masked, dropped) in changed.items():
         start, end, flags = items[item * ITEM_SITE:(item + 1) * ITEM_SITE]
         if flags & HAS_SUMMARY:
             raise NeedsObjectPath("a changed item already carries redaction summary attributes")
-        parts = []
-        for keys_name, keys, count_name in ((MASKED_KEYS, masked, MASKED_COUNT), (REDACTED_KEYS, dropped, REDACTED_COUNT)):
-            if not keys:
-                continue
-            parts.append(_len(tag, _kv(count_name, _int_value(len(keys)))))
-            if debug:
-                parts.append(_len(tag, _kv(keys_name, _string_value(",".join(sorted(set(keys))).encode()))))
-        edits.append((end, end, b"".join(parts), start))
+        if debug:
+            key = (sig, True, tuple(sorted(set(masked))), len(masked), tuple(sorted(set(dropped))), len(dropped))
+        else:
+            key = (sig, False, len(masked), len(dropped))
+        encoded = cache.get(key)
+        if encoded is None:
+            encoded = _summary(_ATTR_TAG[sig], masked, dropped, debug)
+            if len(cache) >= 1024:
+                cache.clear()
+            cache[key] = encoded
+        edits.append((end, end, encoded, start))
+
+
+def _summary(tag: bytes, masked: list, dropped: list, debug: bool) -> bytes:
+    parts = []
+    for keys_name, keys, count_name in ((MASKED_KEYS, masked, MASKED_COUNT), (REDACTED_KEYS, dropped, REDACTED_COUNT)):
+        if not keys:
+            continue
+        parts.append(_len(tag, _kv(count_name, _int_value(len(keys)))))
+        if debug:
+            parts.append(_len(tag, _kv(keys_name, _string_value(",".join(sorted(set(keys))).encode()))))
+    return b"".join(parts)
 
 
 def _outermost(edits: list) -> list:

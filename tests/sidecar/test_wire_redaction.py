@@ -214,9 +214,10 @@ class TestWireRedaction:
         assert isinstance(loc, Located)
         assert loc.texts == [b"a@b.co", b"v", b"x"]  # the authorization value is not walked: its key decides
         assert loc.keys == ["authorization", "new.key"]
-        labels = [data[loc.sites[i * 7 + 5]:loc.sites[i * 7 + 6]] for i in range(3)]
+        sites = memoryview(loc.sites).cast("q")
+        labels = [data[sites[i * 7 + 5]:sites[i * 7 + 6]] for i in range(3)]
         assert labels == [b"inner", b"k", b"new.key"]
-        assert len(loc.items) == 3
+        assert len(memoryview(loc.items).cast("q")) == 3
 
     def test_splice_rewrites_every_enclosing_length(self, impl):
         req = ExportTraceServiceRequest()
@@ -225,10 +226,11 @@ class TestWireRedaction:
         data = req.SerializeToString()
         from redaction._engine import SCAN
         loc = impl.locate(data, TRACES, {"a": SCAN, "b": SCAN}, SCAN)
-        len_start, end = loc.sites[0], loc.sites[1]
+        sites, items = memoryview(loc.sites).cast("q"), memoryview(loc.items).cast("q")
+        len_start, end = sites[0], sites[1]
         long = b"x" * 300  # a two-byte length prefix: every enclosing prefix grows
         new = impl.splice(data, [(len_start, end, bytes([0xAC, 0x02]) + long, -1),
-                                 (loc.items[1], loc.items[1], b"\x4a\x03\x0a\x01z", loc.items[0])])
+                                 (items[1], items[1], b"\x4a\x03\x0a\x01z", items[0])])
         got = ExportTraceServiceRequest.FromString(new).resource_spans[0].scope_spans[0].spans[0]
         assert got.attributes[0].value.kvlist_value.values[0].value.string_value == long.decode()
         assert [kv.key for kv in got.attributes] == ["a", "z"] and got.name == "n"
@@ -276,4 +278,7 @@ def test_both_halves_locate_alike(signal):
         sig = {"traces": TRACES, "logs": LOGS, "metrics": METRICS}[signal]
         decisions = dict(list(eng._key_cache.items())[: rng.randrange(len(eng._key_cache) + 1)])
         assert _c.locate(data, sig, decisions, SCAN) == _wire_redact_py.locate(data, sig, decisions, SCAN)
-        wire_redaction.redact(eng, signal, data)  # fills the key cache as the run goes on
+        try:  # fills the key cache as the run goes on
+            wire_redaction.redact(eng, signal, data)
+        except wire_redaction.NeedsObjectPath:
+            pass
