@@ -238,12 +238,15 @@ def span_metric_rows(request: bytes, service_key: bytes, keys: tuple) -> list[Sp
     n = len(str_keys)
     slot = {k: j for j, k in enumerate(str_keys) if k is not None}
     resource_slot = {k: j + 1 for k, j in slot.items()}
+    # a key whose bytes occur nowhere in the request is on no span: stop looking once the others are found
+    slot = {k: j for k, j in slot.items() if request.find(keys[j]) >= 0}
     try:
         resource_slot[service_key.decode()] = 0
     except UnicodeDecodeError:
         pass
     rows: list[SpanMetricRow] = []
-    append, new_row, get, everything = rows.append, tuple.__new__, slot.get, (1 << n) - 1
+    append, new_row, get = rows.append, tuple.__new__, slot.get
+    everything = sum(1 << j for j in slot.values())
     for rs in msg.resource_spans:
         base = _first_labels(rs.resource.attributes, resource_slot, n + 1)
         service, base_labels = base[0], base[1:]
