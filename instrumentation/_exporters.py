@@ -63,12 +63,15 @@ def endpoint_for(signal: Signal, protocol: str, explicit: str | None,
     path = f"/v1/{signal}" if protocol == "http/protobuf" else ""
     if explicit is not None:
         return _with_scheme(explicit) + path
+    # from the environment, a gRPC endpoint without a scheme stays as given: the SDK then reads
+    # OTEL_EXPORTER_OTLP[_<SIGNAL>]_INSECURE to choose TLS, as documented
+    from_env = _with_scheme if protocol == "http/protobuf" else (lambda e: e.strip().rstrip("/"))
     per_signal = environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT")
     if per_signal:
-        return _with_scheme(per_signal)  # the spec: used as given, no path appended
+        return from_env(per_signal)  # the spec: used as given, no path appended
     general = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     if general:
-        return _with_scheme(general) + path
+        return from_env(general) + path
     return f"http://127.0.0.1:{_DEFAULT_PORTS[protocol]}{path}"  # the sidecar on loopback speaks plaintext
 
 

@@ -45,7 +45,8 @@ def test_variable_rules_and_errors():
     assert protocol_for("traces", None, env) == "http/protobuf" and protocol_for("logs", None, env) == "grpc"
     assert protocol_for("logs", "http/protobuf", env) == "http/protobuf"  # an explicit argument wins
     assert endpoint_for("traces", "http/protobuf", None, env) == "http://collector:4318/v1/traces"
-    assert endpoint_for("metrics", "grpc", None, {}) == "http://127.0.0.1:4317"
+    assert endpoint_for("metrics", "grpc", None, {}) == "http://127.0.0.1:4317"  # the sidecar: plaintext
+    assert endpoint_for("logs", "grpc", None, env) == "collector:4318"  # TLS or not: OTEL_EXPORTER_OTLP_INSECURE
     assert exporter_names("logs", {"OTEL_LOGS_EXPORTER": "console, otlp"}) == ["console", "otlp"]
     with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: must be"):
         protocol_for("traces", None, {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/json"})
