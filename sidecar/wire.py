@@ -21,6 +21,7 @@ may answer where it does not look (the receiver only hands on what the parser ac
 
 from __future__ import annotations
 
+import importlib
 import os
 from types import ModuleType
 
@@ -29,23 +30,25 @@ from sidecar._wire_py import any_label
 from sidecar._wire_types import KeyHits, LogRun, ResourceGroup, ScopeGroup, SpanMetricRow, SpanRun
 
 
-def _pure_python_requested() -> bool:
+def pure_python_requested() -> bool:
+    """SIDECAR_PURE_PYTHON=1 (or true / yes): use the pure-Python half of every accelerated module."""
     return os.environ.get("SIDECAR_PURE_PYTHON", "").strip().lower() in ("1", "true", "yes")
 
 
-def _c_implementation() -> ModuleType | None:
-    if _pure_python_requested():
-        return None
-    try:
-        from sidecar import _wire
-    except ImportError:  # pragma: no cover - built by `pip install -e .` wherever a compiler is present
-        return None
-    return _wire
+def choose(c_module: str, fallback: ModuleType) -> ModuleType:
+    """The C extension ``c_module`` when it is built and not switched off, else ``fallback`` (its
+    pure-Python twin): the one rule for every accelerator in the sidecar."""
+    if not pure_python_requested():
+        try:
+            return importlib.import_module(c_module)
+        except ImportError:  # pragma: no cover - built by `pip install -e .` wherever a compiler is present
+            pass
+    return fallback
 
 
 #: The implementation in use: the C extension, else the pure-Python module.
-implementation: ModuleType = _c_implementation() or _wire_py
-#: "c" or "python", for logs and /metrics-adjacent diagnostics.
+implementation: ModuleType = choose("sidecar._wire", _wire_py)
+#: "c" or "python", for logs and diagnostics.
 IMPLEMENTATION = "python" if implementation is _wire_py else "c"
 
 MAX_KEYS: int = implementation.MAX_KEYS
@@ -54,5 +57,6 @@ span_metric_rows = implementation.span_metric_rows
 span_runs = implementation.span_runs
 log_runs = implementation.log_runs
 
-__all__ = ["IMPLEMENTATION", "MAX_KEYS", "KeyHits", "LogRun", "ResourceGroup", "ScopeGroup", "SpanMetricRow",
-           "SpanRun", "any_label", "check_ids", "implementation", "log_runs", "span_metric_rows", "span_runs"]
+__all__ = ["IMPLEMENTATION", "MAX_KEYS", "KeyHits", "LogRun", "ResourceGroup", "ScopeGroup", "SpanMetricRow", "SpanRun",
+           "any_label", "check_ids", "choose", "implementation", "log_runs", "pure_python_requested",
+           "span_metric_rows", "span_runs"]
