@@ -53,12 +53,10 @@ import contextvars
 import copy
 import functools
 import os
-import re
 import sys
 import threading
-import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, TypedDict
+from typing import Any
 
 import torch
 from opentelemetry import metrics, trace
@@ -75,18 +73,12 @@ from contract.attributes import (
     ML_OUTPUT_SHAPES,
 )
 from instrumentation._context import _CURRENT
+from instrumentation._torch_submodules import SubmoduleSpans, add_submodule_spans
 
 _SCOPE = "instrumentation.torch"
 _Tensor = torch.Tensor
 _SEQ = (list, tuple)
 _MAX_CACHE = 4096
-
-
-class SubmoduleSpans(TypedDict, total=False):
-    """Which submodules get a child span: up to ``max_depth`` levels below the model, names matching ``name_filter``."""
-
-    max_depth: int
-    name_filter: str | Callable[[str], bool]
 
 
 class _Describer:
@@ -374,14 +366,6 @@ def _restore_spans(model_id: str, model_version: str | None, parameter_count: in
     return spans
 
 
-def _outside_compile(fn: Callable, owner: Any) -> Callable:
-    """``fn`` run eagerly even inside ``torch.compile``: dynamo does not trace telemetry code, and the
-    hook stays identifiable as ours (``_otel_owner``) for :func:`uninstrument_model`."""
-    wrapped = torch.compiler.disable(fn, recursive=True)
-    wrapped._otel_owner = owner  # type: ignore[attr-defined]
-    return wrapped
-
-
 def _ours(hook: Any) -> bool:
     return getattr(hook, "_otel_owner", None) is not None or isinstance(getattr(hook, "__self__", None), _ForwardSpans)
 
@@ -466,54 +450,6 @@ def _guard_scripting(module: Any) -> None:
         module.__dict__["__prepare_scriptable__"] = functools.partial(_without_our_hooks, module)
 
 
-# --- submodule spans --------------------------------------------------------------------------
-
-_SUB_STACK: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("ml_submodule_spans", default=None)
-
-
-def _add_submodule_spans(model: Any, tracer: Any, opts: SubmoduleSpans) -> list[Any]:
-    if isinstance(model, (torch.jit.ScriptModule, ScriptedModel)) or hasattr(model, "_orig_mod"):
-        warnings.warn("submodule spans need an eager nn.Module; TorchScript/torch.compile models get the "
-                      "forward span only", stacklevel=3)
-        return []
-    max_depth = int(opts.get("max_depth", 1))
-    if max_depth < 1:
-        raise ValueError(f"submodules.max_depth: must be >= 1, got {max_depth}")
-    flt = opts.get("name_filter")
-    if isinstance(flt, str):
-        flt = re.compile(flt).search
-    handles = []
-    for name, mod in model.named_modules():
-        if not name or name.count(".") + 1 > max_depth or (flt is not None and not flt(name)):
-            continue
-        span_name = f"ml.module {name}"
-        attrs = {"ml.module.name": name, "ml.module.type": type(mod).__name__}
-
-        def pre(_mod: Any, _args: Any, _span_name: str = span_name, _attrs: dict = attrs) -> None:
-            span = tracer.start_span(_span_name, attributes=_attrs)
-            token = attach(set_span_in_context(span))
-            _SUB_STACK.set((span, token, _SUB_STACK.get()))
-
-        handles.append(mod.register_forward_pre_hook(_outside_compile(pre, "submodule")))
-        handles.append(mod.register_forward_hook(_outside_compile(_sub_post, "submodule"), always_call=True))
-        _guard_scripting(mod)
-    return handles
-
-
-def _sub_post(_mod: Any, _args: Any, _out: Any) -> None:  # noqa: D103
-    node = _SUB_STACK.get()
-    if node is None:
-        return
-    span, token, parent = node
-    _SUB_STACK.set(parent)
-    exc = sys.exc_info()[1]  # torch calls always_call hooks from its except block
-    if exc is not None:
-        span.record_exception(exc)
-        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-    detach(token)
-    span.end()
-
-
 def instrument_model(model: Any, model_id: str | None = None, model_version: str | None = None, *,
                      submodules: SubmoduleSpans | None = None, tracer_provider: Any = None,
                      meter_provider: Any = None, cuda_timer: CudaTimer | None = None,
@@ -536,7 +472,7 @@ def instrument_model(model: Any, model_id: str | None = None, model_version: str
     model.register_forward_pre_hook(spans.pre, with_kwargs=True, prepend=True)
     model.register_forward_hook(spans.post, with_kwargs=True, always_call=True)
     if submodules is not None:
-        _add_submodule_spans(model, spans._tracer, submodules)
+        add_submodule_spans(model, spans._tracer, submodules)
     _guard_scripting(model)
     return model
 
