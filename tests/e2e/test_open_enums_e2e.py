@@ -4,12 +4,14 @@ Spans with a kind or status code outside the known range (enums are open: 7, 3, 
 and spans holding an unknown group are valid OTLP. Sent over gRPC and OTLP/HTTP to a real
 ``python -m sidecar`` running span_metrics -> tail_sampling -> batch -> otlp, each request must be
 answered OK, reach the backend, be counted in /metrics under its number, and leave /metrics
-serving (HTTP 200) with the sidecar's memory bounded: once, one such span broke /metrics until
-restart, a negative code was answered INTERNAL, and 2**31-1 allocated 256 MiB on the pure path.
+serving (HTTP 200) and the span-metrics OTLP export flowing, with the sidecar's memory bounded: once,
+one such span broke /metrics and the export until restart, a negative code was answered INTERNAL,
+and 2**31-1 allocated 256 MiB on the pure path.
 """
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import grpc
@@ -35,7 +37,7 @@ receivers:
       grpc: {{endpoint: 127.0.0.1:{grpc_port}}}
       http: {{endpoint: 127.0.0.1:{http_port}}}
 processors:
-  span_metrics: {{}}
+  span_metrics: {{metrics_flush_interval: 200ms}}
   tail_sampling:
     decision_wait: 300ms
     policies:
@@ -51,6 +53,7 @@ service:
     metrics: {{address: 127.0.0.1:{metrics_port}}}
   pipelines:
     traces: {{receivers: [otlp], processors: [span_metrics, tail_sampling, batch], exporters: [otlp/backend]}}
+    metrics: {{receivers: [otlp], processors: [span_metrics], exporters: [otlp/backend]}}
 """
 
 
@@ -120,6 +123,14 @@ def test_open_enums_and_unknown_groups_are_accepted_counted_and_forwarded(env):
         for code in (7, 2**31 - 1, -1):
             assert f'span_kind="{code}"' in text and f'status_code="{code}"' in text
         assert 'span_name="grouped"' in text
+        def exported_codes() -> set[str]:
+            return {kv.value.string_value for _, _, m in backend.metrics() if m.name.endswith(".calls")
+                    for dp in m.sum.data_points for kv in dp.attributes if kv.key == "status.code"}
+
+        deadline = time.monotonic() + 30
+        while not {"7", "2147483647", "-1"} <= exported_codes() and time.monotonic() < deadline:
+            backend.wait_for_items(Signal.METRICS, backend.items[Signal.METRICS] + 1, timeout=1)
+        assert {"7", "2147483647", "-1"} <= exported_codes()  # the span-metrics export carries them
         rss_after = psutil.Process(sc.pid).memory_info().rss
         assert rss_after - rss_before < 100 * 1024 * 1024, (rss_before, rss_after)
         assert sc.proc.poll() is None
