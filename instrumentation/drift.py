@@ -45,6 +45,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -261,6 +262,9 @@ class DriftObserver:
         self.dropped = 0
         #: device types whose summaries are read at once; others are copied off asynchronously
         self._host_types = frozenset({"cpu"})
+        if hasattr(os, "register_at_fork"):  # a DataLoader worker or pre-fork server child starts afresh
+            ref = weakref.ref(self)
+            os.register_at_fork(after_in_child=lambda: (o := ref()) is not None and o._forked())
 
     def _state(self, model_id: str, model_version: str | None) -> _ModelState:
         s = self._states.get((model_id, model_version))
@@ -428,6 +432,7 @@ class DriftObserver:
 
     def _forked(self) -> None:
         """In a forked child: start from zero with a new start time (the parent keeps exporting its own)."""
+        self._lock = threading.Lock()  # another thread may have held it at the fork
         with self._lock:
             if self._pid != os.getpid():
                 self._states = {}

@@ -199,3 +199,31 @@ def test_time_budget_bounds_the_share_of_forward_time_spent_on_statistics(drift,
     assert data_points(h.observer, "ml.cost.items")[0].value == 200  # cost metrics count every forward
     with pytest.raises(ValueError, match="budget"):
         DriftObserver(budget=0)
+
+
+def test_a_forked_child_starts_its_own_series():
+    """Parent and child must not export the same cumulative series (the sidecar keys them by start time)."""
+    import json
+    import os
+
+    obs = DriftObserver()
+    obs.observe_values("m", "1", {"x": 1.0, "y": 2.0})
+    parent_start = data_points(obs, "ml.drift.value")[0].start_time_unix_nano
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what it would export, then leave without running pytest's teardown
+        try:
+            obs.observe_values("m", "1", {"x": 3.0})
+            pts = data_points(obs, "ml.drift.value")
+            os.write(write, json.dumps([[dict(p.attributes)["ml.drift.feature"], p.count, p.start_time_unix_nano]
+                                        for p in pts]).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        child = json.loads(f.read())
+    os.waitpid(pid, 0)
+    assert [c[:2] for c in child] == [["x", 1]]  # only its own value, not the parent's x and y
+    assert child[0][2] != parent_start
+    assert {dict(p.attributes)["ml.drift.feature"]: p.count for p in data_points(obs, "ml.drift.value")} == \
+        {"x": 1, "y": 1}
