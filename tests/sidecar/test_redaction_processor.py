@@ -50,6 +50,16 @@ service:
 """
 
 
+@pytest.fixture(autouse=True, params=["wire", "object"])
+def redaction_path(request, monkeypatch):
+    """Every test runs on the wire path (with whichever half of ``sidecar.wire_redaction`` is in use:
+    C, or pure Python under SIDECAR_PURE_PYTHON=1) and on the object path."""
+    from sidecar.processors import redaction as processor
+
+    monkeypatch.setattr(processor, "WIRE", request.param == "wire")
+    return request.param
+
+
 @pytest.fixture
 def sidecar():
     with OTLPBackend() as backend:
@@ -160,8 +170,7 @@ def test_refusal_from_next_stage_is_propagated_and_counted_once_where_it_happene
     assert exporter_tel.value("refused", Signal.TRACES, "queue_full") == 1
 
 
-@pytest.mark.parametrize("where", ["wire", "object"])
-def test_redaction_failure_fails_closed(monkeypatch, where):
+def test_redaction_failure_fails_closed(monkeypatch, redaction_path):
     from sidecar import wire_redaction
 
     proc, nxt, _ = make({})
@@ -169,9 +178,12 @@ def test_redaction_failure_fails_closed(monkeypatch, where):
     def boom(*_a, **_k):
         raise RuntimeError("bug")
 
-    if where == "wire":
+    if redaction_path == "wire":
         monkeypatch.setattr(wire_redaction, "splice", boom)
-    else:  # the object path, which takes the requests the wire path hands back
+    else:  # the object path, also when the wire path hands a request back to it
+        from sidecar.processors import redaction as processor
+
+        monkeypatch.setattr(processor, "WIRE", True)
         monkeypatch.setattr(wire_redaction, "locate", lambda *_a: (_ for _ in ()).throw(ValueError("malformed")))
         monkeypatch.setattr(proc.redactor, "redact_traces", boom)
     with pytest.raises(Refused) as e:
