@@ -113,7 +113,9 @@ def _flush_before_shutdown_complete(send: Send) -> Send:
 
     Servers such as uvicorn end the process by re-raising SIGTERM after a graceful shutdown,
     so ``atexit`` never runs: the lifespan shutdown is the last moment the app's spans and
-    logs can still leave. The flush runs off the event loop and is bounded.
+    logs can still leave. It is the telemetry's shutdown, run off the event loop, so the one
+    deadline (``configure(shutdown_timeout_millis=...)``) bounds it and the SIGTERM that
+    follows finds nothing left to wait for.
     """
 
     async def wrapped(message: Message) -> None:
@@ -124,7 +126,7 @@ def _flush_before_shutdown_complete(send: Send) -> Send:
             if handle is not None:
                 import asyncio
 
-                await asyncio.get_running_loop().run_in_executor(None, handle.force_flush, 5_000)
+                await asyncio.get_running_loop().run_in_executor(None, handle.shutdown)
         await send(message)
 
     return wrapped

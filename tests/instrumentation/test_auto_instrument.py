@@ -111,3 +111,36 @@ def test_each_span_and_log_once_with_request_ids_force_keep_and_redaction(served
     # the developer watching the console sees the 500's traceback too
     assert "RuntimeError: model weights missing" in stderr and "Traceback" in stderr
     assert backend.items[Signal.METRICS] > 0
+
+
+def test_stops_within_the_shutdown_deadline_with_the_sidecar_gone():
+    """uvicorn's graceful stop, the lifespan flush and SIGTERM share one 5 s deadline, sidecar or not."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(APPS), "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    for k in ("OTEL_PYTHON_DISTRO", "OTEL_PYTHON_CONFIGURATOR", "OTEL_TRACES_EXPORTER", "OTEL_LOGS_EXPORTER",
+              "OTEL_METRICS_EXPORTER"):
+        env.pop(k, None)
+    proc = subprocess.Popen([str(LAUNCHER), sys.executable, "-m", "uvicorn", "auto_app:app", "--port", str(port)],
+                            env=env, cwd=APPS, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        def up() -> bool:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/predict", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, "the app to serve", timeout=60)
+        for _ in range(20):
+            httpx.get(f"http://127.0.0.1:{port}/predict")
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - t0
+        print(f"stopped in {elapsed:.2f} s")
+        assert elapsed < 5 + 2.5, stderr
+        assert "torch-otel: " in stderr  # the failure was reported, once per signal
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
