@@ -5,8 +5,9 @@
    a reference file.
 2. A second sidecar pins that file. Version "1" keeps serving unchanged inputs; canary version "2"
    gets column 2 of its input shifted by two standard deviations.
-3. On the sidecar's /metrics: every version-1 score stays under the threshold; the canary's
-   column-2 features pass it and its other columns stay under; and the scores equal a reference
+3. On the sidecar's /metrics (and as OTLP gauges at a backend): every version-1 score stays under
+   the threshold; the canary's column-2 mean passes it and its other columns stay under; and the
+   scores equal a reference
    computation (torch float64, written independently below) on the same binned per-forward values
    within 1e-9 relative — same bins, same values, only the code differs.
 """
@@ -43,7 +44,7 @@ SCALE = torch.tensor([1.0, 2.0, 0.5, 1.0])
 OFFSET = torch.tensor([0.0, 5.0, -1.0, 0.2])
 
 
-def config(ports, *, processors: str, exporters: str, extra: str = "") -> str:
+def config(ports, *, processors: str, exporters: str, backend: str, extra: str = "") -> str:
     return f"""
 receivers:
   otlp:
@@ -54,7 +55,9 @@ processors:
 {extra}
 exporters:
   file: {{directory: ./telemetry}}
-  debug: {{verbosity: basic}}
+  otlp/backend:
+    endpoint: {backend}
+    tls: {{insecure: true}}
 service:
   telemetry:
     metrics: {{address: 127.0.0.1:{ports.metrics}}}
@@ -181,10 +184,22 @@ def reference_scores(ref_vals: torch.Tensor, cur_vals: torch.Tensor, groups: int
 # --- the test ----------------------------------------------------------------------------------
 
 
-def test_drift_scores_rise_for_the_shifted_feature_only_and_match_the_reference(ports, tmp_path):
+def otlp_scores(backend) -> dict[tuple[str, str, str], float]:
+    """(statistic, version, feature) -> the latest value of every sidecar.drift.* gauge the backend received."""
+    out = {}
+    for _, _, m in backend.metrics():
+        if m.name.startswith("sidecar.drift."):
+            for dp in m.gauge.data_points:
+                a = {kv.key: kv.value.string_value for kv in dp.attributes}
+                out[(m.name.removeprefix("sidecar.drift."), a["ml.model.version"], a["ml.drift.feature"])] = dp.as_double
+    return out
+
+
+def test_drift_scores_rise_for_the_shifted_feature_only_and_match_the_reference(ports, tmp_path, backend):
     work1, work2 = tmp_path / "known-good", tmp_path / "live"
     # 1. the known-good period, recorded by the file exporter
-    with SidecarProcess(config(ports, processors="[batch]", exporters="[file]"), workdir=work1):
+    with SidecarProcess(config(ports, processors="[batch]", exporters="[file]", backend=backend.endpoint),
+                        workdir=work1):
         app = App(f"127.0.0.1:{ports.grpc}")
         try:
             app.serve("1", FORWARDS, seed=1)
@@ -201,9 +216,9 @@ def test_drift_scores_rise_for_the_shifted_feature_only_and_match_the_reference(
     assert proc.returncode == 0, proc.stderr
 
     # 2. live traffic against the pinned reference: version 1 unchanged, canary 2 shifted in column 2
-    extra = f"  drift: {{reference: {{file: {ref_path}}}, window: 1h, min_samples: 100, flush_interval: 1h}}"
-    with SidecarProcess(config(ports, processors="[drift, batch]", exporters="[debug]", extra=extra),
-                        workdir=work2) as sidecar:
+    extra = f"  drift: {{reference: {{file: {ref_path}}}, window: 1h, min_samples: 100, flush_interval: 200ms}}"
+    with SidecarProcess(config(ports, processors="[drift, batch]", exporters="[otlp/backend]", extra=extra,
+                               backend=backend.endpoint), workdir=work2) as sidecar:
         app = App(f"127.0.0.1:{ports.grpc}")
         try:
             shift = torch.tensor([0.0, 0.0, 2 * float(SCALE[2]), 0.0])
@@ -215,7 +230,12 @@ def test_drift_scores_rise_for_the_shifted_feature_only_and_match_the_reference(
         scores = wait_for(lambda: (lambda s: s if s.get(("samples", "2", "input.0[2].mean", "current")) == FORWARDS
                                    and s.get(("samples", "1", "input.0[2].mean", "current")) == FORWARDS else None)(
             scrape(ports.metrics)), "both versions scored")
+        # the same scores leave as OTLP gauges through the metrics pipeline
+        key = ("psi", "2", "input.0[2].mean")
+        otlp = wait_for(lambda: (lambda o: o if key in o and ("psi", "1", "input.0[2].mean") in o else None)(
+            otlp_scores(backend)), "scores as OTLP")
         assert sidecar.proc.poll() is None, sidecar.log()
+    assert otlp[key] == pytest.approx(scores[key + ("",)], rel=1e-12)
 
     # unchanged inputs: every score of version 1 under the threshold (numeric PSI, categorical JS)
     v1 = {k: v for k, v in scores.items() if k[1] == "1"}
