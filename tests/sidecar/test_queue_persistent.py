@@ -269,3 +269,97 @@ def test_shutdown_keeps_undelivered_requests_on_disk_for_the_next_start(tmp_path
             exp2.shutdown(time.monotonic() + 5)
         assert sorted(r.SerializeToString() for r in backend.requests[Signal.TRACES]) == \
             sorted(traces(i).SerializeToString() for i in range(5))
+
+
+# --- group commit -------------------------------------------------------------------------------------
+
+
+class _HeldDisk:
+    """os.fsync that holds the first commit until ``writers`` more puts wait in the next group, and logs calls."""
+
+    def __init__(self, q: PersistentQueue, writers: int):
+        import threading
+
+        self.q, self.writers = q, writers
+        self.real = os.fsync
+        self.calls: list[str] = []
+        self.lock = threading.Lock()
+        self.released = False
+
+    def __call__(self, fd):
+        with self.lock:
+            self.calls.append("dir" if fd == self.q._dir_fd else "file")
+        if not self.released:
+            deadline = time.monotonic() + 30
+            while len(self.q._open_group.files) < self.writers and time.monotonic() < deadline:
+                time.sleep(0.001)  # waits on a condition (the others have joined), not on time
+            self.released = True
+        self.real(fd)
+
+
+def test_concurrent_puts_share_one_commit_that_precedes_every_acknowledgement(tmp_path, monkeypatch):
+    import threading
+
+    q = PersistentQueue(tmp_path / "q", 100)
+    disk = _HeldDisk(q, writers=7)
+    monkeypatch.setattr(os, "fsync", disk)
+    first = threading.Thread(target=q.put, args=(Envelope(Signal.TRACES, traces(0), items=2),))
+    first.start()
+    while not q._committing:  # the first put leads a commit of its own, held by the disk
+        time.sleep(0.001)
+    acked = []
+
+    def put(i):
+        q.put(Envelope(Signal.TRACES, traces(i), items=2))
+        # acknowledged: the file is in place and the directory was synced after it was renamed
+        acked.append((i, sorted(p.name for p in (tmp_path / "q").glob("*.otlp")), disk.calls.count("dir")))
+
+    others = [threading.Thread(target=put, args=(i,)) for i in range(1, 8)]
+    for t in others:
+        t.start()
+    for t in [first, *others]:
+        t.join(30)
+    assert q.commits == 2 and q.committed == 8  # 1 + 7: the seven waiting writers committed together
+    assert disk.calls.count("dir") == 2  # one directory sync per group, not per request
+    assert all(len(names) == 8 and dirs == 2 for _, names, dirs in acked)
+    monkeypatch.undo()
+    assert sorted(int(it.message.resource_spans[0].scope_spans[0].spans[0].trace_id.hex(), 16)
+                  for it in drain(q)) == list(range(8))
+    q.abort()
+
+
+def test_a_failed_group_commit_refuses_every_writer_of_the_group_and_leaves_nothing(tmp_path, monkeypatch):
+    import threading
+
+    q = PersistentQueue(tmp_path / "q", 100)
+    disk = _HeldDisk(q, writers=3)
+
+    def failing(fd):
+        disk(fd)
+        if len(disk.calls) > 2:  # the first group (one file, the directory) commits; the second fails
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", failing)
+    outcomes = []
+
+    def put(i):
+        try:
+            q.put(Envelope(Signal.TRACES, traces(i), items=2))
+            outcomes.append("ok")
+        except Refused as e:
+            outcomes.append(e.reason)
+
+    threads = [threading.Thread(target=put, args=(0,))]
+    threads[0].start()
+    while not q._committing:
+        time.sleep(0.001)
+    threads += [threading.Thread(target=put, args=(i,)) for i in (1, 2, 3)]
+    for t in threads[1:]:
+        t.start()
+    for t in threads:
+        t.join(30)
+    monkeypatch.undo()
+    assert sorted(outcomes) == ["disk_full"] * 3 + ["ok"]
+    assert q.size() == 1 and len(list((tmp_path / "q").glob("*.otlp"))) == 1
+    assert not list((tmp_path / "q").glob("*.tmp"))
+    q.abort()
