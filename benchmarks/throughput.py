@@ -45,6 +45,7 @@ from sidecar.testing import SidecarProcess, free_port  # noqa: E402
 
 TRACES_PER_REQUEST = 128
 PROFILE_DIR: str | None = None  # --profile DIR: py-spy raw stacks of each target while it is measured
+SIDECAR_ENV: dict[str, str] = {}  # --redaction-path object: SIDECAR_REDACTION_PATH for every sidecar
 
 PROCESSORS = {
     "batch": "  batch: {{send_batch_size: 8192, timeout: 200ms}}",
@@ -212,7 +213,7 @@ def run_target(name: str, command_config: str | None, bodies, spans: int, logs: 
     else:
         sc = SidecarProcess(command_config.replace("BACKEND_PORT", str(backend_port)).replace("LISTEN_PORT", str(port))
                             .replace("METRICS_PORT", str(metrics_port)).replace("HEALTH_PORT", str(free_port())),
-                            workdir=workdir).start()
+                            workdir=workdir, env=SIDECAR_ENV).start()
         pid, stop = sc.pid, (lambda: sc.terminate(60))
     ps = psutil.Process(pid)
     try:
@@ -328,11 +329,14 @@ def main() -> None:
     p.add_argument("--sustain", type=int, default=0, help="seconds of the sustained 20k spans/s + 10k logs/s run")
     p.add_argument("--pii", action="append", type=float,
                    help="share of traces carrying PII; repeat for several loads (default 0.05)")
+    p.add_argument("--redaction-path", choices=["wire", "object"], default="wire",
+                   help="the redaction processor's path (object: the walk of parsed messages, as before issue 13)")
     p.add_argument("--json", help="write results here")
     p.add_argument("--profile", help="write py-spy stacks of each target to this directory (pip install py-spy)")
     args = p.parse_args()
     global PROFILE_DIR
     PROFILE_DIR = args.profile
+    SIDECAR_ENV["SIDECAR_REDACTION_PATH"] = args.redaction_path
     if PROFILE_DIR:
         Path(PROFILE_DIR).mkdir(parents=True, exist_ok=True)
 

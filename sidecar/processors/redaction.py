@@ -25,6 +25,7 @@ read from the engine's stats at scrape time, so the hot path touches no Promethe
 from __future__ import annotations
 
 import logging
+import os
 from typing import Iterator
 
 from prometheus_client.core import CounterMetricFamily
@@ -41,8 +42,10 @@ log = logging.getLogger(__name__)
 #: The wire path pays off with the C half of ``sidecar.wire_redaction``. Its pure-Python half walks every
 #: field from Python, which costs more than the object path with its prefilter, so without the extension
 #: (or with SIDECAR_PURE_PYTHON=1) the processor keeps the object path; both give the same output
-#: (tests/sidecar/test_wire_redaction.py).
-WIRE = wire_redaction.IMPLEMENTATION == "c"
+#: (tests/sidecar/test_wire_redaction.py). ``SIDECAR_REDACTION_PATH=object`` keeps the object path
+#: anyway: an escape hatch, and how benchmarks/throughput.py compares the two in one run.
+WIRE = (wire_redaction.IMPLEMENTATION == "c"
+        and os.environ.get("SIDECAR_REDACTION_PATH", "").strip().lower() != "object")
 
 
 class RedactionProcessor(Component):
