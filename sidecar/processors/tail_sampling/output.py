@@ -7,11 +7,8 @@ Kept spans get ``sampling.policy`` and ``ot=th:...`` appended as encoded fields.
 
 from __future__ import annotations
 
-from typing import Callable
-
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.logs.v1.logs_pb2 import ResourceLogs, ScopeLogs
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from contract.attributes import SAMPLING_POLICY
 from sidecar.processors.tail_sampling.decisions import with_threshold
@@ -25,8 +22,9 @@ _POLICY_BYTES = POLICY_ATTRIBUTE.encode()
 # --- building requests from encoded parts -------------------------------------------------------------
 # Export*ServiceRequest, Resource{Spans,Logs} and Scope{Spans,Logs} share one layout: field 1 is the
 # resource/scope (or, in the request, the resource entries), field 2 the repeated children. A "head" is an
-# encoded Resource{Spans,Logs} or Scope{Spans,Logs} without its children; appending length-delimited
-# field-2 entries to it gives the whole message.
+# encoded Resource{Spans,Logs} or Scope{Spans,Logs} without its children (the wire scanner's
+# ResourceGroup.head / ScopeGroup.head); appending length-delimited field-2 entries to it gives the
+# whole message.
 
 _VARINTS = [bytes([n]) if n < 0x80 else bytes([(n & 0x7F) | 0x80, n >> 7]) for n in range(1 << 14)]
 
@@ -48,22 +46,6 @@ def _field(tag: bytes, payload: bytes) -> bytes:
 
 
 _TAG1, _TAG2 = b"\x0a", b"\x12"
-
-
-def span_heads(rs) -> tuple[bytes, Callable]:
-    return ResourceSpans(resource=rs.resource, schema_url=rs.schema_url).SerializeToString(), _scope_span_head
-
-
-def _scope_span_head(ss) -> bytes:
-    return ScopeSpans(scope=ss.scope, schema_url=ss.schema_url).SerializeToString()
-
-
-def log_heads(rl) -> tuple[bytes, Callable]:
-    return ResourceLogs(resource=rl.resource, schema_url=rl.schema_url).SerializeToString(), _scope_log_head
-
-
-def _scope_log_head(sl) -> bytes:
-    return ScopeLogs(scope=sl.scope, schema_url=sl.schema_url).SerializeToString()
 
 
 class Output:

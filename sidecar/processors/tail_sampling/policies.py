@@ -41,14 +41,6 @@ class Policy(ABC):
         yield self
 
 
-def find_value(kvs, key: str):
-    """The AnyValue of ``key`` in a repeated KeyValue field, or None."""
-    for kv in kvs:
-        if kv.key == key:
-            return kv.value
-    return None
-
-
 class AttributeCheck(NamedTuple):
     """One attribute policy's test, run on every span as it arrives; a match sets ``bit`` on the trace."""
 
