@@ -317,6 +317,15 @@ class OutputConfig(ConfigModel):
         return self
 
 
+class WalConfig(ConfigModel):
+    """``wal``: the write-ahead log that keeps undecided data on disk (with ``storage``; see durable.py)."""
+
+    #: bytes on disk beyond which new data is refused (retryable, ``storage_full``) until decided data is deleted
+    max_bytes: int = Field(1 << 30, ge=1 << 20)
+    #: a segment file is closed at this size (or after a second); it is deleted once all it holds is handed on
+    segment_bytes: int = Field(8 << 20, ge=4096)
+
+
 class TailSamplingConfig(ConfigModel):
     decision_wait: Duration = 10.0
     #: Decide this long after the local root span arrived instead of waiting the full decision_wait.
@@ -328,6 +337,10 @@ class TailSamplingConfig(ConfigModel):
     decision_cache: DecisionCacheConfig = Field(default_factory=DecisionCacheConfig)
     logs: LogsConfig = Field(default_factory=LogsConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    #: id of a ``file_storage`` extension: undecided traces and logs are logged to disk before the
+    #: acknowledgement and recovered at start, so a crash loses nothing acknowledged
+    storage: str | None = None
+    wal: WalConfig = Field(default_factory=WalConfig)
     policies: list[PolicyConfig]
 
     _wait = field_validator("decision_wait")(_positive)
@@ -338,6 +351,16 @@ class TailSamplingConfig(ConfigModel):
         if v <= 0:
             raise ValueError("must be > 0")
         return v
+
+    @model_validator(mode="after")
+    def _wal_needs_storage(self) -> "TailSamplingConfig":
+        if "wal" in self.model_fields_set and self.storage is None:
+            raise ValueError("wal: takes effect only with storage (name a file_storage extension)")
+        return self
+
+    def extension_refs(self) -> dict[str, str]:
+        """Extensions this processor needs at start (checked by config validation)."""
+        return {"storage": self.storage} if self.storage else {}
 
     @field_validator("policies")
     @classmethod

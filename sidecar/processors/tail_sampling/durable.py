@@ -1,0 +1,261 @@
+"""Durable until decided: tail sampling's buffer survives ``kill -9``, OOM kills and node restarts.
+
+With ``tail_sampling.storage`` naming a ``file_storage`` extension, every traces and logs
+request is appended to a write-ahead log (:mod:`.wal`) before ``consume`` returns, so the
+receiver's acknowledgement means "on disk". The log is group-committed: one ``fdatasync``
+per batch of concurrent writers, and the request is sorted into the in-memory buffer while
+the sync runs.
+
+What keeps a segment of the log is a pin on it (see :mod:`.wal`):
+
+- a request being consumed pins the segment it was written to;
+- a buffered trace pins the segment of the request that created it (its later data is
+  newer, so that pin keeps it too);
+- once decided, a kept trace's pin moves to the output request that carries it, which
+  holds it until the next stage accepted it (the redaction processor, then an exporter's
+  persistent queue, which is durable itself) or refused it for good; a dropped trace (not
+  sampled, evicted) releases its pin at once.
+
+At start, the segments a previous run left are replayed into the buffer as newly arrived
+data (the decision wait starts again), counted in ``sidecar_tail_sampling_recovered_items``.
+Replay can deliver a kept trace a second time (at least once); it never loses one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+from prometheus_client import Counter, Gauge
+
+from sidecar.component import Kind, Refused
+from sidecar.envelope import Envelope
+from sidecar.processors.tail_sampling.buffer import TRACE_OVERHEAD, Trace, TraceBuffer
+from sidecar.processors.tail_sampling.config import TailSamplingConfig
+from sidecar.processors.tail_sampling.wal import WriteAheadLog
+from sidecar.registry import CreateSettings
+from sidecar.signals import Signal
+
+log = logging.getLogger(__name__)
+
+#: the metric families of the durable buffer (registered with or without storage)
+TELEMETRY = frozenset({"sidecar_tail_sampling_recovered_items", "sidecar_tail_sampling_stored_bytes",
+                       "sidecar_tail_sampling_log_syncs"})
+
+
+class PinnedTrace(Trace):
+    """A buffered trace that knows the log segment it pins."""
+
+    __slots__ = ("segment",)
+
+
+class PinnedEnvelope(Envelope):
+    """Decided output that pins a log segment until the next stage took it."""
+
+    __slots__ = ("segment",)
+
+
+class PinningTraceBuffer(TraceBuffer):
+    """The trace buffer, pinning each new trace's segment and releasing the pin of an evicted one."""
+
+    def __init__(self, durable: "DurableBuffer", **kwargs):
+        super().__init__(**kwargs)
+        self._durable = durable
+
+    def create(self, trace_id: bytes, now: float, evicted: list[Trace]) -> Trace:
+        traces = self.traces
+        while len(traces) >= self.num_traces:
+            evicted.append(self._pop_oldest())
+        t = PinnedTrace(trace_id, now)
+        t.segment = self._durable.pin_here()
+        traces[trace_id] = t
+        self.nbytes += TRACE_OVERHEAD
+        return t
+
+    def _pop_oldest(self) -> Trace:
+        t = super()._pop_oldest()
+        self._durable.release([t])  # evicted: dropped (counted by the processor), its data no longer needed
+        return t
+
+
+class DurableBuffer:
+    """The processor's side of the log: writes, pins, replay. See the module docstring."""
+
+    def __init__(self, settings: CreateSettings, cfg: TailSamplingConfig):
+        self._id = str(settings.id)
+        self._storage = cfg.storage
+        self._cfg = cfg.wal
+        self._wal: WriteAheadLog | None = None
+        self._here = threading.local()  # .segment: the segment of the request this thread is sorting
+        family = settings.telemetry.root.family
+        recovered = family(Counter, "sidecar_tail_sampling_recovered_items",
+                           "Spans and log records read back from tail sampling's log at start (undecided when the "
+                           "previous run stopped) and buffered again.", ("component", "signal"))
+        self._recovered = {s: recovered.labels(self._id, s.value) for s in (Signal.TRACES, Signal.LOGS)}
+        family(Gauge, "sidecar_tail_sampling_stored_bytes",
+               "Bytes of tail sampling's log on disk (undecided data, and decided data not yet handed on).",
+               ("component",)).labels(self._id).set_function(lambda: self._wal.stored_bytes if self._wal else 0)
+        self._syncs = family(Counter, "sidecar_tail_sampling_log_syncs",
+                             "fdatasync calls that committed tail sampling's log (each covers every request "
+                             "written before it began: group commit).", ("component",)).labels(self._id)
+
+    @property
+    def enabled(self) -> bool:
+        return self._storage is not None
+
+    def trace_buffer(self, **kwargs) -> TraceBuffer:
+        """The processor's trace buffer: a pinning one when the log is on."""
+        return PinningTraceBuffer(self, **kwargs) if self.enabled else TraceBuffer(**kwargs)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def start(self, host, sort: Callable[[Envelope], None]) -> None:
+        """Open the log in the storage extension's directory and replay what a previous run left into ``sort``."""
+        if not self.enabled or self._wal is not None:
+            return
+        from sidecar.extensions.file_storage import FileStorage
+
+        where = f"processors.{self._id}.storage"
+        try:
+            ext = host.extension(self._storage)
+        except LookupError:
+            raise ValueError(f"{where}: {self._storage!r} is not an enabled extension "
+                             "(define it under extensions and list it in service.extensions)") from None
+        if not isinstance(ext, FileStorage):
+            raise ValueError(f"{where}: {self._storage!r} is not a file_storage extension")
+        wal = WriteAheadLog(ext.directory_for(Kind.PROCESSOR, self._id), max_bytes=self._cfg.max_bytes,
+                            segment_bytes=self._cfg.segment_bytes, fsync=ext.fsync, on_sync=self._syncs.inc)
+        left = wal.open()
+        self._wal = wal
+        for index in left:
+            self._replay(wal, index, sort)
+
+    def _replay(self, wal: WriteAheadLog, index: int, sort: Callable[[Envelope], None]) -> None:
+        here = self._here
+        here.segment = index
+        counts = {Signal.TRACES: 0, Signal.LOGS: 0}
+        kept_pinned = False
+        try:
+            for signal, items, payload in wal.records(index):
+                try:
+                    sort(Envelope(signal, encoded=payload, items=items))
+                except Refused as e:
+                    # the next stage refuses now: keep the segment for the next start rather than lose it
+                    log.warning("%s: replaying %d %s from the log: %s; the segment stays for the next start",
+                                self._id, items, signal.item_name, e)
+                    kept_pinned = True
+                    continue
+                counts[signal] += items
+        finally:
+            here.segment = None
+        for signal, n in counts.items():
+            if n:
+                self._recovered[signal].inc(n)
+        if any(counts.values()):
+            log.info("%s: recovered %d spans and %d log records from the log segment %d", self._id,
+                     counts[Signal.TRACES], counts[Signal.LOGS], index)
+        if not kept_pinned:
+            wal.unpin(index)  # the replay pin; the re-buffered traces pin what they still need
+
+    def close(self) -> None:
+        """Close the log; what is still pinned (undecided or not handed on) stays for the next start."""
+        wal, self._wal = self._wal, None
+        if wal is not None:
+            wal.close()
+
+    def abandon(self) -> None:
+        """Let go of the log and delete nothing, as ``kill -9`` would (tests and the benchmark)."""
+        wal, self._wal = self._wal, None
+        if wal is not None:
+            wal.abandon()
+
+    # --- the hot path ---------------------------------------------------------------------------
+
+    def consume(self, envelope: Envelope, sort: Callable[[Envelope], None]) -> None:
+        """Log ``envelope``, sort it into the buffer while the group commit runs, return once it is on disk."""
+        wal = self._wal
+        if wal is None or envelope.signal not in (Signal.TRACES, Signal.LOGS):
+            sort(envelope)  # not started (tests that never start), or a signal that is refused anyway
+            return
+        index, ticket = wal.write(envelope.signal, envelope.items, envelope.encoded)
+        here = self._here
+        here.segment = index
+        try:
+            sort(envelope)
+            wal.commit(ticket)
+        finally:
+            here.segment = None
+            wal.unpin(index)
+
+    def pin_here(self) -> int:
+        """Pin the segment of the request this thread is sorting (a new trace's data is in it)."""
+        wal = self._wal
+        if wal is None:
+            return -1
+        return wal.pin(getattr(self._here, "segment", None))
+
+    def release(self, traces) -> None:
+        """Drop the pins of traces that were dropped, or whose output now pins for them."""
+        wal = self._wal
+        if wal is None:
+            return
+        for t in traces:
+            seg = getattr(t, "segment", -1)
+            if seg >= 0:
+                t.segment = -1
+                wal.unpin(seg)
+
+    def envelope(self, signal: Signal, request, items: int, traces: list[Trace] | None) -> Envelope:
+        """Decided output pinning the oldest segment its data came from: that of the oldest of ``traces``,
+        or, for output made while sorting a request, that request's segment."""
+        env = PinnedEnvelope(signal, request, items=items)
+        env.segment = -1
+        wal = self._wal
+        if wal is not None:
+            if traces:
+                segs = [t.segment for t in traces if getattr(t, "segment", -1) >= 0]
+                if segs:
+                    env.segment = wal.pin(min(segs))
+            else:
+                env.segment = wal.pin(getattr(self._here, "segment", None))
+        return env
+
+    def releasing(self, next_consumer):
+        """The next stage, as the output sees it: an accepted (or for good refused) output drops its pin."""
+        return _Releasing(next_consumer, self) if self.enabled else next_consumer
+
+    def delivered(self, env: Envelope) -> None:
+        seg = getattr(env, "segment", -1)
+        wal = self._wal
+        if seg >= 0 and wal is not None:
+            env.segment = -1
+            wal.unpin(seg)
+
+    @property
+    def stored_bytes(self) -> int:
+        return self._wal.stored_bytes if self._wal else 0
+
+    @property
+    def segments(self) -> int:
+        return self._wal.segments if self._wal else 0
+
+
+class _Releasing:
+    __slots__ = ("_next", "_durable")
+
+    def __init__(self, next_consumer, durable: DurableBuffer):
+        self._next = next_consumer
+        self._durable = durable
+
+    def consume(self, envelope: Envelope) -> None:
+        try:
+            self._next.consume(envelope)
+        except Refused as e:
+            if not e.retryable:
+                self._durable.delivered(envelope)  # dropped for good by the outbox, counted there
+            raise
+        except Exception:
+            self._durable.delivered(envelope)
+            raise
+        self._durable.delivered(envelope)

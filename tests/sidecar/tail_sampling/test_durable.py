@@ -1,0 +1,230 @@
+"""Durable until decided: with ``storage``, what tail sampling holds survives a crash (durable.py, wal.py).
+
+Real files under a real ``file_storage`` extension; a crash is the processor dropped with its
+files let go and nothing deleted, as ``kill -9`` leaves them; the real kill -9 is in
+tests/e2e/test_durable_e2e.py.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+
+import pytest
+
+from sidecar.component import Kind, Refused
+from sidecar.config import ComponentId, ConfigError, parse_config
+from sidecar.envelope import Envelope
+from sidecar.extensions.file_storage import FileStorage, FileStorageConfig
+from sidecar.host import Host
+from sidecar.registry import CreateSettings
+from sidecar.signals import Signal
+from sidecar.telemetry import SelfTelemetry
+from tests.sidecar.tail_sampling.helpers import kept_logs, kept_spans, logs_request, make, span, tid, traces_request
+
+POLICIES = [{"name": "all", "type": "always_sample"}]
+
+
+def host_with_storage(directory) -> Host:
+    tel = SelfTelemetry()
+    settings = CreateSettings(id=ComponentId("file_storage"), kind=Kind.EXTENSION,
+                              telemetry=tel.component("extension", "file_storage"))
+    fs = FileStorage(settings, FileStorageConfig(directory=str(directory)))
+    fs.start(None)
+    host = Host(tel)
+    host.extensions["file_storage"] = fs
+    return host
+
+
+def durable(tmp_path, policies=POLICIES, **overrides):
+    """A started processor with its log under ``tmp_path`` (the same directory across 'restarts')."""
+    proc, sink, clock, tel = make(policies, storage="file_storage", **overrides)
+    proc.start(host_with_storage(tmp_path))
+    return proc, sink, clock, tel
+
+
+def crash(proc) -> None:
+    """What kill -9 leaves: no decision, no delivery, the log's files as they are."""
+    proc._ticker.stop(time.monotonic() + 5)
+    proc._durable.abandon()
+
+
+def wal_dir(tmp_path):
+    return tmp_path / "processor_tail_sampling"
+
+
+def segments(tmp_path) -> list[str]:
+    return sorted(p.name for p in wal_dir(tmp_path).glob("*.wal"))
+
+
+def recovered(tel, signal: Signal) -> float:
+    return tel.registry.get_sample_value("sidecar_tail_sampling_recovered_items_total",
+                                         {"component": "tail_sampling", "signal": signal.value}) or 0.0
+
+
+def test_undecided_spans_and_logs_survive_a_crash_and_are_decided_after_restart(tmp_path):
+    proc, sink, clock, _ = durable(tmp_path)
+    ids = [tid() for _ in range(20)]
+    proc.consume(Envelope(Signal.TRACES, traces_request(*[span(t, root=True) for t in ids])))
+    proc.consume(Envelope(Signal.TRACES, traces_request(*[span(t) for t in ids])))
+    proc.consume(Envelope(Signal.LOGS, logs_request(*[(t, 9, f"log {i}") for i, t in enumerate(ids)])))
+    assert kept_spans(sink) == [] and segments(tmp_path)
+    crash(proc)
+
+    proc2, sink2, clock2, tel2 = durable(tmp_path)
+    assert recovered(tel2, Signal.TRACES) == 40 and recovered(tel2, Signal.LOGS) == 20
+    assert proc2.buffered_traces == 20
+    proc2.tick(clock2.advance(1.5))  # the root grace period starts again at recovery
+    assert sorted(s.trace_id for s in kept_spans(sink2)) == sorted(ids * 2)
+    assert sorted(r.body.string_value for r in kept_logs(sink2)) == sorted(f"log {i}" for i in range(20))
+    # everything decided and handed on: the log is empty again
+    assert segments(tmp_path) == [] and proc2._durable.stored_bytes == 0
+    proc2.shutdown(time.monotonic() + 5)
+
+
+def test_decided_and_delivered_data_is_deleted_and_not_replayed(tmp_path):
+    proc, sink, clock, _ = durable(tmp_path)
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(tid(), root=True))))
+    proc.tick(clock.advance(1.5))
+    assert len(kept_spans(sink)) == 1
+    assert segments(tmp_path) == []
+    crash(proc)
+    proc2, sink2, clock2, tel2 = durable(tmp_path)
+    assert recovered(tel2, Signal.TRACES) == 0 and proc2.buffered_traces == 0
+    proc2.shutdown(time.monotonic() + 5)
+
+
+def test_output_refused_downstream_stays_in_the_log_until_accepted(tmp_path):
+    proc, sink, clock, _ = durable(tmp_path)
+    t = tid()
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(t, root=True), span(t))))
+    sink.refuse = Refused("queue_full")
+    proc.tick(clock.advance(1.5))
+    assert proc.pending_output_items == 2 and segments(tmp_path), "decided but not handed on: still logged"
+    crash(proc)  # the decided output was only in memory: the log brings it back
+
+    proc2, sink2, clock2, tel2 = durable(tmp_path)
+    assert recovered(tel2, Signal.TRACES) == 2
+    proc2.tick(clock2.advance(1.5))
+    assert [s.trace_id for s in kept_spans(sink2)] == [t, t] and segments(tmp_path) == []
+    proc2.shutdown(time.monotonic() + 5)
+
+
+def test_a_trace_still_waiting_keeps_newer_segments_of_other_traces(tmp_path):
+    proc, sink, clock, _ = durable(tmp_path, wal={"segment_bytes": 4096})
+    waiting = tid()
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(waiting))))  # no root: waits decision_wait (10s)
+    clock.advance(2)
+    late = tid()
+    proc.consume(Envelope(Signal.TRACES, traces_request(*[span(late, attrs={"pad": "x" * 500}) for _ in range(10)])))
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(waiting, root=True))))  # newer data of the old trace
+    assert len(segments(tmp_path)) >= 2
+    crash(proc)
+    proc2, sink2, clock2, tel2 = durable(tmp_path)
+    assert recovered(tel2, Signal.TRACES) == 12
+    proc2.tick(clock2.advance(10.5))
+    assert sorted(s.trace_id for s in kept_spans(sink2)) == sorted([waiting] * 2 + [late] * 10)
+    proc2.shutdown(time.monotonic() + 5)
+
+
+def test_graceful_shutdown_leaves_an_empty_log(tmp_path):
+    proc, sink, clock, _ = durable(tmp_path)
+    proc.consume(Envelope(Signal.TRACES, traces_request(*[span(tid()) for _ in range(5)])))
+    proc.shutdown(time.monotonic() + 5)
+    assert len(kept_spans(sink)) == 5 and segments(tmp_path) == []
+
+
+def test_a_full_log_refuses_with_a_retryable_code_until_decided_data_is_deleted(tmp_path):
+    proc, sink, clock, tel = durable(tmp_path, wal={"max_bytes": 1 << 20, "segment_bytes": 64 << 10})
+    big = {"payload": "x" * 20_000}
+    accepted = 0
+    with pytest.raises(Refused) as refused:
+        for _ in range(200):
+            proc.consume(Envelope(Signal.TRACES, traces_request(span(tid(), root=True, attrs=big))))
+            accepted += 1
+    assert refused.value.retryable and refused.value.reason == "storage_full"
+    assert 30 < accepted < 60
+    assert tel.value("refused", Signal.TRACES, "storage_full") == 1
+    proc.tick(clock.advance(1.5))  # decided, handed on: the segments go
+    assert len(kept_spans(sink)) == accepted
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(tid(), root=True, attrs=big))))
+    proc.shutdown(time.monotonic() + 5)
+
+
+def test_log_files_are_private(tmp_path):
+    proc, _, _, _ = durable(tmp_path)
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(tid()))))
+    assert stat.S_IMODE(os.stat(wal_dir(tmp_path)).st_mode) == 0o700
+    for name in segments(tmp_path):
+        assert stat.S_IMODE(os.stat(wal_dir(tmp_path) / name).st_mode) == 0o600
+    crash(proc)
+
+
+def test_a_torn_last_record_is_skipped_and_the_rest_recovered(tmp_path):
+    proc, _, _, _ = durable(tmp_path)
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(tid()), span(tid()))))
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(tid()))))
+    crash(proc)
+    [name] = segments(tmp_path)
+    path = wal_dir(tmp_path) / name
+    path.write_bytes(path.read_bytes()[:-5])  # the last write cut short: it was never acknowledged
+    proc2, sink2, clock2, tel2 = durable(tmp_path)
+    assert recovered(tel2, Signal.TRACES) == 2
+    proc2.shutdown(time.monotonic() + 5)
+
+
+def test_a_second_process_on_the_same_log_fails_at_start(tmp_path):
+    proc, _, _, _ = durable(tmp_path)
+    with pytest.raises(RuntimeError, match="in use by another process"):
+        durable(tmp_path)
+    proc.shutdown(time.monotonic() + 5)
+
+
+def test_concurrent_writers_share_syncs_and_all_are_recovered(tmp_path):
+    proc, sink, clock, tel = durable(tmp_path)
+    n_threads, per_thread = 8, 25
+
+    def send():
+        for _ in range(per_thread):
+            proc.consume(Envelope(Signal.TRACES, traces_request(span(tid()))))
+
+    threads = [threading.Thread(target=send) for _ in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    syncs = tel.registry.get_sample_value("sidecar_tail_sampling_log_syncs_total", {"component": "tail_sampling"})
+    assert 1 <= syncs <= n_threads * per_thread
+    crash(proc)
+    proc2, _, _, tel2 = durable(tmp_path)
+    assert recovered(tel2, Signal.TRACES) == n_threads * per_thread
+    proc2.shutdown(time.monotonic() + 5)
+
+
+_CONFIG = """
+extensions: {{file_storage: {{directory: {dir}}}}}
+receivers: {{otlp: {{protocols: {{grpc: {{endpoint: 127.0.0.1:0}}}}}}}}
+processors:
+  tail_sampling:
+    {storage}
+    wal: {{max_bytes: 10485760}}
+    policies: [{{name: all, type: always_sample}}]
+exporters: {{debug: {{}}}}
+service:
+  extensions: [{extensions}]
+  pipelines: {{traces: {{receivers: [otlp], processors: [tail_sampling], exporters: [debug]}}}}
+"""
+
+
+def test_config_names_a_storage_that_is_not_enabled_by_its_yaml_path(tmp_path):
+    text = _CONFIG.format(dir=tmp_path, storage="storage: file_storage", extensions="")
+    with pytest.raises(ConfigError, match=r"processors\.tail_sampling\.storage: references extension 'file_storage'"):
+        parse_config(text)
+    parse_config(_CONFIG.format(dir=tmp_path, storage="storage: file_storage", extensions="file_storage"))
+
+
+def test_config_wal_without_storage_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"processors\.tail_sampling.*wal: takes effect only with storage"):
+        parse_config(_CONFIG.format(dir=tmp_path, storage="", extensions="file_storage"))
