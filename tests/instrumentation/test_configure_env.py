@@ -39,6 +39,28 @@ def test_exporter_none_exports_nothing_for_that_signal():
         assert len(backend.log_records()) == 1 and backend.metrics()
 
 
+def test_console_exporter_from_the_environment():
+    proc = run_script("configure_scenarios.py", "per-signal", env={
+        **CLEAN, **FAST, "OTEL_TRACES_EXPORTER": "console", "OTEL_LOGS_EXPORTER": "none",
+        "OTEL_METRICS_EXPORTER": "none"})
+    assert '"name": "per-signal"' in proc.stdout
+
+
+def test_after_the_sdks_own_configurator_each_span_and_log_once_redacted():
+    """The issue's setup: a distro configured the SDK, then the app calls configure() too."""
+    with OTLPBackend() as backend:
+        run_script("configure_scenarios.py", "sdk-configurator", env={
+            **CLEAN, **FAST, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{backend.endpoint}",
+            "OTEL_TRACES_EXPORTER": "otlp", "OTEL_LOGS_EXPORTER": "otlp", "OTEL_METRICS_EXPORTER": "none",
+            "OTEL_PYTHON_LOGGING_AUTO_INSTRUMENTATION_ENABLED": "true"})
+        (span,) = [s for _, _, s in backend.spans()]
+        note = {kv.key: kv.value.string_value for kv in span.attributes}
+        assert note["request.id"] == "req-9" and "jane.doe@example.com" not in note["note"]
+        (log,) = [r for _, _, r in backend.log_records()]
+        assert "jane.doe@example.com" not in log.body.string_value and log.trace_id == span.trace_id
+        assert {kv.key: kv.value.string_value for kv in log.attributes}["request.id"] == "req-9"
+
+
 def test_variable_rules_and_errors():
     env = {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL": "grpc",
            "OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"}

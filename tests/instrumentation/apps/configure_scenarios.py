@@ -79,6 +79,19 @@ def existing_bare_provider() -> None:
     instrumentation.shutdown()
 
 
+def under_sdk_configurator() -> None:
+    """What opentelemetry-distro's configurator sets up (the SDK's own), then the app's configure()."""
+    from opentelemetry.sdk._configuration import _OTelSDKConfigurator
+
+    _OTelSDKConfigurator().configure()  # providers + OTLP exporters + a LoggingHandler on the root logger
+    instrumentation.configure()
+    with instrumentation.request_context(instrumentation.RequestContext(request_id="req-9")):
+        with trace.get_tracer("scenario").start_as_current_span("distro") as span:
+            span.set_attribute("note", "call jane.doe@example.com")
+            logging.getLogger("scenario").error("failed for jane.doe@example.com")
+    instrumentation.get_telemetry().force_flush(5000)
+
+
 def env_per_signal() -> None:
     instrumentation.configure()  # every choice from OTEL_* variables, per signal
     emit("per-signal")
@@ -139,7 +152,8 @@ def redacted() -> None:
 
 
 SCENARIOS = {"basic": basic, "env": env_only, "fork": fork, "existing": existing_provider,
-             "existing-bare": existing_bare_provider, "per-signal": env_per_signal, "unreachable": unreachable,
+             "existing-bare": existing_bare_provider, "sdk-configurator": under_sdk_configurator,
+             "per-signal": env_per_signal, "unreachable": unreachable,
              "console": console, "redaction-counts": redaction_counts, "dropping": dropping, "redaction": redacted}
 
 if __name__ == "__main__":
