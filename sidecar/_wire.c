@@ -1,7 +1,7 @@
 /*
  * sidecar._wire: one C pass over an encoded OTLP Export{Trace,Logs}ServiceRequest that returns
  * the few facts per span / log record the span_metrics and tail_sampling hot loops need, so
- * Python does only dict work instead of ~100 ns per protobuf field read.
+ * Python does only dict work instead of ~100 ns per protobuf field read, and never parses the request.
  *
  * The C half of one facade (sidecar/wire.py); sidecar/_wire_py.py is the pure-Python half, with the
  * same functions, signatures and named-tuple results (sidecar/_wire_types.py), and the tests run one
@@ -14,7 +14,7 @@
  *
  * Field numbers (opentelemetry-proto):
  *   Export*ServiceRequest: 1 Resource{Spans,Logs}
- *   Resource{Spans,Logs}:  1 resource, 2 Scope{Spans,Logs}, 3 schema_url
+ *   Resource{Spans,Logs}:  1 resource, 2 Scope{Spans,Logs}, 3 schema_url;  Resource: 1 attributes
  *   Scope{Spans,Logs}:     1 scope, 2 spans / log_records, 3 schema_url
  *   Span: 1 trace_id, 2 span_id, 3 trace_state, 4 parent_span_id, 5 name, 6 kind, 7 start (fixed64),
  *         8 end (fixed64), 9 attributes, 15 status (3 code), 16 flags (fixed32)
@@ -26,7 +26,7 @@
 #include <stdint.h>
 #include <string.h>
 
-/* Most attribute keys one call can look for (span_metrics dimensions + 3, tail_sampling checks). */
+/* Most attribute keys one call can look for (span_metrics dimensions + 3, tail_sampling's keys). */
 #define MAX_KEYS 64
 
 /* Deepest nesting of groups skipped inside one field (upb's default message depth limit). */
