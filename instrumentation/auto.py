@@ -7,6 +7,7 @@ Registered as entry points of the ``torch-otel-sidecar`` distribution:
 ``opentelemetry_configurator`` ``torch_otel``   :class:`Configurator` — calls :func:`configure`
 ``opentelemetry_instrumentor`` ``torch``        :class:`TorchInstrumentor` — models, by hooks
 ``opentelemetry_instrumentor`` ``torch_otel_asgi`` :class:`ASGIInstrumentor` — request identity
+``opentelemetry_instrumentor`` ``torch_otel_flask`` :class:`FlaskInstrumentor` — the same, WSGI
 =============================  ===============  ============================================
 
 So an app run under ``opentelemetry-instrument`` gets the same as one that calls
@@ -31,7 +32,7 @@ from opentelemetry.instrumentation.distro import BaseDistro
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.sdk._configuration import _BaseConfigurator
 
-__all__ = ["ASGIInstrumentor", "Configurator", "Distro", "TorchInstrumentor"]
+__all__ = ["ASGIInstrumentor", "Configurator", "Distro", "FlaskInstrumentor", "TorchInstrumentor"]
 
 NAME = "torch_otel"
 
@@ -146,3 +147,43 @@ def _served_through_middleware(cls: type, original: Any, options: dict[str, Any]
         await served(scope, receive, send)
 
     return __call__
+
+
+class FlaskInstrumentor(BaseInstrumentor):
+    """Request identity for every Flask app: :func:`~instrumentation.instrument_flask` on its first request.
+
+    An app that called ``instrument_flask`` itself is left as it is.
+    """
+
+    _original: Any = None
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return ("flask >= 2.0",)
+
+    def _instrument(self, **kwargs: Any) -> None:
+        from flask import Flask
+
+        from instrumentation.wsgi import WSGIMiddleware, instrument_flask
+
+        if FlaskInstrumentor._original is not None:
+            return
+        original = Flask.__call__
+        options = dict(kwargs)
+
+        def __call__(app: Any, environ: dict, start_response: Any) -> Any:
+            if not app.__dict__.get("_otel_flask"):
+                app.__dict__["_otel_flask"] = True
+                if not isinstance(app.wsgi_app, WSGIMiddleware):  # the app instrumented itself already
+                    instrument_flask(app, **options)
+            return original(app, environ, start_response)
+
+        FlaskInstrumentor._original = original
+        Flask.__call__ = __call__  # type: ignore[method-assign]
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        from flask import Flask
+
+        if FlaskInstrumentor._original is not None:
+            Flask.__call__ = FlaskInstrumentor._original  # type: ignore[method-assign]
+            FlaskInstrumentor._original = None
+

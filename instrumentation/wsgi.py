@@ -98,6 +98,10 @@ class _InSpan:
             payload_attribute(span, "http.response.body", chunks, size, self.limit)
 
 
+#: Environ key set by the outermost WSGIMiddleware, so a second one passes the request through.
+_TRACED = "instrumentation.traced"
+
+
 class WSGIMiddleware:
     """Traces every request and gives it an identity shared by its spans and logs.
 
@@ -112,10 +116,14 @@ class WSGIMiddleware:
         self._uid_key = _environ_key(self.identity.user_id_header) if self.identity.user_id_header else None
         self._debug_key = _environ_key(self.identity.debug_header) if self.identity.debug_header else None
         self._rid_header = self.identity.request_id_header
+        self._inner = app
         self.app = OpenTelemetryMiddleware(_InSpan(app, self.identity), tracer_provider=tracer_provider,
                                            meter_provider=meter_provider)
 
     def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if _TRACED in environ:  # an outer WSGIMiddleware (the app's own, or auto-instrumentation's) has it
+            return self._inner(environ, start_response)
+        environ[_TRACED] = True
         get = environ.get
         ctx = self.identity.context(get(self._rid_key), get(self._uid_key) if self._uid_key else None,
                                    get(self._debug_key) if self._debug_key else None, environ)

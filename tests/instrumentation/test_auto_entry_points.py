@@ -19,7 +19,7 @@ def test_entry_points_are_registered():
     assert issubclass(loaded("opentelemetry_distro")["torch_otel"], BaseDistro)
     assert issubclass(loaded("opentelemetry_configurator")["torch_otel"], _BaseConfigurator)
     instrumentors = loaded("opentelemetry_instrumentor")
-    assert set(instrumentors) == {"torch", "torch_otel_asgi"}
+    assert set(instrumentors) == {"torch", "torch_otel_asgi", "torch_otel_flask"}
     assert all(issubclass(cls, BaseInstrumentor) for cls in instrumentors.values())
 
 

@@ -144,3 +144,46 @@ def test_stops_within_the_shutdown_deadline_with_the_sidecar_gone():
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+@pytest.mark.parametrize("extra", [{}, {"APP_CONFIGURES_ITSELF": "1"}], ids=["plain-app", "app-calls-configure-too"])
+def test_flask_app_under_the_launcher(extra):
+    port = free_port()
+    with OTLPBackend() as backend:
+        env = {**os.environ, "PYTHONPATH": str(APPS), "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{backend.endpoint}",
+               "OTEL_BSP_SCHEDULE_DELAY": "50", "OTEL_BLRP_SCHEDULE_DELAY": "50", **extra}
+        for k in ("OTEL_PYTHON_DISTRO", "OTEL_PYTHON_CONFIGURATOR", "OTEL_SEMCONV_STABILITY_OPT_IN",
+                  "OTEL_TRACES_EXPORTER", "OTEL_LOGS_EXPORTER", "OTEL_METRICS_EXPORTER"):
+            env.pop(k, None)
+        proc = subprocess.Popen([str(LAUNCHER), sys.executable, str(APPS / "auto_flask_app.py"), str(port)],
+                                env=env, cwd=APPS, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            def up() -> bool:
+                assert proc.poll() is None, proc.communicate()
+                try:
+                    return httpx.get(f"http://127.0.0.1:{port}/predict", timeout=1).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_until(up, "the app to serve", timeout=60)
+            r = httpx.get(f"http://127.0.0.1:{port}/predict", params={"user": "jane.doe@example.com"},
+                          headers={"X-Request-ID": "req-flask-1"})
+            assert r.headers["x-request-id"] == "req-flask-1"
+            r = httpx.get(f"http://127.0.0.1:{port}/fail", headers={"X-Request-ID": "req-flask-2"})
+            assert r.status_code == 500 and r.headers["x-request-id"] == "req-flask-2"
+            wait_until(lambda: len([s for _, _, s in backend.spans() if s.kind == 2]) >= 3, "server spans")
+            wait_until(lambda: any(attrs(r).get("request.id") == "req-flask-2" for _, _, r in backend.log_records()),
+                       "the error log")
+        finally:
+            proc.kill()
+            proc.communicate()
+        spans = [s for _, _, s in backend.spans()]
+        server = [s for s in spans if s.kind == 2]
+        assert len(server) == 3 and len({s.span_id for s in spans}) == len(spans)  # one server span a request
+        by_rid = {attrs(s).get("request.id"): s for s in server}
+        assert attrs(by_rid["req-flask-1"])["http.request.method"] == "GET"
+        failed = by_rid["req-flask-2"]
+        assert [e.name for e in failed.events].count("exception") == 1
+        logs = [rec for _, _, rec in backend.log_records()]
+        (info,) = [rec for rec in logs if attrs(rec).get("request.id") == "req-flask-1"]  # once
+        assert info.body.string_value.startswith("scoring for") and "jane.doe" not in info.body.string_value
