@@ -7,8 +7,8 @@ invocation on the same traffic, and every scenario is reported as a ratio to it.
 
     .venv/bin/python benchmarks/throughput.py            # all scenarios
     .venv/bin/python benchmarks/throughput.py --sustain 30   # + 20k spans/s + 10k logs/s with 10 s decision wait
-    .venv/bin/python benchmarks/throughput.py --requests 60 --pii 0.05 --pii 1.0 \
-        --only floor --only passthrough --only "redaction on" --only "span_metrics + tail" --only default
+    .venv/bin/python benchmarks/throughput.py --requests 100 --pii 0.05 --pii 1.0 --repeat 3 \
+        --only passthrough --only "redaction on" --only "recommended: span" --only default
 
 ``--pii`` sets the share of traces that carry PII (``benchmarks/workload.py``); each density
 is its own load with its own floor, so every ratio compares figures of one traffic. The
@@ -77,23 +77,24 @@ SPAN_METRICS_TAIL = "recommended: span_metrics+tail_sampling 10%+queue batching"
 _ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def default_config(decision_wait: str, workers: int = 8) -> str:
+def default_config(decision_wait: str, workers: int = 8, path: Path | None = None) -> str:
     """The shipped default config, pointed at the counting backend; placeholders as :func:`sidecar_config`.
 
-    Only the endpoints, the exporter (file -> otlp, same persistent ``sending_queue``) and
-    ``decision_wait`` change; every processor and the queue's storage stay as shipped.
+    Only the endpoints, the ``file`` exporter (-> otlp, same persistent ``sending_queue``) and
+    ``decision_wait`` change; every processor, every other exporter and all storage stay as shipped.
     """
-    text = (ROOT / "collector-config" / "sidecar.yaml").read_text()
+    text = (path or ROOT / "collector-config" / "sidecar.yaml").read_text()
     text = _ENV_REF.sub(lambda m: os.environ.get(m.group(1), m.group(2) or ""), text)
     cfg = yaml.safe_load(text)
     cfg["receivers"]["otlp"]["protocols"] = {
         "grpc": {"endpoint": "127.0.0.1:LISTEN_PORT", "max_recv_msg_size_mib": 64, "workers": workers}}
     cfg["extensions"]["health_check"]["endpoint"] = "127.0.0.1:HEALTH_PORT"
     cfg["processors"]["tail_sampling"]["decision_wait"] = decision_wait
-    (name, file_exporter), = cfg["exporters"].items()
-    cfg["exporters"] = {"otlp": {"endpoint": "127.0.0.1:BACKEND_PORT", "tls": {"insecure": True},
-                                 "compression": "none",
-                                 "sending_queue": {**file_exporter["sending_queue"], "num_consumers": 2}}}
+    name = "file"
+    file_exporter = cfg["exporters"].pop(name)
+    cfg["exporters"]["otlp"] = {"endpoint": "127.0.0.1:BACKEND_PORT", "tls": {"insecure": True},
+                                "compression": "none",
+                                "sending_queue": {**file_exporter["sending_queue"], "num_consumers": 2}}
     cfg["service"]["telemetry"]["metrics"]["address"] = "127.0.0.1:METRICS_PORT"
     for pipe in cfg["service"]["pipelines"].values():
         pipe["exporters"] = ["otlp" if e == name else e for e in pipe["exporters"]]
@@ -300,7 +301,7 @@ def run_density(args, pii: float, decision_wait_s: float) -> list[dict]:
         if args.only and not any(o in name for o in args.only):
             continue
         if procs == ["default"]:
-            cfg = default_config(args.decision_wait)
+            cfg = default_config(args.decision_wait, path=args.default_config)
         else:
             cfg = sidecar_config("LISTEN_PORT", "BACKEND_PORT", procs, args.decision_wait, "METRICS_PORT")
         sampling = "tail_sampling" in procs or procs == ["default"]
@@ -313,12 +314,25 @@ def run_density(args, pii: float, decision_wait_s: float) -> list[dict]:
     return results
 
 
+def median_of(runs: list[list[dict]]) -> list[dict]:
+    """Per scenario, the run with the median ratio to its floor (``--repeat``: a shared machine is noisy)."""
+    out = []
+    for i in range(len(runs[0])):
+        ranked = sorted((run[i] for run in runs), key=lambda r: r["x_floor"])
+        pick = dict(ranked[len(ranked) // 2])
+        pick["x_floor_all"] = [round(r["x_floor"], 2) for r in ranked]
+        out.append(pick)
+    return out
+
+
 def print_table(results: list[dict]) -> None:
     print(f"\n{'pii':>4} {'scenario':58} {'CPU µs/item':>11} {'x floor':>8} {'items/s':>9} {'peak RSS MB':>11} "
           f"{'delivered':>17}")
     for r in results:
+        spread = f"  {r['x_floor_all']}" if len(r.get("x_floor_all", ())) > 1 else ""
         print(f"{r['pii']:4g} {r['scenario']:58} {r['cpu_us_per_item']:11.2f} {r['x_floor']:8.2f} "
-              f"{r['items_per_s']:9.0f} {r['peak_rss_mb']:11.1f} {r['delivered_spans']:>8}/{r['delivered_logs']:<8}")
+              f"{r['items_per_s']:9.0f} {r['peak_rss_mb']:11.1f} {r['delivered_spans']:>8}/{r['delivered_logs']:<8}"
+              f"{spread}")
 
 
 def main() -> None:
@@ -329,8 +343,11 @@ def main() -> None:
     p.add_argument("--sustain", type=int, default=0, help="seconds of the sustained 20k spans/s + 10k logs/s run")
     p.add_argument("--pii", action="append", type=float,
                    help="share of traces carrying PII; repeat for several loads (default 0.05)")
+    p.add_argument("--default-config", type=Path, help="the default scenario's config (default: "
+                   "collector-config/sidecar.yaml), e.g. an earlier version to compare with")
     p.add_argument("--redaction-path", choices=["wire", "object"], default="wire",
                    help="the redaction processor's path (object: the walk of parsed messages, as before issue 13)")
+    p.add_argument("--repeat", type=int, default=1, help="runs per load; each scenario reports its median ratio")
     p.add_argument("--json", help="write results here")
     p.add_argument("--profile", help="write py-spy stacks of each target to this directory (pip install py-spy)")
     args = p.parse_args()
@@ -343,7 +360,8 @@ def main() -> None:
     decision_wait_s = float(args.decision_wait.rstrip("s"))
     results = []
     for pii in args.pii or [0.05]:
-        results.extend(run_density(args, pii, decision_wait_s))
+        runs = [run_density(args, pii, decision_wait_s) for _ in range(args.repeat)]
+        results.extend(median_of(runs))
     print_table(results)
     if args.sustain:
         s = sustained(20_000, 10_000, args.sustain)
