@@ -180,8 +180,10 @@ typedef struct {
     const uint8_t *d;
     Py_ssize_t n;
     PyObject *decisions, *scan;
-    PyObject *texts, *names, *keys;
-    Ints sites, name_sites, kv_sites, items;
+    PyObject *names, *keys;
+    uint8_t *text;                /* the texts, each followed by a newline */
+    Py_ssize_t text_len, text_cap;
+    Ints text_ends, sites, name_sites, kv_sites, items;
     Py_ssize_t n_items, n_slots;
     KeySlot slots[KEY_SLOTS];
 } Loc;
@@ -273,8 +275,24 @@ static int push_bytes(PyObject *list, const uint8_t *p, Py_ssize_t n)
 static int text(Loc *L, Py_ssize_t ls, Py_ssize_t cs, Py_ssize_t ce, Py_ssize_t drop_start, Py_ssize_t drop_end,
                 Py_ssize_t item, Py_ssize_t key_start, Py_ssize_t key_end)
 {
-    Py_ssize_t v[7] = {ls, ce, drop_start, drop_end, item, key_start, key_end};
-    if (push_bytes(L->texts, L->d + cs, ce - cs) < 0)
+    Py_ssize_t v[7] = {ls, ce, drop_start, drop_end, item, key_start, key_end}, n = ce - cs;
+    if (L->text_len + n + 1 > L->text_cap) {
+        Py_ssize_t cap = L->text_cap ? L->text_cap * 2 : 4096;
+        while (cap < L->text_len + n + 1)
+            cap *= 2;
+        uint8_t *p = PyMem_Realloc(L->text, (size_t)cap);
+        if (p == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        L->text = p;
+        L->text_cap = cap;
+    }
+    memcpy(L->text + L->text_len, L->d + cs, (size_t)n);
+    L->text_len += n;
+    L->text[L->text_len++] = '\n';
+    Py_ssize_t end = L->text_len;
+    if (ints_push(&L->text_ends, &end, 1) < 0)
         return -1;
     return ints_push(&L->sites, v, 7);
 }
@@ -355,7 +373,7 @@ static int kv(Loc *L, Py_ssize_t kv_start, Py_ssize_t cs, Py_ssize_t ce, Py_ssiz
     int walk = decision == L->scan || decision == NULL;
     Py_ssize_t record = -1;
     if (decision != L->scan) {
-        Py_ssize_t first = PyList_GET_SIZE(L->texts);
+        Py_ssize_t first = L->text_ends.len;
         Py_ssize_t v[6] = {kv_start, cs, ce, item, first, first};
         record = L->kv_sites.len;
         int rc = PyList_Append(L->keys, key) < 0 || ints_push(&L->kv_sites, v, 6) < 0;
@@ -372,7 +390,7 @@ static int kv(Loc *L, Py_ssize_t kv_start, Py_ssize_t cs, Py_ssize_t ce, Py_ssiz
                 return -1;
         }
         if (record >= 0)
-            L->kv_sites.v[record + 5] = PyList_GET_SIZE(L->texts);
+            L->kv_sites.v[record + 5] = L->text_ends.len;
     }
     return top && key_end - key_start >= 10 && memcmp(L->d + key_start, "redaction.", 10) == 0 ? HAS_SUMMARY : 0;
 }
@@ -561,7 +579,8 @@ static PyObject *locate(PyObject *self, PyObject *args)
     PyObject *decisions, *scan;
     if (!PyArg_ParseTuple(args, "y*iOO:locate", &buf, &signal, &decisions, &scan))
         return NULL;
-    PyObject *result = NULL, *sites = NULL, *name_sites = NULL, *kv_sites = NULL, *items = NULL;
+    PyObject *result = NULL, *text = NULL, *text_ends = NULL, *sites = NULL, *name_sites = NULL, *kv_sites = NULL,
+             *items = NULL;
     Loc *L = PyMem_Calloc(1, sizeof(Loc));
     if (L == NULL) {
         PyBuffer_Release(&buf);
@@ -581,7 +600,7 @@ static PyObject *locate(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_TypeError, "decisions must be a dict");
         goto done;
     }
-    if (!(L->texts = PyList_New(0)) || !(L->names = PyList_New(0)) || !(L->keys = PyList_New(0)))
+    if (!(L->names = PyList_New(0)) || !(L->keys = PyList_New(0)))
         goto done;
     item_fn fn = signal == 0 ? span : signal == 1 ? log_record : signal == 2 ? metric : NULL;
     if (fn == NULL) {
@@ -590,17 +609,23 @@ static PyObject *locate(PyObject *self, PyObject *args)
     }
     if (groups(L, fn) < 0)
         goto done;
-    if (!(sites = ints_bytes(&L->sites)) || !(name_sites = ints_bytes(&L->name_sites)) ||
+    /* the texts joined with newlines, as b"\\n".join(texts): no newline after the last */
+    if (!(text = PyBytes_FromStringAndSize((const char *)L->text, L->text_len ? L->text_len - 1 : 0)) ||
+        !(text_ends = ints_bytes(&L->text_ends)) || !(sites = ints_bytes(&L->sites)) ||
+        !(name_sites = ints_bytes(&L->name_sites)) ||
         !(kv_sites = ints_bytes(&L->kv_sites)) || !(items = ints_bytes(&L->items)))
         goto done;
-    result = PyObject_CallFunctionObjArgs((PyObject *)Located_T, L->texts, sites, L->names, name_sites, L->keys,
-                                          kv_sites, items, NULL);
+    result = PyObject_CallFunctionObjArgs((PyObject *)Located_T, text, text_ends, sites, L->names, name_sites,
+                                          L->keys, kv_sites, items, NULL);
 done:
     Py_XDECREF(sites);
     Py_XDECREF(name_sites);
     Py_XDECREF(kv_sites);
     Py_XDECREF(items);
-    Py_XDECREF(L->texts);
+    Py_XDECREF(text);
+    Py_XDECREF(text_ends);
+    PyMem_Free(L->text);
+    PyMem_Free(L->text_ends.v);
     Py_XDECREF(L->names);
     Py_XDECREF(L->keys);
     PyMem_Free(L->sites.v);

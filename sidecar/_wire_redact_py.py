@@ -32,11 +32,14 @@ def _len_field(data: bytes, pos: int, end: int) -> tuple[int, int]:
 
 
 class _Locator:
-    __slots__ = ("data", "decisions", "scan", "texts", "sites", "names", "name_sites", "keys", "kv_sites", "items")
+    __slots__ = ("data", "decisions", "scan", "texts", "text_end", "text_ends", "sites", "names", "name_sites", "keys",
+                 "kv_sites", "items")
 
     def __init__(self, data: bytes, decisions: dict, scan: object):
         self.data, self.decisions, self.scan = data, decisions, scan
         self.texts: list = []
+        self.text_end = 0
+        self.text_ends: list = []
         self.sites: list = []
         self.names: list = []
         self.name_sites: list = []
@@ -116,6 +119,8 @@ class _Locator:
     def text(self, ls: int, cs: int, ce: int, drop_start: int, drop_end: int, item: int, key_start: int,
              key_end: int) -> None:
         self.texts.append(self.data[cs:ce])
+        self.text_end += ce - cs + 1
+        self.text_ends.append(self.text_end)
         self.sites.extend((ls, ce, drop_start, drop_end, item, key_start, key_end))
 
     def name(self, ls: int, cs: int, ce: int, item: int, is_event: int) -> None:
@@ -200,8 +205,8 @@ def locate(request: bytes, signal: int, decisions: dict, scan: object) -> Locate
         loc.groups(loc.metric)
     else:
         raise ValueError(f"unknown signal {signal!r}")
-    return Located(loc.texts, _int64s(loc.sites), loc.names, _int64s(loc.name_sites), loc.keys,
-                   _int64s(loc.kv_sites), _int64s(loc.items))
+    return Located(b"\n".join(loc.texts), _int64s(loc.text_ends), _int64s(loc.sites), loc.names,
+                   _int64s(loc.name_sites), loc.keys, _int64s(loc.kv_sites), _int64s(loc.items))
 
 
 def _int64s(values: list) -> bytes:

@@ -24,10 +24,12 @@ ValueError.
 from __future__ import annotations
 
 import os
+from bisect import bisect_right
 from types import ModuleType
 
 from redaction._config import Action
 from redaction._engine import (
+    _UNANCHORED,
     DROP,
     IGNORE,
     MASKED_COUNT,
@@ -131,13 +133,14 @@ def redact(engine: RedactionEngine, signal: str, request: bytes) -> "bytes | Non
     edits: list = []
     changed: dict[int, list] | None = None if engine.summary == "silent" else {}
     skip = _key_rules(engine, request, loc, tally, edits, changed)
-    texts = loc.texts
-    if texts:
+    text = loc.text
+    if loc.text_ends:
+        ends = memoryview(loc.text_ends).cast("q")
         sites = memoryview(loc.sites).cast("q")
-        for i in engine.candidates(texts):
+        for i in _candidates(engine, text, ends):
             if skip and i in skip:
                 continue
-            out = engine.scan(texts[i], tally)
+            out = engine.scan(text[ends[i - 1] if i else 0:ends[i] - 1], tally)
             if out is None:
                 continue
             base = i * SITE
@@ -167,6 +170,31 @@ def redact(engine: RedactionEngine, signal: str, request: bytes) -> "bytes | Non
     new = splice(request, _outermost(edits))
     engine.stats.merge(tally)
     return new
+
+
+def _candidates(engine: RedactionEngine, text: bytes, ends) -> "list[int] | range":
+    """Indices of the texts that may hold a match: ``engine.candidates(texts)`` on texts already joined.
+
+    The same scan as ``redaction._engine._hits`` with a newline between texts, without building
+    the list of texts or their ends in Python.
+    """
+    pre = engine._prefilter  # noqa: SLF001 - the engine's own prefilter, run on the joined texts
+    if pre is None:
+        return ()
+    n = len(text)
+    if not engine._batch_safe:  # noqa: SLF001 - patterns that cannot run on a join: each text on its own
+        texts = [text[ends[i - 1] if i else 0:ends[i] - 1] for i in range(len(ends))]
+        return [i for i, t in enumerate(texts) if pre.Match(_UNANCHORED, t, 0, len(t))[0][0] >= 0]
+    start = pre.Match(_UNANCHORED, text, 0, n)[0][0]
+    hits = []
+    while start >= 0:
+        i = bisect_right(ends, start)
+        hits.append(i)
+        pos = ends[i]
+        if pos >= n:
+            break
+        start = pre.Match(_UNANCHORED, text, pos, n)[0][0]
+    return hits
 
 
 def _key_rules(engine: RedactionEngine, request: bytes, loc: Located, tally: dict, edits: list,

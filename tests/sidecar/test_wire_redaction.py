@@ -55,6 +55,9 @@ CONFIGS = {
     "allowlist": {"allow_all_keys": False, "summary": "debug", "disallowed_key_action": "drop",
                   "allowed_keys": ["user.id", "prompt", "http.route", "allowed.one", "ml.model.id"],
                   "ignored_keys": ["notes"]},
+    # an anchored user pattern: texts cannot be scanned joined (the engine's batch-unsafe case)
+    "anchored": {"summary": "debug", "blocked_values": [{"name": "lead", "pattern": "\\ADROPME[0-9]+\\z",
+                                                         "action": "replace", "replacement": "<lead>"}]},
     "allowlist-hash": {"allow_all_keys": False, "disallowed_key_action": "hash", "allowed_keys": ["prompt"]},
 }
 
@@ -212,7 +215,8 @@ class TestWireRedaction:
         from redaction._engine import SCAN
         loc = impl.locate(data, LOGS, {"inner": SCAN, "k": SCAN, "authorization": object()}, SCAN)
         assert isinstance(loc, Located)
-        assert loc.texts == [b"a@b.co", b"v", b"x"]  # the authorization value is not walked: its key decides
+        assert loc.text == b"a@b.co\nv\nx"  # the authorization value is not walked: its key decides
+        assert list(memoryview(loc.text_ends).cast("q")) == [7, 9, 11]
         assert loc.keys == ["authorization", "new.key"]
         sites = memoryview(loc.sites).cast("q")
         labels = [data[sites[i * 7 + 5]:sites[i * 7 + 6]] for i in range(3)]
