@@ -38,12 +38,13 @@ from prometheus_client.samples import Exemplar
 from pydantic import Field, field_validator, model_validator
 
 from contract.attributes import GEN_AI_REQUEST_MODEL, ML_MODEL_ID, ML_MODEL_VERSION, SERVICE_NAME
+from sidecar import wire
 from sidecar.component import Component, Consumer, Kind, Refused
 from sidecar.config import ConfigModel, Duration
 from sidecar.registry import CreateSettings, Factory
-from sidecar.signals import Request, Signal, count_items, encoded
-
-from sidecar.accel import wire as _wire  # the optional C scanner; None: the pure-Python path
+from sidecar.envelope import Envelope
+from sidecar.signals import Signal
+from sidecar.ticker import Ticker
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,9 @@ class SpanMetricsConfig(ConfigModel):
 
     @model_validator(mode="after")
     def _dimension_names(self) -> "SpanMetricsConfig":
+        most = wire.MAX_KEYS - 3  # the scanner also looks for the model id, gen_ai model and version
+        if len(self.dimensions) > most:
+            raise ValueError(f"dimensions: at most {most} (got {len(self.dimensions)})")
         seen = set(_BUILTIN_LABELS)
         for i, d in enumerate(self.dimensions):
             label = label_name(d.name)
@@ -137,27 +141,21 @@ class SpanMetricsConfig(ConfigModel):
 MODEL_ID = ML_MODEL_ID
 GENAI_MODEL = GEN_AI_REQUEST_MODEL
 MODEL_VERSION = ML_MODEL_VERSION
+_SERVICE_KEY = SERVICE_NAME.encode()
 _ERROR = Status.STATUS_CODE_ERROR
-_GENAI_SLOT = 2
 
 # series layout (a list, mutated in place): count, sum_ns, per-bucket counts, slowest (ns, trace, span, end),
 # latest error (ns, trace, span, end)
 _COUNT, _SUM, _BUCKETS, _SLOW, _ERR = range(5)
 
 
-def _any_str(value) -> str:
-    """An attribute value as a label string (strings fast; other scalars by their text)."""
-    s = value.string_value
-    if s:
-        return s
-    kind = value.WhichOneof("value")
-    if kind is None or kind == "string_value":
-        return ""
-    if kind == "bool_value":
-        return "true" if value.bool_value else "false"
-    if kind in ("int_value", "double_value"):
-        return str(getattr(value, kind))
-    return ""  # arrays, maps and bytes make poor labels
+def enum_label(enum, value: int) -> str:
+    """An enum's name, or its number for a value outside the known range (enums are open: any int32
+    can arrive, and one such span must not break /metrics or the OTLP export)."""
+    try:
+        return enum.Name(value)
+    except ValueError:
+        return str(value)
 
 
 class _Collector:
@@ -184,8 +182,6 @@ class _Collector:
 class SpanMetricsProcessor(Component):
     """Counts every span into per-series calls and duration histograms; forwards the spans untouched."""
 
-    mutates_data = False
-
     def __init__(self, settings: CreateSettings, cfg: SpanMetricsConfig, next_consumer: Consumer, *,
                  wall_clock: Callable[[], float] = time.time):
         self._tel = settings.telemetry
@@ -199,20 +195,11 @@ class SpanMetricsProcessor(Component):
         self._exemplars = cfg.exemplars.enabled
         # attribute key -> slot; slots: service, model id, gen_ai model, model version, then dimensions
         keys = [SERVICE_NAME, MODEL_ID, GENAI_MODEL, MODEL_VERSION] + [d.name for d in cfg.dimensions]
-        self._slots = {k: i for i, k in enumerate(keys)}
-        #: service.name comes from the resource only
-        self._span_slots = {k: i for k, i in self._slots.items() if i}
-        #: keys whose span value settles a label (gen_ai.request.model only stands in for ml.model.id)
-        self._want = len(keys) - 2
-        self._n_slots = len(keys)
         self._dim_defaults = [d.default or "" for d in cfg.dimensions]
         self._dim_labels = [label_name(d.name) for d in cfg.dimensions]
         self._dim_attrs = [d.name for d in cfg.dimensions]
-        #: span attribute keys in slot order (slot 1 on), as the C scanner takes them
+        #: span attribute keys in slot order (slot 1 on; service.name comes from the resource only)
         self._span_keys = tuple(k.encode() for k in keys[1:])
-        if _wire is not None and len(self._span_keys) <= _wire.MAX_KEYS:
-            self._aggregate = self._aggregate_wire
-            self._span_metric_rows = _wire.span_metric_rows
         prefix = label_name(cfg.namespace)
         self._calls_name = prefix + "_calls"
         self._duration_name = prefix + "_duration_seconds"
@@ -225,8 +212,7 @@ class SpanMetricsProcessor(Component):
             Counter, "sidecar_span_metrics_overflow_spans",
             "Spans counted under the overflow series because max_series was reached.", ("component",)).labels(self._id)
         family(_Collector, "span_metrics_collector", "", ()).processors.add(self)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._ticker = Ticker(self._periodic, cfg.metrics_flush_interval, name=f"span_metrics[{self._id}]")
 
     # --- pipeline ---------------------------------------------------------------------------------
 
@@ -236,132 +222,42 @@ class SpanMetricsProcessor(Component):
         return Signal.METRICS in getattr(self._next, "routes", {})
 
     def start(self, host) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=f"span_metrics[{self._id}]", daemon=True)
-        self._thread.start()
+        self._ticker.start()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self._cfg.metrics_flush_interval):
-            try:
-                if self.emits_metrics:
-                    self.flush_metrics()
-                self._age_slowest()
-            except Exception:
-                log.exception("span_metrics flush failed")
+    def _periodic(self) -> None:
+        if self.emits_metrics:
+            self.flush_metrics()
+        self._age_slowest()
 
     def shutdown(self, deadline: float) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
-            self._thread = None
+        self._ticker.stop(deadline)
         if self.emits_metrics:
             self.flush_metrics()
 
-    def consume(self, signal: Signal, request: Request) -> None:
+    def consume(self, envelope: Envelope) -> None:
+        signal = envelope.signal
         if signal is Signal.TRACES:
-            n = count_items(signal, request)
-            self._tel.received(signal, n)
-            delta = self._aggregate(request)
-            try:
-                self._next.consume(signal, request)
-            except Refused as e:
-                self._tel.refused(signal, n, e.reason)
-                raise  # the sender will retry: count its spans then, not now
+            delta = self._aggregate(envelope)
+            self._next.consume(envelope)  # refused: the sender retries, so its spans count then, not now
             self._merge(delta)
-            self._tel.accepted(signal, n)
         elif signal is Signal.METRICS:
-            n = count_items(signal, request)
-            self._tel.received(signal, n)
-            try:
-                self._next.consume(signal, request)
-            except Refused as e:
-                self._tel.refused(signal, n, e.reason)
-                raise
-            self._tel.accepted(signal, n)
+            self._next.consume(envelope)
         else:
             raise Refused("unsupported_signal", retryable=False, message=f"span_metrics does not take {signal.value}")
 
     # --- the hot path -------------------------------------------------------------------------------
 
-    def _aggregate(self, request) -> dict[tuple, list]:
+    def _aggregate(self, envelope: Envelope) -> dict[tuple, list]:
         """Per-series deltas of one request (merged only once the next stage has accepted it).
 
-        Resource attributes are read once per resource; a span's attributes only until every
-        configured key has been seen (instrumentations set the model identity first), and a
-        label only costs a list copy on spans that carry one of the keys.
-        """
-        delta: dict[tuple, list] = {}
-        slot_of = self._span_slots.get
-        want = self._want
-        n_slots = self._n_slots
-        dim_defaults = self._dim_defaults
-        bounds = self._bounds_ns
-        n_buckets = self._n_buckets
-        exemplars = self._exemplars
-        for rs in request.resource_spans:
-            base = [""] * n_slots
-            for kv in rs.resource.attributes:
-                i = self._slots.get(kv.key)
-                if i is not None:
-                    base[i] = _any_str(kv.value)
-            service = base[0]
-            base_tail = self._tail(base)
-            for ss in rs.scope_spans:
-                for span in ss.spans:
-                    vals = None
-                    found = 0
-                    for kv in span.attributes:
-                        i = slot_of(kv.key)
-                        if i is not None:
-                            if vals is None:
-                                vals = base.copy()
-                            value = kv.value
-                            vals[i] = value.string_value or _any_str(value)
-                            if i != _GENAI_SLOT:
-                                found += 1
-                                if found == want:
-                                    break
-                    status = span.status.code
-                    if vals is None:
-                        key = (service, span.name, span.kind, status) + base_tail
-                    elif dim_defaults:
-                        key = (service, span.name, span.kind, status) + self._tail(vals)
-                    else:
-                        key = (service, span.name, span.kind, status, vals[1] or vals[2], vals[3])
-                    start = span.start_time_unix_nano
-                    end = span.end_time_unix_nano
-                    d = end - start if end > start else 0
-                    s = delta.get(key)
-                    if s is None:
-                        s = delta[key] = [0, 0, [0] * n_buckets, None, None]
-                    s[0] += 1
-                    s[1] += d
-                    s[2][bisect_left(bounds, d)] += 1
-                    if exemplars:
-                        if status == _ERROR:
-                            s[4] = (d, span.trace_id, span.span_id, end)
-                        elif s[3] is None or d > s[3][0]:
-                            s[3] = (d, span.trace_id, span.span_id, end)
-        return delta
-
-    def _aggregate_wire(self, request) -> dict[tuple, list]:
-        """:meth:`_aggregate` on the C scanner's rows: one serialization and one C pass per request.
-
-        The scanner keys a span by (service, name, kind, status, slot 1.. values); ``by_raw`` maps
-        each such key to its series' delta, so the series key is built once per distinct raw key.
+        The wire scanner (C or Python) reads only the encoding and yields one row per span keyed by
+        (service, name, kind, status, slot 1.. labels), an empty or missing span label being its
+        resource's; ``by_raw`` maps each such key to its series' delta, so the series key is built
+        once per distinct raw key.
         """
         delta: dict[tuple, list] = {}
         by_raw: dict[tuple, list] = {}
-        slots = self._slots
-        bases = []
-        for rs in request.resource_spans:
-            base = [""] * self._n_slots
-            for kv in rs.resource.attributes:
-                i = slots.get(kv.key)
-                if i is not None:
-                    base[i] = _any_str(kv.value)
-            bases.append(tuple(base))
-        rows = self._span_metric_rows(encoded(request), self._span_keys, bases)
+        rows = wire.span_metric_rows(envelope.encoded, _SERVICE_KEY, self._span_keys)
         bounds = self._bounds_ns
         n_buckets = self._n_buckets
         exemplars = self._exemplars
@@ -431,8 +327,8 @@ class SpanMetricsProcessor(Component):
         if key == self._overflow_key:
             return {"otel_metric_overflow": "true"}
         labels = {
-            "service_name": key[0], "span_name": key[1], "span_kind": Span.SpanKind.Name(key[2]),
-            "status_code": Status.StatusCode.Name(key[3]), "model_id": key[4], "model_version": key[5],
+            "service_name": key[0], "span_name": key[1], "span_kind": enum_label(Span.SpanKind, key[2]),
+            "status_code": enum_label(Status.StatusCode, key[3]), "model_id": key[4], "model_version": key[5],
         }
         labels.update(zip(self._dim_labels, key[6:]))
         return labels
@@ -516,8 +412,8 @@ class SpanMetricsProcessor(Component):
             kv = KeyValue(key="otel.metric.overflow")
             kv.value.bool_value = True
             return [kv]
-        pairs = [("span.name", key[1]), ("span.kind", Span.SpanKind.Name(key[2])),
-                 ("status.code", Status.StatusCode.Name(key[3])), (MODEL_ID, key[4]), (MODEL_VERSION, key[5])]
+        pairs = [("span.name", key[1]), ("span.kind", enum_label(Span.SpanKind, key[2])),
+                 ("status.code", enum_label(Status.StatusCode, key[3])), (MODEL_ID, key[4]), (MODEL_VERSION, key[5])]
         pairs += list(zip(self._dim_attrs, key[6:]))
         out = []
         for k, v in pairs:
@@ -529,12 +425,11 @@ class SpanMetricsProcessor(Component):
 
     def flush_metrics(self) -> None:
         """Send the cumulative metrics into the metrics pipeline (cumulative: a refused flush loses nothing)."""
-        req = self.build_metrics_request()
-        n = count_items(Signal.METRICS, req)
-        if not n:
+        env = Envelope(Signal.METRICS, self.build_metrics_request())
+        if not env.items:
             return
         try:
-            self._next.consume(Signal.METRICS, req)
+            self._next.consume(env)
         except Refused as e:
             log.debug("span_metrics flush refused (%s); the next flush carries the same totals", e.reason)
 
@@ -549,4 +444,6 @@ FACTORY = Factory(
     config_model=SpanMetricsConfig,
     create=lambda settings, cfg, next_consumer: SpanMetricsProcessor(settings, cfg, next_consumer),
     signals=frozenset({Signal.TRACES, Signal.METRICS}),
+    telemetry=frozenset({"sidecar_span_metrics_overflow_spans", "traces_span_metrics_calls",
+                         "traces_span_metrics_duration_seconds"}),
 )
