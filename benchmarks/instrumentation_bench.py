@@ -50,7 +50,7 @@ def _per_call(fn, x, calls: int) -> float:
     return (time.thread_time() - t0) / calls
 
 
-def forward_overhead(calls: int, rounds: int = 7) -> None:
+def forward_overhead(calls: int, rounds: int = 11) -> None:
     torch.set_num_threads(1)
     provider = TracerProvider()
     provider.add_span_processor(RequestContextSpanProcessor())

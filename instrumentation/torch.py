@@ -286,20 +286,8 @@ class _ForwardSpans:
         self._cuda = cuda_timer
         # what compiled code calls: run eagerly, outside the graph (a graph break each side); eager
         # calls skip this wrapper, which costs more than a microsecond per call
-        self._pre_eager = torch.compiler.disable(self._pre, recursive=True)
-        self._post_eager = torch.compiler.disable(self._post, recursive=True)
-
-    def pre(self, module: Any, args: tuple, kwargs: dict) -> None:
-        """The forward pre-hook. Under ``torch.compile`` dynamo sees only the branch to the eager copy."""
-        if _is_compiling():
-            return self._pre_eager(module, args, kwargs)
-        return self._pre(module, args, kwargs)
-
-    def post(self, module: Any, args: tuple, kwargs: dict, out: Any) -> None:
-        """The always-called forward hook (also after an exception, which it records)."""
-        if _is_compiling():
-            return self._post_eager(module, args, kwargs, out)
-        return self._post(module, args, kwargs, out)
+        self._pre_eager = torch.compiler.disable(self.pre, recursive=True)
+        self._post_eager = torch.compiler.disable(self.post, recursive=True)
 
     def __deepcopy__(self, memo: dict) -> "_ForwardSpans":
         return self  # copy.deepcopy(model): the copy reports as the same model (tracers and locks are shared)
@@ -308,7 +296,10 @@ class _ForwardSpans:
         # torch.save(model) of the whole module: loaded, it is instrumented again, on the global providers
         return (_restore_spans, (self.model_id, self.model_version, self._static["ml.parameter_count"]))
 
-    def _pre(self, _module: Any, args: tuple, kwargs: dict) -> None:
+    def pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+        """The forward pre-hook. Under ``torch.compile`` dynamo sees only the branch to the eager copy."""
+        if _is_compiling():
+            return self._pre_eager(module, args, kwargs)  # at run time, not compiling: the code below
         d = self._describe
         tensors = d.tensors(args, kwargs)
         attributes = dict(self._static)
@@ -336,7 +327,10 @@ class _ForwardSpans:
             device = None
         _FWD_STACK.set((self, span, token, begun, device, _FWD_STACK.get()))
 
-    def _post(self, _module: Any, args: tuple, kwargs: dict, out: Any) -> None:
+    def post(self, module: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        """The always-called forward hook (also after an exception, which it records)."""
+        if _is_compiling():
+            return self._post_eager(module, args, kwargs, out)
         node = _FWD_STACK.get()
         if node is None or node[0] is not self:
             return  # our pre-hook never ran (an earlier hook raised): nothing to end
