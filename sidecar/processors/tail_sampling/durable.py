@@ -68,7 +68,7 @@ class PinningTraceBuffer(TraceBuffer):
         while len(traces) >= self.num_traces:
             evicted.append(self._pop_oldest())
         t = PinnedTrace(trace_id, now)
-        t.segment = self._durable.pin_here()
+        t.segment = self._durable.pin_here()  # taken from the pins the request reserved (no lock)
         traces[trace_id] = t
         self.nbytes += TRACE_OVERHEAD
         return t
@@ -178,33 +178,45 @@ class DurableBuffer:
         if wal is None or envelope.signal not in (Signal.TRACES, Signal.LOGS):
             sort(envelope)  # not started (tests that never start), or a signal that is refused anyway
             return
-        index, ticket = wal.write(envelope.signal, envelope.items, envelope.encoded)
+        # one pin for the request in flight plus one reserved per item (at most one new trace each)
+        reserved = envelope.items
+        index, ticket = wal.write(envelope.signal, envelope.items, envelope.encoded, pins=1 + reserved)
         here = self._here
-        here.segment = index
+        here.segment, here.reserved = index, reserved
         try:
             sort(envelope)
             wal.commit(ticket)
         finally:
-            here.segment = None
-            wal.unpin(index)
+            left = here.reserved
+            here.segment, here.reserved = None, 0
+            wal.unpin(index, 1 + left)
 
     def pin_here(self) -> int:
-        """Pin the segment of the request this thread is sorting (a new trace's data is in it)."""
+        """Pin the segment of the request this thread is sorting (a new trace's data is in it): one of
+        the pins the request reserved when it was written, else a new one."""
         wal = self._wal
         if wal is None:
             return -1
-        return wal.pin(getattr(self._here, "segment", None))
+        here = self._here
+        index = getattr(here, "segment", None)
+        if index is not None and getattr(here, "reserved", 0) > 0:
+            here.reserved -= 1
+            return index
+        return wal.pin(index)
 
     def release(self, traces) -> None:
         """Drop the pins of traces that were dropped, or whose output now pins for them."""
         wal = self._wal
         if wal is None:
             return
+        counts: dict[int, int] = {}
         for t in traces:
             seg = getattr(t, "segment", -1)
             if seg >= 0:
                 t.segment = -1
-                wal.unpin(seg)
+                counts[seg] = counts.get(seg, 0) + 1
+        if counts:
+            wal.unpin_many(counts)
 
     def envelope(self, signal: Signal, request, items: int, traces: list[Trace] | None) -> Envelope:
         """Decided output pinning the oldest segment its data came from: that of the oldest of ``traces``,

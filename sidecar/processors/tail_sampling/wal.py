@@ -150,8 +150,8 @@ class WriteAheadLog:
 
     # --- appending ------------------------------------------------------------------------------
 
-    def write(self, signal: Signal, items: int, payload: bytes) -> tuple[int, int]:
-        """Write one record and pin its segment; returns (segment index, ticket for :meth:`commit`).
+    def write(self, signal: Signal, items: int, payload: bytes, pins: int = 1) -> tuple[int, int]:
+        """Write one record and pin its segment ``pins`` times; returns (segment index, ticket for :meth:`commit`).
 
         Raises :class:`Refused` (retryable) while the log is at ``max_bytes`` or the disk is full.
         """
@@ -177,7 +177,7 @@ class WriteAheadLog:
                     raise Refused("disk_full", message=f"cannot log request: {e.strerror} ({self.directory})") from e
                 raise Refused("storage_error", message=f"cannot log request: {e}") from e
             seg.size += n
-            seg.refs += 1
+            seg.refs += pins
             self.stored_bytes += n
             self._written += 1
             return seg.index, self._written
@@ -249,15 +249,21 @@ class WriteAheadLog:
             seg.refs += 1
             return seg.index
 
-    def unpin(self, index: int) -> None:
-        """Drop one pin of segment ``index``; delete the oldest segments nothing needs any more."""
+    def unpin(self, index: int, n: int = 1) -> None:
+        """Drop ``n`` pins of segment ``index``; delete the oldest segments nothing needs any more."""
+        self.unpin_many({index: n})
+
+    def unpin_many(self, counts: dict[int, int]) -> None:
+        """Drop pins (segment index -> how many) under one lock; delete the oldest segments nothing needs."""
         doomed = []
         with self._lock:
-            seg = self._segments.get(index)
-            if seg is None:
-                return
-            seg.refs -= 1
-            if seg.refs > 0:
+            freed = False
+            for index, n in counts.items():
+                seg = self._segments.get(index)
+                if seg is not None and n:
+                    seg.refs -= n
+                    freed = freed or seg.refs <= 0
+            if not freed:
                 return
             segs = self._segments
             while segs:
