@@ -228,3 +228,33 @@ def test_config_names_a_storage_that_is_not_enabled_by_its_yaml_path(tmp_path):
 def test_config_wal_without_storage_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match=r"processors\.tail_sampling.*wal: takes effect only with storage"):
         parse_config(_CONFIG.format(dir=tmp_path, storage="", extensions="file_storage"))
+
+
+def test_output_refused_for_good_is_dropped_counted_and_its_log_deleted(tmp_path):
+    proc, sink, clock, tel = durable(tmp_path)
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(tid(), root=True))))
+    sink.refuse = Refused("bad_data", retryable=False)
+    proc.tick(clock.advance(1.5))
+    assert tel.value("dropped", Signal.TRACES, "bad_data", "false") == 1
+    assert segments(tmp_path) == [], "dropped for good: nothing left to recover"
+    proc.shutdown(time.monotonic() + 5)
+
+
+def test_a_refusal_during_recovery_keeps_the_segment_for_the_next_start(tmp_path):
+    proc, sink, clock, _ = durable(tmp_path)
+    waiting = tid()
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(waiting))))  # undecided: keeps the segment
+    proc.consume(Envelope(Signal.LOGS, logs_request((b"", 9, "no trace"))))  # forwarded as received
+    assert len(kept_logs(sink)) == 1
+    crash(proc)
+
+    proc2, sink2, _, tel2 = make(POLICIES, storage="file_storage")
+    sink2.refuse = Refused("queue_full")  # the next stage refuses while the log is replayed
+    proc2.start(host_with_storage(tmp_path))
+    assert recovered(tel2, Signal.TRACES) == 1 and recovered(tel2, Signal.LOGS) == 0
+    crash(proc2)
+    proc3, sink3, _, tel3 = durable(tmp_path)
+    assert recovered(tel3, Signal.TRACES) == 1 and recovered(tel3, Signal.LOGS) == 1
+    proc3.shutdown(time.monotonic() + 5)
+    assert [r.body.string_value for r in kept_logs(sink3)] == ["no trace"]  # at least once: it came again
+    assert [s.trace_id for s in kept_spans(sink3)] == [waiting]
