@@ -1,5 +1,6 @@
 """The pipeline graph: one instance per id, shared processors per signal, copy on mutation, ordering, counting."""
 
+import contextlib
 import time
 
 import pytest
@@ -120,16 +121,41 @@ service:
         assert tel.value("exported", Signal.TRACES) == 5
 
 
-def test_stages_after_a_mutating_processor_never_see_the_stale_received_encoding():
-    """redaction before tail_sampling: tail_sampling works on bytes, and they must be the redacted ones."""
+def _emails(backend) -> list[str]:
+    return [kv.value.string_value for _, _, span in backend.spans() for kv in span.attributes if kv.key == "user.email"]
+
+
+@contextlib.contextmanager
+def _running(config_yaml: str, shutdown_timeout: float = 5):
+    """A started Service built from ``config_yaml`` (RECEIVER_PORT: a free port) and a function that
+    exports one request to its OTLP/gRPC receiver and returns the status code's name."""
     import grpc
     from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
+    port = free_port()
+    service = Service(parse_config(config_yaml.replace("RECEIVER_PORT", str(port)), environ={}))
+    service.start()
+    stub = trace_service_pb2_grpc.TraceServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+
+    def export(req) -> str:
+        try:
+            stub.Export(req, timeout=5)
+            return "OK"
+        except grpc.RpcError as e:
+            return e.code().name
+
+    try:
+        yield service, export
+    finally:
+        service.shutdown(shutdown_timeout)
+
+
+def test_stages_after_a_mutating_processor_never_see_the_stale_received_encoding():
+    """redaction before tail_sampling: tail_sampling works on bytes, and they must be the redacted ones."""
     with OTLPBackend() as backend:
-        port = free_port()
-        cfg = parse_config(f"""
+        with _running(f"""
 receivers:
-  otlp: {{protocols: {{grpc: {{endpoint: 127.0.0.1:{port}}}}}}}
+  otlp: {{protocols: {{grpc: {{endpoint: 127.0.0.1:RECEIVER_PORT}}}}}}
 processors:
   redaction: {{}}
   span_metrics: {{}}
@@ -143,17 +169,10 @@ service:
   telemetry: {{metrics: {{address: null}}}}
   pipelines:
     traces: {{receivers: [otlp], processors: [redaction, span_metrics, tail_sampling], exporters: [otlp]}}
-""", environ={})
-        service = Service(cfg)
-        service.start()
-        try:
-            stub = trace_service_pb2_grpc.TraceServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-            stub.Export(_request(), timeout=5)
+""") as (_, export):
+            assert export(_request()) == "OK"
             assert backend.wait_for_items(Signal.TRACES, 1, timeout=10)
-        finally:
-            service.shutdown(5)
-        (_, _, span), = backend.spans()
-        (value,) = [kv.value.string_value for kv in span.attributes if kv.key == "user.email"]
+        (value,) = _emails(backend)
         assert "a@example.com" not in value and value
 
 
@@ -197,21 +216,13 @@ def scrub_registered(monkeypatch):
     monkeypatch.setitem(registry._load(), (Kind.PROCESSOR, "scrub"), factory)
 
 
-def _emails(backend) -> list[str]:
-    return [kv.value.string_value for _, _, span in backend.spans() for kv in span.attributes if kv.key == "user.email"]
-
-
 def test_an_undeclared_in_place_processor_cannot_cause_stale_bytes_to_be_exported(scrub_registered):
     """scrub -> stages that work on bytes (span_metrics, tail_sampling) -> a queued OTLP exporter that sends
     bytes as they are; a second pipeline shares the receiver without scrub and must see the original."""
-    import grpc
-    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
-
     with OTLPBackend() as scrubbed, OTLPBackend() as raw:
-        port = free_port()
-        cfg = parse_config(f"""
+        with _running(f"""
 receivers:
-  otlp: {{protocols: {{grpc: {{endpoint: 127.0.0.1:{port}}}}}}}
+  otlp: {{protocols: {{grpc: {{endpoint: 127.0.0.1:RECEIVER_PORT}}}}}}
 processors:
   scrub: {{}}
   span_metrics: {{}}
@@ -227,16 +238,10 @@ service:
   pipelines:
     traces: {{receivers: [otlp], processors: [scrub, span_metrics, tail_sampling], exporters: [otlp/scrubbed]}}
     traces/raw: {{receivers: [otlp], exporters: [otlp/raw]}}
-""", environ={})
-        service = Service(cfg)
-        service.start()
-        try:
-            stub = trace_service_pb2_grpc.TraceServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-            stub.Export(_request(), timeout=5)
+""") as (_, export):
+            assert export(_request()) == "OK"
             assert scrubbed.wait_for_items(Signal.TRACES, 1, timeout=10)
             assert raw.wait_for_items(Signal.TRACES, 1, timeout=10)
-        finally:
-            service.shutdown(5)
         assert _emails(scrubbed) == ["[EMAIL]"]
         assert _emails(raw) == ["a@example.com"]  # the other branch of the fan-out is untouched
 
@@ -258,13 +263,9 @@ def _by_component(registry, family: str) -> dict[str, float]:
 def test_one_queue_full_event_is_one_refusal_counted_where_it_happened():
     """receiver -> memory_limiter -> span_metrics -> exporter whose queue is full: only the exporter counts
     the refusal (one SidecarRefusingData alert, not four); every stage in front still counts what it received."""
-    import grpc
-    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
-
-    port = free_port()
-    cfg = parse_config(f"""
+    with _running(f"""
 receivers:
-  otlp: {{protocols: {{grpc: {{endpoint: 127.0.0.1:{port}}}}}}}
+  otlp: {{protocols: {{grpc: {{endpoint: 127.0.0.1:RECEIVER_PORT}}}}}}
 processors:
   memory_limiter: {{limit_mib: 100000}}
   span_metrics: {{}}
@@ -275,18 +276,9 @@ service:
   telemetry: {{metrics: {{address: null}}}}
   pipelines:
     traces: {{receivers: [otlp], processors: [memory_limiter, span_metrics], exporters: [otlp]}}
-""", environ={})
-    service = Service(cfg)
-    service.start()
-    try:
-        stub = trace_service_pb2_grpc.TraceServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-        codes = []
-        for i in range(4):  # the worker holds one (retrying), the queue one; then the queue is full
-            try:
-                stub.Export(_request(f"op-{i}"), timeout=5)
-                codes.append("OK")
-            except grpc.RpcError as e:
-                codes.append(e.code().name)
+""", shutdown_timeout=1) as (service, export):
+        # the backend is down: the worker holds one request (retrying), the queue one; then the queue is full
+        codes = [export(_request(f"op-{i}")) for i in range(4)]
         assert codes[:2] == ["OK", "OK"] and "UNAVAILABLE" in codes
         refused = codes.count("UNAVAILABLE")
         registry = service.telemetry.registry
@@ -295,5 +287,5 @@ service:
         assert received == {"receiver otlp": 4, "processor memory_limiter": 4, "processor span_metrics": 4,
                             "exporter otlp": 4}
         assert _by_component(registry, "sidecar_items_accepted") == {c: 4 - refused for c in received}
-    finally:
-        service.shutdown(1)
+        assert registry.get_sample_value("sidecar_receiver_requests_refused_total", {
+            "component": "otlp", "protocol": "grpc", "reason": "queue_full"}) == refused  # the alert's metric
