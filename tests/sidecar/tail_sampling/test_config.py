@@ -127,3 +127,14 @@ def test_adaptive_bounds_are_checked():
         "{name: a, type: adaptive, adaptive: {target_traces_per_second: 5, min_sampling_percentage: 50,"
         " max_sampling_percentage: 10}}"))
     assert p.startswith("processors.tail_sampling.policies[0].adaptive: ") and "min_sampling_percentage" in p
+
+
+def test_output_limits_are_config_and_checked():
+    base = with_policies("{name: a, type: always_sample}")
+    cfg = parse_config(base + "    output: {backpressure_items: 10, max_items: 20}\n" + PIPELINES, environ={})
+    out = cfg.processors["tail_sampling"].config.output
+    assert (out.backpressure_items, out.max_items) == (10, 20)
+    (p,) = problems(base + "    output: {backpressure_items: 30, max_items: 20}\n")
+    assert p.startswith("processors.tail_sampling.output") and "max_items (20) must be >= backpressure_items (30)" in p
+    (p,) = problems(base + "    output: {max_itms: 5}\n")
+    assert p == "processors.tail_sampling.output.max_itms: unknown key"
