@@ -54,6 +54,7 @@ from sidecar.processors.drift.state import (
 )
 from sidecar.registry import CreateSettings
 from sidecar.signals import Signal
+from sidecar.ticker import Ticker
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,7 @@ class DriftProcessor(Component):
         self._dropped = family(Counter, "sidecar_drift_dropped_points",
                                "Drift data points not scored, by reason.", ("component", "reason"))
         settings.telemetry.root.collector("sidecar_drift", _DriftMetrics).processors.add(self)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._ticker = Ticker(self._periodic, cfg.flush_interval, name=f"drift[{self._id}]")
 
     # --- pipeline ---------------------------------------------------------------------------------
 
@@ -115,26 +115,15 @@ class DriftProcessor(Component):
         return Signal.METRICS in getattr(self._next, "routes", {Signal.METRICS: None})
 
     def start(self, host) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=f"drift[{self._id}]", daemon=True)
-        self._thread.start()
+        self._ticker.start()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self._cfg.flush_interval):
-            try:
-                with self._lock:  # series of processes that stopped exporting
-                    self._tracker.evict(self._clock() - self._cfg.stale_after)
-                self.flush_metrics()
-            except Exception:  # noqa: BLE001 - never let the flush thread die
-                log.exception("drift flush failed")
+    def _periodic(self) -> None:
+        with self._lock:  # series of processes that stopped exporting
+            self._tracker.evict(self._clock() - self._cfg.stale_after)
+        self.flush_metrics()
 
     def shutdown(self, deadline: float) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
-            self._thread = None
+        self._ticker.stop(deadline)
 
     def consume(self, envelope: Envelope) -> None:
         if envelope.signal is not Signal.METRICS:
