@@ -87,11 +87,11 @@ def wait_ready(url: str, proc: subprocess.Popen, what: str, log: Path, timeout: 
 
 
 def settled(m: rep.Samples) -> bool:
-    """Every trace decided and everything handed to the exporter written."""
+    """Every trace decided and everything handed to the file exporter (the report's backend) written."""
     buffered = rep.total(m, "sidecar_tail_sampling_buffered_traces")
-    queued = rep.total(m, "sidecar_queue_size")
-    at_exporter = rep.total(m, "sidecar_items_received_total", kind="exporter")
-    exported = rep.total(m, "sidecar_items_exported_total")
+    queued = rep.total(m, "sidecar_queue_size", component="file")
+    at_exporter = rep.total(m, "sidecar_items_received_total", kind="exporter", component="file")
+    exported = rep.total(m, "sidecar_items_exported_total", component="file")
     return buffered == 0 and queued == 0 and exported >= at_exporter > 0
 
 
@@ -273,6 +273,10 @@ def report(console: Console, work: Path, m: rep.Samples, sent: Counter, statuses
     t.add_row("the sidecar's /metrics at the end", f"{_rel(work)}/sidecar-metrics.txt")
     t.add_row("the sidecar's log", f"{_rel(work)}/sidecar.log")
     t.add_row("the app's JSON logs (kubectl logs)", f"{_rel(work)}/app.stdout.jsonl, app.stderr.log")
+    audit = work / "storage" / "audit.db"
+    if audit.exists():  # the default config's audit branch: every request, before sampling
+        t.add_row("every request on record (audit)",
+                  f"python -m sidecar audit query --store {_rel(audit)} --model-version v2 --status ERROR")
     t.add_row("the config that ran", "collector-config/sidecar.yaml")
     console.print(t)
 

@@ -109,7 +109,9 @@ def _show(store: TraceStore, args) -> int:
     hits = store.find(args.id)
     if not hits:
         print(f"error: no trace with trace id or request id {args.id!r} in {store.directory} "
-              f"(dropped by sampling, not flushed yet, or in another directory)", file=sys.stderr)
+              f"(dropped by sampling, not flushed yet, or in another directory; every request, kept or not, "
+              f"is in the audit store where one is configured: python -m sidecar audit query --request-id ID)",
+              file=sys.stderr)
         return 1
     if len(hits) > 1 and len({t.trace_id for t in hits}) > 1 and not all(
             str(t.first(render.REQUEST_ID)) == args.id for t in hits):
