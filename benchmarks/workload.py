@@ -39,6 +39,11 @@ def _resource(res):
         _attr(res.attributes, k, v)
 
 
+def _prompt(rng: random.Random) -> str:
+    """A prompt holding PII, unique per request as real prompts are (no two scans of the same text)."""
+    return f"{rng.choice(PII_TEXTS)} (ticket {rng.getrandbits(32)})"
+
+
 def trace_request(rng: random.Random, n_traces: int, pii: float = 0.05) -> tuple[ExportTraceServiceRequest, dict]:
     """``n_traces`` traces of SPANS_PER_TRACE spans each: server -> preprocess, forward, postprocess.
 
@@ -68,7 +73,8 @@ def trace_request(rng: random.Random, n_traces: int, pii: float = 0.05) -> tuple
         for k, v in (("http.request.method", "POST"), ("http.route", "/v1/models/{model}:predict"),
                      ("http.response.status_code", 500 if error else 200), ("url.scheme", "http"),
                      ("request.id", f"{rng.getrandbits(64):016x}"),
-                     ("user.id", "alice@example.com" if has_pii else f"user-{rng.randrange(1000)}")):
+                     ("user.id", f"user{rng.randrange(50)}@example.com" if has_pii
+                      else f"user-{rng.randrange(1000)}")):
             _attr(root.attributes, k, v)
         if has_pii:
             _attr(root.attributes, "http.request.header.authorization", f"Bearer {rng.getrandbits(128):032x}")
@@ -86,7 +92,7 @@ def trace_request(rng: random.Random, n_traces: int, pii: float = 0.05) -> tuple
                          ("ml.output.shapes", "8x1000"), ("ml.torch.version", "2.13.0")):
                 _attr(sp.attributes, k, v)
             if has_pii and i == 0:
-                _attr(sp.attributes, "prompt", rng.choice(PII_TEXTS))
+                _attr(sp.attributes, "prompt", _prompt(rng))
             if error and i == 1:
                 sp.status.code = 2
                 ev = sp.events.add(name="exception", time_unix_nano=start + 500)
@@ -107,7 +113,7 @@ def logs_request(rng: random.Random, trace_ids: list[bytes], pii: float = 0.05) 
         for j in range(LOGS_PER_TRACE):
             rec = sl.log_records.add(time_unix_nano=BASE_NS + rng.getrandbits(40), severity_number=9, severity_text="INFO",
                                      trace_id=tid, span_id=rng.getrandbits(64).to_bytes(8, "big"))
-            rec.body.string_value = (f"inference done: {rng.choice(PII_TEXTS)}" if has_pii and j == 0 else
+            rec.body.string_value = (f"inference done: {_prompt(rng)}" if has_pii and j == 0 else
                                      "inference done" if j else "request received")
             for k, v in (("model_id", "resnet50"), ("model_version", "v3"), ("execution_time_ms", 41.7),
                          ("request_id", f"{rng.getrandbits(64):016x}")):

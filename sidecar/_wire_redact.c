@@ -212,19 +212,25 @@ static PyObject *ints_bytes(Ints *a)
     return PyBytes_FromStringAndSize((const char *)a->v, a->len * (Py_ssize_t)sizeof(int64_t));
 }
 
-static uint64_t fnv1a(const uint8_t *p, Py_ssize_t n)
+/* A cheap hash of a key: its length and its first and last 8 bytes (equal keys are compared whole). */
+static uint64_t key_hash(const uint8_t *p, Py_ssize_t n)
 {
-    uint64_t h = 1469598103934665603ULL;
-    for (Py_ssize_t i = 0; i < n; i++)
-        h = (h ^ p[i]) * 1099511628211ULL;
-    return h;
+    uint64_t a = 0, b = 0;
+    if (n >= 8) {
+        memcpy(&a, p, 8);
+        memcpy(&b, p + n - 8, 8);
+    } else {
+        memcpy(&a, p, (size_t)n);
+    }
+    uint64_t h = (a ^ (b * 0x9E3779B97F4A7C15ULL) ^ (uint64_t)n) * 0xBF58476D1CE4E5B9ULL;
+    return h ^ (h >> 31);
 }
 
 /* The decision for the key at [start, start + len): a borrowed object, NULL when the dict has none;
  * unless it is `scan`, *key_out holds the decoded key (a new reference). -1 in *err on error. */
 static PyObject *decide(Loc *L, Py_ssize_t start, Py_ssize_t len, PyObject **key_out, int *err)
 {
-    uint64_t h = fnv1a(L->d + start, len);
+    uint64_t h = key_hash(L->d + start, len);
     KeySlot *slot = NULL;
     *key_out = NULL;
     *err = 0;

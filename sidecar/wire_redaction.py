@@ -137,20 +137,33 @@ def redact(engine: RedactionEngine, signal: str, request: bytes) -> "bytes | Non
     if loc.text_ends:
         ends = memoryview(loc.text_ends).cast("q")
         sites = memoryview(loc.sites).cast("q")
+        scan = engine.scan
+        seen: dict[bytes, tuple] = {}  # a value repeated in one request (a user id on every span) is scanned once
         for i in _candidates(engine, text, ends):
             if skip and i in skip:
                 continue
-            out = engine.scan(text[ends[i - 1] if i else 0:ends[i] - 1], tally)
+            value = text[ends[i - 1] if i else 0:ends[i] - 1]
+            known = seen.get(value)
+            if known is None:
+                counts: dict = {}
+                out = scan(value, counts)
+                seen[value] = (out, counts)
+            else:
+                out, counts = known
+            for stat, n in counts.items():
+                tally[stat] = tally.get(stat, 0) + n
             if out is None:
                 continue
-            base = i * SITE
-            len_start, end, drop_start, drop_end, item, key_start, key_end = sites[base:base + SITE]
-            if out is DROP:
-                edits.append((drop_start, drop_end, b"", -1))
+            base = i * SITE  # len_start, end, drop_start, drop_end, item, key_start, key_end
+            dropped = out is DROP
+            if dropped:
+                edits.append((sites[base + 2], sites[base + 3], b"", -1))
             else:
-                edits.append((len_start, end, _varint(len(out)) + out, -1))
-            if changed is not None and item >= 0:
-                _note(changed, item, _label(request, key_start, key_end), out is DROP)
+                edits.append((sites[base], sites[base + 1], _varint(len(out)) + out, -1))
+            if changed is not None:
+                item = sites[base + 4]
+                if item >= 0:
+                    _note(changed, item, _label(request, sites[base + 5], sites[base + 6]), dropped)
     names = loc.names
     if names:
         name_sites = memoryview(loc.name_sites).cast("q")
@@ -167,7 +180,9 @@ def redact(engine: RedactionEngine, signal: str, request: bytes) -> "bytes | Non
         return None
     if changed:
         _summaries(engine, sig, loc, changed, edits)
-    new = splice(request, _outermost(edits))
+    # edits never overlap on input the protobuf parser reads as one value per field; where they do
+    # (two values in one KeyValue, one of them dropped) splice raises ValueError: the object path
+    new = splice(request, edits)
     engine.stats.merge(tally)
     return new
 
@@ -301,19 +316,3 @@ def _summary(tag: bytes, masked: list, dropped: list, debug: bool) -> bytes:
         if debug:
             parts.append(_len(tag, _kv(keys_name, _string_value(",".join(sorted(set(keys))).encode()))))
     return b"".join(parts)
-
-
-def _outermost(edits: list) -> list:
-    """The edits less any inside a range another edit removes or replaces (a dropped array in a dropped KeyValue)."""
-    if len(edits) < 2:
-        return edits
-    ordered = sorted(edits, key=lambda e: (e[0], -e[1]) if e[3] < 0 else (e[0], 0))
-    out = []
-    reach = -1
-    for e in ordered:
-        if e[3] < 0:
-            if e[0] < reach:
-                continue
-            reach = max(reach, e[1])
-        out.append(e)
-    return out

@@ -262,6 +262,20 @@ class TestWireRedaction:
         with pytest.raises(wire_redaction.NeedsObjectPath):
             wire_redaction.redact(engine("default"), "traces", req.SerializeToString())
 
+    def test_overlapping_edits_hand_the_request_to_the_object_path(self, impl):
+        """Two values in one KeyValue (the parser merges them): a drop of the KeyValue and a mask inside it."""
+        def field(tag: int, payload: bytes) -> bytes:
+            return bytes([tag, len(payload)]) + payload
+
+        kv = field(0x0A, b"user.id") + field(0x12, field(0x0A, b"DROPME42")) + field(0x12, field(0x0A, b"a@b.co"))
+        data = field(0x0A, field(0x12, field(0x12, field(0x4A, kv))))
+        want, _ = object_path("rules", "traces", data)
+        assert want.resource_spans[0].scope_spans[0].spans[0].attributes[0].value.string_value == "[EMAIL]"
+        eng = engine("rules")
+        with pytest.raises(ValueError):
+            wire_redaction.redact(eng, "traces", data)
+        assert eng.stats.snapshot() == {}  # nothing counted twice when the object path takes over
+
     def test_clean_request_is_not_copied(self, impl):
         data = rand_traces(random.Random(3)).SerializeToString()
         eng = RedactionEngine(RedactionConfig(detectors={n: {"enabled": False} for n in

@@ -1,0 +1,115 @@
+"""Where the redaction processor's time goes, in one process: the object path against the wire path.
+
+    .venv/bin/python benchmarks/wire_redaction_bench.py            # light (5%) and dense (100%) PII
+
+Each figure is CPU µs per item (span or log record), the best of several passes over the same
+requests (``benchmarks/workload.py``: 128 traces x 4 spans + 256 log records per pair). The object
+path is what the processor did before issue 13: the receiver has parsed the request already, so it
+costs the walk and one serialization. The wire path is split into its parts: ``locate`` (the C or
+pure-Python half), the one RE2 pass over every string (``candidates``), ``scan`` (the engine's value
+rules on the candidates, the same work on both paths) and the rest (key rules, summaries, splice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest  # noqa: E402
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest  # noqa: E402
+from workload import logs_request, trace_ids_of, trace_request  # noqa: E402
+
+from redaction import RedactionConfig, RedactionEngine  # noqa: E402
+from redaction._engine import SCAN  # noqa: E402
+from redaction.otlp import OtlpRedactor  # noqa: E402
+from sidecar import wire_redaction  # noqa: E402
+from sidecar._wire_redact_types import LOGS, TRACES  # noqa: E402
+
+TYPES = {"traces": (ExportTraceServiceRequest, TRACES), "logs": (ExportLogsServiceRequest, LOGS)}
+
+
+def load(pii: float, pairs: int) -> tuple[list[tuple[str, bytes]], int]:
+    rng = random.Random(1)
+    reqs = []
+    items = 0
+    for _ in range(pairs):
+        tr, _ = trace_request(rng, 128, pii=pii)
+        lr = logs_request(rng, trace_ids_of(tr), pii=pii)
+        reqs += [("traces", tr.SerializeToString()), ("logs", lr.SerializeToString())]
+        items += 128 * 4 + len(lr.resource_logs[0].scope_logs[0].log_records)
+    return reqs, items
+
+
+def best(fn, items: int, passes: int) -> float:
+    times = []
+    for _ in range(passes):
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
+    return min(times) / items * 1e6
+
+
+def measure(pii: float, pairs: int, passes: int) -> dict[str, float]:
+    reqs, items = load(pii, pairs)
+    engine = RedactionEngine(RedactionConfig(allow_all_keys=True))
+    for signal, raw in reqs:  # warm the key cache, as a running sidecar has it
+        wire_redaction.redact(engine, signal, raw)
+    parsed = [(signal, TYPES[signal][0].FromString(raw)) for signal, raw in reqs]
+    redactor = OtlpRedactor(engine)
+
+    def object_path():
+        for signal, msg in parsed:
+            copy = type(msg)()
+            copy.CopyFrom(msg)
+            redactor.redact(signal, copy)
+            copy.SerializeToString()
+
+    copying = best(lambda: [type(m)().CopyFrom(m) for _, m in parsed], items, passes)
+    located = [wire_redaction.locate(raw, TYPES[s][1], engine._key_cache, SCAN) for s, raw in reqs]  # noqa: SLF001
+    hits = [(loc, wire_redaction._candidates(engine, loc.text, memoryview(loc.text_ends).cast("q")))  # noqa: SLF001
+            for loc in located]
+
+    def scan():
+        for loc, idx in hits:
+            ends = memoryview(loc.text_ends).cast("q")
+            for i in idx:
+                engine.scan(loc.text[ends[i - 1] if i else 0:ends[i] - 1], {})
+
+    out = {
+        "object path (walk + serialize)": best(object_path, items, passes) - copying,
+        "wire path": best(lambda: [wire_redaction.redact(engine, s, raw) for s, raw in reqs], items, passes),
+        "  locate": best(lambda: [wire_redaction.locate(raw, TYPES[s][1], engine._key_cache, SCAN)  # noqa: SLF001
+                                  for s, raw in reqs], items, passes),
+        "  candidates (one RE2 pass)": best(lambda: [wire_redaction._candidates(  # noqa: SLF001
+            engine, loc.text, memoryview(loc.text_ends).cast("q")) for loc in located], items, passes),
+        "  scan (value rules on candidates)": best(scan, items, passes),
+    }
+    out["  rest (key rules, summaries, splice)"] = (out["wire path"] - out["  locate"]
+                                                    - out["  candidates (one RE2 pass)"]
+                                                    - out["  scan (value rules on candidates)"])
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", type=int, default=10, help="trace+log request pairs per pass")
+    p.add_argument("--passes", type=int, default=7)
+    args = p.parse_args()
+    light = measure(0.05, args.pairs, args.passes)
+    dense = measure(1.0, args.pairs, args.passes)
+    print(f"wire half: {wire_redaction.IMPLEMENTATION}\n")
+    print(f"| {'CPU µs/item':40} | light PII (5%) | dense PII (100%) |")
+    print(f"|{'-' * 42}|---------------:|-----------------:|")
+    for name in light:
+        print(f"| {name:40} | {light[name]:14.2f} | {dense[name]:16.2f} |")
+
+
+if __name__ == "__main__":
+    main()
