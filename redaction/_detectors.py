@@ -129,8 +129,9 @@ DETECTORS: tuple[Detector, ...] = (
         r"|gh[pousr]_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9_]{22}|xox[abposr]-[A-Za-z0-9-]{10}"
         r"|AIza[0-9A-Za-z_-]{35}|hf_[A-Za-z0-9]{30}",
     ),
-    Detector("email", r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b", "[EMAIL]",
-             wire_hint=r"[A-Za-z0-9._%+-]@[A-Za-z0-9-]+\.[A-Za-z0-9-]"),
+    # ``%40`` is ``@`` percent-encoded: an email in a URL query string (``?user=jane.doe%40example.com``)
+    Detector("email", r"[A-Za-z0-9._%+-]+(?:@|%40)[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b", "[EMAIL]",
+             wire_hint=r"[A-Za-z0-9._%+-](?:@|%40)[A-Za-z0-9-]+\.[A-Za-z0-9-]"),
     Detector("iban", r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b", "[IBAN]", iban_ok,
              wire_hint=r"[A-Z]{2}[0-9]{2} ?[A-Z0-9]{4} ?[A-Z0-9]{4}"),
     Detector(

@@ -6,6 +6,7 @@ from __future__ import annotations
 PII: list[tuple[str, str]] = [
     ("email", "jane.doe@example.com"),
     ("email", "bob+ml_team@sub.example.co.uk"),
+    ("email", "jane.doe%40example.com"),  # percent-encoded, as in a URL query string
     ("payment_card", "4111 1111 1111 1111"),
     ("payment_card", "5500-0000-0000-0004"),
     ("payment_card", "378282246310005"),
