@@ -20,6 +20,7 @@ from sidecar import otlp_json
 from sidecar.component import Kind, RetryableError
 from sidecar.config import ConfigModel, Duration
 from sidecar.exporters.base import BaseExporter, ExporterConfig
+from sidecar.private_files import make_private_dir, open_private
 from sidecar.registry import CreateSettings, Factory
 from sidecar.envelope import Envelope
 from sidecar.signals import Signal
@@ -85,7 +86,7 @@ class _JsonLinesFile:
                 self._f = None
 
     def _open(self) -> None:
-        self._f = open(self.path, "ab")
+        self._f = open_private(self.path, "ab")
         self._size = self._good = self._f.tell()
 
     def _flush(self) -> None:
@@ -133,7 +134,7 @@ class FileExporter(BaseExporter):
 
     def _open(self) -> None:
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            make_private_dir(self.directory, tighten=False)
         except OSError as e:
             raise ValueError(f"exporters.{self.id}.directory: cannot create {self.directory}: {e.strerror}") from None
         if not os.access(self.directory, os.W_OK):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sidecar.component import Component, Kind
 from sidecar.config import ConfigModel
+from sidecar.private_files import make_private_dir
 from sidecar.registry import CreateSettings, Factory
 
 
@@ -41,7 +42,7 @@ class FileStorage(Component):
                 raise StorageError(f"extensions.{self.id}.directory: {d} does not exist (set create_directory: true "
                                    "or create it)")
             try:
-                d.mkdir(parents=True, exist_ok=True)
+                make_private_dir(d)
             except OSError as e:
                 raise StorageError(f"extensions.{self.id}.directory: cannot create {d}: {e.strerror}") from None
         try:

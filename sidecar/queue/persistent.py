@@ -37,6 +37,7 @@ from google.protobuf.message import DecodeError
 
 from sidecar.component import Refused
 from sidecar.envelope import Envelope
+from sidecar.private_files import make_private_dir, open_private
 from sidecar.signals import Signal
 from sidecar.telemetry import ComponentTelemetry
 
@@ -78,7 +79,7 @@ class PersistentQueue:
         self._closed = False
         self._aborted = False
 
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.directory)
         self._lock_fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -148,7 +149,7 @@ class PersistentQueue:
         final = self.directory / name
         tmp = self.directory / (name + ".tmp")
         try:
-            with open(tmp, "wb") as f:
+            with open_private(tmp, "wb") as f:
                 f.write(_HEADER.pack(_MAGIC, len(payload), zlib.crc32(payload)))
                 f.write(payload)
             if not self._fsync:
