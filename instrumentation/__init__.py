@@ -6,6 +6,7 @@
 
     otel.configure(service_name="classifier")           # OTLP to the sidecar on 127.0.0.1:4317
     otel.instrument_model(model, model_id="resnet50", model_version="3")  # hooks; same object
+    otel.enable_drift()                                  # optional: input/output drift summaries as metrics
     app.add_middleware(otel.ASGIMiddleware)              # FastAPI; Flask: otel.instrument_flask(app)
 
 Every request becomes one trace (server span, ``ml.forward`` spans, generation spans)
@@ -59,6 +60,7 @@ __all__ = [
     "bridge_logging",
     "configure",
     "current_generation",
+    "enable_drift",
     "current_request",
     "get_telemetry",
     "inject",
@@ -89,6 +91,16 @@ def uninstrument_model(model: Any) -> Any:
     from instrumentation.torch import uninstrument_model as _uninstrument
 
     return _uninstrument(model)
+
+
+def enable_drift(meter_provider: Any = None, **options: Any) -> Any:
+    """Per-model-version drift and cost summaries of every instrumented forward and generation, as metrics.
+
+    See :func:`instrumentation.drift.enable_drift` and docs/drift.md.
+    """
+    from instrumentation.drift import enable_drift as _enable
+
+    return _enable(meter_provider, **options)
 
 
 def __getattr__(name: str) -> Any:

@@ -12,7 +12,7 @@ from .conftest import ROOT
 PUBLIC = {
     "ASGIMiddleware", "FORCE_KEEP", "ForceKeepSampler", "Generation", "JSONFormatter",
     "LoggingBridge", "REQUEST_ID", "RequestContext", "RequestContextSpanProcessor", "Telemetry", "TracingHandler",
-    "USER_ID", "WSGIMiddleware", "bridge_logging", "configure", "current_generation", "current_request",
+    "USER_ID", "WSGIMiddleware", "bridge_logging", "configure", "current_generation", "enable_drift", "current_request",
     "get_telemetry", "inject", "instrument_flask", "instrument_model", "k8s_resource_attributes",
     "request_context", "set_tags", "shutdown", "trace_generation", "uninstrument_model",
 }
