@@ -106,8 +106,9 @@ class TailSamplingProcessor(Component):
         self._always_keep_severity = sev if sev > 0 else 1 << 30
         self._traceless_fraction = cfg.logs.without_trace_sampling_percentage / 100.0
         # decided output waiting for the next stage, in order (the limits are ``output`` in the config)
-        self._outbox = Outbox(self._durable.releasing(next_consumer), settings.telemetry, max_items=cfg.output.max_items, clock=clock,
-                              name=str(settings.id))
+        # (with the log on, an output accepted downstream releases its pin: durable.py)
+        self._outbox = Outbox(self._durable.releasing(next_consumer), settings.telemetry,
+                              max_items=cfg.output.max_items, clock=clock, name=str(settings.id))
         self._backpressure_items = cfg.output.backpressure_items
 
         cid = str(settings.id)
