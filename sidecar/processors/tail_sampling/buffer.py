@@ -105,6 +105,9 @@ class Trace:
 class TraceBuffer:
     """Traces in first-arrival order plus a queue of early (root-triggered) deadlines."""
 
+    #: the class of new traces (the durable buffer's traces also name the log segment they pin)
+    trace_type = Trace
+
     def __init__(self, *, decision_wait: float, root_wait: float, num_traces: int, max_bytes: int):
         self.decision_wait = decision_wait
         self.root_wait = root_wait
@@ -122,7 +125,7 @@ class TraceBuffer:
         traces = self.traces
         while len(traces) >= self.num_traces:
             evicted.append(self._pop_oldest())
-        t = Trace(trace_id, now)
+        t = self.trace_type(trace_id, now)
         traces[trace_id] = t
         self.nbytes += TRACE_OVERHEAD
         return t

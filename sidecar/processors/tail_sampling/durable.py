@@ -31,7 +31,7 @@ from prometheus_client import Counter, Gauge
 
 from sidecar.component import Kind, Refused
 from sidecar.envelope import Envelope
-from sidecar.processors.tail_sampling.buffer import TRACE_OVERHEAD, Trace, TraceBuffer
+from sidecar.processors.tail_sampling.buffer import Trace, TraceBuffer
 from sidecar.processors.tail_sampling.config import TailSamplingConfig
 from sidecar.processors.tail_sampling.wal import WriteAheadLog
 from sidecar.registry import CreateSettings
@@ -63,14 +63,11 @@ class PinningTraceBuffer(TraceBuffer):
         super().__init__(**kwargs)
         self._durable = durable
 
+    trace_type = PinnedTrace
+
     def create(self, trace_id: bytes, now: float, evicted: list[Trace]) -> Trace:
-        traces = self.traces
-        while len(traces) >= self.num_traces:
-            evicted.append(self._pop_oldest())
-        t = PinnedTrace(trace_id, now)
+        t = super().create(trace_id, now, evicted)
         t.segment = self._durable.pin_here()  # taken from the pins the request reserved (no lock)
-        traces[trace_id] = t
-        self.nbytes += TRACE_OVERHEAD
         return t
 
     def _pop_oldest(self) -> Trace:
