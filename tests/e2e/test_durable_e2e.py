@@ -4,7 +4,8 @@ The shipped default config (collector-config/sidecar.yaml, unchanged: only its $
 ports and directories are set) runs as a real ``python -m sidecar``. Raw OTLP/gRPC clients
 send traces and their logs from several threads and count exactly what the sidecar
 acknowledged. The sidecar is killed with SIGKILL mid-load, while traces wait in tail
-sampling, then started again on the same storage directory. Afterwards the file exporter's
+sampling, started again on the same storage directory and killed again while it recovers,
+then started a third time. Afterwards the file exporter's
 output (the backend) must hold every acknowledged span and log record that the policy
 keeps (computed here from the trace ids: W3C consistent sampling at 10%), plus every ERROR
 log and every log without a trace; the audit store must hold one record per acknowledged
@@ -213,19 +214,25 @@ def test_kill_9_under_load_loses_no_acknowledged_span_log_or_audit_record(tmp_pa
     assert load.acked_traces() >= KILL_AFTER_ACKED_TRACES
 
     must_spans = {k for k in load.acked_spans if kept(k[0])}
+    # a crash during recovery: the replayed traces wait for their decision again, and are killed again
     second = SidecarProcess(config, workdir=tmp_path / "run2", env=env).start()
     try:
         recovered = metric(metrics_port, "sidecar_tail_sampling_recovered_items_total", signal="traces")
         assert recovered > 0, "the kill found no trace waiting in tail sampling: the test proved nothing"
+    finally:
+        second.kill()
+    third = SidecarProcess(config, workdir=tmp_path / "run3", env=env).start()
+    try:
+        assert metric(metrics_port, "sidecar_tail_sampling_recovered_items_total", signal="traces") > 0
 
         def delivered() -> bool:
             spans, logs, _ = read_backend(tmp_path / "telemetry")
             return must_spans <= spans.keys() and load.must_logs <= logs.keys()
 
         wait_for(delivered, 90, "every acknowledged kept span and log in the backend")
-        assert second.terminate(60) == 0, second.log()
+        assert third.terminate(60) == 0, third.log()
     finally:
-        second.kill()
+        third.kill()
 
     spans, logs, torn = read_backend(tmp_path / "telemetry")
     lost_spans = must_spans - spans.keys()
