@@ -59,11 +59,11 @@ class PinnedEnvelope(Envelope):
 class PinningTraceBuffer(TraceBuffer):
     """The trace buffer, pinning each new trace's segment and releasing the pin of an evicted one."""
 
+    trace_type = PinnedTrace
+
     def __init__(self, durable: "DurableBuffer", **kwargs):
         super().__init__(**kwargs)
         self._durable = durable
-
-    trace_type = PinnedTrace
 
     def create(self, trace_id: bytes, now: float, evicted: list[Trace]) -> Trace:
         t = super().create(trace_id, now, evicted)
@@ -81,6 +81,7 @@ class DurableBuffer:
 
     def __init__(self, settings: CreateSettings, cfg: TailSamplingConfig):
         self._id = str(settings.id)
+        self._tel = settings.telemetry
         self._storage = cfg.storage
         self._cfg = cfg.wal
         self._wal: WriteAheadLog | None = None
@@ -142,6 +143,11 @@ class DurableBuffer:
                     log.warning("%s: replaying %d %s from the log: %s; the segment stays for the next start",
                                 self._id, items, signal.item_name, e)
                     kept_pinned = True
+                    continue
+                except Exception:  # a record that passed its checksum but does not sort: never block the start
+                    log.exception("%s: cannot replay %d %s from log segment %d; dropping them", self._id, items,
+                                  signal.item_name, index)
+                    self._tel.dropped(signal, items, "unreadable")
                     continue
                 counts[signal] += items
         finally:

@@ -258,3 +258,19 @@ def test_a_refusal_during_recovery_keeps_the_segment_for_the_next_start(tmp_path
     proc3.shutdown(time.monotonic() + 5)
     assert [r.body.string_value for r in kept_logs(sink3)] == ["no trace"]  # at least once: it came again
     assert [s.trace_id for s in kept_spans(sink3)] == [waiting]
+
+
+def test_a_record_that_does_not_parse_is_dropped_and_counted_not_blocking_the_start(tmp_path):
+    from sidecar.processors.tail_sampling.wal import WriteAheadLog
+
+    wal = WriteAheadLog(wal_dir(tmp_path), max_bytes=1 << 20, segment_bytes=1 << 16, fsync=False)
+    wal.open()
+    good = traces_request(span(tid(), root=True)).SerializeToString()
+    for payload in (b"\xff\xff not protobuf", good):
+        wal.write(Signal.TRACES, 1, payload)
+    wal.abandon()
+    proc, sink, clock, tel = durable(tmp_path)
+    assert recovered(tel, Signal.TRACES) == 1
+    assert tel.value("dropped", Signal.TRACES, "unreadable", "false") == 1
+    proc.shutdown(time.monotonic() + 5)
+    assert len(kept_spans(sink)) == 1
