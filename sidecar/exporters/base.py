@@ -106,7 +106,7 @@ class RateLimitedLog:
         self._last: dict[object, tuple[float, int]] = {}
         self._lock = threading.Lock()
 
-    def log(self, level: int, key: object, msg: str, *args: object) -> None:
+    def log(self, level: int, key: object, msg: str, *args: object, exc_info: bool = False) -> None:
         now = self._clock()
         with self._lock:
             last, suppressed = self._last.get(key, (float("-inf"), 0))
@@ -117,7 +117,7 @@ class RateLimitedLog:
         if suppressed:
             msg += " (%d similar messages suppressed)"
             args += (suppressed,)
-        self._logger.log(level, msg, *args)
+        self._logger.log(level, msg, *args, exc_info=exc_info)
 
 
 _REJECTED_FIELD = {Signal.TRACES: "rejected_spans", Signal.LOGS: "rejected_log_records",

@@ -27,8 +27,9 @@ from pydantic import Field, field_validator, model_validator
 
 from sidecar import wire
 from sidecar.component import Component, Consumer, Kind, Refused
-from sidecar.config import ConfigModel, HostPort, split_host_port
+from sidecar.config import ConfigModel, Duration, HostPort, split_host_port
 from sidecar.envelope import Envelope
+from sidecar.exporters.base import RateLimitedLog
 from sidecar.receivers.otlp_http import OTLPHTTPApp
 from sidecar.receivers.outcomes import Rejected, classify, retry_info_trailer
 from sidecar.registry import ALL_SIGNALS, CreateSettings, Factory
@@ -55,11 +56,29 @@ class GRPCServerConfig(ConfigModel):
 
 
 class HTTPServerConfig(ConfigModel):
-    """``protocols.http``: the OTLP/HTTP server (protobuf and JSON bodies)."""
+    """``protocols.http``: the OTLP/HTTP server (protobuf and JSON bodies).
+
+    The limits keep one client from blinding the receiver: slow or lying clients (slowloris, a
+    ``Content-Length`` larger than the body) are cut off by the read timeouts and counted in
+    ``sidecar_receiver_requests_refused_total{reason="read_header_timeout"|"read_timeout"}``;
+    a gzip bomb by the decompressed-size and member limits (``reason="too_large"`` / ``"invalid"``).
+    """
 
     endpoint: HostPort = "127.0.0.1:4318"
-    #: Largest body accepted, in bytes, before and after gzip decompression.
+    #: Largest body accepted as received, in bytes (bigger: 413).
     max_request_body_size: int = Field(20 * _MIB, ge=1)
+    #: Largest body after gzip decompression, in bytes (bigger: 413); default: ``max_request_body_size``.
+    max_decompressed_body_size: int | None = Field(None, ge=1)
+    #: Most gzip members one body may hold (decompression work per request); OTLP clients send one.
+    max_gzip_members: int = Field(64, ge=1)
+    #: Open connections at most; more wait in the listen backlog until one closes.
+    max_connections: int = Field(512, ge=1, le=65536)
+    #: Time from a request's first byte until its headers are in (otelcol confighttp's name).
+    read_header_timeout: Duration = 10.0
+    #: Time from a request's first byte until its whole body is in.
+    read_timeout: Duration = 30.0
+    #: A keep-alive connection with no request for this long is closed.
+    idle_timeout: Duration = 60.0
     traces_url_path: str = "/v1/traces"
     logs_url_path: str = "/v1/logs"
     metrics_url_path: str = "/v1/metrics"
@@ -71,6 +90,13 @@ class HTTPServerConfig(ConfigModel):
     def _absolute(cls, v: str) -> str:
         if not v.startswith("/"):
             raise ValueError(f"must start with '/', got {v!r}")
+        return v
+
+    @field_validator("read_header_timeout", "read_timeout", "idle_timeout")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be > 0")
         return v
 
     @model_validator(mode="after")
@@ -235,6 +261,10 @@ def describe_bad_id(signal: Signal, req: Request) -> str:
 # --- the receiver -----------------------------------------------------------------------------------
 
 
+def _answer(rej: Rejected, protocol: str) -> str:
+    return str(rej.http_status) if protocol == "http" else rej.grpc_code.name
+
+
 class OTLPReceiver(Component):
     def __init__(self, settings: CreateSettings, config: OTLPReceiverConfig, next_consumer: Consumer):
         self.id = str(settings.id)
@@ -246,6 +276,7 @@ class OTLPReceiver(Component):
             "Requests a receiver answered with an error, by protocol and reason (malformed ones carry no items).",
             ("component", "protocol", "reason"))
         self._refused_children: dict[tuple[str, str], object] = {}
+        self._log = RateLimitedLog(log, interval=10.0)
         self._grpc_server: grpc.Server | None = None
         self._http_server = None
         self.grpc_port: int | None = None
@@ -260,7 +291,12 @@ class OTLPReceiver(Component):
         that need the encoding reuse it. Items are counted here, once, for every stage after.
         The pipeline's edge out of this receiver counts received / accepted / refused.
         """
-        n = _check(signal, request, raw)
+        try:
+            n = _check(signal, request, raw)
+        except Exception as e:  # whatever the client's bytes make the checker raise is the client's error
+            raise self.reject(protocol, Rejected(
+                "invalid", f"invalid OTLP {signal.value} request: {type(e).__name__}: {e}"[:300],
+                grpc.StatusCode.INVALID_ARGUMENT, 400)) from None
         if n < 0:
             n = count_items(signal, request)
             self._telemetry.received(signal, n)
@@ -273,19 +309,30 @@ class OTLPReceiver(Component):
             self._next.consume(Envelope(signal, request, encoded=raw, items=n))
         except Refused as e:
             raise self.reject(protocol, classify(e)) from None
-        except Exception as e:  # a bug downstream must not take the server down
-            log.exception("%s: the pipeline failed on a %s request", self.id, signal.value)
+        except Exception as e:  # a bug downstream must not take the server down; its traceback now and then
+            self._log.log(logging.ERROR, ("internal", signal), "%s: the pipeline failed on a %s request",
+                          self.id, signal.value, exc_info=True)
             raise self.reject(protocol, Rejected(
                 "internal", f"internal error: {type(e).__name__}", grpc.StatusCode.INTERNAL, 500)) from None
 
     def reject(self, protocol: str, rej: Rejected) -> Rejected:
-        """Count a refused request (``sidecar_receiver_requests_refused``) and return the rejection to raise."""
+        """Count a refused request (``sidecar_receiver_requests_refused``), log a one-line summary at most
+        every few seconds per (protocol, reason), and return the rejection to raise."""
         key = (protocol, rej.reason)
         child = self._refused_children.get(key)
         if child is None:
             child = self._refused_children[key] = self._requests_refused.labels(self.id, protocol, rej.reason)
         child.inc()
+        if rej.reason != "internal":  # logged with its traceback where it happened
+            self._log.log(logging.INFO if rej.retry_after is not None else logging.WARNING, key,
+                          "%s: refused an OTLP/%s request (%s, %s): %s", self.id, protocol.upper() if protocol == "http"
+                          else "gRPC", rej.reason, _answer(rej, protocol), rej.message[:200].replace("\n", " "))
         return rej
+
+    def _http_timed_out(self, reason: str) -> None:
+        """A slow or lying HTTP client was cut off (on the server's event loop: count, log at most now and then)."""
+        self.reject("http", Rejected(reason, "connection closed: request too slow", grpc.StatusCode.DEADLINE_EXCEEDED,
+                                     408))
 
     # lifecycle
     def start(self, host) -> None:
@@ -328,7 +375,10 @@ class OTLPReceiver(Component):
             # rest itself, so most oversized requests are counted.
             server = BackgroundHTTPServer(app, host, port, name=f"{self.id}-http", threads=cfg.workers,
                                           max_request_body_size=2 * cfg.max_request_body_size,
-                                          asyncore_use_poll=True)
+                                          asyncore_use_poll=True, max_connections=cfg.max_connections,
+                                          read_header_timeout=cfg.read_header_timeout,
+                                          read_timeout=cfg.read_timeout, idle_timeout=cfg.idle_timeout,
+                                          on_timeout=self._http_timed_out)
         except OSError as e:
             raise OSError(f"receivers.{self.id}: cannot listen for OTLP/HTTP on {cfg.endpoint}: "
                           f"{e.strerror or e}") from None
@@ -382,9 +432,9 @@ class _GRPCService:
         try:
             try:
                 request = self._parse(raw)
-            except DecodeError as e:
+            except Exception as e:  # DecodeError, or whatever else hostile bytes make the parser raise
                 raise self._receiver.reject("grpc", Rejected(
-                    "invalid", f"invalid OTLP protobuf {self._signal.value} request: {e}",
+                    "invalid", f"invalid OTLP protobuf {self._signal.value} request: {e}"[:300],
                     grpc.StatusCode.INVALID_ARGUMENT, 400)) from None
             self._ingest(self._signal, request, "grpc", raw)
         except Rejected as rej:

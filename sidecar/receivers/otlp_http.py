@@ -39,6 +39,9 @@ class OTLPHTTPApp:
     def __init__(self, receiver: "OTLPReceiver", cfg: "HTTPServerConfig"):
         self._receiver = receiver
         self._limit = cfg.max_request_body_size
+        self._inflated_limit = cfg.max_decompressed_body_size or cfg.max_request_body_size
+        self._inflated_key = "max_decompressed_body_size" if cfg.max_decompressed_body_size else "max_request_body_size"
+        self._max_members = cfg.max_gzip_members
         self._paths = {cfg.traces_url_path: Signal.TRACES, cfg.logs_url_path: Signal.LOGS,
                        cfg.metrics_url_path: Signal.METRICS}
         self._ok = {(s, False): s.response_type().SerializeToString() for s in Signal}
@@ -88,8 +91,8 @@ class OTLPHTTPApp:
                     request = signal.request_type.FromString(body)
             except OTLPJSONError as e:
                 raise self._rejected(signal, "invalid", f"invalid OTLP/JSON {signal.value} request: {e}", 400) from None
-            except DecodeError as e:
-                raise self._rejected(signal, "invalid", f"invalid OTLP protobuf {signal.value} request: {e}",
+            except (DecodeError, RecursionError, ValueError) as e:  # hostile bytes: the client's error
+                raise self._rejected(signal, "invalid", f"invalid OTLP protobuf {signal.value} request: {e}"[:300],
                                      400) from None
             self._receiver.ingest(signal, request, "http", None if as_json else body)
         except Rejected as rej:
@@ -122,10 +125,11 @@ class OTLPHTTPApp:
     def _gunzip(self, signal: Signal, body: bytes) -> bytes:
         """Decompress at most ``limit`` bytes, in linear time: a small body that inflates without bound is refused early."""
         try:
-            return gunzip(body, self._limit)
+            return gunzip(body, self._inflated_limit, self._max_members)
         except GzipError as e:
             if e.too_large:
-                raise self._too_large(signal, "decompressed body") from None
+                raise self._rejected(signal, "too_large", f"decompressed body exceeds {self._inflated_key} "
+                                     f"({self._inflated_limit} bytes)", 413, grpc.StatusCode.RESOURCE_EXHAUSTED) from None
             raise self._rejected(signal, "invalid", f"invalid gzip body: {e}", 400) from None
 
     def _too_large(self, signal: Signal, what: str) -> Rejected:
