@@ -171,19 +171,41 @@ class WriteAheadLog:
                 if seg is None or (seg.size > len(_MAGIC) and (seg.size + n > self.segment_bytes
                                                                or self._clock() - seg.opened > SEGMENT_AGE)):
                     seg = self._roll()
-                _write_all(seg.fd, header, payload)
+                try:
+                    _write_all(seg.fd, header, payload)
+                except OSError:
+                    self._cut(seg)
+                    raise
             except OSError as e:
-                if e.errno in _DISK_FULL:
-                    raise Refused("disk_full", message=f"cannot log request: {e.strerror} ({self.directory})") from e
-                raise Refused("storage_error", message=f"cannot log request: {e}") from e
+                raise _refusal(e, self.directory) from e
             seg.size += n
             seg.refs += pins
             self.stored_bytes += n
             self._written += 1
             return seg.index, self._written
 
+    def _cut(self, seg: Segment) -> None:
+        """After a failed write: cut the segment back to its last whole record, so the records appended
+        after it stay readable; if even that fails, close the segment (synced) and start a new one."""
+        try:
+            os.ftruncate(seg.fd, seg.size)
+            return
+        except OSError:
+            pass
+        try:
+            if self._fsync:
+                with seg.fd_lock:
+                    os.fdatasync(seg.fd)
+        except OSError:
+            pass
+        seg.sealed = True
+        self._current = None
+
     def commit(self, ticket: int) -> None:
-        """Return once the record with ``ticket`` is on disk: join the sync in progress or run the next one."""
+        """Return once the record with ``ticket`` is on disk: join the sync in progress or run the next one.
+
+        Raises :class:`Refused` (retryable) when the sync fails: the request was not acknowledged.
+        """
         if not self._fsync:
             return
         cond = self._sync_cond
@@ -204,6 +226,8 @@ class WriteAheadLog:
                     if seg.fd is not None:  # else deleted meanwhile: nothing in it is needed any more
                         os.fdatasync(seg.fd)
             ok = True
+        except OSError as e:
+            raise _refusal(e, self.directory) from e
         finally:
             with cond:
                 self._syncing = False
@@ -329,6 +353,12 @@ class WriteAheadLog:
         for fd in fds:
             if fd is not None:
                 os.close(fd)
+
+
+def _refusal(e: OSError, directory: Path) -> Refused:
+    if e.errno in _DISK_FULL:
+        return Refused("disk_full", message=f"cannot log request: {e.strerror} ({directory})")
+    return Refused("storage_error", message=f"cannot log request: {e}")
 
 
 def _write_all(fd: int, header: bytes, payload: bytes) -> None:

@@ -274,3 +274,43 @@ def test_a_record_that_does_not_parse_is_dropped_and_counted_not_blocking_the_st
     assert tel.value("dropped", Signal.TRACES, "unreadable", "false") == 1
     proc.shutdown(time.monotonic() + 5)
     assert len(kept_spans(sink)) == 1
+
+
+_FILL_UNTIL_FULL = """
+import resource, signal, sys
+from sidecar.component import Refused
+from sidecar.processors.tail_sampling.wal import WriteAheadLog
+from sidecar.signals import Signal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))  # a file cannot grow past 64 KiB: a full disk
+wal = WriteAheadLog(sys.argv[1], max_bytes=1 << 30, segment_bytes=1 << 30)
+wal.open()
+acked, refused = [], []
+for i in range(30):
+    size = 10_000 if i % 2 == 0 else 100  # small ones still fit once a big one was cut off
+    try:
+        _, ticket = wal.write(Signal.LOGS, i, bytes([i]) * size)
+        wal.commit(ticket)
+        acked.append(i)
+    except Refused as e:
+        assert e.retryable, e
+        refused.append(i)
+print(repr((acked, refused)))
+"""
+
+
+def test_a_write_cut_short_by_a_full_disk_is_refused_and_leaves_the_log_readable(tmp_path):
+    import subprocess
+    import sys
+
+    from sidecar.processors.tail_sampling.wal import WriteAheadLog
+
+    out = subprocess.run([sys.executable, "-c", _FILL_UNTIL_FULL, str(wal_dir(tmp_path))], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    acked, refused = eval(out)  # noqa: S307 - our own child's repr of two lists of ints
+    assert refused and any(i > refused[0] for i in acked), "after a cut-off write the log must keep working"
+    wal = WriteAheadLog(wal_dir(tmp_path), max_bytes=1 << 30, segment_bytes=1 << 30)
+    [index] = wal.open()
+    assert [(items, payload) for _, items, payload in wal.records(index)] == \
+        [(i, bytes([i]) * (10_000 if i % 2 == 0 else 100)) for i in acked]
+    wal.close()
