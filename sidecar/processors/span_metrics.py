@@ -100,6 +100,10 @@ class SpanMetricsConfig(ConfigModel):
     exemplars: ExemplarsConfig = Field(default_factory=ExemplarsConfig)
     #: Distinct label sets kept; spans of further ones are counted under one overflow series.
     max_series: int = 10_000
+    #: Mask PII in label values (span names, model ids, service, dimensions) in place, with the redaction
+    #: engine's default detectors (``GET /users/[EMAIL]``): this processor runs before the redaction
+    #: processor, and /metrics is often scraped from outside the pod.
+    redact_labels: bool = True
 
     @field_validator("namespace")
     @classmethod
@@ -179,6 +183,22 @@ class _Collector:
         return list(families.values())
 
 
+_MASK_CACHE_SIZE = 20_000
+
+
+def _label_masker() -> Callable[[str], str]:
+    """``redact_name`` of one engine with the default detectors, shared by every span_metrics instance."""
+    global _MASKER
+    if _MASKER is None:
+        from redaction import RedactionEngine
+
+        _MASKER = RedactionEngine().redact_name
+    return _MASKER
+
+
+_MASKER: Optional[Callable[[str], str]] = None
+
+
 class SpanMetricsProcessor(Component):
     """Counts every span into per-series calls and duration histograms; forwards the spans untouched."""
 
@@ -200,6 +220,9 @@ class SpanMetricsProcessor(Component):
         self._dim_attrs = [d.name for d in cfg.dimensions]
         #: span attribute keys in slot order (slot 1 on; service.name comes from the resource only)
         self._span_keys = tuple(k.encode() for k in keys[1:])
+        self._mask = _label_masker() if cfg.redact_labels else None
+        #: series key as read -> as labelled (masked); bounded, so per distinct key per request one lookup
+        self._masked_keys: dict[tuple, tuple] = {}
         prefix = label_name(cfg.namespace)
         self._calls_name = prefix + "_calls"
         self._duration_name = prefix + "_duration_seconds"
@@ -265,6 +288,8 @@ class SpanMetricsProcessor(Component):
             s = by_raw.get(raw)
             if s is None:
                 key = raw[:4] + self._tail(raw[3:])  # _tail reads slots 1.. (raw[4:]); raw[3] stands in for 0
+                if self._mask is not None:
+                    key = self._masked(key)
                 s = delta.get(key)
                 if s is None:
                     s = delta[key] = [0, 0, [0] * n_buckets, None, None]
@@ -278,6 +303,16 @@ class SpanMetricsProcessor(Component):
                 elif s[3] is None or d > s[3][0]:
                     s[3] = (d, trace_id, span_id, end)
         return delta
+
+    def _masked(self, key: tuple) -> tuple:
+        """The series key with PII masked in each label value; cached, the cache emptied when full."""
+        masked = self._masked_keys.get(key)
+        if masked is None:
+            if len(self._masked_keys) >= _MASK_CACHE_SIZE:
+                self._masked_keys.clear()
+            mask = self._mask
+            masked = self._masked_keys[key] = tuple(mask(v) if v and type(v) is str else v for v in key)
+        return masked
 
     def _tail(self, vals: list[str]) -> tuple:
         """The model, version and dimension labels of a series key, from slot values."""
