@@ -118,6 +118,9 @@ class QueueSender:
         if cfg.enabled and cfg.storage is None:
             self.queue = MemoryQueue(cfg.queue_size)
         self._workers: list[threading.Thread] = []
+        #: per signal, items this exporter lost at its last shutdown and items it left on disk for the next start
+        self.lost_at_shutdown: dict[Signal, int] = {}
+        self.left_on_disk: dict[Signal, int] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -158,6 +161,11 @@ class QueueSender:
                                telemetry=self._tel)
 
     def shutdown(self, deadline: float) -> None:
+        """Drain until ``deadline``; then account for everything not delivered, before returning.
+
+        A memory queue's waiting requests and the requests workers are still pushing are lost
+        (dropped, ``shutdown``); a persistent queue keeps both on disk for the next start.
+        """
         nxt = self._next
         nxt.deadline = deadline
         nxt.stopping.set()
@@ -167,12 +175,21 @@ class QueueSender:
         for t in self._workers:
             t.join(max(0.0, deadline - time.monotonic()))
         nxt.abort.set()
+        lost: dict[Signal, int] = {}
+        kept: dict[Signal, int] = {}
         if q is not None:
+            # the queue hands back what it loses, waiting or still being pushed (whose outcome comes too
+            # late to count: the worker's settle() will find it gone), under the lock settle() takes
             for env in q.abort():
-                self._tel.dropped(env.signal, env.items, "shutdown")
+                lost[env.signal] = lost.get(env.signal, 0) + env.items
+            kept = dict(getattr(q, "kept_by_signal", None) or {})
+        for signal, n in lost.items():
+            self._tel.dropped(signal, n, "shutdown")
+        self.lost_at_shutdown, self.left_on_disk = lost, kept
         busy = sum(t.is_alive() for t in self._workers)
         if busy:
-            log.warning("%s: %d requests still in flight at the shutdown deadline", self._id, busy)
+            log.warning("%s: %d workers still pushing at the shutdown deadline; their requests are counted %s",
+                        self._id, busy, "on disk" if q is not None and q.persistent else "lost")
         self._workers = []
 
     # --- taking data ----------------------------------------------------------------------------
@@ -220,14 +237,19 @@ class QueueSender:
         merged = Envelope.merge(envelopes)
         result = self._next.send(merged)
         outcome = result.outcome
-        if outcome is Outcome.EXPORTED:
-            self._count_exported(merged, result.value)
-        elif outcome is Outcome.ABORTED:
-            if not q.persistent:
+        if outcome is Outcome.ABORTED and q.persistent:
+            return  # a persistent queue keeps them for the next start (shutdown counts them as on disk)
+
+        def account() -> None:
+            if outcome is Outcome.EXPORTED:
+                self._count_exported(merged, result.value)
+            elif outcome is Outcome.ABORTED:
                 self._tel.dropped(merged.signal, merged.items, "shutdown")
-            return  # a persistent queue keeps them for the next start
-        else:
-            self._tel.dropped(merged.signal, merged.items, reason_of(result))
+            else:
+                self._tel.dropped(merged.signal, merged.items, reason_of(result))
+
+        if not q.settle(envelopes, account):
+            return  # the shutdown deadline passed first and counted them (lost, or kept on disk)
         for env in envelopes:
             q.done(env)
 

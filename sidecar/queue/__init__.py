@@ -10,7 +10,7 @@ forget it, so a crash between the two delivers it again (at-least-once).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 from sidecar.envelope import Envelope
 
@@ -28,6 +28,13 @@ class SendingQueue(Protocol):
     def try_get(self) -> Envelope | None:
         """The next item if one is waiting right now, else None (never blocks): batching takes what is there."""
 
+    def settle(self, items: list[Envelope], account: Callable[[], None]) -> bool:
+        """A consumer finished with ``items``: under the queue's lock, run ``account`` (count the outcome)
+        and return True, unless :meth:`abort` already accounted for them (lost or kept on disk): False.
+
+        Counting under the lock that ``abort`` takes makes shutdown's count complete when it returns.
+        """
+
     def done(self, item: Envelope) -> None:
         """The item was exported or dropped for good: forget it."""
 
@@ -37,7 +44,8 @@ class SendingQueue(Protocol):
     def abort(self) -> list[Envelope]:
         """Wake every consumer, stop handing out items and release resources.
 
-        Returns the items this loses (a persistent queue keeps them on disk and returns none).
+        Returns the items this loses, those handed to consumers and not settled included (a persistent
+        queue keeps them on disk, returns none and sets ``kept_by_signal``).
         """
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import threading
+from typing import Callable
 
 from sidecar.component import Refused
 from sidecar.envelope import Envelope
@@ -17,6 +18,7 @@ class MemoryQueue:
         self._items: collections.deque[Envelope] = collections.deque()
         self._cond = threading.Condition()
         self._count = 0  # items (spans, ...) waiting, for the gauge
+        self._out: dict[int, Envelope] = {}  # handed to a consumer, not settled yet (by id: the consumer holds it)
         self._closed = False
         self._aborted = False
 
@@ -44,10 +46,24 @@ class MemoryQueue:
                 return None
             item = self._items.popleft()
             self._count -= item.items
+            self._out[id(item)] = item
             return item
 
+    def settle(self, items: list[Envelope], account: Callable[[], None]) -> bool:
+        """Run ``account`` and forget ``items`` if :meth:`abort` has not already handed them back as lost."""
+        with self._cond:
+            out = self._out
+            if not all(id(e) in out for e in items):
+                return False
+            for e in items:
+                del out[id(e)]
+            account()
+            return True
+
     def done(self, item: Envelope) -> None:
-        """Nothing to forget: the item left memory when it was handed out."""
+        """The item is delivered or dropped for good (after :meth:`settle`, or by a consumer that never settles)."""
+        with self._cond:
+            self._out.pop(id(item), None)
 
     def close(self) -> None:
         with self._cond:
@@ -57,8 +73,9 @@ class MemoryQueue:
     def abort(self) -> list[Envelope]:
         with self._cond:
             self._closed = self._aborted = True
-            left = list(self._items)
+            left = list(self._items) + list(self._out.values())  # waiting, and being pushed too late to count
             self._items.clear()
+            self._out.clear()
             self._count = 0
             self._cond.notify_all()
             return left

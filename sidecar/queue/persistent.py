@@ -32,6 +32,7 @@ import struct
 import threading
 import zlib
 from pathlib import Path
+from typing import Callable
 
 from google.protobuf.message import DecodeError
 
@@ -78,6 +79,8 @@ class PersistentQueue:
         self._count = 0
         self._closed = False
         self._aborted = False
+        self._out: dict[str, tuple[Signal, int]] = {}  # files handed to a consumer, not settled yet
+        self.kept_by_signal: dict[Signal, int] = {}
 
         make_private_dir(self.directory)
         self._lock_fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -223,10 +226,13 @@ class PersistentQueue:
                     return None
                 name, signal, items = self._entries.popleft()
                 self._count -= items
+                self._out[name] = (signal, items)
             read = self._read(name, signal, items)
             if read is not None:
                 request, payload = read
                 return Stored(signal, request, payload, items, name)
+            with self._cond:
+                self._out.pop(name, None)
 
     def _read(self, name: str, signal: Signal, items: int) -> tuple[object, bytes] | None:
         """The request in a queue file and its encoding; None (counted, logged) when the file is damaged."""
@@ -253,9 +259,22 @@ class PersistentQueue:
         _unlink(path)
         return None
 
+    def settle(self, items: list[Envelope], account: Callable[[], None]) -> bool:
+        """Run ``account`` and forget ``items`` if :meth:`abort` has not already counted them as kept on disk."""
+        with self._cond:
+            out = self._out
+            if not all(getattr(e, "key", None) in out for e in items):
+                return False
+            for e in items:
+                del out[e.key]
+            account()
+            return True
+
     def done(self, envelope: Envelope) -> None:
         key = getattr(envelope, "key", None)
         if key is not None:
+            with self._cond:
+                self._out.pop(key, None)  # consumers that never settle (tests, tools) leave nothing behind
             _unlink(self.directory / key)
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -273,8 +292,14 @@ class PersistentQueue:
             self._closed = self._aborted = True
             self._cond.notify_all()
             left = len(self._entries)
-        if left:
-            log.info("%s: %d requests stay on disk for the next start", self.directory, left)
+            kept: dict[Signal, int] = {}
+            for signal, items in [(s, n) for _, s, n in self._entries] + list(self._out.values()):
+                kept[signal] = kept.get(signal, 0) + items
+            self._out.clear()
+            #: per signal, the items this run leaves on disk: waiting, and handed out but not settled
+            self.kept_by_signal = kept
+        if left:  # the exporter's shutdown reports the items, those handed to workers included
+            log.debug("%s: %d waiting requests stay on disk for the next start", self.directory, left)
         os.close(self._dir_fd)
         os.close(self._lock_fd)  # releases the flock
         return []
