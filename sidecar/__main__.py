@@ -73,9 +73,10 @@ def run(config) -> int:
     print("sidecar ready", file=sys.stderr, flush=True)
     while not stop.wait(1.0):
         pass
-    service.shutdown()
-    log.info("sidecar stopped")
-    return 0
+    report = service.shutdown()  # complete: every exporter counted what it still held
+    lost = report.lost_in_shutdown
+    log.log(logging.ERROR if lost else logging.INFO, "%s", report.line())
+    return 1 if lost else 0  # a shutdown that lost acknowledged data is a failure
 
 
 if __name__ == "__main__":

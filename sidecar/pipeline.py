@@ -220,8 +220,14 @@ class Service:
     def metrics_port(self) -> int | None:
         return self._metrics_server.port if self._metrics_server else None
 
-    def shutdown(self, timeout: float | None = None) -> None:
-        """Stop accepting, drain every stage, flush queues; all within ``timeout`` seconds."""
+    def shutdown(self, timeout: float | None = None) -> "ShutdownReport":
+        """Stop accepting, drain every stage, flush queues; all within ``timeout`` seconds.
+
+        Returns what the run delivered, left on disk and lost, per signal, complete when it returns.
+        """
+        from sidecar.shutdown_report import build_report, lost_by_signal
+
+        lost_before = lost_by_signal(self.telemetry.registry)
         timeout = self.config.service.shutdown_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         self.host.ready.clear()
@@ -237,6 +243,7 @@ class Service:
         self.telemetry.up.set(0)
         if self._metrics_server:
             self._metrics_server.stop()
+        return build_report(self.telemetry.registry, lost_before, g.exporters.values())
 
 
 def _front_to_back(chains: list[list[str]]) -> list[str]:

@@ -180,6 +180,11 @@ class BaseExporter(Component, ABC):
             self._closed = True
             self._close()
 
+    @property
+    def left_on_disk(self) -> dict[Signal, int]:
+        """Items per signal the last shutdown left in the persistent queue for the next start."""
+        return self._sender.left_on_disk
+
     def log_partial_success(self, signal: Signal, rejected: int, message: str) -> None:
         self.log.log(logging.WARNING, ("partial", signal), "%s: backend rejected %d %s: %s",
                      self.id, rejected, signal.item_name, message or "(no message)")

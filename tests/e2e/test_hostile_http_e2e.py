@@ -105,3 +105,52 @@ def test_a_normal_export_succeeds_while_120_slow_clients_hang_on_and_they_are_cu
         assert refused(metrics_port, "read_timeout") == LYING
         assert exporter.export(finished_spans(1)) is SpanExportResult.SUCCESS  # still serving
         assert backend.wait_for_items(Signal.TRACES, 4, timeout=30)
+
+
+# --- SIGTERM with the backend down: the loss is reported and the exit code says so ----------------------
+
+
+def loss_config(backend: str, grpc_port: int) -> str:
+    return f"""
+receivers:
+  otlp:
+    protocols:
+      grpc: {{endpoint: 127.0.0.1:{grpc_port}}}
+exporters:
+  otlp/backend:
+    endpoint: {backend}
+    tls: {{insecure: true}}
+    timeout: 1s
+    sending_queue: {{num_consumers: 2, queue_size: 1000}}
+    retry_on_failure: {{initial_interval: 100ms, max_interval: 200ms, max_elapsed_time: 10m}}
+service:
+  shutdown_timeout: 2s
+  pipelines:
+    traces: {{receivers: [otlp], exporters: [otlp/backend]}}
+"""
+
+
+@pytest.mark.parametrize("env", [{}, {"SIDECAR_PURE_PYTHON": "1"}], ids=["c", "python"])
+def test_sigterm_with_the_backend_down_reports_the_exact_loss_and_exits_non_zero(env):
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    grpc_port = free_port()
+    down = f"127.0.0.1:{free_port()}"  # nothing listens there
+    requests, spans_each = 40, 256
+    with SidecarProcess(loss_config(down, grpc_port), env=env) as sc:
+        stub = trace_service_pb2_grpc.TraceServiceStub(grpc.insecure_channel(f"127.0.0.1:{grpc_port}"))
+        for r in range(requests):
+            req = ExportTraceServiceRequest()
+            ss = req.resource_spans.add().scope_spans.add()
+            for i in range(spans_each):
+                ss.spans.add(name="predict", trace_id=(r + 1).to_bytes(16, "big"), span_id=(i + 1).to_bytes(8, "big"))
+            stub.Export(req, timeout=10)  # acknowledged: raises on anything but OK
+        code = sc.terminate(60)
+        last = [line for line in sc.log().splitlines() if line.strip()][-1]
+    acknowledged = requests * spans_each
+    assert code != 0, sc.log()
+    assert f"traces: 0 spans delivered, 0 on disk for the next start, {acknowledged} lost " \
+           f"({acknowledged} during shutdown)" in last, last
+    assert "acknowledged data was lost during shutdown" in last

@@ -88,3 +88,40 @@ def test_requests_being_pushed_at_the_deadline_are_counted_before_shutdown_retur
     assert tel.value("dropped", Signal.TRACES, "shutdown", "false") == (0 if persistent else 30)
     if persistent:  # delivered again at the next start (at least once)
         assert len(list((tmp_path / "exporter_stuck").glob("*.otlp"))) == 10
+
+
+def test_service_report_with_a_persistent_queue_keeps_everything_on_disk_and_loses_nothing(tmp_path):
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+    from sidecar.config import parse_config
+    from sidecar.pipeline import Service
+    from sidecar.testing import free_port
+
+    grpc_port = free_port()
+    cfg = parse_config(f"""
+extensions:
+  file_storage: {{directory: {tmp_path}, fsync: false}}
+receivers:
+  otlp: {{protocols: {{grpc: {{endpoint: 127.0.0.1:{grpc_port}}}}}}}
+exporters:
+  otlp/down:
+    endpoint: 127.0.0.1:{free_port()}
+    tls: {{insecure: true}}
+    timeout: 1s
+    sending_queue: {{storage: file_storage}}
+service:
+  extensions: [file_storage]
+  pipelines:
+    traces: {{receivers: [otlp], exporters: [otlp/down]}}
+""")
+    service = Service(cfg)
+    service.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+    for _ in range(7):
+        trace_service_pb2_grpc.TraceServiceStub(channel).Export(traces(5), timeout=10)
+    channel.close()
+    report = service.shutdown(1.0)
+    assert report.signals[Signal.TRACES].on_disk == 35
+    assert report.signals[Signal.TRACES].lost == report.lost_in_shutdown == 0
+    assert "traces: 0 spans delivered, 35 on disk for the next start, 0 lost (0 during shutdown)" in report.line()
