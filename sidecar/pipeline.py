@@ -123,7 +123,8 @@ class Service:
         self.host = Host(self.telemetry)
         self.graph = Graph()
         self._metrics_server = None
-        self._inputs: dict[int, Edge] = {}
+        #: the counted edge into each component, by (kind, id): what every stage in front of it calls
+        self._inputs: dict[tuple[Kind, str], Edge] = {}
         self._build()
 
     # --- building ---------------------------------------------------------------------------
@@ -135,12 +136,8 @@ class Service:
         if cc.kind is Kind.RECEIVER:  # a receiver's edge is its output: what it offered the pipeline
             next_consumer = Edge(next_consumer, tel)
         comp = factory.create(settings, cc.config, next_consumer)
-        self._inputs[id(comp)] = Edge(comp, tel)
+        self._inputs[(cc.kind, str(cc.id))] = Edge(comp, tel)
         return comp
-
-    def _input(self, comp: Component) -> Consumer:
-        """The counted edge into ``comp``: what every stage in front of it calls."""
-        return self._inputs[id(comp)]
 
     def _build(self) -> None:
         cfg = self.config
@@ -167,10 +164,10 @@ class Service:
         heads: dict[str, dict[Signal, list[Consumer]]] = {}
         for pid, pipe in pipelines.items():
             signal = pipeline_signal(pid)
-            nxt: Consumer = _fan([self._input(g.exporters[e]) for e in pipe.exporters])
+            nxt: Consumer = _fan([self._inputs[(Kind.EXPORTER, e)] for e in pipe.exporters])
             for proc_id in reversed(pipe.processors):
                 routers[proc_id].routes[signal] = nxt
-                nxt = self._input(g.processors[proc_id])
+                nxt = self._inputs[(Kind.PROCESSOR, proc_id)]
             for rec_id in pipe.receivers:
                 heads.setdefault(rec_id, {}).setdefault(signal, []).append(nxt)
 
