@@ -50,8 +50,11 @@ class Detector:
     wire_hint: str = ""
 
 
+_NON_DIGITS = bytes(c for c in range(256) if not 48 <= c <= 57)
+
+
 def _digits(text: bytes) -> bytes:
-    return bytes(c for c in text if 48 <= c <= 57)
+    return text.translate(None, _NON_DIGITS)  # the ASCII digits of ``text``, in C
 
 
 def luhn_ok(text: bytes) -> bool:
