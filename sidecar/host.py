@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
-    from sidecar.component import Component
+    from sidecar.component import Component, Refused
     from sidecar.telemetry import SelfTelemetry
 
 
@@ -18,6 +18,9 @@ class Host:
         self.ready = threading.Event()
         #: set when shutdown begins; stages use it to stop waiting (retry backoff, queue reads)
         self.stopping = threading.Event()
+        #: asked by receivers before they parse a request of ``n`` bytes (the memory limiter adds one):
+        #: each returns the :class:`~sidecar.component.Refused` to answer with, or None to go ahead
+        self.admission: list[Callable[[int], "Refused | None"]] = []
 
     def extension(self, component_id: str) -> "Component":
         try:

@@ -66,6 +66,9 @@ class QueueConfig(ConfigModel):
     num_consumers: int = Field(4, ge=1, le=256)
     #: capacity in requests; a full queue refuses (queue_full) so the sender retries
     queue_size: int = Field(1000, ge=1)
+    #: capacity of an in-memory queue in bytes of encoded requests, besides ``queue_size`` (a request that
+    #: would pass it is refused, queue_full, unless the queue is empty); a persistent queue is bounded by disk
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1)
     #: id of a ``file_storage`` extension: the queue lives on disk and survives restarts
     storage: str | None = None
     #: merge waiting requests into one export (off unless configured)

@@ -116,7 +116,7 @@ class QueueSender:
         self._batch_max = cfg.batch.max_size if cfg.batch is not None else 0
         self.queue: SendingQueue | None = None
         if cfg.enabled and cfg.storage is None:
-            self.queue = MemoryQueue(cfg.queue_size)
+            self.queue = MemoryQueue(cfg.queue_size, cfg.max_bytes)
         self._workers: list[threading.Thread] = []
         #: per signal, items this exporter lost at its last shutdown and items it left on disk for the next start
         self.lost_at_shutdown: dict[Signal, int] = {}
@@ -130,7 +130,7 @@ class QueueSender:
         if qc.enabled and qc.storage is not None and (self.queue is None or self.queue.closed):
             self.queue = self._open_persistent_queue(host, qc)
         elif self.queue is not None and self.queue.closed:  # started again after a shutdown
-            self.queue = MemoryQueue(qc.queue_size)
+            self.queue = MemoryQueue(qc.queue_size, qc.max_bytes)
         self._next.stopping.clear()
         self._next.abort.clear()
         self._next.deadline = float("inf")

@@ -13,9 +13,12 @@ from sidecar.envelope import Envelope
 class MemoryQueue:
     persistent = False
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, max_bytes: int | None = None):
         self.capacity = capacity
+        self.max_bytes = max_bytes
+        self._bytes = 0  # encoded size of what waits
         self._items: collections.deque[Envelope] = collections.deque()
+        self._sizes: collections.deque[int] = collections.deque()  # encoded size of each waiting item
         self._cond = threading.Condition()
         self._count = 0  # items (spans, ...) waiting, for the gauge
         self._out: dict[int, Envelope] = {}  # handed to a consumer, not settled yet (by id: the consumer holds it)
@@ -23,12 +26,19 @@ class MemoryQueue:
         self._aborted = False
 
     def put(self, envelope: Envelope) -> None:
+        item = envelope.compact()
+        size = _size(item)  # outside the lock: a message without its encoding is measured, O(size)
         with self._cond:
             if self._closed:
                 raise Refused("shutting_down")
             if len(self._items) >= self.capacity:
                 raise Refused("queue_full", message=f"sending queue is full ({self.capacity} requests)")
-            self._items.append(envelope.compact())
+            if self.max_bytes is not None and self._items and self._bytes + size > self.max_bytes:
+                raise Refused("queue_full", message=f"sending queue is full ({self._bytes} bytes waiting, "
+                                                    f"max_bytes {self.max_bytes})")
+            self._items.append(item)
+            self._sizes.append(size)
+            self._bytes += size
             self._count += envelope.items
             self._cond.notify()
 
@@ -46,6 +56,7 @@ class MemoryQueue:
                 return None
             item = self._items.popleft()
             self._count -= item.items
+            self._bytes -= self._sizes.popleft()
             self._out[id(item)] = item
             return item
 
@@ -76,6 +87,8 @@ class MemoryQueue:
             left = list(self._items) + list(self._out.values())  # waiting, and being pushed too late to count
             self._items.clear()
             self._out.clear()
+            self._sizes.clear()
+            self._bytes = 0
             self._count = 0
             self._cond.notify_all()
             return left
@@ -89,3 +102,12 @@ class MemoryQueue:
 
     def item_count(self) -> int:
         return self._count
+
+    def byte_count(self) -> int:
+        """Encoded bytes waiting (what ``max_bytes`` bounds)."""
+        return self._bytes
+
+
+def _size(envelope: Envelope) -> int:
+    """Encoded size of a queued request: its bytes when it has them, else the message's serialized size."""
+    return len(envelope.encoded) if envelope.has_encoding else envelope.message.ByteSize()

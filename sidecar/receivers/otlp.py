@@ -277,6 +277,7 @@ class OTLPReceiver(Component):
             ("component", "protocol", "reason"))
         self._refused_children: dict[tuple[str, str], object] = {}
         self._log = RateLimitedLog(log, interval=10.0)
+        self._admission: list = []  # host.admission: asked before parsing (the memory limiter's budget)
         self._grpc_server: grpc.Server | None = None
         self._http_server = None
         self.grpc_port: int | None = None
@@ -315,6 +316,13 @@ class OTLPReceiver(Component):
             raise self.reject(protocol, Rejected(
                 "internal", f"internal error: {type(e).__name__}", grpc.StatusCode.INTERNAL, 500)) from None
 
+    def admit(self, nbytes: int, protocol: str) -> None:
+        """Before parsing ``nbytes``: raise the rejection (retryable) when the memory budget has no room."""
+        for check in self._admission:
+            refused = check(nbytes)
+            if refused is not None:
+                raise self.reject(protocol, classify(refused))
+
     def reject(self, protocol: str, rej: Rejected) -> Rejected:
         """Count a refused request (``sidecar_receiver_requests_refused``), log a one-line summary at most
         every few seconds per (protocol, reason), and return the rejection to raise."""
@@ -336,6 +344,7 @@ class OTLPReceiver(Component):
 
     # lifecycle
     def start(self, host) -> None:
+        self._admission = getattr(host, "admission", None) or []
         try:
             if self.config.protocols.grpc is not None:
                 self._start_grpc(self.config.protocols.grpc)
@@ -430,6 +439,7 @@ class _GRPCService:
 
     def Export(self, raw: bytes, context):  # noqa: N802 - gRPC method name
         try:
+            self._receiver.admit(len(raw), "grpc")
             try:
                 request = self._parse(raw)
             except Exception as e:  # DecodeError, or whatever else hostile bytes make the parser raise

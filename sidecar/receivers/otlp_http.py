@@ -115,11 +115,17 @@ class OTLPHTTPApp:
             raise self._rejected(signal, "invalid", f"invalid Content-Length {declared!r}", 400) from None
         if length > limit:
             raise self._too_large(signal, f"body of {length} bytes")
+        admit = self._receiver.admit
+        if length > 0:
+            admit(length, "http")  # before reading and parsing it: is there memory for it?
         body = environ["wsgi.input"].read(length if length >= 0 else limit + 1)
         if len(body) > limit:
             raise self._too_large(signal, "body")
+        if length < 0:
+            admit(len(body), "http")
         if encoding == "gzip":
             body = self._gunzip(signal, body)
+            admit(len(body), "http")
         return body
 
     def _gunzip(self, signal: Signal, body: bytes) -> bytes:
