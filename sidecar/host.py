@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from sidecar.component import Component, Refused
     from sidecar.telemetry import SelfTelemetry
+
+
+class Admission(Protocol):
+    def admit(self, nbytes: int) -> "Refused | None": ...
+
+    def admitted(self, nbytes: int) -> None: ...
 
 
 class Host:
@@ -18,9 +24,10 @@ class Host:
         self.ready = threading.Event()
         #: set when shutdown begins; stages use it to stop waiting (retry backoff, queue reads)
         self.stopping = threading.Event()
-        #: asked by receivers before they parse a request of ``n`` bytes (the memory limiter adds one):
-        #: each returns the :class:`~sidecar.component.Refused` to answer with, or None to go ahead
-        self.admission: list[Callable[[int], "Refused | None"]] = []
+        #: asked by receivers before they parse a request of ``n`` bytes (memory limiters add themselves):
+        #: ``admit(n)`` returns the :class:`~sidecar.component.Refused` to answer with, or None to go ahead,
+        #: and then ``admitted(n)`` is called once the request has been handed on
+        self.admission: list["Admission"] = []
 
     def extension(self, component_id: str) -> "Component":
         try:

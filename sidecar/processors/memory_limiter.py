@@ -10,8 +10,9 @@ flag check; the pipeline's edges count what passes and what is refused.
 Two things do not wait for the timer. While refusing, ``consume`` checks again (collect, trim,
 read RSS) at most every ``_RECHECK`` seconds, so the limiter accepts as soon as memory is handed
 back after a spike. And receivers ask :meth:`MemoryLimiter.admit` (through ``host.admission``)
-before parsing a large request: one that would not fit under the hard limit once parsed is
-refused (retryable) before it costs anything more.
+before parsing a large request: one whose cost (``request_memory_factor`` x its size) does not
+fit in what is left under the soft limit, counting the requests admitted and still in the
+pipeline, is refused (retryable) before it costs anything more.
 """
 
 from __future__ import annotations
@@ -38,8 +39,6 @@ from sidecar.envelope import Envelope
 log = logging.getLogger(__name__)
 
 _MIB = 1024 * 1024
-#: a parsed OTLP request takes about 3x its encoding (measured: 15 MiB of spans, 47 MiB); 4x with the envelope's bytes
-PARSE_FACTOR = 4
 #: requests below this many bytes are not measured one by one: the spike headroom covers them
 ADMIT_MIN_BYTES = 256 * 1024
 #: while refusing, memory is checked again at most this often (seconds)
@@ -55,6 +54,10 @@ class MemoryLimiterConfig(ConfigModel):
     spike_limit_mib: int | None = Field(None, ge=0)
     limit_percentage: int | None = Field(None, gt=0, le=100)
     spike_limit_percentage: int | None = Field(None, ge=0, le=100)
+    #: What a request costs in memory on its way through the pipeline, as a multiple of its encoded size.
+    #: Parsing alone takes ~3x (15 MiB of spans: 47 MiB); span_metrics + tail_sampling + redaction
+    #: ~12x (benchmarks/memory_spike.py --full). A request that does not fit is refused before parsing.
+    request_memory_factor: float = Field(8.0, ge=1.0, le=100.0)
 
     @model_validator(mode="after")
     def _one_limit(self) -> "MemoryLimiterConfig":
@@ -164,6 +167,9 @@ class MemoryLimiter(Component):
         self._retry_after = max(self.check_interval, 1.0)
         self._checking = threading.Lock()
         self._last_check = 0.0
+        self._factor = config.request_memory_factor
+        self._reserved = 0  # memory admitted to requests still on their way in (bytes)
+        self._reserve_lock = threading.Lock()
         self._ticker = Ticker(self.check, self.check_interval, name=f"{self.id}-check")
 
         root = settings.telemetry.root
@@ -189,33 +195,51 @@ class MemoryLimiter(Component):
 
     def _recheck(self) -> bool:
         """While refusing: check again if the last check is older than ``_RECHECK``; True once accepting."""
-        if time.monotonic() - self._last_check >= _RECHECK and self._checking.acquire(blocking=False):
-            try:
-                self.check()
-            finally:
-                self._checking.release()
+        if time.monotonic() - self._last_check >= _RECHECK:
+            self._recheck_now()
         return not self.refusing
 
     def admit(self, nbytes: int) -> Refused | None:
-        """Asked by a receiver before it parses ``nbytes``: a refusal when the parsed request would not
-        fit under the hard limit (or while refusing), else None. Small requests cost one comparison."""
+        """Asked by a receiver before it parses ``nbytes``: None to go ahead (then :meth:`admitted` once the
+        request is handed on), or the refusal when its cost does not fit under the soft limit."""
         if self.refusing and not self._recheck():
             return self._refusal()
         if nbytes < ADMIT_MIN_BYTES:
             return None
-        need = nbytes * PARSE_FACTOR
-        rss = self._read_rss()
-        if rss + need < self.limit:
-            return None
+        need = int(nbytes * self._factor)
+        for attempt in (0, 1):
+            rss = self._read_rss()
+            with self._reserve_lock:
+                if rss + self._reserved + need < self.soft_limit:
+                    self._reserved += need
+                    return None
+                reserved = self._reserved
+            if attempt == 0 and time.monotonic() - self._last_check >= _RECHECK:
+                self._recheck_now(release=True)  # garbage and freed heap handed back may make room
         return Refused("memory_limit", retry_after=self._retry_after,
-                       message=f"a request of {nbytes // 1024} KiB needs about {need // _MIB} MiB once parsed; "
-                               f"RSS {rss // _MIB} MiB of limit {self.limit // _MIB} MiB; retry later or send less")
+                       message=f"a request of {nbytes // 1024} KiB needs about {need // _MIB} MiB on its way through; "
+                               f"RSS {rss // _MIB} MiB + {reserved // _MIB} MiB admitted to requests in flight, soft "
+                               f"limit {self.soft_limit // _MIB} MiB; retry later or send smaller requests")
 
-    def check(self) -> None:
-        """Sample RSS and switch modes; above the soft limit, collect garbage and trim the heap first."""
+    def admitted(self, nbytes: int) -> None:
+        """The request :meth:`admit` let in has been handed on (or failed): its memory shows in RSS now."""
+        if nbytes >= ADMIT_MIN_BYTES:
+            with self._reserve_lock:
+                self._reserved = max(0, self._reserved - int(nbytes * self._factor))
+
+    def _recheck_now(self, release: bool = False) -> None:
+        if self._checking.acquire(blocking=False):
+            try:
+                self.check(release)
+            finally:
+                self._checking.release()
+
+    def check(self, release: bool = False) -> None:
+        """Sample RSS and switch modes; above the soft limit (or with ``release``), collect garbage and
+        trim the heap first."""
         self._last_check = time.monotonic()
         rss = self._read_rss()
-        if rss >= self.soft_limit:
+        if release or rss >= self.soft_limit:
             gc.collect()
             self._release()
             rss = self._read_rss()
@@ -233,8 +257,8 @@ class MemoryLimiter(Component):
         self.check()
         self._ticker.start()
         admission = getattr(host, "admission", None)
-        if admission is not None and self.admit not in admission:
-            admission.append(self.admit)
+        if admission is not None and self not in admission:
+            admission.append(self)
 
     def shutdown(self, deadline: float) -> None:
         self._ticker.stop(min(deadline, time.monotonic() + 5.0))

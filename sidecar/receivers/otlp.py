@@ -316,12 +316,20 @@ class OTLPReceiver(Component):
             raise self.reject(protocol, Rejected(
                 "internal", f"internal error: {type(e).__name__}", grpc.StatusCode.INTERNAL, 500)) from None
 
-    def admit(self, nbytes: int, protocol: str) -> None:
-        """Before parsing ``nbytes``: raise the rejection (retryable) when the memory budget has no room."""
-        for check in self._admission:
-            refused = check(nbytes)
+    def admit(self, nbytes: int, protocol: str) -> int:
+        """Before parsing ``nbytes``: raise the rejection (retryable) when the memory budget has no room;
+        else return what to hand to :meth:`admitted` once the request has been handed on."""
+        for i, budget in enumerate(self._admission):
+            refused = budget.admit(nbytes)
             if refused is not None:
+                for earlier in self._admission[:i]:
+                    earlier.admitted(nbytes)
                 raise self.reject(protocol, classify(refused))
+        return nbytes
+
+    def admitted(self, nbytes: int) -> None:
+        for budget in self._admission:
+            budget.admitted(nbytes)
 
     def reject(self, protocol: str, rej: Rejected) -> Rejected:
         """Count a refused request (``sidecar_receiver_requests_refused``), log a one-line summary at most
@@ -439,14 +447,17 @@ class _GRPCService:
 
     def Export(self, raw: bytes, context):  # noqa: N802 - gRPC method name
         try:
-            self._receiver.admit(len(raw), "grpc")
+            admitted = self._receiver.admit(len(raw), "grpc")
             try:
-                request = self._parse(raw)
-            except Exception as e:  # DecodeError, or whatever else hostile bytes make the parser raise
-                raise self._receiver.reject("grpc", Rejected(
-                    "invalid", f"invalid OTLP protobuf {self._signal.value} request: {e}"[:300],
-                    grpc.StatusCode.INVALID_ARGUMENT, 400)) from None
-            self._ingest(self._signal, request, "grpc", raw)
+                try:
+                    request = self._parse(raw)
+                except Exception as e:  # DecodeError, or whatever else hostile bytes make the parser raise
+                    raise self._receiver.reject("grpc", Rejected(
+                        "invalid", f"invalid OTLP protobuf {self._signal.value} request: {e}"[:300],
+                        grpc.StatusCode.INVALID_ARGUMENT, 400)) from None
+                self._ingest(self._signal, request, "grpc", raw)
+            finally:
+                self._receiver.admitted(admitted)
         except Rejected as rej:
             if rej.retry_after is not None:
                 context.set_trailing_metadata(retry_info_trailer(rej))

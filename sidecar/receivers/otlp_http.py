@@ -84,17 +84,22 @@ class OTLPHTTPApp:
                 raise self._rejected(signal, "unsupported_media_type",
                                      f"unsupported Content-Type {media or '(none)'!r}; use {_PROTOBUF} or {_JSON}", 415)
             body = self._read_body(signal, environ)
+            admitted = self._receiver.admit(len(body), "http")  # before parsing: is there memory for it?
             try:
-                if as_json:
-                    request = from_json(signal, body)
-                else:
-                    request = signal.request_type.FromString(body)
-            except OTLPJSONError as e:
-                raise self._rejected(signal, "invalid", f"invalid OTLP/JSON {signal.value} request: {e}", 400) from None
-            except (DecodeError, RecursionError, ValueError) as e:  # hostile bytes: the client's error
-                raise self._rejected(signal, "invalid", f"invalid OTLP protobuf {signal.value} request: {e}"[:300],
-                                     400) from None
-            self._receiver.ingest(signal, request, "http", None if as_json else body)
+                try:
+                    if as_json:
+                        request = from_json(signal, body)
+                    else:
+                        request = signal.request_type.FromString(body)
+                except OTLPJSONError as e:
+                    raise self._rejected(signal, "invalid", f"invalid OTLP/JSON {signal.value} request: {e}",
+                                         400) from None
+                except (DecodeError, RecursionError, ValueError) as e:  # hostile bytes: the client's error
+                    raise self._rejected(signal, "invalid",
+                                         f"invalid OTLP protobuf {signal.value} request: {e}"[:300], 400) from None
+                self._receiver.ingest(signal, request, "http", None if as_json else body)
+            finally:
+                self._receiver.admitted(admitted)
         except Rejected as rej:
             return self._error(start_response, rej, as_json, signal)
         body = self._ok[(signal, as_json)]
@@ -115,17 +120,11 @@ class OTLPHTTPApp:
             raise self._rejected(signal, "invalid", f"invalid Content-Length {declared!r}", 400) from None
         if length > limit:
             raise self._too_large(signal, f"body of {length} bytes")
-        admit = self._receiver.admit
-        if length > 0:
-            admit(length, "http")  # before reading and parsing it: is there memory for it?
         body = environ["wsgi.input"].read(length if length >= 0 else limit + 1)
         if len(body) > limit:
             raise self._too_large(signal, "body")
-        if length < 0:
-            admit(len(body), "http")
         if encoding == "gzip":
             body = self._gunzip(signal, body)
-            admit(len(body), "http")
         return body
 
     def _gunzip(self, signal: Signal, body: bytes) -> bytes:

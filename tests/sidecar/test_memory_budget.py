@@ -62,9 +62,9 @@ def refused_requests(tel, protocol: str) -> float:
 
 
 def test_a_request_that_would_not_fit_is_refused_retryable_before_it_is_parsed():
-    memory = FakeMemory(300)  # under the soft limit (320 MiB): small requests pass
+    memory = FakeMemory(250)  # soft limit 320 MiB; a request costs 8x its size (request_memory_factor)
     rec, limiter, sink, tel = pipeline(memory)
-    big = traces(30_000).SerializeToString()  # ~4.5 MiB: about 18 MiB once parsed
+    big = traces(30_000).SerializeToString()  # ~4.5 MiB: about 36 MiB on its way through
     assert 4 * MIB < len(big) < 5 * MIB
     channel = grpc.insecure_channel(f"127.0.0.1:{rec.grpc_port}",
                                     options=[("grpc.max_send_message_length", 64 * MIB)])
@@ -73,9 +73,9 @@ def test_a_request_that_would_not_fit_is_refused_retryable_before_it_is_parsed()
     url = f"http://127.0.0.1:{rec.http_port}/v1/traces"
     headers = {"Content-Type": "application/x-protobuf"}
     try:
-        export(big, timeout=10)  # 300 + 18 MiB fits under 400
+        export(big, timeout=10)  # 250 + 36 MiB fits under 320
         assert http.request("POST", url, body=big, headers=headers).status == 200
-        memory.rss = 385 * MIB  # the periodic check has not seen it yet; this request would pass the hard limit
+        memory.rss = 300 * MIB  # under the soft limit, but 300 + 36 MiB is not
         with pytest.raises(grpc.RpcError) as err:
             export(big, timeout=10)
         assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -86,6 +86,26 @@ def test_a_request_that_would_not_fit_is_refused_retryable_before_it_is_parsed()
         assert [len(r.resource_spans[0].scope_spans[0].spans) for r in sink.of(Signal.TRACES)] == [30_000] * 2 + [10]
     finally:
         channel.close()
+        rec.shutdown(time.monotonic() + 5)
+        limiter.shutdown(time.monotonic() + 5)
+
+
+def test_requests_admitted_and_still_on_their_way_in_count_against_the_budget():
+    memory = FakeMemory(250)
+    rec, limiter, sink, tel = pipeline(memory)
+    try:
+        size = int(4.5 * MIB)
+        assert limiter.admit(size) is None  # 250 + 36
+        refusal = limiter.admit(size)  # 250 + 36 admitted + 36 > 320: refused, retryable
+        assert refusal is not None and refusal.reason == "memory_limit" and refusal.retryable
+        assert "admitted to requests in flight" in str(refusal)
+        limiter.admitted(size)  # the first one is in the pipeline now: its memory shows in RSS
+        memory.rss += 36 * MIB
+        assert limiter.admit(size) is not None  # 286 + 36 > 320
+        memory.rss = 250 * MIB
+        assert limiter.admit(size) is None
+        assert limiter.admit(100 * 1024) is None  # small requests are not measured
+    finally:
         rec.shutdown(time.monotonic() + 5)
         limiter.shutdown(time.monotonic() + 5)
 
