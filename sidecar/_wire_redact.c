@@ -34,6 +34,7 @@
 #define HAS_SUMMARY 1
 #define BODY_LABEL (-1)
 #define STATUS_LABEL (-2)
+#define BODY_EMPTY (-3)
 
 enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_SGROUP = 3, WT_EGROUP = 4, WT_I32 = 5 };
 
@@ -313,9 +314,11 @@ static int name(Loc *L, const Field *f, Py_ssize_t item, int is_event)
     return ints_push(&L->name_sites, v, 4);
 }
 
-static int kv(Loc *L, Py_ssize_t kv_start, Py_ssize_t cs, Py_ssize_t ce, Py_ssize_t item, int depth, int top);
+static int kv(Loc *L, Py_ssize_t kv_start, Py_ssize_t ls, Py_ssize_t cs, Py_ssize_t ce, Py_ssize_t item, int depth,
+              int top);
 
-/* An AnyValue at [pos, end); a string in it is removed with [drop_start, drop_end) (-1: the string field). */
+/* An AnyValue at [pos, end); a string in it is removed with [drop_start, drop_end) (key_end BODY_EMPTY: that
+ * range is a log body from its length prefix, which a drop sets to zero). */
 static int value(Loc *L, Py_ssize_t pos, Py_ssize_t end, Py_ssize_t drop_start, Py_ssize_t drop_end,
                  Py_ssize_t item, Py_ssize_t key_start, Py_ssize_t key_end, int depth)
 {
@@ -329,8 +332,7 @@ static int value(Loc *L, Py_ssize_t pos, Py_ssize_t end, Py_ssize_t drop_start, 
         if (f.wt != WT_LEN)
             continue;
         if (f.field == 1) {
-            if (f.ce > f.cs && text(L, f.ls, f.cs, f.ce, drop_start < 0 ? f.ts : drop_start,
-                                    drop_start < 0 ? f.ce : drop_end, item, key_start, key_end) < 0)
+            if (f.ce > f.cs && text(L, f.ls, f.cs, f.ce, drop_start, drop_end, item, key_start, key_end) < 0)
                 return -1;
         } else if (f.field == 5) {
             Py_ssize_t q = f.cs;
@@ -339,7 +341,8 @@ static int value(Loc *L, Py_ssize_t pos, Py_ssize_t end, Py_ssize_t drop_start, 
                 if (next_field(L->d, &q, f.ce, &e) < 0)
                     return -1;
                 if (e.field == 1 && e.wt == WT_LEN &&
-                    value(L, e.cs, e.ce, e.ts, e.ce, item, key_start, key_end, depth + 1) < 0)
+                    value(L, e.cs, e.ce, e.ts, e.ce, item, key_start, key_end == BODY_EMPTY ? BODY_LABEL : key_end,
+                          depth + 1) < 0)
                     return -1;
             }
         } else if (f.field == 6) {
@@ -348,7 +351,7 @@ static int value(Loc *L, Py_ssize_t pos, Py_ssize_t end, Py_ssize_t drop_start, 
             while (q < f.ce) {
                 if (next_field(L->d, &q, f.ce, &e) < 0)
                     return -1;
-                if (e.field == 1 && e.wt == WT_LEN && kv(L, e.ts, e.cs, e.ce, item, depth + 1, 0) < 0)
+                if (e.field == 1 && e.wt == WT_LEN && kv(L, e.ts, e.ls, e.cs, e.ce, item, depth + 1, 0) < 0)
                     return -1;
             }
         }
@@ -357,7 +360,8 @@ static int value(Loc *L, Py_ssize_t pos, Py_ssize_t end, Py_ssize_t drop_start, 
 }
 
 /* A KeyValue; returns HAS_SUMMARY when `top` and its key is a summary attribute, -1 on error. */
-static int kv(Loc *L, Py_ssize_t kv_start, Py_ssize_t cs, Py_ssize_t ce, Py_ssize_t item, int depth, int top)
+static int kv(Loc *L, Py_ssize_t kv_start, Py_ssize_t ls, Py_ssize_t cs, Py_ssize_t ce, Py_ssize_t item, int depth,
+              int top)
 {
     if (depth > MAX_DEPTH)
         return bad("nested too deep");
@@ -380,7 +384,7 @@ static int kv(Loc *L, Py_ssize_t kv_start, Py_ssize_t cs, Py_ssize_t ce, Py_ssiz
     Py_ssize_t record = -1;
     if (decision != L->scan) {
         Py_ssize_t first = L->text_ends.len;
-        Py_ssize_t v[6] = {kv_start, cs, ce, item, first, first};
+        Py_ssize_t v[6] = {kv_start, ls, ce, item, first, first};
         record = L->kv_sites.len;
         int rc = PyList_Append(L->keys, key) < 0 || ints_push(&L->kv_sites, v, 6) < 0;
         Py_DECREF(key);
@@ -409,7 +413,7 @@ static int attrs(Loc *L, Py_ssize_t pos, Py_ssize_t end, uint32_t field, Py_ssiz
     while (p < end) {
         if (next_field(L->d, &p, end, &f) < 0)
             return -1;
-        if (f.field == field && f.wt == WT_LEN && kv(L, f.ts, f.cs, f.ce, item, depth, 0) < 0)
+        if (f.field == field && f.wt == WT_LEN && kv(L, f.ts, f.ls, f.cs, f.ce, item, depth, 0) < 0)
             return -1;
     }
     return 0;
@@ -438,7 +442,7 @@ static int span(Loc *L, Py_ssize_t pos, Py_ssize_t end)
                 return -1;
             break;
         case 9:
-            if ((r = kv(L, f.ts, f.cs, f.ce, item, 0, 1)) < 0)
+            if ((r = kv(L, f.ts, f.ls, f.cs, f.ce, item, 0, 1)) < 0)
                 return -1;
             flags |= r;
             break;
@@ -451,7 +455,7 @@ static int span(Loc *L, Py_ssize_t pos, Py_ssize_t end)
                     continue;
                 if (g.field == 2 && name(L, &g, item, 1) < 0)
                     return -1;
-                if (g.field == 3 && kv(L, g.ts, g.cs, g.ce, item, 0, 0) < 0)
+                if (g.field == 3 && kv(L, g.ts, g.ls, g.cs, g.ce, item, 0, 0) < 0)
                     return -1;
             }
             break;
@@ -486,10 +490,11 @@ static int log_record(Loc *L, Py_ssize_t pos, Py_ssize_t end)
             return -1;
         if (f.wt != WT_LEN)
             continue;
-        if (f.field == 5 && value(L, f.cs, f.ce, -1, -1, item, BODY_LABEL, BODY_LABEL, 0) < 0)
+        /* a dropped body string empties the body (every value in it), as clearing the body does */
+        if (f.field == 5 && value(L, f.cs, f.ce, f.ls, f.ce, item, BODY_LABEL, BODY_EMPTY, 0) < 0)
             return -1;
         if (f.field == 6) {
-            if ((r = kv(L, f.ts, f.cs, f.ce, item, 0, 1)) < 0)
+            if ((r = kv(L, f.ts, f.ls, f.cs, f.ce, item, 0, 1)) < 0)
                 return -1;
             flags |= r;
         }
@@ -527,7 +532,7 @@ static int metric(Loc *L, Py_ssize_t pos, Py_ssize_t end)
                 if (g.wt != WT_LEN)
                     continue;
                 if (g.field == attrs_field) {
-                    if (kv(L, g.ts, g.cs, g.ce, -1, 0, 0) < 0)
+                    if (kv(L, g.ts, g.ls, g.cs, g.ce, -1, 0, 0) < 0)
                         return -1;
                 } else if (exemplars_field && g.field == exemplars_field) {
                     if (attrs(L, g.cs, g.ce, 7, -1, 0) < 0)

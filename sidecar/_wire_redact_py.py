@@ -15,7 +15,16 @@ from __future__ import annotations
 from array import array
 
 from sidecar._wire_py import _LEN, _bad, _skip, _tag, _varint
-from sidecar._wire_redact_types import BODY_LABEL, HAS_SUMMARY, LOGS, METRICS, STATUS_LABEL, TRACES, Located
+from sidecar._wire_redact_types import (
+    BODY_EMPTY,
+    BODY_LABEL,
+    HAS_SUMMARY,
+    LOGS,
+    METRICS,
+    STATUS_LABEL,
+    TRACES,
+    Located,
+)
 
 _MAX_DEPTH = 100
 _SUMMARY_PREFIX = b"redaction."
@@ -68,11 +77,11 @@ class _Locator:
     def attrs(self, pos: int, end: int, field: int, item: int, depth: int, top: bool = False) -> int:
         """The KeyValues in ``field`` of the message at [pos, end); returns HAS_SUMMARY when ``top`` and one is a summary."""
         flags = 0
-        for _, ts, _, cs, ce in self.children(pos, end, (field,)):
-            flags |= self.kv(ts, cs, ce, item, depth, top)
+        for _, ts, ls, cs, ce in self.children(pos, end, (field,)):
+            flags |= self.kv(ts, ls, cs, ce, item, depth, top)
         return flags
 
-    def kv(self, kv_start: int, cs: int, ce: int, item: int, depth: int, top: bool) -> int:
+    def kv(self, kv_start: int, ls: int, cs: int, ce: int, item: int, depth: int, top: bool) -> int:
         if depth > _MAX_DEPTH:
             raise _bad("nested too deep")
         data = self.data
@@ -93,7 +102,7 @@ class _Locator:
             first = len(self.texts)
             record = len(self.kv_sites)
             self.keys.append(key)
-            self.kv_sites.extend((kv_start, cs, ce, item, first, first))
+            self.kv_sites.extend((kv_start, ls, ce, item, first, first))
             if decision is None:
                 for vs, ve in values:
                     self.value(vs, ve, kv_start, ce, item, key_start, key_end, depth + 1)
@@ -102,17 +111,18 @@ class _Locator:
 
     def value(self, pos: int, end: int, drop_start: int, drop_end: int, item: int, key_start: int, key_end: int,
               depth: int) -> None:
-        """An AnyValue at [pos, end); a string in it is removed with [drop_start, drop_end) (-1: the string field)."""
+        """An AnyValue at [pos, end); a string in it is removed with [drop_start, drop_end) (``key_end``
+        BODY_EMPTY: that range is a log body from its length prefix, which a drop sets to zero)."""
         if depth > _MAX_DEPTH:
             raise _bad("nested too deep")
         for field, ts, ls, cs, ce in self.children(pos, end, (1, 5, 6)):
             if field == 1:
                 if ce > cs:
-                    self.text(ls, cs, ce, ts if drop_start < 0 else drop_start, ce if drop_start < 0 else drop_end,
-                              item, key_start, key_end)
+                    self.text(ls, cs, ce, drop_start, drop_end, item, key_start, key_end)
             elif field == 5:
                 for _, es, _, vs, ve in self.children(cs, ce, (1,)):
-                    self.value(vs, ve, es, ve, item, key_start, key_end, depth + 1)
+                    self.value(vs, ve, es, ve, item, key_start, BODY_LABEL if key_end == BODY_EMPTY else key_end,
+                               depth + 1)
             else:
                 self.attrs(cs, ce, 1, item, depth + 1)
 
@@ -154,13 +164,13 @@ class _Locator:
             if field == 5:
                 self.name(ls, cs, ce, item, 0)
             elif field == 9:
-                flags |= self.kv(ts, cs, ce, item, 0, True)
+                flags |= self.kv(ts, ls, cs, ce, item, 0, True)
             elif field == 11:
                 for f2, t2, l2, c2, e2 in self.children(cs, ce, (2, 3)):
                     if f2 == 2:
                         self.name(l2, c2, e2, item, 1)
                     else:
-                        self.kv(t2, c2, e2, item, 0, False)
+                        self.kv(t2, l2, c2, e2, item, 0, False)
             elif field == 13:
                 self.attrs(cs, ce, 4, item, 0)
             else:
@@ -172,20 +182,20 @@ class _Locator:
     def log_record(self, pos: int, end: int) -> None:
         item = len(self.items) // 3
         flags = 0
-        for field, ts, _, cs, ce in self.children(pos, end, (5, 6)):
-            if field == 5:
-                self.value(cs, ce, -1, -1, item, BODY_LABEL, BODY_LABEL, 0)
+        for field, ts, ls, cs, ce in self.children(pos, end, (5, 6)):
+            if field == 5:  # a dropped body string empties the body (every value in it), as clearing the body does
+                self.value(cs, ce, ls, ce, item, BODY_LABEL, BODY_EMPTY, 0)
             else:
-                flags |= self.kv(ts, cs, ce, item, 0, True)
+                flags |= self.kv(ts, ls, cs, ce, item, 0, True)
         self.items.extend((pos, end, flags))
 
     def metric(self, pos: int, end: int) -> None:
         for field, _, _, cs, ce in self.children(pos, end, tuple(_POINT_FIELDS)):
             attrs_field, exemplars_field = _POINT_FIELDS[field]
             for _, _, _, ps, pe in self.children(cs, ce, (1,)):
-                for f2, t2, _, c2, e2 in self.children(ps, pe, (attrs_field, exemplars_field)):
+                for f2, t2, l2, c2, e2 in self.children(ps, pe, (attrs_field, exemplars_field)):
                     if f2 == attrs_field:
-                        self.kv(t2, c2, e2, -1, 0, False)
+                        self.kv(t2, l2, c2, e2, -1, 0, False)
                     else:
                         self.attrs(c2, e2, 7, -1, 0)
 

@@ -14,12 +14,15 @@ from typing import NamedTuple
 SITE = 7
 #: ints per name in ``Located.name_sites``: len_start, end, item, is_event
 NAME_SITE = 4
-#: ints per KeyValue in ``Located.kv_sites``: start (its tag), content start, end, item, first_text, end_text
+#: ints per KeyValue in ``Located.kv_sites``: start (its tag), length start, end, item, first_text, end_text
 KV_SITE = 6
 #: ints per item (span / log record) in ``Located.items``: content start, content end, flags
 ITEM_SITE = 3
 #: ``key_start`` of a text that is a log body (or inside one, outside any map), and of a status message
 BODY_LABEL, STATUS_LABEL = -1, -2
+#: ``key_end`` of a text that is the log body itself: its drop range runs from the body's length prefix
+#: to its end, and a drop writes a zero length there (an empty body, as clearing it does)
+BODY_EMPTY = -3
 #: ``Located.items`` flag: the item already has a ``redaction.*`` attribute (written by an earlier stage)
 HAS_SUMMARY = 1
 #: The ``signal`` argument of ``locate``.

@@ -42,6 +42,7 @@ from redaction._engine import (
 from redaction.otlp import _as_text
 from sidecar import _wire_redact_py
 from sidecar._wire_redact_types import (
+    BODY_EMPTY,
     BODY_LABEL,
     HAS_SUMMARY,
     ITEM_SITE,
@@ -80,6 +81,7 @@ locate = implementation.locate
 splice = implementation.splice
 
 _SIGNALS = {"traces": TRACES, "logs": LOGS, "metrics": METRICS}
+_EMPTY = b"\x00"  # a zero length: what a dropped log body becomes
 #: the attributes field of a span (9) and of a log record (6), as a tag byte
 _ATTR_TAG = {TRACES: b"\x4a", LOGS: b"\x32"}
 
@@ -157,7 +159,7 @@ def redact(engine: RedactionEngine, signal: str, request: bytes) -> "bytes | Non
             base = i * SITE  # len_start, end, drop_start, drop_end, item, key_start, key_end
             dropped = out is DROP
             if dropped:
-                edits.append((sites[base + 2], sites[base + 3], b"", -1))
+                edits.append((sites[base + 2], sites[base + 3], _EMPTY if sites[base + 6] == BODY_EMPTY else b"", -1))
             else:
                 edits.append((sites[base], sites[base + 1], _varint(len(out)) + out, -1))
             if changed is not None:
@@ -223,7 +225,7 @@ def _key_rules(engine: RedactionEngine, request: bytes, loc: Located, tally: dic
     skip: set[int] | None = None
     covered = -1  # KeyValues inside one a key rule already took are its value, not attributes
     for k, key in enumerate(keys):
-        start, content, end, item, first, last = kv_sites[k * KV_SITE:(k + 1) * KV_SITE]
+        start, len_start, end, item, first, last = kv_sites[k * KV_SITE:(k + 1) * KV_SITE]
         if start < covered:
             continue
         decision = cache_get(key)
@@ -243,26 +245,38 @@ def _key_rules(engine: RedactionEngine, request: bytes, loc: Located, tally: dic
         else:
             text = ""
             if decision.action is Action.HASH:
-                from opentelemetry.proto.common.v1.common_pb2 import KeyValue
-
-                text = _as_text(KeyValue.FromString(request[content:end]).value)
+                text = _as_text(_parse_kv(request, len_start, end).value)
             new = engine.key_replacement(decision, text)
-            tag = request[start:start + 1]
+            # the KeyValue's new length and content; its tag stays as it was written
             if decision.action is Action.HASH:
-                encoded = _len(tag, _kv(key, _string_value(new.encode())))
+                encoded = _varint_len(_kv(key, _string_value(new.encode())))
             else:  # the same few (key, replacement) pairs over and over: encoded once
-                encoded = _REPLACED.get((tag, key, new))
+                encoded = _REPLACED.get((key, new))
                 if encoded is None:
                     if len(_REPLACED) >= 1024:
                         _REPLACED.clear()
-                    encoded = _REPLACED[(tag, key, new)] = _len(tag, _kv(key, _string_value(new.encode())))
-            edits.append((start, end, encoded, -1))
+                    encoded = _REPLACED[(key, new)] = _varint_len(_kv(key, _string_value(new.encode())))
+            edits.append((len_start, end, encoded, -1))
         if changed is not None and item >= 0:
             _note(changed, item, key, decision.action is Action.DROP)
     return skip
 
 
-#: a key rule's new KeyValue by (tag, key, replacement); bounded
+def _varint_len(payload: bytes) -> bytes:
+    return _varint(len(payload)) + payload
+
+
+def _parse_kv(request: bytes, len_start: int, end: int):
+    """The KeyValue whose length prefix starts at ``len_start`` (for hashing a value that is not a string)."""
+    from opentelemetry.proto.common.v1.common_pb2 import KeyValue
+
+    pos = len_start
+    while request[pos] & 0x80:
+        pos += 1
+    return KeyValue.FromString(request[pos + 1:end])
+
+
+#: a key rule's new KeyValue content by (key, replacement); bounded
 _REPLACED: dict = {}
 
 
