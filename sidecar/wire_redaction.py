@@ -268,12 +268,16 @@ def _varint_len(payload: bytes) -> bytes:
 
 def _parse_kv(request: bytes, len_start: int, end: int):
     """The KeyValue whose length prefix starts at ``len_start`` (for hashing a value that is not a string)."""
+    from google.protobuf.message import DecodeError
     from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 
     pos = len_start
     while request[pos] & 0x80:
         pos += 1
-    return KeyValue.FromString(request[pos + 1:end])
+    try:
+        return KeyValue.FromString(request[pos + 1:end])
+    except DecodeError as e:  # malformed input is a ValueError, as everywhere on this path
+        raise ValueError(f"malformed protobuf: {e}") from None
 
 
 #: a key rule's new KeyValue content by (key, replacement); bounded
