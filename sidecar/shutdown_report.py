@@ -37,8 +37,9 @@ class ShutdownReport:
     def line(self) -> str:
         parts = []
         for signal, t in self.signals.items():
-            parts.append(f"{signal.value}: {t.delivered} {signal.item_name} delivered, {t.on_disk} on disk for the "
-                         f"next start, {t.lost} lost ({t.lost_in_shutdown} during shutdown)")
+            items = signal.item_name.replace("_", " ")
+            parts.append(f"{signal.value}: {t.delivered} {items} delivered, {t.on_disk} on disk for the next start, "
+                         f"{t.lost} lost ({t.lost_in_shutdown} during shutdown)")
         verdict = ("acknowledged data was lost during shutdown" if self.lost_in_shutdown
                    else "nothing acknowledged was lost during shutdown")
         return "sidecar stopped: " + "; ".join(parts) + f"; {verdict}"
