@@ -209,8 +209,11 @@ class Service:
         from sidecar.httpserver import BackgroundHTTPServer
 
         host, port = split_host_port(address)
-        self._metrics_server = BackgroundHTTPServer(make_wsgi_app(self.telemetry.registry), host, port,
-                                                    name="metrics-http", threads=2)
+        try:
+            self._metrics_server = BackgroundHTTPServer(make_wsgi_app(self.telemetry.registry), host, port,
+                                                        name="metrics-http", threads=2)
+        except OSError as e:
+            raise OSError(f"service.telemetry.metrics.address: cannot listen on {address}: {e.strerror or e}") from None
         self._metrics_server.start()
 
     @property

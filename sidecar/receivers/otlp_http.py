@@ -95,8 +95,8 @@ class OTLPHTTPApp:
                     raise self._rejected(signal, "invalid", f"invalid OTLP/JSON {signal.value} request: {e}",
                                          400) from None
                 except (DecodeError, RecursionError, ValueError) as e:  # hostile bytes: the client's error
-                    raise self._rejected(signal, "invalid",
-                                         f"invalid OTLP protobuf {signal.value} request: {e}"[:300], 400) from None
+                    raise self._rejected(signal, "invalid", f"invalid OTLP {'JSON' if as_json else 'protobuf'} "
+                                         f"{signal.value} request: {e}"[:300], 400) from None
                 self._receiver.ingest(signal, request, "http", None if as_json else body)
             finally:
                 self._receiver.admitted(admitted)
