@@ -229,7 +229,8 @@ def run_target(name: str, command_config: str | None, bodies, spans: int, logs: 
 
             out = Path(PROFILE_DIR) / ("".join(c if c.isalnum() else "_" for c in name)[:60] + ".txt")
             profiler = subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record",
-                                         "--pid", str(pid), "--format", "raw", "--rate", "250", "--nonblocking", "--gil",
+                                         "--pid", str(pid), "--format", "raw", "--rate", "250", "--nonblocking",
+                                         "--gil",
                                          "--threads", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
         cpu0 = ps.cpu_times()

@@ -75,7 +75,7 @@ class _Locator:
         return out
 
     def attrs(self, pos: int, end: int, field: int, item: int, depth: int, top: bool = False) -> int:
-        """The KeyValues in ``field`` of the message at [pos, end); returns HAS_SUMMARY when ``top`` and one is a summary."""
+        """The KeyValues in ``field`` of the message at [pos, end); HAS_SUMMARY when ``top`` and one is a summary."""
         flags = 0
         for _, ts, ls, cs, ce in self.children(pos, end, (field,)):
             flags |= self.kv(ts, ls, cs, ce, item, depth, top)
