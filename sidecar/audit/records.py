@@ -59,6 +59,8 @@ PARAMETERS = {
 }
 _INPUT_SOURCES = (INPUT_PAYLOAD, attr.GEN_AI_PROMPT, "http.request.body")
 _OUTPUT_SOURCES = (OUTPUT_PAYLOAD, attr.GEN_AI_COMPLETION, "http.response.body")
+_MAX_UNIX_NANO = 2**63 - 1  # the largest time a signed 64-bit SQL integer column holds
+
 _HTTP_STATUS = ("http.response.status_code", "http.status_code")
 _USED = frozenset({REQUEST_ID, USER_ID, MODEL_ID, MODEL_VERSION, GENAI_MODEL, REPLAY, "error.type", *PARAMETERS,
                    *_INPUT_SOURCES, *_OUTPUT_SOURCES, *_HTTP_STATUS})
@@ -274,11 +276,13 @@ def _record(span: Span, attrs: dict[str, Any], service: str, facts: dict[str, An
         if salt is not None:
             user = hash_user_id(user, salt)
     rid = attrs.get(REQUEST_ID)
-    end = max(span.end_time_unix_nano, span.start_time_unix_nano)
+    # OTLP times are uint64; SQL integers are signed: anything after 2262 is clamped, not refused
+    start = min(span.start_time_unix_nano, _MAX_UNIX_NANO)
+    end = max(min(span.end_time_unix_nano, _MAX_UNIX_NANO), start)
     return AuditRecord(
-        trace_id=span.trace_id.hex(), span_id=span.span_id.hex(), time_unix_nano=span.start_time_unix_nano,
+        trace_id=span.trace_id.hex(), span_id=span.span_id.hex(), time_unix_nano=start,
         service=service, span_name=span.name, request_id=None if rid is None else str(rid), user_id=user,
-        intent=tags.get(attr.INTENT_TAG), tags=tags, latency_ms=(end - span.start_time_unix_nano) / 1e6,
+        intent=tags.get(attr.INTENT_TAG), tags=tags, latency_ms=(end - start) / 1e6,
         status=_STATUS.get(span.status.code, "UNSET"), error_code=_error_code(span, attrs),
         **facts,
     )

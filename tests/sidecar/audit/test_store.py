@@ -174,3 +174,17 @@ def test_postgres_down_is_a_store_error(postgres_server):
     with pytest.raises(StoreError, match="cannot connect") as e:
         s.open()
     assert "pw" not in str(e.value)
+
+
+def test_times_beyond_what_sql_integers_hold_are_clamped_not_refused(store):
+    """A hostile client's end time of 2**64-1 used to raise OverflowError in the store (HTTP 500; found by fuzzing)."""
+    app = App()
+    app.request("req-far-future")
+    req = app.take()
+    for rs in req.resource_spans:
+        for ss in rs.scope_spans:
+            for span in ss.spans:
+                span.start_time_unix_nano, span.end_time_unix_nano = 2**64 - 2, 2**64 - 1
+    assert store.write(extract(req)) == 1
+    (rec,) = store.query(Query(request_id="req-far-future"))
+    assert rec.time_unix_nano == 2**63 - 1 and rec.latency_ms == 0.0
