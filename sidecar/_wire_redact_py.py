@@ -15,6 +15,7 @@ from __future__ import annotations
 from array import array
 
 from sidecar._wire_py import _LEN, _bad, _skip, _tag, _varint
+from sidecar.protowire import encode_varint
 from sidecar._wire_redact_types import (
     BODY_EMPTY,
     BODY_LABEL,
@@ -226,13 +227,6 @@ def _int64s(values: list) -> bytes:
 # --- splice ---------------------------------------------------------------------------------------
 
 
-def _encode_varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def _order(edit) -> tuple:
@@ -311,7 +305,7 @@ def _splice(data: bytes, pos: int, end: int, edits: list, i: int, j: int, out: l
             _splice(data, cs, fe, edits, i, m, sub)
             content = b"".join(sub)
             out.append(data[fs:ls])
-            out.append(_encode_varint(len(content)))
+            out.append(encode_varint(len(content)))
             out.append(content)
         else:
             p = fs

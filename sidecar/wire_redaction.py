@@ -23,7 +23,6 @@ ValueError.
 
 from __future__ import annotations
 
-import os
 from bisect import bisect_right
 from types import ModuleType
 
@@ -41,6 +40,8 @@ from redaction._engine import (
 )
 from redaction.otlp import _as_text
 from sidecar import _wire_redact_py
+from sidecar.wire import choose
+from sidecar.protowire import encode_varint, length_delimited
 from sidecar._wire_redact_types import (
     BODY_EMPTY,
     BODY_LABEL,
@@ -59,22 +60,8 @@ from sidecar._wire_redact_types import (
 __all__ = ["IMPLEMENTATION", "Located", "NeedsObjectPath", "implementation", "locate", "redact", "splice"]
 
 
-def _pure_python_requested() -> bool:
-    return os.environ.get("SIDECAR_PURE_PYTHON", "").strip().lower() in ("1", "true", "yes")
-
-
-def _c_implementation() -> ModuleType | None:
-    if _pure_python_requested():
-        return None
-    try:
-        from sidecar import _wire_redact
-    except ImportError:  # pragma: no cover - built by `pip install -e .` wherever a compiler is present
-        return None
-    return _wire_redact
-
-
 #: The implementation in use: the C extension, else the pure-Python module.
-implementation: ModuleType = _c_implementation() or _wire_redact_py
+implementation: ModuleType = choose("sidecar._wire_redact", _wire_redact_py)  # the one selection rule
 #: "c" or "python".
 IMPLEMENTATION = "python" if implementation is _wire_redact_py else "c"
 locate = implementation.locate
@@ -90,35 +77,19 @@ class NeedsObjectPath(Exception):
     """This request needs the object-level path (a changed item already carries summary attributes)."""
 
 
-_SMALL = [bytes((n,)) for n in range(0x80)]
-
-
-def _varint(n: int) -> bytes:
-    if n < 0x80:
-        return _SMALL[n]
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _len(tag: bytes, payload: bytes) -> bytes:
-    return tag + _varint(len(payload)) + payload
 
 
 def _kv(key: str, value: bytes) -> bytes:
     """An encoded KeyValue with an encoded AnyValue."""
-    return _len(b"\x0a", key.encode()) + _len(b"\x12", value)
+    return length_delimited(b"\x0a", key.encode()) + length_delimited(b"\x12", value)
 
 
 def _string_value(s: bytes) -> bytes:
-    return _len(b"\x0a", s)
+    return length_delimited(b"\x0a", s)
 
 
 def _int_value(n: int) -> bytes:
-    return b"\x18" + _varint(n & 0xFFFFFFFFFFFFFFFF)
+    return b"\x18" + encode_varint(n & 0xFFFFFFFFFFFFFFFF)
 
 
 def redact(engine: RedactionEngine, signal: str, request: bytes) -> "bytes | None":
@@ -161,7 +132,7 @@ def redact(engine: RedactionEngine, signal: str, request: bytes) -> "bytes | Non
             if dropped:
                 edits.append((sites[base + 2], sites[base + 3], _EMPTY if sites[base + 6] == BODY_EMPTY else b"", -1))
             else:
-                edits.append((sites[base], sites[base + 1], _varint(len(out)) + out, -1))
+                edits.append((sites[base], sites[base + 1], encode_varint(len(out)) + out, -1))
             if changed is not None:
                 item = sites[base + 4]
                 if item >= 0:
@@ -174,7 +145,7 @@ def redact(engine: RedactionEngine, signal: str, request: bytes) -> "bytes | Non
             if out is None:
                 continue
             len_start, end, item, is_event = name_sites[i * NAME_SITE:(i + 1) * NAME_SITE]
-            edits.append((len_start, end, _varint(len(out)) + out, -1))
+            edits.append((len_start, end, encode_varint(len(out)) + out, -1))
             if changed is not None:
                 _note(changed, item, "event.name" if is_event else "span.name", False)
     if not edits:
@@ -263,7 +234,7 @@ def _key_rules(engine: RedactionEngine, request: bytes, loc: Located, tally: dic
 
 
 def _varint_len(payload: bytes) -> bytes:
-    return _varint(len(payload)) + payload
+    return encode_varint(len(payload)) + payload
 
 
 def _parse_kv(request: bytes, len_start: int, end: int):
@@ -330,7 +301,7 @@ def _summary(tag: bytes, masked: list, dropped: list, debug: bool) -> bytes:
     for keys_name, keys, count_name in ((MASKED_KEYS, masked, MASKED_COUNT), (REDACTED_KEYS, dropped, REDACTED_COUNT)):
         if not keys:
             continue
-        parts.append(_len(tag, _kv(count_name, _int_value(len(keys)))))
+        parts.append(length_delimited(tag, _kv(count_name, _int_value(len(keys)))))
         if debug:
-            parts.append(_len(tag, _kv(keys_name, _string_value(",".join(sorted(set(keys))).encode()))))
+            parts.append(length_delimited(tag, _kv(keys_name, _string_value(",".join(sorted(set(keys))).encode()))))
     return b"".join(parts)

@@ -11,6 +11,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from contract.attributes import SAMPLING_POLICY
+from sidecar.protowire import VARINTS, encode_varint, length_delimited
 from sidecar.processors.tail_sampling.decisions import with_threshold
 from sidecar.signals import Request, Signal
 
@@ -26,23 +27,6 @@ _POLICY_BYTES = POLICY_ATTRIBUTE.encode()
 # ResourceGroup.head / ScopeGroup.head); appending length-delimited field-2 entries to it gives the
 # whole message.
 
-_VARINTS = [bytes([n]) if n < 0x80 else bytes([(n & 0x7F) | 0x80, n >> 7]) for n in range(1 << 14)]
-
-
-def _varint(n: int) -> bytes:
-    if n < 16384:
-        return _VARINTS[n]
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _field(tag: bytes, payload: bytes) -> bytes:
-    n = len(payload)
-    return tag + (_VARINTS[n] if n < 16384 else _varint(n)) + payload
 
 
 _TAG1, _TAG2 = b"\x0a", b"\x12"
@@ -66,16 +50,16 @@ class Output:
         entries = scopes.get(scope_head)
         if entries is None:
             entries = scopes[scope_head] = []
-        varints = _VARINTS
-        entries.extend([_TAG2 + varints[len(b)] + b if len(b) < 16384 else _field(_TAG2, b) for b in items])
+        varints = VARINTS
+        entries.extend([_TAG2 + varints[len(b)] + b if len(b) < 16384 else length_delimited(_TAG2, b) for b in items])
         self.n += len(items)
 
     def request(self) -> Request:
         parts = []
         for resource_head, scopes in self._resources.items():
             body = resource_head + b"".join(
-                [_field(_TAG2, scope_head + b"".join(entries)) for scope_head, entries in scopes.items()])
-            parts.append(_field(_TAG1, body))
+                [length_delimited(_TAG2, scope_head + b"".join(entries)) for scope_head, entries in scopes.items()])
+            parts.append(length_delimited(_TAG1, body))
         return self.signal.request_type.FromString(b"".join(parts))
 
 
