@@ -43,6 +43,9 @@ _MIB = 1024 * 1024
 ADMIT_MIN_BYTES = 256 * 1024
 #: while refusing, memory is checked again at most this often (seconds)
 _RECHECK = 0.1
+#: gc.collect + malloc_trim at most this often outside the periodic check: a client sending refused
+#: requests must not keep the collector running
+_RELEASE_INTERVAL = 0.5
 
 
 class MemoryLimiterConfig(ConfigModel):
@@ -167,6 +170,7 @@ class MemoryLimiter(Component):
         self._retry_after = max(self.check_interval, 1.0)
         self._checking = threading.Lock()
         self._last_check = 0.0
+        self._last_release = float("-inf")
         self._factor = config.request_memory_factor
         self._reserved = 0  # memory admitted to requests still on their way in (bytes)
         self._reserve_lock = threading.Lock()
@@ -237,9 +241,10 @@ class MemoryLimiter(Component):
     def check(self, release: bool = False) -> None:
         """Sample RSS and switch modes; above the soft limit (or with ``release``), collect garbage and
         trim the heap first."""
-        self._last_check = time.monotonic()
+        now = self._last_check = time.monotonic()
         rss = self._read_rss()
-        if release or rss >= self.soft_limit:
+        if (release or rss >= self.soft_limit) and now - self._last_release >= _RELEASE_INTERVAL:
+            self._last_release = now
             gc.collect()
             self._release()
             rss = self._read_rss()
