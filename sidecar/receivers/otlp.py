@@ -9,8 +9,9 @@ pass, and then handed whole to the next stage. The answer tells an OTLP client w
     Refused("memory_limit")              RESOURCE_EXHAUSTED + RetryInfo     429 + Retry-After
     Refused, other retryable             UNAVAILABLE (+ RetryInfo)          503 + Retry-After
 
-Oversized gRPC messages are refused by grpc itself (RESOURCE_EXHAUSTED) before a handler
-runs, so they are not in this receiver's counters.
+Oversized gRPC messages are refused by the handler (RESOURCE_EXHAUSTED, counted ``too_large``) up to
+twice ``max_recv_msg_size_mib``; beyond that grpc refuses them itself, before a handler runs and
+uncounted (as waitress does for HTTP bodies over twice ``max_request_body_size``).
 """
 
 from __future__ import annotations
@@ -363,13 +364,15 @@ class OTLPReceiver(Component):
             raise
 
     def _start_grpc(self, cfg: GRPCServerConfig) -> None:
-        options = [("grpc.max_receive_message_length", cfg.max_recv_msg_size_mib * _MIB),
+        # grpc itself refuses (uncounted) only past twice the limit; the handler refuses and counts the rest
+        options = [("grpc.max_receive_message_length", min(2 * cfg.max_recv_msg_size_mib * _MIB, 2**31 - 1)),
                    ("grpc.so_reuseport", 0)]  # a port already in use must fail start-up, not be shared
         if cfg.max_concurrent_streams:
             options.append(("grpc.max_concurrent_streams", cfg.max_concurrent_streams))
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix=f"{self.id}-grpc"),
                              options=options)
-        server.add_generic_rpc_handlers([_GRPCService(self, signal).handler() for signal in Signal])
+        limit = cfg.max_recv_msg_size_mib * _MIB
+        server.add_generic_rpc_handlers([_GRPCService(self, signal, limit).handler() for signal in Signal])
         try:
             port = server.add_insecure_port(cfg.endpoint)
         except RuntimeError:  # grpcio >= 1.60 raises; older versions return 0
@@ -433,8 +436,9 @@ class _GRPCService:
     received encoding can travel with the request.
     """
 
-    def __init__(self, receiver: OTLPReceiver, signal: Signal):
+    def __init__(self, receiver: OTLPReceiver, signal: Signal, max_bytes: int):
         self._receiver = receiver
+        self._max_bytes = max_bytes
         self._ingest = receiver.ingest
         self._signal = signal
         self._parse = signal.request_type.FromString
@@ -447,6 +451,10 @@ class _GRPCService:
 
     def Export(self, raw: bytes, context):  # noqa: N802 - gRPC method name
         try:
+            if len(raw) > self._max_bytes:
+                raise self._receiver.reject("grpc", Rejected(
+                    "too_large", f"message of {len(raw)} bytes exceeds max_recv_msg_size_mib "
+                    f"({self._max_bytes // _MIB} MiB)", grpc.StatusCode.RESOURCE_EXHAUSTED, 413))
             admitted = self._receiver.admit(len(raw), "grpc")
             try:
                 try:

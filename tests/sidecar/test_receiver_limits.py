@@ -16,6 +16,7 @@ from sidecar.config import ComponentId, ConfigError, parse_config
 from sidecar.pipeline import Edge
 from sidecar.receivers.otlp import FACTORY, OTLPReceiverConfig
 from sidecar.registry import CreateSettings
+from sidecar.signals import Signal
 from sidecar.telemetry import SelfTelemetry
 from sidecar.testing import free_port
 
@@ -34,7 +35,7 @@ def traces(n: int = 2) -> bytes:
     req = ExportTraceServiceRequest()
     ss = req.resource_spans.add().scope_spans.add()
     for i in range(n):
-        ss.spans.add(trace_id=b"\1" * 16, span_id=bytes([i + 1]) * 8, name="predict")
+        ss.spans.add(trace_id=b"\1" * 16, span_id=(i + 1).to_bytes(8, "big"), name="predict")
     return req.SerializeToString()
 
 
@@ -152,4 +153,28 @@ def test_a_pipeline_bug_is_internal_and_its_traceback_is_not_logged_per_request(
         lines = [r for r in caplog.records if r.name == "sidecar.receivers.otlp"]
         assert len(lines) == 1 and lines[0].exc_info is not None  # the bug's traceback, once
     finally:
+        rec.shutdown(time.monotonic() + 5)
+
+
+def test_an_oversized_grpc_message_is_refused_and_counted(telemetry):
+    cid = ComponentId("otlp", "")
+    settings = CreateSettings(id=cid, kind=Kind.RECEIVER, telemetry=telemetry.component("receiver", str(cid)))
+    from sidecar.testing import CollectingConsumer
+
+    sink = CollectingConsumer()
+    rec = FACTORY.create(settings, OTLPReceiverConfig.model_validate(
+        {"protocols": {"grpc": {"endpoint": f"127.0.0.1:{free_port()}", "max_recv_msg_size_mib": 1}}}),
+        Edge(sink, settings.telemetry))
+    rec.start(None)
+    channel = grpc.insecure_channel(f"127.0.0.1:{rec.grpc_port}")
+    export = channel.unary_unary(TRACE_EXPORT, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            export(traces(30_000), timeout=10)  # ~1.1 MiB
+        assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and "max_recv_msg_size_mib" in err.value.details()
+        assert refused(telemetry, "grpc", "too_large") == 1
+        export(traces(2), timeout=10)
+        assert sink.items[Signal.TRACES] == 2
+    finally:
+        channel.close()
         rec.shutdown(time.monotonic() + 5)
