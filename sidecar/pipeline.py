@@ -243,7 +243,8 @@ class Service:
         self.telemetry.up.set(0)
         if self._metrics_server:
             self._metrics_server.stop()
-        return build_report(self.telemetry.registry, lost_before, g.exporters.values())
+        components = list(g.exporters.values()) + list(g.processors.values())
+        return build_report(self.telemetry.registry, lost_before, components)
 
 
 def _front_to_back(chains: list[list[str]]) -> list[str]:

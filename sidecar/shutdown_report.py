@@ -57,8 +57,9 @@ def lost_by_signal(registry: CollectorRegistry) -> dict[Signal, int]:
     return out
 
 
-def build_report(registry: CollectorRegistry, lost_before: dict[Signal, int], exporters) -> ShutdownReport:
-    """The report after shutdown: ``lost_before`` is :func:`lost_by_signal` taken as shutdown began."""
+def build_report(registry: CollectorRegistry, lost_before: dict[Signal, int], components) -> ShutdownReport:
+    """The report after shutdown: ``lost_before`` is :func:`lost_by_signal` taken as shutdown began; every
+    component with a ``left_on_disk`` mapping (exporters' persistent queues) adds what it kept for the next start."""
     report = ShutdownReport()
     for metric in registry.collect():
         if metric.name != "sidecar_items_exported":
@@ -69,7 +70,7 @@ def build_report(registry: CollectorRegistry, lost_before: dict[Signal, int], ex
     for signal, lost in lost_by_signal(registry).items():
         report.signals[signal].lost = lost
         report.signals[signal].lost_in_shutdown = lost - lost_before.get(signal, 0)
-    for exp in exporters:
-        for signal, n in (getattr(exp, "left_on_disk", None) or {}).items():
+    for comp in components:
+        for signal, n in (getattr(comp, "left_on_disk", None) or {}).items():
             report.signals[signal].on_disk += n
     return report

@@ -134,7 +134,8 @@ class OTLPHTTPApp:
         except GzipError as e:
             if e.too_large:
                 raise self._rejected(signal, "too_large", f"decompressed body exceeds {self._inflated_key} "
-                                     f"({self._inflated_limit} bytes)", 413, grpc.StatusCode.RESOURCE_EXHAUSTED) from None
+                                     f"({self._inflated_limit} bytes)", 413,
+                                     grpc.StatusCode.RESOURCE_EXHAUSTED) from None
             raise self._rejected(signal, "invalid", f"invalid gzip body: {e}", 400) from None
 
     def _too_large(self, signal: Signal, what: str) -> Rejected:
