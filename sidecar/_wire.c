@@ -39,6 +39,7 @@ enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_SGROUP = 3, WT_EGROUP = 4, WT_I
 
 /* The result types (sidecar/_wire_types.py), shared with the pure-Python scanner. */
 static PyTypeObject *SpanMetricRow_T, *SpanRun_T, *LogRun_T, *KeyHits_T, *ResourceGroup_T, *ScopeGroup_T;
+static PyTypeObject *AuditSpans_T, *AuditSpan_T;
 
 typedef struct {
     const uint8_t *p;
@@ -1080,11 +1081,323 @@ static PyObject *check_ids(PyObject *self, PyObject *args)
     return PyLong_FromSsize_t(c.bad_id ? -1 : c.items);
 }
 
+/* --- audit_spans ----------------------------------------------------------------------------- */
+
+/* Per resource: the spans an audit record can use, i.e. entry spans (kind SERVER 2 or CONSUMER 5, or
+ * no parent) and spans with a wanted attribute key or a key starting with the prefix. Every other span
+ * costs one scan of its fields and no Python object. */
+typedef struct {
+    Keys k;          /* span attribute keys */
+    Keys ek;         /* event attribute keys */
+    Slice prefix;
+    PyObject *out;   /* list of AuditSpans */
+    PyObject *spans; /* owned: the current resource's selected spans, or NULL before the first resource */
+    Slice rs;        /* the current Resource{Spans} */
+} AuditCtx;
+
+/* The resource (field 1) of a ResourceSpans as encoded: its occurrences concatenated (the parser merges them). */
+static PyObject *resource_bytes(Slice rs)
+{
+    Reader r = reader_of(rs);
+    Slice s, first = {NULL, 0};
+    uint32_t f;
+    int wt;
+    uint64_t num;
+    int count = 0;
+    Py_ssize_t total = 0;
+    while (r.p < r.end) {
+        if (rd_field(&r, &f, &wt, &num, &s) < 0)
+            return NULL;
+        if (f == 1 && wt == WT_LEN) {
+            if (!count++)
+                first = s;
+            total += s.n;
+        }
+    }
+    if (count <= 1)
+        return bytes_of(first);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, total);
+    if (out == NULL)
+        return NULL;
+    char *w = PyBytes_AS_STRING(out);
+    r = reader_of(rs);
+    while (r.p < r.end) { /* cannot fail: read once already */
+        rd_field(&r, &f, &wt, &num, &s);
+        if (f == 1 && wt == WT_LEN) {
+            memcpy(w, s.p, (size_t)s.n);
+            w += s.n;
+        }
+    }
+    return out;
+}
+
+static int audit_flush(AuditCtx *c)
+{
+    PyObject *spans = c->spans;
+    c->spans = NULL;
+    if (spans == NULL)
+        return 0;
+    if (PyList_GET_SIZE(spans) == 0) {
+        Py_DECREF(spans);
+        return 0;
+    }
+    PyObject *items[2] = {resource_bytes(c->rs), spans};
+    PyObject *group = named(AuditSpans_T, 2, items);
+    if (group == NULL)
+        return -1;
+    int rc = PyList_Append(c->out, group);
+    Py_DECREF(group);
+    return rc;
+}
+
+static int audit_resource(void *vctx, Py_ssize_t index, Slice rs)
+{
+    AuditCtx *c = vctx;
+    (void)index;
+    if (audit_flush(c) < 0)
+        return -1;
+    c->rs = rs;
+    c->spans = PyList_New(0);
+    return c->spans == NULL ? -1 : 0;
+}
+
+static int audit_scope(void *ctx, Slice ss) { (void)ctx; (void)ss; return 0; }
+
+/* An AnyValue for Python: None when empty; a str, bool, int or float when it is one scalar field;
+ * else its encoding (bytes, for the caller to parse: arrays, maps, bytes, merged or odd encodings). */
+static PyObject *any_value(Slice v)
+{
+    Reader r = reader_of(v);
+    uint32_t f;
+    int wt;
+    uint64_t num;
+    Slice s;
+    if (v.n == 0)
+        Py_RETURN_NONE;
+    if (rd_field(&r, &f, &wt, &num, &s) < 0)
+        return NULL;
+    if (r.p == r.end) {
+        if (f == 1 && wt == WT_LEN)
+            return str_of(s);
+        if (f == 2 && wt == WT_VARINT)
+            return PyBool_FromLong(num != 0);
+        if (f == 3 && wt == WT_VARINT)
+            return PyLong_FromLongLong((long long)(int64_t)num);
+        if (f == 4 && wt == WT_I64) {
+            double d;
+            memcpy(&d, &num, sizeof d);
+            return PyFloat_FromDouble(d);
+        }
+    }
+    return bytes_of(v);
+}
+
+/* A KeyValue's key (its last key field, "" when none) and value (its value fields concatenated). */
+static int key_value(Slice kv, Slice *key, Slice *first, int *nvalues)
+{
+    Reader r = reader_of(kv);
+    Slice s;
+    uint32_t f;
+    int wt;
+    uint64_t num;
+    key->p = NULL;
+    key->n = 0;
+    *nvalues = 0;
+    while (r.p < r.end) {
+        if (rd_field(&r, &f, &wt, &num, &s) < 0)
+            return -1;
+        if (wt == WT_LEN && f == 1)
+            *key = s;
+        else if (wt == WT_LEN && f == 2 && !(*nvalues)++)
+            *first = s;
+    }
+    return 0;
+}
+
+/* Sets d[key] to the KeyValue's value (any_value); ``only_new``: unless the key is there already. */
+static int put_value(PyObject **d, Slice kv, Slice key, Slice first, int nvalues, int only_new)
+{
+    if (*d == NULL && (*d = PyDict_New()) == NULL)
+        return -1;
+    PyObject *k = str_of(key);
+    if (k == NULL)
+        return -1;
+    if (only_new && PyDict_Contains(*d, k)) {
+        Py_DECREF(k);
+        return 0;
+    }
+    PyObject *v;
+    if (nvalues == 0) {
+        v = Py_NewRef(Py_None);
+    } else if (nvalues == 1) {
+        v = any_value(first);
+    } else {
+        PyObject *merged = value_bytes(kv);
+        v = merged; /* several value fields merge: the caller parses the encoding */
+    }
+    int rc = v == NULL ? -1 : PyDict_SetItem(*d, k, v);
+    Py_DECREF(k);
+    Py_XDECREF(v);
+    return rc;
+}
+
+static int key_wanted(Slice key, const Keys *k, Slice prefix)
+{
+    if (prefix.n && key.n >= prefix.n && memcmp(key.p, prefix.p, (size_t)prefix.n) == 0)
+        return 1;
+    for (int j = 0; j < k->nkeys; j++)
+        if (slice_eq(key, k->keys[j]))
+            return 1;
+    return 0;
+}
+
+/* The wanted attributes of one event (field 11 of a span) into *events, the first occurrence winning. */
+static int audit_event(Slice ev, const Keys *ek, PyObject **events)
+{
+    Reader r = reader_of(ev);
+    uint32_t f;
+    int wt, nv;
+    uint64_t num;
+    Slice s, key, first = {NULL, 0}, none = {NULL, 0};
+    while (r.p < r.end) {
+        if (rd_field(&r, &f, &wt, &num, &s) < 0)
+            return -1;
+        if (f != 3 || wt != WT_LEN)
+            continue;
+        if (key_value(s, &key, &first, &nv) < 0)
+            return -1;
+        if (key_wanted(key, ek, none) && put_value(events, s, key, first, nv, 1) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static int audit_item(void *vctx, Slice item)
+{
+    AuditCtx *c = vctx;
+    Reader r = reader_of(item);
+    uint32_t f;
+    int wt, nv;
+    uint64_t num, start = 0, end = 0;
+    Slice s, key, first = {NULL, 0}, none = {NULL, 0};
+    Slice trace_id = none, span_id = none, name = none, status = none;
+    long kind = 0, code = 0;
+    int has_parent = 0;
+    PyObject *attrs = NULL, *events = NULL;
+    while (r.p < r.end) {
+        if (rd_field(&r, &f, &wt, &num, &s) < 0)
+            goto fail;
+        if (wt == WT_LEN) {
+            switch (f) {
+            case 1: trace_id = s; break;
+            case 2: span_id = s; break;
+            case 4: has_parent = s.n > 0; break;
+            case 5: name = s; break;
+            case 9:
+                if (key_value(s, &key, &first, &nv) < 0)
+                    goto fail;
+                if (key_wanted(key, &c->k, c->prefix) && put_value(&attrs, s, key, first, nv, 0) < 0)
+                    goto fail;
+                break;
+            case 11:
+                if (c->ek.nkeys && audit_event(s, &c->ek, &events) < 0)
+                    goto fail;
+                break;
+            case 15: status = s; break; /* the last occurrence: repeated ones merge, see below */
+            }
+        } else if (f == 6 && wt == WT_VARINT) {
+            kind = (long)(int32_t)num;
+        } else if (f == 7 && wt == WT_I64) {
+            start = num;
+        } else if (f == 8 && wt == WT_I64) {
+            end = num;
+        }
+    }
+    int entry = kind == 2 || kind == 5 || !has_parent;
+    if (!entry && attrs == NULL) {
+        Py_XDECREF(events);
+        return 0;
+    }
+    /* the status: every occurrence merges (a message field), so read them all in order */
+    Slice message = none;
+    if (status.p != NULL) {
+        Reader rr = reader_of(item);
+        while (rr.p < rr.end) {
+            rd_field(&rr, &f, &wt, &num, &s); /* cannot fail: read once already */
+            if (f != 15 || wt != WT_LEN)
+                continue;
+            Reader sr = reader_of(s);
+            Slice t;
+            while (sr.p < sr.end) {
+                if (rd_field(&sr, &f, &wt, &num, &t) < 0)
+                    goto fail;
+                if (f == 2 && wt == WT_LEN)
+                    message = t;
+                else if (f == 3 && wt == WT_VARINT)
+                    code = (long)(int32_t)num;
+            }
+        }
+    }
+    PyObject *items[11] = {
+        bytes_of(trace_id), bytes_of(span_id), PyBool_FromLong(entry), str_of(name),
+        PyLong_FromUnsignedLongLong(start), PyLong_FromUnsignedLongLong(end), PyLong_FromLong(code),
+        str_of(message), attrs ? attrs : PyDict_New(), events ? events : PyDict_New(), bytes_of(item),
+    };
+    attrs = events = NULL;
+    PyObject *sp = named(AuditSpan_T, 11, items);
+    if (sp == NULL)
+        return -1;
+    int rc = PyList_Append(c->spans, sp);
+    Py_DECREF(sp);
+    return rc;
+fail:
+    Py_XDECREF(attrs);
+    Py_XDECREF(events);
+    return -1;
+}
+
+PyDoc_STRVAR(audit_spans_doc,
+"audit_spans(request: bytes, keys: tuple[bytes, ...], prefix: bytes, event_keys: tuple[bytes, ...])\n"
+"    -> list[AuditSpans]\n\n"
+"Per ResourceSpans with any: its resource as encoded and an AuditSpan for each span that is an entry\n"
+"span (kind SERVER or CONSUMER, or no parent) or has an attribute whose key is one of ``keys`` or\n"
+"starts with ``prefix`` (non-empty). What the audit exporter reads records from, parsing no span.");
+
+static PyObject *audit_spans(PyObject *self, PyObject *args)
+{
+    (void)self;
+    const char *data, *prefix;
+    Py_ssize_t len, plen;
+    PyObject *keys, *event_keys;
+    if (!PyArg_ParseTuple(args, "y#O!y#O!", &data, &len, &PyTuple_Type, &keys, &prefix, &plen, &PyTuple_Type,
+                          &event_keys))
+        return NULL;
+    AuditCtx c;
+    if (keys_of(keys, &c.k, NULL) < 0 || keys_of(event_keys, &c.ek, NULL) < 0)
+        return NULL;
+    c.prefix.p = (const uint8_t *)prefix;
+    c.prefix.n = plen;
+    c.spans = NULL;
+    c.rs.p = NULL;
+    c.rs.n = 0;
+    if ((c.out = PyList_New(0)) == NULL)
+        return NULL;
+    Walk w = {audit_resource, audit_scope, audit_item};
+    Slice req = {(const uint8_t *)data, len};
+    if (walk_request(req, &w, &c) < 0 || audit_flush(&c) < 0) {
+        Py_XDECREF(c.spans);
+        Py_DECREF(c.out);
+        return NULL;
+    }
+    return c.out;
+}
+
 static PyMethodDef methods[] = {
     {"check_ids", check_ids, METH_VARARGS, check_ids_doc},
     {"span_metric_rows", span_metric_rows, METH_VARARGS, span_metric_rows_doc},
     {"span_runs", span_runs, METH_VARARGS, span_runs_doc},
     {"log_runs", log_runs, METH_VARARGS, log_runs_doc},
+    {"audit_spans", audit_spans, METH_VARARGS, audit_spans_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1097,8 +1410,10 @@ static struct PyModuleDef module = {
 
 static int load_types(void)
 {
-    static const char *names[] = {"SpanMetricRow", "SpanRun", "LogRun", "KeyHits", "ResourceGroup", "ScopeGroup"};
-    PyTypeObject **slots[] = {&SpanMetricRow_T, &SpanRun_T, &LogRun_T, &KeyHits_T, &ResourceGroup_T, &ScopeGroup_T};
+    static const char *names[] = {"SpanMetricRow", "SpanRun", "LogRun", "KeyHits", "ResourceGroup", "ScopeGroup",
+                                  "AuditSpans", "AuditSpan"};
+    PyTypeObject **slots[] = {&SpanMetricRow_T, &SpanRun_T, &LogRun_T, &KeyHits_T, &ResourceGroup_T, &ScopeGroup_T,
+                              &AuditSpans_T, &AuditSpan_T};
     PyObject *types = PyImport_ImportModule("sidecar._wire_types");
     if (types == NULL)
         return -1;

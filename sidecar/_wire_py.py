@@ -10,11 +10,13 @@ half does. The tests run one test class against both halves.
 
 from __future__ import annotations
 
+import struct
+
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from sidecar._wire_types import KeyHits, LogRun, ResourceGroup, ScopeGroup, SpanMetricRow, SpanRun
+from sidecar._wire_types import AuditSpan, AuditSpans, KeyHits, LogRun, ResourceGroup, ScopeGroup, SpanMetricRow, SpanRun
 
 #: Most attribute keys one call can look for (as in the C half).
 MAX_KEYS = 64
@@ -386,4 +388,87 @@ def log_runs(request: bytes, keep_severity: int) -> list[ResourceGroup]:
                 run[2] += b - a
             if run is not None:
                 runs.append(LogRun(*run))
+    return out
+
+
+
+_ENTRY_KINDS = (2, 5)  # SPAN_KIND_SERVER, SPAN_KIND_CONSUMER
+
+
+def _any_value(data: bytes, parts: list[tuple[int, int]]):
+    """A KeyValue's value as AuditSpan holds it: None, one scalar field decoded, else the encoding."""
+    if not parts:
+        return None
+    if len(parts) == 1:
+        a, b = parts[0]
+        if a == b:
+            return None
+        fields = _fields(data, a, b)
+        if len(fields) == 1:
+            f, wt, x, y = fields[0]
+            if f == 1 and wt == _LEN:
+                return data[x:y].decode()
+            if f == 2 and wt == 0:
+                return _varint(data, x, y)[0] != 0
+            if f == 3 and wt == 0:
+                v = _varint(data, x, y)[0]
+                return v - (1 << 64) if v >> 63 else v
+            if f == 4 and wt == 1:
+                return struct.unpack_from("<d", data, x)[0]
+    return b"".join(data[a:b] for a, b in parts)
+
+
+def _key_values(data: bytes, a: int, b: int, field: int):
+    """(key, value parts) of each KeyValue in ``field`` of the message at data[a:b]."""
+    for f, wt, x, y in _fields(data, a, b):
+        if f != field or wt != _LEN:
+            continue
+        key, parts = b"", []
+        for g, w, p, q in _fields(data, x, y):
+            if w == _LEN and g == 1:
+                key = data[p:q]
+            elif w == _LEN and g == 2:
+                parts.append((p, q))
+        yield key, parts
+
+
+def _audit_span(span, data: bytes, a: int, b: int, wanted: set, prefix: bytes, event_keys: set) -> AuditSpan | None:
+    attrs = {}
+    for key, parts in _key_values(data, a, b, 9):
+        if key in wanted or (prefix and key.startswith(prefix)):
+            attrs[key.decode()] = _any_value(data, parts)
+    entry = span.kind in _ENTRY_KINDS or not span.parent_span_id
+    if not entry and not attrs:
+        return None
+    events: dict = {}
+    if event_keys:
+        for f, wt, x, y in _fields(data, a, b):
+            if f == 11 and wt == _LEN:
+                for key, parts in _key_values(data, x, y, 3):
+                    if key in event_keys and key.decode() not in events:
+                        events[key.decode()] = _any_value(data, parts)
+    return AuditSpan(span.trace_id, span.span_id, entry, span.name, span.start_time_unix_nano,
+                     span.end_time_unix_nano, span.status.code, span.status.message, attrs, events, data[a:b])
+
+
+def audit_spans(request: bytes, keys: tuple, prefix: bytes, event_keys: tuple) -> list[AuditSpans]:
+    """Per ResourceSpans with any: its resource as encoded and an AuditSpan per span that is an entry span
+    (SERVER or CONSUMER, or no parent) or has an attribute whose key is in ``keys`` or starts with ``prefix``
+    (non-empty); see sidecar._wire_types.AuditSpan."""
+    _keys(keys), _keys(event_keys)
+    if not isinstance(prefix, bytes):
+        raise TypeError("a bytes-like object is required for prefix")
+    wanted, ekeys = set(keys), set(event_keys)
+    msg = _parse(ExportTraceServiceRequest, request)
+    data = request
+    out = []
+    for rs, (ra, rb) in zip(msg.resource_spans, _children(data, 0, len(data), 1)):
+        spans = []
+        for ss, (sa, sb) in zip(rs.scope_spans, _children(data, ra, rb, 2)):
+            for span, (a, b) in zip(ss.spans, _children(data, sa, sb, 2)):
+                found = _audit_span(span, data, a, b, wanted, prefix, ekeys)
+                if found is not None:
+                    spans.append(found)
+        if spans:
+            out.append(AuditSpans(b"".join(data[x:y] for x, y in _children(data, ra, rb, 1)), spans))
     return out

@@ -75,4 +75,31 @@ class ResourceGroup(NamedTuple):
     values: tuple
 
 
-__all__ = ["KeyHits", "LogRun", "ResourceGroup", "ScopeGroup", "SpanMetricRow", "SpanRun"]
+class AuditSpan(NamedTuple):
+    """One span an audit record can use: an entry span, or one with a wanted attribute (``audit_spans``).
+
+    A value in ``attributes`` / ``events`` is None for an empty AnyValue; a str, bool, int or float when
+    the AnyValue is one scalar field; else the AnyValue's encoding (bytes) for the caller to parse.
+    """
+
+    trace_id: bytes
+    span_id: bytes
+    entry: bool  #: kind SERVER or CONSUMER, or no parent
+    name: str
+    start_ns: int
+    end_ns: int
+    status_code: int  #: the raw enum number
+    status_message: str
+    attributes: dict  #: wanted key -> value (a repeated key: the last one)
+    events: dict  #: wanted event attribute key -> value of its first occurrence over the span's events
+    span: bytes  #: the span's exact bytes as received
+
+
+class AuditSpans(NamedTuple):
+    """The spans of one ResourceSpans an audit record can use (``audit_spans``)."""
+
+    resource: bytes  #: the Resource as encoded (several occurrences concatenated: the parser merges them)
+    spans: list  #: an AuditSpan per selected span, in request order
+
+
+__all__ = ["AuditSpan", "AuditSpans", "KeyHits", "LogRun", "ResourceGroup", "ScopeGroup", "SpanMetricRow", "SpanRun"]

@@ -11,6 +11,8 @@ hatch, and how the test suite runs a second time. Callers never branch on which 
     span_metric_rows(request: bytes, service_key: bytes, keys: tuple[bytes, ...]) -> list[SpanMetricRow]
     span_runs(request: bytes, keys: tuple[bytes, ...]) -> list[ResourceGroup]   # of ScopeGroup of SpanRun
     log_runs(request: bytes, keep_severity: int) -> list[ResourceGroup]         # of ScopeGroup of LogRun
+    audit_spans(request: bytes, keys: tuple[bytes, ...], prefix: bytes, event_keys: tuple[bytes, ...])
+        -> list[AuditSpans]                                                      # of AuditSpan
 
 On input the protobuf parser accepts, both answer identically (unknown fields and groups skipped, a
 field with an unexpected wire type treated as unknown, the last scalar winning, repeated message
@@ -27,7 +29,7 @@ from types import ModuleType
 
 from sidecar import _wire_py
 from sidecar._wire_py import any_label
-from sidecar._wire_types import KeyHits, LogRun, ResourceGroup, ScopeGroup, SpanMetricRow, SpanRun
+from sidecar._wire_types import AuditSpan, AuditSpans, KeyHits, LogRun, ResourceGroup, ScopeGroup, SpanMetricRow, SpanRun
 
 
 def pure_python_requested() -> bool:
@@ -56,7 +58,8 @@ check_ids = implementation.check_ids
 span_metric_rows = implementation.span_metric_rows
 span_runs = implementation.span_runs
 log_runs = implementation.log_runs
+audit_spans = implementation.audit_spans
 
-__all__ = ["IMPLEMENTATION", "MAX_KEYS", "KeyHits", "LogRun", "ResourceGroup", "ScopeGroup", "SpanMetricRow", "SpanRun",
-           "any_label", "check_ids", "choose", "implementation", "log_runs", "pure_python_requested",
+__all__ = ["IMPLEMENTATION", "MAX_KEYS", "AuditSpan", "AuditSpans", "KeyHits", "LogRun", "ResourceGroup", "ScopeGroup", "SpanMetricRow", "SpanRun",
+           "any_label", "audit_spans", "check_ids", "choose", "implementation", "log_runs", "pure_python_requested",
            "span_metric_rows", "span_runs"]

@@ -20,7 +20,11 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
-from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import Status
+
+from sidecar import wire
 
 from contract import attributes as attr
 
@@ -65,7 +69,10 @@ _HTTP_STATUS = ("http.response.status_code", "http.status_code")
 _USED = frozenset({REQUEST_ID, USER_ID, MODEL_ID, MODEL_VERSION, GENAI_MODEL, REPLAY, "error.type", *PARAMETERS,
                    *_INPUT_SOURCES, *_OUTPUT_SOURCES, *_HTTP_STATUS})
 _STATUS = {Status.STATUS_CODE_UNSET: "UNSET", Status.STATUS_CODE_OK: "OK", Status.STATUS_CODE_ERROR: "ERROR"}
-_ENTRY_KINDS = (Span.SPAN_KIND_SERVER, Span.SPAN_KIND_CONSUMER)
+#: what the wire scanner reads off each span (sidecar.wire.audit_spans): the attributes a record uses
+_KEYS = tuple(sorted(k.encode() for k in _USED))
+_EVENT_KEYS = (attr.GEN_AI_PROMPT.encode(), attr.GEN_AI_COMPLETION.encode())
+_TAG_PREFIX = TAG_PREFIX.encode()
 
 
 @dataclass
@@ -145,19 +152,12 @@ def _value(v) -> Any:
     return getattr(v, kind)
 
 
-_SCALARS = frozenset({"string_value", "int_value", "double_value", "bool_value"})
-
-
-def _attrs(kvs) -> dict[str, Any]:
-    """The attributes a record can use (only those values are decoded: this runs for every span)."""
-    out = {}
-    for kv in kvs:
-        key = kv.key
-        if key in _USED or key.startswith(TAG_PREFIX):
-            v = kv.value
-            kind = v.WhichOneof("value")
-            out[key] = getattr(v, kind) if kind in _SCALARS else _value(v)
-    return out
+def _decoded(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The scanner's values as records hold them: an AnyValue left encoded (bytes) is parsed here."""
+    for key, v in attrs.items():
+        if type(v) is bytes:
+            attrs[key] = _value(AnyValue.FromString(v))
+    return attrs
 
 
 def hash_user_id(user_id: str, salt: str) -> str:
@@ -165,21 +165,16 @@ def hash_user_id(user_id: str, salt: str) -> str:
     return "sha256:" + hashlib.sha256((salt + "\0" + user_id).encode()).hexdigest()[:32]
 
 
-def _is_entry(span: Span) -> bool:
-    return span.kind in _ENTRY_KINDS or not span.parent_span_id
-
-
 def _is_inference(attrs: dict[str, Any]) -> bool:
     return MODEL_ID in attrs or GENAI_MODEL in attrs
 
 
-def _span_facts(span: Span, attrs: dict[str, Any]) -> dict[str, Any]:
+def _span_facts(span: wire.AuditSpan, attrs: dict[str, Any]) -> dict[str, Any]:
     """The record fields one span provides (absent keys: the span says nothing about them)."""
     out: dict[str, Any] = {}
-    for ev in span.events:  # generation spans carry prompt and completion as events
-        for kv in ev.attributes:
-            if kv.key in (attr.GEN_AI_PROMPT, attr.GEN_AI_COMPLETION) and kv.key not in attrs:
-                attrs[kv.key] = _value(kv.value)
+    for key, v in span.events.items():  # generation spans carry prompt and completion as events
+        if key not in attrs:
+            attrs[key] = _value(AnyValue.FromString(v)) if type(v) is bytes else v
     model = attrs.get(MODEL_ID) or attrs.get(GENAI_MODEL)
     if model is not None:
         out["model_id"] = str(model)
@@ -220,39 +215,47 @@ def merge(target: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
     return target
 
 
-def _error_code(span: Span, attrs: dict[str, Any]) -> str | None:
+def _error_code(span: wire.AuditSpan, attrs: dict[str, Any]) -> str | None:
     for key in _HTTP_STATUS:
         code = attrs.get(key)
         if isinstance(code, int) and code >= 400:
             return str(code)
     if attrs.get("error.type"):
         return str(attrs["error.type"])
-    if span.status.code == Status.STATUS_CODE_ERROR:
-        return (span.status.message or "error")[:200]
+    if span.status_code == Status.STATUS_CODE_ERROR:
+        return (span.status_message or "error")[:200]
     return None
 
 
-def extract(request, *, user_id_salt: str | None = None) -> Extraction:
-    """The audit records (one per entry span) and leftover fragments of one ExportTraceServiceRequest.
+def _service(resource: bytes) -> str:
+    service = ""
+    for kv in Resource.FromString(resource).attributes:
+        if kv.key == attr.SERVICE_NAME:
+            service = kv.value.string_value
+    return service
 
+
+def extract(request, *, user_id_salt: str | None = None) -> Extraction:
+    """The audit records (one per entry span) and leftover fragments of one ExportTraceServiceRequest,
+    given encoded (the received bytes: the usual case) or as a message.
+
+    Only entry spans and spans carrying a record's attributes become Python objects, with only those
+    attributes (:func:`sidecar.wire.audit_spans`); every other span costs one C scan and nothing else.
     ``user_id_salt`` set: user ids are replaced by :func:`hash_user_id` before anything is kept.
     """
-    entries: list[tuple[Span, dict, str, dict]] = []
-    facts_by_trace: dict[bytes, list[tuple[Span, str, dict]]] = {}
-    for rs in request.resource_spans:
-        service = ""
-        for kv in rs.resource.attributes:
-            if kv.key == attr.SERVICE_NAME:
-                service = kv.value.string_value
-        for ss in rs.scope_spans:
-            for span in ss.spans:
-                attrs = _attrs(span.attributes)
-                if attrs.get(REPLAY) is True:  # instrumentation.replay re-running a record: not a request
-                    continue
-                if _is_entry(span):
-                    entries.append((span, attrs, service, _span_facts(span, attrs)))
-                elif _is_inference(attrs):
-                    facts_by_trace.setdefault(span.trace_id, []).append((span, service, _span_facts(span, attrs)))
+    data = request if isinstance(request, bytes) else request.SerializeToString()
+    entries: list[tuple[wire.AuditSpan, dict, str, dict]] = []
+    facts_by_trace: dict[bytes, list[tuple[wire.AuditSpan, str, dict]]] = {}
+    for group in wire.audit_spans(data, _KEYS, _TAG_PREFIX, _EVENT_KEYS):
+        service = _service(group.resource)
+        for span in group.spans:
+            attrs = _decoded(span.attributes)
+            if attrs.get(REPLAY) is True:  # instrumentation.replay re-running a record: not a request
+                continue
+            if span.entry:
+                entries.append((span, attrs, service, _span_facts(span, attrs)))
+            elif _is_inference(attrs):
+                facts_by_trace.setdefault(span.trace_id, []).append((span, service, _span_facts(span, attrs)))
     records: list[AuditRecord] = []
     claimed: set[bytes] = set()
     for span, attrs, service, own in entries:
@@ -267,7 +270,7 @@ def extract(request, *, user_id_salt: str | None = None) -> Extraction:
     return Extraction(records, fragments)
 
 
-def _record(span: Span, attrs: dict[str, Any], service: str, facts: dict[str, Any],
+def _record(span: wire.AuditSpan, attrs: dict[str, Any], service: str, facts: dict[str, Any],
             salt: str | None) -> AuditRecord:
     tags = {k[len(TAG_PREFIX):]: str(v) for k, v in attrs.items() if k.startswith(TAG_PREFIX)}
     user = attrs.get(USER_ID)
@@ -277,13 +280,13 @@ def _record(span: Span, attrs: dict[str, Any], service: str, facts: dict[str, An
             user = hash_user_id(user, salt)
     rid = attrs.get(REQUEST_ID)
     # OTLP times are uint64; SQL integers are signed: anything after 2262 is clamped, not refused
-    start = min(span.start_time_unix_nano, _MAX_UNIX_NANO)
-    end = max(min(span.end_time_unix_nano, _MAX_UNIX_NANO), start)
+    start = min(span.start_ns, _MAX_UNIX_NANO)
+    end = max(min(span.end_ns, _MAX_UNIX_NANO), start)
     return AuditRecord(
         trace_id=span.trace_id.hex(), span_id=span.span_id.hex(), time_unix_nano=start,
         service=service, span_name=span.name, request_id=None if rid is None else str(rid), user_id=user,
         intent=tags.get(attr.INTENT_TAG), tags=tags, latency_ms=(end - start) / 1e6,
-        status=_STATUS.get(span.status.code, "UNSET"), error_code=_error_code(span, attrs),
+        status=_STATUS.get(span.status_code, "UNSET"), error_code=_error_code(span, attrs),
         **facts,
     )
 

@@ -157,10 +157,9 @@ class AuditExporter(Component):
         signal, n = envelope.signal, envelope.items
         if self._stopping.is_set():
             raise Refused("shutting_down", message=f"exporter {self.id} is shutting down")
-        request = envelope.message  # read only: nothing here changes it
         if self.cfg.mode == "kept_marker":
-            return self._mark_kept(signal, request, n)
-        extraction = extract(request, user_id_salt=self._salt)
+            return self._mark_kept(signal, envelope.message, n)  # read only: nothing here changes it
+        extraction = extract(envelope.encoded, user_id_salt=self._salt)
         records = len(extraction.records)
         with self._state:
             self._queued += records

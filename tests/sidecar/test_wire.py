@@ -19,10 +19,11 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
 from sidecar import _wire_py, wire
-from sidecar._wire_types import KeyHits, LogRun, ResourceGroup, ScopeGroup, SpanMetricRow, SpanRun
+from sidecar._wire_types import AuditSpan, AuditSpans, KeyHits, LogRun, ResourceGroup, ScopeGroup, SpanMetricRow, SpanRun
 from tests.sidecar.wire_gen import Reencoder, rand_logs, rand_traces, tag, trace_pool, varint
 
 try:
@@ -33,6 +34,33 @@ except ImportError:  # pragma: no cover - the extension is built by `pip install
 SERVICE = b"service.name"
 KEYS = (b"ml.model.id", b"gen_ai.request.model", b"ml.model.version", b"user.tier", b"sampling.force_keep",
         b"http.status")
+
+#: audit_spans: record keys, tag prefix and event keys (wire_gen's keys, some wanted, some not)
+AUDIT_KEYS = (b"ml.model.id", b"gen_ai.request.model", b"user.tier")
+AUDIT_PREFIX = b"noise"
+AUDIT_EVENT_KEYS = (b"ml.model.version", b"http.status")
+
+
+def audit_key(key: str) -> bool:
+    return key.encode() in AUDIT_KEYS or key.startswith(AUDIT_PREFIX.decode())
+
+
+def audit_wanted(span: Span) -> bool:
+    return span.kind in (2, 5) or not span.parent_span_id or any(audit_key(kv.key) for kv in span.attributes)
+
+
+def canon(value: AnyValue) -> bytes:
+    """An AnyValue's known fields, deterministically encoded (NaN compares equal this way)."""
+    return known(value).SerializeToString(deterministic=True)
+
+
+def as_any(v) -> bytes:
+    """An AuditSpan value back as canon(AnyValue): None, a decoded scalar, or an encoding."""
+    if isinstance(v, bytes):
+        return canon(AnyValue.FromString(v))
+    field = {type(None): None, str: "string_value", bool: "bool_value", int: "int_value", float: "double_value"}
+    name = field[type(v)]
+    return canon(AnyValue() if name is None else AnyValue(**{name: v}))
 
 
 def samples(seed: int, n: int, logs: bool = False):
@@ -260,6 +288,57 @@ class ScannerContract:
         with pytest.raises(TypeError):
             self.impl.span_metric_rows(b"\x0a\x00", "service.name", (b"k",))
 
+    def test_audit_spans_hold_entry_spans_and_spans_with_wanted_keys_as_the_parser_reads_them(self):
+        selected = entries = 0
+        for msg, data in samples(41, 60):
+            groups = self.impl.audit_spans(data, AUDIT_KEYS, AUDIT_PREFIX, AUDIT_EVENT_KEYS)
+            assert all(type(g) is AuditSpans and all(type(s) is AuditSpan for s in g.spans) for g in groups)
+            expected = [(rs, want) for rs in msg.resource_spans
+                        if (want := [s for ss in rs.scope_spans for s in ss.spans if audit_wanted(s)])]
+            assert len(groups) == len(expected)
+            for group, (rs, want) in zip(groups, expected):
+                assert known(Resource.FromString(group.resource)) == known(rs.resource)
+                assert len(group.spans) == len(want)
+                for got, span in zip(group.spans, want):
+                    assert Span.FromString(got.span) == span
+                    assert got[:8] == (span.trace_id, span.span_id, span.kind in (2, 5) or not span.parent_span_id,
+                                       span.name, span.start_time_unix_nano, span.end_time_unix_nano,
+                                       span.status.code, span.status.message)
+                    last = {kv.key: kv.value for kv in span.attributes if audit_key(kv.key)}
+                    assert {k: as_any(v) for k, v in got.attributes.items()} == {k: canon(v) for k, v in last.items()}
+                    first: dict = {}
+                    for ev in span.events:
+                        for kv in ev.attributes:
+                            if kv.key.encode() in AUDIT_EVENT_KEYS:
+                                first.setdefault(kv.key, kv.value)
+                    assert {k: as_any(v) for k, v in got.events.items()} == {k: canon(v) for k, v in first.items()}
+                    selected += 1
+                    entries += got.entry
+        assert selected > entries > 20
+
+    def test_audit_spans_decode_one_scalar_and_leave_the_rest_encoded(self):
+        span = Span(trace_id=b"t" * 16, span_id=b"s" * 8, parent_span_id=b"p" * 8, kind=1)
+        values = {"s": AnyValue(string_value="é"), "b": AnyValue(bool_value=False), "i": AnyValue(int_value=-5),
+                  "d": AnyValue(double_value=0.5), "x": AnyValue(bytes_value=b"\x00"), "n": AnyValue()}
+        for k, v in values.items():
+            span.attributes.add(key="tag." + k, value=v)
+        data = ExportTraceServiceRequest(resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=[span])])])
+        (group,) = self.impl.audit_spans(data.SerializeToString(), (), b"tag.", ())
+        (got,) = group.spans
+        assert got.entry is False and group.resource == b""
+        assert got.attributes == {"tag.s": "é", "tag.b": False, "tag.i": -5, "tag.d": 0.5,
+                                  "tag.x": values["x"].SerializeToString(), "tag.n": None}
+        # a span that is neither an entry span nor carries a wanted key is left out, and so is its resource
+        assert self.impl.audit_spans(data.SerializeToString(), (b"other",), b"", ()) == []
+
+    def test_audit_spans_argument_errors(self):
+        with pytest.raises(TypeError):
+            self.impl.audit_spans(b"", [b"k"], b"", ())
+        with pytest.raises(TypeError):
+            self.impl.audit_spans(b"", (), "tag.", ())
+        with pytest.raises(ValueError, match="duplicate"):
+            self.impl.audit_spans(b"", (), b"", (b"k", b"k"))
+
     def test_no_memory_is_leaked_on_success_or_error(self):
         msg, data = next(samples(3, 1))
         logs = next(samples(4, 1, logs=True))[1]
@@ -268,8 +347,10 @@ class ScannerContract:
             self.impl.span_runs(data, KEYS)
             self.impl.log_runs(logs, 17)
             self.impl.span_metric_rows(data, SERVICE, KEYS)
+            self.impl.audit_spans(data, AUDIT_KEYS, AUDIT_PREFIX, AUDIT_EVENT_KEYS)
             for bad in (data[:-3], logs[:-3]):
-                for call in (lambda: self.impl.span_runs(bad, KEYS), lambda: self.impl.log_runs(bad, 17)):
+                for call in (lambda: self.impl.span_runs(bad, KEYS), lambda: self.impl.log_runs(bad, 17),
+                             lambda: self.impl.audit_spans(bad, AUDIT_KEYS, AUDIT_PREFIX, AUDIT_EVENT_KEYS)):
                     try:
                         call()
                     except ValueError:
@@ -303,7 +384,7 @@ def test_the_facade_picks_one_implementation_and_honours_sidecar_pure_python(mon
     expect_python = os.environ.get("SIDECAR_PURE_PYTHON") == "1" or _c is None
     assert wire.implementation is (_wire_py if expect_python else _c)
     assert wire.IMPLEMENTATION == ("python" if expect_python else "c")
-    for name in ("check_ids", "span_metric_rows", "span_runs", "log_runs"):
+    for name in ("check_ids", "span_metric_rows", "span_runs", "log_runs", "audit_spans"):
         assert getattr(wire, name) is getattr(wire.implementation, name)
     assert _c is None or _c.MAX_KEYS == _wire_py.MAX_KEYS
 
@@ -320,7 +401,8 @@ def _answers(impl, data: bytes, logs: bool):
         calls.append(lambda: impl.log_runs(data, 17))
     else:
         calls += [lambda: impl.span_runs(data, KEYS),
-                  lambda: impl.span_metric_rows(data, SERVICE, KEYS)]
+                  lambda: impl.span_metric_rows(data, SERVICE, KEYS),
+                  lambda: impl.audit_spans(data, AUDIT_KEYS, AUDIT_PREFIX, AUDIT_EVENT_KEYS)]
     for call in calls:
         try:
             out.append(call())
