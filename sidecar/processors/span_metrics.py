@@ -6,8 +6,9 @@ the aggregate through a collector that renders it at scrape time:
 
 - ``traces_span_metrics_calls_total{service_name, span_name, span_kind, status_code, model_id, model_version, ...}``
 - ``traces_span_metrics_duration_seconds_bucket{...}`` (+ ``_sum``, ``_count``), with OpenMetrics exemplars
-  carrying the trace id of the latest error and of the slowest span of each series (the traces the
-  recommended tail-sampling policies keep, so a dashboard can jump to them).
+  carrying the trace id of the latest error and of the slowest span of each series. With a ``tail_sampling``
+  processor behind this one, only traces it kept qualify: candidates wait for its decision
+  (``host.sampling_decisions``, exemplar_gate.py), so every exemplar leads to a stored trace.
 
 Errors are calls with ``status_code="STATUS_CODE_ERROR"``; error rate per model version over five minutes is
 ``sum by (model_id, model_version) (rate(traces_span_metrics_calls_total{status_code="STATUS_CODE_ERROR"}[5m]))
@@ -43,6 +44,7 @@ from sidecar.component import Component, Consumer, Kind, Refused
 from sidecar.config import ConfigModel, Duration
 from sidecar.registry import CreateSettings, Factory
 from sidecar.envelope import Envelope
+from sidecar.processors.exemplar_gate import PendingExemplars
 from sidecar.signals import Signal
 from sidecar.ticker import Ticker
 
@@ -81,6 +83,19 @@ class DimensionConfig(ConfigModel):
 
 class ExemplarsConfig(ConfigModel):
     enabled: bool = True
+    #: With a ``tail_sampling`` processor behind this one, an exemplar is published only once the sampler
+    #: has kept its trace (it waits as a candidate until the decision), so every exemplar leads to a stored
+    #: trace. ``false``: published at once, as upstream's spanmetrics connector does.
+    only_sampled: bool = True
+    #: Candidates waiting for a decision, at most (about 250 bytes each); further ones are dropped and counted.
+    max_pending: int = 20_000
+
+    @field_validator("max_pending")
+    @classmethod
+    def _max_pending(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
 
 
 _BUILTIN_LABELS = ("service_name", "span_name", "span_kind", "status_code", "model_id", "model_version")
@@ -203,7 +218,7 @@ class SpanMetricsProcessor(Component):
     """Counts every span into per-series calls and duration histograms; forwards the spans untouched."""
 
     def __init__(self, settings: CreateSettings, cfg: SpanMetricsConfig, next_consumer: Consumer, *,
-                 wall_clock: Callable[[], float] = time.time):
+                 wall_clock: Callable[[], float] = time.time, clock: Callable[[], float] = time.monotonic):
         self._tel = settings.telemetry
         self._id = str(settings.id)
         self._cfg = cfg
@@ -235,6 +250,13 @@ class SpanMetricsProcessor(Component):
             Counter, "sidecar_span_metrics_overflow_spans",
             "Spans counted under the overflow series because max_series was reached.", ("component",)).labels(self._id)
         family(_Collector, "span_metrics_collector", "", ()).processors.add(self)
+        self._clock = clock
+        #: exemplar candidates waiting for a tail-sampling decision (set by start() when a sampler is behind)
+        self._pending: Optional[PendingExemplars] = None
+        candidates = family(Counter, "sidecar_span_metrics_exemplar_candidates",
+                            "Exemplar candidates by outcome: kept (its trace was kept: publishable), not_sampled, "
+                            "expired (no decision in time), overflow (max_pending reached).", ("component", "outcome"))
+        self._candidates = {o: candidates.labels(self._id, o) for o in ("kept", "not_sampled", "expired", "overflow")}
         self._ticker = Ticker(self._periodic, cfg.metrics_flush_interval, name=f"span_metrics[{self._id}]")
 
     # --- pipeline ---------------------------------------------------------------------------------
@@ -245,12 +267,23 @@ class SpanMetricsProcessor(Component):
         return Signal.METRICS in getattr(self._next, "routes", {})
 
     def start(self, host) -> None:
+        channel = getattr(host, "sampling_decisions", None)
+        if self._exemplars and self._cfg.exemplars.only_sampled and channel is not None and channel.publishers:
+            # samplers behind this stage started first (the graph starts back to front) and registered
+            wait = channel.max_wait
+            self._pending = PendingExemplars(wait + max(1.0, wait / 2), self._cfg.exemplars.max_pending)
+            channel.subscribe(self._on_decisions)
         self._ticker.start()
 
     def _periodic(self) -> None:
         if self.emits_metrics:
             self.flush_metrics()
         self._age_slowest()
+        if self._pending is not None:
+            with self._lock:
+                self._pending.expire(self._clock())
+                outcomes = self._pending.take_outcomes()
+            self._count_candidates(outcomes)
 
     def shutdown(self, deadline: float) -> None:
         self._ticker.stop(deadline)
@@ -319,7 +352,12 @@ class SpanMetricsProcessor(Component):
         return (vals[1] or vals[2], vals[3]) + tuple([v or d for v, d in zip(vals[4:], self._dim_defaults)])
 
     def _merge(self, delta: dict[tuple, list]) -> None:
+        pending = self._pending
+        outcomes = None
         with self._lock:
+            if pending is not None:
+                now = self._clock()
+                pending.expire(now)
             series = self._series
             overflowed = 0
             for key, d in delta.items():
@@ -337,12 +375,37 @@ class SpanMetricsProcessor(Component):
                 for i, c in enumerate(d[2]):
                     if c:
                         buckets[i] += c
+                if pending is not None:  # a tail sampler is behind: publish once its trace is kept
+                    for slot in (_SLOW, _ERR):
+                        if d[slot] is not None and d[slot][1]:
+                            pending.hold(s, slot, d[slot], now)
+                    continue
                 if d[3] is not None and (s[3] is None or d[3][0] > s[3][0]):
                     s[3] = d[3]
                 if d[4] is not None:
                     s[4] = d[4]
+            if pending is not None:
+                outcomes = pending.take_outcomes()
         if overflowed:
             self._overflow_counter.inc(overflowed)
+        if outcomes:
+            self._count_candidates(outcomes)
+
+    def _on_decisions(self, decisions) -> None:
+        """Tail sampling decided these traces (``host.sampling_decisions``): publish the kept ones' candidates."""
+        with self._lock:
+            self._pending.decide(decisions)
+            outcomes = self._pending.take_outcomes()
+        self._count_candidates(outcomes)
+
+    def _count_candidates(self, outcomes: dict[str, int]) -> None:
+        for outcome, n in outcomes.items():
+            self._candidates[outcome].inc(n)
+
+    @property
+    def pending_exemplars(self) -> int:
+        """Exemplar candidates waiting for their trace's decision."""
+        return self._pending.n if self._pending is not None else 0
 
     def _age_slowest(self) -> None:
         """Let a newer slow span take the exemplar slot: the slowest is tracked per flush interval."""
@@ -479,6 +542,6 @@ FACTORY = Factory(
     config_model=SpanMetricsConfig,
     create=lambda settings, cfg, next_consumer: SpanMetricsProcessor(settings, cfg, next_consumer),
     signals=frozenset({Signal.TRACES, Signal.METRICS}),
-    telemetry=frozenset({"sidecar_span_metrics_overflow_spans", "traces_span_metrics_calls",
-                         "traces_span_metrics_duration_seconds"}),
+    telemetry=frozenset({"sidecar_span_metrics_overflow_spans", "sidecar_span_metrics_exemplar_candidates",
+                         "traces_span_metrics_calls", "traces_span_metrics_duration_seconds"}),
 )

@@ -37,6 +37,7 @@ from sidecar.processors.tail_sampling.decisions import LRU
 from sidecar.processors.tail_sampling.durable import DurableBuffer
 from sidecar.processors.tail_sampling.output import POLICY_ATTRIBUTE, KeptSpans, Output
 from sidecar.envelope import Envelope
+from sidecar.host import Decision
 from sidecar.outbox import Outbox
 from sidecar.registry import CreateSettings
 from sidecar.signals import Signal
@@ -132,10 +133,14 @@ class TailSamplingProcessor(Component):
         root_wait = cfg.decision_wait_after_root_received
         self.tick_interval = max(0.005, min(0.1, root_wait / 2 if root_wait else 0.1))
         self._ticker = Ticker(self.tick, self.tick_interval, name=f"tail_sampling[{cid}]")
+        self._decisions = None  # the host's decision channel, from start()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     def start(self, host) -> None:
+        if host is not None:  # span_metrics (in front) publishes exemplars of kept traces only
+            self._decisions = host.sampling_decisions
+            self._decisions.register(self._component, self._cfg.decision_wait)
         self._durable.start(host, self._sort)  # replays what a crash left in the log, before new data
         self._ticker.start()
 
@@ -407,6 +412,9 @@ class TailSamplingProcessor(Component):
             self._tel.dropped(Signal.TRACES, n_spans, reason)
             self._tel.dropped(Signal.LOGS, n_logs, reason)
         kept_traces = [t for t, decision, _, _ in decided if decision is SAMPLED]
+        if self._decisions is not None:
+            self._decisions.publish([Decision(t.trace_id, decision is SAMPLED, policy)
+                                     for t, decision, policy, _ in decided])
         if spans_out.n:
             self._enqueue(spans_out, kept_traces)
         if logs_out.n:
@@ -426,6 +434,8 @@ class TailSamplingProcessor(Component):
         self._tel.dropped(Signal.TRACES, spans, TOO_EARLY)
         self._tel.dropped(Signal.LOGS, logs, TOO_EARLY)
         self._count_traces(TOO_EARLY, "none", len(evicted))
+        if self._decisions is not None:
+            self._decisions.publish([Decision(t.trace_id, False, TOO_EARLY) for t in evicted])
 
     # --- delivering -------------------------------------------------------------------------------
 
