@@ -72,13 +72,28 @@ class _ValueRule:
     name: str
     action: Action
     replacement: bytes
-    group: int  # the rule's outer group in the combined regex
-    core: int  # the group that is the secret (== group unless the pattern marks one)
+    pattern: str
+    inner: int  # capturing groups inside the pattern
+    has_core: bool  # the pattern's one group is the secret, the rest is context
     validator: object
     stat: tuple[str, str]
     #: what a match becomes inside a name: the mask text, or ``[RULE_NAME]`` where the action
     #: would drop, replace the whole value or hash (none of which suits a groupable name)
     name_token: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Scanner:
+    """Some of the value rules as one regex: (rule, its outer group, the group that is the secret) in order.
+
+    Built per set of rules that match somewhere in a string: rules that match nowhere in it
+    cannot change which alternative wins at any position, so the smaller regex finds exactly
+    the matches the one of every rule finds, with a smaller program to run per match, and
+    with no capture groups at all where one rule without a core group is left.
+    """
+
+    rx: object
+    entries: tuple[tuple[_ValueRule, int, int], ...]
 
 
 class RedactionStats:
@@ -116,6 +131,7 @@ _BATCH_UNSAFE = re2.compile(r"\\[AzZ]|\(\?[a-zA-Z]*-[a-zA-Z]*m")
 #: User patterns with anchors or word boundaries cannot run over serialized bytes; they turn the wire prefilter off.
 _WIRE_UNSAFE = re2.compile(r"\\[bBAzZ]|\$|(?:^|[^\[])\^")
 _KEY_CACHE_MAX = 4096
+_SCANNER_CACHE_MAX = 256  # sets of rules that matched together; few in practice
 _NEVER = _Sentinel("NEVER")  # no rule at all: every request is clean
 
 
@@ -149,11 +165,14 @@ class RedactionEngine:
                     f"but {', '.join(hash_users)} use{'s' if len(hash_users) == 1 else ''} action hash"])
             self._hmac = hmac.new(key.encode(), digestmod=hashlib.sha256)
 
-        self._full = None
+        self._all: _Scanner | None = None
+        self._which = None
+        self._scanners: dict[tuple[int, ...], _Scanner] = {}
         self._prefilter = None
         self._batch_safe = batch_safe
         if alternatives:
-            self._full = compile_regex("|".join(alternatives))._regexp  # noqa: SLF001
+            self._all = self._scanner(tuple(range(len(self._value_rules))))
+            self._which = _rule_set(self._value_rules)
             opts = re2.Options()
             opts.never_capture = True
             opts.log_errors = False
@@ -196,7 +215,6 @@ class RedactionEngine:
             if dc.enabled:
                 specs.append((det.name, det.pattern, dc.action, dc.replacement or det.placeholder, det.validator, True))
         rules, alternatives = [], []
-        group = 1
         batch_safe = True
         for name, pattern, action, replacement, validator, has_core in specs:
             inner = compile_regex(pattern).groups
@@ -204,13 +222,32 @@ class RedactionEngine:
                 hash_users.append(name)
             if not has_core and _BATCH_UNSAFE.search(pattern):
                 batch_safe = False
-            core = group + 1 if has_core and inner == 1 else group
             token = replacement if action in (Action.MASK, Action.REPLACE) and replacement else f"[{name.upper()}]"
-            rules.append(_ValueRule(name, action, replacement.encode(), group, core, validator, (name, action.value),
-                                    token.encode()))
+            rules.append(_ValueRule(name, action, replacement.encode(), pattern, inner, has_core and inner == 1,
+                                    validator, (name, action.value), token.encode()))
             alternatives.append(f"({pattern})")
-            group += 1 + inner
         return rules, alternatives, batch_safe
+
+    def _scanner(self, which: tuple[int, ...]) -> _Scanner:
+        """The scanner for the value rules at indices ``which`` (ascending), compiled once and cached."""
+        scanner = self._scanners.get(which)
+        if scanner is not None:
+            return scanner
+        rules = [self._value_rules[i] for i in which]
+        if len(rules) == 1:
+            rule = rules[0]
+            # one rule alone: group 0 is its match; no capture group at all unless a core is wanted
+            scanner = _Scanner(_compile(rule.pattern, capture=rule.has_core), ((rule, 0, 1 if rule.has_core else 0),))
+        else:
+            entries, group = [], 1
+            for rule in rules:
+                entries.append((rule, group, group + 1 if rule.has_core else group))
+                group += 1 + rule.inner
+            scanner = _Scanner(_compile("|".join(f"({r.pattern})" for r in rules), capture=True), tuple(entries))
+        if len(self._scanners) >= _SCANNER_CACHE_MAX:
+            self._scanners.clear()  # user rules in the dozens could make many sets: memory stays bounded
+        self._scanners[which] = scanner
+        return scanner
 
     @staticmethod
     def _compile_wire_prefilter(config: RedactionConfig):
@@ -313,23 +350,36 @@ class RedactionEngine:
         ``name=True`` is for span and event names, which backends group by: every action
         masks only the matched part (``GET /users/[EMAIL]``), so a name is never dropped,
         replaced whole or hashed into a unique value.
+
+        One pass of the rule set names the rules that match somewhere in ``b``; only they
+        run, as one regex (see :class:`_Scanner`). An empty answer is checked with every
+        rule, as the set also answers "none" when its DFA runs out of memory.
         """
-        full = self._full
-        if full is None:
+        scanner = self._all
+        if scanner is None:
             return None
-        rules = self._value_rules
+        which = self._which
+        if which is not None:
+            hit = which.Match(b)
+            if hit:
+                if len(hit) > 1:
+                    hit.sort()
+                key = tuple(hit)
+                scanner = self._scanners.get(key) or self._scanner(key)
+        rx = scanner.rx
+        entries = scanner.entries
         allowed = self._allowed_values
         n = len(b)
         pos = last = 0
         pieces: list[bytes] | None = None
         while pos < n:
-            spans = full.Match(_UNANCHORED, b, pos, n)
+            spans = rx.Match(_UNANCHORED, b, pos, n)
             if spans[0][0] < 0:
                 break
-            for rule in rules:
-                if spans[rule.group][0] >= 0:
+            for rule, group, core in entries:
+                if spans[group][0] >= 0:
                     break
-            cs, ce = spans[rule.core]
+            cs, ce = spans[core]
             if ce <= cs:
                 pos = max(spans[0][1], pos + 1)
                 continue
@@ -418,6 +468,31 @@ def _hits(rx, bufs: list[bytes], sep: bytes) -> Iterable[int]:
             break
         start = rx.Match(_UNANCHORED, joined, pos, n)[0][0]
     return hits
+
+
+def _compile(pattern: str, *, capture: bool):
+    opts = re2.Options()
+    opts.log_errors = False
+    opts.never_capture = not capture
+    return re2.compile(pattern, opts)._regexp  # noqa: SLF001
+
+
+def _rule_set(rules: Sequence[_ValueRule]):
+    """An RE2 set of the value rules: one DFA pass says which of them match somewhere in a string.
+
+    None if RE2 will not build it (the engine then always scans with every rule).
+    """
+    opts = re2.Options()
+    opts.log_errors = False
+    opts.max_mem = 32 << 20  # a bigger DFA cache: an exhausted one makes the set answer "none" (then every rule runs)
+    which = re2.Set.SearchSet(opts)
+    try:
+        for rule in rules:
+            which.Add(rule.pattern)
+        which.Compile()
+    except re2.error:
+        return None
+    return which._set  # noqa: SLF001 - the raw set: no str handling per call
 
 
 def _key_action(action: Action) -> Action:
