@@ -172,7 +172,8 @@ class RedactionEngine:
         self._batch_safe = batch_safe
         if alternatives:
             self._all = self._scanner(tuple(range(len(self._value_rules))))
-            self._which = _rule_set(self._value_rules)
+            # with one rule, that rule's scanner is already the smallest
+            self._which = _rule_set(self._value_rules) if len(self._value_rules) > 1 else None
             opts = re2.Options()
             opts.never_capture = True
             opts.log_errors = False
@@ -366,31 +367,35 @@ class RedactionEngine:
                     hit.sort()
                 key = tuple(hit)
                 scanner = self._scanners.get(key) or self._scanner(key)
-        rx = scanner.rx
+        match = scanner.rx.Match
         entries = scanner.entries
+        rule, _, core = entries[0]
+        several = len(entries) > 1
         allowed = self._allowed_values
         n = len(b)
         pos = last = 0
         pieces: list[bytes] | None = None
         while pos < n:
-            spans = rx.Match(_UNANCHORED, b, pos, n)
+            spans = match(_UNANCHORED, b, pos, n)
             if spans[0][0] < 0:
                 break
-            for rule, group, core in entries:
-                if spans[group][0] >= 0:
-                    break
+            if several:
+                for rule, group, core in entries:
+                    if spans[group][0] >= 0:
+                        break
             cs, ce = spans[core]
             if ce <= cs:
                 pos = max(spans[0][1], pos + 1)
                 continue
-            text = b[cs:ce]
-            if rule.validator is not None and not rule.validator(text):
+            validator = rule.validator
+            if validator is not None and not validator(b[cs:ce]):
                 pos = cs + 1
                 continue
-            if allowed is not None and allowed.Match(_ANCHOR_BOTH, text, 0, len(text))[0][0] >= 0:
+            if allowed is not None and _full_match(allowed, b[cs:ce]):
                 pos = ce
                 continue
-            tally[rule.stat] = tally.get(rule.stat, 0) + 1
+            stat = rule.stat
+            tally[stat] = tally.get(stat, 0) + 1
             action = rule.action
             if name:
                 if pieces is None:
@@ -406,7 +411,7 @@ class RedactionEngine:
             if pieces is None:
                 pieces = []
             pieces.append(b[last:cs])
-            pieces.append(rule.replacement if action is Action.MASK else self.hash(text).encode())
+            pieces.append(rule.replacement if action is Action.MASK else self.hash(b[cs:ce]).encode())
             last = pos = ce
         if pieces is None:
             return None
@@ -468,6 +473,11 @@ def _hits(rx, bufs: list[bytes], sep: bytes) -> Iterable[int]:
             break
         start = rx.Match(_UNANCHORED, joined, pos, n)[0][0]
     return hits
+
+
+def _full_match(rx, text: bytes) -> bool:
+    """``rx`` matches all of ``text``, seen on its own (``^``, ``$`` and ``\\b`` at its ends)."""
+    return rx.Match(_ANCHOR_BOTH, text, 0, len(text))[0][0] >= 0
 
 
 def _compile(pattern: str, *, capture: bool):

@@ -39,7 +39,7 @@ CONFIGS = {
                                                                           "mask"])],
         "detectors": {"email": {"action": "hash"}, "phone": {"action": "replace"}, "ipv4": {"action": "drop"},
                       "jwt": False, "us_ssn": {"replacement": "<ssn>"}},
-        "allowed_values": [r"8\.8\.4\.4", r"[a-z]+@example\.com"],
+        "allowed_values": [r"8\.8\.4\.4", r"[a-z]+@example\.com", r"^\d+\.\d+\.\d+\.\d*[02468]$"],
     },
     "one rule": {"detectors": {n: False for n in ("jwt", "bearer_token", "api_key", "iban", "payment_card", "us_ssn",
                                                   "phone", "ipv6", "ipv4")}},
