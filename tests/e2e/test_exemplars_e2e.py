@@ -10,8 +10,12 @@ non-error series (docs/exemplars.md).
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
+import subprocess
 import time
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -28,6 +32,7 @@ from sidecar.testing import OTLPBackend, SidecarProcess, free_port
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 TRACES = 400
+PROMETHEUS = shutil.which("prometheus")
 
 
 def config(backend: str, grpc_port: int, metrics_port: int) -> str:
@@ -56,8 +61,9 @@ service:
 """
 
 
-def send_traffic(grpc_port: int) -> None:
-    """TRACES traces from the real SDK, in many small export requests (many exemplar candidates)."""
+def send_traffic(grpc_port: int, seconds: float = 0.0) -> None:
+    """TRACES traces from the real SDK, in many small export requests (many exemplar candidates),
+    spread over ``seconds`` (so a scraper sees the exemplars change while traces are undecided)."""
     rnd = random.Random(12)
     provider = TracerProvider(resource=Resource.create({"service.name": "inference"}))
     provider.add_span_processor(BatchSpanProcessor(
@@ -65,7 +71,10 @@ def send_traffic(grpc_port: int) -> None:
         max_export_batch_size=32, schedule_delay_millis=50))
     tracer = provider.get_tracer("e2e")
     t0 = time.time_ns()
+    pace = seconds / TRACES
     for i in range(TRACES):
+        if pace:
+            time.sleep(pace)  # the traffic's shape, not a wait for a condition
         start = t0 + i * 1_000_000
         duration = int(rnd.lognormvariate(3, 1) * 1_000_000)  # ms-scale, long tail
         root = tracer.start_span(rnd.choice(["POST /predict", "POST /generate"]), kind=SpanKind.SERVER,
@@ -142,3 +151,59 @@ def test_every_exemplar_trace_id_is_a_trace_the_backend_received(env):
               f"share of exemplar trace ids in the backend: {share:.2f} (non-error {share_ok:.2f})")
         assert found and non_error, "no exemplars at all: the gate would be vacuous"
         assert share == 1.0 and share_ok == 1.0
+
+
+def _prometheus_get(port: int, path: str, **params) -> dict:
+    url = f"http://127.0.0.1:{port}{path}?" + urllib.parse.urlencode(params)
+    body = json.loads(urllib.request.urlopen(url, timeout=10).read())
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def _last_scrape(port: int) -> float:
+    try:
+        result = _prometheus_get(port, "/api/v1/query", query='timestamp(up{job="sidecar"})')["result"]
+    except (OSError, ConnectionError):
+        return 0.0  # not listening yet
+    return float(result[0]["value"][1]) if result else 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed (scripts/setup.sh installs it)")
+def test_exemplars_stored_by_a_real_prometheus_lead_to_kept_traces(tmp_path):
+    """Prometheus (exemplar storage on) scrapes the sidecar during and after the traffic; every exemplar it
+    stored, also those scraped while traces were still undecided, names a trace the backend received."""
+    grpc_port, metrics_port, prom_port = free_port(), free_port(), free_port()
+    (tmp_path / "prometheus.yml").write_text(json.dumps({
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [{"job_name": "sidecar", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}]}))
+    with OTLPBackend() as backend, SidecarProcess(config(backend.endpoint, grpc_port, metrics_port),
+                                                  workdir=tmp_path / "sidecar"), \
+            open(tmp_path / "prometheus.log", "w") as prom_log:
+        prom = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
+                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}", "--enable-feature=exemplar-storage",
+                                 f"--web.listen-address=127.0.0.1:{prom_port}"], stdout=prom_log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: _last_scrape(prom_port), 60, "Prometheus's first scrape of the sidecar")
+            send_traffic(grpc_port, seconds=8)
+            wait_for(lambda: sum(decided(metrics_port).values()) >= TRACES, 60, f"{TRACES} decisions")
+            n_kept = decided(metrics_port).get("sampled", 0)
+            stored = wait_for(lambda: (ids := {s.trace_id.hex() for _, _, s in backend.spans()}) and
+                              len(ids) >= n_kept and ids, 60, f"{n_kept} kept traces in the backend")
+            settled = time.time()
+            wait_for(lambda: _last_scrape(prom_port) > settled, 30, "a scrape after every decision")
+            now = time.time()
+            data = _prometheus_get(prom_port, "/api/v1/query_exemplars", query="traces_span_metrics_duration_seconds_bucket",
+                                   start=now - 3600, end=now + 3600)
+            found = [(series["seriesLabels"].get("status_code"), ex["labels"]["trace_id"])
+                     for series in data for ex in series["exemplars"]]
+        finally:
+            prom.terminate()
+            prom.wait(30)
+    non_error = [t for code, t in found if code != "STATUS_CODE_ERROR"]
+    share = sum(t in stored for _, t in found) / max(len(found), 1)
+    share_ok = sum(t in stored for t in non_error) / max(len(non_error), 1)
+    print(f"\nPrometheus stored {len(found)} exemplars ({len(non_error)} non-error); traces kept {n_kept:.0f}/{TRACES}; "
+          f"share in the backend: {share:.2f} (non-error {share_ok:.2f})")
+    assert found and non_error
+    assert share == 1.0 and share_ok == 1.0
