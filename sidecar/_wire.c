@@ -1089,6 +1089,7 @@ static PyObject *check_ids(PyObject *self, PyObject *args)
 typedef struct {
     Keys k;          /* span attribute keys */
     Keys ek;         /* event attribute keys */
+    PyObject *names[MAX_KEYS + 1], *enames[MAX_KEYS + 1]; /* owned: each key's str, made on first use */
     Slice prefix;
     PyObject *out;   /* list of AuditSpans */
     PyObject *spans; /* owned: the current resource's selected spans, or NULL before the first resource */
@@ -1215,11 +1216,19 @@ static int key_value(Slice kv, Slice *key, Slice *first, int *nvalues)
 }
 
 /* Sets d[key] to the KeyValue's value (any_value); ``only_new``: unless the key is there already. */
-static int put_value(PyObject **d, Slice kv, Slice key, Slice first, int nvalues, int only_new)
+static int put_value(PyObject **d, Slice kv, Slice key, Slice first, int nvalues, int only_new, int *encoded,
+                     PyObject **name)
 {
     if (*d == NULL && (*d = PyDict_New()) == NULL)
         return -1;
-    PyObject *k = str_of(key);
+    PyObject *k;
+    if (name == NULL) {
+        k = str_of(key);
+    } else { /* a wanted key: its str is made once per call (hash cached) */
+        if (*name == NULL)
+            *name = str_of(key);
+        k = Py_XNewRef(*name);
+    }
     if (k == NULL)
         return -1;
     if (only_new && PyDict_Contains(*d, k)) {
@@ -1235,24 +1244,27 @@ static int put_value(PyObject **d, Slice kv, Slice key, Slice first, int nvalues
         PyObject *merged = value_bytes(kv);
         v = merged; /* several value fields merge: the caller parses the encoding */
     }
+    if (v != NULL && PyBytes_CheckExact(v))
+        *encoded = 1;
     int rc = v == NULL ? -1 : PyDict_SetItem(*d, k, v);
     Py_DECREF(k);
     Py_XDECREF(v);
     return rc;
 }
 
-static int key_wanted(Slice key, const Keys *k, Slice prefix)
+/* The index of a wanted key, MAX_KEYS for another key starting with the (non-empty) prefix, else -1. */
+static int key_index(Slice key, const Keys *k, Slice prefix)
 {
-    if (prefix.n && key.n >= prefix.n && memcmp(key.p, prefix.p, (size_t)prefix.n) == 0)
-        return 1;
     for (int j = 0; j < k->nkeys; j++)
         if (slice_eq(key, k->keys[j]))
-            return 1;
-    return 0;
+            return j;
+    if (prefix.n && key.n >= prefix.n && memcmp(key.p, prefix.p, (size_t)prefix.n) == 0)
+        return MAX_KEYS;
+    return -1;
 }
 
 /* The wanted attributes of one event (field 11 of a span) into *events, the first occurrence winning. */
-static int audit_event(Slice ev, const Keys *ek, PyObject **events)
+static int audit_event(Slice ev, const Keys *ek, PyObject **names, PyObject **events, int *encoded)
 {
     Reader r = reader_of(ev);
     uint32_t f;
@@ -1266,7 +1278,8 @@ static int audit_event(Slice ev, const Keys *ek, PyObject **events)
             continue;
         if (key_value(s, &key, &first, &nv) < 0)
             return -1;
-        if (key_wanted(key, ek, none) && put_value(events, s, key, first, nv, 1) < 0)
+        int j = key_index(key, ek, none);
+        if (j >= 0 && put_value(events, s, key, first, nv, 1, encoded, &names[j]) < 0)
             return -1;
     }
     return 0;
@@ -1282,7 +1295,7 @@ static int audit_item(void *vctx, Slice item)
     Slice s, key, first = {NULL, 0}, none = {NULL, 0};
     Slice trace_id = none, span_id = none, name = none, status = none;
     long kind = 0, code = 0;
-    int has_parent = 0;
+    int has_parent = 0, encoded = 0, j;
     PyObject *attrs = NULL, *events = NULL;
     while (r.p < r.end) {
         if (rd_field(&r, &f, &wt, &num, &s) < 0)
@@ -1296,11 +1309,12 @@ static int audit_item(void *vctx, Slice item)
             case 9:
                 if (key_value(s, &key, &first, &nv) < 0)
                     goto fail;
-                if (key_wanted(key, &c->k, c->prefix) && put_value(&attrs, s, key, first, nv, 0) < 0)
+                j = key_index(key, &c->k, c->prefix);
+                if (j >= 0 && put_value(&attrs, s, key, first, nv, 0, &encoded, j < MAX_KEYS ? &c->names[j] : NULL) < 0)
                     goto fail;
                 break;
             case 11:
-                if (c->ek.nkeys && audit_event(s, &c->ek, &events) < 0)
+                if (c->ek.nkeys && audit_event(s, &c->ek, c->enames, &events, &encoded) < 0)
                     goto fail;
                 break;
             case 15: status = s; break; /* the last occurrence: repeated ones merge, see below */
@@ -1338,13 +1352,23 @@ static int audit_item(void *vctx, Slice item)
             }
         }
     }
-    PyObject *items[11] = {
+    if (encoded) { /* a later scalar may have replaced an encoded value: say what the dicts hold now */
+        encoded = 0;
+        PyObject *dicts[2] = {attrs, events}, *k, *v;
+        for (int i = 0; i < 2 && !encoded; i++) {
+            Py_ssize_t pos = 0;
+            while (dicts[i] != NULL && !encoded && PyDict_Next(dicts[i], &pos, &k, &v))
+                encoded = PyBytes_CheckExact(v);
+        }
+    }
+    PyObject *items[12] = {
         bytes_of(trace_id), bytes_of(span_id), PyBool_FromLong(entry), str_of(name),
         PyLong_FromUnsignedLongLong(start), PyLong_FromUnsignedLongLong(end), PyLong_FromLong(code),
-        str_of(message), attrs ? attrs : PyDict_New(), events ? events : PyDict_New(), bytes_of(item),
+        str_of(message), attrs ? attrs : PyDict_New(), events ? events : PyDict_New(),
+        PyBool_FromLong(encoded), bytes_of(item),
     };
     attrs = events = NULL;
-    PyObject *sp = named(AuditSpan_T, 11, items);
+    PyObject *sp = named(AuditSpan_T, 12, items);
     if (sp == NULL)
         return -1;
     int rc = PyList_Append(c->spans, sp);
@@ -1380,14 +1404,20 @@ static PyObject *audit_spans(PyObject *self, PyObject *args)
     c.spans = NULL;
     c.rs.p = NULL;
     c.rs.n = 0;
+    memset(c.names, 0, sizeof c.names);
+    memset(c.enames, 0, sizeof c.enames);
     if ((c.out = PyList_New(0)) == NULL)
         return NULL;
     Walk w = {audit_resource, audit_scope, audit_item};
     Slice req = {(const uint8_t *)data, len};
-    if (walk_request(req, &w, &c) < 0 || audit_flush(&c) < 0) {
+    int rc = walk_request(req, &w, &c) < 0 || audit_flush(&c) < 0 ? -1 : 0;
+    for (int j = 0; j <= MAX_KEYS; j++) {
+        Py_XDECREF(c.names[j]);
+        Py_XDECREF(c.enames[j]);
+    }
+    if (rc < 0) {
         Py_XDECREF(c.spans);
-        Py_DECREF(c.out);
-        return NULL;
+        Py_CLEAR(c.out);
     }
     return c.out;
 }

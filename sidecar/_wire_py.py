@@ -447,8 +447,10 @@ def _audit_span(span, data: bytes, a: int, b: int, wanted: set, prefix: bytes, e
                 for key, parts in _key_values(data, x, y, 3):
                     if key in event_keys and key.decode() not in events:
                         events[key.decode()] = _any_value(data, parts)
+    encoded = any(type(v) is bytes for d in (attrs, events) for v in d.values())
     return AuditSpan(span.trace_id, span.span_id, entry, span.name, span.start_time_unix_nano,
-                     span.end_time_unix_nano, span.status.code, span.status.message, attrs, events, data[a:b])
+                     span.end_time_unix_nano, span.status.code, span.status.message, attrs, events, encoded,
+                     data[a:b])
 
 
 def audit_spans(request: bytes, keys: tuple, prefix: bytes, event_keys: tuple) -> list[AuditSpans]:

@@ -92,6 +92,7 @@ class AuditSpan(NamedTuple):
     status_message: str
     attributes: dict  #: wanted key -> value (a repeated key: the last one)
     events: dict  #: wanted event attribute key -> value of its first occurrence over the span's events
+    encoded: bool  #: some value in ``attributes`` or ``events`` is left encoded (bytes)
     span: bytes  #: the span's exact bytes as received
 
 

@@ -246,23 +246,35 @@ def extract(request, *, user_id_salt: str | None = None) -> Extraction:
     data = request if isinstance(request, bytes) else request.SerializeToString()
     entries: list[tuple[wire.AuditSpan, dict, str, dict]] = []
     facts_by_trace: dict[bytes, list[tuple[wire.AuditSpan, str, dict]]] = {}
+    last: tuple | None = None  # (trace, service, attrs, facts) of the previous inference span
     for group in wire.audit_spans(data, _KEYS, _TAG_PREFIX, _EVENT_KEYS):
         service = _service(group.resource)
         for span in group.spans:
-            attrs = _decoded(span.attributes)
+            attrs = _decoded(span.attributes) if span.encoded else span.attributes
             if attrs.get(REPLAY) is True:  # instrumentation.replay re-running a record: not a request
                 continue
             if span.entry:
                 entries.append((span, attrs, service, _span_facts(span, attrs)))
             elif _is_inference(attrs):
-                facts_by_trace.setdefault(span.trace_id, []).append((span, service, _span_facts(span, attrs)))
+                tid = span.trace_id
+                # the model spans of one request usually say the same: their facts are read once
+                if (last is not None and last[0] == tid and last[1] == service and last[2] == attrs
+                        and not span.events):
+                    facts = last[3]
+                else:
+                    facts = _span_facts(span, attrs)
+                    last = (tid, service, attrs if not span.events else None, facts)
+                facts_by_trace.setdefault(tid, []).append((span, service, facts))
     records: list[AuditRecord] = []
     claimed: set[bytes] = set()
     for span, attrs, service, own in entries:
         fields_ = merge({}, own)
+        merged = None
         for _s, fsvc, facts in facts_by_trace.get(span.trace_id, ()):
             if fsvc == service:
-                merge(fields_, facts)
+                if facts is not merged:  # merging the same facts again changes nothing
+                    merge(fields_, facts)
+                    merged = facts
                 claimed.add(span.trace_id)
         records.append(_record(span, attrs, service, fields_, user_id_salt))
     fragments = [Fragment(s.trace_id.hex(), s.span_id.hex(), svc, facts)

@@ -312,6 +312,8 @@ class ScannerContract:
                             if kv.key.encode() in AUDIT_EVENT_KEYS:
                                 first.setdefault(kv.key, kv.value)
                     assert {k: as_any(v) for k, v in got.events.items()} == {k: canon(v) for k, v in first.items()}
+                    assert got.encoded == any(type(v) is bytes for d in (got.attributes, got.events)
+                                              for v in d.values())
                     selected += 1
                     entries += got.entry
         assert selected > entries > 20
@@ -325,7 +327,7 @@ class ScannerContract:
         data = ExportTraceServiceRequest(resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=[span])])])
         (group,) = self.impl.audit_spans(data.SerializeToString(), (), b"tag.", ())
         (got,) = group.spans
-        assert got.entry is False and group.resource == b""
+        assert got.entry is False and got.encoded is True and group.resource == b""
         assert got.attributes == {"tag.s": "é", "tag.b": False, "tag.i": -5, "tag.d": 0.5,
                                   "tag.x": values["x"].SerializeToString(), "tag.n": None}
         # a span that is neither an entry span nor carries a wanted key is left out, and so is its resource
