@@ -55,6 +55,11 @@ class SamplingDecisions:
         with self._lock:
             self._subscribers = tuple(c for c in self._subscribers if c != callback)
 
+    @property
+    def subscribed(self) -> bool:
+        """Whether anyone listens (a sampler builds no decision list for nobody)."""
+        return bool(self._subscribers)
+
     def publish(self, decisions: Sequence[Decision]) -> None:
         if decisions:
             for callback in self._subscribers:

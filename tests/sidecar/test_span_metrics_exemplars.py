@@ -9,14 +9,15 @@ from __future__ import annotations
 import re
 import time
 
+import pytest
 import yaml
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from sidecar.component import Kind
-from sidecar.config import ComponentId
+from sidecar.config import ComponentId, ConfigError, parse_config
 from sidecar.envelope import Envelope
 from sidecar.host import Host
-from sidecar.pipeline import SignalRouter
+from sidecar.pipeline import Service, SignalRouter
 from sidecar.processors.span_metrics import SpanMetricsConfig, SpanMetricsProcessor
 from sidecar.registry import CreateSettings
 from sidecar.signals import Signal
@@ -188,3 +189,42 @@ def test_with_the_durable_buffer_kept_traces_publish_and_recovery_redecides(tmp_
     assert pending in kept_trace_ids(c2.sink)  # replayed and decided after the restart
     assert c2.exemplar_ids() == set() and c2.sm.pending_exemplars == 0
     c2.stop()
+
+
+def test_exemplar_config_errors_name_the_path():
+    text = """
+receivers: {otlp: {protocols: {grpc: {endpoint: 127.0.0.1:4317}}}}
+processors:
+  span_metrics: {exemplars: {max_pending: 0, only_sampeld: false}}
+exporters: {debug: {}}
+service:
+  pipelines:
+    traces: {receivers: [otlp], processors: [span_metrics], exporters: [debug]}
+"""
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, environ={})
+    problems = "\n".join(e.value.problems)
+    assert "processors.span_metrics.exemplars.max_pending: must be >= 1" in problems
+    assert "processors.span_metrics.exemplars.only_sampeld" in problems
+
+
+def test_the_graph_gates_exemplars_only_with_a_sampler_behind_span_metrics():
+    """Service wiring: samplers start first and register; a span_metrics without one publishes at once."""
+    base = """
+receivers: {otlp: {protocols: {grpc: {endpoint: 127.0.0.1:0}}}}
+processors:
+  span_metrics: {}
+  tail_sampling: {policies: [{name: all, type: always_sample}]}
+exporters: {debug: {verbosity: basic}}
+service:
+  telemetry: {metrics: {address: null}}
+  pipelines:
+    traces: {receivers: [otlp], processors: [PROCESSORS], exporters: [debug]}
+"""
+    for processors, gated in (("span_metrics, tail_sampling", True), ("span_metrics", False)):
+        service = Service(parse_config(base.replace("PROCESSORS", processors), environ={}))
+        service.start()
+        try:
+            assert (service.graph.processors["span_metrics"]._pending is not None) is gated
+        finally:
+            service.shutdown(5)

@@ -412,7 +412,7 @@ class TailSamplingProcessor(Component):
             self._tel.dropped(Signal.TRACES, n_spans, reason)
             self._tel.dropped(Signal.LOGS, n_logs, reason)
         kept_traces = [t for t, decision, _, _ in decided if decision is SAMPLED]
-        if self._decisions is not None:
+        if self._decisions is not None and self._decisions.subscribed:
             self._decisions.publish([Decision(t.trace_id, decision is SAMPLED, policy)
                                      for t, decision, policy, _ in decided])
         if spans_out.n:
@@ -434,7 +434,7 @@ class TailSamplingProcessor(Component):
         self._tel.dropped(Signal.TRACES, spans, TOO_EARLY)
         self._tel.dropped(Signal.LOGS, logs, TOO_EARLY)
         self._count_traces(TOO_EARLY, "none", len(evicted))
-        if self._decisions is not None:
+        if self._decisions is not None and self._decisions.subscribed:
             self._decisions.publish([Decision(t.trace_id, False, TOO_EARLY) for t in evicted])
 
     # --- delivering -------------------------------------------------------------------------------
