@@ -5,7 +5,7 @@ sidecar process running span_metrics -> tail_sampling (errors + 10%) -> OTLP bac
 every trace is decided and every kept one is in the backend, /metrics is scraped as
 OpenMetrics and each exemplar's trace id is looked up in the backend. Prints the share
 found (run with ``-s``); before exemplars waited for the decision it was about 0.1 for
-non-error series (docs/exemplars.md).
+non-error series (figures in docs/exemplars.md).
 """
 
 from __future__ import annotations
@@ -134,23 +134,35 @@ def wait_for(condition, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def traffic_decided_and_stored(backend: OTLPBackend, grpc_port: int, metrics_port: int,
+                               seconds: float = 0.0) -> tuple[float, set[str]]:
+    """Send the traffic; wait until every trace is decided and every kept one is in the backend.
+    Returns (traces kept, trace ids the backend holds)."""
+    send_traffic(grpc_port, seconds)
+    wait_for(lambda: sum(decided(metrics_port).values()) >= TRACES, 60, f"{TRACES} decisions")
+    n_kept = decided(metrics_port).get("sampled", 0)
+    stored = wait_for(lambda: (ids := {s.trace_id.hex() for _, _, s in backend.spans()}) and
+                      len(ids) >= n_kept and ids, 60, f"{n_kept} kept traces in the backend")
+    return n_kept, stored
+
+
+def report_and_check(where: str, found: list[tuple[str, str]], stored: set[str], n_kept: float) -> None:
+    """Print the share of exemplar trace ids the backend holds (all, non-error); require all of them."""
+    non_error = [t for code, t in found if code != "STATUS_CODE_ERROR"]
+    share = sum(t in stored for _, t in found) / max(len(found), 1)
+    share_ok = sum(t in stored for t in non_error) / max(len(non_error), 1)
+    print(f"\n{where}: {len(found)} exemplars ({len(non_error)} non-error); traces kept {n_kept:.0f}/{TRACES}; "
+          f"share of exemplar trace ids in the backend: {share:.2f} (non-error {share_ok:.2f})")
+    assert found and non_error, "no exemplars at all: the check would be vacuous"
+    assert share == 1.0 and share_ok == 1.0
+
+
 @pytest.mark.parametrize("env", [{}, {"SIDECAR_PURE_PYTHON": "1"}], ids=["c", "python"])
 def test_every_exemplar_trace_id_is_a_trace_the_backend_received(env):
     grpc_port, metrics_port = free_port(), free_port()
     with OTLPBackend() as backend, SidecarProcess(config(backend.endpoint, grpc_port, metrics_port), env=env):
-        send_traffic(grpc_port)
-        wait_for(lambda: sum(decided(metrics_port).values()) >= TRACES, 60, f"{TRACES} decisions")
-        n_kept = decided(metrics_port).get("sampled", 0)
-        stored = wait_for(lambda: (ids := {s.trace_id.hex() for _, _, s in backend.spans()}) and
-                          len(ids) >= n_kept and ids, 60, f"{n_kept} kept traces in the backend")
-        found = exemplars(metrics_port)
-        non_error = [t for code, t in found if code != "STATUS_CODE_ERROR"]
-        share = sum(t in stored for _, t in found) / max(len(found), 1)
-        share_ok = sum(t in stored for t in non_error) / max(len(non_error), 1)
-        print(f"\nexemplars: {len(found)} ({len(non_error)} non-error); traces kept {n_kept:.0f}/{TRACES}; "
-              f"share of exemplar trace ids in the backend: {share:.2f} (non-error {share_ok:.2f})")
-        assert found and non_error, "no exemplars at all: the gate would be vacuous"
-        assert share == 1.0 and share_ok == 1.0
+        n_kept, stored = traffic_decided_and_stored(backend, grpc_port, metrics_port)
+        report_and_check("/metrics", exemplars(metrics_port), stored, n_kept)
 
 
 def _prometheus_get(port: int, path: str, **params) -> dict:
@@ -174,36 +186,27 @@ def test_exemplars_stored_by_a_real_prometheus_lead_to_kept_traces(tmp_path):
     """Prometheus (exemplar storage on) scrapes the sidecar during and after the traffic; every exemplar it
     stored, also those scraped while traces were still undecided, names a trace the backend received."""
     grpc_port, metrics_port, prom_port = free_port(), free_port(), free_port()
+    target = {"targets": [f"127.0.0.1:{metrics_port}"]}
     (tmp_path / "prometheus.yml").write_text(json.dumps({
-        "global": {"scrape_interval": "1s"},
-        "scrape_configs": [{"job_name": "sidecar", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}]}))
-    with OTLPBackend() as backend, SidecarProcess(config(backend.endpoint, grpc_port, metrics_port),
-                                                  workdir=tmp_path / "sidecar"), \
+        "global": {"scrape_interval": "1s"}, "scrape_configs": [{"job_name": "sidecar", "static_configs": [target]}]}))
+    with OTLPBackend() as backend, \
+            SidecarProcess(config(backend.endpoint, grpc_port, metrics_port), workdir=tmp_path / "sidecar"), \
             open(tmp_path / "prometheus.log", "w") as prom_log:
         prom = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
                                  f"--storage.tsdb.path={tmp_path / 'tsdb'}", "--enable-feature=exemplar-storage",
-                                 f"--web.listen-address=127.0.0.1:{prom_port}"], stdout=prom_log, stderr=subprocess.STDOUT)
+                                 f"--web.listen-address=127.0.0.1:{prom_port}"],
+                                stdout=prom_log, stderr=subprocess.STDOUT)
         try:
             wait_for(lambda: _last_scrape(prom_port), 60, "Prometheus's first scrape of the sidecar")
-            send_traffic(grpc_port, seconds=8)
-            wait_for(lambda: sum(decided(metrics_port).values()) >= TRACES, 60, f"{TRACES} decisions")
-            n_kept = decided(metrics_port).get("sampled", 0)
-            stored = wait_for(lambda: (ids := {s.trace_id.hex() for _, _, s in backend.spans()}) and
-                              len(ids) >= n_kept and ids, 60, f"{n_kept} kept traces in the backend")
+            n_kept, stored = traffic_decided_and_stored(backend, grpc_port, metrics_port, seconds=8)
             settled = time.time()
             wait_for(lambda: _last_scrape(prom_port) > settled, 30, "a scrape after every decision")
             now = time.time()
-            data = _prometheus_get(prom_port, "/api/v1/query_exemplars", query="traces_span_metrics_duration_seconds_bucket",
-                                   start=now - 3600, end=now + 3600)
-            found = [(series["seriesLabels"].get("status_code"), ex["labels"]["trace_id"])
-                     for series in data for ex in series["exemplars"]]
+            data = _prometheus_get(prom_port, "/api/v1/query_exemplars", start=now - 3600, end=now + 3600,
+                                   query="traces_span_metrics_duration_seconds_bucket")
         finally:
             prom.terminate()
             prom.wait(30)
-    non_error = [t for code, t in found if code != "STATUS_CODE_ERROR"]
-    share = sum(t in stored for _, t in found) / max(len(found), 1)
-    share_ok = sum(t in stored for t in non_error) / max(len(non_error), 1)
-    print(f"\nPrometheus stored {len(found)} exemplars ({len(non_error)} non-error); traces kept {n_kept:.0f}/{TRACES}; "
-          f"share in the backend: {share:.2f} (non-error {share_ok:.2f})")
-    assert found and non_error
-    assert share == 1.0 and share_ok == 1.0
+    found = [(series["seriesLabels"].get("status_code"), ex["labels"]["trace_id"])
+             for series in data for ex in series["exemplars"]]
+    report_and_check("Prometheus", found, stored, n_kept)
