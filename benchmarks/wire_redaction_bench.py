@@ -8,13 +8,22 @@ path is what the processor did before issue 13: the receiver has parsed the requ
 costs the walk and one serialization. The wire path is split into its parts: ``locate`` (the C or
 pure-Python half), the one RE2 pass over every string (``candidates``), ``scan`` (the engine's value
 rules on the candidates, the same work on both paths) and the rest (key rules, summaries, splice).
+
+    .venv/bin/python benchmarks/wire_redaction_bench.py --baseline 0a6e937   # engine before vs now, interleaved
+
+``--baseline REV`` loads ``redaction/_engine.py`` and ``_detectors.py`` as they were at git revision
+REV and times both engines' ``scan`` and both wire paths pass by pass in turn, so a machine
+shared with other work slows both alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import random
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -97,11 +106,83 @@ def measure(pii: float, pairs: int, passes: int) -> dict[str, float]:
     return out
 
 
+def baseline_engine(rev: str) -> type:
+    """``RedactionEngine`` from redaction/_engine.py and _detectors.py as they were at git revision ``rev``."""
+    import redaction._engine as now
+
+    mods = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("_detectors", "_engine"):
+            src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:redaction/{name}.py"], check=True,
+                                 capture_output=True, text=True).stdout
+            if name == "_engine":
+                src = src.replace("from redaction._detectors import", "from baseline_detectors import")
+            path = Path(tmp) / f"baseline{name}.py"
+            path.write_text(src)
+            spec = importlib.util.spec_from_file_location(f"baseline{name}", path)
+            mods[name] = sys.modules[f"baseline{name}"] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mods[name])
+    old = mods["_engine"]
+    old.SCAN, old.IGNORE, old.DROP = now.SCAN, now.IGNORE, now.DROP  # the wire path compares by identity
+    return old.RedactionEngine
+
+
+def compare(rev: str, pii: float, pairs: int, passes: int) -> dict[str, tuple[float, float]]:
+    """(baseline, now) CPU µs/item for the engine's scan and the whole wire path, passes interleaved."""
+    reqs, items = load(pii, pairs)
+    engines = [baseline_engine(rev)(RedactionConfig(allow_all_keys=True)), RedactionEngine(RedactionConfig(
+        allow_all_keys=True))]
+    for engine in engines:
+        for signal, raw in reqs:
+            wire_redaction.redact(engine, signal, raw)
+    outs = [[wire_redaction.redact(e, s, raw) for s, raw in reqs] for e in engines]
+    assert outs[0] == outs[1], "the engines disagree"
+    located = [wire_redaction.locate(raw, TYPES[s][1], engines[1]._key_cache, SCAN) for s, raw in reqs]  # noqa: SLF001
+    values = []
+    for loc in located:
+        ends = memoryview(loc.text_ends).cast("q")
+        values += [loc.text[ends[i - 1] if i else 0:ends[i] - 1]
+                   for i in wire_redaction._candidates(engines[1], loc.text, ends)]  # noqa: SLF001
+    parsed = [(signal, TYPES[signal][0].FromString(raw)) for signal, raw in reqs]
+
+    def object_path(redactor: OtlpRedactor) -> None:
+        for signal, msg in parsed:
+            copy = type(msg)()
+            copy.CopyFrom(msg)
+            redactor.redact(signal, copy)
+            copy.SerializeToString()
+
+    jobs = {
+        "scan (value rules on candidates)": [lambda e=e: [e.scan(v, {}) for v in values] for e in engines],
+        "object path (walk + serialize + copy)": [lambda r=OtlpRedactor(e): object_path(r) for e in engines],
+        "wire path": [lambda e=e: [wire_redaction.redact(e, s, raw) for s, raw in reqs] for e in engines],
+    }
+    out = {}
+    for name, fns in jobs.items():
+        times = [[], []]
+        for _ in range(passes):
+            for k, fn in enumerate(fns):
+                t0 = time.process_time()
+                fn()
+                times[k].append(time.process_time() - t0)
+        out[name] = (min(times[0]) / items * 1e6, min(times[1]) / items * 1e6)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=10, help="trace+log request pairs per pass")
     p.add_argument("--passes", type=int, default=7)
+    p.add_argument("--baseline", metavar="REV", help="also time the engine of this git revision, interleaved")
     args = p.parse_args()
+    if args.baseline:
+        print(f"| {'CPU µs/item, ' + args.baseline + ' -> now':40} | light PII (5%) | dense PII (100%) |")
+        print(f"|{'-' * 42}|---------------:|-----------------:|")
+        light, dense = (compare(args.baseline, pii, args.pairs, args.passes) for pii in (0.05, 1.0))
+        for name in light:
+            cells = [f"{a:.2f} -> {b:.2f}" for a, b in (light[name], dense[name])]
+            print(f"| {name:40} | {cells[0]:>14} | {cells[1]:>16} |")
+        return
     light = measure(0.05, args.pairs, args.passes)
     dense = measure(1.0, args.pairs, args.passes)
     print(f"wire half: {wire_redaction.IMPLEMENTATION}\n")

@@ -20,6 +20,7 @@ from tests.redaction.corpus import LOOKALIKES, PII, sentence
 from tests.redaction.test_prefilter import SEED, _texts
 
 KEY = {"REDACTION_HMAC_KEY": "k1-test-key"}
+UNANCHORED, BOTH = re2._Anchor.UNANCHORED, re2._Anchor.ANCHOR_BOTH  # noqa: SLF001 - the raw API the engine uses
 
 #: User rules that overlap the detectors (digits, ``@``), carry their own groups, anchors and flags.
 USER_RULES = [
@@ -61,7 +62,7 @@ def _reference(engine: RedactionEngine, b: bytes, tally: dict, name: bool):
     pos = last = 0
     pieces = None
     while pos < n:
-        spans = full.Match(re2._Anchor.UNANCHORED, b, pos, n)  # noqa: SLF001
+        spans = full.Match(UNANCHORED, b, pos, n)
         if spans[0][0] < 0:
             break
         rule, _, core = next(e for e in groups if spans[e[1]][0] >= 0)
@@ -73,7 +74,7 @@ def _reference(engine: RedactionEngine, b: bytes, tally: dict, name: bool):
         if rule.validator is not None and not rule.validator(text):
             pos = cs + 1
             continue
-        if allowed is not None and allowed.Match(re2._Anchor.ANCHOR_BOTH, text, 0, len(text))[0][0] >= 0:  # noqa: SLF001
+        if allowed is not None and allowed.Match(BOTH, text, 0, len(text))[0][0] >= 0:
             pos = ce
             continue
         tally[rule.stat] = tally.get(rule.stat, 0) + 1
