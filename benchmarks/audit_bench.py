@@ -1,6 +1,7 @@
 """The audit branch's cost per request: the same sidecar pipeline with and without it, one run.
 
     .venv/bin/python benchmarks/audit_bench.py [--requests-per-export 64] [--exports 150] [--store sqlite|postgres]
+    .venv/bin/python benchmarks/audit_bench.py --default 100 [--pii 1.0]   # fsyncs / commits per request
 
 Two real ``python -m sidecar`` processes run one after the other, each fed the same
 pre-encoded OTLP exports (the workload of benchmarks/workload.py: server span + 3 model
@@ -11,8 +12,8 @@ spans per request) by 4 gRPC client threads, forwarding to a counting backend:
             pipeline memory_limiter/audit, redaction/audit -> audit (SQLite WAL, synchronous=FULL)
 
 Printed: wall time per request as the client sees it (export acknowledged), the sidecar's
-CPU time per request, and the ratios audit / baseline. Every audit write is one fsynced
-transaction per export, so the per-request cost shrinks as exports carry more requests.
+CPU time per request, and the ratios audit / baseline, then the CPU of each step of the branch in
+one process. Audit writes arriving together share one fsynced transaction (group commit).
 """
 
 from __future__ import annotations
@@ -142,12 +143,64 @@ service: {pipelines: {traces: {receivers: [otlp], processors: [redaction/audit],
         return out
 
     print("audit branch steps, CPU in one process:")
-    messages = cpu("parse the export", lambda: [ExportTraceServiceRequest.FromString(b) for b in bodies])
-    cpu("redaction/audit", lambda: [redaction.consume(Envelope(Signal.TRACES, m)) for m in messages])
-    extractions = cpu("extract records (sidecar.audit.records)", lambda: [extract(m) for m in messages])
+    envelopes = cpu("envelopes of the received bytes", lambda: [Envelope(Signal.TRACES, encoded=b, items=1)
+                                                                   for b in bodies])
+    cpu("redaction/audit (on the bytes)", lambda: [redaction.consume(e) for e in envelopes])
+    extractions = cpu("extract records (sidecar.audit.records)", lambda: [extract(e.encoded) for e in envelopes])
     s = open_store(store).open()
-    cpu("store write (one transaction per export)", lambda: [s.write(e) for e in extractions])
+    cpu("store write, 1 writer", lambda: [s.write(e) for e in extractions[:len(extractions) // 2]])
+    rest = extractions[len(extractions) // 2:]
+    commits = s.commits
+
+    def writers():
+        ts = [threading.Thread(target=lambda k=k: [s.write(e) for e in rest[k::CLIENTS]]) for k in range(CLIENTS)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+
+    t0 = time.process_time()
+    writers()
+    print(f"  {'store write, %d writers (group commit)' % CLIENTS:34s} "
+          f"{(time.process_time() - t0) / (len(rest) * per_export) * 1e6:7.1f} us/request, "
+          f"{len(rest) / max(1, s.commits - commits):.1f} writes per commit")
     s.close()
+
+
+def commits_in_default(n_requests: int, pii: float) -> None:
+    """The shipped default config on benchmarks/throughput.py's load: fsyncs of the tail-sampling log and
+    audit commits per request, from the sidecar's own counters (is group commit grouping there?)."""
+    import urllib.request
+
+    import throughput
+
+    bodies, _, _ = throughput.build_load(n_requests, pii=pii)
+    backend = CountingBackend(free_port())
+    port, metrics_port = free_port(), free_port()
+    cfg = (throughput.default_config("2s").replace("BACKEND_PORT", str(backend.port))
+           .replace("LISTEN_PORT", str(port)).replace("METRICS_PORT", str(metrics_port))
+           .replace("HEALTH_PORT", str(free_port())))
+
+    def counter(text: str, name: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp, SidecarProcess(cfg, workdir=tmp):
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            before = urllib.request.urlopen(url, timeout=10).read().decode()
+            throughput.send_all(port, bodies, threads=CLIENTS)
+            after = urllib.request.urlopen(url, timeout=10).read().decode()
+    finally:
+        backend.stop()
+    syncs = counter(after, "sidecar_tail_sampling_log_syncs_total") - \
+        counter(before, "sidecar_tail_sampling_log_syncs_total")
+    commits = counter(after, 'sidecar_audit_store_commits_total{component="audit"}') - \
+        counter(before, 'sidecar_audit_store_commits_total{component="audit"}')
+    traces = sum(1 for kind, _ in bodies if kind == "traces")
+    print(f"default config, pii {pii:g}: {len(bodies)} requests ({traces} traces, {len(bodies) - traces} logs), "
+          f"{CLIENTS} clients")
+    print(f"  tail-sampling log fsyncs {syncs:6.0f}  ({len(bodies) / max(syncs, 1):.2f} requests per fsync)")
+    print(f"  audit store commits      {commits:6.0f}  ({traces / max(commits, 1):.2f} trace requests per commit)")
 
 
 def main() -> int:
@@ -155,7 +208,13 @@ def main() -> int:
     ap.add_argument("--requests-per-export", type=int, default=64)
     ap.add_argument("--exports", type=int, default=150)
     ap.add_argument("--store", choices=("sqlite", "postgres"), default="sqlite")
+    ap.add_argument("--default", type=int, metavar="N", help="instead: the shipped default config on N requests of "
+                    "benchmarks/throughput.py's load, printing fsyncs and audit commits per request")
+    ap.add_argument("--pii", type=float, default=0.05, help="with --default: share of traces with PII")
     args = ap.parse_args()
+    if args.default:
+        commits_in_default(args.default, args.pii)
+        return 0
     rng = random.Random(10)
     bodies = [trace_request(rng, args.requests_per_export, pii=0.0)[0].SerializeToString()
               for _ in range(args.exports + 1)]

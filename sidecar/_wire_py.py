@@ -16,7 +16,8 @@ from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from sidecar._wire_types import AuditSpan, AuditSpans, KeyHits, LogRun, ResourceGroup, ScopeGroup, SpanMetricRow, SpanRun
+from sidecar._wire_types import (AuditSpan, AuditSpans, KeyHits, LogRun, ResourceGroup, ScopeGroup, SpanMetricRow,
+                                  SpanRun)
 
 #: Most attribute keys one call can look for (as in the C half).
 MAX_KEYS = 64

@@ -5,8 +5,9 @@ Every write is durable when :meth:`AuditStore.write` returns (SQLite: WAL with
 ``synchronous=FULL``; PostgreSQL: a committed transaction), so the exporter can acknowledge
 after it. Writes that arrive together share one transaction and one commit (group commit,
 as the persistent queue does): each in its own savepoint, so one failing write refuses only
-its own request, and every writer returns only after the shared commit. Records are keyed by (trace_id, span_id): writing the
-same record twice keeps the first, so a retried export never duplicates.
+its own request, and every writer returns only after the shared commit. Records are keyed
+by (trace_id, span_id): writing the same record twice keeps the first, so a retried export
+never duplicates.
 
 Schema changes are versioned migrations applied in order at open; a store written by a
 newer sidecar is refused rather than guessed at. Errors surface as :class:`StoreError`
@@ -119,6 +120,8 @@ class AuditStore(ABC):
         #: commits done and writes they carried (for tests and benchmarks: writes per commit)
         self.commits = 0
         self.committed = 0
+        #: called after each group's transaction committed (the exporter counts commits on /metrics)
+        self.on_commit: Callable[[], None] | None = None
 
     # --- dialect ---------------------------------------------------------------------------
 
@@ -276,6 +279,8 @@ class AuditStore(ABC):
                     self.commits += 1
                     self.committed += len(group.members)
                     self._commit.notify_all()
+            if group.committed and self.on_commit is not None:
+                self.on_commit()
         if member.error is not None:
             raise member.error
         return member.result
@@ -301,6 +306,7 @@ class AuditStore(ABC):
             for m in members:
                 m.error = e
         else:
+            group.committed = True
             for m in members:
                 if m.error is not None:
                     m.result = 0
@@ -441,11 +447,12 @@ class _Member:
 class _Group:
     """Writes committed together, and whether their commit is over."""
 
-    __slots__ = ("members", "done")
+    __slots__ = ("members", "done", "committed")
 
     def __init__(self) -> None:
         self.members: list[_Member] = []
         self.done = False
+        self.committed = False
 
 
 def _chunks(items: list[str], size: int = 400) -> Iterator[list[str]]:

@@ -109,7 +109,10 @@ class _Metrics:
                                 "Traces whose audit records were marked as kept by tail sampling.",
                                 ("component",)).labels(cid)
         self.latency = root.family(Histogram, "sidecar_audit_store_latency_seconds",
-                                   "Time of one store transaction (write or kept marks).", ("component",)).labels(cid)
+                                   "Time of one write or kept marks, until durable.", ("component",)).labels(cid)
+        self.commits = root.family(Counter, "sidecar_audit_store_commits",
+                                   "Store transactions committed; writes arriving together share one.",
+                                   ("component",)).labels(cid)
         self.lag = root.family(Gauge, "sidecar_audit_lag_seconds",
                                "Now minus the start time of the newest stored record.", ("component",)).labels(cid)
         self.queued = root.family(Gauge, "sidecar_audit_records_queued",
@@ -127,6 +130,7 @@ class AuditExporter(Component):
         self.store: AuditStore = open_store(cfg.store, timeout=cfg.timeout)
         self._salt = cfg.user_id_salt if cfg.hash_user_id else None
         self.metrics = _Metrics(settings)
+        self.store.on_commit = self.metrics.commits.inc
         self._newest = 0
         self._queued = 0
         self._state = threading.Lock()
@@ -223,6 +227,6 @@ FACTORY = Factory(type="audit", kind=Kind.EXPORTER, config_model=AuditExporterCo
                   create=lambda settings, cfg, _next: AuditExporter(settings, cfg),
                   signals=frozenset({Signal.TRACES}),
                   telemetry=frozenset({"sidecar_audit_lag_seconds", "sidecar_audit_records_deleted",
-                                       "sidecar_audit_records_duplicate", "sidecar_audit_records_failed",
+                                       "sidecar_audit_records_duplicate", "sidecar_audit_store_commits", "sidecar_audit_records_failed",
                                        "sidecar_audit_records_queued", "sidecar_audit_records_written",
                                        "sidecar_audit_store_latency_seconds", "sidecar_audit_traces_marked_kept"}))

@@ -23,7 +23,8 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
 from sidecar import _wire_py, wire
-from sidecar._wire_types import AuditSpan, AuditSpans, KeyHits, LogRun, ResourceGroup, ScopeGroup, SpanMetricRow, SpanRun
+from sidecar._wire_types import (AuditSpan, AuditSpans, KeyHits, LogRun, ResourceGroup, ScopeGroup, SpanMetricRow,
+                                  SpanRun)
 from tests.sidecar.wire_gen import Reencoder, rand_logs, rand_traces, tag, trace_pool, varint
 
 try:

@@ -63,10 +63,11 @@ def test_writes_arriving_together_share_one_commit_and_each_is_stored(store):
     for i in range(6):
         app.request(f"req-{i}")
         extractions.append(extract(app.take()))
-    before = store.commits
+    before, counted = store.commits, []
+    store.on_commit = lambda: counted.append(1)  # the exporter's sidecar_audit_store_commits_total
     results = _writes_while_a_commit_runs(store, extractions)
     assert results == [1] * 6
-    assert store.commits - before == 2  # the first alone, then the five that arrived while it committed
+    assert store.commits - before == 2 == len(counted)  # the first alone, then the five that arrived meanwhile
     assert sorted(r.request_id for r in store.query(Query())) == [f"req-{i}" for i in range(6)]
     # idempotent across groups too: the same records again store nothing new
     assert _writes_while_a_commit_runs(store, extractions) == [0] * 6
