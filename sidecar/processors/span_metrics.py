@@ -412,7 +412,7 @@ class SpanMetricsProcessor(Component):
         with self._lock:
             for s in self._series.values():
                 if s[3] is not None:
-                    s[3] = (-1,) + s[3][1:]
+                    s[3] = (-1,) + s[3][1:4] + (_duration_ns(s[3]),)  # any slow span beats it; shown as it was
 
     # --- reading ----------------------------------------------------------------------------------
 
@@ -449,9 +449,10 @@ class SpanMetricsProcessor(Component):
             ex_by_bucket: dict[int, Exemplar] = {}
             for ex in (slow, err):  # the error exemplar wins a shared bucket
                 if ex is not None and ex[1]:
-                    i = bisect_left(self._bounds_ns, max(ex[0], 0))
+                    d = _duration_ns(ex)
+                    i = bisect_left(self._bounds_ns, d)
                     ex_by_bucket[i] = Exemplar({"trace_id": ex[1].hex(), "span_id": ex[2].hex()},
-                                               max(ex[0], 0) / 1e9, ex[3] / 1e9 if ex[3] else None)
+                                               d / 1e9, ex[3] / 1e9 if ex[3] else None)
             cumulative = 0
             for i, (le, c) in enumerate(zip(les, buckets)):
                 cumulative += c
@@ -501,7 +502,7 @@ class SpanMetricsProcessor(Component):
             for ex in (slow, err):
                 if ex is not None and ex[1]:
                     e = hp.exemplars.add()
-                    e.trace_id, e.span_id, e.as_double = ex[1], ex[2], max(ex[0], 0) / 1e9
+                    e.trace_id, e.span_id, e.as_double = ex[1], ex[2], _duration_ns(ex) / 1e9
                     e.time_unix_nano = ex[3]
         return req
 
@@ -530,6 +531,11 @@ class SpanMetricsProcessor(Component):
             self._next.consume(env)
         except Refused as e:
             log.debug("span_metrics flush refused (%s); the next flush carries the same totals", e.reason)
+
+
+def _duration_ns(ex: tuple) -> int:
+    """An exemplar's span duration: (ns, trace, span, end), or once aged (-1, trace, span, end, ns)."""
+    return ex[4] if len(ex) > 4 else max(ex[0], 0)
 
 
 def _le(bound_s: float) -> str:

@@ -228,3 +228,22 @@ service:
             assert (service.graph.processors["span_metrics"]._pending is not None) is gated
         finally:
             service.shutdown(5)
+
+
+def test_an_aged_slowest_exemplar_keeps_its_value_until_a_kept_span_replaces_it():
+    """Each flush interval the slowest is reset so newer spans can take the slot; until one of a kept trace
+    does, the old exemplar is shown with its own duration (it used to drop to 0 s in the first bucket)."""
+    c = Chain()
+    first, second = tid(), tid()
+    c.send(span(first, root=True, duration_ms=500, attrs={"keep": True}))
+    c.decide()
+    c.sm._age_slowest()  # what the flush ticker does every metrics_flush_interval
+    text = generate_openmetrics(c.tel.root.registry).decode()
+    assert re.search(r'le="1\.0",[^}]*\} 1\.0 # \{span_id="[0-9a-f]+",trace_id="%s"\} 0\.5 ' % first.hex(), text), text
+    assert [e.as_double for e in c.sm.build_metrics_request().resource_metrics[0].scope_metrics[0].metrics[1]
+            .histogram.data_points[0].exemplars] == [0.5]
+    c.send(span(second, root=True, duration_ms=20, attrs={"keep": True}))
+    assert c.exemplar_ids() == {first.hex()}  # not decided yet
+    c.decide()
+    assert c.exemplar_ids() == {second.hex()}  # faster, but the newest kept after the reset
+    c.stop()
