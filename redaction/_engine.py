@@ -2,7 +2,12 @@
 
 Everything is decided at construction: every regex is compiled once with RE2 (linear
 time, so no rule and no input can stall the pipeline), all value rules are combined
-into one alternation so a string costs one scan, and key decisions are cached per key.
+into one alternation for the batch prefilter, and key decisions are cached per key. A
+string the prefilter flags is scanned by the rules that match in it only: an RE2 set
+names them in one pass, and a regex of those rules alone (capture groups only where a
+rule marks its secret; compiled on first use per set of rules, then cached) finds the
+matches.
+
 Adapters (``redaction.otlp`` for protobuf, ``redaction.values`` for SDK objects) walk
 their data and call :meth:`RedactionEngine.candidates` once per batch of strings; the
 protobuf adapter first asks :meth:`RedactionEngine.wire_candidates` which messages can
@@ -494,7 +499,7 @@ def _rule_set(rules: Sequence[_ValueRule]):
     """
     opts = re2.Options()
     opts.log_errors = False
-    opts.max_mem = 32 << 20  # a bigger DFA cache: an exhausted one makes the set answer "none" (then every rule runs)
+    # RE2's default DFA budget: should a long string exhaust it, the set answers "none" and every rule runs
     which = re2.Set.SearchSet(opts)
     try:
         for rule in rules:
