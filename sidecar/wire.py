@@ -29,7 +29,8 @@ from types import ModuleType
 
 from sidecar import _wire_py
 from sidecar._wire_py import any_label
-from sidecar._wire_types import AuditSpan, AuditSpans, KeyHits, LogRun, ResourceGroup, ScopeGroup, SpanMetricRow, SpanRun
+from sidecar._wire_types import (AuditSpan, AuditSpans, KeyHits, LogRun, ResourceGroup, ScopeGroup, SpanMetricRow,
+                                  SpanRun)
 
 
 def pure_python_requested() -> bool:
@@ -60,6 +61,7 @@ span_runs = implementation.span_runs
 log_runs = implementation.log_runs
 audit_spans = implementation.audit_spans
 
-__all__ = ["IMPLEMENTATION", "MAX_KEYS", "AuditSpan", "AuditSpans", "KeyHits", "LogRun", "ResourceGroup", "ScopeGroup", "SpanMetricRow", "SpanRun",
+__all__ = ["IMPLEMENTATION", "MAX_KEYS", "AuditSpan", "AuditSpans", "KeyHits", "LogRun", "ResourceGroup", "ScopeGroup",
+           "SpanMetricRow", "SpanRun",
            "any_label", "audit_spans", "check_ids", "choose", "implementation", "log_runs", "pure_python_requested",
            "span_metric_rows", "span_runs"]

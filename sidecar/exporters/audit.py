@@ -227,6 +227,7 @@ FACTORY = Factory(type="audit", kind=Kind.EXPORTER, config_model=AuditExporterCo
                   create=lambda settings, cfg, _next: AuditExporter(settings, cfg),
                   signals=frozenset({Signal.TRACES}),
                   telemetry=frozenset({"sidecar_audit_lag_seconds", "sidecar_audit_records_deleted",
-                                       "sidecar_audit_records_duplicate", "sidecar_audit_store_commits", "sidecar_audit_records_failed",
+                                       "sidecar_audit_records_duplicate", "sidecar_audit_records_failed",
                                        "sidecar_audit_records_queued", "sidecar_audit_records_written",
-                                       "sidecar_audit_store_latency_seconds", "sidecar_audit_traces_marked_kept"}))
+                                       "sidecar_audit_store_commits", "sidecar_audit_store_latency_seconds",
+                                       "sidecar_audit_traces_marked_kept"}))
