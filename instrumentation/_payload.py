@@ -28,6 +28,7 @@ as ``{"unsupported": type name}``), and any payload over the size limit.
 from __future__ import annotations
 
 import base64
+import ctypes
 import json
 import math
 import sys
@@ -93,7 +94,8 @@ def _encode_value(v: Any) -> Any:
         if v.is_complex() or v.is_quantized or v.layout != torch.strided:
             return {"unsupported": f"tensor {v.dtype} {v.layout}"}
         t = v.detach().cpu().contiguous().reshape(-1)
-        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        # the tensor's bytes without numpy (torch does not need it; tensor.numpy() fails without it)
+        raw = ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()) if t.numel() else b""
         return {"tensor": {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape),
                            "b64": base64.b64encode(raw).decode("ascii")}}
     if v is None or isinstance(v, (bool, int, float, str)):
