@@ -9,6 +9,12 @@ that gets every fourth request (or the version named in ``X-Model-Version``). Th
 is slower (about 25 ms more per forward) and fails one forward in twelve, so the per-version
 span metrics have something to tell. ``GET /debug/redactions`` answers the in-process
 redaction counts per detector, for the demo's report.
+
+Drift summaries are on (``enable_drift``: every forward, each of the 64 input columns its own
+feature). Each version draws its inputs from its own seeded generator, so a run is repeatable.
+``POST /debug/flush`` exports the app's metrics now (the demo calls it at its phase boundaries);
+``POST /debug/shift-canary`` shifts column 7 of the canary's inputs by +1.0 (one standard
+deviation) from then on: the drift the demo's report finds. v1's inputs never change.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from fastapi import FastAPI, Header, HTTPException
 from pydantic import BaseModel
 
 import instrumentation as otel
+from instrumentation.drift import enable_drift
 
 PORT = int(sys.argv[1])
 log = logging.getLogger("demo.inference")
@@ -34,6 +41,9 @@ stdout.setFormatter(otel.JSONFormatter())  # the structured JSON lines `kubectl 
 logging.basicConfig(level=logging.INFO, handlers=[stdout])
 
 telemetry = otel.configure(service_name="resnet-demo", resource_attributes={"service.version": "1.4.2"})
+# every forward summarized (the demo's traffic is small), every one of the 64 input columns a feature
+drift = enable_drift(max_columns=64, budget=None, sample_every=1)
+SHIFT_COLUMN, SHIFT_BY = 7, 1.0
 
 
 class Canary(torch.nn.Module):
@@ -62,6 +72,8 @@ classifiers = {
     "v2": otel.instrument_model(Canary(_net()).eval(), model_id="resnet-demo", model_version="v2"),
 }
 _route = itertools.count()
+_inputs = {v: torch.Generator().manual_seed(seed) for seed, v in enumerate(classifiers, 1)}
+shifted: set[str] = set()  # versions whose inputs have column SHIFT_COLUMN shifted
 lm_head = torch.nn.Linear(32, 100).eval()
 
 
@@ -91,7 +103,9 @@ def classify(body: Classify, x_model_version: str | None = Header(None)) -> dict
     if body.slow:
         time.sleep(1.2)  # a slow request: the sidecar keeps every one
     # a bad request sends features of the wrong width: the model's forward raises (a 500 with its stack)
-    features = torch.randn(body.batch, 63 if body.fail else 64)
+    features = torch.randn(body.batch, 63 if body.fail else 64, generator=_inputs[version])
+    if version in shifted:
+        features[:, SHIFT_COLUMN] += SHIFT_BY
     t0 = time.perf_counter()
     with torch.inference_mode():
         labels = classifiers[version](features).argmax(dim=1).tolist()
@@ -115,6 +129,19 @@ def generate(body: Generate) -> dict:
         gen.finish("length")
     log.info("generated %d tokens", len(tokens))
     return {"tokens": tokens}
+
+
+@app.post("/debug/flush")
+def flush() -> dict:
+    """Export the app's metrics (with the drift summaries) now; answers once the sidecar has them."""
+    return {"flushed": telemetry.meter_provider.force_flush(30_000)}
+
+
+@app.post("/debug/shift-canary")
+def shift_canary() -> dict:
+    """From now on the canary's inputs have column SHIFT_COLUMN shifted by SHIFT_BY (v1's never change)."""
+    shifted.add("v2")
+    return {"version": "v2", "column": SHIFT_COLUMN, "by": SHIFT_BY}
 
 
 @app.get("/debug/redactions")

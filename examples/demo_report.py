@@ -3,7 +3,8 @@
 Per-version latency and error rate come from the sidecar's span metrics (Prometheus
 ``/metrics``), quantiles interpolated in the histogram buckets the way PromQL's
 ``histogram_quantile`` does; what was kept comes from the file exporter's lines; what was
-dropped from the tail sampler's counters. No rich here: run_demo.py draws the tables.
+dropped from the tail sampler's counters; drift per version and feature from the sidecar's
+``sidecar_drift_*`` gauges, against the thresholds of the shipped alerts. No rich here: run_demo.py draws the tables.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 ERROR_RATE_ALERT = 0.02  # deploy/prometheus/alerts.yaml: ModelVersionErrorRateHigh
 MIN_RATE_ALERT = 1.0  # ... and its minimum-traffic guard, requests per second
+PSI_ALERT = 0.25  # ModelVersionInputDrift: sidecar_drift_psi > 0.25 (numeric features)
+JS_ALERT = 0.1  # ModelVersionCategoryDrift: sidecar_drift_js > 0.1 (categorical features, those without a PSI)
 
 Samples = dict[tuple[str, tuple], float]
 
@@ -142,3 +145,72 @@ def redactions(app: dict[str, int], m: Samples) -> list[tuple[str, int, int]]:
             sidecar[f"{d.get('rule')}:{d.get('action')}"] += int(v)
     keys = sorted(set(app) | set(sidecar))
     return [(k, int(app.get(k, 0)), sidecar.get(k, 0)) for k in keys]
+
+
+@dataclass
+class DriftFeature:
+    feature: str
+    psi: float | None  # numeric features
+    js: float
+    samples_reference: int
+    samples_current: int
+
+    @property
+    def drifted(self) -> bool:
+        return self.psi > PSI_ALERT if self.psi is not None else self.js > JS_ALERT
+
+
+@dataclass
+class DriftVersion:
+    version: str
+    numeric: list[DriftFeature]  # highest PSI first
+    categorical: list[DriftFeature]  # highest JS first
+
+    @property
+    def drifted(self) -> list[DriftFeature]:
+        return [f for f in self.numeric + self.categorical if f.drifted]
+
+    def verdict(self, model_id: str) -> str:
+        """One line: which features passed the alerts' thresholds, and how high the others went."""
+        drifted = self.drifted
+        calm = [f for f in self.numeric if not f.drifted]
+        calm_cat = [f for f in self.categorical if not f.drifted]
+        head = f"{model_id} {self.version}: "
+        if drifted:
+            head += "DRIFTED " + ", ".join(
+                f"{f.feature} (PSI {f.psi:.2f} > {PSI_ALERT})" if f.psi is not None else
+                f"{f.feature} (JS {f.js:.2f} > {JS_ALERT})" for f in drifted) + "; its other"
+        else:
+            head += "no drift: all"
+        out = f"{head} {len(calm)} numeric features stayed under PSI {PSI_ALERT}"
+        if calm:
+            out += f" (highest {calm[0].feature} {calm[0].psi:.2f})"
+        out += f" and {len(calm_cat)} categorical under JS {JS_ALERT}"
+        if calm_cat:
+            out += f" (highest {calm_cat[0].feature} {calm_cat[0].js:.2f})"
+        return out
+
+
+def drift(m: Samples, model_id: str) -> list[DriftVersion]:
+    """Per version of ``model_id``, every feature the sidecar scored (both windows full enough)."""
+    rows: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    for (name, ls), v in m.items():
+        d = dict(ls)
+        if d.get("model_id") != model_id or not name.startswith("sidecar_drift_"):
+            continue
+        stat = name.removeprefix("sidecar_drift_")
+        if stat == "samples":
+            stat += "_" + d.get("window", "")
+        rows[(d.get("model_version", ""), d.get("feature", ""))][stat] = v
+    out: dict[str, DriftVersion] = {}
+    for (ver, feature), r in sorted(rows.items()):
+        if "js" not in r:  # not scored: a window holds fewer than min_samples values
+            continue
+        f = DriftFeature(feature, r.get("psi"), r["js"], int(r.get("samples_reference", 0)),
+                         int(r.get("samples_current", 0)))
+        dv = out.setdefault(ver, DriftVersion(ver, [], []))
+        (dv.numeric if f.psi is not None else dv.categorical).append(f)
+    for dv in out.values():
+        dv.numeric.sort(key=lambda f: -f.psi)
+        dv.categorical.sort(key=lambda f: -f.js)
+    return [out[v] for v in sorted(out)]

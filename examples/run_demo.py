@@ -6,6 +6,13 @@ instrumented; a stable v1 and a canary v2 of the classifier), sends a mix of pla
 failing, slow, debug-forced and generation requests — some with PII — and reports what
 the sidecar measured, kept, dropped and redacted, and where to look at it.
 
+The traffic comes in two phases. After the first, the app exports its drift summaries
+(``POST /debug/flush``) and the sidecar pins them as each version's reference (its
+``reference.window`` is 2 s here, SIDECAR_DRIFT_REFERENCE_WINDOW); then the canary's inputs get
+column 7 shifted (``POST /debug/shift-canary``) and the second phase is its current window. The
+app exports metrics only at these flushes (OTEL_METRIC_EXPORT_INTERVAL is 10 min), so what is
+reference and what is current never depends on timing.
+
     python examples/run_demo.py [--work-dir var/demo] [--otlp-grpc-port N] [--otlp-http-port N]
 """
 
@@ -41,6 +48,8 @@ from sidecar.testing import free_port  # noqa: E402
 EMAIL, CARD = "alice@example.com", "4111 1111 1111 1111"
 PII = (EMAIL, CARD, "4111111111111111")
 MODEL = "resnet-demo"
+PLAIN_PER_PHASE = 1200  # the canary gets every fourth: 300 of its forwards before the shift, 300 after
+REFERENCE_WINDOW = "2s"  # the sidecar's drift reference: a version's first 2s of summaries (one flush)
 
 
 class DemoError(Exception):
@@ -95,39 +104,77 @@ def settled(m: rep.Samples) -> bool:
     return buffered == 0 and queued == 0 and exported >= at_exporter > 0
 
 
-def send_traffic(console: Console, port: int) -> tuple[Counter, Counter, float]:
+def send_traffic(console: Console, port: int, metrics_url: str) -> tuple[Counter, Counter, float, dict]:
+    """Both phases: unshifted traffic, the flush that becomes each version's drift reference, the canary's shift,
+    traffic again, the flush that becomes the current window."""
     pii_prompt = f"classify the photo sent by {EMAIL}, card {CARD}, please"
-    plan = ([("plain", i) for i in range(240)] + [("error", i) for i in range(2)] + [("forced", i) for i in range(5)]
-            + [("generate", i) for i in range(20)])
+    before = ([("plain", i) for i in range(PLAIN_PER_PHASE)] + [("error", i) for i in range(2)]
+              + [("forced", i) for i in range(5)] + [("generate", i) for i in range(10)])
+    after = ([("plain", i) for i in range(PLAIN_PER_PHASE, 2 * PLAIN_PER_PHASE)]
+             + [("generate", i) for i in range(10, 20)])
     sent, statuses = Counter(), Counter()
+    shift: dict = {}
     t0 = time.monotonic()
     with Progress(TextColumn("   traffic"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=not console.is_terminal) as progress:
-        task = progress.add_task("", total=len(plan) + 4)
+        task = progress.add_task("", total=len(before) + len(after) + 4)
         slow_codes: list[int] = []  # list.append is atomic; Counter += from two threads is not
         slow = [threading.Thread(target=lambda: slow_codes.append(
             post(port, "/classify", {"prompt": "big", "slow": True}, {"X-Model-Version": "v1"}))) for _ in range(4)]
         for t in slow:
             t.start()
-        for kind, i in plan:
-            if kind == "plain":
-                prompt = pii_prompt if i % 5 == 0 else f"classify image #{i}"
-                code = post(port, "/classify", {"prompt": prompt}, {"X-User-ID": EMAIL})
-            elif kind == "error":  # a malformed input on the stable version: its forward raises
-                code = post(port, "/classify", {"prompt": "boom", "fail": True}, {"X-Model-Version": "v1"})
-            elif kind == "forced":
-                code = post(port, "/classify", {"prompt": pii_prompt}, {"X-Debug-Trace": "1", "X-Model-Version": "v1"})
-            else:
-                code = post(port, "/generate", {"prompt": f"tell me a story {i}", "max_tokens": 12})
-            sent[kind] += 1
-            statuses[code] += 1
-            progress.advance(task)
-        for t in slow:
-            t.join()
-        statuses.update(slow_codes)
-        sent["slow"] += 4
-        progress.advance(task, 4)
-    return sent, statuses, time.monotonic() - t0
+        for phase, plan in enumerate((before, after)):
+            if phase:
+                flush_app(port)
+                wait_reference_pinned(metrics_url)
+                shift = json.loads(post_json(port, "/debug/shift-canary"))
+            for kind, i in plan:
+                if kind == "plain":
+                    prompt = pii_prompt if i % 5 == 0 else f"classify image #{i}"
+                    code = post(port, "/classify", {"prompt": prompt}, {"X-User-ID": EMAIL})
+                elif kind == "error":  # a malformed input on the stable version: its forward raises
+                    code = post(port, "/classify", {"prompt": "boom", "fail": True}, {"X-Model-Version": "v1"})
+                elif kind == "forced":
+                    code = post(port, "/classify", {"prompt": pii_prompt},
+                                {"X-Debug-Trace": "1", "X-Model-Version": "v1"})
+                else:
+                    code = post(port, "/generate", {"prompt": f"tell me a story {i}", "max_tokens": 12})
+                sent[kind] += 1
+                statuses[code] += 1
+                progress.advance(task)
+            if not phase:
+                for t in slow:  # before the reference is taken: every unshifted forward is in it
+                    t.join()
+                statuses.update(slow_codes)
+                sent["slow"] += 4
+                progress.advance(task, 4)
+        flush_app(port)
+    return sent, statuses, time.monotonic() - t0, shift
+
+
+def post_json(port: int, path: str) -> bytes:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b"", method="POST")
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return r.read()
+
+
+def flush_app(port: int) -> None:
+    """The app exports its metrics now; it answers once the sidecar has accepted them."""
+    if not json.loads(post_json(port, "/debug/flush")).get("flushed"):
+        raise DemoError("the app could not export its metrics to the sidecar -- see app.stderr.log and sidecar.log")
+
+
+def wait_reference_pinned(metrics_url: str, timeout: float = 60) -> None:
+    """Until the sidecar has pinned the drift reference of both versions (their reference window is over)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = rep.parse_metrics(get(metrics_url).decode())
+        if all(rep.total(m, "sidecar_drift_samples", model_id=MODEL, model_version=v, window="reference") > 0
+               for v in ("v1", "v2")):
+            return
+        time.sleep(0.2)
+    raise DemoError(f"the sidecar pinned no drift reference for {MODEL} v1 and v2 within {timeout:.0f}s "
+                    f"(see its sidecar.log)")
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
@@ -140,7 +187,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
            "SIDECAR_OTLP_GRPC_ENDPOINT": f"127.0.0.1:{grpc_port}", "SIDECAR_OTLP_HTTP_ENDPOINT": f"127.0.0.1:{http_port}",
            "SIDECAR_METRICS_ENDPOINT": f"127.0.0.1:{metrics_port}", "SIDECAR_HEALTH_ENDPOINT": f"127.0.0.1:{health_port}",
            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{grpc_port}", "PYTHONPATH": str(ROOT),
-           "PYTHONWARNINGS": "ignore"}
+           "PYTHONWARNINGS": "ignore", "SIDECAR_DRIFT_REFERENCE_WINDOW": REFERENCE_WINDOW}
     sidecar_log, app_log = work / "sidecar.log", work / "app.stderr.log"
     t_start = time.monotonic()
     console.print("[bold]== starting the sidecar[/]: python -m sidecar --config collector-config/sidecar.yaml")
@@ -152,19 +199,21 @@ def run(args: argparse.Namespace, console: Console) -> int:
             wait_ready(f"http://127.0.0.1:{health_port}/readyz", sidecar, "the sidecar", sidecar_log)
         console.print(f"   ready: OTLP gRPC :{grpc_port}, HTTP :{http_port}, metrics :{metrics_port}, health :{health_port}")
         console.print("[bold]== starting the instrumented torch service[/] (examples/demo_app.py: v1 stable, v2 canary)")
-        app = subprocess.Popen([sys.executable, str(ROOT / "examples" / "demo_app.py"), str(app_port)], env=env,
+        # metrics leave the app only when the demo flushes them (and at exit): see the module doc
+        app = subprocess.Popen([sys.executable, str(ROOT / "examples" / "demo_app.py"), str(app_port)],
+                               env={**env, "OTEL_METRIC_EXPORT_INTERVAL": "600000"},
                                stdout=open(work / "app.stdout.jsonl", "w"), stderr=open(app_log, "w"))
         with console.status("   loading torch and the models"):
             wait_ready(f"http://127.0.0.1:{app_port}/docs", app, "the demo app", app_log, timeout=120)
         console.print("[bold]== sending traffic[/]")
-        sent, statuses, traffic_s = send_traffic(console, app_port)
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        sent, statuses, traffic_s, shift = send_traffic(console, app_port, metrics_url)
         console.print(f"   {sum(sent.values())} requests in {traffic_s:.1f}s: {dict(sent)}; "
                       f"HTTP statuses {dict(statuses)}", soft_wrap=True)
         app_redactions = json.loads(get(f"http://127.0.0.1:{app_port}/debug/redactions"))
         app.terminate()  # flushes the app's telemetry
         app.wait(30)
         app = None
-        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         deadline = time.monotonic() + 60
         with console.status("   waiting for tail-sampling decisions and export"):
             while not settled(rep.parse_metrics(get(metrics_url).decode())):
@@ -181,13 +230,13 @@ def run(args: argparse.Namespace, console: Console) -> int:
             app.kill()
         sidecar.terminate()
         sidecar.wait(60)
-    report(console, work, m, sent, statuses, traffic_s, app_redactions)
+    report(console, work, m, sent, statuses, traffic_s, app_redactions, shift)
     console.print(f"\n(demo finished in {time.monotonic() - t_start:.1f}s)")
     return check(console, work, m, statuses)
 
 
 def report(console: Console, work: Path, m: rep.Samples, sent: Counter, statuses: Counter, traffic_s: float,
-           app_redactions: dict) -> None:
+           app_redactions: dict, shift: dict) -> None:
     tele = work / "telemetry"
     store = TraceStore(tele)
     store.refresh()
@@ -207,6 +256,29 @@ def report(console: Console, work: Path, m: rep.Samples, sent: Counter, statuses
         console.print(f"   {MODEL} {v.version}: error rate {v.error_rate:.1%} at {v.rate_per_s:.1f} req/s {verdict} "
                       f"ModelVersionErrorRateHigh (> 2% and > 1 req/s, for 5m)")
     console.print("   latency quantiles are interpolated in the histogram buckets, as histogram_quantile() does")
+
+    console.rule("drift per model version (sidecar_drift_*: the current window against the version's reference)")
+    console.print(f"   reference: each version's forwards of the first {PLAIN_PER_PHASE} plain requests, "
+                  "pinned by the sidecar; "
+                  f"current: the {PLAIN_PER_PHASE} after them, once {shift.get('version')}'s inputs had column "
+                  f"{shift.get('column')} shifted by {shift.get('by', 0):+} (v1's never changed)", soft_wrap=True)
+    t = Table(box=box.SIMPLE_HEAD)
+    for col in ("model", "version", "feature (top by score)", "PSI", "JS", "samples ref/cur", ""):
+        t.add_column(col, justify="right" if col in ("PSI", "JS", "samples ref/cur") else "left")
+    drift = rep.drift(m, MODEL)
+    for dv in drift:
+        for f in dv.numeric[:3] + dv.categorical[:1]:
+            t.add_row(MODEL, dv.version, f.feature, f"{f.psi:.3f}" if f.psi is not None else "-", f"{f.js:.3f}",
+                      f"{f.samples_reference}/{f.samples_current}", "DRIFTED" if f.drifted else "")
+    console.print(t)
+    console.print("   samples: one value per forward (numeric features), one count per row (categories)")
+    for dv in drift:
+        console.print(f"   {dv.verdict(MODEL)}", soft_wrap=True)
+    if not drift:
+        console.print("   no drift scores: a window held fewer than min_samples values (see the sidecar's /metrics)")
+    console.print(f"   thresholds: the alerts' (PSI > {rep.PSI_ALERT}: ModelVersionInputDrift; JS > {rep.JS_ALERT} for "
+                  "categories: ModelVersionCategoryDrift); every score: sidecar_drift_psi, _js, _wasserstein, _chi2",
+                  soft_wrap=True)
 
     console.rule("tail sampling, counted in traces (spans and log records that went with them)")
     kept_spans, kept_logs = Counter(), Counter()

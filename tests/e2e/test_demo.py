@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -84,6 +85,49 @@ def test_report_draws_a_kept_error_trace_with_its_logs_in_place(demo):
     assert re.search(r"≡ \+[\d.]+ms INFO classifying request", section)
     assert re.search(r"≡ \+[\d.]+ms ERROR ", section)
     assert "python -m sidecar traces show" in out
+
+
+PSI_ALERT, JS_ALERT = 0.25, 0.1  # deploy/prometheus/alerts.yaml: ModelVersionInputDrift, ModelVersionCategoryDrift
+SHIFTED = ("v2", "input.0[7].mean")  # examples/demo_app.py: the canary's column 7, shifted halfway through
+
+
+def _drift_scores(work):
+    """stat -> {(version, feature): value} of resnet-demo from the sidecar's /metrics at the end of the demo."""
+    out = {}
+    for family in text_string_to_metric_families((work / "sidecar-metrics.txt").read_text()):
+        if family.name.startswith("sidecar_drift_"):
+            for s in family.samples:
+                if s.labels.get("model_id") == "resnet-demo":
+                    stat = family.name.removeprefix("sidecar_drift_") + s.labels.get("window", "")
+                    out.setdefault(stat, {})[(s.labels["model_version"], s.labels["feature"])] = s.value
+    return out
+
+
+def test_drift_rises_for_the_canarys_shifted_feature_only(demo):
+    r, work = demo
+    scores = _drift_scores(work)
+    psi, js = scores["psi"], scores["js"]
+    # both windows hold hundreds of the canary's forwards: its reference (before the shift) and current (after)
+    assert scores["samplesreference"][SHIFTED] >= 250 and scores["samplescurrent"][SHIFTED] >= 250
+    assert psi[SHIFTED] > PSI_ALERT and js[SHIFTED] > JS_ALERT
+    others = {k: v for k, v in psi.items() if k != SHIFTED}
+    for version in ("v1", "v2"):  # every input column of both versions was scored (64 columns, mean and std)
+        assert sum(1 for (ver, f) in others if ver == version and f.startswith("input.0[")) >= 127, sorted(psi)
+    assert max(others.values()) < PSI_ALERT, sorted(others.items(), key=lambda kv: -kv[1])[:5]
+    categorical = {k: v for k, v in js.items() if k not in psi}
+    assert {("v1", "output.label"), ("v2", "output.label")} <= set(categorical)
+    assert max(categorical.values()) < JS_ALERT, categorical
+
+    section = r.stdout.split("drift per model version")[1].split("tail sampling")[0]
+    assert "had column 7 shifted by +1.0 (v1's never changed)" in section
+    drifted = re.findall(r"resnet-demo\s+(v\d)\s+(\S+)\s+([\d.]+)\s+([\d.]+)\s+\d+/\d+\s+DRIFTED", section)
+    assert [(v, f) for v, f, _, _ in drifted] == [SHIFTED], section
+    assert float(drifted[0][2]) == pytest.approx(psi[SHIFTED], abs=1e-3)
+    n_v1 = sum(1 for ver, _ in psi if ver == "v1")
+    n_v2 = sum(1 for ver, _ in psi if ver == "v2")
+    assert re.search(rf"resnet-demo v2: DRIFTED input\.0\[7\]\.mean \(PSI {psi[SHIFTED]:.2f} > 0\.25\); its other "
+                     rf"{n_v2 - 1} numeric features stayed under PSI 0\.25", section), section
+    assert f"resnet-demo v1: no drift: all {n_v1} numeric features stayed under PSI 0.25" in section, section
 
 
 def _kept(work):
