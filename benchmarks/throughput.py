@@ -71,17 +71,21 @@ SCENARIOS = {
     "redaction on 100% + queue batching": ["redaction", "queue_batch"],
     "recommended + redaction after sampling": ["span_metrics", "tail_sampling", "redaction", "queue_batch"],
     "default: collector-config/sidecar.yaml, persistent queue": ["default"],
+    "default without its audit branch (issue 13's pipeline)": ["default-no-audit"],
 }
 #: scenario names for the issue-13 table
 SPAN_METRICS_TAIL = "recommended: span_metrics+tail_sampling 10%+queue batching"
 _ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def default_config(decision_wait: str, workers: int = 8, path: Path | None = None) -> str:
+def default_config(decision_wait: str, workers: int = 8, path: Path | None = None, audit: bool = True) -> str:
     """The shipped default config, pointed at the counting backend; placeholders as :func:`sidecar_config`.
 
     Only the endpoints, the ``file`` exporter (-> otlp, same persistent ``sending_queue``) and
     ``decision_wait`` change; every processor, every other exporter and all storage stay as shipped.
+    ``audit=False`` also removes the audit trail (the ``audit`` exporters and the pipelines feeding them):
+    the pipeline issue 13 measured (memory_limiter, span_metrics, durable tail_sampling, redaction,
+    persistent queue).
     """
     text = (path or ROOT / "collector-config" / "sidecar.yaml").read_text()
     text = _ENV_REF.sub(lambda m: os.environ.get(m.group(1), m.group(2) or ""), text)
@@ -98,6 +102,17 @@ def default_config(decision_wait: str, workers: int = 8, path: Path | None = Non
     cfg["service"]["telemetry"]["metrics"]["address"] = "127.0.0.1:METRICS_PORT"
     for pipe in cfg["service"]["pipelines"].values():
         pipe["exporters"] = ["otlp" if e == name else e for e in pipe["exporters"]]
+    if not audit:
+        audits = {e for e, c in cfg["exporters"].items() if e.split("/")[0] == "audit"}
+        for e in audits:
+            del cfg["exporters"][e]
+        pipelines = cfg["service"]["pipelines"]
+        for pname in list(pipelines):
+            pipelines[pname]["exporters"] = [e for e in pipelines[pname]["exporters"] if e not in audits]
+            if not pipelines[pname]["exporters"]:
+                del pipelines[pname]
+        used = {p for pipe in pipelines.values() for p in pipe.get("processors", [])}
+        cfg["processors"] = {k: v for k, v in cfg["processors"].items() if k in used}
     return yaml.safe_dump(cfg, sort_keys=False)
 
 
@@ -265,28 +280,39 @@ def run_target(name: str, command_config: str | None, bodies, spans: int, logs: 
     return result
 
 
-def sustained(rate_spans: int, rate_logs: int, seconds: int) -> dict:
-    """Issue 3's memory target: recommended pipeline, 10 s decision wait, sustained load."""
+def sustained(rate_spans: int, rate_logs: int, seconds: int, pipeline: str = "recommended",
+              default_path: Path | None = None, pii: float = 0.05) -> dict:
+    """The memory targets under sustained load with a 10 s decision wait: issue 3's (``recommended``:
+    span_metrics + tail_sampling + queue batching, in memory) and issue 13's (``default``: the shipped
+    config with its write-ahead log, audit trail and persistent queue, as :func:`default_config`)."""
     n_requests = int(seconds * rate_spans / (TRACES_PER_REQUEST * SPANS_PER_TRACE))
-    bodies, spans, logs = build_load(n_requests, seed=7)
+    bodies, spans, logs = build_load(n_requests, seed=7, pii=pii)
     backend_port = free_port()
     backend = CountingBackend(backend_port)
     port, metrics_port = free_port(), free_port()
-    cfg = sidecar_config(port, backend_port, ["span_metrics", "tail_sampling", "queue_batch"], "10s", metrics_port)
-    sc = SidecarProcess(cfg).start()
+    if pipeline == "default":
+        cfg = (default_config("10s", path=default_path).replace("BACKEND_PORT", str(backend_port))
+               .replace("LISTEN_PORT", str(port)).replace("METRICS_PORT", str(metrics_port))
+               .replace("HEALTH_PORT", str(free_port())))
+    else:
+        cfg = sidecar_config(port, backend_port, ["span_metrics", "tail_sampling", "queue_batch"], "10s",
+                             metrics_port)
+    sc = SidecarProcess(cfg, workdir=Path(tempfile.mkdtemp(prefix="bench-sustain-")), env=SIDECAR_ENV).start()
     ps = psutil.Process(sc.pid)
     items_per_body = (spans + logs) / len(bodies)
     try:
         cpu0 = ps.cpu_times()
         t0 = time.monotonic()
-        refused = send_all(port, bodies, threads=4, rate_items=rate_spans + rate_logs, items_per_body=items_per_body)
+        # 8 senders: each waits for its acknowledgement, which the default pipeline gives after its syncs
+        refused = send_all(port, bodies, threads=8, rate_items=rate_spans + rate_logs, items_per_body=items_per_body)
         elapsed = time.monotonic() - t0
         cpu1 = ps.cpu_times()
         rss = peak_rss_mb(sc.pid)
     finally:
         sc.terminate(60)
         backend.stop()
-    return {"scenario": f"sustained {rate_spans} spans/s + {rate_logs} logs/s, decision_wait 10s",
+    return {"scenario": f"sustained {rate_spans} spans/s + {rate_logs} logs/s, {pipeline} pipeline, "
+                        f"pii {pii:g}, decision_wait 10s",
             "offered_items_per_s": (spans + logs) / elapsed, "target_items_per_s": rate_spans + rate_logs,
             "cpu_us_per_item": ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / (spans + logs) * 1e6,
             "peak_rss_mb": rss, "refusals": refused, "seconds": elapsed}
@@ -301,11 +327,11 @@ def run_density(args, pii: float, decision_wait_s: float) -> list[dict]:
     for name, procs in SCENARIOS.items():
         if args.only and not any(o in name for o in args.only):
             continue
-        if procs == ["default"]:
-            cfg = default_config(args.decision_wait, path=args.default_config)
+        if procs[0].startswith("default"):
+            cfg = default_config(args.decision_wait, path=args.default_config, audit=procs == ["default"])
         else:
             cfg = sidecar_config("LISTEN_PORT", "BACKEND_PORT", procs, args.decision_wait, "METRICS_PORT")
-        sampling = "tail_sampling" in procs or procs == ["default"]
+        sampling = "tail_sampling" in procs or procs[0].startswith("default")
         results.append(run_target(name, cfg, bodies, spans, logs, sampling=sampling, decision_wait_s=decision_wait_s))
         print(f"  {name}: {results[-1]['cpu_us_per_item']:.2f} µs/item", flush=True)
     floor = results[0]["cpu_us_per_item"]
@@ -348,6 +374,8 @@ def main() -> None:
     p.add_argument("--only", action="append", help="run only scenarios whose name contains this")
     p.add_argument("--decision-wait", default="2s", help="tail sampling decision_wait for the CPU runs")
     p.add_argument("--sustain", type=int, default=0, help="seconds of the sustained 20k spans/s + 10k logs/s run")
+    p.add_argument("--sustain-pipeline", choices=("recommended", "default"), default="recommended",
+                   help="the sustained run's pipeline: issue 3's recommended one, or the shipped default config")
     p.add_argument("--pii", action="append", type=float,
                    help="share of traces carrying PII; repeat for several loads (default 0.05)")
     p.add_argument("--default-config", type=Path, help="the default scenario's config (default: "
@@ -372,7 +400,8 @@ def main() -> None:
         results.extend(best_of(runs))
     print_table(results)
     if args.sustain:
-        s = sustained(20_000, 10_000, args.sustain)
+        s = sustained(20_000, 10_000, args.sustain, args.sustain_pipeline, args.default_config,
+                      (args.pii or [0.05])[-1])
         print(f"\n{s['scenario']}: offered {s['offered_items_per_s']:.0f}/s of {s['target_items_per_s']}/s, "
               f"peak RSS {s['peak_rss_mb']:.1f} MB, CPU {s['cpu_us_per_item']:.2f} µs/item, refusals {s['refusals']}")
         results.append(s)

@@ -140,6 +140,15 @@ _SCANNER_CACHE_MAX = 256  # sets of rules that matched together; few in practice
 _NEVER = _Sentinel("NEVER")  # no rule at all: every request is clean
 
 
+#: Held by a thread scanning a whole request (``with SCAN_LOCK:``), shared by every engine of the process.
+#: The RE2 binding releases the GIL around each match; with several threads scanning at once, every
+#: release hands the GIL to another thread and the match's end waits to get it back: two context switches
+#: per match. Four threads redacting PII-dense requests cost 2.5-3x the CPU per span of one thread, and
+#: finished later (benchmarks/redaction_threads.py). One scan at a time loses no parallelism the GIL
+#: allowed, except the matches themselves.
+SCAN_LOCK = threading.Lock()
+
+
 class RedactionEngine:
     """One compiled set of rules. Thread-safe; share one per process or per processor."""
 

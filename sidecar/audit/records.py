@@ -15,6 +15,7 @@ entry span arrives. Fields already on the entry span win over a fragment's.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field, fields
@@ -66,6 +67,8 @@ _OUTPUT_SOURCES = (OUTPUT_PAYLOAD, attr.GEN_AI_COMPLETION, "http.response.body")
 _MAX_UNIX_NANO = 2**63 - 1  # the largest time a signed 64-bit SQL integer column holds
 
 _HTTP_STATUS = ("http.response.status_code", "http.status_code")
+_PARAMETER_KEYS = frozenset(PARAMETERS)
+_PAYLOAD_KEYS = frozenset(_INPUT_SOURCES + _OUTPUT_SOURCES)
 _USED = frozenset({REQUEST_ID, USER_ID, MODEL_ID, MODEL_VERSION, GENAI_MODEL, REPLAY, "error.type", *PARAMETERS,
                    *_INPUT_SOURCES, *_OUTPUT_SOURCES, *_HTTP_STATUS})
 _STATUS = {Status.STATUS_CODE_UNSET: "UNSET", Status.STATUS_CODE_OK: "OK", Status.STATUS_CODE_ERROR: "ERROR"}
@@ -172,22 +175,25 @@ def _is_inference(attrs: dict[str, Any]) -> bool:
 def _span_facts(span: wire.AuditSpan, attrs: dict[str, Any]) -> dict[str, Any]:
     """The record fields one span provides (absent keys: the span says nothing about them)."""
     out: dict[str, Any] = {}
-    for key, v in span.events.items():  # generation spans carry prompt and completion as events
-        if key not in attrs:
-            attrs[key] = _value(AnyValue.FromString(v)) if type(v) is bytes else v
+    if span.events:
+        for key, v in span.events.items():  # generation spans carry prompt and completion as events
+            if key not in attrs:
+                attrs[key] = _value(AnyValue.FromString(v)) if type(v) is bytes else v
     model = attrs.get(MODEL_ID) or attrs.get(GENAI_MODEL)
     if model is not None:
         out["model_id"] = str(model)
     if MODEL_VERSION in attrs:
         out["model_version"] = str(attrs[MODEL_VERSION])
-    params = {PARAMETERS[key]: value for key, value in attrs.items() if key in PARAMETERS}
-    if params:
-        out["parameters"] = params
-    for key, sources in (("input_payload", _INPUT_SOURCES), ("output_payload", _OUTPUT_SOURCES)):
-        for src in sources:
-            if src in attrs and attrs[src] is not None:
-                out[key] = attrs[src] if isinstance(attrs[src], str) else json.dumps(attrs[src])
-                break
+    present = _PARAMETER_KEYS.intersection(attrs)
+    if present:
+        out["parameters"] = {PARAMETERS[key]: attrs[key] for key in present}
+    if not _PAYLOAD_KEYS.isdisjoint(attrs):
+        for key, sources in (("input_payload", _INPUT_SOURCES), ("output_payload", _OUTPUT_SOURCES)):
+            for src in sources:
+                value = attrs.get(src)
+                if value is not None:
+                    out[key] = value if isinstance(value, str) else json.dumps(value)
+                    break
     return out
 
 
@@ -227,6 +233,7 @@ def _error_code(span: wire.AuditSpan, attrs: dict[str, Any]) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=256)  # a pod's requests carry one resource, or a few: parse each once
 def _service(resource: bytes) -> str:
     service = ""
     for kv in Resource.FromString(resource).attributes:

@@ -31,6 +31,7 @@ from typing import Iterator
 from prometheus_client.core import CounterMetricFamily
 
 from redaction import RedactionConfig, RedactionConfigError, RedactionEngine, RedactionStats
+from redaction._engine import SCAN_LOCK
 from redaction.otlp import OtlpRedactor
 from sidecar import wire_redaction
 from sidecar.component import Component, Consumer, Kind, Refused
@@ -64,10 +65,11 @@ class RedactionProcessor(Component):
     def consume(self, envelope: Envelope) -> None:
         signal = envelope.signal
         try:
-            if WIRE:
-                self._redact_wire(envelope)
-            else:
-                self.redactor.redact(signal.value, envelope.mutable())
+            with SCAN_LOCK:  # one request scanned at a time: see redaction._engine.SCAN_LOCK
+                if WIRE:
+                    self._redact_wire(envelope)
+                else:
+                    self.redactor.redact(signal.value, envelope.mutable())
         except Exception as e:  # fail closed: never forward what could not be redacted
             log.exception("redaction failed; refusing the request")
             raise Refused("redaction_error", retryable=False, message=f"redaction failed: {e}") from e

@@ -155,6 +155,48 @@ def test_lookalikes_pass_through_untouched():
     assert nxt.of(Signal.TRACES)[0].SerializeToString() == before
 
 
+def test_concurrent_requests_through_chained_redaction_processors_are_redacted_as_one_by_one():
+    """Requests are scanned one at a time (redaction._engine.SCAN_LOCK) but never while the next stage
+    runs: four threads meet inside the last stage at once (a barrier, which a held lock would break by
+    timing out), through two redaction processors in a row (which a held lock would deadlock)."""
+    import threading
+
+    first, _, _ = make({})
+    second, nxt, _ = make({"blocked_values": ["patient-[0-9]{6}"]})
+    first._next = second
+    barrier = threading.Barrier(4, timeout=60)
+    inner = nxt.consume
+
+    def meet_then_collect(envelope):
+        barrier.wait()
+        inner(envelope)
+
+    nxt.consume = meet_then_collect
+    bodies = [f"user{i}@example.com paid with 4111 1111 1111 1111, record patient-00012{i}" for i in range(4)]
+    errors = []
+
+    def send(body):
+        try:
+            first.consume(Envelope(Signal.TRACES, traces(body)))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=send, args=(b,), daemon=True) for b in bodies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert not errors and all(not t.is_alive() for t in threads)
+    out = sorted(str(m) for m in nxt.of(Signal.TRACES))
+    alone, alone_next, _ = make({})
+    alone_second, alone_nxt, _ = make({"blocked_values": ["patient-[0-9]{6}"]})
+    alone._next = alone_second
+    for b in bodies:
+        alone.consume(Envelope(Signal.TRACES, traces(b)))
+    assert out == sorted(str(m) for m in alone_nxt.of(Signal.TRACES))
+    assert len(out) == 4 and not any("@example.com" in m or "patient-0" in m or "4111" in m for m in out)
+
+
 def test_refusal_from_next_stage_is_propagated_and_counted_once_where_it_happened():
     proc, nxt, tel = make({})
     nxt.refuse = Refused("queue_full")
