@@ -201,19 +201,6 @@ class _Collector:
 _MASK_CACHE_SIZE = 20_000
 
 
-def _label_masker() -> Callable[[str], str]:
-    """``redact_name`` of one engine with the default detectors, shared by every span_metrics instance."""
-    global _MASKER
-    if _MASKER is None:
-        from redaction import RedactionEngine
-
-        _MASKER = RedactionEngine().redact_name
-    return _MASKER
-
-
-_MASKER: Optional[Callable[[str], str]] = None
-
-
 class SpanMetricsProcessor(Component):
     """Counts every span into per-series calls and duration histograms; forwards the spans untouched."""
 
@@ -235,7 +222,12 @@ class SpanMetricsProcessor(Component):
         self._dim_attrs = [d.name for d in cfg.dimensions]
         #: span attribute keys in slot order (slot 1 on; service.name comes from the resource only)
         self._span_keys = tuple(k.encode() for k in keys[1:])
-        self._mask = _label_masker() if cfg.redact_labels else None
+        #: the default detectors, masking in place (``redact_name``); this instance's own engine and counts
+        self._mask: Optional[Callable[[str], str]] = None
+        if cfg.redact_labels:
+            from redaction import RedactionEngine
+
+            self._mask = RedactionEngine().redact_name
         #: series key as read -> as labelled (masked); bounded, so per distinct key per request one lookup
         self._masked_keys: dict[tuple, tuple] = {}
         prefix = label_name(cfg.namespace)
@@ -257,6 +249,10 @@ class SpanMetricsProcessor(Component):
                             "Exemplar candidates by outcome: kept (its trace was kept: publishable), not_sampled, "
                             "expired (no decision in time), overflow (max_pending reached).", ("component", "outcome"))
         self._candidates = {o: candidates.labels(self._id, o) for o in ("kept", "not_sampled", "expired", "overflow")}
+        self._labels_masked = family(
+            Counter, "sidecar_span_metrics_labels_masked",
+            "Label values (span name, model id or version, dimension) in which PII was masked, counted when a "
+            "series key is first labelled (redact_labels).", ("component",)).labels(self._id)
         self._ticker = Ticker(self._periodic, cfg.metrics_flush_interval, name=f"span_metrics[{self._id}]")
 
     # --- pipeline ---------------------------------------------------------------------------------
@@ -345,6 +341,9 @@ class SpanMetricsProcessor(Component):
                 self._masked_keys.clear()
             mask = self._mask
             masked = self._masked_keys[key] = tuple(mask(v) if v and type(v) is str else v for v in key)
+            changed = sum(a != b for a, b in zip(key, masked))
+            if changed:
+                self._labels_masked.inc(changed)
         return masked
 
     def _tail(self, vals: list[str]) -> tuple:
@@ -549,5 +548,6 @@ FACTORY = Factory(
     create=lambda settings, cfg, next_consumer: SpanMetricsProcessor(settings, cfg, next_consumer),
     signals=frozenset({Signal.TRACES, Signal.METRICS}),
     telemetry=frozenset({"sidecar_span_metrics_overflow_spans", "sidecar_span_metrics_exemplar_candidates",
+                         "sidecar_span_metrics_labels_masked",
                          "traces_span_metrics_calls", "traces_span_metrics_duration_seconds"}),
 )

@@ -35,6 +35,21 @@ def test_span_names_and_model_ids_are_masked_in_place_on_metrics_and_in_the_otlp
     assert sorted(line.rsplit(" ", 1)[1] for line in calls) == ["1.0", "3.0"]
     # the spans themselves pass through untouched: the redaction processor downstream decides for them
     assert sink.of(Signal.TRACES)[0].resource_spans[0].scope_spans[0].spans[0].name == PII_NAME
+    # counted, per component: two series keys, the first with three masked values, the second with one
+    assert 'sidecar_span_metrics_labels_masked_total{component="span_metrics"} 4.0' in text
+
+
+def test_masked_label_counts_belong_to_their_own_processor():
+    first, _, first_tel = make()
+    second, _, second_tel = make()
+    req, ss = request("svc")
+    add_span(ss, name=PII_NAME)
+    first.consume(Envelope(Signal.TRACES, req))
+    assert 'sidecar_span_metrics_labels_masked_total{component="span_metrics"} 1.0' in \
+        generate_latest(first_tel.registry).decode()
+    assert 'sidecar_span_metrics_labels_masked_total{component="span_metrics"} 0.0' in \
+        generate_latest(second_tel.registry).decode()
+    assert second._mask.__self__ is not first._mask.__self__  # one engine (and its stats) per processor
 
 
 def test_clean_labels_are_unchanged_and_masking_can_be_turned_off():
