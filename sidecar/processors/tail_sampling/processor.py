@@ -321,7 +321,14 @@ class TailSamplingProcessor(Component):
             if n_late_kept:
                 self._late[(Signal.TRACES, SAMPLED)].inc(n_late_kept)
             self._enqueue(out)
-            self._outbox.flush()
+            self._deliver_soon()
+
+    def _deliver_soon(self) -> None:
+        """Hand on what a request left in the outbox, unless another thread is delivering: that thread
+        takes it along (it delivers until the outbox is empty) or the next tick does (at most
+        ``tick_interval`` later). The receiver's acknowledgement never waits for another request's
+        delivery, which may be waiting on a persistent queue's fsync."""
+        self._outbox.flush(blocking=False)
 
     def _finish_logs(self, envelope: Envelope, direct: bool, late_kept: int, late_dropped: int,
                      traceless_dropped: int, evicted: list, immediate: list[tuple]) -> None:
@@ -347,7 +354,7 @@ class TailSamplingProcessor(Component):
             for rhead, shead, blobs in immediate:
                 out.add(rhead, shead, blobs)
             self._enqueue(out)
-            self._outbox.flush()
+            self._deliver_soon()
 
     # --- deciding ---------------------------------------------------------------------------------
 

@@ -304,3 +304,40 @@ def test_buffered_bytes_cover_the_encoded_data_and_return_to_zero():
     assert wire + 300 < proc.buffered_bytes < 3 * wire
     proc.tick(clock.advance(10))
     assert proc.buffered_bytes == 0 and proc.buffered_traces == 0
+
+
+def test_a_request_is_acknowledged_without_waiting_behind_another_threads_delivery():
+    """What a request leaves for now (an ERROR record) is handed on without the receiver's thread waiting
+    behind a delivery another thread is making (here stuck in the next stage, as behind a persistent
+    queue's fsync); that delivery takes the record along, in order, once it is through."""
+    import threading
+
+    proc, sink, clock, _ = make(ERRORS_ONLY)
+    entered, release = threading.Event(), threading.Event()
+    inner = sink.consume
+
+    def stuck_once(envelope):
+        if not entered.is_set():
+            entered.set()
+            release.wait(60)
+        inner(envelope)
+
+    sink.consume = stuck_once
+    kept, other = tid(), tid()
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(kept, root=True, error=True))))
+    ticker = threading.Thread(target=proc.tick, args=(clock.advance(1),), daemon=True)
+    ticker.start()
+    assert entered.wait(30)  # the decided trace is being delivered, and stays stuck
+    acked = threading.Event()
+    sender = threading.Thread(target=lambda: (proc.consume(Envelope(Signal.LOGS, logs_request((other, 17, "ERROR")))),
+                                              acked.set()), daemon=True)
+    sender.start()
+    try:
+        assert acked.wait(10), "the request waited for another thread's delivery"
+        assert kept_logs(sink) == []
+    finally:
+        release.set()
+    ticker.join(30)
+    sender.join(30)
+    assert [r.body.string_value for r in kept_logs(sink)] == ["ERROR"]
+    assert kept_trace_ids(sink) == {kept}
