@@ -4,10 +4,10 @@
 Every write is durable when :meth:`AuditStore.write` returns (SQLite: WAL with
 ``synchronous=FULL``; PostgreSQL: a committed transaction), so the exporter can acknowledge
 after it. Writes that arrive together share one transaction and one commit (group commit,
-as the persistent queue does): each in its own savepoint, so one failing write refuses only
-its own request, and every writer returns only after the shared commit. Records are keyed
-by (trace_id, span_id): writing the same record twice keeps the first, so a retried export
-never duplicates.
+:mod:`sidecar.group_commit`, as the persistent queue does): each in its own savepoint, so
+one failing write refuses only its own request, and every writer returns only after the
+shared commit. Records are keyed by (trace_id, span_id): writing the same record twice keeps
+the first, so a retried export never duplicates.
 
 Schema changes are versioned migrations applied in order at open; a store written by a
 newer sidecar is refused rather than guessed at. Errors surface as :class:`StoreError`
@@ -24,9 +24,11 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 from sidecar.audit.records import AuditRecord, Extraction, Fragment, merge
+from sidecar.group_commit import GroupCommit, Member
 
 #: version -> statements. Append, never edit: a store remembers the version it reached.
 MIGRATIONS: list[tuple[int, list[str]]] = [
@@ -60,6 +62,10 @@ COLUMNS = ("trace_id", "span_id", "time_unix_nano", "recorded_unix_nano", "servi
            "parameters", "input_payload", "output_payload", "trace_kept", "kept_policy")
 _JSON_COLUMNS = ("tags", "parameters")
 _FRAGMENT_FIELDS = ("model_id", "model_version", "parameters", "input_payload", "output_payload")
+
+
+#: a write's part of a group's transaction: ``work(cursor, now)`` -> how many records were new
+_Work = Callable[[Any, int], int]
 
 
 class StoreError(Exception):
@@ -117,12 +123,7 @@ class AuditStore(ABC):
         self._lock = threading.Lock()
         self._conn = None
         # group commit: writers join the open group; one leader at a time commits a group
-        self._commit = threading.Condition(threading.Lock())
-        self._committing = False
-        self._open_group = _Group()
-        #: commits done and writes they carried (for tests and benchmarks: writes per commit)
-        self.commits = 0
-        self.committed = 0
+        self._group_commit: GroupCommit[_Work, int] = GroupCommit(self._commit_group, on_commit=self._after_commit)
         #: called after each group's transaction committed (the exporter counts commits on /metrics)
         self.on_commit: Callable[[], None] | None = None
 
@@ -259,60 +260,50 @@ class AuditStore(ABC):
                             list(pending))
         return written
 
-    def _together(self, work: Callable[[Any, int], int]) -> int:
+    def _together(self, work: _Work) -> int:
         """Run ``work(cursor, now)`` in the transaction of the writes arriving together; return its result
         once that transaction is committed (raise its own error, or the commit's StoreError)."""
-        member = _Member(work)
-        with self._commit:
-            group = self._open_group
-            group.members.append(member)
-            while not group.done:
-                if not self._committing:  # our group is still the open one: lead its commit
-                    self._committing = True
-                    self._open_group = _Group()
-                    break
-                self._commit.wait()
-        if not group.done:
-            try:
-                self._commit_group(group)
-            finally:
-                with self._commit:
-                    group.done = True
-                    self._committing = False
-                    self.commits += 1
-                    self.committed += len(group.members)
-                    self._commit.notify_all()
-            if group.committed and self.on_commit is not None:
-                self.on_commit()
-        if member.error is not None:
-            raise member.error
-        return member.result
+        return self._group_commit.join(work) or 0
 
-    def _commit_group(self, group: "_Group") -> None:
-        """One transaction for the group; each member in a savepoint, so its failure undoes only its own work."""
+    def _commit_group(self, members: list[Member[_Work, int]]) -> None:
+        """One transaction for the group; each member in a savepoint, so its failure undoes only its own work.
+        A failed transaction or commit raises: nothing of the group is stored, and every member gets the error."""
         now = time.time_ns()
-        members = group.members
-        try:
-            with self._transaction() as cur:
-                for m in members:
-                    if len(members) == 1:
-                        m.result = m.work(cur, now)
-                        break
-                    cur.execute("SAVEPOINT audit_write")
-                    try:
-                        m.result = m.work(cur, now)
-                    except Exception as e:  # noqa: BLE001 - this member's own failure: handed to it alone
-                        cur.execute("ROLLBACK TO SAVEPOINT audit_write")
-                        m.error = StoreError(f"{self.describe()}: {e}".strip()) if isinstance(e, self._errors()) else e
-                    cur.execute("RELEASE SAVEPOINT audit_write")
-        except BaseException as e:  # the transaction or its commit failed: nothing of the group is stored
+        with self._transaction() as cur:
             for m in members:
-                m.error = e
-        else:
-            group.committed = True
-            for m in members:
-                if m.error is not None:
-                    m.result = 0
+                if len(members) == 1:
+                    m.result = m.item(cur, now)
+                    break
+                cur.execute("SAVEPOINT audit_write")
+                try:
+                    m.result = m.item(cur, now)
+                except Exception as e:  # noqa: BLE001 - this member's own failure: handed to it alone
+                    cur.execute("ROLLBACK TO SAVEPOINT audit_write")
+                    m.error = StoreError(f"{self.describe()}: {e}".strip()) if isinstance(e, self._errors()) else e
+                cur.execute("RELEASE SAVEPOINT audit_write")
+
+    def _after_commit(self) -> None:
+        if self.on_commit is not None:
+            self.on_commit()
+
+    @property
+    def commits(self) -> int:
+        """Group commits done (failed ones included); with :attr:`committed`, writes per commit."""
+        return self._group_commit.commits
+
+    @property
+    def committed(self) -> int:
+        """Writes those commits carried."""
+        return self._group_commit.committed
+
+    # the group commit's state, as tests/sidecar/audit/test_group_commit.py watches it
+    @property
+    def _committing(self) -> bool:
+        return self._group_commit.committing
+
+    @property
+    def _open_group(self) -> SimpleNamespace:
+        return SimpleNamespace(members=self._group_commit.waiting())
 
     def _store_fragment(self, cur, frag: Fragment, now: int) -> None:
         """Merge into the trace's record when it is already stored, else keep the fragment for it."""
@@ -434,28 +425,6 @@ class AuditStore(ABC):
             with self._transaction() as cur:
                 self._reclaim(cur)
         return deleted
-
-
-class _Member:
-    """One write of a group: its work, and its result or error once the group's commit is over."""
-
-    __slots__ = ("work", "result", "error")
-
-    def __init__(self, work: Callable[[Any, int], int]):
-        self.work = work
-        self.result = 0
-        self.error: BaseException | None = None
-
-
-class _Group:
-    """Writes committed together, and whether their commit is over."""
-
-    __slots__ = ("members", "done", "committed")
-
-    def __init__(self) -> None:
-        self.members: list[_Member] = []
-        self.done = False
-        self.committed = False
 
 
 def _chunks(items: list[str], size: int = 400) -> Iterator[list[str]]:

@@ -10,8 +10,9 @@ A record is ``>IIBI`` (payload length, crc32 of the payload, signal code, item c
 the request's wire encoding. Appends from concurrent receivers are *group-committed*:
 each writes its record under the lock (a copy into the page cache), and one of the
 waiting writers runs a single ``fdatasync`` that covers every record written before it
-started; the others wait for it. So the cost of a sync is shared by everyone who arrived
-while the previous one ran.
+started; the others wait for it (:mod:`sidecar.group_commit`, by ticket: a writer whose
+record a sync already covered returns without one). So the cost of a sync is shared by
+everyone who arrived while the previous one ran.
 
 Segments are kept by *pins* (a count per segment). Whoever still needs the data of a
 segment pins the lowest segment it needs; since data only ever depends on older data,
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from sidecar.component import Refused
+from sidecar.group_commit import GroupCommit, Member
 from sidecar.signals import Signal
 
 log = logging.getLogger(__name__)
@@ -82,10 +84,9 @@ class WriteAheadLog:
         self.stored_bytes = 0
         self._written = 0  # records written (tickets)
         self._synced = 0  # records known durable
-        self._syncing = False
-        self._sync_cond = threading.Condition(threading.Lock())
-        #: fdatasync calls made for commits (group commits)
-        self.syncs = 0
+        # a sync covers every ticket up to what was written when it began; a failed one fails only its writer
+        self._group_commit: GroupCommit[int, None] = GroupCommit(
+            self._sync, covered=self._covered, on_commit=self._synced_one)
         self._lock_fd: int | None = None
         self._dir_fd: int | None = None
 
@@ -208,16 +209,11 @@ class WriteAheadLog:
         """
         if not self._fsync:
             return
-        cond = self._sync_cond
-        with cond:
-            while self._synced < ticket:
-                if not self._syncing:
-                    self._syncing = True
-                    break
-                cond.wait()
-            else:
-                return
-        ok = False
+        self._group_commit.join(ticket)
+
+    def _sync(self, members: list[Member[int, None]]) -> None:
+        """One fdatasync of the newest segment (older ones were synced when sealed): it covers every record
+        written before it began, whoever waits for them."""
         try:
             with self._lock:
                 target, seg = self._written, self._current
@@ -225,18 +221,20 @@ class WriteAheadLog:
                 with seg.fd_lock:
                     if seg.fd is not None:  # else deleted meanwhile: nothing in it is needed any more
                         os.fdatasync(seg.fd)
-            ok = True
         except OSError as e:
             raise _refusal(e, self.directory) from e
-        finally:
-            with cond:
-                self._syncing = False
-                if ok:
-                    self._synced = max(self._synced, target)
-                    self.syncs += 1
-                cond.notify_all()
-            if ok:
-                self._on_sync()
+        self._synced = max(self._synced, target)
+
+    def _covered(self, ticket: int) -> bool:
+        return ticket <= self._synced
+
+    def _synced_one(self) -> None:
+        self._on_sync()
+
+    @property
+    def syncs(self) -> int:
+        """fdatasync calls that committed (group commits)."""
+        return self._group_commit.commits - self._group_commit.failed
 
     def _roll(self) -> Segment:
         """Seal the current segment (synced, so commits need only sync the newest) and open the next."""
