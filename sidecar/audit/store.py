@@ -24,7 +24,6 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 from sidecar.audit.records import AuditRecord, Extraction, Fragment, merge
@@ -295,15 +294,6 @@ class AuditStore(ABC):
     def committed(self) -> int:
         """Writes those commits carried."""
         return self._group_commit.committed
-
-    # the group commit's state, as tests/sidecar/audit/test_group_commit.py watches it
-    @property
-    def _committing(self) -> bool:
-        return self._group_commit.committing
-
-    @property
-    def _open_group(self) -> SimpleNamespace:
-        return SimpleNamespace(members=self._group_commit.waiting())
 
     def _store_fragment(self, cur, frag: Fragment, now: int) -> None:
         """Merge into the trace's record when it is already stored, else keep the fragment for it."""

@@ -32,7 +32,6 @@ import struct
 import threading
 import zlib
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable
 
 from google.protobuf.message import DecodeError
@@ -192,15 +191,6 @@ class PersistentQueue:
     def committed(self) -> int:
         """Requests those commits carried."""
         return self._group_commit.committed
-
-    # the group commit's state, as tests/sidecar/test_queue_persistent.py watches it
-    @property
-    def _committing(self) -> bool:
-        return self._group_commit.committing
-
-    @property
-    def _open_group(self) -> SimpleNamespace:
-        return SimpleNamespace(files=self._group_commit.waiting())
 
     # --- consumers ------------------------------------------------------------------------------
 

@@ -84,6 +84,8 @@ class WriteAheadLog:
         self.stored_bytes = 0
         self._written = 0  # records written (tickets)
         self._synced = 0  # records known durable
+        #: (synced, written) when an fdatasync failed: the tickets in between are never acknowledged
+        self._lost: list[tuple[int, int]] = []
         # a sync covers every ticket up to what was written when it began; a failed one fails only its writer
         self._group_commit: GroupCommit[int, None] = GroupCommit(
             self._sync, covered=self._covered, on_commit=self._synced_one)
@@ -210,18 +212,32 @@ class WriteAheadLog:
         if not self._fsync:
             return
         self._group_commit.join(ticket)
+        if self._lost and any(lo < ticket <= hi for lo, hi in self._lost):
+            raise Refused("storage_error", message=f"cannot log request: an fdatasync in {self.directory} failed "
+                          "before it was on disk; a later sync does not prove it is")
 
     def _sync(self, members: list[Member[int, None]]) -> None:
         """One fdatasync of the newest segment (older ones were synced when sealed): it covers every record
         written before it began, whoever waits for them."""
+        with self._lock:
+            target, seg = self._written, self._current
         try:
-            with self._lock:
-                target, seg = self._written, self._current
             if seg is not None:
                 with seg.fd_lock:
                     if seg.fd is not None:  # else deleted meanwhile: nothing in it is needed any more
                         os.fdatasync(seg.fd)
         except OSError as e:
+            # After a failed fdatasync the kernel may have dropped those pages and marked them clean: a later
+            # sync can succeed without them. Every record this sync was to cover is refused (its writer
+            # resends), and new records go to a fresh segment whose syncs mean what they say.
+            with self._lock:  # up to what is written now: records written while it ran share its fate
+                self._lost.append((self._synced, self._written))
+                if len(self._lost) > _LOST_RANGES:  # failures are rare; merging only refuses more
+                    (lo, _), (_, hi) = self._lost[0], self._lost[1]
+                    self._lost[:2] = [(lo, hi)]
+                if seg is not None and seg is self._current:
+                    seg.sealed = True
+                    self._current = None
             raise _refusal(e, self.directory) from e
         self._synced = max(self._synced, target)
 
@@ -351,6 +367,9 @@ class WriteAheadLog:
         for fd in fds:
             if fd is not None:
                 os.close(fd)
+
+
+_LOST_RANGES = 16
 
 
 def _refusal(e: OSError, directory: Path) -> Refused:

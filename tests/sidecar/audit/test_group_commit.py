@@ -47,10 +47,10 @@ def _writes_while_a_commit_runs(store, extractions: list[Extraction]) -> list:
     threads = [threading.Thread(target=write, args=(i,)) for i in range(len(extractions))]
     with store._lock:  # the connection: the first leader waits here with its group of one
         threads[0].start()
-        _wait_for(lambda: store._committing, "the first write to lead a commit")
+        _wait_for(lambda: store._group_commit.committing, "the first write to lead a commit")
         for t in threads[1:]:
             t.start()
-        _wait_for(lambda: len(store._open_group.members) == len(threads) - 1, "the others to join the next group")
+        _wait_for(lambda: len(store._group_commit.waiting()) == len(threads) - 1, "the others to join the next group")
         assert all(r is None for r in results)  # nobody is acknowledged before their commit
     for t in threads:
         t.join(DEADLINE)

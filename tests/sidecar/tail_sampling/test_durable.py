@@ -225,6 +225,52 @@ def test_concurrent_writers_share_syncs_and_all_are_recovered(tmp_path, monkeypa
     proc2.shutdown(time.monotonic() + 5)
 
 
+def test_after_a_failed_sync_no_record_it_was_to_cover_is_acknowledged(tmp_path, monkeypatch):
+    """A failed fdatasync may have dropped the pages it was writing, and a later sync can succeed without
+    them: every writer whose record was written before the failure is refused (and resends), also those
+    a later successful sync would cover; records written after it go to a new segment and are acknowledged."""
+    import errno
+
+    from sidecar.processors.tail_sampling import wal as wal_module
+
+    proc, _, _, _ = durable(tmp_path)
+    n_threads = 5
+    first_sync_started, release = threading.Event(), threading.Event()
+    real_fdatasync = os.fdatasync
+
+    def failing_once(fd):
+        if not first_sync_started.is_set():
+            first_sync_started.set()
+            assert release.wait(30)
+            raise OSError(errno.EIO, "Input/output error")
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(wal_module.os, "fdatasync", failing_once)
+    outcomes: list = []
+
+    def send():
+        try:
+            proc.consume(Envelope(Signal.TRACES, traces_request(span(tid()))))
+            outcomes.append("acknowledged")
+        except Refused as e:
+            outcomes.append((e.reason, e.retryable))
+
+    threads = [threading.Thread(target=send, daemon=True) for _ in range(n_threads)]
+    for t in threads:
+        t.start()
+    assert first_sync_started.wait(30)
+    wal = proc._durable._wal  # noqa: SLF001 - records written, all before the failing sync returns
+    deadline = time.monotonic() + 30
+    while wal._written < n_threads and time.monotonic() < deadline:  # noqa: SLF001
+        time.sleep(0.01)
+    release.set()
+    for t in threads:
+        t.join(60)
+    assert outcomes == [("storage_error", True)] * n_threads
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(tid()))))  # a new segment: acknowledged
+    proc.shutdown(time.monotonic() + 5)
+
+
 _CONFIG = """
 extensions: {{file_storage: {{directory: {dir}}}}}
 receivers: {{otlp: {{protocols: {{grpc: {{endpoint: 127.0.0.1:0}}}}}}}}
