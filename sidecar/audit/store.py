@@ -423,7 +423,6 @@ def _chunks(items: list[str], size: int = 400) -> Iterator[list[str]]:
 
 
 _CHECKPOINT_PAGES = 8192  # of 4 KiB: the -wal file stays under about 32 MiB
-_CACHE_KIB = 16384
 
 
 class SQLiteStore(AuditStore):
@@ -452,9 +451,8 @@ class SQLiteStore(AuditStore):
         conn.execute("PRAGMA synchronous = FULL")
         # Each record dirties a page of each random-keyed index (trace, request): checkpointing every 32 MiB
         # of log instead of SQLite's 4 MiB copies a page rewritten by many commits once (a quarter less CPU
-        # per record in benchmarks/audit_bench.py), and a larger page cache saves re-reading index pages.
+        # per record in benchmarks/audit_bench.py). A larger page cache gained ~10% and cost its memory.
         conn.execute(f"PRAGMA wal_autocheckpoint = {_CHECKPOINT_PAGES}")
-        conn.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
         return conn
 
     def _begin(self, cur, write: bool) -> None:
