@@ -154,7 +154,7 @@ service: {pipelines: {traces: {receivers: [otlp], processors: [redaction/audit],
         s.write(e)
     print(f"  {'store write, 1 writer':34s} {(time.process_time() - t0) / (half * per_export) * 1e6:7.1f} us/request")
     rest = extractions[half:]
-    commits = s.commits
+    commits = s.group_commit.commits
 
     def writers():
         ts = [threading.Thread(target=lambda k=k: [s.write(e) for e in rest[k::CLIENTS]]) for k in range(CLIENTS)]
@@ -167,7 +167,7 @@ service: {pipelines: {traces: {receivers: [otlp], processors: [redaction/audit],
     writers()
     print(f"  {'store write, %d writers (group commit)' % CLIENTS:34s} "
           f"{(time.process_time() - t0) / (len(rest) * per_export) * 1e6:7.1f} us/request, "
-          f"{len(rest) / max(1, s.commits - commits):.1f} writes per commit")
+          f"{len(rest) / max(1, s.group_commit.commits - commits):.1f} writes per commit")
     s.close()
 
 

@@ -121,8 +121,8 @@ class AuditStore(ABC):
         self.url = url
         self._lock = threading.Lock()
         self._conn = None
-        # group commit: writers join the open group; one leader at a time commits a group
-        self._group_commit: GroupCommit[_Work, int] = GroupCommit(self._commit_group, on_commit=self._after_commit)
+        #: writes arriving together share one transaction; its .commits and .committed: writes per commit
+        self.group_commit: GroupCommit[_Work, int] = GroupCommit(self._commit_group, on_commit=self._after_commit)
         #: called after each group's transaction committed (the exporter counts commits on /metrics)
         self.on_commit: Callable[[], None] | None = None
 
@@ -262,7 +262,7 @@ class AuditStore(ABC):
     def _together(self, work: _Work) -> int:
         """Run ``work(cursor, now)`` in the transaction of the writes arriving together; return its result
         once that transaction is committed (raise its own error, or the commit's StoreError)."""
-        return self._group_commit.join(work) or 0
+        return self.group_commit.join(work) or 0
 
     def _commit_group(self, members: list[Member[_Work, int]]) -> None:
         """One transaction for the group; each member in a savepoint, so its failure undoes only its own work.
@@ -285,15 +285,6 @@ class AuditStore(ABC):
         if self.on_commit is not None:
             self.on_commit()
 
-    @property
-    def commits(self) -> int:
-        """Group commits done (failed ones included); with :attr:`committed`, writes per commit."""
-        return self._group_commit.commits
-
-    @property
-    def committed(self) -> int:
-        """Writes those commits carried."""
-        return self._group_commit.committed
 
     def _store_fragment(self, cur, frag: Fragment, now: int) -> None:
         """Merge into the trace's record when it is already stored, else keep the fragment for it."""

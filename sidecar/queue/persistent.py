@@ -94,7 +94,8 @@ class PersistentQueue:
         self._dir_fd = os.open(self.directory, os.O_RDONLY)
         self._next_seq = self._load()
         # group commit: writers join the open group; one leader at a time commits a group
-        self._group_commit: GroupCommit[tuple[Path, Path], None] = GroupCommit(self._commit_group)
+        #: puts arriving together share one commit; its .commits and .committed: puts per fsync'd group
+        self.group_commit: GroupCommit[tuple[Path, Path], None] = GroupCommit(self._commit_group)
 
     def _load(self) -> int:
         """Index what a previous run left, in order; remove half-written temp files."""
@@ -159,7 +160,7 @@ class PersistentQueue:
             _unlink(tmp)
             raise
         try:
-            self._group_commit.join((tmp, final))
+            self.group_commit.join((tmp, final))
         except OSError as err:  # every writer of the group raises its own copy
             raise OSError(err.errno, err.strerror) from err
 
@@ -182,15 +183,6 @@ class PersistentQueue:
                 _unlink(final)
             raise
 
-    @property
-    def commits(self) -> int:
-        """Group commits done (failed ones included); with :attr:`committed`, requests per fsync'd group."""
-        return self._group_commit.commits
-
-    @property
-    def committed(self) -> int:
-        """Requests those commits carried."""
-        return self._group_commit.committed
 
     # --- consumers ------------------------------------------------------------------------------
 

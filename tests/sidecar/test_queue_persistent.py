@@ -291,7 +291,7 @@ class _HeldDisk:
             self.calls.append("dir" if fd == self.q._dir_fd else "file")
         if not self.released:
             deadline = time.monotonic() + 30
-            while len(self.q._group_commit.waiting()) < self.writers and time.monotonic() < deadline:
+            while len(self.q.group_commit.waiting()) < self.writers and time.monotonic() < deadline:
                 time.sleep(0.001)  # waits on a condition (the others have joined), not on time
             self.released = True
         self.real(fd)
@@ -305,7 +305,7 @@ def test_concurrent_puts_share_one_commit_that_precedes_every_acknowledgement(tm
     monkeypatch.setattr(os, "fsync", disk)
     first = threading.Thread(target=q.put, args=(Envelope(Signal.TRACES, traces(0), items=2),))
     first.start()
-    while not q._group_commit.committing:  # the first put leads a commit of its own, held by the disk
+    while not q.group_commit.committing:  # the first put leads a commit of its own, held by the disk
         time.sleep(0.001)
     acked = []
 
@@ -319,7 +319,7 @@ def test_concurrent_puts_share_one_commit_that_precedes_every_acknowledgement(tm
         t.start()
     for t in [first, *others]:
         t.join(30)
-    assert q.commits == 2 and q.committed == 8  # 1 + 7: the seven waiting writers committed together
+    assert q.group_commit.commits == 2 and q.group_commit.committed == 8  # 1 + 7: the seven waiting writers committed together
     assert disk.calls.count("dir") == 2  # one directory sync per group, not per request
     assert all(len(names) == 8 and dirs == 2 for _, names, dirs in acked)
     monkeypatch.undo()
@@ -351,7 +351,7 @@ def test_a_failed_group_commit_refuses_every_writer_of_the_group_and_leaves_noth
 
     threads = [threading.Thread(target=put, args=(0,))]
     threads[0].start()
-    while not q._group_commit.committing:
+    while not q.group_commit.committing:
         time.sleep(0.001)
     threads += [threading.Thread(target=put, args=(i,)) for i in (1, 2, 3)]
     for t in threads[1:]:

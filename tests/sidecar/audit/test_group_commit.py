@@ -47,10 +47,10 @@ def _writes_while_a_commit_runs(store, extractions: list[Extraction]) -> list:
     threads = [threading.Thread(target=write, args=(i,)) for i in range(len(extractions))]
     with store._lock:  # the connection: the first leader waits here with its group of one
         threads[0].start()
-        _wait_for(lambda: store._group_commit.committing, "the first write to lead a commit")
+        _wait_for(lambda: store.group_commit.committing, "the first write to lead a commit")
         for t in threads[1:]:
             t.start()
-        _wait_for(lambda: len(store._group_commit.waiting()) == len(threads) - 1, "the others to join the next group")
+        _wait_for(lambda: len(store.group_commit.waiting()) == len(threads) - 1, "the others to join the next group")
         assert all(r is None for r in results)  # nobody is acknowledged before their commit
     for t in threads:
         t.join(DEADLINE)
@@ -63,11 +63,11 @@ def test_writes_arriving_together_share_one_commit_and_each_is_stored(store):
     for i in range(6):
         app.request(f"req-{i}")
         extractions.append(extract(app.take()))
-    before, counted = store.commits, []
+    before, counted = store.group_commit.commits, []
     store.on_commit = lambda: counted.append(1)  # the exporter's sidecar_audit_store_commits_total
     results = _writes_while_a_commit_runs(store, extractions)
     assert results == [1] * 6
-    assert store.commits - before == 2 == len(counted)  # the first alone, then the five that arrived meanwhile
+    assert store.group_commit.commits - before == 2 == len(counted)  # the first alone, then the five that arrived meanwhile
     assert sorted(r.request_id for r in store.query(Query())) == [f"req-{i}" for i in range(6)]
     # idempotent across groups too: the same records again store nothing new
     assert _writes_while_a_commit_runs(store, extractions) == [0] * 6
