@@ -93,7 +93,6 @@ class PersistentQueue:
             raise StorageLocked(f"queue directory {self.directory} is in use by another process") from None
         self._dir_fd = os.open(self.directory, os.O_RDONLY)
         self._next_seq = self._load()
-        # group commit: writers join the open group; one leader at a time commits a group
         #: puts arriving together share one commit; its .commits and .committed: puts per fsync'd group
         self.group_commit: GroupCommit[tuple[Path, Path], None] = GroupCommit(self._commit_group)
 
