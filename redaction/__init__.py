@@ -22,7 +22,7 @@ from redaction._config import (
     load_redaction_config,
 )
 from redaction._detectors import BUILTIN_KEY_PATTERNS, DETECTOR_NAMES
-from redaction._engine import DROP, RedactionEngine, RedactionStats
+from redaction._engine import DROP, SCAN_LOCK, RedactionEngine, RedactionStats
 
 __all__ = [
     "Action",
@@ -36,6 +36,7 @@ __all__ = [
     "RedactionConfigError",
     "RedactionEngine",
     "RedactionStats",
+    "SCAN_LOCK",
     "ValueRule",
     "format_problems",
     "linear_regex",

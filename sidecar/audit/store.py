@@ -285,7 +285,6 @@ class AuditStore(ABC):
         if self.on_commit is not None:
             self.on_commit()
 
-
     def _store_fragment(self, cur, frag: Fragment, now: int) -> None:
         """Merge into the trace's record when it is already stored, else keep the fragment for it."""
         cur.execute(self._sql(f"SELECT span_id, {', '.join(_FRAGMENT_FIELDS)} FROM audit_records "

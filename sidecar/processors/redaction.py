@@ -30,8 +30,7 @@ from typing import Iterator
 
 from prometheus_client.core import CounterMetricFamily
 
-from redaction import RedactionConfig, RedactionConfigError, RedactionEngine, RedactionStats
-from redaction._engine import SCAN_LOCK
+from redaction import SCAN_LOCK, RedactionConfig, RedactionConfigError, RedactionEngine, RedactionStats
 from redaction.otlp import OtlpRedactor
 from sidecar import wire_redaction
 from sidecar.component import Component, Consumer, Kind, Refused
