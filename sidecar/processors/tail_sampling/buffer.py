@@ -28,24 +28,29 @@ TRACE_OVERHEAD = 960
 
 
 class Trace:
-    """One buffered trace. The processor's hot loop fills it directly."""
+    """One buffered trace. The processor's hot loop fills it directly.
 
-    __slots__ = ("trace_id", "first_seen", "root_deadline", "span_groups", "log_groups", "last_span_key",
-                 "last_spans", "last_log_key", "last_logs", "n_spans", "n_logs", "nbytes", "status_mask", "start",
-                 "end", "matched", "rv")
+    Most traces arrive as one run of spans and one of log records, so the first group of each is
+    held in two slots and only further groups make a list: a buffered trace is few objects for
+    the garbage collector to scan (it scans every one of them at each full collection).
+    """
+
+    __slots__ = ("trace_id", "first_seen", "root_deadline", "spans_key", "spans", "more_spans", "logs_key", "logs",
+                 "more_logs", "n_spans", "n_logs", "nbytes", "status_mask", "start", "end", "matched", "rv")
 
     def __init__(self, trace_id: bytes, now: float):
         self.trace_id = trace_id
         self.first_seen = now
         self.root_deadline: float | None = None
-        #: [((resource head, scope head, tracestate), [span bytes, ...]), ...]
-        self.span_groups: list[tuple] = []
-        #: [((resource head, scope head), [log record bytes, ...]), ...]
-        self.log_groups: list[tuple] = []
-        self.last_span_key = None
-        self.last_spans: list | None = None
-        self.last_log_key = None
-        self.last_logs: list | None = None
+        #: the first group of spans: its key (resource head, scope head, tracestate) and [span bytes, ...]
+        self.spans_key = None
+        self.spans: list | None = None
+        #: further groups, in arrival order: [(key, [span bytes, ...]), ...], or None
+        self.more_spans: list | None = None
+        #: the first group of log records: its key (resource head, scope head) and [record bytes, ...]
+        self.logs_key = None
+        self.logs: list | None = None
+        self.more_logs: list | None = None
         self.n_spans = 0
         self.n_logs = 0
         self.nbytes = TRACE_OVERHEAD
@@ -62,12 +67,19 @@ class Trace:
     def add_spans(self, key: tuple, spans: list, nbytes: int) -> int:
         """Append a run of encoded spans (``nbytes`` in all) under ``key``; consecutive runs under one key
         share a group. Returns the memory added: the encoded size plus the per-item overhead."""
-        if self.last_span_key is key:
-            self.last_spans.extend(spans)
+        if self.spans is None:
+            self.spans_key, self.spans = key, spans
         else:
-            self.last_span_key = key
-            self.last_spans = spans
-            self.span_groups.append((key, spans))
+            more = self.more_spans
+            if more is None:
+                if self.spans_key is key:
+                    self.spans.extend(spans)
+                else:
+                    self.more_spans = [(key, spans)]
+            elif more[-1][0] is key:
+                more[-1][1].extend(spans)
+            else:
+                more.append((key, spans))
         self.n_spans += len(spans)
         size = nbytes + len(spans) * ITEM_OVERHEAD
         self.nbytes += size
@@ -75,16 +87,39 @@ class Trace:
 
     def add_logs(self, key: tuple, records: list, nbytes: int) -> int:
         """:meth:`add_spans` for a run of encoded log records."""
-        if self.last_log_key is key:
-            self.last_logs.extend(records)
+        if self.logs is None:
+            self.logs_key, self.logs = key, records
         else:
-            self.last_log_key = key
-            self.last_logs = records
-            self.log_groups.append((key, records))
+            more = self.more_logs
+            if more is None:
+                if self.logs_key is key:
+                    self.logs.extend(records)
+                else:
+                    self.more_logs = [(key, records)]
+            elif more[-1][0] is key:
+                more[-1][1].extend(records)
+            else:
+                more.append((key, records))
         self.n_logs += len(records)
         size = nbytes + len(records) * ITEM_OVERHEAD
         self.nbytes += size
         return size
+
+    @property
+    def span_groups(self) -> list[tuple]:
+        """[((resource head, scope head, tracestate), [span bytes, ...]), ...] in arrival order."""
+        if self.spans is None:
+            return []
+        first = [(self.spans_key, self.spans)]
+        return first + self.more_spans if self.more_spans else first
+
+    @property
+    def log_groups(self) -> list[tuple]:
+        """[((resource head, scope head), [log record bytes, ...]), ...] in arrival order."""
+        if self.logs is None:
+            return []
+        first = [(self.logs_key, self.logs)]
+        return first + self.more_logs if self.more_logs else first
 
     @property
     def duration_ns(self) -> int:
@@ -114,7 +149,8 @@ class TraceBuffer:
         self.num_traces = num_traces
         self.max_bytes = max_bytes
         self.traces: OrderedDict[bytes, Trace] = OrderedDict()
-        self._roots: deque[tuple[float, Trace]] = deque()
+        #: traces whose root arrived, by ``root_deadline`` (set once, in arrival order)
+        self.roots: deque[Trace] = deque()
         self.nbytes = 0
 
     def __len__(self) -> int:
@@ -134,7 +170,7 @@ class TraceBuffer:
         """The local root span ended: decide after the grace period, unless already scheduled."""
         if trace.root_deadline is None:
             trace.root_deadline = now + self.root_wait
-            self._roots.append((trace.root_deadline, trace))
+            self.roots.append(trace)
 
     def add_bytes(self, n: int) -> None:
         self.nbytes += n
@@ -149,33 +185,37 @@ class TraceBuffer:
         self.nbytes -= t.nbytes
         return t
 
-    def _remove(self, t: Trace) -> None:
-        del self.traces[t.trace_id]
-        self.nbytes -= t.nbytes
-
     def due(self, now: float) -> list[Trace]:
         """Remove and return the traces whose decision time has come (root grace over, or decision_wait)."""
         out = []
-        roots = self._roots
+        roots = self.roots
         traces = self.traces
-        while roots and roots[0][0] <= now:
-            _, t = roots.popleft()
-            if traces.get(t.trace_id) is t:
-                self._remove(t)
+        nbytes = 0
+        while roots and roots[0].root_deadline <= now:
+            t = roots.popleft()
+            tid = t.trace_id
+            if traces.get(tid) is t:
+                del traces[tid]
+                nbytes += t.nbytes
                 out.append(t)
         cutoff = now - self.decision_wait
-        while traces:
-            t = next(iter(traces.values()))
-            if t.first_seen > cutoff:
-                break
-            self._remove(t)
-            out.append(t)
+        if traces:
+            old = []
+            for t in traces.values():  # oldest first: stop at the first one still waiting
+                if t.first_seen > cutoff:
+                    break
+                old.append(t)
+            for t in old:
+                del traces[t.trace_id]
+                nbytes += t.nbytes
+            out += old
+        self.nbytes -= nbytes
         return out
 
     def drain(self) -> list[Trace]:
         """Remove and return every buffered trace (shutdown)."""
         out = list(self.traces.values())
         self.traces.clear()
-        self._roots.clear()
+        self.roots.clear()
         self.nbytes = 0
         return out

@@ -136,6 +136,25 @@ class LRU(Generic[K, V]):
         if len(d) > self.size:
             d.popitem(last=False)
 
+    def put_many(self, items: list[tuple[K, V]]) -> None:
+        """:meth:`put` of each (key, value) in order."""
+        if self.size <= 0 or not items:
+            return
+        d = self._d
+        move = d.move_to_end
+        for key, value in items:
+            if key in d:
+                move(key)
+            d[key] = value
+        excess = len(d) - self.size
+        for _ in range(excess):
+            d.popitem(last=False)
+
+    @property
+    def entries(self) -> "OrderedDict[K, V]":
+        """The map itself, least recently used first, for hot loops: reading it does not refresh a key."""
+        return self._d
+
     def __len__(self) -> int:
         return len(self._d)
 

@@ -93,7 +93,8 @@ class Latency(Policy):
         self.upper = upper_threshold_ms * 1_000_000 if upper_threshold_ms else None
 
     def evaluate(self, trace: Trace, now: float) -> Optional[int]:
-        d = trace.duration_ns
+        start = trace.start  # Trace.duration_ns, inlined
+        d = max(0, trace.end - start) if start else 0
         if d >= self.lower and (self.upper is None or d <= self.upper) and trace.n_spans:
             return ALWAYS
         return None
@@ -110,7 +111,9 @@ class Probabilistic(Policy):
 
     def evaluate(self, trace: Trace, now: float) -> Optional[int]:
         t = self.threshold
-        return t if trace.randomness() >= t else None
+        rv = trace.rv  # Trace.randomness, inlined: rv, else the trace id's rightmost 56 bits
+        r = rv if rv is not None else int.from_bytes(trace.trace_id[9:16], "big")
+        return t if r >= t else None
 
 
 class _Attribute(Policy):

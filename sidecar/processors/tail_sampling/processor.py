@@ -31,7 +31,7 @@ from prometheus_client import Counter, Gauge
 from sidecar import wire
 from sidecar.component import Component, Consumer, Refused
 from sidecar.processors.tail_sampling import policies as _policies
-from sidecar.processors.tail_sampling.buffer import Trace
+from sidecar.processors.tail_sampling.buffer import ITEM_OVERHEAD, Trace
 from sidecar.processors.tail_sampling.config import TailSamplingConfig
 from sidecar.processors.tail_sampling.decisions import LRU
 from sidecar.processors.tail_sampling.durable import DurableBuffer
@@ -100,6 +100,7 @@ class TailSamplingProcessor(Component):
         self._all_checks = (1 << len(self._checks)) - 1
         self._check_keys = tuple(dict.fromkeys(c.key_bytes for c in self._checks))  # each key scanned once
         self._check_slots = [self._check_keys.index(c.key_bytes) for c in self._checks]
+        self._no_hits = (None,) * len(self._check_keys)  # SpanRun.hits when no span has a scanned key
         if len(self._check_keys) > wire.MAX_KEYS:
             raise ValueError(f"tail_sampling: the attribute policies look at {len(self._check_keys)} keys; "
                              f"at most {wire.MAX_KEYS} are supported")
@@ -192,9 +193,12 @@ class TailSamplingProcessor(Component):
         n_late_kept = late_dropped = added = 0
         evicted: list[Trace] = []
         buf = self._buffer
-        sampled, not_sampled = self._sampled, self._not_sampled
+        create = buf.create
+        sampled, not_sampled = self._sampled.entries, self._not_sampled.entries
         need_status, need_times, need_rv = self._need_status, self._need_times, self._need_rv
-        checks, all_checks = self._checks, self._all_checks
+        checks, all_checks, slots = self._checks, self._all_checks, self._check_slots
+        no_hits = self._no_hits
+        roots, root_deadline = buf.roots, now + buf.root_wait
         with self._lock:
             traces = buf.traces
             for rhead, scopes, res_values in runs:
@@ -203,10 +207,17 @@ class TailSamplingProcessor(Component):
                     plain_key = (rhead, shead, "")
                     keys: dict[str, tuple] = {}
                     for tid, ts, blobs, nbytes, status_mask, start, end, root, hits in span_runs:
+                        if ts:
+                            key = keys.get(ts)
+                            if key is None:
+                                key = keys[ts] = (rhead, shead, ts)
+                        else:
+                            key = plain_key
                         t = traces.get(tid)
                         if t is None:
                             decision = sampled.get(tid)
                             if decision is not None:
+                                sampled.move_to_end(tid)
                                 late_kept.append((rhead, shead, blobs, ts, decision))
                                 n_late_kept += len(blobs)
                                 continue
@@ -216,16 +227,16 @@ class TailSamplingProcessor(Component):
                             if not tid:
                                 passthrough.append((rhead, shead, blobs))
                                 continue
-                            t = buf.create(tid, now, evicted)
-                        if ts:
-                            key = keys.get(ts)
-                            if key is None:
-                                key = keys[ts] = (rhead, shead, ts)
-                            if need_rv and t.rv is None and "rv:" in ts:
-                                t.note_tracestate(ts)
+                            t = create(tid, now, evicted)
+                            # a new trace: its first group (Trace.add_spans, inlined)
+                            t.spans_key, t.spans, t.n_spans = key, blobs, len(blobs)
+                            size = nbytes + len(blobs) * ITEM_OVERHEAD
+                            t.nbytes += size
+                            added += size
                         else:
-                            key = plain_key
-                        added += t.add_spans(key, blobs, nbytes)
+                            added += t.add_spans(key, blobs, nbytes)
+                        if need_rv and ts and t.rv is None and "rv:" in ts:
+                            t.note_tracestate(ts)
                         if need_status:
                             t.status_mask |= status_mask
                         if need_times:
@@ -234,9 +245,13 @@ class TailSamplingProcessor(Component):
                             if end > t.end:
                                 t.end = end
                         if checks and t.matched != all_checks:
-                            t.matched |= _matched(checks, self._check_slots, hits, res_matched)
-                        if root:
-                            buf.root_arrived(t, now)
+                            if hits == no_hits:  # no span of the run has any checked key: the resource decides
+                                t.matched |= res_matched
+                            else:
+                                t.matched |= _matched(checks, slots, hits, res_matched)
+                        if root and t.root_deadline is None:  # the local root ended: decide after the grace period
+                            t.root_deadline = root_deadline
+                            roots.append(t)
             buf.add_bytes(added)
             buf.over_budget(evicted)
         self._finish_traces(n, late_dropped, evicted, n_late_kept, late_kept, passthrough)
@@ -252,7 +267,8 @@ class TailSamplingProcessor(Component):
         n_immediate = late_kept = late_dropped = traceless_dropped = added = 0
         evicted: list[Trace] = []
         buf = self._buffer
-        sampled, not_sampled = self._sampled, self._not_sampled
+        create = buf.create
+        sampled, not_sampled = self._sampled.entries, self._not_sampled.entries
         fraction = self._traceless_fraction
         rng = self._rng
         with self._lock:
@@ -276,7 +292,8 @@ class TailSamplingProcessor(Component):
                             continue
                         t = traces.get(tid)
                         if t is None:
-                            if sampled.get(tid) is not None:
+                            if tid in sampled:
+                                sampled.move_to_end(tid)
                                 late_kept += len(blobs)
                                 immediate.append((rhead, shead, blobs))
                                 n_immediate += len(blobs)
@@ -284,8 +301,14 @@ class TailSamplingProcessor(Component):
                             if tid in not_sampled:
                                 late_dropped += len(blobs)
                                 continue
-                            t = buf.create(tid, now, evicted)
-                        added += t.add_logs(key, blobs, nbytes)
+                            t = create(tid, now, evicted)
+                        if t.logs is None:  # the trace's first log records (Trace.add_logs, inlined)
+                            t.logs_key, t.logs, t.n_logs = key, blobs, len(blobs)
+                            size = nbytes + len(blobs) * ITEM_OVERHEAD
+                            t.nbytes += size
+                            added += size
+                        else:
+                            added += t.add_logs(key, blobs, nbytes)
             buf.add_bytes(added)
             buf.over_budget(evicted)
             direct = n_immediate == n and not len(self._outbox)
@@ -370,26 +393,29 @@ class TailSamplingProcessor(Component):
         if len(self._outbox):
             self._outbox.flush()
 
-    def _decide(self, trace: Trace, now: float) -> tuple[str, str, int]:
-        for p in self._drop_policies:
-            if p.evaluate(trace, now) is not None:
-                return DROPPED, p.name, 0
-        for p in self._keep_policies:
-            threshold = p.evaluate(trace, now)
-            if threshold is not None:
-                return SAMPLED, p.name, threshold
-        return NOT_SAMPLED, "none", 0
-
     def _decide_all(self, traces: list[Trace], now: float) -> list[tuple[Trace, str, str, int]]:
         """Decisions for ``traces``, remembered in the decision cache. Call with the lock held."""
         out = []
-        for t in traces:
-            decision, policy, threshold = self._decide(t, now)
-            if decision is SAMPLED:
-                self._sampled.put(t.trace_id, (policy, threshold))
+        kept, dropped = [], []
+        drop_policies, keep_policies = self._drop_policies, self._keep_policies
+        for t in traces:  # as _decide, inlined
+            for p in drop_policies:
+                if p.evaluate(t, now) is not None:
+                    out.append((t, DROPPED, p.name, 0))
+                    dropped.append((t.trace_id, True))
+                    break
             else:
-                self._not_sampled.put(t.trace_id, True)
-            out.append((t, decision, policy, threshold))
+                for p in keep_policies:
+                    threshold = p.evaluate(t, now)
+                    if threshold is not None:
+                        out.append((t, SAMPLED, p.name, threshold))
+                        kept.append((t.trace_id, (p.name, threshold)))
+                        break
+                else:
+                    out.append((t, NOT_SAMPLED, "none", 0))
+                    dropped.append((t.trace_id, True))
+        self._sampled.put_many(kept)
+        self._not_sampled.put_many(dropped)
         return out
 
     def _emit_decided(self, decided: list[tuple[Trace, str, str, int]]) -> None:
@@ -398,14 +424,18 @@ class TailSamplingProcessor(Component):
         kept = KeptSpans()
         traces_by: dict[tuple[str, str], int] = {}
         dropped: dict[str, list[int]] = {}  # reason -> [spans, log records]
+        kept_traces = []
         for t, decision, policy, threshold in decided:
             key = (decision, policy)
             traces_by[key] = traces_by.get(key, 0) + 1
             if decision is SAMPLED:
-                for (rhead, shead, tracestate), blobs in t.span_groups:
-                    spans_out.add(rhead, shead, kept.encode(blobs, tracestate, threshold, policy))
-                for (rhead, shead), blobs in t.log_groups:
-                    logs_out.add(rhead, shead, blobs)
+                kept_traces.append(t)
+                if t.spans is not None:
+                    for (rhead, shead, tracestate), blobs in t.span_groups:
+                        spans_out.add(rhead, shead, kept.encode(blobs, tracestate, threshold, policy))
+                if t.logs is not None:
+                    for (rhead, shead), blobs in t.log_groups:
+                        logs_out.add(rhead, shead, blobs)
             else:
                 reason = "sampled_out" if decision is NOT_SAMPLED else "policy_drop"
                 counts = dropped.get(reason)
@@ -418,15 +448,16 @@ class TailSamplingProcessor(Component):
         for reason, (n_spans, n_logs) in dropped.items():
             self._tel.dropped(Signal.TRACES, n_spans, reason)
             self._tel.dropped(Signal.LOGS, n_logs, reason)
-        kept_traces = [t for t, decision, _, _ in decided if decision is SAMPLED]
         if self._decisions is not None and self._decisions.subscribed:
-            self._decisions.publish([Decision(t.trace_id, decision is SAMPLED, policy)
+            new = tuple.__new__  # Decision's own constructor, without its Python-level __new__
+            self._decisions.publish([new(Decision, (t.trace_id, decision is SAMPLED, policy))
                                      for t, decision, policy, _ in decided])
         if spans_out.n:
             self._enqueue(spans_out, kept_traces)
         if logs_out.n:
             self._enqueue(logs_out, kept_traces)
-        self._durable.release([t for t, _, _, _ in decided])  # the output now pins what it carries
+        if self._durable.enabled:
+            self._durable.release([t for t, _, _, _ in decided])  # the output now pins what it carries
 
     def _count_traces(self, decision: str, policy: str, n: int) -> None:
         key = (decision, policy)

@@ -81,3 +81,21 @@ def test_extremes(pct):
     proc.tick(clock.advance(1))
     assert len(kept_trace_ids(sink)) == (500 if pct else 0)
     assert MAX_THRESHOLD == 1 << 56
+
+
+def test_decision_cache_put_many_is_put_of_each_in_order():
+    from sidecar.processors.tail_sampling.decisions import LRU
+
+    for size in (0, 1, 3, 5):
+        one, many = LRU(size), LRU(size)
+        for k in "abc":
+            one.put(k, 0)
+            many.put(k, 0)
+        one.get("a")
+        many.get("a")
+        batch = [("d", 1), ("b", 2), ("e", 3), ("d", 4), ("f", 5)]
+        for k, v in batch:
+            one.put(k, v)
+        many.put_many(batch)
+        assert list(many.entries.items()) == list(one.entries.items()), size
+        assert len(many) == min(size, 6)

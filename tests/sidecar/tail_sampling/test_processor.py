@@ -341,3 +341,25 @@ def test_a_request_is_acknowledged_without_waiting_behind_another_threads_delive
     sender.join(30)
     assert [r.body.string_value for r in kept_logs(sink)] == ["ERROR"]
     assert kept_trace_ids(sink) == {kept}
+
+
+def test_a_traces_spans_and_logs_keep_their_order_tracestate_and_resource_over_many_requests():
+    """A trace gathered from runs under several keys (tracestate, resource) re-emits each span under its own."""
+    proc, sink, clock, _ = make()
+    t = tid()
+    proc.consume(Envelope(Signal.LOGS, logs_request((t, 9, "l1"), resource={"service.name": "a"})))
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(t, name="s1"), span(t, name="s2", trace_state="v=a"))))
+    proc.consume(Envelope(Signal.LOGS, logs_request((t, 9, "l2"), resource={"service.name": "b"})))
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(t, name="s3"), span(t, name="s4", trace_state="v=a"),
+                                                        span(t, name="s5", trace_state="v=a"))))
+    proc.consume(Envelope(Signal.LOGS, logs_request((t, 9, "l3"), (t, 9, "l4"), resource={"service.name": "a"})))
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(t, name="s6", root=True))))
+    proc.tick(clock.advance(1))
+    assert [(s.name, s.trace_state) for s in kept_spans(sink)] == [
+        ("s1", "ot=th:0"), ("s2", "ot=th:0,v=a"), ("s3", "ot=th:0"), ("s4", "ot=th:0,v=a"), ("s5", "ot=th:0,v=a"),
+        ("s6", "ot=th:0")]
+    (logs,) = sink.of(Signal.LOGS)
+    layout = [(rl.resource.attributes[0].value.string_value, [r.body.string_value for r in rl.scope_logs[0].log_records])
+              for rl in logs.resource_logs]
+    assert layout == [("a", ["l1", "l3", "l4"]), ("b", ["l2"])]
+    assert proc.buffered_traces == 0 and proc.buffered_bytes == 0
