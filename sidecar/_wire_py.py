@@ -475,3 +475,72 @@ def audit_spans(request: bytes, keys: tuple, prefix: bytes, event_keys: tuple) -
         if spans:
             out.append(AuditSpans(b"".join(data[x:y] for x, y in _children(data, ra, rb, 1)), spans))
     return out
+
+
+def _encode_varint(v: int) -> bytes:
+    out = bytearray()
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+def _len_field(field: int, payload: bytes) -> bytes:
+    return _encode_varint(field << 3 | _LEN) + _encode_varint(len(payload)) + payload
+
+
+def _subset_span(span, data: bytes, a: int, b: int, wanted: set, prefix: bytes, event_keys: set) -> bytes | None:
+    """The span with only what audit_spans reads, or None when audit_spans would not select it."""
+    def wanted_key(x: int, y: int, keys: set, prefix: bytes) -> bool:
+        key = b""
+        for g, w, p, q in _fields(data, x, y):
+            if w == _LEN and g == 1:
+                key = data[p:q]
+        return key in keys or bool(prefix and key.startswith(prefix))
+
+    fields = _fields(data, a, b)
+    has_wanted = any(f == 9 and wt == _LEN and wanted_key(x, y, wanted, prefix) for f, wt, x, y in fields)
+    if not (has_wanted or span.kind in _ENTRY_KINDS or not span.parent_span_id):
+        return None
+    parts = []
+    for f, wt, x, y in fields:
+        if wt == _LEN:
+            if f in (1, 2, 4, 5, 15) or (f == 9 and wanted_key(x, y, wanted, prefix)):
+                parts.append(_len_field(f, data[x:y]))
+            elif f == 11 and event_keys:
+                attrs = [_len_field(3, data[p:q]) for g, w, p, q in _fields(data, x, y)
+                         if g == 3 and w == _LEN and wanted_key(p, q, event_keys, b"")]
+                if attrs:
+                    parts.append(_len_field(11, b"".join(attrs)))
+        elif wt == 0 and f == 6:
+            parts.append(b"\x30" + _encode_varint(_varint(data, x, y)[0]))
+        elif wt == 1 and f in (7, 8):
+            parts.append(_encode_varint(f << 3 | 1) + data[x:y])
+    return _len_field(2, b"".join(parts))
+
+
+def audit_subset(request: bytes, keys: tuple, prefix: bytes, event_keys: tuple) -> tuple[bytes, int]:
+    """The request re-encoded with only what ``audit_spans`` reads, and how many spans it kept: per
+    ResourceSpans with a selected span, its resource and one ScopeSpans (no scope) of the spans
+    ``audit_spans`` selects, each with only its ids, parent, name, kind, times, status, the attributes
+    ``audit_spans`` reads and, of its events, only the attributes with a key in ``event_keys``."""
+    _keys(keys), _keys(event_keys)
+    if not isinstance(prefix, bytes):
+        raise TypeError("a bytes-like object is required for prefix")
+    wanted, ekeys = set(keys), set(event_keys)
+    msg = _parse(ExportTraceServiceRequest, request)
+    data = request
+    out, kept = [], 0
+    for rs, (ra, rb) in zip(msg.resource_spans, _children(data, 0, len(data), 1)):
+        spans = []
+        for ss, (sa, sb) in zip(rs.scope_spans, _children(data, ra, rb, 2)):
+            for span, (a, b) in zip(ss.spans, _children(data, sa, sb, 2)):
+                found = _subset_span(span, data, a, b, wanted, prefix, ekeys)
+                if found is not None:
+                    spans.append(found)
+        if spans:
+            kept += len(spans)
+            resource = b"".join(_len_field(1, data[x:y]) for x, y in _children(data, ra, rb, 1))
+            out.append(_len_field(1, resource + _len_field(2, b"".join(spans))))
+    return b"".join(out), kept

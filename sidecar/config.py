@@ -232,6 +232,12 @@ def _check_references(service: ServiceConfig, sections: dict[Kind, dict[str, Com
                     problems.append(f"{at}: {kind.value} {name!r} does not support {signal.value}"
                                     f" (supports {', '.join(sorted(s.value for s in factory.signals))})")
                 if kind is Kind.PROCESSOR:
+                    for j, exp in enumerate(pipe.exporters):
+                        target = sections[Kind.EXPORTER].get(exp)
+                        if factory.feeds_only and target is not None and target.id.type not in factory.feeds_only:
+                            problems.append(f"{at}: processor {name!r} keeps only what {', '.join(sorted(factory.feeds_only))}"
+                                            f" exporters read, so it cannot feed exporter {exp!r} "
+                                            f"({where}.exporters[{j}]); give that exporter a pipeline of its own")
                     other = processor_signals.get((name, signal))
                     if other is not None:
                         problems.append(f"{at}: processor {name!r} is already used by {other}, another {signal.value} "

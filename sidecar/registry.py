@@ -67,6 +67,9 @@ class Factory:
     #: names of the metric families the component registers (``telemetry.root.family``) beyond the
     #: received/accepted/refused/dropped counters the pipeline keeps for it; checked by the contract test
     telemetry: frozenset = field(default=frozenset())
+    #: processors that keep only what some exporter types read: the exporter types its pipelines may
+    #: have (empty: any); the config check refuses any other
+    feeds_only: frozenset = field(default=frozenset())
 
 
 _MODULES = (
@@ -78,6 +81,7 @@ _MODULES = (
     "sidecar.processors.redaction",
     "sidecar.processors.k8s_resource",
     "sidecar.processors.drift",
+    "sidecar.processors.audit_fields",
     "sidecar.exporters.otlp",
     "sidecar.exporters.otlphttp",
     "sidecar.exporters.file",

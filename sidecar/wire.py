@@ -13,6 +13,8 @@ hatch, and how the test suite runs a second time. Callers never branch on which 
     log_runs(request: bytes, keep_severity: int) -> list[ResourceGroup]         # of ScopeGroup of LogRun
     audit_spans(request: bytes, keys: tuple[bytes, ...], prefix: bytes, event_keys: tuple[bytes, ...])
         -> list[AuditSpans]                                                      # of AuditSpan
+    audit_subset(request: bytes, keys: tuple[bytes, ...], prefix: bytes, event_keys: tuple[bytes, ...])
+        -> tuple[bytes, int]              # the request with only what audit_spans reads; spans kept
 
 On input the protobuf parser accepts, both answer identically (unknown fields and groups skipped, a
 field with an unexpected wire type treated as unknown, the last scalar winning, repeated message
@@ -60,8 +62,9 @@ span_metric_rows = implementation.span_metric_rows
 span_runs = implementation.span_runs
 log_runs = implementation.log_runs
 audit_spans = implementation.audit_spans
+audit_subset = implementation.audit_subset
 
 __all__ = ["IMPLEMENTATION", "MAX_KEYS", "AuditSpan", "AuditSpans", "KeyHits", "LogRun", "ResourceGroup", "ScopeGroup",
            "SpanMetricRow", "SpanRun",
-           "any_label", "audit_spans", "check_ids", "choose", "implementation", "log_runs", "pure_python_requested",
+           "any_label", "audit_spans", "audit_subset", "check_ids", "choose", "implementation", "log_runs", "pure_python_requested",
            "span_metric_rows", "span_runs"]

@@ -233,6 +233,15 @@ def _error_code(span: wire.AuditSpan, attrs: dict[str, Any]) -> str | None:
     return None
 
 
+def reduce(request: bytes) -> tuple[bytes, int]:
+    """The encoded ExportTraceServiceRequest with only what :func:`extract` reads, and how many spans it
+    kept: entry spans and spans carrying a record's attributes, each with its ids, parent, name, kind,
+    times, status and only those attributes (:func:`sidecar.wire.audit_subset`). ``extract`` gives the
+    same records and fragments from it as from the whole request, so a redaction in between scans only
+    what a record can hold (the ``audit_fields`` processor)."""
+    return wire.audit_subset(request, _KEYS, _TAG_PREFIX, _EVENT_KEYS)
+
+
 @functools.lru_cache(maxsize=256)  # a pod's requests carry one resource, or a few: parse each once
 def _service(resource: bytes) -> str:
     service = ""

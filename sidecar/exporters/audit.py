@@ -1,10 +1,13 @@
 """``audit``: every request on record, written durably before the receiver acknowledges it.
 
 Place it in a traces pipeline that branches off the receiver *before* sampling, with only
-``memory_limiter`` and a ``redaction`` instance in front, so it sees every request after
-the redaction rules::
+``memory_limiter``, ``audit_fields`` (each request reduced to what a record reads) and a
+``redaction`` instance in front, so it sees every request after the redaction rules::
 
-    traces/audit: {receivers: [otlp], processors: [memory_limiter/audit, redaction/audit], exporters: [audit]}
+    traces/audit:
+      receivers: [otlp]
+      processors: [memory_limiter/audit, audit_fields, redaction/audit]
+      exporters: [audit]
 
 ``consume`` extracts the records (:mod:`sidecar.audit.records`) and writes them in the
 caller's thread, no queue: when it returns the records are on disk, so the receiver's OK

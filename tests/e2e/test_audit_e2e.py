@@ -51,6 +51,7 @@ processors:
       - {{name: errors, type: status_code, status_code: {{status_codes: [ERROR]}}}}
       - {{name: baseline, type: probabilistic, probabilistic: {{sampling_percentage: {PERCENTAGE}}}}}
   redaction: {{allow_all_keys: true}}
+  audit_fields: {{}}
   redaction/audit: {{allow_all_keys: true, blocked_values: ["secret-[0-9]+"]}}
 exporters:
   otlp/backend:
@@ -68,7 +69,7 @@ service:
       exporters: [otlp/backend, audit/kept]
     traces/audit:
       receivers: [otlp]
-      processors: [memory_limiter/audit, redaction/audit]
+      processors: [memory_limiter/audit, audit_fields, redaction/audit]
       exporters: [audit]
 """
 

@@ -33,6 +33,7 @@ def _minimal_configs(tmp) -> dict[tuple[Kind, str], dict]:
         (Kind.PROCESSOR, "redaction"): {},
         (Kind.PROCESSOR, "k8s_resource"): {},
         (Kind.PROCESSOR, "drift"): {},
+        (Kind.PROCESSOR, "audit_fields"): {},
         (Kind.EXPORTER, "otlp"): {"endpoint": f"127.0.0.1:{free_port()}", "tls": {"insecure": True}},
         (Kind.EXPORTER, "otlphttp"): {"endpoint": f"http://127.0.0.1:{free_port()}"},
         (Kind.EXPORTER, "file"): {"directory": str(tmp / "file")},

@@ -342,6 +342,33 @@ class ScannerContract:
         with pytest.raises(ValueError, match="duplicate"):
             self.impl.audit_spans(b"", (), b"", (b"k", b"k"))
 
+    def test_audit_subset_is_a_valid_request_that_audit_spans_reads_the_same(self):
+        """The audit branch reduces each request to this before redaction: what audit records are made of
+        must come out of it exactly as out of the whole request, and nothing else may remain."""
+        kept_total = dropped = 0
+        for msg, data in samples(43, 60):
+            subset, kept = self.impl.audit_subset(data, AUDIT_KEYS, AUDIT_PREFIX, AUDIT_EVENT_KEYS)
+            reduced = ExportTraceServiceRequest.FromString(subset)  # the parser accepts it
+            spans = [s for rs in reduced.resource_spans for ss in rs.scope_spans for s in ss.spans]
+            assert kept == len(spans) == sum(audit_wanted(s) for rs in msg.resource_spans
+                                             for ss in rs.scope_spans for s in ss.spans)
+            whole = self.impl.audit_spans(data, AUDIT_KEYS, AUDIT_PREFIX, AUDIT_EVENT_KEYS)
+            part = self.impl.audit_spans(subset, AUDIT_KEYS, AUDIT_PREFIX, AUDIT_EVENT_KEYS)
+            assert [(g.resource, [sp[:-1] for sp in g.spans]) for g in part] == \
+                   [(g.resource, [sp[:-1] for sp in g.spans]) for g in whole]  # all but the span's own bytes
+            for span in spans:  # only what a record reads is left
+                assert all(audit_key(kv.key) for kv in span.attributes)
+                assert all(kv.key.encode() in AUDIT_EVENT_KEYS for ev in span.events for kv in ev.attributes)
+                assert all(ev.attributes for ev in span.events)
+                assert {f.name for f, _ in span.ListFields()} <= {
+                    "trace_id", "span_id", "parent_span_id", "name", "kind", "start_time_unix_nano",
+                    "end_time_unix_nano", "attributes", "events", "status"}
+            assert all(not ss.HasField("scope") for rs in reduced.resource_spans for ss in rs.scope_spans)
+            kept_total += kept
+            dropped += sum(len(ss.spans) for rs in msg.resource_spans for ss in rs.scope_spans) - kept
+        assert kept_total > 500 and dropped > 50
+        assert self.impl.audit_subset(b"", (), b"", ()) == (b"", 0)
+
     def test_no_memory_is_leaked_on_success_or_error(self):
         msg, data = next(samples(3, 1))
         logs = next(samples(4, 1, logs=True))[1]
@@ -351,9 +378,11 @@ class ScannerContract:
             self.impl.log_runs(logs, 17)
             self.impl.span_metric_rows(data, SERVICE, KEYS)
             self.impl.audit_spans(data, AUDIT_KEYS, AUDIT_PREFIX, AUDIT_EVENT_KEYS)
+            self.impl.audit_subset(data, AUDIT_KEYS, AUDIT_PREFIX, AUDIT_EVENT_KEYS)
             for bad in (data[:-3], logs[:-3]):
                 for call in (lambda: self.impl.span_runs(bad, KEYS), lambda: self.impl.log_runs(bad, 17),
-                             lambda: self.impl.audit_spans(bad, AUDIT_KEYS, AUDIT_PREFIX, AUDIT_EVENT_KEYS)):
+                             lambda: self.impl.audit_spans(bad, AUDIT_KEYS, AUDIT_PREFIX, AUDIT_EVENT_KEYS),
+                             lambda: self.impl.audit_subset(bad, AUDIT_KEYS, AUDIT_PREFIX, AUDIT_EVENT_KEYS)):
                     try:
                         call()
                     except ValueError:
@@ -387,7 +416,7 @@ def test_the_facade_picks_one_implementation_and_honours_sidecar_pure_python(mon
     expect_python = os.environ.get("SIDECAR_PURE_PYTHON") == "1" or _c is None
     assert wire.implementation is (_wire_py if expect_python else _c)
     assert wire.IMPLEMENTATION == ("python" if expect_python else "c")
-    for name in ("check_ids", "span_metric_rows", "span_runs", "log_runs", "audit_spans"):
+    for name in ("check_ids", "span_metric_rows", "span_runs", "log_runs", "audit_spans", "audit_subset"):
         assert getattr(wire, name) is getattr(wire.implementation, name)
     assert _c is None or _c.MAX_KEYS == _wire_py.MAX_KEYS
 
@@ -405,7 +434,8 @@ def _answers(impl, data: bytes, logs: bool):
     else:
         calls += [lambda: impl.span_runs(data, KEYS),
                   lambda: impl.span_metric_rows(data, SERVICE, KEYS),
-                  lambda: impl.audit_spans(data, AUDIT_KEYS, AUDIT_PREFIX, AUDIT_EVENT_KEYS)]
+                  lambda: impl.audit_spans(data, AUDIT_KEYS, AUDIT_PREFIX, AUDIT_EVENT_KEYS),
+                  lambda: impl.audit_subset(data, AUDIT_KEYS, AUDIT_PREFIX, AUDIT_EVENT_KEYS)]
     for call in calls:
         try:
             out.append(call())
