@@ -9,14 +9,20 @@ one failing write refuses only its own request, and every writer returns only af
 shared commit. Records are keyed by (trace_id, span_id): writing the same record twice keeps
 the first, so a retried export never duplicates.
 
-Schema changes are versioned migrations applied in order at open; a store written by a
-newer sidecar is refused rather than guessed at. Errors surface as :class:`StoreError`
-(the exporter refuses with a retryable code on it).
+Schema changes are versioned migrations, per dialect (:data:`MIGRATIONS`), applied in order at
+open; a store written by a newer sidecar is refused rather than guessed at. Errors surface as
+:class:`StoreError` (the exporter refuses with a retryable code on it).
+
+Two layouts. PostgreSQL (:class:`AuditStore`'s own methods): one ``audit_records`` table keyed
+by (trace_id, span_id). SQLite (:class:`SQLiteStore`): time-ordered partitions, so a record's
+write costs the same whatever the store holds; see there.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -29,17 +35,21 @@ from typing import Any, Callable, Iterator
 from sidecar.audit.records import AuditRecord, Extraction, Fragment, merge
 from sidecar.group_commit import GroupCommit, Member
 
-#: version -> statements. Append, never edit: a store remembers the version it reached.
-MIGRATIONS: list[tuple[int, list[str]]] = [
-    (1, [
-        """CREATE TABLE audit_records (
-            trace_id TEXT NOT NULL, span_id TEXT NOT NULL,
+log = logging.getLogger(__name__)
+
+_RECORD_COLUMNS = """trace_id TEXT NOT NULL, span_id TEXT NOT NULL,
             time_unix_nano BIGINT NOT NULL, recorded_unix_nano BIGINT NOT NULL,
             service TEXT NOT NULL, span_name TEXT NOT NULL, request_id TEXT,
             model_id TEXT, model_version TEXT, user_id TEXT, intent TEXT, tags TEXT NOT NULL,
             latency_ms DOUBLE PRECISION NOT NULL, status TEXT NOT NULL, error_code TEXT,
             parameters TEXT NOT NULL, input_payload TEXT, output_payload TEXT,
-            trace_kept INTEGER NOT NULL DEFAULT 0, kept_policy TEXT,
+            trace_kept INTEGER NOT NULL DEFAULT 0, kept_policy TEXT"""
+
+#: the steps both dialects share: one ``audit_records`` table (PostgreSQL stays at this layout)
+_ONE_TABLE: list[tuple[int, list[str]]] = [
+    (1, [
+        f"""CREATE TABLE audit_records (
+            {_RECORD_COLUMNS},
             PRIMARY KEY (trace_id, span_id))""",
         """CREATE TABLE audit_fragments (
             trace_id TEXT NOT NULL, span_id TEXT NOT NULL, service TEXT NOT NULL, fields TEXT NOT NULL,
@@ -54,11 +64,36 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "CREATE INDEX audit_kept_recorded ON audit_kept (recorded_unix_nano)",
     ]),
 ]
-SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 COLUMNS = ("trace_id", "span_id", "time_unix_nano", "recorded_unix_nano", "service", "span_name", "request_id",
            "model_id", "model_version", "user_id", "intent", "tags", "latency_ms", "status", "error_code",
            "parameters", "input_payload", "output_payload", "trace_kept", "kept_policy")
+_COLUMN_LIST = ", ".join(COLUMNS)
+
+#: SQLite 3: the table becomes the first sealed partition (its indexes follow it), an empty active partition
+#: starts, the catalog lists both and ``audit_records`` becomes a view over them (see :class:`SQLiteStore`)
+_PARTITIONS: tuple[int, list[str]] = (3, [
+    "ALTER TABLE audit_records RENAME TO audit_part_1",
+    """CREATE TABLE audit_partitions (
+        number INTEGER PRIMARY KEY, sealed INTEGER NOT NULL, rows INTEGER NOT NULL,
+        min_time BIGINT, max_time BIGINT, sealed_unix_nano BIGINT)""",
+    "INSERT INTO audit_partitions (number, sealed, rows, min_time, max_time, sealed_unix_nano) "
+    "SELECT 1, 1, count(*), min(time_unix_nano), max(time_unix_nano), 0 FROM audit_part_1",
+    f"CREATE TABLE audit_part_2 ({_RECORD_COLUMNS})",
+    "CREATE INDEX audit_part_2_time ON audit_part_2 (time_unix_nano)",
+    "INSERT INTO audit_partitions (number, sealed, rows) VALUES (2, 0, 0)",
+    f"CREATE VIEW audit_records AS SELECT {_COLUMN_LIST} FROM audit_part_1 "
+    f"UNION ALL SELECT {_COLUMN_LIST} FROM audit_part_2",
+])
+
+#: dialect -> (version, statements) in order. Append, never edit: a store remembers the version it reached.
+MIGRATIONS: dict[str, list[tuple[int, list[str]]]] = {
+    "postgresql": _ONE_TABLE,
+    "sqlite": _ONE_TABLE + [_PARTITIONS],
+}
+#: dialect -> the schema version this sidecar writes
+SCHEMA_VERSIONS: dict[str, int] = {dialect: steps[-1][0] for dialect, steps in MIGRATIONS.items()}
+
 _JSON_COLUMNS = ("tags", "parameters")
 _FRAGMENT_FIELDS = ("model_id", "model_version", "parameters", "input_payload", "output_payload")
 
@@ -116,6 +151,8 @@ class AuditStore(ABC):
     """
 
     placeholder = "?"
+    #: which :data:`MIGRATIONS` this store follows
+    dialect = "postgresql"
 
     def __init__(self, url: str):
         self.url = url
@@ -189,7 +226,7 @@ class AuditStore(ABC):
         return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", self.url)
 
     def open(self) -> "AuditStore":
-        """Connect and bring the schema to :data:`SCHEMA_VERSION`."""
+        """Connect and bring the schema to this dialect's :data:`SCHEMA_VERSIONS`."""
         with self._transaction() as cur:
             self._migrate(cur)
         return self
@@ -209,10 +246,11 @@ class AuditStore(ABC):
         current = row[0] if row else 0
         if row is None:
             cur.execute(self._sql("INSERT INTO audit_schema (version) VALUES (?)"), (0,))
-        if current > SCHEMA_VERSION:
+        target = SCHEMA_VERSIONS[self.dialect]
+        if current > target:
             raise StoreError(f"{self.describe()}: schema version {current} is newer than this sidecar's "
-                             f"{SCHEMA_VERSION}; upgrade the sidecar")
-        for version, statements in MIGRATIONS:
+                             f"{target}; upgrade the sidecar")
+        for version, statements in MIGRATIONS[self.dialect]:
             if version > current:
                 for stmt in statements:
                     cur.execute(stmt)
@@ -412,16 +450,103 @@ def _chunks(items: list[str], size: int = 400) -> Iterator[list[str]]:
         yield items[i:i + size]
 
 
+class _RecentKeys:
+    """The (trace_id, span_id) keys of records this store committed lately: two generations of sets, so memory
+    is bounded and a retried export within about ``size`` records is recognized without reading the records."""
+
+    def __init__(self, size: int):
+        self._size = size
+        self._new: set[str] = set()
+        self._old: set[str] = set()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._new or key in self._old
+
+    def add(self, keys) -> None:
+        self._new.update(keys)
+        if len(self._new) >= self._size:
+            self._old, self._new = self._new, set()
+
+
+@dataclass
+class _Partition:
+    """A row of the ``audit_partitions`` catalog."""
+
+    number: int
+    sealed: bool
+    rows: int  # sealed: records; active: rows written (duplicates not yet removed)
+    min_time: int | None
+    max_time: int | None
+    sealed_unix_nano: int | None
+
+    @property
+    def table(self) -> str:
+        return f"audit_part_{self.number}"
+
+    def overlaps(self, lo: int | None, hi: int | None) -> bool:
+        return (self.min_time is not None and lo is not None and self.min_time <= hi  # type: ignore[operator]
+                and self.max_time >= lo)  # type: ignore[operator]
+
+
+def _key(trace_id: str, span_id: str) -> str:
+    return f"{trace_id}:{span_id}"  # hex never holds ':': no two id pairs share a key
+
+
 _CHECKPOINT_PAGES = 8192  # of 4 KiB: the -wal file stays under about 32 MiB
+_VIEW_ARMS = 400  # SQLite allows 500 terms in one compound SELECT: larger views nest
+SEAL_ROWS = 100_000
 
 
 class SQLiteStore(AuditStore):
-    """The embedded default: one file, WAL, ``synchronous=FULL``, private to the sidecar's user (0600/0700)."""
+    """The embedded default: one file, WAL, ``synchronous=FULL``, private to the sidecar's user (0600/0700).
 
-    def __init__(self, url: str, path: str, *, busy_timeout: float = 5.0):
+    **Time-ordered partitions.** A record is appended to the *active partition* (``audit_part_N``, the
+    columns of ``audit_records``, indexed by time only: appends to its end); no random-keyed B-tree is
+    touched, so a record costs the same whatever the store holds. When the active partition holds
+    ``seal_rows`` records it is *sealed* in its own transaction: duplicates removed (the first written per
+    (trace_id, span_id) stays; so does a row already in a sealed partition whose time range covers it: a
+    retried export straddling a seal), fragments and kept marks that arrived after their record folded in,
+    then the indexes built (unique (trace_id, span_id), request_id, (model_version, time)); a new active
+    partition starts. Sealing 100 000 records holds the write lock about 1.5 s on a loaded 2-core machine
+    (benchmarks/audit_bench.py --prefill): writers arriving meanwhile wait for it, as for any long
+    transaction (``busy_timeout``), and the one whose write crossed the size returns after it.
+    ``audit_partitions`` catalogs the partitions (number, sealed, rows, time range).
+
+    The write path reads only the small indexed ``audit_fragments``/``audit_kept`` tables and the catalog:
+    fragments that arrived before their record are merged as it is written, kept marks present then are set;
+    a fragment or mark arriving later stays in its table and is applied when reading, and folded in at the
+    next seal. A retried export recognized by this store's memory of recent keys (:class:`_RecentKeys`) is
+    not written again (and counted as a duplicate); one it does not recognize is written and removed by
+    reads and the seal.
+
+    Reads (:meth:`query`, :meth:`count`) see every partition with the single table's semantics: no
+    duplicate (trace_id, span_id), fragments and marks merged, filters applied after merging. Readers in
+    other connections or processes see a seal whole or not at all (one transaction; WAL snapshots).
+    ``audit_records`` is a VIEW over all partitions for operators' ad-hoc SQL; rows of the active partition
+    appear there raw (a duplicate or a late fragment or mark not yet applied): ``python -m sidecar.audit
+    query`` is the exact reader. Retention drops whole partitions older than the cutoff (or the oldest first,
+    for size) and cuts the one that straddles it; dropped pages go back to the file system
+    (``auto_vacuum=INCREMENTAL``).
+    """
+
+    dialect = "sqlite"
+
+    def __init__(self, url: str, path: str, *, busy_timeout: float = 5.0, seal_rows: int = SEAL_ROWS,
+                 recent_keys: int = 16384):
         super().__init__(url)
+        if seal_rows < 1:
+            raise ValueError("seal_rows: must be >= 1")
         self.path = Path(path)
         self._busy_timeout = busy_timeout
+        #: records per partition: the active one is sealed when it holds this many
+        self.seal_rows = seal_rows
+        self._recent = _RecentKeys(recent_keys)
+        self._txn_keys: set[str] = set()  # keys written by the group's transaction so far
+        self._txn_active: int | None = None  # the active partition, read once per group's transaction
+        self._active_rows = 0  # rows of the active partition after this store's last write
+        self._seal_after = 0.0  # monotonic time before which a failed seal is not retried
+        #: seconds the last seal held the write lock (benchmarks read it)
+        self.last_seal_seconds: float | None = None
 
     def _errors(self) -> tuple[type, ...]:
         return (sqlite3.Error, OSError)
@@ -439,9 +564,8 @@ class SQLiteStore(AuditStore):
             conn.close()
             raise StoreError(f"{self.path}: cannot switch to WAL mode")
         conn.execute("PRAGMA synchronous = FULL")
-        # Each record dirties a page of each random-keyed index (trace, request): checkpointing every 32 MiB
-        # of log instead of SQLite's 4 MiB copies a page rewritten by many commits once (a quarter less CPU
-        # per record in benchmarks/audit_bench.py). A larger page cache gained ~10% and cost its memory.
+        # checkpointing every 32 MiB of log instead of SQLite's 4 MiB copies a page rewritten by many commits
+        # (the active partition's last pages) once
         conn.execute(f"PRAGMA wal_autocheckpoint = {_CHECKPOINT_PAGES}")
         return conn
 
@@ -456,4 +580,366 @@ class SQLiteStore(AuditStore):
         return (pages - free) * page
 
     def _reclaim(self, cur) -> None:
-        cur.execute("PRAGMA incremental_vacuum").fetchall()  # one page per step: run it to the end
+        # one page per step, and the sqlite3 module steps a statement without result columns once:
+        # executescript runs it to the end (after committing the otherwise empty transaction it is given)
+        cur.executescript("PRAGMA incremental_vacuum")
+
+    # --- the catalog ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _catalog(cur) -> list[_Partition]:
+        cur.execute("SELECT number, sealed, rows, min_time, max_time, sealed_unix_nano FROM audit_partitions "
+                    "ORDER BY number")
+        return [_Partition(n, bool(s), r, lo, hi, at) for n, s, r, lo, hi, at in cur.fetchall()]
+
+    @staticmethod
+    def _create_view(cur, parts: list[_Partition]) -> None:
+        """``audit_records``: every partition's rows, raw (recreated whenever partitions come or go)."""
+        arms = [f"SELECT {_COLUMN_LIST} FROM {p.table}" for p in parts]
+        while len(arms) > _VIEW_ARMS:
+            arms = [f"SELECT {_COLUMN_LIST} FROM (" + " UNION ALL ".join(arms[i:i + _VIEW_ARMS]) + ")"
+                    for i in range(0, len(arms), _VIEW_ARMS)]
+        cur.execute("DROP VIEW IF EXISTS audit_records")
+        cur.execute("CREATE VIEW audit_records AS " + " UNION ALL ".join(arms))
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def _commit_group(self, members: list[Member[_Work, int]]) -> None:
+        self._txn_keys, self._txn_active = set(), None
+        super()._commit_group(members)  # raises when nothing of the group was stored
+        self._recent.add(self._txn_keys)
+
+    def _write(self, cur, extraction: Extraction, now: int) -> int:
+        """Append: fragments to ``audit_fragments``, records (merged with what is already waiting for them)
+        to the active partition. Nothing here reads a records table."""
+        if extraction.fragments:
+            cur.executemany("INSERT INTO audit_fragments (trace_id, span_id, service, fields, recorded_unix_nano) "
+                            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (trace_id, span_id) DO NOTHING",
+                            [(f.trace_id, f.span_id, f.service, json.dumps(f.fields), now)
+                             for f in extraction.fragments])
+        records = extraction.records
+        if not records:
+            return 0
+        traces = sorted({r.trace_id for r in records})
+        pending = self._fragments_for(cur, traces)
+        kept = self._kept_for(cur, traces)
+        seen, recent = self._txn_keys, self._recent
+        rows, keys = [], []
+        lo = hi = None
+        for rec in records:
+            key = _key(rec.trace_id, rec.span_id)
+            if key in seen or key in recent:
+                continue  # written already (a retried export): the first stays
+            seen.add(key)
+            keys.append(key)
+            frags = pending.get((rec.trace_id, rec.service))
+            if frags:
+                fields_ = rec.to_json()
+                for frag in frags:
+                    merge(fields_, frag)
+                rec = AuditRecord(**fields_)
+            if rec.trace_id in kept:
+                rec.trace_kept, rec.kept_policy = True, kept[rec.trace_id]
+            rows.append(_row(rec, now))
+            t = rec.time_unix_nano
+            lo = t if lo is None or t < lo else lo
+            hi = t if hi is None or t > hi else hi
+        if not rows:
+            return 0
+        try:
+            if self._txn_active is None:
+                self._txn_active = cur.execute("SELECT max(number) FROM audit_partitions").fetchone()[0]
+            active = self._txn_active
+            cur.executemany(f"INSERT INTO audit_part_{active} ({_COLUMN_LIST}) VALUES "
+                            f"({', '.join('?' * len(COLUMNS))})", rows)
+            cur.execute("UPDATE audit_partitions SET rows = rows + ?, min_time = min(coalesce(min_time, ?), ?), "
+                        "max_time = max(coalesce(max_time, ?), ?) WHERE number = ? RETURNING rows",
+                        (len(rows), lo, lo, hi, hi, active))
+            self._active_rows = cur.fetchone()[0]
+        except BaseException:
+            seen.difference_update(keys)  # rolled back with this write's savepoint
+            raise
+        return len(rows)
+
+    def _mark_kept(self, cur, items: list[tuple[str, str]], now: int) -> int:
+        """Only the mark: records already written get it when read, and for good at their partition's seal."""
+        cur.executemany("INSERT INTO audit_kept (trace_id, policy, recorded_unix_nano) VALUES (?, ?, ?) "
+                        "ON CONFLICT (trace_id) DO NOTHING", [(t, p, now) for t, p in items])
+        return len(items)
+
+    def _after_commit(self) -> None:
+        super()._after_commit()
+        if self._active_rows >= self.seal_rows and time.monotonic() >= self._seal_after:
+            try:
+                self.seal()
+            except StoreError as e:
+                self._seal_after = time.monotonic() + 30
+                log.warning("%s: sealing the active audit partition failed, will retry: %s", self.describe(), e)
+
+    # --- sealing ---------------------------------------------------------------------------
+
+    def seal(self, *, force: bool = False) -> bool:
+        """Seal the active partition when it holds ``seal_rows`` rows (any, with ``force``) and start the next;
+        whether it sealed. One transaction: readers see all of it or nothing."""
+        t0 = time.perf_counter()
+        with self._transaction() as cur:
+            parts = self._catalog(cur)
+            active = parts[-1]
+            if active.rows < (1 if force else self.seal_rows):
+                self._active_rows = active.rows
+                return False
+            self._seal(cur, parts)
+        self._active_rows = 0
+        self.last_seal_seconds = time.perf_counter() - t0
+        log.info("%s: sealed audit partition %d (%d rows written) in %.2f s", self.describe(), active.number,
+                 active.rows, self.last_seal_seconds)
+        return True
+
+    def _seal(self, cur, parts: list[_Partition]) -> None:
+        active, t = parts[-1], parts[-1].table
+        sealed = [p for p in parts[:-1] if p.sealed]
+        # duplicates: the first written stays, and what a sealed partition already holds
+        cur.execute(f"DELETE FROM {t} WHERE rowid NOT IN (SELECT min(rowid) FROM {t} GROUP BY trace_id, span_id)")
+        for p in sealed:
+            if p.overlaps(active.min_time, active.max_time):
+                cur.execute(f"DELETE FROM {t} WHERE {self._held_by(p, t)}")
+        cur.execute(f"CREATE UNIQUE INDEX {t}_trace ON {t} (trace_id, span_id)")
+        cur.execute(f"CREATE INDEX {t}_request ON {t} (request_id)")
+        cur.execute(f"CREATE INDEX {t}_model ON {t} (model_version, time_unix_nano)")
+        # what arrived after its record: into this partition, and the previous one (records sealed just before)
+        previous = sealed[-1] if sealed else None
+        now = time.time_ns()
+        for p in (active, previous):
+            if p is None:
+                continue
+            used = self._fold_fragments(cur, p.table)
+            cur.executemany("DELETE FROM audit_fragments WHERE trace_id = ? AND span_id = ?", used)
+            since = "" if p is active else f" AND k.recorded_unix_nano >= {int(p.sealed_unix_nano or 0) - 60 * 10**9}"
+            cur.execute(f"UPDATE {p.table} SET trace_kept = 1, kept_policy = k.policy FROM audit_kept k "
+                        f"WHERE k.trace_id = {p.table}.trace_id AND {p.table}.trace_kept = 0{since}")
+        cur.execute(f"UPDATE audit_partitions SET sealed = 1, sealed_unix_nano = ?, "
+                    f"(rows, min_time, max_time) = (SELECT count(*), min(time_unix_nano), max(time_unix_nano) "
+                    f"FROM {t}) WHERE number = ?", (now, active.number))
+        nxt = _Partition(active.number + 1, False, 0, None, None, None)
+        cur.execute(f"CREATE TABLE {nxt.table} ({_RECORD_COLUMNS})")
+        cur.execute(f"CREATE INDEX {nxt.table}_time ON {nxt.table} (time_unix_nano)")
+        cur.execute("INSERT INTO audit_partitions (number, sealed, rows) VALUES (?, 0, 0)", (nxt.number,))
+        self._create_view(cur, parts + [nxt])
+
+    @staticmethod
+    def _held_by(p: _Partition, alias: str) -> str:
+        """SQL: the row ``alias`` is already in sealed partition ``p`` (which only holds its time range)."""
+        return (f"{alias}.time_unix_nano BETWEEN {int(p.min_time)} AND {int(p.max_time)} "  # type: ignore[arg-type]
+                f"AND EXISTS (SELECT 1 FROM {p.table} s WHERE s.trace_id = {alias}.trace_id "
+                f"AND s.span_id = {alias}.span_id)")
+
+    def _fold_fragments(self, cur, table: str) -> list[tuple[str, str]]:
+        """Merge the fragments waiting for records of ``table`` into them; the fragments' keys."""
+        cur.execute(f"SELECT f.trace_id, f.service, f.span_id, f.fields FROM audit_fragments f WHERE EXISTS "
+                    f"(SELECT 1 FROM {table} p WHERE p.trace_id = f.trace_id AND p.service = f.service) "
+                    f"ORDER BY f.trace_id, f.service, f.span_id")
+        waiting: dict[tuple[str, str], list[dict]] = {}
+        used = []
+        for tid, svc, sid, fields_ in cur.fetchall():
+            waiting.setdefault((tid, svc), []).append(json.loads(fields_))
+            used.append((tid, sid))
+        for (tid, svc), frags in waiting.items():
+            cur.execute(f"SELECT span_id, {', '.join(_FRAGMENT_FIELDS)} FROM {table} WHERE trace_id = ? "
+                        f"AND service = ?", (tid, svc))
+            for row in cur.fetchall():
+                current = dict(zip(_FRAGMENT_FIELDS, row[1:]))
+                current["parameters"] = json.loads(current["parameters"] or "{}")
+                merged = dict(current)
+                for frag in frags:
+                    merge(merged, frag)
+                if merged != current:
+                    merged["parameters"] = _json(merged["parameters"])
+                    cur.execute(f"UPDATE {table} SET {', '.join(f + ' = ?' for f in _FRAGMENT_FIELDS)} "
+                                "WHERE trace_id = ? AND span_id = ?",
+                                tuple(merged[f] for f in _FRAGMENT_FIELDS) + (tid, row[0]))
+        return used
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def _visible(self, cur, parts: list[_Partition]) -> tuple[str, set[int]]:
+        """For the active partition (alias ``p``): SQL excluding its rows a sealed partition already holds,
+        and the rowids of its rows that repeat an earlier row's (trace_id, span_id)."""
+        active = parts[-1]
+        held = [f"NOT ({self._held_by(s, 'p')})" for s in parts[:-1]
+                if s.sealed and s.overlaps(active.min_time, active.max_time)]
+        repeats: set[int] = set()
+        if active.rows:
+            cur.execute(f"SELECT group_concat(rowid) FROM {active.table} GROUP BY trace_id, span_id "
+                        f"HAVING count(*) > 1")
+            for (ids,) in cur.fetchall():
+                rowids = sorted(int(i) for i in ids.split(","))
+                repeats.update(rowids[1:])
+        return " AND ".join(held), repeats
+
+    def query(self, q: Query) -> list[AuditRecord]:
+        where, args = [], []
+        for col, value in (("request_id", q.request_id), ("trace_id", q.trace_id), ("status", q.status)):
+            if value is not None:
+                where.append(f"p.{col} = ?")
+                args.append(value.upper() if col == "status" else value.lower() if col == "trace_id" else value)
+        if q.model_version is not None:  # a fragment not yet folded in may name it: checked again after merging
+            where.append("(p.model_version = ? OR (p.model_version IS NULL AND EXISTS (SELECT 1 FROM audit_fragments "
+                         "f WHERE f.trace_id = p.trace_id AND f.service = p.service)))")
+            args.append(q.model_version)
+        if q.since is not None:
+            where.append("p.time_unix_nano >= ?")
+            args.append(q.since)
+        if q.until is not None:
+            where.append("p.time_unix_nano < ?")
+            args.append(q.until)
+        limit = q.limit if q.limit is not None and q.limit >= 0 else None
+        out: list[AuditRecord] = []
+        if limit == 0:
+            return out
+        with self._transaction(write=False) as cur:
+            parts = self._catalog(cur)
+            held, repeats = self._visible(cur, parts)
+            streams = []
+            for p in parts:
+                if p.min_time is None or (q.since is not None and p.max_time < q.since) or \
+                        (q.until is not None and p.min_time >= q.until):
+                    continue
+                cond = list(where)
+                if not p.sealed and held:
+                    cond.append(held)
+                sql = (f"SELECT {', '.join('p.' + c for c in COLUMNS)}, p.rowid, k.trace_id IS NOT NULL, k.policy, "
+                       "EXISTS (SELECT 1 FROM audit_fragments f WHERE f.trace_id = p.trace_id AND "
+                       f"f.service = p.service) FROM {p.table} p LEFT JOIN audit_kept k ON k.trace_id = p.trace_id"
+                       + (" WHERE " + " AND ".join(cond) if cond else "")
+                       + " ORDER BY p.time_unix_nano, p.trace_id, p.span_id")
+                c = self._conn.cursor()
+                c.execute(sql, args)
+                rows: Iterator[tuple] = iter(c)
+                if not p.sealed and repeats:
+                    rows = (r for r in rows if r[20] not in repeats)
+                streams.append(rows)
+            waiting: dict[tuple[str, str], list[dict]] = {}
+            for row in heapq.merge(*streams, key=lambda r: (r[2], r[0], r[1])):
+                rec = _record(row[:20])
+                if row[23]:
+                    key = (rec.trace_id, rec.service)
+                    if key not in waiting:
+                        cur.execute("SELECT fields FROM audit_fragments WHERE trace_id = ? AND service = ? "
+                                    "ORDER BY span_id", key)
+                        waiting[key] = [json.loads(f) for (f,) in cur.fetchall()]
+                    fields_ = rec.to_json()
+                    for frag in waiting[key]:
+                        merge(fields_, frag)
+                    rec = AuditRecord(**fields_)
+                if row[21] and not rec.trace_kept:
+                    rec.trace_kept, rec.kept_policy = True, row[22]
+                if q.model_version is not None and rec.model_version != q.model_version:
+                    continue
+                out.append(rec)
+                if limit is not None and len(out) >= limit:
+                    break
+        return out
+
+    def _active_count(self, cur, parts: list[_Partition], where: str = "1", args: tuple = ()) -> int:
+        """Records of the active partition a reader sees (and that match ``where``, over alias ``p``)."""
+        active = parts[-1]
+        if not active.rows:
+            return 0
+        held, _ = self._visible(cur, parts[:-1] + [active])
+        cur.execute(f"SELECT count(*) FROM (SELECT min(rowid) AS first FROM {active.table} "
+                    f"GROUP BY trace_id, span_id) g JOIN {active.table} p ON p.rowid = g.first "
+                    f"WHERE {where}" + (f" AND {held}" if held else ""), args)
+        return cur.fetchone()[0]
+
+    def count(self) -> int:
+        with self._transaction(write=False) as cur:
+            parts = self._catalog(cur)
+            return sum(p.rows for p in parts if p.sealed) + self._active_count(cur, parts)
+
+    def newest_time(self) -> int | None:
+        with self._transaction(write=False) as cur:
+            newest = None
+            for p in self._catalog(cur):
+                t = cur.execute(f"SELECT max(time_unix_nano) FROM {p.table}").fetchone()[0]
+                if t is not None and (newest is None or t > newest):
+                    newest = t
+            return newest
+
+    # --- retention -------------------------------------------------------------------------
+
+    def _drop(self, cur, p: _Partition) -> None:
+        cur.execute(f"DROP TABLE {p.table}")
+        cur.execute("DELETE FROM audit_partitions WHERE number = ?", (p.number,))
+
+    def _cut(self, cur, parts: list[_Partition], p: _Partition, op: str, cutoff: int) -> int:
+        """Delete the rows of ``p`` with ``time_unix_nano {op} cutoff``; how many records a reader loses."""
+        lost = self._active_count(cur, parts, f"p.time_unix_nano {op} ?", (cutoff,)) if not p.sealed else None
+        cur.execute(f"DELETE FROM {p.table} WHERE time_unix_nano {op} ?", (cutoff,))
+        deleted = max(cur.rowcount, 0)
+        cur.execute(f"UPDATE audit_partitions SET rows = rows - ?, min_time = (SELECT min(time_unix_nano) FROM "
+                    f"{p.table}), max_time = (SELECT max(time_unix_nano) FROM {p.table}) WHERE number = ?",
+                    (deleted, p.number))
+        p.rows -= deleted
+        return deleted if lost is None else lost
+
+    def delete_older_than(self, cutoff_unix_nano: int) -> int:
+        """Records that started before the cutoff (whole partitions dropped, the straddling one cut), and
+        marks and fragments stored before it."""
+        n = 0
+        with self._transaction() as cur:
+            parts = self._catalog(cur)
+            keep = []
+            for p in parts:
+                if p.sealed and (p.max_time is None or p.max_time < cutoff_unix_nano):
+                    self._drop(cur, p)
+                    n += p.rows
+                    continue
+                keep.append(p)
+            for p in keep:
+                if p.min_time is not None and p.min_time < cutoff_unix_nano:
+                    n += self._cut(cur, keep, p, "<", cutoff_unix_nano)
+            if len(keep) < len(parts):
+                self._create_view(cur, keep)
+            cur.execute("DELETE FROM audit_kept WHERE recorded_unix_nano < ?", (cutoff_unix_nano,))
+            cur.execute("DELETE FROM audit_fragments WHERE recorded_unix_nano < ?", (cutoff_unix_nano,))
+        with self._transaction() as cur:
+            self._reclaim(cur)
+        return n
+
+    def shrink_to(self, max_bytes: int) -> int:
+        """Delete the oldest records until the live size is at most ``max_bytes``: the oldest partitions
+        whole, then the oldest rows of the next; returns how many."""
+        deleted = 0
+        for _ in range(64):  # each round removes a share proportional to the excess
+            size = self.size_bytes()
+            if size <= max_bytes:
+                break
+            total = self.count()
+            if total == 0:
+                break
+            need = max(1, int(total * (1 - max_bytes / size)) + total // 100)
+            with self._transaction() as cur:
+                parts = self._catalog(cur)
+                keep = list(parts)
+                for p in parts:
+                    if need <= 0:
+                        break
+                    if p.sealed and p.rows <= need:
+                        self._drop(cur, p)
+                        keep.remove(p)
+                        deleted += p.rows
+                        need -= p.rows
+                        continue
+                    if p.rows == 0:
+                        continue
+                    skip = min(need, p.rows) - 1  # the newest time among the ``need`` oldest rows
+                    cutoff = cur.execute(f"SELECT time_unix_nano FROM {p.table} ORDER BY time_unix_nano "
+                                         f"LIMIT 1 OFFSET {skip}").fetchone()[0]
+                    n = self._cut(cur, keep, p, "<=", cutoff)
+                    deleted += n
+                    need -= max(n, 1)
+                if len(keep) < len(parts):
+                    self._create_view(cur, keep)
+            with self._transaction() as cur:
+                self._reclaim(cur)
+        return deleted

@@ -1,15 +1,17 @@
 """The stores, SQLite and a real PostgreSQL, through one set of tests: durability settings, idempotence,
-fragments and kept marks in either order, queries, migrations, retention, private files."""
+fragments and kept marks in either order, queries, migrations, retention, private files; then SQLite's
+time-ordered partitions (a small ``seal_rows``): the same semantics on both sides of a seal."""
 
 import os
 import sqlite3
 import stat
+import threading
 import time
 
 import pytest
 
-from sidecar.audit.records import extract
-from sidecar.audit.store import SCHEMA_VERSION, Query, SQLiteStore, StoreError
+from sidecar.audit.records import AuditRecord, Extraction, Fragment, extract
+from sidecar.audit.store import MIGRATIONS, SCHEMA_VERSIONS, Query, SQLiteStore, StoreError, _row
 from sidecar.audit.urls import open_store
 
 from .spans import App
@@ -99,7 +101,7 @@ def test_query_filters(store):
 
 
 def test_schema_is_versioned_and_a_newer_store_is_refused(store):
-    assert store.schema_version() == SCHEMA_VERSION
+    assert store.schema_version() == SCHEMA_VERSIONS[store.dialect]
     with store._transaction() as cur:
         cur.execute("UPDATE audit_schema SET version = 99")
     again = open_store(store.url)
@@ -141,21 +143,24 @@ def test_sqlite_is_wal_full_sync_and_private(tmp_path):
 
 def test_sqlite_migrates_a_version_1_store(tmp_path):
     path = tmp_path / "v1.db"
-    s = SQLiteStore(str(path), str(path))
-    from sidecar.audit import store as store_mod
-
-    v1 = store_mod.MIGRATIONS[:1]
-    original, store_mod.MIGRATIONS = store_mod.MIGRATIONS, v1
-    try:
-        s.open()
-    finally:
-        store_mod.MIGRATIONS = original
-    s.close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    conn.execute("CREATE TABLE audit_schema (version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO audit_schema VALUES (1)")
+    for stmt in MIGRATIONS["sqlite"][0][1]:
+        conn.execute(stmt)
+    conn.close()
     s = open_store(str(path)).open()
-    assert s.schema_version() == SCHEMA_VERSION
+    assert s.schema_version() == SCHEMA_VERSIONS["sqlite"]
     names = {r[0] for r in s._conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert "audit_records_request" in names
     s.close()
+
+
+def test_migrations_are_per_dialect_and_postgres_keeps_one_table():
+    assert [v for v, _ in MIGRATIONS["postgresql"]] == [1, 2]
+    assert [v for v, _ in MIGRATIONS["sqlite"]] == [1, 2, 3]
+    assert MIGRATIONS["sqlite"][:2] == MIGRATIONS["postgresql"]  # the shared steps are one list, not a copy
 
 
 def test_urls_are_checked():
@@ -188,3 +193,307 @@ def test_times_beyond_what_sql_integers_hold_are_clamped_not_refused(store):
     assert store.write(extract(req)) == 1
     (rec,) = store.query(Query(request_id="req-far-future"))
     assert rec.time_unix_nano == 2**63 - 1 and rec.latency_ms == 0.0
+
+
+# --- SQLite partitions ---------------------------------------------------------------------------
+
+T0 = 1_700_000_000 * 10**9
+SECOND = 10**9
+
+
+def _rec(i: int, *, t: int | None = None, version: str | None = "1.0", status: str = "OK",
+         service: str = "svc") -> AuditRecord:
+    return AuditRecord(trace_id=f"{i:032x}", span_id=f"{i:016x}", time_unix_nano=T0 + i * SECOND if t is None else t,
+                       service=service, span_name="POST /predict", request_id=f"req-{i}", model_version=version,
+                       status=status, parameters={"batch_size": i})
+
+
+def _frag(i: int, **fields) -> Fragment:
+    return Fragment(trace_id=f"{i:032x}", span_id=f"{i + 10**6:016x}", service="svc", fields=fields)
+
+
+def _write(store, *records: AuditRecord, fragments: tuple[Fragment, ...] = ()) -> int:
+    return store.write(Extraction(list(records), list(fragments)))
+
+
+def _sqlite(path, **kw) -> SQLiteStore:
+    return SQLiteStore(str(path), str(path), **kw).open()
+
+
+def _partitions(store) -> list[tuple[int, bool]]:
+    with store._transaction(write=False) as cur:
+        return [(p.number, p.sealed) for p in store._catalog(cur)]
+
+
+def _raw(store, sql: str) -> list[tuple]:
+    with store._transaction(write=False) as cur:
+        return cur.execute(sql).fetchall()
+
+
+def _by_request(store, q: Query | None = None) -> dict[str, AuditRecord]:
+    got = store.query(q or Query())
+    ids = [r.request_id for r in got]
+    assert len(ids) == len(set(ids)), f"a record returned twice: {ids}"
+    return {r.request_id: r for r in got}
+
+
+def test_fragments_and_kept_marks_in_either_order_on_both_sides_of_a_seal(tmp_path):
+    s = _sqlite(tmp_path / "a.db", seal_rows=4)
+    # 1: fragment before its record (merged on write); 2: fragment after it (read time, then the seal)
+    _write(s, fragments=(_frag(1, model_id="m1", model_version="9.1"),))
+    _write(s, _rec(1, version=None), _rec(2, version=None))
+    _write(s, fragments=(_frag(2, model_id="m2", model_version="9.2", parameters={"seed": 2}),))
+    # 3: mark before its record; 2: mark after it
+    s.mark_kept({_rec(3).trace_id: "errors"})
+    _write(s, _rec(3))
+    s.mark_kept({_rec(2).trace_id: "baseline"})
+
+    def check(expected_sealed: list[int]):
+        got = _by_request(s)
+        assert (got["req-1"].model_id, got["req-1"].model_version) == ("m1", "9.1")
+        assert (got["req-2"].model_id, got["req-2"].model_version) == ("m2", "9.2")
+        assert got["req-2"].parameters == {"batch_size": 2, "seed": 2}  # the record's own value wins per key
+        assert (got["req-2"].trace_kept, got["req-2"].kept_policy) == (True, "baseline")
+        assert (got["req-3"].trace_kept, got["req-3"].kept_policy) == (True, "errors")
+        assert not got["req-1"].trace_kept
+        assert [r.request_id for r in s.query(Query(model_version="9.2"))] == ["req-2"]  # from the fragment
+        assert [n for n, sealed in _partitions(s) if sealed][1:] == expected_sealed
+
+    check([])
+    _write(s, _rec(4))  # the fourth row: the write that reaches seal_rows seals the partition
+    check([2])
+    # folded in for good: the raw rows say it, and the late fragment is gone
+    assert _raw(s, f"SELECT model_version, trace_kept, kept_policy FROM audit_part_2 WHERE trace_id = "
+                   f"'{_rec(2).trace_id}'") == [("9.2", 1, "baseline")]
+    assert _raw(s, "SELECT count(*) FROM audit_fragments") == [(0,)]
+    # after the seal: a fragment and a mark for a sealed record, and for records of the new active partition
+    _write(s, fragments=(_frag(4, model_id="m4", model_version="9.4"), _frag(5, model_id="m5")))
+    s.mark_kept({_rec(4).trace_id: "late", _rec(6).trace_id: "early"})
+    _write(s, _rec(5, version=None), _rec(6))
+    got = _by_request(s)
+    assert got["req-4"].model_version == "1.0" and got["req-4"].model_id == "m4"  # the record's own version wins
+    assert (got["req-4"].trace_kept, got["req-4"].kept_policy) == (True, "late")
+    assert got["req-5"].model_id == "m5" and got["req-6"].kept_policy == "early"
+    _write(s, _rec(7), _rec(8))  # seals partition 3; the late mark and fragment of req-4 fold into partition 2
+    check([2, 3])
+    assert _raw(s, f"SELECT model_id, trace_kept FROM audit_part_2 WHERE trace_id = '{_rec(4).trace_id}'") == \
+        [("m4", 1)]
+    assert s.count() == 8
+    s.close()
+
+
+def test_a_duplicate_is_returned_once_and_sealed_away_even_straddling_a_seal(tmp_path):
+    path = tmp_path / "a.db"
+    s = _sqlite(path, seal_rows=3)
+    assert _write(s, _rec(1), _rec(2), _rec(3)) == 3  # sealed
+    assert _write(s, _rec(3)) == 0  # a retry this store remembers: not written again
+    other = _sqlite(path, seal_rows=3)  # a second writer (another process) does not remember it
+    assert _write(other, _rec(3), _rec(4)) == 2
+    assert _write(other, _rec(4, status="ERROR")) == 0
+    third = _sqlite(path, seal_rows=100)  # so this write does not seal
+    assert _write(third, _rec(4, status="ERROR")) == 1  # a duplicate inside the active partition
+    assert _raw(s, "SELECT count(*) FROM audit_records") == [(6,)]  # the raw view holds both
+    for store in (s, other, third):
+        assert store.count() == 4
+        got = _by_request(store)
+        assert sorted(got) == ["req-1", "req-2", "req-3", "req-4"]
+        assert got["req-4"].status == "OK"  # the first written
+        assert [r.request_id for r in store.query(Query(status="error"))] == []
+        assert [r.request_id for r in store.query(Query(since=_rec(3).time_unix_nano))] == ["req-3", "req-4"]
+    assert s.seal(force=True)
+    assert _raw(s, "SELECT count(*) FROM audit_records") == [(4,)]  # sealed away
+    assert _raw(s, "SELECT request_id, status FROM audit_part_3") == [("req-4", "OK")]
+    assert s.count() == 4 and sorted(_by_request(s)) == ["req-1", "req-2", "req-3", "req-4"]
+    for store in (s, other, third):
+        store.close()
+
+
+def test_queries_see_sealed_and_active_partitions_as_one_table(tmp_path):
+    s = _sqlite(tmp_path / "a.db", seal_rows=7)
+    rng = __import__("random").Random(5)
+    records = []
+    for i in range(1, 40):  # out of time order, as exports from several clients arrive
+        r = _rec(i, t=T0 + rng.randrange(0, 30) * SECOND, version=rng.choice(["1.0", "2.0", None]),
+                 status=rng.choice(["OK", "ERROR"]))
+        records.append(r)
+    for i in range(0, len(records), 3):
+        _write(s, *records[i:i + 3])
+    assert len([1 for _, sealed in _partitions(s) if sealed]) == 1 + 4  # the migrated empty one, four of 9 rows
+    order = sorted(records, key=lambda r: (r.time_unix_nano, r.trace_id, r.span_id))
+
+    def ids(q: Query) -> list[str]:
+        return [r.request_id for r in s.query(q)]
+
+    assert s.query(Query()) == order
+    assert ids(Query(limit=5)) == [r.request_id for r in order[:5]]
+    assert ids(Query(request_id="req-17")) == ["req-17"]
+    assert ids(Query(trace_id=_rec(33).trace_id.upper())) == ["req-33"]
+    assert ids(Query(model_version="2.0")) == [r.request_id for r in order if r.model_version == "2.0"]
+    assert ids(Query(status="error", limit=3)) == [r.request_id for r in order if r.status == "ERROR"][:3]
+    since, until = T0 + 10 * SECOND, T0 + 20 * SECOND
+    assert ids(Query(since=since, until=until)) == \
+        [r.request_id for r in order if since <= r.time_unix_nano < until]
+    assert s.count() == 39
+    assert s.newest_time() == order[-1].time_unix_nano
+    # the operators' view: plain SQL over every partition
+    conn = sqlite3.connect(s.path)
+    assert conn.execute("SELECT count(*), max(time_unix_nano) FROM audit_records").fetchone() == \
+        (39, order[-1].time_unix_nano)
+    conn.close()
+    s.close()
+
+
+def test_retention_drops_whole_partitions_and_cuts_the_one_that_straddles(tmp_path):
+    s = _sqlite(tmp_path / "a.db", seal_rows=10)
+    pad = "x" * 4000
+    for part in range(4):  # partitions 2..4 sealed, 5 active: ten records each, a minute apart
+        recs = [_rec(part * 10 + i, t=T0 + (part * 60 + i) * SECOND) for i in range(10)]
+        for r in recs:
+            r.input_payload = pad
+        _write(s, *recs)
+    s.mark_kept({_rec(35).trace_id: "p"})
+    assert _partitions(s) == [(1, True), (2, True), (3, True), (4, True), (5, True), (6, False)]
+    tables = lambda: {r[0] for r in _raw(s, "SELECT name FROM sqlite_master WHERE name GLOB 'audit_part_[0-9]*' "  # noqa: E731
+                                            "AND type = 'table'")}
+    # a cutoff inside the second partition: the first goes whole, the second is cut
+    assert s.delete_older_than(T0 + 65 * SECOND) == 15
+    assert tables() == {"audit_part_3", "audit_part_4", "audit_part_5", "audit_part_6"}
+    assert s.count() == 25 and min(r.time_unix_nano for r in s.query(Query())) == T0 + 65 * SECOND
+    assert _raw(s, "SELECT count(*) FROM audit_records") == [(25,)]
+    assert _raw(s, "PRAGMA freelist_count") == [(0,)]  # the dropped pages went back
+    # by size: the oldest partitions first, the newest records stay
+    size = s.size_bytes()
+    deleted = s.shrink_to(size // 2)
+    assert s.size_bytes() <= size // 2 and deleted >= 12 and s.count() == 25 - deleted
+    assert "audit_part_3" not in tables()
+    got = s.query(Query())
+    assert max(r.time_unix_nano for r in got) == T0 + 189 * SECOND
+    assert sorted(r.request_id for r in got) == sorted(f"req-{i}" for i in range(40 - len(got), 40))
+    assert next(r for r in got if r.request_id == "req-35").kept_policy == "p"
+    _write(s, _rec(40, t=T0 + 300 * SECOND))  # still writable, into the active partition
+    assert s.count() == 25 - deleted + 1
+    s.close()
+
+
+#: the layout of schema version 2, frozen here as a store written by an older sidecar has it
+_V2_DDL = [
+    """CREATE TABLE audit_records (
+        trace_id TEXT NOT NULL, span_id TEXT NOT NULL,
+        time_unix_nano BIGINT NOT NULL, recorded_unix_nano BIGINT NOT NULL,
+        service TEXT NOT NULL, span_name TEXT NOT NULL, request_id TEXT,
+        model_id TEXT, model_version TEXT, user_id TEXT, intent TEXT, tags TEXT NOT NULL,
+        latency_ms DOUBLE PRECISION NOT NULL, status TEXT NOT NULL, error_code TEXT,
+        parameters TEXT NOT NULL, input_payload TEXT, output_payload TEXT,
+        trace_kept INTEGER NOT NULL DEFAULT 0, kept_policy TEXT,
+        PRIMARY KEY (trace_id, span_id))""",
+    """CREATE TABLE audit_fragments (
+        trace_id TEXT NOT NULL, span_id TEXT NOT NULL, service TEXT NOT NULL, fields TEXT NOT NULL,
+        recorded_unix_nano BIGINT NOT NULL, PRIMARY KEY (trace_id, span_id))""",
+    """CREATE TABLE audit_kept (
+        trace_id TEXT PRIMARY KEY, policy TEXT NOT NULL, recorded_unix_nano BIGINT NOT NULL)""",
+    "CREATE INDEX audit_records_time ON audit_records (time_unix_nano)",
+    "CREATE INDEX audit_records_request ON audit_records (request_id)",
+    "CREATE INDEX audit_records_model ON audit_records (model_version, time_unix_nano)",
+    "CREATE INDEX audit_kept_recorded ON audit_kept (recorded_unix_nano)",
+    "CREATE TABLE audit_schema (version INTEGER NOT NULL)",
+    "INSERT INTO audit_schema (version) VALUES (2)",
+]
+
+
+def test_a_version_2_store_becomes_the_first_sealed_partition(tmp_path):
+    path = tmp_path / "v2.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    conn.execute("PRAGMA journal_mode = WAL")
+    for stmt in _V2_DDL:
+        conn.execute(stmt)
+    old = [_rec(i) for i in range(1, 301)]
+    conn.executemany(f"INSERT INTO audit_records VALUES ({', '.join('?' * 20)})", [_row(r, T0) for r in old])
+    conn.execute("INSERT INTO audit_fragments VALUES (?, ?, 'svc', ?, ?)",  # waiting for a record not yet written
+                 (_rec(301).trace_id, "ff" * 8, '{"model_id": "m301"}', T0))
+    conn.close()
+    s = _sqlite(path, seal_rows=50)
+    assert s.schema_version() == 3
+    assert _partitions(s) == [(1, True), (2, False)]
+    indexes = {r[0] for r in _raw(s, "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = "
+                                     "'audit_part_1'")}
+    assert {"audit_records_time", "audit_records_request", "audit_records_model"} <= indexes  # they followed
+    assert s.query(Query()) == old
+    assert [r.request_id for r in s.query(Query(request_id="req-150"))] == ["req-150"]
+    assert s.count() == 300
+    assert _write(s, _rec(300), _rec(301)) == 2  # a retry of a migrated record (not in this store's memory)
+    got = _by_request(s)
+    assert len(got) == 301 and got["req-301"].model_id == "m301"
+    assert s.seal(force=True)
+    assert _raw(s, "SELECT count(*) FROM audit_records") == [(301,)]
+    s.close()
+    again = open_store(str(path)).open()  # reopening migrates nothing more
+    assert again.schema_version() == 3 and again.count() == 301
+    again.close()
+
+
+def test_a_reader_in_another_connection_during_seals_sees_every_record_once(tmp_path):
+    path = tmp_path / "a.db"
+    writer = _sqlite(path, seal_rows=10**9)  # sealed by hand below
+    records = [_rec(i, t=T0 + i) for i in range(1, 3001)]
+    for i in range(0, 3000, 500):
+        _write(writer, *records[i:i + 500])
+    _write(_sqlite(path), *records[:200])  # duplicates from a writer that does not remember them
+    expected = [r.request_id for r in records]
+    reader = open_store(str(path)).open()  # another connection
+    reads, bad, stop = [0], [], threading.Event()
+
+    def read():
+        while not stop.is_set():
+            got = [r.request_id for r in reader.query(Query())]
+            n = reader.count()
+            if got != expected or n != 3000:
+                bad.append((len(got), len(set(got)), n))
+            reads[0] += 1
+
+    t = threading.Thread(target=read)
+    t.start()
+    try:
+        deadline = time.monotonic() + 60
+        for _ in range(3):  # seal while reads run: each read sees before or after, never between
+            before = reads[0]
+            while reads[0] == before:
+                assert time.monotonic() < deadline and t.is_alive()
+                time.sleep(0.001)
+            assert writer.seal(force=True)
+            _write(_sqlite(path), *records[2000:2100])  # and duplicates straddling it
+    finally:
+        stop.set()
+        t.join(60)
+    assert not bad, bad[:3]
+    assert reads[0] >= 3
+    assert _raw(writer, "SELECT count(*) FROM audit_records") == [(3100,)]  # the last straddling duplicates
+    reader.close()
+    writer.close()
+
+
+def test_two_stores_on_one_file_write_records_and_marks_across_seals(tmp_path):
+    """The audit exporter and the audit/kept exporter: two connections, one seals while the other marks."""
+    path = tmp_path / "a.db"
+    records, marks = _sqlite(path, seal_rows=20), _sqlite(path, seal_rows=20)
+    recs = [_rec(i) for i in range(100)]
+    errors = []
+
+    def mark():
+        try:
+            for r in recs:
+                marks.mark_kept({r.trace_id: f"p{r.request_id}"})
+        except Exception as e:  # noqa: BLE001 - the test reports it
+            errors.append(e)
+
+    t = threading.Thread(target=mark)
+    t.start()
+    for i in range(0, 100, 5):
+        _write(records, *recs[i:i + 5])
+    t.join(60)
+    assert not errors
+    got = _by_request(marks)
+    assert len(got) == 100 and all(r.kept_policy == f"p{r.request_id}" for r in got.values())
+    assert len(_partitions(records)) == 1 + 5 + 1  # migrated empty, five sealed, the active one
+    records.close()
+    marks.close()
