@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/audit_bench.py [--requests-per-export 64] [--exports 150] [--store sqlite|postgres]
     .venv/bin/python benchmarks/audit_bench.py --default 100 [--pii 1.0]   # fsyncs / commits per request
+    .venv/bin/python benchmarks/audit_bench.py --exports 80 --stages-only --prefill 1000000  # a full store
 
 Two real ``python -m sidecar`` processes run one after the other, each fed the same
 pre-encoded OTLP exports (the workload of benchmarks/workload.py: server span + 3 model
@@ -14,6 +15,10 @@ spans per request) by 4 gRPC client threads, forwarding to a counting backend:
 Printed: wall time per request as the client sees it (export acknowledged), the sidecar's
 CPU time per request, and the ratios audit / baseline, then the CPU of each step of the branch in
 one process. Audit writes arriving together share one fsynced transaction (group commit).
+``--prefill N`` writes N records (older, distinct) into the store before the store-write step is
+measured, in writes of 10 000: the cost of a record as the store grows; with it, the SQLite store's
+seals (each holding the write lock) and two reads are timed too. ``--stages-only`` skips the two
+sidecar processes.
 """
 
 from __future__ import annotations
@@ -108,7 +113,42 @@ def run(bodies: list[bytes], store: str | None, workdir: str) -> tuple[float, fl
         backend.stop()
 
 
-def stages(bodies: list[bytes], per_export: int, store: str) -> None:
+def prefill(s, template, n: int) -> None:
+    """``n`` distinct records like ``template``, older than the measured ones, in writes of 10 000 records."""
+    from sidecar.audit.records import AuditRecord, Extraction
+
+    fields = template.to_json()
+    t = template.time_unix_nano - 86400 * 10**9 - n * 1000
+    rng = random.Random(7)
+    seals = []
+    t0 = time.perf_counter()
+    for start in range(0, n, 10_000):
+        records = []
+        for i in range(start, min(n, start + 10_000)):
+            fields.update(trace_id=f"{rng.getrandbits(128):032x}", span_id=f"{rng.getrandbits(64):016x}",
+                          time_unix_nano=t + i * 1000, request_id=f"prefill-{i}")
+            records.append(AuditRecord(**fields))
+        before = getattr(s, "last_seal_seconds", None)
+        s.write(Extraction(records, []))
+        if getattr(s, "last_seal_seconds", None) != before:
+            seals.append(s.last_seal_seconds)
+    print(f"  prefilled {n} records in {time.perf_counter() - t0:.0f} s")
+    if seals:
+        print(f"  {len(seals)} seals of {s.seal_rows} rows: write lock held {min(seals):.2f} s min, "
+              f"{sorted(seals)[len(seals) // 2]:.2f} s median, {max(seals):.2f} s max")
+
+
+def reads(s, request_id: str) -> None:
+    """Wall time of two reads an operator or the exporter makes."""
+    from sidecar.audit.store import Query
+
+    for label, fn in (("count()", s.count), ("query(request_id)", lambda: s.query(Query(request_id=request_id)))):
+        t0 = time.perf_counter()
+        fn()
+        print(f"  {'read: ' + label:34s} {(time.perf_counter() - t0) * 1e3:7.1f} ms")
+
+
+def stages(bodies: list[bytes], per_export: int, store: str, prefilled: int = 0) -> None:
     """In one process, no gRPC: CPU per request of each step of the audit branch (where the time goes)."""
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
@@ -148,6 +188,8 @@ service: {pipelines: {traces: {receivers: [otlp], processors: [redaction/audit],
     cpu("redaction/audit (on the bytes)", lambda: [redaction.consume(e) for e in envelopes])
     extractions = cpu("extract records (sidecar.audit.records)", lambda: [extract(e.encoded) for e in envelopes])
     s = open_store(store).open()
+    if prefilled:
+        prefill(s, extractions[0].records[0], prefilled)
     half = len(extractions) // 2
     t0 = time.process_time()
     for e in extractions[:half]:
@@ -168,6 +210,7 @@ service: {pipelines: {traces: {receivers: [otlp], processors: [redaction/audit],
     print(f"  {'store write, %d writers (group commit)' % CLIENTS:34s} "
           f"{(time.process_time() - t0) / (len(rest) * per_export) * 1e6:7.1f} us/request, "
           f"{len(rest) / max(1, s.group_commit.commits - commits):.1f} writes per commit")
+    reads(s, extractions[-1].records[-1].request_id)
     s.close()
 
 
@@ -215,6 +258,9 @@ def main() -> int:
     ap.add_argument("--default", type=int, metavar="N", help="instead: the shipped default config on N requests of "
                     "benchmarks/throughput.py's load, printing fsyncs and audit commits per request")
     ap.add_argument("--pii", type=float, default=0.05, help="with --default: share of traces with PII")
+    ap.add_argument("--prefill", type=int, default=0, metavar="N",
+                    help="records already in the store before its write step is measured")
+    ap.add_argument("--stages-only", action="store_true", help="only the in-process steps (no sidecar processes)")
     args = ap.parse_args()
     if args.default:
         commits_in_default(args.default, args.pii)
@@ -223,6 +269,10 @@ def main() -> int:
     bodies = [trace_request(rng, args.requests_per_export, pii=0.0)[0].SerializeToString()
               for _ in range(args.exports + 1)]
     n = args.requests_per_export * args.exports
+    if args.stages_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            stages(bodies, args.requests_per_export, f"sqlite:///{tmp}/stages.db", args.prefill)
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         store, pg = f"sqlite:///{tmp}/audit.db", None
         if args.store == "postgres":
@@ -245,7 +295,7 @@ def main() -> int:
     print(f"{'ratio':22s} {audit_wall / base_wall:16.2f} {audit_cpu / base_cpu:23.2f}")
     if args.store == "sqlite":
         with tempfile.TemporaryDirectory() as tmp:
-            stages(bodies, args.requests_per_export, f"sqlite:///{tmp}/stages.db")
+            stages(bodies, args.requests_per_export, f"sqlite:///{tmp}/stages.db", args.prefill)
     return 0
 
 

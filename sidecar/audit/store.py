@@ -507,9 +507,10 @@ class SQLiteStore(AuditStore):
     (trace_id, span_id) stays; so does a row already in a sealed partition whose time range covers it: a
     retried export straddling a seal), fragments and kept marks that arrived after their record folded in,
     then the indexes built (unique (trace_id, span_id), request_id, (model_version, time)); a new active
-    partition starts. Sealing 100 000 records holds the write lock about 1.5 s on a loaded 2-core machine
-    (benchmarks/audit_bench.py --prefill): writers arriving meanwhile wait for it, as for any long
-    transaction (``busy_timeout``), and the one whose write crossed the size returns after it.
+    partition starts. Sealing 100 000 records holds the write lock about half a second (0.35-0.85 s on a
+    shared 2-core machine: ``benchmarks/audit_bench.py --stages-only --prefill 1000000``): writers arriving
+    meanwhile wait for it, as for any long transaction (``busy_timeout``), and the one whose write crossed
+    the size returns after it.
     ``audit_partitions`` catalogs the partitions (number, sealed, rows, time range).
 
     The write path reads only the small indexed ``audit_fragments``/``audit_kept`` tables and the catalog:
@@ -672,7 +673,7 @@ class SQLiteStore(AuditStore):
         if self._active_rows >= self.seal_rows and time.monotonic() >= self._seal_after:
             try:
                 self.seal()
-            except StoreError as e:
+            except Exception as e:  # noqa: BLE001 - the write that got here is committed: never fail it
                 self._seal_after = time.monotonic() + 30
                 log.warning("%s: sealing the active audit partition failed, will retry: %s", self.describe(), e)
 
@@ -799,7 +800,7 @@ class SQLiteStore(AuditStore):
         with self._transaction(write=False) as cur:
             parts = self._catalog(cur)
             held, repeats = self._visible(cur, parts)
-            streams = []
+            streams, cursors = [], []
             for p in parts:
                 if p.min_time is None or (q.since is not None and p.max_time < q.since) or \
                         (q.until is not None and p.min_time >= q.until):
@@ -813,43 +814,56 @@ class SQLiteStore(AuditStore):
                        + (" WHERE " + " AND ".join(cond) if cond else "")
                        + " ORDER BY p.time_unix_nano, p.trace_id, p.span_id")
                 c = self._conn.cursor()
+                cursors.append(c)
                 c.execute(sql, args)
                 rows: Iterator[tuple] = iter(c)
                 if not p.sealed and repeats:
                     rows = (r for r in rows if r[20] not in repeats)
                 streams.append(rows)
-            waiting: dict[tuple[str, str], list[dict]] = {}
-            for row in heapq.merge(*streams, key=lambda r: (r[2], r[0], r[1])):
-                rec = _record(row[:20])
-                if row[23]:
-                    key = (rec.trace_id, rec.service)
-                    if key not in waiting:
-                        cur.execute("SELECT fields FROM audit_fragments WHERE trace_id = ? AND service = ? "
-                                    "ORDER BY span_id", key)
-                        waiting[key] = [json.loads(f) for (f,) in cur.fetchall()]
-                    fields_ = rec.to_json()
-                    for frag in waiting[key]:
-                        merge(fields_, frag)
-                    rec = AuditRecord(**fields_)
-                if row[21] and not rec.trace_kept:
-                    rec.trace_kept, rec.kept_policy = True, row[22]
-                if q.model_version is not None and rec.model_version != q.model_version:
-                    continue
-                out.append(rec)
-                if limit is not None and len(out) >= limit:
-                    break
+            try:
+                self._merge_rows(cur, heapq.merge(*streams, key=lambda r: (r[2], r[0], r[1])), q, limit, out)
+            finally:
+                for c in cursors:  # a stream left unfinished (the limit) would hold its read snapshot
+                    c.close()
         return out
+
+    def _merge_rows(self, cur, rows: Iterator[tuple], q: Query, limit: int | None, out: list[AuditRecord]) -> None:
+        """Rows as a reader sees them: waiting fragments and kept marks applied, then the model_version filter."""
+        waiting: dict[tuple[str, str], list[dict]] = {}
+        for row in rows:
+            rec = _record(row[:20])
+            if row[23]:
+                key = (rec.trace_id, rec.service)
+                if key not in waiting:
+                    cur.execute("SELECT fields FROM audit_fragments WHERE trace_id = ? AND service = ? "
+                                "ORDER BY span_id", key)
+                    waiting[key] = [json.loads(f) for (f,) in cur.fetchall()]
+                fields_ = rec.to_json()
+                for frag in waiting[key]:
+                    merge(fields_, frag)
+                rec = AuditRecord(**fields_)
+            if row[21] and not rec.trace_kept:
+                rec.trace_kept, rec.kept_policy = True, row[22]
+            if q.model_version is not None and rec.model_version != q.model_version:
+                continue
+            out.append(rec)
+            if limit is not None and len(out) >= limit:
+                break
 
     def _active_count(self, cur, parts: list[_Partition], where: str = "1", args: tuple = ()) -> int:
         """Records of the active partition a reader sees (and that match ``where``, over alias ``p``)."""
         active = parts[-1]
         if not active.rows:
             return 0
-        held, _ = self._visible(cur, parts[:-1] + [active])
-        cur.execute(f"SELECT count(*) FROM (SELECT min(rowid) AS first FROM {active.table} "
-                    f"GROUP BY trace_id, span_id) g JOIN {active.table} p ON p.rowid = g.first "
-                    f"WHERE {where}" + (f" AND {held}" if held else ""), args)
-        return cur.fetchone()[0]
+        held, repeats = self._visible(cur, parts)
+        cond = f"({where})" + (f" AND {held}" if held else "")
+        n = cur.execute(f"SELECT count(*) FROM {active.table} p WHERE {cond}", args).fetchone()[0]
+        ids = sorted(repeats)
+        for k in range(0, len(ids), 500):
+            chunk = ids[k:k + 500]
+            n -= cur.execute(f"SELECT count(*) FROM {active.table} p WHERE p.rowid IN ({', '.join('?' * len(chunk))}) "
+                             f"AND {cond}", tuple(chunk) + args).fetchone()[0]
+        return n
 
     def count(self) -> int:
         with self._transaction(write=False) as cur:

@@ -353,8 +353,11 @@ def test_retention_drops_whole_partitions_and_cuts_the_one_that_straddles(tmp_pa
         _write(s, *recs)
     s.mark_kept({_rec(35).trace_id: "p"})
     assert _partitions(s) == [(1, True), (2, True), (3, True), (4, True), (5, True), (6, False)]
-    tables = lambda: {r[0] for r in _raw(s, "SELECT name FROM sqlite_master WHERE name GLOB 'audit_part_[0-9]*' "  # noqa: E731
-                                            "AND type = 'table'")}
+
+    def tables() -> set[str]:
+        return {r[0] for r in _raw(s, "SELECT name FROM sqlite_master WHERE type = 'table' "
+                                      "AND name GLOB 'audit_part_[0-9]*'")}
+
     # a cutoff inside the second partition: the first goes whole, the second is cut
     assert s.delete_older_than(T0 + 65 * SECOND) == 15
     assert tables() == {"audit_part_3", "audit_part_4", "audit_part_5", "audit_part_6"}
