@@ -26,7 +26,8 @@ import re
 import threading
 import time
 import weakref
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
+from operator import itemgetter
 from typing import Callable, Optional
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
@@ -166,6 +167,7 @@ _ERROR = Status.STATUS_CODE_ERROR
 # series layout (a list, mutated in place): count, sum_ns, per-bucket counts, slowest (ns, trace, span, end),
 # latest error (ns, trace, span, end)
 _COUNT, _SUM, _BUCKETS, _SLOW, _ERR = range(5)
+_DURATION = itemgetter(1)  # of a span metric row
 
 
 def enum_label(enum, value: int) -> str:
@@ -304,33 +306,81 @@ class SpanMetricsProcessor(Component):
 
         The wire scanner (C or Python) reads only the encoding and yields one row per span keyed by
         (service, name, kind, status, slot 1.. labels), an empty or missing span label being its
-        resource's; ``by_raw`` maps each such key to its series' delta, so the series key is built
-        once per distinct raw key.
+        resource's. Rows are grouped by that raw key first, so the series key is built once per
+        distinct raw key and a group is counted at once, mostly in C calls: its histogram by bisecting
+        the bucket bounds into its sorted durations, its exemplar by one ``max`` (a raw key holds one
+        status, so a group is all errors or none). A series fed by several raw keys (labels that normalise or mask to
+        the same values) is counted span by span in arrival order instead, which decides its exemplars.
         """
-        delta: dict[tuple, list] = {}
-        by_raw: dict[tuple, list] = {}
         rows = wire.span_metric_rows(envelope.encoded, _SERVICE_KEY, self._span_keys)
-        bounds = self._bounds_ns
+        groups: dict[tuple, list] = {}
+        get = groups.get
+        for row in rows:
+            raw = row[0]
+            g = get(raw)
+            if g is None:
+                groups[raw] = [row]
+            else:
+                g.append(row)
+        delta: dict[tuple, list] = {}
+        series: list[tuple[tuple, list, tuple, list]] = []  # (series key, its delta, raw key, rows)
+        shared: set[tuple] = set()  # series keys fed by more than one raw key
         n_buckets = self._n_buckets
-        exemplars = self._exemplars
-        for raw, d, end, status, trace_id, span_id in rows:
-            s = by_raw.get(raw)
+        for raw, g in groups.items():
+            key = raw[:4] + self._tail(raw[3:])  # _tail reads slots 1.. (raw[4:]); raw[3] stands in for 0
+            if self._mask is not None:
+                key = self._masked(key)
+            s = delta.get(key)
             if s is None:
-                key = raw[:4] + self._tail(raw[3:])  # _tail reads slots 1.. (raw[4:]); raw[3] stands in for 0
-                if self._mask is not None:
-                    key = self._masked(key)
-                s = delta.get(key)
-                if s is None:
-                    s = delta[key] = [0, 0, [0] * n_buckets, None, None]
+                s = delta[key] = [0, 0, [0] * n_buckets, None, None]
+            else:
+                shared.add(key)
+            series.append((key, s, raw, g))
+        bounds = self._bounds_ns
+        exemplars = self._exemplars
+        by_raw = None
+        for key, s, raw, g in series:
+            if key in shared:
+                if by_raw is None:
+                    by_raw = {}
                 by_raw[raw] = s
-            s[0] += 1
-            s[1] += d
-            s[2][bisect_left(bounds, d)] += 1
+                continue
+            ds = list(map(_DURATION, g))
+            n = len(ds)
+            s[0] += n
+            s[1] += sum(ds)
             if exemplars:
-                if status == _ERROR:
-                    s[4] = (d, trace_id, span_id, end)
-                elif s[3] is None or d > s[3][0]:
-                    s[3] = (d, trace_id, span_id, end)
+                if raw[3] == _ERROR:
+                    r = g[-1]  # the latest error
+                    s[4] = (r[1], r[4], r[5], r[2])
+                else:
+                    r = g[ds.index(max(ds))]  # the first of the slowest
+                    s[3] = (r[1], r[4], r[5], r[2])
+            buckets = s[2]
+            if n < 16:
+                for d in ds:
+                    buckets[bisect_left(bounds, d)] += 1
+            else:  # bucket i holds bounds[i-1] < d <= bounds[i]
+                ds.sort()
+                lo = 0
+                for i, b in enumerate(bounds):
+                    hi = bisect_right(ds, b, lo)
+                    buckets[i] += hi - lo
+                    lo = hi
+                buckets[-1] += n - lo
+        if by_raw:
+            for raw, d, end, status, trace_id, span_id in rows:
+                s = by_raw.get(raw)
+                if s is None:
+                    continue
+                s[0] += 1
+                s[1] += d
+                s[2][bisect_left(bounds, d)] += 1
+                if exemplars:
+                    if status == _ERROR:
+                        s[4] = (d, trace_id, span_id, end)
+                    elif s[3] is None or d > s[3][0]:
+                        s[3] = (d, trace_id, span_id, end)
         return delta
 
     def _masked(self, key: tuple) -> tuple:

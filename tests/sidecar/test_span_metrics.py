@@ -232,3 +232,32 @@ service:
     ok = text.replace("[10ms, 2ms]", "[2ms, 10ms]").replace("service_name", "http.route")
     cfg = parse_config(ok, environ={})
     assert cfg.processors["span_metrics"].config.histogram.explicit.buckets == [0.002, 0.01]
+
+
+def test_many_spans_of_one_series_fill_the_same_buckets_and_exemplars_as_one_by_one():
+    """A request with many spans of one series (counted as a group) and one with a series fed by two raw label
+    sets (gen_ai model and model id naming the same model: counted span by span) give what one request per
+    span gives: the same buckets, sum, the first of the slowest spans and the latest error as exemplars."""
+    cfg = {"histogram": {"explicit": {"buckets": ["2ms", "10ms", "100ms"]}}}
+    durations = ([1, 2, 2.5, 10, 50, 100, 5000, 150, 2, 100, 5000, 0.5, 10, 10.000001, 99, 3] * 2)[:-1]
+    for by_model in (False, True):
+        grouped, _, _ = make(**cfg)
+        single, _, _ = make(**cfg)
+        req, ss = request("svc")
+        for i, d in enumerate(durations):
+            attrs = {("gen_ai.request.model" if by_model and i % 2 else "ml.model.id"): "m"}
+            for error in (False, True):
+                s = add_span(ss, duration_ms=d, error=error, attrs=attrs)
+                one, one_ss = request("svc")
+                one_ss.spans.append(s)
+                single.consume(Envelope(Signal.TRACES, one))
+        grouped.consume(Envelope(Signal.TRACES, req))
+        got, want = grouped.snapshot(), single.snapshot()
+        assert got == want and len(got) == 2
+        (ok_key,) = [k for k in got if k[3] != Status.STATUS_CODE_ERROR]
+        slowest = [s for s in ss.spans if s.status.code != Status.STATUS_CODE_ERROR
+                   and s.end_time_unix_nano - s.start_time_unix_nano == 5000 * MS][0]
+        assert got[ok_key][3][1] == slowest.trace_id  # the first of the slowest (5000 ms occurs four times)
+        (err_key,) = [k for k in got if k[3] == Status.STATUS_CODE_ERROR]
+        assert got[err_key][4][1] == ss.spans[-1].trace_id  # the latest error
+        assert got[ok_key][2] == [8, 7, 10, 6]  # le is inclusive
