@@ -131,11 +131,13 @@ static int skip(const uint8_t *d, Py_ssize_t *pos, Py_ssize_t end, uint32_t fiel
     }
 }
 
-/* One field of a message: its number, where its tag and (for LEN fields) its length and content are. */
+/* One field of a message: its number, where its tag and (for LEN fields) its length and content are.
+ * `field` and `wt` are not neighbours: GCC merges `f.field == 1 && f.wt == WT_LEN` into one 64-bit load of
+ * the two just-stored 32-bit halves, a store-forwarding stall on every KeyValue (a third of locate's time). */
 typedef struct {
     uint32_t field;
-    int wt;
     Py_ssize_t ts, ls, cs, ce;
+    int wt;
 } Field;
 
 /* The next field at *pos (< end); a LEN field's content is bounds-checked. */
@@ -188,6 +190,37 @@ typedef struct {
     Py_ssize_t n_items, n_slots;
     KeySlot slots[KEY_SLOTS];
 } Loc;
+
+/* Working memory kept from one call to the next. Growing fresh buffers for every request cost more than the
+ * walk itself: the allocator hands large freed blocks back to the kernel, and the next request pays a page
+ * fault for every page it touches again. A call takes the buffers (a call that starts while another one runs
+ * Python code, which can switch threads, finds none and grows its own) and puts its own back at the end,
+ * freeing what another call left there and any buffer one huge request grew past SCRATCH_KEEP bytes. */
+#define SCRATCH_KEEP ((Py_ssize_t)1 << 20)
+static struct {
+    uint8_t *text;
+    Py_ssize_t text_cap;
+    Ints text_ends, sites, name_sites, kv_sites, items;
+} scratch;
+
+static void ints_take(Ints *a, Ints *kept)
+{
+    *a = *kept;
+    a->len = 0;
+    kept->v = NULL;
+    kept->cap = 0;
+}
+
+static void ints_keep(Ints *kept, Ints *a)
+{
+    PyMem_Free(kept->v);
+    *kept = (Ints){NULL, 0, 0};
+    if (a->cap * (Py_ssize_t)sizeof(int64_t) <= SCRATCH_KEEP)
+        *kept = *a;
+    else
+        PyMem_Free(a->v);
+    a->v = NULL;
+}
 
 static int ints_push(Ints *a, const Py_ssize_t *v, int k)
 {
@@ -601,6 +634,15 @@ static PyObject *locate(PyObject *self, PyObject *args)
     L->n = buf.len;
     L->decisions = decisions;
     L->scan = scan;
+    L->text = scratch.text;
+    L->text_cap = scratch.text_cap;
+    scratch.text = NULL;
+    scratch.text_cap = 0;
+    ints_take(&L->text_ends, &scratch.text_ends);
+    ints_take(&L->sites, &scratch.sites);
+    ints_take(&L->name_sites, &scratch.name_sites);
+    ints_take(&L->kv_sites, &scratch.kv_sites);
+    ints_take(&L->items, &scratch.items);
     for (int i = 0; i < KEY_SLOTS; i++)
         L->slots[i].len = -1;
     if (!PyBytes_Check(PyTuple_GET_ITEM(args, 0))) {
@@ -613,6 +655,16 @@ static PyObject *locate(PyObject *self, PyObject *args)
     }
     if (!(L->names = PyList_New(0)) || !(L->keys = PyList_New(0)))
         goto done;
+    /* every text is a part of the request, and the tag and length before it are longer than its newline */
+    if (L->text_cap < L->n + 1) {
+        uint8_t *p = PyMem_Realloc(L->text, (size_t)L->n + 1);
+        if (p == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        L->text = p;
+        L->text_cap = L->n + 1;
+    }
     item_fn fn = signal == 0 ? span : signal == 1 ? log_record : signal == 2 ? metric : NULL;
     if (fn == NULL) {
         PyErr_Format(PyExc_ValueError, "unknown signal %d", signal);
@@ -635,14 +687,22 @@ done:
     Py_XDECREF(items);
     Py_XDECREF(text);
     Py_XDECREF(text_ends);
-    PyMem_Free(L->text);
-    PyMem_Free(L->text_ends.v);
     Py_XDECREF(L->names);
     Py_XDECREF(L->keys);
-    PyMem_Free(L->sites.v);
-    PyMem_Free(L->name_sites.v);
-    PyMem_Free(L->kv_sites.v);
-    PyMem_Free(L->items.v);
+    PyMem_Free(scratch.text);
+    scratch.text = NULL;
+    scratch.text_cap = 0;
+    if (L->text_cap <= SCRATCH_KEEP) {
+        scratch.text = L->text;
+        scratch.text_cap = L->text_cap;
+    } else {
+        PyMem_Free(L->text);
+    }
+    ints_keep(&scratch.text_ends, &L->text_ends);
+    ints_keep(&scratch.sites, &L->sites);
+    ints_keep(&scratch.name_sites, &L->name_sites);
+    ints_keep(&scratch.kv_sites, &L->kv_sites);
+    ints_keep(&scratch.items, &L->items);
     PyMem_Free(L);
     PyBuffer_Release(&buf);
     return result;

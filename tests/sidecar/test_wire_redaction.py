@@ -223,6 +223,30 @@ class TestWireRedaction:
         assert labels == [b"inner", b"k", b"new.key"]
         assert len(memoryview(loc.items).cast("q")) == 3
 
+    def test_a_locate_started_inside_another_gets_its_own_memory(self, impl):
+        """Python code run during a locate (here a decisions key's ``__eq__``) may locate another request;
+        both get what they get alone (the C half keeps its working memory from one call to the next)."""
+        from redaction._engine import SCAN
+        rng = random.Random("nested")
+        outer, inner = rand_traces(rng).SerializeToString(), rand_logs(rng).SerializeToString()
+        want_outer, want_inner = impl.locate(outer, TRACES, {}, SCAN), impl.locate(inner, LOGS, {}, SCAN)
+        assert want_outer.keys and want_inner.text
+        seen = []
+
+        class Nosy:
+            """Hashes like a key of the outer request, equals nothing, and locates the inner one when compared."""
+
+            def __hash__(self):
+                return hash(want_outer.keys[0])
+
+            def __eq__(self, other):
+                seen.append(impl.locate(inner, LOGS, {}, SCAN))
+                return False
+
+        assert impl.locate(outer, TRACES, {Nosy(): SCAN}, SCAN) == want_outer
+        assert seen and all(loc == want_inner for loc in seen)
+        assert impl.locate(outer, TRACES, {}, SCAN) == want_outer
+
     def test_splice_rewrites_every_enclosing_length(self, impl):
         req = ExportTraceServiceRequest()
         span = req.resource_spans.add().scope_spans.add().spans.add(name="n")
