@@ -41,6 +41,7 @@ from redaction._engine import (
 from redaction.otlp import _as_text
 from sidecar import _wire_redact_py
 from sidecar.wire import choose
+from sidecar.protowire import VARINTS as _VARINTS
 from sidecar.protowire import encode_varint, length_delimited
 from sidecar._wire_redact_types import (
     BODY_EMPTY,
@@ -71,6 +72,9 @@ _SIGNALS = {"traces": TRACES, "logs": LOGS, "metrics": METRICS}
 _EMPTY = b"\x00"  # a zero length: what a dropped log body becomes
 #: the attributes field of a span (9) and of a log record (6), as a tag byte
 _ATTR_TAG = {TRACES: b"\x4a", LOGS: b"\x32"}
+#: a changed item's count of dropped values, in the one int that counts its changes ("info" summaries)
+_DROPPED = 1 << 32
+_DROP, _HASH = Action.DROP, Action.HASH
 
 
 class NeedsObjectPath(Exception):
@@ -104,14 +108,21 @@ def redact(engine: RedactionEngine, signal: str, request: bytes) -> "bytes | Non
     loc = locate(request, sig, cache, SCAN)
     tally: dict = {}
     edits: list = []
-    changed: dict[int, list] | None = None if engine.summary == "silent" else {}
-    skip = _key_rules(engine, request, loc, tally, edits, changed)
+    summary = engine.summary
+    # changed items: item -> labels (masked, dropped) for "debug"; item -> masked + dropped * _DROPPED for "info",
+    # whose summary holds only the counts (no key is decoded for it)
+    changed: dict | None = None if summary == "silent" else {}
+    labels = summary == "debug"
+    skip = _key_rules(engine, request, loc, tally, edits, changed, labels)
     text = loc.text
     if loc.text_ends:
         ends = memoryview(loc.text_ends).cast("q")
         sites = memoryview(loc.sites).cast("q")
         scan = engine.scan
-        seen: dict[bytes, tuple] = {}  # a value repeated in one request (a user id on every span) is scanned once
+        append = edits.append
+        # a value repeated in one request (a user id on every span) is scanned once: value -> [new bytes (its
+        # length prefix included), DROP or None; its counts; how many times it occurs]
+        seen: dict[bytes, list] = {}
         for i in _candidates(engine, text, ends):
             if skip and i in skip:
                 continue
@@ -120,23 +131,30 @@ def redact(engine: RedactionEngine, signal: str, request: bytes) -> "bytes | Non
             if known is None:
                 counts: dict = {}
                 out = scan(value, counts)
-                seen[value] = (out, counts)
+                if out is not None and out is not DROP:
+                    out = _VARINTS[len(out)] + out if len(out) < 16384 else encode_varint(len(out)) + out
+                seen[value] = known = [out, counts, 1]
             else:
-                out, counts = known
-            for stat, n in counts.items():
-                tally[stat] = tally.get(stat, 0) + n
+                out = known[0]
+                known[2] += 1
             if out is None:
                 continue
             base = i * SITE  # len_start, end, drop_start, drop_end, item, key_start, key_end
             dropped = out is DROP
             if dropped:
-                edits.append((sites[base + 2], sites[base + 3], _EMPTY if sites[base + 6] == BODY_EMPTY else b"", -1))
+                append((sites[base + 2], sites[base + 3], _EMPTY if sites[base + 6] == BODY_EMPTY else b"", -1))
             else:
-                edits.append((sites[base], sites[base + 1], encode_varint(len(out)) + out, -1))
+                append((sites[base], sites[base + 1], out, -1))
             if changed is not None:
                 item = sites[base + 4]
                 if item >= 0:
-                    _note(changed, item, _label(request, sites[base + 5], sites[base + 6]), dropped)
+                    if labels:
+                        _note(changed, item, _label(request, sites[base + 5], sites[base + 6]), dropped)
+                    else:
+                        changed[item] = changed.get(item, 0) + (_DROPPED if dropped else 1)
+        for _, counts, uses in seen.values():
+            for stat, n in counts.items():
+                tally[stat] = tally.get(stat, 0) + n * uses
     names = loc.names
     if names:
         name_sites = memoryview(loc.name_sites).cast("q")
@@ -144,15 +162,19 @@ def redact(engine: RedactionEngine, signal: str, request: bytes) -> "bytes | Non
             out = engine.scan(names[i], tally, name=True)
             if out is None:
                 continue
-            len_start, end, item, is_event = name_sites[i * NAME_SITE:(i + 1) * NAME_SITE]
-            edits.append((len_start, end, encode_varint(len(out)) + out, -1))
+            base = i * NAME_SITE  # len_start, end, item, is_event
+            edits.append((name_sites[base], name_sites[base + 1], encode_varint(len(out)) + out, -1))
             if changed is not None:
-                _note(changed, item, "event.name" if is_event else "span.name", False)
+                item = name_sites[base + 2]
+                if labels:
+                    _note(changed, item, "event.name" if name_sites[base + 3] else "span.name", False)
+                else:
+                    changed[item] = changed.get(item, 0) + 1
     if not edits:
         engine.stats.merge(tally)
         return None
     if changed:
-        _summaries(engine, sig, loc, changed, edits)
+        _summaries(engine, sig, loc, changed, edits, labels)
     # edits never overlap on input the protobuf parser reads as one value per field; where they do
     # (two values in one KeyValue, one of them dropped) splice raises ValueError: the object path
     new = splice(request, edits)
@@ -186,17 +208,18 @@ def _candidates(engine: RedactionEngine, text: bytes, ends) -> "list[int] | rang
 
 
 def _key_rules(engine: RedactionEngine, request: bytes, loc: Located, tally: dict, edits: list,
-               changed: "dict | None") -> "set[int] | None":
+               changed: "dict | None", labels: bool) -> "set[int] | None":
     """Apply key rules to the KeyValues ``locate`` reported; the indices of texts no longer to scan."""
     keys = loc.keys
     if not keys:
         return None
     cache_get = engine._key_cache.get  # noqa: SLF001
-    kv_sites = memoryview(loc.kv_sites).cast("q")
+    kv_sites = memoryview(loc.kv_sites).cast("q").tolist()
     skip: set[int] | None = None
     covered = -1  # KeyValues inside one a key rule already took are its value, not attributes
     for k, key in enumerate(keys):
-        start, len_start, end, item, first, last = kv_sites[k * KV_SITE:(k + 1) * KV_SITE]
+        base = k * KV_SITE  # start, len_start, end, item, first, last
+        start = kv_sites[base]
         if start < covered:
             continue
         decision = cache_get(key)
@@ -204,32 +227,39 @@ def _key_rules(engine: RedactionEngine, request: bytes, loc: Located, tally: dic
             decision = engine.key_action(key)
         if decision is SCAN:
             continue
+        end = kv_sites[base + 2]
         covered = end
+        first, last = kv_sites[base + 4], kv_sites[base + 5]
         if last > first:
             skip = skip or set()
             skip.update(range(first, last))
         if decision is IGNORE:
             continue
-        tally[decision.stat] = tally.get(decision.stat, 0) + 1
-        if decision.action is Action.DROP:
+        stat = decision.stat
+        tally[stat] = tally.get(stat, 0) + 1
+        action = decision.action
+        dropped = action is _DROP
+        if dropped:
             edits.append((start, end, b"", -1))
-        else:
-            text = ""
-            if decision.action is Action.HASH:
-                text = _as_text(_parse_kv(request, len_start, end).value)
-            new = engine.key_replacement(decision, text)
+        elif action is _HASH:
+            new = engine.key_replacement(decision, _as_text(_parse_kv(request, kv_sites[base + 1], end).value))
             # the KeyValue's new length and content; its tag stays as it was written
-            if decision.action is Action.HASH:
-                encoded = _varint_len(_kv(key, _string_value(new.encode())))
-            else:  # the same few (key, replacement) pairs over and over: encoded once
-                encoded = _REPLACED.get((key, new))
-                if encoded is None:
-                    if len(_REPLACED) >= 1024:
-                        _REPLACED.clear()
-                    encoded = _REPLACED[(key, new)] = _varint_len(_kv(key, _string_value(new.encode())))
-            edits.append((len_start, end, encoded, -1))
-        if changed is not None and item >= 0:
-            _note(changed, item, key, decision.action is Action.DROP)
+            edits.append((kv_sites[base + 1], end, _varint_len(_kv(key, _string_value(new.encode()))), -1))
+        else:  # the same few (key, replacement) pairs over and over: encoded once
+            new = decision.replacement
+            encoded = _REPLACED.get((key, new))
+            if encoded is None:
+                if len(_REPLACED) >= 1024:
+                    _REPLACED.clear()
+                encoded = _REPLACED[(key, new)] = _varint_len(_kv(key, _string_value(new.encode())))
+            edits.append((kv_sites[base + 1], end, encoded, -1))
+        if changed is not None:
+            item = kv_sites[base + 3]
+            if item >= 0:
+                if labels:
+                    _note(changed, item, key, dropped)
+                else:
+                    changed[item] = changed.get(item, 0) + (_DROPPED if dropped else 1)
     return skip
 
 
@@ -270,38 +300,46 @@ def _note(changed: dict, item: int, key: str, dropped: bool) -> None:
     entry[1 if dropped else 0].append(key)
 
 
-#: encoded summary attributes by (signal, summary level, masked keys, dropped keys); bounded
+#: encoded summary attributes by (signal, counts) or (signal, masked keys, count, dropped keys, count); bounded
 _SUMMARY_CACHE: dict = {}
 
 
-def _summaries(engine: RedactionEngine, sig: int, loc: Located, changed: dict, edits: list) -> None:
+def _summaries(engine: RedactionEngine, sig: int, loc: Located, changed: dict, edits: list, labels: bool) -> None:
     """Append the summary attributes to each changed span or log record, as ``redaction.otlp._summarize`` does."""
-    debug = engine.summary == "debug"
     items = memoryview(loc.items).cast("q")
     cache = _SUMMARY_CACHE
-    for item, (masked, dropped) in changed.items():
-        start, end, flags = items[item * ITEM_SITE:(item + 1) * ITEM_SITE]
-        if flags & HAS_SUMMARY:
+    tag = _ATTR_TAG[sig]
+    append = edits.append
+    for item, entry in changed.items():
+        base = item * ITEM_SITE  # content start, content end, flags
+        if items[base + 2] & HAS_SUMMARY:
             raise NeedsObjectPath("a changed item already carries redaction summary attributes")
-        if debug:
-            key = (sig, True, tuple(sorted(set(masked))), len(masked), tuple(sorted(set(dropped))), len(dropped))
+        if labels:
+            masked, dropped = entry
+            key = (sig, tuple(sorted(set(masked))), len(masked), tuple(sorted(set(dropped))), len(dropped))
         else:
-            key = (sig, False, len(masked), len(dropped))
+            key = (sig, entry)
         encoded = cache.get(key)
         if encoded is None:
-            encoded = _summary(_ATTR_TAG[sig], masked, dropped, debug)
+            if labels:
+                encoded = _summary(tag, len(masked), len(dropped), masked, dropped)
+            else:
+                encoded = _summary(tag, entry % _DROPPED, entry // _DROPPED, None, None)
             if len(cache) >= 1024:
                 cache.clear()
             cache[key] = encoded
-        edits.append((end, end, encoded, start))
+        end = items[base + 1]
+        append((end, end, encoded, items[base]))
 
 
-def _summary(tag: bytes, masked: list, dropped: list, debug: bool) -> bytes:
+def _summary(tag: bytes, n_masked: int, n_dropped: int, masked: "list | None", dropped: "list | None") -> bytes:
+    """The summary attributes: the counts, and with the keys (``debug``) their sorted names."""
     parts = []
-    for keys_name, keys, count_name in ((MASKED_KEYS, masked, MASKED_COUNT), (REDACTED_KEYS, dropped, REDACTED_COUNT)):
-        if not keys:
+    for keys_name, n, keys, count_name in ((MASKED_KEYS, n_masked, masked, MASKED_COUNT),
+                                           (REDACTED_KEYS, n_dropped, dropped, REDACTED_COUNT)):
+        if not n:
             continue
-        parts.append(length_delimited(tag, _kv(count_name, _int_value(len(keys)))))
-        if debug:
+        parts.append(length_delimited(tag, _kv(count_name, _int_value(n))))
+        if keys is not None:
             parts.append(length_delimited(tag, _kv(keys_name, _string_value(",".join(sorted(set(keys))).encode()))))
     return b"".join(parts)
