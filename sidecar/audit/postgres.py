@@ -1,7 +1,8 @@
 """The production store: PostgreSQL by DSN through psycopg 3 (``pip install 'torch-otel-sidecar[audit-postgres]'``).
 
-Same schema and SQL as SQLite (:mod:`sidecar.audit.store`); a write returns after its
-transaction committed (``synchronous_commit`` as the server has it, ``on`` by default).
+One ``audit_records`` table (schema version 2 of :data:`sidecar.audit.store.MIGRATIONS`; SQLite goes
+on to time-ordered partitions) and the SQL of :class:`~sidecar.audit.store.AuditStore`; a write returns
+after its transaction committed (``synchronous_commit`` as the server has it, ``on`` by default).
 ``timeout`` bounds connecting and each statement, so a slow server makes the exporter
 refuse (retryable) instead of holding the receiver.
 """
@@ -13,6 +14,7 @@ from sidecar.audit.store import AuditStore, StoreError
 
 class PostgresStore(AuditStore):
     placeholder = "%s"
+    dialect = "postgresql"
 
     def __init__(self, url: str, *, timeout: float = 5.0):
         super().__init__(url)

@@ -151,8 +151,8 @@ class AuditStore(ABC):
     """
 
     placeholder = "?"
-    #: which :data:`MIGRATIONS` this store follows
-    dialect = "postgresql"
+    #: the key of this store's :data:`MIGRATIONS` (set by each subclass)
+    dialect: str
 
     def __init__(self, url: str):
         self.url = url
