@@ -715,9 +715,9 @@ class SQLiteStore(AuditStore):
                 continue
             used = self._fold_fragments(cur, p.table)
             cur.executemany("DELETE FROM audit_fragments WHERE trace_id = ? AND span_id = ?", used)
-            since = "" if p is active else f" AND k.recorded_unix_nano >= {int(p.sealed_unix_nano or 0) - 60 * 10**9}"
-            cur.execute(f"UPDATE {p.table} SET trace_kept = 1, kept_policy = k.policy FROM audit_kept k "
-                        f"WHERE k.trace_id = {p.table}.trace_id AND {p.table}.trace_kept = 0{since}")
+            # the previous partition: only the marks since its seal (60 s of clock slack)
+            self._fold_marks(cur, p.table, *(("1",) if p is active else
+                                             ("k.recorded_unix_nano >= ?", ((p.sealed_unix_nano or 0) - 60 * 10**9,))))
         cur.execute(f"UPDATE audit_partitions SET sealed = 1, sealed_unix_nano = ?, "
                     f"(rows, min_time, max_time) = (SELECT count(*), min(time_unix_nano), max(time_unix_nano) "
                     f"FROM {t}) WHERE number = ?", (now, active.number))
@@ -734,31 +734,41 @@ class SQLiteStore(AuditStore):
                 f"AND EXISTS (SELECT 1 FROM {p.table} s WHERE s.trace_id = {alias}.trace_id "
                 f"AND s.span_id = {alias}.span_id)")
 
-    def _fold_fragments(self, cur, table: str) -> list[tuple[str, str]]:
-        """Merge the fragments waiting for records of ``table`` into them; the fragments' keys."""
-        cur.execute(f"SELECT f.trace_id, f.service, f.span_id, f.fields FROM audit_fragments f WHERE EXISTS "
-                    f"(SELECT 1 FROM {table} p WHERE p.trace_id = f.trace_id AND p.service = f.service) "
-                    f"ORDER BY f.trace_id, f.service, f.span_id")
-        waiting: dict[tuple[str, str], list[dict]] = {}
-        used = []
+    def _fold_fragments(self, cur, table: str, where: str = "1", args: tuple = ()) -> list[tuple[str, str]]:
+        """Merge the fragments (those matching ``where``, over alias ``f``) waiting for records of ``table`` into
+        them; the keys of the fragments that found a record. One pass over ``table``, or its trace index."""
+        cur.execute(f"SELECT f.trace_id, f.service, f.span_id, f.fields FROM audit_fragments f WHERE {where} "
+                    "ORDER BY f.trace_id, f.service, f.span_id", args)
+        waiting: dict[tuple[str, str], list[tuple[str, dict]]] = {}
         for tid, svc, sid, fields_ in cur.fetchall():
-            waiting.setdefault((tid, svc), []).append(json.loads(fields_))
-            used.append((tid, sid))
-        for (tid, svc), frags in waiting.items():
-            cur.execute(f"SELECT span_id, {', '.join(_FRAGMENT_FIELDS)} FROM {table} WHERE trace_id = ? "
-                        f"AND service = ?", (tid, svc))
-            for row in cur.fetchall():
-                current = dict(zip(_FRAGMENT_FIELDS, row[1:]))
-                current["parameters"] = json.loads(current["parameters"] or "{}")
-                merged = dict(current)
-                for frag in frags:
-                    merge(merged, frag)
-                if merged != current:
-                    merged["parameters"] = _json(merged["parameters"])
-                    cur.execute(f"UPDATE {table} SET {', '.join(f + ' = ?' for f in _FRAGMENT_FIELDS)} "
-                                "WHERE trace_id = ? AND span_id = ?",
-                                tuple(merged[f] for f in _FRAGMENT_FIELDS) + (tid, row[0]))
-        return used
+            waiting.setdefault((tid, svc), []).append((sid, json.loads(fields_)))
+        if not waiting:
+            return []
+        cur.execute(f"SELECT rowid, trace_id, service, {', '.join(_FRAGMENT_FIELDS)} FROM {table} WHERE trace_id IN "
+                    f"(SELECT f.trace_id FROM audit_fragments f WHERE {where})", args)
+        found, updates = set(), []
+        for row in cur.fetchall():
+            frags = waiting.get((row[1], row[2]))
+            if frags is None:
+                continue
+            found.add((row[1], row[2]))
+            current = dict(zip(_FRAGMENT_FIELDS, row[3:]))
+            current["parameters"] = json.loads(current["parameters"] or "{}")
+            merged = dict(current)
+            for _sid, frag in frags:
+                merge(merged, frag)
+            if merged != current:
+                merged["parameters"] = _json(merged["parameters"])
+                updates.append(tuple(merged[f] for f in _FRAGMENT_FIELDS) + (row[0],))
+        cur.executemany(f"UPDATE {table} SET {', '.join(f + ' = ?' for f in _FRAGMENT_FIELDS)} WHERE rowid = ?",
+                        updates)
+        return [(key[0], sid) for key in found for sid, _ in waiting[key]]
+
+    @staticmethod
+    def _fold_marks(cur, table: str, where: str = "1", args: tuple = ()) -> None:
+        """Set the kept marks (those matching ``where``, over alias ``k``) on the records of ``table``."""
+        cur.execute(f"UPDATE {table} SET trace_kept = 1, kept_policy = k.policy FROM audit_kept k "
+                    f"WHERE k.trace_id = {table}.trace_id AND {table}.trace_kept = 0 AND {where}", args)
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -914,6 +924,10 @@ class SQLiteStore(AuditStore):
                     n += self._cut(cur, keep, p, "<", cutoff_unix_nano)
             if len(keep) < len(parts):
                 self._create_view(cur, keep)
+            # marks and fragments about to go may still be waiting for a record that stays: fold them in first
+            for p in keep:
+                self._fold_marks(cur, p.table, "k.recorded_unix_nano < ?", (cutoff_unix_nano,))
+                self._fold_fragments(cur, p.table, "f.recorded_unix_nano < ?", (cutoff_unix_nano,))
             cur.execute("DELETE FROM audit_kept WHERE recorded_unix_nano < ?", (cutoff_unix_nano,))
             cur.execute("DELETE FROM audit_fragments WHERE recorded_unix_nano < ?", (cutoff_unix_nano,))
         with self._transaction() as cur:

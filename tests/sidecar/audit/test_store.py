@@ -378,6 +378,25 @@ def test_retention_drops_whole_partitions_and_cuts_the_one_that_straddles(tmp_pa
     s.close()
 
 
+def test_retention_keeps_what_late_marks_and_fragments_said_of_a_record_it_keeps(tmp_path):
+    """Marks and fragments go by when they were stored, records by their start time (a client clock ahead)."""
+    s = _sqlite(tmp_path / "a.db", seal_rows=2)
+    ahead = time.time_ns() + 3600 * SECOND
+    _write(s, _rec(1, t=ahead, version=None), _rec(2, t=ahead + 1))  # sealed
+    _write(s, _rec(3, t=ahead + 2, version=None))  # active
+    for i in (1, 3):  # after their records, so not merged on write
+        _write(s, fragments=(_frag(i, model_version=f"9.{i}"),))
+        s.mark_kept({_rec(i).trace_id: f"p{i}"})
+    assert s.delete_older_than(time.time_ns() + SECOND) == 0  # the marks and fragments are older than that
+    assert _raw(s, "SELECT count(*) FROM audit_kept") == [(0,)]
+    assert _raw(s, "SELECT count(*) FROM audit_fragments") == [(0,)]
+    got = _by_request(s)
+    for i in (1, 3):
+        assert (got[f"req-{i}"].model_version, got[f"req-{i}"].kept_policy) == (f"9.{i}", f"p{i}")
+    assert not got["req-2"].trace_kept
+    s.close()
+
+
 #: the layout of schema version 2, frozen here as a store written by an older sidecar has it
 _V2_DDL = [
     """CREATE TABLE audit_records (
