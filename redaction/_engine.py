@@ -34,6 +34,7 @@ import re2
 from redaction._config import Action, RedactionConfig, RedactionConfigError, compile_regex
 from redaction._detectors import BUILTIN_KEY_PATTERNS, DETECTORS, SEMCONV_MEASUREMENT_KEYS
 
+_MASK, _REPLACE, _DROP, _HASH = Action.MASK, Action.REPLACE, Action.DROP, Action.HASH  # no enum lookup per match
 _UNANCHORED = re2._Anchor.UNANCHORED  # noqa: SLF001 - the raw RE2 API is what makes scanning cheap
 _ANCHOR_BOTH = re2._Anchor.ANCHOR_BOTH  # noqa: SLF001
 
@@ -99,6 +100,12 @@ class _Scanner:
 
     rx: object
     entries: tuple[tuple[_ValueRule, int, int], ...]
+    match: object = None  # rx.Match, bound once
+    several: bool = False  # more than one entry: the matching rule is the one whose group took part
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "match", self.rx.Match)
+        object.__setattr__(self, "several", len(self.entries) > 1)
 
 
 class RedactionStats:
@@ -381,10 +388,8 @@ class RedactionEngine:
                     hit.sort()
                 key = tuple(hit)
                 scanner = self._scanners.get(key) or self._scanner(key)
-        match = scanner.rx.Match
-        entries = scanner.entries
+        match, entries, several = scanner.match, scanner.entries, scanner.several
         rule, _, core = entries[0]
-        several = len(entries) > 1
         allowed = self._allowed_values
         n = len(b)
         pos = last = 0
@@ -410,22 +415,23 @@ class RedactionEngine:
                 continue
             stat = rule.stat
             tally[stat] = tally.get(stat, 0) + 1
-            action = rule.action
             if name:
-                if pieces is None:
-                    pieces = []
-                pieces.append(b[last:cs])
-                pieces.append(rule.name_token)
-                last = pos = ce
-                continue
-            if action is Action.DROP:
-                return DROP
-            if action is Action.REPLACE:
-                return rule.replacement
+                new = rule.name_token
+            else:
+                action = rule.action
+                if action is _MASK:
+                    new = rule.replacement
+                elif action is _DROP:
+                    return DROP
+                elif action is _REPLACE:
+                    return rule.replacement
+                else:
+                    new = self.hash(b[cs:ce]).encode()
             if pieces is None:
-                pieces = []
-            pieces.append(b[last:cs])
-            pieces.append(rule.replacement if action is Action.MASK else self.hash(b[cs:ce]).encode())
+                pieces = [b[:cs], new]
+            else:
+                pieces.append(b[last:cs])
+                pieces.append(new)
             last = pos = ce
         if pieces is None:
             return None
