@@ -82,9 +82,13 @@ class Stages:
         self._n += 1  # a fresh telemetry component per instance
         return CreateSettings(cc.id, Kind.PROCESSOR, self.tel.component("processor", f"{name}#{self._n}"))
 
-    def span_metrics(self, nxt):
+    def span_metrics(self, nxt, sampler=None):
+        """span_metrics in front of ``nxt``; with the ``sampler`` behind it, exemplars wait for its decisions."""
         cc = self.cfg.processors["span_metrics"]
-        return factory_for(Kind.PROCESSOR, "span_metrics").create(self._settings("span_metrics"), cc.config, nxt)
+        sm = factory_for(Kind.PROCESSOR, "span_metrics").create(self._settings("span_metrics"), cc.config, nxt)
+        sm.start(sampler.host if sampler is not None else Host(self.tel))
+        sm._ticker.stop(time.monotonic() + 5)  # no periodic flush while measured
+        return sm
 
     def tail_sampling(self, clock: Clock, durable_dir: str | None):
         cc = self.cfg.processors["tail_sampling"]
@@ -99,10 +103,11 @@ class Stages:
             host.extensions["file_storage"] = fs
         ts.start(host)
         ts._ticker.stop(time.monotonic() + 5)  # decided by the loop, on the injected clock
+        ts.host = host
         return ts
 
 
-def measure(label: str, build, reqs, step: float) -> float:
+def measure(build, reqs, step: float) -> float:
     """CPU seconds of feeding ``reqs`` to a fresh stage (and deciding everything for a sampler)."""
     clock = Clock()
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,7 +152,7 @@ def main() -> None:
 
     def sm_ts_durable(clock, tmp):
         ts = stages.tail_sampling(clock, tmp)
-        return stages.span_metrics(ts), ts
+        return stages.span_metrics(ts, ts), ts
 
     for pii in args.pii or [0.05, 1.0]:
         loads = [load(1_000_000 * (r + 1), args.requests, pii) for r in range(args.repeat)]
@@ -157,10 +162,10 @@ def main() -> None:
               f"least of {args.repeat}")
         for label, per, run in (
             ("parse (received bytes -> messages)", items, lambda reqs: _parse(reqs)),
-            ("span_metrics", items, lambda reqs: measure("", sm_only, reqs, step)),
-            ("tail_sampling in memory (intake + decide)", items, lambda reqs: measure("", ts_memory, reqs, step)),
-            ("tail_sampling durable (intake + decide)", items, lambda reqs: measure("", ts_durable, reqs, step)),
-            ("span_metrics + tail_sampling durable", items, lambda reqs: measure("", sm_ts_durable, reqs, step)),
+            ("span_metrics", items, lambda reqs: measure(sm_only, reqs, step)),
+            ("tail_sampling in memory (intake + decide)", items, lambda reqs: measure(ts_memory, reqs, step)),
+            ("tail_sampling durable (intake + decide)", items, lambda reqs: measure(ts_durable, reqs, step)),
+            ("span_metrics + tail_sampling durable", items, lambda reqs: measure(sm_ts_durable, reqs, step)),
         ):
             best = min(run(reqs) for reqs in loads)
             print(f"  {label:44s} {best / per * 1e6:6.2f} µs/item")

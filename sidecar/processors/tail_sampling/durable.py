@@ -221,10 +221,10 @@ class DurableBuffer:
         if counts:
             wal.unpin_many(counts)
 
-    def envelope(self, signal: Signal, request, items: int, traces: list[Trace] | None) -> Envelope:
-        """Decided output pinning the oldest segment its data came from: that of the oldest of ``traces``,
-        or, for output made while sorting a request, that request's segment."""
-        env = PinnedEnvelope(signal, request, items=items)
+    def envelope(self, signal: Signal, encoded: bytes, items: int, traces: list[Trace] | None) -> Envelope:
+        """Decided output (its encoding) pinning the oldest segment its data came from: that of the oldest of
+        ``traces``, or, for output made while sorting a request, that request's segment."""
+        env = PinnedEnvelope(signal, encoded=encoded, items=items)
         env.segment = -1
         wal = self._wal
         if wal is not None:

@@ -33,7 +33,7 @@ _TAG1, _TAG2 = b"\x0a", b"\x12"
 
 
 class Output:
-    """Collects encoded items under their resource and scope heads; :meth:`request` parses them once."""
+    """Collects encoded items under their resource and scope heads; :meth:`encoded` splices them into a request."""
 
     __slots__ = ("signal", "n", "_resources")
 
@@ -54,13 +54,19 @@ class Output:
         entries.extend([_TAG2 + varints[len(b)] + b if len(b) < 16384 else length_delimited(_TAG2, b) for b in items])
         self.n += len(items)
 
-    def request(self) -> Request:
+    def encoded(self) -> bytes:
+        """The Export*ServiceRequest's encoding: the items spliced under their heads, unparsed (kept spans
+        carry their appended fields, which a parser merges: the last tracestate wins)."""
         parts = []
         for resource_head, scopes in self._resources.items():
             body = resource_head + b"".join(
                 [length_delimited(_TAG2, scope_head + b"".join(entries)) for scope_head, entries in scopes.items()])
             parts.append(length_delimited(_TAG1, body))
-        return self.signal.request_type.FromString(b"".join(parts))
+        return b"".join(parts)
+
+    def request(self) -> Request:
+        """:meth:`encoded`, parsed."""
+        return self.signal.request_type.FromString(self.encoded())
 
 
 class KeptSpans:

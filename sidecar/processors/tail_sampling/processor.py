@@ -6,9 +6,10 @@ fate. The hot path works on the received encoding through the wire scanner
 (``sidecar.wire``: C, or the same answers in Python): runs of spans of one trace
 are sliced from the bytes into the buffer, and what the configured policies need
 (status, start and end, tracestate randomness, attribute values) is folded into
-the trace per run; the received request is then free to go. Only kept traces (a tenth,
-typically) are parsed again: their bytes are spliced into a new
-Export*ServiceRequest under their original resource and scope and parsed once.
+the trace per run; the received request is then free to go. Kept traces (a tenth,
+typically) are not parsed either: their bytes are spliced into a new
+Export*ServiceRequest under their original resource and scope and handed on as that
+encoding (the next stages, redaction and the exporters, work on bytes too).
 On the way every kept span gets ``sampling.policy`` = the name of the policy that
 kept its trace and ``ot=th:...`` in its tracestate, appended as encoded fields
 (protobuf merges a repeated field and lets the last scalar win).
@@ -481,9 +482,9 @@ class TailSamplingProcessor(Component):
         """Hold ``out`` for the next stage; with the log on, it pins the log until accepted (``traces``:
         the decided traces it carries; None: output of the request being sorted)."""
         if self._durable.enabled:
-            self._outbox.put(self._durable.envelope(out.signal, out.request(), out.n, traces))
-        else:
-            self._outbox.put(Envelope(out.signal, out.request(), items=out.n))
+            self._outbox.put(self._durable.envelope(out.signal, out.encoded(), out.n, traces))
+        else:  # as bytes: the next stages work on the encoding (parsed only by one that reads the message)
+            self._outbox.put(Envelope(out.signal, encoded=out.encoded(), items=out.n))
 
     # --- introspection (tests, the demo) --------------------------------------------------------
 
