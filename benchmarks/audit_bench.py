@@ -10,7 +10,7 @@ spans per request) by 4 gRPC client threads, forwarding to a counting backend:
 
 - baseline: traces -> memory_limiter, span_metrics, tail_sampling (10%), redaction -> otlp
 - audit:    the same, plus ``audit/kept`` (kept_marker) next to otlp, plus a second traces
-            pipeline memory_limiter/audit, redaction/audit -> audit (SQLite WAL, synchronous=FULL)
+            pipeline memory_limiter/audit, audit_fields, redaction/audit -> audit (SQLite WAL, synchronous=FULL)
 
 Printed: wall time per request as the client sees it (export acknowledged), the sidecar's
 CPU time per request, and the ratios audit / baseline, then the CPU of each step of the branch in
@@ -50,7 +50,7 @@ def config(port: int, backend: int, store: str | None) -> str:
     audit = f"""
     traces/audit:
       receivers: [otlp]
-      processors: [memory_limiter/audit, redaction/audit]
+      processors: [memory_limiter/audit, audit_fields, redaction/audit]
       exporters: [audit]""" if store else ""
     audit_defs = f"""
   audit: {{store: "{store}"}}
@@ -69,6 +69,7 @@ processors:
       - {{name: errors, type: status_code, status_code: {{status_codes: [ERROR]}}}}
       - {{name: baseline, type: probabilistic, probabilistic: {{sampling_percentage: 10}}}}
   redaction: {{allow_all_keys: true}}
+  audit_fields: {{}}
   redaction/audit: {{allow_all_keys: true}}
 exporters:
   otlp/backend: {{endpoint: 127.0.0.1:{backend}, tls: {{insecure: true}}}}{audit_defs}
@@ -152,7 +153,7 @@ def stages(bodies: list[bytes], per_export: int, store: str, prefilled: int = 0)
     """In one process, no gRPC: CPU per request of each step of the audit branch (where the time goes)."""
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-    from sidecar.audit.records import extract
+    from sidecar.audit.records import extract, reduce
     from sidecar.audit.urls import open_store
     from sidecar.component import Kind
     from sidecar.config import parse_config
@@ -185,7 +186,11 @@ service: {pipelines: {traces: {receivers: [otlp], processors: [redaction/audit],
     print("audit branch steps, CPU in one process:")
     envelopes = cpu("envelopes of the received bytes", lambda: [Envelope(Signal.TRACES, encoded=b, items=1)
                                                                    for b in bodies])
-    cpu("redaction/audit (on the bytes)", lambda: [redaction.consume(e) for e in envelopes])
+    reduced = cpu("audit_fields (reduce the bytes)", lambda: [Envelope(Signal.TRACES, encoded=reduce(e.encoded)[0],
+                                                                        items=1) for e in envelopes])
+    cpu("redaction/audit, whole request", lambda: [redaction.consume(e.share()) for e in envelopes])
+    envelopes = reduced
+    cpu("redaction/audit, reduced request", lambda: [redaction.consume(e) for e in envelopes])
     extractions = cpu("extract records (sidecar.audit.records)", lambda: [extract(e.encoded) for e in envelopes])
     s = open_store(store).open()
     if prefilled:

@@ -1594,42 +1594,36 @@ static int subset_item(void *vctx, Slice item)
     Reader r = reader_of(item);
     Slice s, key, first;
     uint32_t f;
-    int wt, nv;
+    int wt, nv, j;
     uint64_t num;
     long kind = 0;
     int has_parent = 0, wanted = 0;
-    while (r.p < r.end) { /* is it an entry span or one with a wanted attribute? (as audit_spans) */
-        if (rd_field(&r, &f, &wt, &num, &s) < 0)
-            return -1;
-        if (wt == WT_LEN && f == 4) {
-            has_parent = s.n > 0;
-        } else if (wt == WT_VARINT && f == 6) {
-            kind = (long)(int32_t)num;
-        } else if (wt == WT_LEN && f == 9 && !wanted) {
-            if (key_value(s, &key, &first, &nv) < 0)
-                return -1;
-            wanted = key_index(key, &c->k, c->prefix) >= 0;
-        }
-    }
-    if (!(wanted || kind == 2 || kind == 5 || !has_parent))
-        return 0;
-    Py_ssize_t at = out_open(&c->out, 2);
+    /* one pass: written as read, taken back out unless audit_spans would select it (an entry span, or one
+     * with a wanted attribute) */
+    Py_ssize_t tag = c->out.n, at = out_open(&c->out, 2);
     if (at < 0)
         return -1;
-    r = reader_of(item);
-    while (r.p < r.end) { /* cannot fail: read once already */
-        rd_field(&r, &f, &wt, &num, &s);
+    while (r.p < r.end) {
+        if (rd_field(&r, &f, &wt, &num, &s) < 0)
+            return -1;
         if (wt == WT_LEN) {
             switch (f) {
-            case 1: case 2: case 4: case 5: case 15:
+            case 4:
+                has_parent = s.n > 0;
+                /* fall through */
+            case 1: case 2: case 5: case 15:
                 if (out_len_field(&c->out, f, s) < 0)
                     return -1;
                 break;
             case 9:
                 if (key_value(s, &key, &first, &nv) < 0)
                     return -1;
-                if (key_index(key, &c->k, c->prefix) >= 0 && out_len_field(&c->out, 9, s) < 0)
-                    return -1;
+                j = key_index(key, &c->k, c->prefix);
+                if (j >= 0) {
+                    wanted = 1;
+                    if (out_len_field(&c->out, 9, s) < 0)
+                        return -1;
+                }
                 break;
             case 11:
                 if (c->ek.nkeys && subset_event(c, s) < 0)
@@ -1637,6 +1631,7 @@ static int subset_item(void *vctx, Slice item)
                 break;
             }
         } else if (wt == WT_VARINT && f == 6) {
+            kind = (long)(int32_t)num;
             if (out_tag(&c->out, 6, WT_VARINT) < 0 || out_varint(&c->out, num) < 0)
                 return -1;
         } else if (wt == WT_I64 && (f == 7 || f == 8)) {
@@ -1645,6 +1640,10 @@ static int subset_item(void *vctx, Slice item)
             memcpy(c->out.p + c->out.n, r.p - 8, 8);
             c->out.n += 8;
         }
+    }
+    if (!(wanted || kind == 2 || kind == 5 || !has_parent)) {
+        c->out.n = tag;
+        return 0;
     }
     out_close(&c->out, at);
     c->nspans++;
