@@ -423,10 +423,18 @@ class TailSamplingProcessor(Component):
         spans_out = Output(Signal.TRACES)
         logs_out = Output(Signal.LOGS)
         kept = KeptSpans()
-        traces_by: dict[tuple[str, str], int] = {}
+        traces_by: dict[tuple[str, str], int] = {}  # (decision, policy) -> traces, but for not sampled
         dropped: dict[str, list[int]] = {}  # reason -> [spans, log records]
         kept_traces = []
+        n_not_sampled = 0
         for t, decision, policy, threshold in decided:
+            if decision is NOT_SAMPLED:  # most traces: only counted
+                if not n_not_sampled:
+                    counts = dropped.setdefault("sampled_out", [0, 0])
+                n_not_sampled += 1
+                counts[0] += t.n_spans
+                counts[1] += t.n_logs
+                continue
             key = (decision, policy)
             traces_by[key] = traces_by.get(key, 0) + 1
             if decision is SAMPLED:
@@ -438,12 +446,11 @@ class TailSamplingProcessor(Component):
                     for (rhead, shead), blobs in t.log_groups:
                         logs_out.add(rhead, shead, blobs)
             else:
-                reason = "sampled_out" if decision is NOT_SAMPLED else "policy_drop"
-                counts = dropped.get(reason)
-                if counts is None:
-                    counts = dropped[reason] = [0, 0]
-                counts[0] += t.n_spans
-                counts[1] += t.n_logs
+                drops = dropped.setdefault("policy_drop", [0, 0])
+                drops[0] += t.n_spans
+                drops[1] += t.n_logs
+        if n_not_sampled:
+            traces_by[(NOT_SAMPLED, "none")] = n_not_sampled
         for (decision, policy), n in traces_by.items():
             self._count_traces(decision, policy, n)
         for reason, (n_spans, n_logs) in dropped.items():
