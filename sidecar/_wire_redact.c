@@ -35,6 +35,7 @@
 #define BODY_LABEL (-1)
 #define STATUS_LABEL (-2)
 #define BODY_EMPTY (-3)
+#define SITE 8 /* ints per occurrence of a text in Located.sites (sidecar/_wire_redact_types.py) */
 
 enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_SGROUP = 3, WT_EGROUP = 4, WT_I32 = 5 };
 
@@ -179,6 +180,12 @@ typedef struct {
     PyObject *decision;    /* borrowed from the decisions dict, which no code can change during the call */
 } KeySlot;
 
+/* A distinct text: its hash, where it is in the joined texts, and its last occurrence so far (len -1: empty slot). */
+typedef struct {
+    uint64_t hash;
+    Py_ssize_t start, len, last;
+} TextSlot;
+
 typedef struct {
     const uint8_t *d;
     Py_ssize_t n;
@@ -186,9 +193,11 @@ typedef struct {
     PyObject *names, *keys;
     uint8_t *text;                /* the texts, each followed by a newline */
     Py_ssize_t text_len, text_cap;
-    Ints text_ends, sites, name_sites, kv_sites, items;
+    Ints text_ends, firsts, sites, name_sites, kv_sites, items;
     Py_ssize_t n_items, n_slots;
     KeySlot slots[KEY_SLOTS];
+    TextSlot *texts;              /* the distinct texts so far, by content: open addressing, at most half full */
+    Py_ssize_t texts_cap, texts_mask, n_texts;
 } Loc;
 
 /* Working memory kept from one call to the next. Growing fresh buffers for every request cost more than the
@@ -200,8 +209,33 @@ typedef struct {
 static struct {
     uint8_t *text;
     Py_ssize_t text_cap;
-    Ints text_ends, sites, name_sites, kv_sites, items;
+    Ints text_ends, firsts, sites, name_sites, kv_sites, items;
+    TextSlot *texts;
+    Py_ssize_t texts_cap;
 } scratch;
+
+/* Texts are found again by a hash of their bytes seeded at random per process, so that no input can be made
+ * to collide (a request of colliding strings would cost time quadratic in its size). */
+static uint64_t hash_seed;
+
+static uint64_t text_hash(const uint8_t *p, Py_ssize_t n)
+{
+    uint64_t h = hash_seed ^ ((uint64_t)n * 0x9E3779B97F4A7C15ULL), w;
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        memcpy(&w, p + i, 8);
+        h = (h ^ w) * 0xBF58476D1CE4E5B9ULL;
+        h ^= h >> 29;
+    }
+    if (i < n) {
+        w = 0;
+        memcpy(&w, p + i, (size_t)(n - i));
+        h = (h ^ w) * 0x94D049BB133111EBULL;
+        h ^= h >> 32;
+    }
+    h = (h ^ hash_seed) * 0xBF58476D1CE4E5B9ULL;
+    return h ^ (h >> 31);
+}
 
 static void ints_take(Ints *a, Ints *kept)
 {
@@ -312,29 +346,78 @@ static int push_bytes(PyObject *list, const uint8_t *p, Py_ssize_t n)
     return rc;
 }
 
+/* The slot of a text with this hash and these bytes, or the empty slot where it goes. */
+static TextSlot *text_slot(Loc *L, uint64_t h, const uint8_t *p, Py_ssize_t n)
+{
+    for (uint64_t i = h;; i++) {
+        TextSlot *t = &L->texts[i & (uint64_t)L->texts_mask];
+        if (t->len < 0 || (t->hash == h && t->len == n && memcmp(L->text + t->start, p, (size_t)n) == 0))
+            return t;
+    }
+}
+
+/* Room for one more distinct text with the table at most half full: a table twice the size, refilled. */
+static int texts_room(Loc *L)
+{
+    Py_ssize_t size = L->texts_mask + 1;
+    if ((L->n_texts + 1) * 2 <= size)
+        return 0;
+    Py_ssize_t cap = size * 2;
+    TextSlot *table = PyMem_Malloc((size_t)cap * sizeof(TextSlot));
+    if (table == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < cap; i++)
+        table[i].len = -1;
+    TextSlot *old = L->texts;
+    L->texts = table;
+    L->texts_cap = cap;
+    L->texts_mask = cap - 1;
+    for (Py_ssize_t i = 0; i < size; i++)
+        if (old[i].len >= 0)
+            *text_slot(L, old[i].hash, L->text + old[i].start, old[i].len) = old[i];
+    PyMem_Free(old);
+    return 0;
+}
+
+/* One occurrence of a text: its bytes are joined into L->text the first time they occur. */
 static int text(Loc *L, Py_ssize_t ls, Py_ssize_t cs, Py_ssize_t ce, Py_ssize_t drop_start, Py_ssize_t drop_end,
                 Py_ssize_t item, Py_ssize_t key_start, Py_ssize_t key_end)
 {
-    Py_ssize_t v[7] = {ls, ce, drop_start, drop_end, item, key_start, key_end}, n = ce - cs;
-    if (L->text_len + n + 1 > L->text_cap) {
+    Py_ssize_t v[SITE] = {ls, ce, drop_start, drop_end, item, key_start, key_end, -1}, n = ce - cs;
+    Py_ssize_t occurrence = L->sites.len / SITE;
+    if (texts_room(L) < 0)
+        return -1;
+    const uint8_t *p = L->d + cs;
+    uint64_t h = text_hash(p, n);
+    TextSlot *t = text_slot(L, h, p, n);
+    if (t->len >= 0) {
+        L->sites.v[t->last * SITE + SITE - 1] = occurrence;
+        t->last = occurrence;
+        return ints_push(&L->sites, v, SITE);
+    }
+    if (L->text_len + n + 1 > L->text_cap) { /* never: L->text holds the whole request */
         Py_ssize_t cap = L->text_cap ? L->text_cap * 2 : 4096;
         while (cap < L->text_len + n + 1)
             cap *= 2;
-        uint8_t *p = PyMem_Realloc(L->text, (size_t)cap);
-        if (p == NULL) {
+        uint8_t *q = PyMem_Realloc(L->text, (size_t)cap);
+        if (q == NULL) {
             PyErr_NoMemory();
             return -1;
         }
-        L->text = p;
+        L->text = q;
         L->text_cap = cap;
     }
-    memcpy(L->text + L->text_len, L->d + cs, (size_t)n);
+    *t = (TextSlot){h, L->text_len, n, occurrence};
+    L->n_texts++;
+    memcpy(L->text + L->text_len, p, (size_t)n);
     L->text_len += n;
     L->text[L->text_len++] = '\n';
     Py_ssize_t end = L->text_len;
-    if (ints_push(&L->text_ends, &end, 1) < 0)
+    if (ints_push(&L->text_ends, &end, 1) < 0 || ints_push(&L->firsts, &occurrence, 1) < 0)
         return -1;
-    return ints_push(&L->sites, v, 7);
+    return ints_push(&L->sites, v, SITE);
 }
 
 static int name(Loc *L, const Field *f, Py_ssize_t item, int is_event)
@@ -416,7 +499,7 @@ static int kv(Loc *L, Py_ssize_t kv_start, Py_ssize_t ls, Py_ssize_t cs, Py_ssiz
     int walk = decision == L->scan || decision == NULL;
     Py_ssize_t record = -1;
     if (decision != L->scan) {
-        Py_ssize_t first = L->text_ends.len;
+        Py_ssize_t first = L->sites.len / SITE;
         Py_ssize_t v[6] = {kv_start, ls, ce, item, first, first};
         record = L->kv_sites.len;
         int rc = PyList_Append(L->keys, key) < 0 || ints_push(&L->kv_sites, v, 6) < 0;
@@ -433,7 +516,7 @@ static int kv(Loc *L, Py_ssize_t kv_start, Py_ssize_t ls, Py_ssize_t cs, Py_ssiz
                 return -1;
         }
         if (record >= 0)
-            L->kv_sites.v[record + 5] = L->text_ends.len;
+            L->kv_sites.v[record + 5] = L->sites.len / SITE;
     }
     return top && key_end - key_start >= 10 && memcmp(L->d + key_start, "redaction.", 10) == 0 ? HAS_SUMMARY : 0;
 }
@@ -624,7 +707,7 @@ static PyObject *locate(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*iOO:locate", &buf, &signal, &decisions, &scan))
         return NULL;
     PyObject *result = NULL, *text = NULL, *text_ends = NULL, *sites = NULL, *name_sites = NULL, *kv_sites = NULL,
-             *items = NULL;
+             *items = NULL, *firsts = NULL;
     Loc *L = PyMem_Calloc(1, sizeof(Loc));
     if (L == NULL) {
         PyBuffer_Release(&buf);
@@ -639,7 +722,12 @@ static PyObject *locate(PyObject *self, PyObject *args)
     scratch.text = NULL;
     scratch.text_cap = 0;
     ints_take(&L->text_ends, &scratch.text_ends);
+    ints_take(&L->firsts, &scratch.firsts);
     ints_take(&L->sites, &scratch.sites);
+    L->texts = scratch.texts;
+    L->texts_cap = scratch.texts_cap;
+    scratch.texts = NULL;
+    scratch.texts_cap = 0;
     ints_take(&L->name_sites, &scratch.name_sites);
     ints_take(&L->kv_sites, &scratch.kv_sites);
     ints_take(&L->items, &scratch.items);
@@ -665,6 +753,19 @@ static PyObject *locate(PyObject *self, PyObject *args)
         L->text = p;
         L->text_cap = L->n + 1;
     }
+    /* the table of distinct texts starts with 256 slots, in the memory an earlier call left when it has them */
+    if (L->texts_cap < 256) {
+        PyMem_Free(L->texts);
+        L->texts_cap = 0;
+        if ((L->texts = PyMem_Malloc(256 * sizeof(TextSlot))) == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        L->texts_cap = 256;
+    }
+    L->texts_mask = 255;
+    for (int i = 0; i < 256; i++)
+        L->texts[i].len = -1;
     item_fn fn = signal == 0 ? span : signal == 1 ? log_record : signal == 2 ? metric : NULL;
     if (fn == NULL) {
         PyErr_Format(PyExc_ValueError, "unknown signal %d", signal);
@@ -676,10 +777,11 @@ static PyObject *locate(PyObject *self, PyObject *args)
     if (!(text = PyBytes_FromStringAndSize((const char *)L->text, L->text_len ? L->text_len - 1 : 0)) ||
         !(text_ends = ints_bytes(&L->text_ends)) || !(sites = ints_bytes(&L->sites)) ||
         !(name_sites = ints_bytes(&L->name_sites)) ||
-        !(kv_sites = ints_bytes(&L->kv_sites)) || !(items = ints_bytes(&L->items)))
+        !(kv_sites = ints_bytes(&L->kv_sites)) || !(items = ints_bytes(&L->items)) ||
+        !(firsts = ints_bytes(&L->firsts)))
         goto done;
     result = PyObject_CallFunctionObjArgs((PyObject *)Located_T, text, text_ends, sites, L->names, name_sites,
-                                          L->keys, kv_sites, items, NULL);
+                                          L->keys, kv_sites, items, firsts, NULL);
 done:
     Py_XDECREF(sites);
     Py_XDECREF(name_sites);
@@ -687,6 +789,7 @@ done:
     Py_XDECREF(items);
     Py_XDECREF(text);
     Py_XDECREF(text_ends);
+    Py_XDECREF(firsts);
     Py_XDECREF(L->names);
     Py_XDECREF(L->keys);
     PyMem_Free(scratch.text);
@@ -699,7 +802,17 @@ done:
         PyMem_Free(L->text);
     }
     ints_keep(&scratch.text_ends, &L->text_ends);
+    ints_keep(&scratch.firsts, &L->firsts);
     ints_keep(&scratch.sites, &L->sites);
+    PyMem_Free(scratch.texts);
+    scratch.texts = NULL;
+    scratch.texts_cap = 0;
+    if (L->texts_cap * (Py_ssize_t)sizeof(TextSlot) <= SCRATCH_KEEP) {
+        scratch.texts = L->texts;
+        scratch.texts_cap = L->texts_cap;
+    } else {
+        PyMem_Free(L->texts);
+    }
     ints_keep(&scratch.name_sites, &L->name_sites);
     ints_keep(&scratch.kv_sites, &L->kv_sites);
     ints_keep(&scratch.items, &L->items);
@@ -947,5 +1060,12 @@ PyMODINIT_FUNC PyInit__wire_redact(void)
     Py_DECREF(types);
     if (Located_T == NULL)
         return NULL;
+    PyObject *os = PyImport_ImportModule("os");
+    PyObject *seed = os == NULL ? NULL : PyObject_CallMethod(os, "urandom", "i", (int)sizeof(hash_seed));
+    Py_XDECREF(os);
+    if (seed == NULL)
+        return NULL;
+    memcpy(&hash_seed, PyBytes_AS_STRING(seed), sizeof(hash_seed));
+    Py_DECREF(seed);
     return PyModule_Create(&module);
 }

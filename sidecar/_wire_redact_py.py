@@ -22,6 +22,7 @@ from sidecar._wire_redact_types import (
     HAS_SUMMARY,
     LOGS,
     METRICS,
+    SITE,
     STATUS_LABEL,
     TRACES,
     Located,
@@ -42,14 +43,17 @@ def _len_field(data: bytes, pos: int, end: int) -> tuple[int, int]:
 
 
 class _Locator:
-    __slots__ = ("data", "decisions", "scan", "texts", "text_end", "text_ends", "sites", "names", "name_sites", "keys",
-                 "kv_sites", "items")
+    __slots__ = ("data", "decisions", "scan", "texts", "text_end", "text_ends", "firsts", "last", "occurrences", "sites",
+                 "names", "name_sites", "keys", "kv_sites", "items")
 
     def __init__(self, data: bytes, decisions: dict, scan: object):
         self.data, self.decisions, self.scan = data, decisions, scan
-        self.texts: list = []
+        self.texts: list = []  # each distinct text once
         self.text_end = 0
         self.text_ends: list = []
+        self.firsts: list = []  # per distinct text: its first occurrence
+        self.last: dict = {}  # text -> its last occurrence so far
+        self.occurrences = 0
         self.sites: list = []
         self.names: list = []
         self.name_sites: list = []
@@ -100,14 +104,14 @@ class _Locator:
             for vs, ve in values:
                 self.value(vs, ve, kv_start, ce, item, key_start, key_end, depth + 1)
         else:
-            first = len(self.texts)
+            first = self.occurrences
             record = len(self.kv_sites)
             self.keys.append(key)
             self.kv_sites.extend((kv_start, ls, ce, item, first, first))
             if decision is None:
                 for vs, ve in values:
                     self.value(vs, ve, kv_start, ce, item, key_start, key_end, depth + 1)
-                self.kv_sites[record + 5] = len(self.texts)
+                self.kv_sites[record + 5] = self.occurrences
         return HAS_SUMMARY if top and raw_key.startswith(_SUMMARY_PREFIX) else 0
 
     def value(self, pos: int, end: int, drop_start: int, drop_end: int, item: int, key_start: int, key_end: int,
@@ -129,10 +133,19 @@ class _Locator:
 
     def text(self, ls: int, cs: int, ce: int, drop_start: int, drop_end: int, item: int, key_start: int,
              key_end: int) -> None:
-        self.texts.append(self.data[cs:ce])
-        self.text_end += ce - cs + 1
-        self.text_ends.append(self.text_end)
-        self.sites.extend((ls, ce, drop_start, drop_end, item, key_start, key_end))
+        text = self.data[cs:ce]
+        occurrence = self.occurrences
+        self.occurrences += 1
+        last = self.last.get(text)
+        if last is None:
+            self.texts.append(text)
+            self.text_end += ce - cs + 1
+            self.text_ends.append(self.text_end)
+            self.firsts.append(occurrence)
+        else:
+            self.sites[last * SITE + SITE - 1] = occurrence
+        self.last[text] = occurrence
+        self.sites.extend((ls, ce, drop_start, drop_end, item, key_start, key_end, -1))
 
     def name(self, ls: int, cs: int, ce: int, item: int, is_event: int) -> None:
         if ce > cs:
@@ -217,7 +230,7 @@ def locate(request: bytes, signal: int, decisions: dict, scan: object) -> Locate
     else:
         raise ValueError(f"unknown signal {signal!r}")
     return Located(b"\n".join(loc.texts), _int64s(loc.text_ends), _int64s(loc.sites), loc.names,
-                   _int64s(loc.name_sites), loc.keys, _int64s(loc.kv_sites), _int64s(loc.items))
+                   _int64s(loc.name_sites), loc.keys, _int64s(loc.kv_sites), _int64s(loc.items), _int64s(loc.firsts))
 
 
 def _int64s(values: list) -> bytes:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-#: ints per text in ``Located.sites``: len_start, end, drop_start, drop_end, item, key_start, key_end
-SITE = 7
+#: ints per occurrence of a text in ``Located.sites``: len_start, end, drop_start, drop_end, item, key_start,
+#: key_end, next (the next occurrence of the same text, -1 after the last)
+SITE = 8
 #: ints per name in ``Located.name_sites``: len_start, end, item, is_event
 NAME_SITE = 4
 #: ints per KeyValue in ``Located.kv_sites``: start (its tag), length start, end, item, first_text, end_text
@@ -33,17 +34,21 @@ class Located(NamedTuple):
     """Every string of one request that redaction looks at, and where it sits on the wire.
 
     The texts are the non-empty string values (attribute values at any depth of maps and arrays,
-    log bodies, span status messages), in wire order, joined with newlines in ``text`` (as
-    ``b"\\n".join(texts)``, ready for one RE2 scan); text *i* ends one byte before
-    ``text_ends[i]``. For text *i*, ``sites`` holds where its length prefix starts and its content
-    ends in the request (a replacement rewrites that range), the range to remove when a rule drops
-    it (its KeyValue, its array element, or the string field itself), its item (-1 for resources,
-    scopes and metric points) and where its key is in the request (or a ``*_LABEL``).
+    log bodies, span status messages). Each distinct text is in ``text`` once, in the order of its
+    first occurrence, joined with newlines (as ``b"\\n".join(texts)``, ready for one RE2 scan; a
+    request repeats most of its strings on every span); text *i* ends one byte before
+    ``text_ends[i]`` and first occurs as occurrence ``firsts[i]``. For each occurrence, in wire
+    order, ``sites`` holds where its length prefix starts and its content ends in the request (a
+    replacement rewrites that range), the range to remove when a rule drops it (its KeyValue, its
+    array element, or the string field itself), its item (-1 for resources, scopes and metric
+    points), where its key is in the request (or a ``*_LABEL``) and the next occurrence of the same
+    text (-1 after the last).
 
     ``names``: non-empty span and event names, for name mode. ``keys``: the keys of the KeyValues
     (at any depth) whose decision in the ``decisions`` map passed in was not the ``scan`` marker; an
     unknown key's value is walked too (``first_text``/``end_text`` say which texts it holds), a known
-    one's is not. ``items``: each span or log record, in order.
+    one's is not (``first_text``/``end_text`` count occurrences). ``items``: each span or log
+    record, in order.
     """
 
     text: bytes
@@ -54,3 +59,4 @@ class Located(NamedTuple):
     keys: list
     kv_sites: bytes
     items: bytes
+    firsts: bytes

@@ -2,7 +2,8 @@
 
 The object-level adapter (``redaction.otlp.OtlpRedactor``) parses a request and walks its
 messages from Python. Here the strings and their keys are located in the encoded request in one
-pass (``locate``), all of them are scanned together with RE2 (``RedactionEngine.candidates``), key
+pass (``locate``, which joins each distinct string once: most repeat on every span), all of them are
+scanned together with RE2 (``RedactionEngine.candidates``), key
 rules are decided per key from the engine's cache, and the few replacements are spliced into the
 bytes with every enclosing length prefix rewritten (``splice``). The output parses to exactly
 what the object-level path makes of the same request (a randomized test holds them to that):
@@ -117,44 +118,45 @@ def redact(engine: RedactionEngine, signal: str, request: bytes) -> "bytes | Non
     text = loc.text
     if loc.text_ends:
         ends = memoryview(loc.text_ends).cast("q")
+        firsts = memoryview(loc.firsts).cast("q")
         sites = memoryview(loc.sites).cast("q")
         scan = engine.scan
         append = edits.append
-        # a value repeated in one request (a user id on every span) is scanned once: value -> [new bytes (its
-        # length prefix included), DROP or None; its counts; how many times it occurs]
-        seen: dict[bytes, list] = {}
+        # each distinct text is scanned once (a user id on every span), and its result applied to each of its
+        # occurrences that no key rule took
         for i in _candidates(engine, text, ends):
-            if skip and i in skip:
-                continue
-            value = text[ends[i - 1] if i else 0:ends[i] - 1]
-            known = seen.get(value)
-            if known is None:
-                counts: dict = {}
-                out = scan(value, counts)
-                if out is not None and out is not DROP:
-                    out = _VARINTS[len(out)] + out if len(out) < 16384 else encode_varint(len(out)) + out
-                seen[value] = known = [out, counts, 1]
-            else:
-                out = known[0]
-                known[2] += 1
-            if out is None:
-                continue
-            base = i * SITE  # len_start, end, drop_start, drop_end, item, key_start, key_end
-            dropped = out is DROP
-            if dropped:
-                append((sites[base + 2], sites[base + 3], _EMPTY if sites[base + 6] == BODY_EMPTY else b"", -1))
-            else:
-                append((sites[base], sites[base + 1], out, -1))
-            if changed is not None:
-                item = sites[base + 4]
-                if item >= 0:
-                    if labels:
-                        _note(changed, item, _label(request, sites[base + 5], sites[base + 6]), dropped)
-                    else:
-                        changed[item] = changed.get(item, 0) + (_DROPPED if dropped else 1)
-        for _, counts, uses in seen.values():
-            for stat, n in counts.items():
-                tally[stat] = tally.get(stat, 0) + n * uses
+            counts = None
+            uses = 0
+            occurrence = firsts[i]
+            while occurrence >= 0:
+                base = occurrence * SITE  # len_start, end, drop_start, drop_end, item, key_start, key_end, next
+                if skip and occurrence in skip:
+                    occurrence = sites[base + 7]
+                    continue
+                if counts is None:
+                    counts = {}
+                    out = scan(text[ends[i - 1] if i else 0:ends[i] - 1], counts)
+                    if out is None:  # clean: nothing counted either
+                        break
+                    dropped = out is DROP
+                    if not dropped:
+                        out = _VARINTS[len(out)] + out if len(out) < 16384 else encode_varint(len(out)) + out
+                uses += 1
+                if dropped:
+                    append((sites[base + 2], sites[base + 3], _EMPTY if sites[base + 6] == BODY_EMPTY else b"", -1))
+                else:
+                    append((sites[base], sites[base + 1], out, -1))
+                if changed is not None:
+                    item = sites[base + 4]
+                    if item >= 0:
+                        if labels:
+                            _note(changed, item, _label(request, sites[base + 5], sites[base + 6]), dropped)
+                        else:
+                            changed[item] = changed.get(item, 0) + (_DROPPED if dropped else 1)
+                occurrence = sites[base + 7]
+            if uses:
+                for stat, n in counts.items():
+                    tally[stat] = tally.get(stat, 0) + n * uses
     names = loc.names
     if names:
         name_sites = memoryview(loc.name_sites).cast("q")

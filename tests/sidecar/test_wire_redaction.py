@@ -21,7 +21,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from redaction import RedactionConfig, RedactionEngine
 from redaction.otlp import OtlpRedactor
 from sidecar import _wire_redact_py, wire_redaction
-from sidecar._wire_redact_types import LOGS, METRICS, TRACES, Located
+from sidecar._wire_redact_types import LOGS, METRICS, SITE, TRACES, Located
 
 try:
     from sidecar import _wire_redact as _c
@@ -211,17 +211,44 @@ class TestWireRedaction:
         rec.attributes.add(key="k").value.string_value = "v"
         rec.attributes.add(key="authorization").value.string_value = "secret"
         rec.attributes.add(key="new.key").value.string_value = "x"
+        rec.attributes.add(key="again").value.string_value = "a@b.co"
         data = req.SerializeToString()
         from redaction._engine import SCAN
-        loc = impl.locate(data, LOGS, {"inner": SCAN, "k": SCAN, "authorization": object()}, SCAN)
+        loc = impl.locate(data, LOGS, {"inner": SCAN, "k": SCAN, "authorization": object(), "again": SCAN}, SCAN)
         assert isinstance(loc, Located)
-        assert loc.text == b"a@b.co\nv\nx"  # the authorization value is not walked: its key decides
+        # the authorization value is not walked (its key decides); a text that occurs again is joined once
+        assert loc.text == b"a@b.co\nv\nx"
         assert list(memoryview(loc.text_ends).cast("q")) == [7, 9, 11]
+        assert list(memoryview(loc.firsts).cast("q")) == [0, 1, 2]
         assert loc.keys == ["authorization", "new.key"]
         sites = memoryview(loc.sites).cast("q")
-        labels = [data[sites[i * 7 + 5]:sites[i * 7 + 6]] for i in range(3)]
-        assert labels == [b"inner", b"k", b"new.key"]
+        assert len(sites) == 4 * SITE
+        labels = [data[sites[i * SITE + 5]:sites[i * SITE + 6]] for i in range(4)]
+        assert labels == [b"inner", b"k", b"new.key", b"again"]
+        assert [sites[i * SITE + SITE - 1] for i in range(4)] == [3, -1, -1, -1]  # a@b.co occurs again as the 4th
+        assert [data[sites[i * SITE] + 1:sites[i * SITE + 1]] for i in range(4)] == [b"a@b.co", b"v", b"x", b"a@b.co"]
         assert len(memoryview(loc.items).cast("q")) == 3
+
+    def test_every_occurrence_of_a_repeated_text_is_redacted(self, impl):
+        """A text scanned once for the whole request: each occurrence gets the result, counted once each,
+        except the ones a key rule took (their KeyValue goes as a whole)."""
+        req = ExportTraceServiceRequest()
+        spans = req.resource_spans.add().scope_spans.add().spans
+        for i in range(3):
+            span = spans.add(name=f"s{i}")
+            span.attributes.add(key="user.id").value.string_value = "bob@example.com"
+            span.attributes.add(key="db.password").value.array_value.values.add().string_value = "bob@example.com"
+        data = req.SerializeToString()
+        eng = engine("default")
+        eng.key_action("user.id")  # db.password is not decided yet: locate walks its value too
+        new = wire_redaction.redact(eng, "traces", data)
+        got = ExportTraceServiceRequest.FromString(new).resource_spans[0].scope_spans[0].spans
+        assert [kv.value.string_value for sp in got for kv in sp.attributes if kv.key == "user.id"] == ["[EMAIL]"] * 3
+        assert [kv.value.string_value for sp in got for kv in sp.attributes if kv.key == "db.password"] == \
+            ["[REDACTED]"] * 3
+        assert eng.stats.get("email", "mask") == 3 and eng.stats.get("password", "replace") == 3
+        want, want_stats = object_path("default", "traces", data)
+        assert ExportTraceServiceRequest.FromString(new) == want and eng.stats.snapshot() == want_stats
 
     def test_a_locate_started_inside_another_gets_its_own_memory(self, impl):
         """Python code run during a locate (here a decisions key's ``__eq__``) may locate another request;
