@@ -2,10 +2,10 @@
 
 The object-level adapter (``redaction.otlp.OtlpRedactor``) parses a request and walks its
 messages from Python. Here the strings and their keys are located in the encoded request in one
-pass (``locate``, which joins each distinct string once: most repeat on every span), all of them are
-scanned together with RE2 (``RedactionEngine.candidates``), key
-rules are decided per key from the engine's cache, and the few replacements are spliced into the
-bytes with every enclosing length prefix rewritten (``splice``). The output parses to exactly
+pass (``locate``, which joins each distinct string once: most repeat on every span), all of them
+are scanned together with RE2 (``RedactionEngine.candidates``), key rules are decided per key from
+the engine's cache, and the few replacements are spliced into the bytes with every enclosing length
+prefix rewritten (``splice``). The output parses to exactly
 what the object-level path makes of the same request (a randomized test holds them to that):
 the same masks, drops, hashes and names, and the same summary attributes on changed spans and
 log records.
