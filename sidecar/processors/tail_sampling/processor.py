@@ -230,8 +230,9 @@ class TailSamplingProcessor(Component):
                                 continue
                             t = create(tid, now, evicted)
                             # a new trace: its first group (Trace.add_spans, inlined)
-                            t.spans_key, t.spans, t.n_spans = key, blobs, len(blobs)
-                            size = nbytes + len(blobs) * ITEM_OVERHEAD
+                            k = len(blobs)
+                            t.spans_key, t.spans, t.n_spans = key, blobs, k
+                            size = nbytes + k * ITEM_OVERHEAD
                             t.nbytes += size
                             added += size
                         else:
@@ -250,7 +251,7 @@ class TailSamplingProcessor(Component):
                                 t.matched |= res_matched
                             else:
                                 t.matched |= _matched(checks, slots, hits, res_matched)
-                        if root and t.root_deadline is None:  # the local root ended: decide after the grace period
+                        if root and t.root_deadline is None:  # the local root ended (TraceBuffer.root_arrived, inlined)
                             t.root_deadline = root_deadline
                             roots.append(t)
             buf.add_bytes(added)
@@ -304,8 +305,9 @@ class TailSamplingProcessor(Component):
                                 continue
                             t = create(tid, now, evicted)
                         if t.logs is None:  # the trace's first log records (Trace.add_logs, inlined)
-                            t.logs_key, t.logs, t.n_logs = key, blobs, len(blobs)
-                            size = nbytes + len(blobs) * ITEM_OVERHEAD
+                            k = len(blobs)
+                            t.logs_key, t.logs, t.n_logs = key, blobs, k
+                            size = nbytes + k * ITEM_OVERHEAD
                             t.nbytes += size
                             added += size
                         else:
@@ -399,7 +401,7 @@ class TailSamplingProcessor(Component):
         out = []
         kept, dropped = [], []
         drop_policies, keep_policies = self._drop_policies, self._keep_policies
-        for t in traces:  # as _decide, inlined
+        for t in traces:  # drop policies veto, then the first keep policy that keeps decides
             for p in drop_policies:
                 if p.evaluate(t, now) is not None:
                     out.append((t, DROPPED, p.name, 0))

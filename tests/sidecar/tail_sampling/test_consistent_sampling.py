@@ -104,7 +104,8 @@ def test_decision_cache_put_many_is_put_of_each_in_order():
 def test_a_second_sampler_reads_the_threshold_the_first_one_recorded():
     """Kept output goes on as spliced bytes (its spans carry appended fields); a sampler behind reads
     the appended tracestate, as any protobuf reader does (the last one wins), and composes with it."""
-    first, sink1, clock1, _ = make([{"name": "half", "type": "probabilistic", "probabilistic": {"sampling_percentage": 50}}])
+    first, sink1, clock1, _ = make([{"name": "half", "type": "probabilistic",
+                                     "probabilistic": {"sampling_percentage": 50}}])
     second, sink2, clock2, _ = make()  # always_sample: th:0 composed with the first's th:8 is th:8
     t = b"\x00" * 8 + b"\xff" * 8  # R = 2**56 - 1: kept at 50%
     first.consume(Envelope(Signal.TRACES, traces_request(span(t, root=True), span(t, trace_state="vendor=x"))))

@@ -359,7 +359,7 @@ def test_a_traces_spans_and_logs_keep_their_order_tracestate_and_resource_over_m
         ("s1", "ot=th:0"), ("s2", "ot=th:0,v=a"), ("s3", "ot=th:0"), ("s4", "ot=th:0,v=a"), ("s5", "ot=th:0,v=a"),
         ("s6", "ot=th:0")]
     (logs,) = sink.of(Signal.LOGS)
-    layout = [(rl.resource.attributes[0].value.string_value, [r.body.string_value for r in rl.scope_logs[0].log_records])
-              for rl in logs.resource_logs]
+    layout = [(rl.resource.attributes[0].value.string_value,
+               [r.body.string_value for r in rl.scope_logs[0].log_records]) for rl in logs.resource_logs]
     assert layout == [("a", ["l1", "l3", "l4"]), ("b", ["l2"])]
     assert proc.buffered_traces == 0 and proc.buffered_bytes == 0
