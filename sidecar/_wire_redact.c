@@ -49,6 +49,37 @@ static int bad(const char *what)
 
 /* --- reading ------------------------------------------------------------------------------------ */
 
+static inline uint64_t rd64(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+static inline uint64_t rd32(const uint8_t *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* a[0..n) == b[0..n) with whole-word loads and no call: keys and most texts are a few bytes long */
+static inline int same_bytes(const uint8_t *a, const uint8_t *b, Py_ssize_t n)
+{
+    if (n >= 8) {
+        for (Py_ssize_t i = 0; i + 8 < n; i += 8)
+            if (rd64(a + i) != rd64(b + i))
+                return 0;
+        return rd64(a + n - 8) == rd64(b + n - 8);
+    }
+    if (n >= 4)
+        return rd32(a) == rd32(b) && rd32(a + n - 4) == rd32(b + n - 4);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (a[i] != b[i])
+            return 0;
+    return 1;
+}
+
 static inline int rd_varint(const uint8_t *d, Py_ssize_t *pos, Py_ssize_t end, uint64_t *out)
 {
     Py_ssize_t p = *pos;
@@ -222,17 +253,21 @@ static uint64_t text_hash(const uint8_t *p, Py_ssize_t n)
 {
     uint64_t h = hash_seed ^ ((uint64_t)n * 0x9E3779B97F4A7C15ULL), w;
     Py_ssize_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        memcpy(&w, p + i, 8);
-        h = (h ^ w) * 0xBF58476D1CE4E5B9ULL;
+    for (; i + 8 < n; i += 8) {
+        h = (h ^ rd64(p + i)) * 0xBF58476D1CE4E5B9ULL;
         h ^= h >> 29;
     }
-    if (i < n) {
+    /* the last 1-8 bytes as whole loads that may overlap the bytes before them (the length is in h) */
+    if (n >= 8)
+        w = rd64(p + n - 8);
+    else if (n >= 4)
+        w = rd32(p) | rd32(p + n - 4) << 32;
+    else if (n > 0)
+        w = (uint64_t)p[0] | (uint64_t)p[n >> 1] << 8 | (uint64_t)p[n - 1] << 16;
+    else
         w = 0;
-        memcpy(&w, p + i, (size_t)(n - i));
-        h = (h ^ w) * 0x94D049BB133111EBULL;
-        h ^= h >> 32;
-    }
+    h = (h ^ w) * 0x94D049BB133111EBULL;
+    h ^= h >> 32;
     h = (h ^ hash_seed) * 0xBF58476D1CE4E5B9ULL;
     return h ^ (h >> 31);
 }
@@ -308,7 +343,7 @@ static PyObject *decide(Loc *L, Py_ssize_t start, Py_ssize_t len, PyObject **key
             slot = s;
             break;
         }
-        if (s->hash == h && s->len == len && memcmp(L->d + s->start, L->d + start, (size_t)len) == 0)
+        if (s->hash == h && s->len == len && same_bytes(L->d + s->start, L->d + start, len))
             return s->decision; /* only `scan` decisions are kept: others need the str for the record */
     }
     PyObject *key = PyUnicode_DecodeUTF8((const char *)L->d + start, len, "strict");
@@ -351,7 +386,7 @@ static TextSlot *text_slot(Loc *L, uint64_t h, const uint8_t *p, Py_ssize_t n)
 {
     for (uint64_t i = h;; i++) {
         TextSlot *t = &L->texts[i & (uint64_t)L->texts_mask];
-        if (t->len < 0 || (t->hash == h && t->len == n && memcmp(L->text + t->start, p, (size_t)n) == 0))
+        if (t->len < 0 || (t->hash == h && t->len == n && same_bytes(L->text + t->start, p, n)))
             return t;
     }
 }
