@@ -31,8 +31,9 @@ class Trace:
     """One buffered trace. The processor's hot loop fills it directly.
 
     Most traces arrive as one run of spans and one of log records, so the first group of each is
-    held in two slots and only further groups make a list: a buffered trace is few objects for
-    the garbage collector to scan (it scans every one of them at each full collection).
+    held in two slots, as a tuple (of bytes: the garbage collector stops tracking it at its first
+    pass), and only further runs make lists. So a buffered trace is one object for the collector,
+    whose passes over everything that survives cost in proportion to it.
     """
 
     __slots__ = ("trace_id", "first_seen", "root_deadline", "spans_key", "spans", "more_spans", "logs_key", "logs",
@@ -42,14 +43,15 @@ class Trace:
         self.trace_id = trace_id
         self.first_seen = now
         self.root_deadline: float | None = None
-        #: the first group of spans: its key (resource head, scope head, tracestate) and [span bytes, ...]
+        #: the first group of spans: its key (resource head, scope head, tracestate) and its span bytes
+        #: (a tuple, a list once a later run joins it)
         self.spans_key = None
-        self.spans: list | None = None
+        self.spans: tuple | list | None = None
         #: further groups, in arrival order: [(key, [span bytes, ...]), ...], or None
         self.more_spans: list | None = None
-        #: the first group of log records: its key (resource head, scope head) and [record bytes, ...]
+        #: the first group of log records: its key (resource head, scope head) and its record bytes
         self.logs_key = None
-        self.logs: list | None = None
+        self.logs: tuple | list | None = None
         self.more_logs: list | None = None
         self.n_spans = 0
         self.n_logs = 0
@@ -68,12 +70,15 @@ class Trace:
         """Append a run of encoded spans (``nbytes`` in all) under ``key``; consecutive runs under one key
         share a group. Returns the memory added: the encoded size plus the per-item overhead."""
         if self.spans is None:
-            self.spans_key, self.spans = key, spans
+            self.spans_key, self.spans = key, tuple(spans)
         else:
             more = self.more_spans
             if more is None:
                 if self.spans_key is key:
-                    self.spans.extend(spans)
+                    group = self.spans
+                    if type(group) is tuple:  # a second run: a list from now on
+                        group = self.spans = list(group)
+                    group.extend(spans)
                 else:
                     self.more_spans = [(key, spans)]
             elif more[-1][0] is key:
@@ -88,12 +93,15 @@ class Trace:
     def add_logs(self, key: tuple, records: list, nbytes: int) -> int:
         """:meth:`add_spans` for a run of encoded log records."""
         if self.logs is None:
-            self.logs_key, self.logs = key, records
+            self.logs_key, self.logs = key, tuple(records)
         else:
             more = self.more_logs
             if more is None:
                 if self.logs_key is key:
-                    self.logs.extend(records)
+                    group = self.logs
+                    if type(group) is tuple:  # a second run: a list from now on
+                        group = self.logs = list(group)
+                    group.extend(records)
                 else:
                     self.more_logs = [(key, records)]
             elif more[-1][0] is key:

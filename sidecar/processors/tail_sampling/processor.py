@@ -231,7 +231,7 @@ class TailSamplingProcessor(Component):
                             t = create(tid, now, evicted)
                             # a new trace: its first group (Trace.add_spans, inlined)
                             k = len(blobs)
-                            t.spans_key, t.spans, t.n_spans = key, blobs, k
+                            t.spans_key, t.spans, t.n_spans = key, tuple(blobs), k
                             size = nbytes + k * ITEM_OVERHEAD
                             t.nbytes += size
                             added += size
@@ -306,7 +306,7 @@ class TailSamplingProcessor(Component):
                             t = create(tid, now, evicted)
                         if t.logs is None:  # the trace's first log records (Trace.add_logs, inlined)
                             k = len(blobs)
-                            t.logs_key, t.logs, t.n_logs = key, blobs, k
+                            t.logs_key, t.logs, t.n_logs = key, tuple(blobs), k
                             size = nbytes + k * ITEM_OVERHEAD
                             t.nbytes += size
                             added += size

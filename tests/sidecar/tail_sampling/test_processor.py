@@ -363,3 +363,18 @@ def test_a_traces_spans_and_logs_keep_their_order_tracestate_and_resource_over_m
                [r.body.string_value for r in rl.scope_logs[0].log_records]) for rl in logs.resource_logs]
     assert layout == [("a", ["l1", "l3", "l4"]), ("b", ["l2"])]
     assert proc.buffered_traces == 0 and proc.buffered_bytes == 0
+
+
+def test_runs_of_a_trace_interleaved_with_another_in_one_request_stay_in_order():
+    proc, sink, clock, _ = make()
+    a, b = tid(), tid()
+    proc.consume(Envelope(Signal.TRACES, traces_request(
+        span(a, name="a1"), span(b, name="b1"), span(a, name="a2"), span(a, name="a3", trace_state="v=1"),
+        span(b, name="b2"), span(a, name="a4"), span(a, name="a5"))))
+    proc.consume(Envelope(Signal.LOGS, logs_request((a, 9, "la1"), (b, 9, "lb1"), (a, 9, "la2"), (a, 9, "la3"))))
+    proc.tick(clock.advance(10))
+    names = [s.name for s in kept_spans(sink)]
+    assert [n for n in names if n[0] == "a"] == ["a1", "a2", "a3", "a4", "a5"]
+    assert [n for n in names if n[0] == "b"] == ["b1", "b2"]
+    assert sorted(r.body.string_value for r in kept_logs(sink)) == ["la1", "la2", "la3", "lb1"]
+    assert [r.body.string_value for r in kept_logs(sink) if r.trace_id == a] == ["la1", "la2", "la3"]
