@@ -1102,5 +1102,11 @@ PyMODINIT_FUNC PyInit__wire_redact(void)
         return NULL;
     memcpy(&hash_seed, PyBytes_AS_STRING(seed), sizeof(hash_seed));
     Py_DECREF(seed);
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    /* the layout of Located.sites this build writes: sidecar.wire_redaction uses no build that differs */
+    if (m != NULL && PyModule_AddIntConstant(m, "SITE", SITE) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

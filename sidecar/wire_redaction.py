@@ -64,6 +64,8 @@ __all__ = ["IMPLEMENTATION", "Located", "NeedsObjectPath", "implementation", "lo
 
 #: The implementation in use: the C extension, else the pure-Python module.
 implementation: ModuleType = choose("sidecar._wire_redact", _wire_redact_py)  # the one selection rule
+if getattr(implementation, "SITE", None) != SITE:  # pragma: no cover - an extension built before Located changed
+    implementation = _wire_redact_py
 #: "c" or "python".
 IMPLEMENTATION = "python" if implementation is _wire_redact_py else "c"
 locate = implementation.locate
