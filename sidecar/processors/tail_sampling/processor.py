@@ -92,6 +92,8 @@ class TailSamplingProcessor(Component):
         self._drop_policies = [p for p in built if isinstance(p, _policies.Drop)]
         self._keep_policies = [p for p in built if not isinstance(p, _policies.Drop)]
         self.policies = {p.name: p for p in built}
+        self._drop_evaluations = [(p.evaluate, p.name) for p in self._drop_policies]
+        self._keep_evaluations = [(p.evaluate, p.name) for p in self._keep_policies]
         # decided once: what each arriving span must yield for these policies
         needs = _policies.needs_of(built)
         self._need_status = _policies.STATUS in needs
@@ -400,19 +402,19 @@ class TailSamplingProcessor(Component):
         """Decisions for ``traces``, remembered in the decision cache. Call with the lock held."""
         out = []
         kept, dropped = [], []
-        drop_policies, keep_policies = self._drop_policies, self._keep_policies
+        drop_policies, keep_policies = self._drop_evaluations, self._keep_evaluations
         for t in traces:  # drop policies veto, then the first keep policy that keeps decides
-            for p in drop_policies:
-                if p.evaluate(t, now) is not None:
-                    out.append((t, DROPPED, p.name, 0))
+            for evaluate, name in drop_policies:
+                if evaluate(t, now) is not None:
+                    out.append((t, DROPPED, name, 0))
                     dropped.append((t.trace_id, True))
                     break
             else:
-                for p in keep_policies:
-                    threshold = p.evaluate(t, now)
+                for evaluate, name in keep_policies:
+                    threshold = evaluate(t, now)
                     if threshold is not None:
-                        out.append((t, SAMPLED, p.name, threshold))
-                        kept.append((t.trace_id, (p.name, threshold)))
+                        out.append((t, SAMPLED, name, threshold))
+                        kept.append((t.trace_id, (name, threshold)))
                         break
                 else:
                     out.append((t, NOT_SAMPLED, "none", 0))
