@@ -13,10 +13,8 @@ written before it began: the ``covered`` variant).
 
 from __future__ import annotations
 
-import inspect
 import threading
-import weakref
-from typing import Callable, Generic, TypeVar, cast
+from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")  # what a writer brings to the commit
 R = TypeVar("R")  # what the commit gives back to that writer
@@ -58,17 +56,15 @@ class GroupCommit(Generic[T, R]):
     any commit of its own, and whoever finds no commit running commits on its own behalf. So a failed
     commit fails only the writer that ran it; the others, still not covered, run the next one.
 
-    Bound methods are held weakly, so an owner that keeps its GroupCommit and passes its own methods forms
-    no reference cycle: a dropped owner is freed at once (the persistent queue's ``__del__`` releases its
-    lock then). The object of a method given here must outlive the GroupCommit (a writer in :meth:`join`
-    holds its owner); pass other objects' methods wrapped in a function of the owner's.
+    An owner that passes its own methods forms a reference cycle with its GroupCommit: owners release
+    what they hold (files, locks) by an explicit close, never by being freed.
     """
 
     def __init__(self, commit: Callable[[list[Member[T, R]]], object], *,
                  covered: Callable[[T], bool] | None = None, on_commit: Callable[[], object] | None = None) -> None:
-        self._commit = _weak(commit)
-        self._covered = None if covered is None else _weak(covered)
-        self._on_commit = None if on_commit is None else _weak(on_commit)
+        self._commit = commit
+        self._covered = covered
+        self._on_commit = on_commit
         self._cond = threading.Condition(threading.Lock())
         self._open: _Group[T, R] = _Group()
         self._committing = False
@@ -135,21 +131,3 @@ class GroupCommit(Generic[T, R]):
         """The items of the open group: writers waiting for the next commit (tests wait on it)."""
         with self._cond:
             return [m.item for m in self._open.members]
-
-
-C = TypeVar("C", bound=Callable)
-
-
-def _weak(fn: C) -> C:
-    """``fn``, holding its object weakly when it is a bound method (see :class:`GroupCommit`)."""
-    if not inspect.ismethod(fn):
-        return fn
-    obj, func = weakref.ref(fn.__self__), fn.__func__  # not fn itself: it holds its object
-
-    def call(*args: object) -> object:
-        self = obj()
-        if self is None:  # only a GroupCommit outliving the object whose method it was given
-            raise ReferenceError(f"{func.__qualname__}: its object is gone")
-        return func(self, *args)
-
-    return cast(C, call)

@@ -289,7 +289,8 @@ class PersistentQueue:
         return self._count
 
     def __del__(self) -> None:
-        # a dropped, never-shut-down queue (a simulated crash) must not keep its lock
+        # a last resort for a queue dropped without abort() (a simulated crash): it is freed by the cycle
+        # collector (it and its GroupCommit refer to each other), and must not keep its lock after that
         if not getattr(self, "_aborted", True):
             for attr in ("_dir_fd", "_lock_fd"):
                 fd = getattr(self, attr, None)

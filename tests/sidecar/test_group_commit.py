@@ -4,10 +4,8 @@ fails its group only and never leaves the others waiting."""
 
 from __future__ import annotations
 
-import gc
 import threading
 import time
-import weakref
 
 from sidecar.group_commit import GroupCommit, Member
 
@@ -262,29 +260,3 @@ def test_with_a_watermark_a_failed_commit_fails_only_its_writer_and_the_others_c
     assert sorted(out) == [2, 3] and set(out.values()) in ({None, 20}, {None, 30})  # one led, one was covered
     assert (gc.commits, gc.failed) == (2, 1) and log.synced == 3
 
-
-def test_an_owner_that_keeps_its_group_commit_is_freed_as_soon_as_it_is_dropped():
-    class Owner:
-        def __init__(self) -> None:
-            self.commits = 0
-            self.group_commit: GroupCommit[int, None] = GroupCommit(self.commit, covered=self.covered,
-                                                                    on_commit=self.committed)
-
-        def commit(self, members: list[Member[int, None]]) -> None:
-            self.commits += 1
-
-        def covered(self, item: int) -> bool:
-            return item <= self.commits
-
-        def committed(self) -> None:
-            pass
-
-    owner = Owner()
-    assert owner.group_commit.join(1) is None and owner.commits == 1
-    ref = weakref.ref(owner)
-    gc.disable()  # freed by its reference count: no cycle through its bound methods
-    try:
-        del owner
-        assert ref() is None  # the persistent queue's __del__ (which releases its lock) relies on this
-    finally:
-        gc.enable()

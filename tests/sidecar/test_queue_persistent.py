@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import subprocess
@@ -64,6 +65,7 @@ def test_items_survive_a_crash_and_come_back_in_order(tmp_path):
         q.put(Envelope(sig, req, items=2 if sig is Signal.TRACES else 1))
         sent.append((sig, req.SerializeToString()))
     del q  # crash: no close, no shutdown
+    gc.collect()  # a dropped queue lets go of its lock when it is collected
 
     q2 = PersistentQueue(tmp_path / "q", 100)
     assert q2.size() == 5 and q2.item_count() == 8
@@ -85,6 +87,7 @@ def test_an_item_handed_out_but_not_done_is_delivered_again(tmp_path):
     in_flight = q.get()  # pushed but the backend never answered before the crash
     assert in_flight.message == traces(2)
     del q, in_flight, first
+    gc.collect()
 
     q2 = PersistentQueue(tmp_path / "q", 10)
     assert [it.message for it in drain(q2)] == [traces(2)]

@@ -88,7 +88,7 @@ class WriteAheadLog:
         self._lost: list[tuple[int, int]] = []
         # a sync covers every ticket up to what was written when it began; a failed one fails only its writer
         self._group_commit: GroupCommit[int, None] = GroupCommit(
-            self._sync, covered=self._covered, on_commit=self._synced_one)
+            self._sync, covered=self._covered, on_commit=on_sync)
         self._lock_fd: int | None = None
         self._dir_fd: int | None = None
 
@@ -243,9 +243,6 @@ class WriteAheadLog:
 
     def _covered(self, ticket: int) -> bool:
         return ticket <= self._synced
-
-    def _synced_one(self) -> None:
-        self._on_sync()
 
     @property
     def syncs(self) -> int:
