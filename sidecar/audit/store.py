@@ -20,6 +20,7 @@ write costs the same whatever the store holds; see there.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import json
 import logging
@@ -450,6 +451,31 @@ def _chunks(items: list[str], size: int = 400) -> Iterator[list[str]]:
         yield items[i:i + size]
 
 
+_ROWS_PER_INSERT = 256  # x 20 columns: far under the 32766 values SQLite binds in one statement
+
+
+@functools.lru_cache(maxsize=64)
+def _values_sql(head: str, width: int, rows: int, tail: str) -> str:
+    one = "(" + ", ".join("?" * width) + ")"
+    return f"{head} VALUES {', '.join([one] * rows)}{tail}"
+
+
+def _insert(cur, head: str, rows: list[tuple], tail: str = "") -> None:
+    """``head VALUES (...), (...), ... tail``: ``rows`` in a few statements, not one step per row.
+
+    The sqlite3 module releases the GIL around each step of a statement, and ``executemany`` steps once
+    per row. With other threads waiting for the GIL (receivers parsing, tail sampling), each release
+    hands it over and waits to get it back: two context switches per row. One busy Python thread beside
+    a writer of 128-row groups made ``executemany`` cost 7x the CPU per row and this 2x
+    (docs/benchmarks.md, third round). Chunks are powers of two, so a few statements stay cached.
+    """
+    i, n = 0, len(rows)
+    while i < n:
+        k = 1 << (min(n - i, _ROWS_PER_INSERT).bit_length() - 1)
+        cur.execute(_values_sql(head, len(rows[i]), k, tail), [v for row in rows[i:i + k] for v in row])
+        i += k
+
+
 class _RecentKeys:
     """The (trace_id, span_id) keys of records this store committed lately: two generations of sets, so memory
     is bounded and a retried export within about ``size`` records is recognized without reading the records."""
@@ -614,10 +640,9 @@ class SQLiteStore(AuditStore):
         """Append: fragments to ``audit_fragments``, records (merged with what is already waiting for them)
         to the active partition. Nothing here reads a records table."""
         if extraction.fragments:
-            cur.executemany("INSERT INTO audit_fragments (trace_id, span_id, service, fields, recorded_unix_nano) "
-                            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (trace_id, span_id) DO NOTHING",
-                            [(f.trace_id, f.span_id, f.service, json.dumps(f.fields), now)
-                             for f in extraction.fragments])
+            _insert(cur, "INSERT INTO audit_fragments (trace_id, span_id, service, fields, recorded_unix_nano)",
+                    [(f.trace_id, f.span_id, f.service, json.dumps(f.fields), now) for f in extraction.fragments],
+                    " ON CONFLICT (trace_id, span_id) DO NOTHING")
         records = extraction.records
         if not records:
             return 0
@@ -651,8 +676,7 @@ class SQLiteStore(AuditStore):
             if self._txn_active is None:
                 self._txn_active = cur.execute("SELECT max(number) FROM audit_partitions").fetchone()[0]
             active = self._txn_active
-            cur.executemany(f"INSERT INTO audit_part_{active} ({_COLUMN_LIST}) VALUES "
-                            f"({', '.join('?' * len(COLUMNS))})", rows)
+            _insert(cur, f"INSERT INTO audit_part_{active} ({_COLUMN_LIST})", rows)
             cur.execute("UPDATE audit_partitions SET rows = rows + ?, min_time = min(coalesce(min_time, ?), ?), "
                         "max_time = max(coalesce(max_time, ?), ?) WHERE number = ? RETURNING rows",
                         (len(rows), lo, lo, hi, hi, active))
@@ -664,8 +688,8 @@ class SQLiteStore(AuditStore):
 
     def _mark_kept(self, cur, items: list[tuple[str, str]], now: int) -> int:
         """Only the mark: records already written get it when read, and for good at their partition's seal."""
-        cur.executemany("INSERT INTO audit_kept (trace_id, policy, recorded_unix_nano) VALUES (?, ?, ?) "
-                        "ON CONFLICT (trace_id) DO NOTHING", [(t, p, now) for t, p in items])
+        _insert(cur, "INSERT INTO audit_kept (trace_id, policy, recorded_unix_nano)", [(t, p, now) for t, p in items],
+                " ON CONFLICT (trace_id) DO NOTHING")
         return len(items)
 
     def _after_commit(self) -> None:
