@@ -1387,20 +1387,32 @@ PyDoc_STRVAR(audit_spans_doc,
 "span (kind SERVER or CONSUMER, or no parent) or has an attribute whose key is one of ``keys`` or\n"
 "starts with ``prefix`` (non-empty). What the audit exporter reads records from, parsing no span.");
 
+/* The arguments of audit_spans and audit_subset: the request, span and event attribute keys (borrowed: the
+ * caller's tuples keep them alive), and the prefix. */
+static int audit_args(PyObject *args, Slice *req, Keys *k, Keys *ek, Slice *prefix)
+{
+    const char *data, *pre;
+    Py_ssize_t len, plen;
+    PyObject *keys, *event_keys;
+    if (!PyArg_ParseTuple(args, "y#O!y#O!", &data, &len, &PyTuple_Type, &keys, &pre, &plen, &PyTuple_Type,
+                          &event_keys))
+        return -1;
+    if (keys_of(keys, k, NULL) < 0 || keys_of(event_keys, ek, NULL) < 0)
+        return -1;
+    req->p = (const uint8_t *)data;
+    req->n = len;
+    prefix->p = (const uint8_t *)pre;
+    prefix->n = plen;
+    return 0;
+}
+
 static PyObject *audit_spans(PyObject *self, PyObject *args)
 {
     (void)self;
-    const char *data, *prefix;
-    Py_ssize_t len, plen;
-    PyObject *keys, *event_keys;
-    if (!PyArg_ParseTuple(args, "y#O!y#O!", &data, &len, &PyTuple_Type, &keys, &prefix, &plen, &PyTuple_Type,
-                          &event_keys))
-        return NULL;
     AuditCtx c;
-    if (keys_of(keys, &c.k, NULL) < 0 || keys_of(event_keys, &c.ek, NULL) < 0)
+    Slice req;
+    if (audit_args(args, &req, &c.k, &c.ek, &c.prefix) < 0)
         return NULL;
-    c.prefix.p = (const uint8_t *)prefix;
-    c.prefix.n = plen;
     c.spans = NULL;
     c.rs.p = NULL;
     c.rs.n = 0;
@@ -1409,7 +1421,6 @@ static PyObject *audit_spans(PyObject *self, PyObject *args)
     if ((c.out = PyList_New(0)) == NULL)
         return NULL;
     Walk w = {audit_resource, audit_scope, audit_item};
-    Slice req = {(const uint8_t *)data, len};
     int rc = walk_request(req, &w, &c) < 0 || audit_flush(&c) < 0 ? -1 : 0;
     for (int j = 0; j <= MAX_KEYS; j++) {
         Py_XDECREF(c.names[j]);
@@ -1663,21 +1674,13 @@ PyDoc_STRVAR(audit_subset_doc,
 static PyObject *audit_subset(PyObject *self, PyObject *args)
 {
     (void)self;
-    const char *data, *prefix;
-    Py_ssize_t len, plen;
-    PyObject *keys, *event_keys;
-    if (!PyArg_ParseTuple(args, "y#O!y#O!", &data, &len, &PyTuple_Type, &keys, &prefix, &plen, &PyTuple_Type,
-                          &event_keys))
-        return NULL;
     SubsetCtx c;
+    Slice req;
     memset(&c, 0, sizeof c);
-    if (keys_of(keys, &c.k, NULL) < 0 || keys_of(event_keys, &c.ek, NULL) < 0)
+    if (audit_args(args, &req, &c.k, &c.ek, &c.prefix) < 0)
         return NULL;
-    c.prefix.p = (const uint8_t *)prefix;
-    c.prefix.n = plen;
     c.rs_tag = -1;
     Walk w = {subset_resource, audit_scope, subset_item};
-    Slice req = {(const uint8_t *)data, len};
     PyObject *result = NULL;
     if (walk_request(req, &w, &c) == 0) {
         subset_close(&c);

@@ -18,6 +18,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from sidecar._wire_types import (AuditSpan, AuditSpans, KeyHits, LogRun, ResourceGroup, ScopeGroup, SpanMetricRow,
                                   SpanRun)
+from sidecar.protowire import encode_varint, length_delimited
 
 #: Most attribute keys one call can look for (as in the C half).
 MAX_KEYS = 64
@@ -454,10 +455,9 @@ def _audit_span(span, data: bytes, a: int, b: int, wanted: set, prefix: bytes, e
                      data[a:b])
 
 
-def audit_spans(request: bytes, keys: tuple, prefix: bytes, event_keys: tuple) -> list[AuditSpans]:
-    """Per ResourceSpans with any: its resource as encoded and an AuditSpan per span that is an entry span
-    (SERVER or CONSUMER, or no parent) or has an attribute whose key is in ``keys`` or starts with ``prefix``
-    (non-empty); see sidecar._wire_types.AuditSpan."""
+def _selected(request: bytes, keys: tuple, prefix: bytes, event_keys: tuple, select) -> list[tuple[list, list]]:
+    """Per ResourceSpans with any: (its resource occurrences' ranges, ``select(...)`` of each span where not
+    None), ``select`` deciding as audit_spans does which spans a record can use."""
     _keys(keys), _keys(event_keys)
     if not isinstance(prefix, bytes):
         raise TypeError("a bytes-like object is required for prefix")
@@ -469,25 +469,24 @@ def audit_spans(request: bytes, keys: tuple, prefix: bytes, event_keys: tuple) -
         spans = []
         for ss, (sa, sb) in zip(rs.scope_spans, _children(data, ra, rb, 2)):
             for span, (a, b) in zip(ss.spans, _children(data, sa, sb, 2)):
-                found = _audit_span(span, data, a, b, wanted, prefix, ekeys)
+                found = select(span, data, a, b, wanted, prefix, ekeys)
                 if found is not None:
                     spans.append(found)
         if spans:
-            out.append(AuditSpans(b"".join(data[x:y] for x, y in _children(data, ra, rb, 1)), spans))
+            out.append((_children(data, ra, rb, 1), spans))
     return out
 
 
-def _encode_varint(v: int) -> bytes:
-    out = bytearray()
-    while v >= 0x80:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
-    return bytes(out)
+def audit_spans(request: bytes, keys: tuple, prefix: bytes, event_keys: tuple) -> list[AuditSpans]:
+    """Per ResourceSpans with any: its resource as encoded and an AuditSpan per span that is an entry span
+    (SERVER or CONSUMER, or no parent) or has an attribute whose key is in ``keys`` or starts with ``prefix``
+    (non-empty); see sidecar._wire_types.AuditSpan."""
+    return [AuditSpans(b"".join(request[x:y] for x, y in resource), spans)
+            for resource, spans in _selected(request, keys, prefix, event_keys, _audit_span)]
 
 
-def _len_field(field: int, payload: bytes) -> bytes:
-    return _encode_varint(field << 3 | _LEN) + _encode_varint(len(payload)) + payload
+def _field(number: int, payload: bytes) -> bytes:
+    return length_delimited(encode_varint(number << 3 | _LEN), payload)
 
 
 def _subset_span(span, data: bytes, a: int, b: int, wanted: set, prefix: bytes, event_keys: set) -> bytes | None:
@@ -507,17 +506,17 @@ def _subset_span(span, data: bytes, a: int, b: int, wanted: set, prefix: bytes, 
     for f, wt, x, y in fields:
         if wt == _LEN:
             if f in (1, 2, 4, 5, 15) or (f == 9 and wanted_key(x, y, wanted, prefix)):
-                parts.append(_len_field(f, data[x:y]))
+                parts.append(_field(f, data[x:y]))
             elif f == 11 and event_keys:
-                attrs = [_len_field(3, data[p:q]) for g, w, p, q in _fields(data, x, y)
+                attrs = [_field(3, data[p:q]) for g, w, p, q in _fields(data, x, y)
                          if g == 3 and w == _LEN and wanted_key(p, q, event_keys, b"")]
                 if attrs:
-                    parts.append(_len_field(11, b"".join(attrs)))
+                    parts.append(_field(11, b"".join(attrs)))
         elif wt == 0 and f == 6:
-            parts.append(b"\x30" + _encode_varint(_varint(data, x, y)[0]))
+            parts.append(b"\x30" + encode_varint(_varint(data, x, y)[0]))
         elif wt == 1 and f in (7, 8):
-            parts.append(_encode_varint(f << 3 | 1) + data[x:y])
-    return _len_field(2, b"".join(parts))
+            parts.append(encode_varint(f << 3 | 1) + data[x:y])
+    return _field(2, b"".join(parts))
 
 
 def audit_subset(request: bytes, keys: tuple, prefix: bytes, event_keys: tuple) -> tuple[bytes, int]:
@@ -525,22 +524,9 @@ def audit_subset(request: bytes, keys: tuple, prefix: bytes, event_keys: tuple) 
     ResourceSpans with a selected span, its resource and one ScopeSpans (no scope) of the spans
     ``audit_spans`` selects, each with only its ids, parent, name, kind, times, status, the attributes
     ``audit_spans`` reads and, of its events, only the attributes with a key in ``event_keys``."""
-    _keys(keys), _keys(event_keys)
-    if not isinstance(prefix, bytes):
-        raise TypeError("a bytes-like object is required for prefix")
-    wanted, ekeys = set(keys), set(event_keys)
-    msg = _parse(ExportTraceServiceRequest, request)
-    data = request
     out, kept = [], 0
-    for rs, (ra, rb) in zip(msg.resource_spans, _children(data, 0, len(data), 1)):
-        spans = []
-        for ss, (sa, sb) in zip(rs.scope_spans, _children(data, ra, rb, 2)):
-            for span, (a, b) in zip(ss.spans, _children(data, sa, sb, 2)):
-                found = _subset_span(span, data, a, b, wanted, prefix, ekeys)
-                if found is not None:
-                    spans.append(found)
-        if spans:
-            kept += len(spans)
-            resource = b"".join(_len_field(1, data[x:y]) for x, y in _children(data, ra, rb, 1))
-            out.append(_len_field(1, resource + _len_field(2, b"".join(spans))))
+    for resource, spans in _selected(request, keys, prefix, event_keys, _subset_span):
+        kept += len(spans)
+        head = b"".join(_field(1, request[x:y]) for x, y in resource)
+        out.append(_field(1, head + _field(2, b"".join(spans))))
     return b"".join(out), kept
