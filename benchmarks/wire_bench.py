@@ -4,8 +4,8 @@
 
 Functions are timed on the received bytes of the benchmark workload (128 traces x 4 spans + 256 logs per
 request). The processors (span_metrics, tail_sampling intake) are timed twice: with envelopes holding
-the received bytes (as the receiver hands them on) and with envelopes holding only the message (as in
-benchmarks/stage_costs.py, which serializes once per stage). ``--old-c`` also times another build of
+the received bytes (as the receiver hands them on) and with envelopes holding only the message (a stage
+that gets a parsed request serializes it once). ``--old-c`` also times another build of
 the C module (e.g. one compiled from an older commit) on the same functions.
 """
 
