@@ -519,3 +519,24 @@ def test_two_stores_on_one_file_write_records_and_marks_across_seals(tmp_path):
     assert len(_partitions(records)) == 1 + 5 + 1  # migrated empty, five sealed, the active one
     records.close()
     marks.close()
+
+
+def test_a_large_group_of_records_fragments_and_marks_is_stored_whole_and_once(store):
+    """A write holding more records than one INSERT statement carries (several statements per group) loses,
+    reorders and repeats nothing; so do fragments and kept marks on the same path."""
+    n = 300  # 256 + 32 + 8 + 4 rows per statement
+    records = [_rec(i) for i in range(n)]
+    fragments = tuple(_frag(i, model_id="resnet") for i in range(n, n + 300))
+    assert _write(store, *records, fragments=fragments) == n
+    assert store.mark_kept({f"{i:032x}": "errors" for i in range(0, n, 2)}) == 150
+    got = _by_request(store)
+    assert sorted(got) == sorted(f"req-{i}" for i in range(n))
+    assert all(got[f"req-{i}"].parameters == {"batch_size": i} for i in range(n))
+    assert [i for i in range(n) if got[f"req-{i}"].trace_kept] == list(range(0, n, 2))
+    assert store.count() == n
+    assert _write(store, *records) == 0  # the retry of the whole group
+    assert store.count() == n
+    # the fragments waited for records of their own traces: each one is there, and completes its record
+    late = [_rec(i) for i in range(n, n + 300)]
+    _write(store, *late)
+    assert all(r.model_id == "resnet" for r in store.query(Query()) if int(r.trace_id, 16) >= n)
