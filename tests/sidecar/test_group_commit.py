@@ -205,6 +205,16 @@ def _watermarked(log: Log, **kw) -> tuple[HeldCommits, GroupCommit[int, int]]:
     return commits, GroupCommit(commit, covered=log.covered)
 
 
+def _others_wait_on_a_held_commit(log, commits, gc, tickets) -> "Writers":
+    """The first ticket's writer leads a commit held open; the others arrive meanwhile and wait, not covered."""
+    w = Writers(gc)
+    w.start(tickets[0])
+    commits.started(1)
+    w.start(*tickets[1:])
+    _wait_for(lambda: log.asked >= set(tickets[1:]), "the other writers to wait, not yet covered")
+    return w
+
+
 def test_a_covered_writer_returns_at_once_without_a_commit():
     log = Log()
     commits, gc = _watermarked(log)
@@ -220,11 +230,7 @@ def test_writers_covered_by_the_running_commit_return_after_it_without_another()
     log = Log()
     commits, gc = _watermarked(log)
     tickets = log.write(5)  # all written before the first commit reads its watermark
-    w = Writers(gc)
-    w.start(tickets[0])
-    commits.started(1)
-    w.start(*tickets[1:])
-    _wait_for(lambda: log.asked >= set(tickets[1:]), "the other writers to wait, not yet covered")
+    w = _others_wait_on_a_held_commit(log, commits, gc, tickets)
     commits.release(10)
     assert w.finish() == {t: (10 if t == 1 else None) for t in tickets}
     assert gc.commits == 1  # one sync for five writers
@@ -249,11 +255,7 @@ def test_with_a_watermark_a_failed_commit_fails_only_its_writer_and_the_others_c
     log = Log()
     commits, gc = _watermarked(log, fail=lambda items: OSError(5, "Input/output error") if 1 in items else None)
     tickets = log.write(3)
-    w = Writers(gc)
-    w.start(tickets[0])
-    commits.started(1)
-    w.start(*tickets[1:])
-    _wait_for(lambda: log.asked >= set(tickets[1:]), "the other writers to wait")
+    w = _others_wait_on_a_held_commit(log, commits, gc, tickets)
     commits.release(10)
     out = w.finish()
     assert isinstance(out.pop(1), OSError)

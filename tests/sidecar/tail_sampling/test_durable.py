@@ -182,6 +182,24 @@ def test_a_second_process_on_the_same_log_fails_at_start(tmp_path):
     proc.shutdown(time.monotonic() + 5)
 
 
+def _hold_the_first_fdatasync(monkeypatch, os_module, *, fail: OSError | None = None):
+    """The first ``fdatasync`` waits for the returned ``release`` (then raises ``fail`` when given); later
+    ones run. Returns (the first sync started, release)."""
+    started, release = threading.Event(), threading.Event()
+    real_fdatasync = os.fdatasync
+
+    def held(fd):
+        if not started.is_set():
+            started.set()
+            assert release.wait(30)
+            if fail is not None:
+                raise fail
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os_module, "fdatasync", held)
+    return started, release
+
+
 def test_concurrent_writers_share_syncs_and_all_are_recovered(tmp_path, monkeypatch):
     """Writers that arrive while a sync runs share the next one: the first sync is held until every
     writer's record is written, so one more sync covers all the others."""
@@ -189,16 +207,7 @@ def test_concurrent_writers_share_syncs_and_all_are_recovered(tmp_path, monkeypa
 
     proc, sink, clock, tel = durable(tmp_path)
     n_threads, per_thread = 8, 1
-    first_sync_started, release = threading.Event(), threading.Event()
-    real_fdatasync = os.fdatasync
-
-    def held_fdatasync(fd):
-        if not first_sync_started.is_set():
-            first_sync_started.set()
-            assert release.wait(30)
-        real_fdatasync(fd)
-
-    monkeypatch.setattr(wal_module.os, "fdatasync", held_fdatasync)
+    first_sync_started, release = _hold_the_first_fdatasync(monkeypatch, wal_module.os)
 
     def send():
         for _ in range(per_thread):
@@ -235,17 +244,8 @@ def test_after_a_failed_sync_no_record_it_was_to_cover_is_acknowledged(tmp_path,
 
     proc, _, _, _ = durable(tmp_path)
     n_threads = 5
-    first_sync_started, release = threading.Event(), threading.Event()
-    real_fdatasync = os.fdatasync
-
-    def failing_once(fd):
-        if not first_sync_started.is_set():
-            first_sync_started.set()
-            assert release.wait(30)
-            raise OSError(errno.EIO, "Input/output error")
-        real_fdatasync(fd)
-
-    monkeypatch.setattr(wal_module.os, "fdatasync", failing_once)
+    first_sync_started, release = _hold_the_first_fdatasync(monkeypatch, wal_module.os,
+                                                            fail=OSError(errno.EIO, "Input/output error"))
     outcomes: list = []
 
     def send():
