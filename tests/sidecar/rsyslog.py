@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sidecar.testing import free_port
+
 RSYSLOGD = shutil.which("rsyslogd") or next(iter(glob.glob("/usr/sbin/rsyslogd")), None)
 HAS_GTLS = bool(glob.glob("/usr/lib/*/rsyslog/lmnsd_gtls.so") + glob.glob("/usr/lib/rsyslog/lmnsd_gtls.so"))
 OPENSSL = shutil.which("openssl")
@@ -109,23 +111,17 @@ def _sd_element(rest: bytes, into: dict) -> bytes:
     return rest[1:]
 
 
-def _free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Rsyslog:
     """rsyslogd in the foreground with inputs ``udp``, ``tcp``, ``tls`` and ``mtls`` (when available) on loopback."""
 
     def __init__(self, workdir: Path):
         self.dir = workdir
         self.out = workdir / "received.jsonl"
-        self.udp_port = _free_port(socket.SOCK_DGRAM)
-        self.tcp_port = _free_port(socket.SOCK_STREAM)
-        self.tls_port = _free_port(socket.SOCK_STREAM) if HAS_GTLS and OPENSSL else None
+        self.udp_port = free_port(socket.SOCK_DGRAM)
+        self.tcp_port = free_port(socket.SOCK_STREAM)
+        self.tls_port = free_port(socket.SOCK_STREAM) if HAS_GTLS and OPENSSL else None
         #: TLS that requires a client certificate signed by ``ca_file`` (x509/certvalid)
-        self.mtls_port = _free_port(socket.SOCK_STREAM) if self.tls_port else None
+        self.mtls_port = free_port(socket.SOCK_STREAM) if self.tls_port else None
         self.proc: subprocess.Popen | None = None
         if self.tls_port:
             self.ca_file, self.key_file = workdir / "server.pem", workdir / "server.key"
