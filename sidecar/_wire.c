@@ -303,11 +303,12 @@ static int parse_attribute(Slice kv, const Keys *k, SpanFacts *sp)
     return 0;
 }
 
-/* The value of a KeyValue as the parser sees it: every value field (2) merged, i.e. their payloads
- * concatenated; one field (the usual case) is returned as a slice of the input, else copied. */
-static PyObject *value_bytes(Slice kv)
+/* Every occurrence of length-delimited field ``field`` of a message as the parser sees it: merged, i.e.
+ * their payloads concatenated; one occurrence (the usual case) is returned as a slice of the input, else
+ * copied. A KeyValue's value is field 2, a Resource{Spans,Logs}'s resource field 1. */
+static PyObject *merged_field(Slice msg, uint32_t field)
 {
-    Reader r = reader_of(kv);
+    Reader r = reader_of(msg);
     Slice s, first = {NULL, 0};
     uint32_t f;
     int wt;
@@ -317,7 +318,7 @@ static PyObject *value_bytes(Slice kv)
     while (r.p < r.end) {
         if (rd_field(&r, &f, &wt, &num, &s) < 0)
             return NULL;
-        if (f == 2 && wt == WT_LEN) {
+        if (f == field && wt == WT_LEN) {
             if (!count++)
                 first = s;
             total += s.n;
@@ -329,16 +330,18 @@ static PyObject *value_bytes(Slice kv)
     if (out == NULL)
         return NULL;
     char *w = PyBytes_AS_STRING(out);
-    r = reader_of(kv);
+    r = reader_of(msg);
     while (r.p < r.end) { /* cannot fail: read once already */
         rd_field(&r, &f, &wt, &num, &s);
-        if (f == 2 && wt == WT_LEN) {
+        if (f == field && wt == WT_LEN) {
             memcpy(w, s.p, (size_t)s.n);
             w += s.n;
         }
     }
     return out;
 }
+
+static PyObject *value_bytes(Slice kv) { return merged_field(kv, 2); }
 
 /* The first attribute with each key of a Resource{Spans,Logs}'s resource (field 1; several occurrences
  * merge, so their attributes are read in order as one list). */
@@ -1096,42 +1099,6 @@ typedef struct {
     Slice rs;        /* the current Resource{Spans} */
 } AuditCtx;
 
-/* The resource (field 1) of a ResourceSpans as encoded: its occurrences concatenated (the parser merges them). */
-static PyObject *resource_bytes(Slice rs)
-{
-    Reader r = reader_of(rs);
-    Slice s, first = {NULL, 0};
-    uint32_t f;
-    int wt;
-    uint64_t num;
-    int count = 0;
-    Py_ssize_t total = 0;
-    while (r.p < r.end) {
-        if (rd_field(&r, &f, &wt, &num, &s) < 0)
-            return NULL;
-        if (f == 1 && wt == WT_LEN) {
-            if (!count++)
-                first = s;
-            total += s.n;
-        }
-    }
-    if (count <= 1)
-        return bytes_of(first);
-    PyObject *out = PyBytes_FromStringAndSize(NULL, total);
-    if (out == NULL)
-        return NULL;
-    char *w = PyBytes_AS_STRING(out);
-    r = reader_of(rs);
-    while (r.p < r.end) { /* cannot fail: read once already */
-        rd_field(&r, &f, &wt, &num, &s);
-        if (f == 1 && wt == WT_LEN) {
-            memcpy(w, s.p, (size_t)s.n);
-            w += s.n;
-        }
-    }
-    return out;
-}
-
 static int audit_flush(AuditCtx *c)
 {
     PyObject *spans = c->spans;
@@ -1142,7 +1109,7 @@ static int audit_flush(AuditCtx *c)
         Py_DECREF(spans);
         return 0;
     }
-    PyObject *items[2] = {resource_bytes(c->rs), spans};
+    PyObject *items[2] = {merged_field(c->rs, 1), spans};
     PyObject *group = named(AuditSpans_T, 2, items);
     if (group == NULL)
         return -1;

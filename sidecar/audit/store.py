@@ -447,16 +447,20 @@ class AuditStore(ABC):
             total = self.count()
             if total == 0:
                 break
-            n = max(1, int(total * (1 - max_bytes / size)) + total // 100)
             with self._transaction() as cur:
-                cur.execute(self._sql("SELECT time_unix_nano FROM audit_records ORDER BY time_unix_nano "
-                                      f"LIMIT 1 OFFSET {min(n, total) - 1}"))
-                cutoff = cur.fetchone()[0]
-                cur.execute(self._sql("DELETE FROM audit_records WHERE time_unix_nano <= ?"), (cutoff,))
-                deleted += max(cur.rowcount, 0)
+                deleted += self._delete_oldest(cur, max(1, int(total * (1 - max_bytes / size)) + total // 100),
+                                               total)
             with self._transaction() as cur:
                 self._reclaim(cur)
         return deleted
+
+    def _delete_oldest(self, cur, need: int, total: int) -> int:
+        """Delete the ``need`` oldest of ``total`` records (and any sharing the newest one's time)."""
+        cur.execute(self._sql("SELECT time_unix_nano FROM audit_records ORDER BY time_unix_nano "
+                              f"LIMIT 1 OFFSET {min(need, total) - 1}"))
+        cutoff = cur.fetchone()[0]
+        cur.execute(self._sql("DELETE FROM audit_records WHERE time_unix_nano <= ?"), (cutoff,))
+        return max(cur.rowcount, 0)
 
 
 def _chunks(items: list[str], size: int = 400) -> Iterator[list[str]]:
@@ -971,40 +975,28 @@ class SQLiteStore(AuditStore):
             self._reclaim(cur)
         return n
 
-    def shrink_to(self, max_bytes: int) -> int:
-        """Delete the oldest records until the live size is at most ``max_bytes``: the oldest partitions
-        whole, then the oldest rows of the next; returns how many."""
+    def _delete_oldest(self, cur, need: int, total: int) -> int:
+        """The oldest partitions whole, then the oldest rows of the next."""
         deleted = 0
-        for _ in range(64):  # each round removes a share proportional to the excess
-            size = self.size_bytes()
-            if size <= max_bytes:
+        parts = self._catalog(cur)
+        keep = list(parts)
+        for p in parts:
+            if need <= 0:
                 break
-            total = self.count()
-            if total == 0:
-                break
-            need = max(1, int(total * (1 - max_bytes / size)) + total // 100)
-            with self._transaction() as cur:
-                parts = self._catalog(cur)
-                keep = list(parts)
-                for p in parts:
-                    if need <= 0:
-                        break
-                    if p.sealed and p.rows <= need:
-                        self._drop(cur, p)
-                        keep.remove(p)
-                        deleted += p.rows
-                        need -= p.rows
-                        continue
-                    if p.rows == 0:
-                        continue
-                    skip = min(need, p.rows) - 1  # the newest time among the ``need`` oldest rows
-                    cutoff = cur.execute(f"SELECT time_unix_nano FROM {p.table} ORDER BY time_unix_nano "
-                                         f"LIMIT 1 OFFSET {skip}").fetchone()[0]
-                    n = self._cut(cur, keep, p, "<=", cutoff)
-                    deleted += n
-                    need -= max(n, 1)
-                if len(keep) < len(parts):
-                    self._create_view(cur, keep)
-            with self._transaction() as cur:
-                self._reclaim(cur)
+            if p.sealed and p.rows <= need:
+                self._drop(cur, p)
+                keep.remove(p)
+                deleted += p.rows
+                need -= p.rows
+                continue
+            if p.rows == 0:
+                continue
+            skip = min(need, p.rows) - 1  # the newest time among the ``need`` oldest rows
+            cutoff = cur.execute(f"SELECT time_unix_nano FROM {p.table} ORDER BY time_unix_nano "
+                                 f"LIMIT 1 OFFSET {skip}").fetchone()[0]
+            n = self._cut(cur, keep, p, "<=", cutoff)
+            deleted += n
+            need -= max(n, 1)
+        if len(keep) < len(parts):
+            self._create_view(cur, keep)
         return deleted
