@@ -29,6 +29,7 @@ from workload import logs_request, trace_ids_of, trace_request  # noqa: E402
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest  # noqa: E402
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest  # noqa: E402
 
+from sidecar import wire  # noqa: E402
 from sidecar.component import Kind  # noqa: E402
 from sidecar.config import ComponentId, parse_config  # noqa: E402
 from sidecar.envelope import Envelope  # noqa: E402
@@ -162,6 +163,7 @@ def main() -> None:
               f"least of {args.repeat}")
         for label, per, run in (
             ("parse (received bytes -> messages)", items, lambda reqs: _parse(reqs)),
+            ("receivers' check (wire.check_encoding)", items, lambda reqs: _check(reqs)),
             ("span_metrics", items, lambda reqs: measure(sm_only, reqs, step)),
             ("tail_sampling in memory (intake + decide)", items, lambda reqs: measure(ts_memory, reqs, step)),
             ("tail_sampling durable (intake + decide)", items, lambda reqs: measure(ts_durable, reqs, step)),
@@ -176,6 +178,17 @@ def _parse(reqs) -> float:
     for spans, _, logs, _ in reqs:
         ExportTraceServiceRequest.FromString(spans)
         ExportLogsServiceRequest.FromString(logs)
+    return time.process_time() - t0
+
+
+def _check(reqs) -> float:
+    """What the receivers do instead of parsing traces and logs (the C half checks on the wire)."""
+    check, traces, logs = wire.check_encoding, wire.schema_of(ExportTraceServiceRequest), wire.schema_of(
+        ExportLogsServiceRequest)
+    t0 = time.process_time()
+    for spans, _, log_records, _ in reqs:
+        check(spans, traces, ExportTraceServiceRequest)
+        check(log_records, logs, ExportLogsServiceRequest)
     return time.process_time() - t0
 
 

@@ -1084,6 +1084,150 @@ static PyObject *check_ids(PyObject *self, PyObject *args)
     return PyLong_FromSsize_t(c.bad_id ? -1 : c.items);
 }
 
+/* --- check_encoding (the receiver's parse, without parsing) ------------------------------------- */
+
+/* A request type's schema as sidecar/wire.py builds it from the protobuf descriptors: SCHEMA_WIDTH bytes
+ * per message type (type 0 the request), one per field number below SCHEMA_WIDTH: 0 for a field the parser
+ * reads without looking inside (numbers, bytes, enums, unknown fields), 1 for a string (its UTF-8 is
+ * checked), 2 + i for a message of type i (its fields are checked in turn). */
+#define SCHEMA_WIDTH 32
+
+/* Deepest message nesting upb parses (its default depth limit): the request is depth 0, and every
+ * submessage or group one deeper. */
+#define MAX_MESSAGE_DEPTH 100
+
+/* Strict UTF-8 as upb checks a proto3 string: no overlong forms, surrogates or code points past U+10FFFF. */
+static int utf8_ok(const uint8_t *p, Py_ssize_t n)
+{
+    const uint8_t *end = p + n;
+    while (p < end) {
+        while (end - p >= 8) { /* ASCII, 8 bytes at a time */
+            uint64_t w;
+            memcpy(&w, p, 8);
+            if (w & 0x8080808080808080ULL)
+                break;
+            p += 8;
+        }
+        if (p >= end)
+            break;
+        uint8_t c = *p;
+        if (c < 0x80) {
+            p++;
+            continue;
+        }
+        int more;
+        uint8_t lo = 0x80, hi = 0xBF; /* the range of the second byte */
+        if (c >= 0xC2 && c <= 0xDF)
+            more = 1;
+        else if (c == 0xE0)
+            more = 2, lo = 0xA0;
+        else if (c == 0xED)
+            more = 2, hi = 0x9F;
+        else if (c >= 0xE1 && c <= 0xEF)
+            more = 2;
+        else if (c == 0xF0)
+            more = 3, lo = 0x90;
+        else if (c == 0xF4)
+            more = 3, hi = 0x8F;
+        else if (c >= 0xF1 && c <= 0xF3)
+            more = 3;
+        else
+            return 0;
+        if (end - p <= more || p[1] < lo || p[1] > hi)
+            return 0;
+        for (int i = 2; i <= more; i++)
+            if ((p[i] & 0xC0) != 0x80)
+                return 0;
+        p += more + 1;
+    }
+    return 1;
+}
+
+/* Every field of one message of type ``type``, at ``depth``, as the parser would read it. The common
+ * shapes (one-byte tags and lengths, length-delimited and varint fields) are read inline; anything else
+ * goes through rd_tag / rd_value, which check it as every other scanner here does. */
+static int check_message(const uint8_t *p, const uint8_t *end, const uint8_t *schema, Py_ssize_t ntypes,
+                         Py_ssize_t type, int depth)
+{
+    const uint8_t *row = schema + type * SCHEMA_WIDTH;
+    while (p < end) {
+        uint32_t f;
+        int wt;
+        if (*p < 0x80 && *p >= 8) { /* a one-byte tag of field 1..15 */
+            f = *p >> 3;
+            wt = *p & 7;
+            p++;
+        } else {
+            Reader r = {p, end};
+            if (rd_tag(&r, &f, &wt) < 0)
+                return -1;
+            p = r.p;
+        }
+        if (wt == WT_LEN) {
+            uint64_t n;
+            if (p < end && *p < 0x80) {
+                n = *p++;
+            } else {
+                Reader r = {p, end};
+                if (rd_varint(&r, &n) < 0)
+                    return -1;
+                p = r.p;
+            }
+            if (n > (uint64_t)(end - p))
+                return bad("length past the end of the buffer");
+            const uint8_t *sub = p;
+            p += n;
+            uint8_t kind = f < SCHEMA_WIDTH ? row[f] : 0;
+            if (kind == 0)
+                continue; /* bytes, or an unknown field */
+            if (kind == 1) {
+                if (!utf8_ok(sub, (Py_ssize_t)n))
+                    return bad("invalid UTF-8 in a string field");
+                continue;
+            }
+            if (kind - 2 >= ntypes)
+                return bad("schema names a message type it does not hold");
+            if (depth + 1 > MAX_MESSAGE_DEPTH)
+                return bad("messages nested too deep");
+            if (check_message(sub, p, schema, ntypes, kind - 2, depth + 1) < 0)
+                return -1;
+        } else if (wt == WT_VARINT && p < end && *p < 0x80) {
+            p++;
+        } else { /* a number, or a group (skipped whole, one deeper), or an invalid wire type */
+            Reader r = {p, end};
+            uint64_t num;
+            Slice s;
+            if (rd_value(&r, f, wt, &num, &s, depth) < 0)
+                return -1;
+            p = r.p; /* a known message or string field with another wire type is an unknown field */
+        }
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(check_encoding_doc,
+"check_encoding(request: bytes, schema: bytes, request_type: type) -> None\n\n"
+"Raises ValueError, naming the damage, exactly where the protobuf parser (upb) would refuse ``request`` as\n"
+"a ``request_type``: bad tags, varints, lengths and groups, invalid UTF-8 in a string field, nesting deeper\n"
+"than 100. ``schema`` is ``sidecar.wire.schema_of(request_type)``. Returns None: nothing is parsed, so a\n"
+"stage that wants the message parses it then (most work on the bytes and never do).");
+
+static PyObject *check_encoding(PyObject *self, PyObject *args)
+{
+    (void)self;
+    const char *data, *schema;
+    Py_ssize_t len, slen;
+    PyObject *request_type;
+    if (!PyArg_ParseTuple(args, "y#y#O:check_encoding", &data, &len, &schema, &slen, &request_type))
+        return NULL;
+    if (slen == 0 || slen % SCHEMA_WIDTH != 0)
+        return PyErr_Format(PyExc_ValueError, "schema must be a non-empty multiple of %d bytes", SCHEMA_WIDTH);
+    if (check_message((const uint8_t *)data, (const uint8_t *)data + len, (const uint8_t *)schema, slen / SCHEMA_WIDTH,
+                      0, 0) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 /* --- audit_spans ----------------------------------------------------------------------------- */
 
 /* Per resource: the spans an audit record can use, i.e. entry spans (kind SERVER 2 or CONSUMER 5, or
@@ -1659,6 +1803,7 @@ static PyObject *audit_subset(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"check_ids", check_ids, METH_VARARGS, check_ids_doc},
+    {"check_encoding", check_encoding, METH_VARARGS, check_encoding_doc},
     {"span_metric_rows", span_metric_rows, METH_VARARGS, span_metric_rows_doc},
     {"span_runs", span_runs, METH_VARARGS, span_runs_doc},
     {"log_runs", log_runs, METH_VARARGS, log_runs_doc},
@@ -1703,7 +1848,8 @@ PyMODINIT_FUNC PyInit__wire(void)
     if (load_types() < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
-    if (m != NULL && PyModule_AddIntConstant(m, "MAX_KEYS", MAX_KEYS) < 0) {
+    if (m != NULL && (PyModule_AddIntConstant(m, "MAX_KEYS", MAX_KEYS) < 0
+                      || PyModule_AddIntConstant(m, "SCHEMA_WIDTH", SCHEMA_WIDTH) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -22,6 +22,7 @@ from sidecar.protowire import encode_varint, length_delimited
 
 #: Most attribute keys one call can look for (as in the C half).
 MAX_KEYS = 64
+SCHEMA_WIDTH = 32
 _MAX_GROUP_DEPTH = 100
 #: Status codes with a meaning (UNSET, OK, ERROR); only these set a bit in a run's status mask.
 _KNOWN_STATUS_CODES = 3
@@ -194,6 +195,14 @@ def any_label(value) -> str:
     if kind in ("int_value", "double_value"):
         return str(getattr(value, kind))
     return ""  # no value, an empty string, arrays, maps and bytes
+
+
+def check_encoding(request: bytes, schema: bytes, request_type):
+    """The request parsed as ``request_type``: the parser itself checks it (ValueError where it refuses),
+    and the message it made is returned for the receiver to hand on. ``schema`` is for the C half."""
+    if len(schema) == 0 or len(schema) % SCHEMA_WIDTH:
+        raise ValueError(f"schema must be a non-empty multiple of {SCHEMA_WIDTH} bytes")
+    return _parse(request_type, request)
 
 
 def check_ids(request: bytes, logs: bool) -> int:

@@ -7,6 +7,7 @@ One facade over two implementations with the same functions, signatures and resu
 ``SIDECAR_PURE_PYTHON=1`` selects the pure-Python one even when the extension is built: an escape
 hatch, and how the test suite runs a second time. Callers never branch on which one runs.
 
+    check_encoding(request: bytes, schema: bytes, request_type) -> Request | None   # see below
     check_ids(request: bytes, logs: bool) -> int
     span_metric_rows(request: bytes, service_key: bytes, keys: tuple[bytes, ...]) -> list[SpanMetricRow]
     span_runs(request: bytes, keys: tuple[bytes, ...]) -> list[ResourceGroup]   # of ScopeGroup of SpanRun
@@ -15,6 +16,11 @@ hatch, and how the test suite runs a second time. Callers never branch on which 
         -> list[AuditSpans]                                                      # of AuditSpan
     audit_subset(request: bytes, keys: tuple[bytes, ...], prefix: bytes, event_keys: tuple[bytes, ...])
         -> tuple[bytes, int]              # the request with only what audit_spans reads; spans kept
+
+``check_encoding`` is the receiver's parse: it raises ValueError exactly where the protobuf parser
+would refuse the bytes (the two halves are fuzzed against each other and the parser). The C half
+checks on the wire and returns None, so the message is parsed only if a stage asks for it (most work
+on the bytes); the pure-Python half is the parser itself and returns the message it made.
 
 On input the protobuf parser accepts, both answer identically (unknown fields and groups skipped, a
 field with an unexpected wire type treated as unknown, the last scalar winning, repeated message
@@ -25,9 +31,12 @@ may answer where it does not look (the receiver only hands on what the parser ac
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from types import ModuleType
+
+from google.protobuf.descriptor import FieldDescriptor
 
 from sidecar import _wire_py
 from sidecar._wire_py import any_label
@@ -57,6 +66,8 @@ implementation: ModuleType = choose("sidecar._wire", _wire_py)
 IMPLEMENTATION = "python" if implementation is _wire_py else "c"
 
 MAX_KEYS: int = implementation.MAX_KEYS
+SCHEMA_WIDTH: int = implementation.SCHEMA_WIDTH
+check_encoding = implementation.check_encoding
 check_ids = implementation.check_ids
 span_metric_rows = implementation.span_metric_rows
 span_runs = implementation.span_runs
@@ -64,7 +75,47 @@ log_runs = implementation.log_runs
 audit_spans = implementation.audit_spans
 audit_subset = implementation.audit_subset
 
-__all__ = ["IMPLEMENTATION", "MAX_KEYS", "AuditSpan", "AuditSpans", "KeyHits", "LogRun", "ResourceGroup", "ScopeGroup",
+@functools.lru_cache(maxsize=None)
+def schema_of(request_type) -> bytes:
+    """What ``check_encoding`` checks in a ``request_type``, from its protobuf descriptors: SCHEMA_WIDTH bytes
+    per message type reachable from it (the request first), one per field number: 0 a field the parser
+    does not look inside (numbers, enums, bytes), 1 a string (UTF-8), 2 + i a message of type i.
+
+    Made from the installed opentelemetry-proto, so a field a newer version adds is checked as the
+    parser would. Types the table cannot say exactly are refused here, once, not guessed at: field
+    numbers from SCHEMA_WIDTH up, packed repeated numbers (metrics have them: they are parsed instead).
+    """
+    types: list = []
+    index: dict[str, int] = {}
+
+    def visit(desc) -> int:
+        if desc.full_name not in index:
+            index[desc.full_name] = len(types)
+            types.append(desc)
+            for f in desc.fields:
+                if f.type == FieldDescriptor.TYPE_MESSAGE:
+                    visit(f.message_type)
+        return index[desc.full_name]
+
+    visit(request_type.DESCRIPTOR)
+    table = bytearray(len(types) * SCHEMA_WIDTH)
+    for i, desc in enumerate(types):
+        for f in desc.fields:
+            if f.number >= SCHEMA_WIDTH:
+                raise ValueError(f"{desc.full_name}.{f.name}: field number {f.number} >= {SCHEMA_WIDTH}")
+            if f.type == FieldDescriptor.TYPE_GROUP or (f.is_repeated and f.type not in (
+                    FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES, FieldDescriptor.TYPE_MESSAGE)):
+                raise ValueError(f"{desc.full_name}.{f.name}: a group or packed field the schema cannot describe")
+            if f.type == FieldDescriptor.TYPE_STRING:
+                table[i * SCHEMA_WIDTH + f.number] = 1
+            elif f.type == FieldDescriptor.TYPE_MESSAGE:
+                table[i * SCHEMA_WIDTH + f.number] = 2 + index[f.message_type.full_name]
+    if len(types) > 253:
+        raise ValueError(f"{request_type.__name__}: {len(types)} message types, more than the schema holds")
+    return bytes(table)
+
+
+__all__ = ["IMPLEMENTATION", "MAX_KEYS", "SCHEMA_WIDTH", "AuditSpan", "AuditSpans", "KeyHits", "LogRun", "ResourceGroup", "ScopeGroup",
            "SpanMetricRow", "SpanRun",
-           "any_label", "audit_spans", "audit_subset", "check_ids", "choose", "implementation", "log_runs", "pure_python_requested",
-           "span_metric_rows", "span_runs"]
+           "any_label", "audit_spans", "audit_subset", "check_encoding", "check_ids", "choose", "implementation", "log_runs", "pure_python_requested",
+           "schema_of", "span_metric_rows", "span_runs"]

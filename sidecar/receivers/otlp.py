@@ -32,6 +32,7 @@ from sidecar.config import ConfigModel, Duration, HostPort, split_host_port
 from sidecar.envelope import Envelope
 from sidecar.exporters.base import RateLimitedLog
 from sidecar.receivers.otlp_http import OTLPHTTPApp
+from sidecar.receivers.parsing import received_parser
 from sidecar.receivers.outcomes import Rejected, classify, retry_info_trailer
 from sidecar.registry import ALL_SIGNALS, CreateSettings, Factory
 from sidecar.signals import Request, Signal, count_items
@@ -201,7 +202,7 @@ _CHECKERS: dict[Signal, Callable[[Request], int]] = {
     Signal.TRACES: _check_traces, Signal.LOGS: _check_logs, Signal.METRICS: _check_metrics,
 }
 
-def _check(signal: Signal, request: Request, raw: bytes | None) -> int:
+def _check(signal: Signal, request: Request | None, raw: bytes | None) -> int:
     """Items in the request, or -1 when an id has the wrong length: the wire scanner checks the received
     protobuf (the same rules), the message is checked for JSON input and metrics."""
     if raw is not None and signal is not Signal.METRICS:
@@ -286,11 +287,13 @@ class OTLPReceiver(Component):
         self._http_app: OTLPHTTPApp | None = None
 
     # the one path every request takes, whatever its protocol
-    def ingest(self, signal: Signal, request: Request, protocol: str, raw: bytes | None = None) -> None:
+    def ingest(self, signal: Signal, request: Request | None, protocol: str, raw: bytes | None = None) -> None:
         """Check ``request``, put it in an envelope and hand it down; raise :class:`Rejected` otherwise.
 
-        ``raw`` is the protobuf the request was parsed from: it travels in the envelope, so stages
-        that need the encoding reuse it. Items are counted here, once, for every stage after.
+        ``raw`` is the protobuf the request was parsed from, or (``request`` None) checked as the parser
+        would by :func:`received_parser`: it travels in the envelope, so stages that need the encoding
+        reuse it, and the message is parsed only if a stage reads it. Items are counted here, once, for
+        every stage after.
         The pipeline's edge out of this receiver counts received / accepted / refused.
         """
         try:
@@ -300,6 +303,8 @@ class OTLPReceiver(Component):
                 "invalid", f"invalid OTLP {signal.value} request: {type(e).__name__}: {e}"[:300],
                 grpc.StatusCode.INVALID_ARGUMENT, 400)) from None
         if n < 0:
+            if request is None:
+                request = signal.request_type.FromString(raw)  # checked: the slow path of a rejection
             n = count_items(signal, request)
             self._telemetry.received(signal, n)
             self._telemetry.refused(signal, n, "invalid")  # refused here, at its source
@@ -431,9 +436,9 @@ _GRPC_SERVICES = {
 class _GRPCService:
     """The Export method of one OTLP gRPC service.
 
-    It takes the request as bytes and parses it itself (what grpc's deserializer would do),
-    so a malformed message is answered INVALID_ARGUMENT with the parser's reason and the
-    received encoding can travel with the request.
+    It takes the request as bytes and checks it itself (what grpc's deserializer would do, see
+    :func:`received_parser`), so a malformed message is answered INVALID_ARGUMENT with the reason
+    and the received encoding can travel with the request.
     """
 
     def __init__(self, receiver: OTLPReceiver, signal: Signal, max_bytes: int):
@@ -441,7 +446,7 @@ class _GRPCService:
         self._max_bytes = max_bytes
         self._ingest = receiver.ingest
         self._signal = signal
-        self._parse = signal.request_type.FromString
+        self._parse = received_parser(signal)
         self._ok = signal.response_type()  # empty and never mutated: safe to share
 
     def handler(self) -> grpc.GenericRpcHandler:

@@ -20,6 +20,7 @@ from google.rpc import status_pb2
 from sidecar.otlp_json import OTLPJSONError, from_json
 from sidecar.receivers.gzip_body import GzipError, gunzip
 from sidecar.receivers.outcomes import Rejected
+from sidecar.receivers.parsing import received_parser
 from sidecar.signals import Signal
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ class OTLPHTTPApp:
         self._paths = {cfg.traces_url_path: Signal.TRACES, cfg.logs_url_path: Signal.LOGS,
                        cfg.metrics_url_path: Signal.METRICS}
         self._ok = {(s, False): s.response_type().SerializeToString() for s in Signal}
+        self._parsers = {s: received_parser(s) for s in Signal}
         self._ok.update({(s, True): b"{}" for s in Signal})
         self._inflight = 0
         self._idle = threading.Condition()
@@ -90,7 +92,7 @@ class OTLPHTTPApp:
                     if as_json:
                         request = from_json(signal, body)
                     else:
-                        request = signal.request_type.FromString(body)
+                        request = self._parsers[signal](body)
                 except OTLPJSONError as e:
                     raise self._rejected(signal, "invalid", f"invalid OTLP/JSON {signal.value} request: {e}",
                                          400) from None

@@ -10,6 +10,7 @@ and a parity test checks that both halves return equal results, byte for byte, o
 
 from __future__ import annotations
 
+import functools
 import random
 import tracemalloc
 
@@ -40,6 +41,9 @@ KEYS = (b"ml.model.id", b"gen_ai.request.model", b"ml.model.version", b"user.tie
 AUDIT_KEYS = (b"ml.model.id", b"gen_ai.request.model", b"user.tier")
 AUDIT_PREFIX = b"noise"
 AUDIT_EVENT_KEYS = (b"ml.model.version", b"http.status")
+
+
+TRACES_SCHEMA = wire.schema_of(ExportTraceServiceRequest)
 
 
 def audit_key(key: str) -> bool:
@@ -255,6 +259,15 @@ class ScannerContract:
             bad = any(len(r.trace_id) not in (0, 16) or len(r.span_id) not in (0, 8) for r in recs)
             assert self.impl.check_ids(data, True) == (-1 if bad else len(recs))
 
+    def test_check_encoding_takes_every_request_the_parser_takes(self):
+        for logs in (False, True):
+            request_type = ExportLogsServiceRequest if logs else ExportTraceServiceRequest
+            schema = wire.schema_of(request_type)
+            for msg, data in samples(40 + logs, 40, logs=logs):
+                got = self.impl.check_encoding(data, schema, request_type)
+                # the C half parses nothing (a stage that wants the message parses it); Python's is the parser
+                assert got is None if self.impl is _c else got == msg
+
     @pytest.mark.parametrize("data", [
         b"\x0a",  # truncated varint
         b"\x0a\x05ab",  # a length past the end
@@ -271,6 +284,7 @@ class ScannerContract:
     def test_malformed_input_raises_value_error(self, data):
         for call in (lambda: self.impl.span_runs(data, KEYS), lambda: self.impl.log_runs(data, 17),
                      lambda: self.impl.check_ids(data, False),
+                     lambda: self.impl.check_encoding(data, TRACES_SCHEMA, ExportTraceServiceRequest),
                      lambda: self.impl.span_metric_rows(data, SERVICE, KEYS)):
             with pytest.raises(ValueError):
                 call()
@@ -485,3 +499,161 @@ def test_on_corrupted_bytes_both_raise_or_both_answer_the_same():
                 accepted += 1
                 assert _answers(_c, b, logs) == _answers(_wire_py, b, logs)
     assert accepted > 100
+
+
+# --- check_encoding: the receiver's parse, refusing exactly what the parser refuses ----------------------
+
+
+def _ld(field: int, payload: bytes) -> bytes:
+    return tag(field, 2) + varint(len(payload)) + payload
+
+
+def _in_span(body: bytes) -> bytes:
+    return _ld(1, _ld(2, _ld(2, body)))  # request -> resource_spans -> scope_spans -> spans
+
+
+def _in_log(body: bytes) -> bytes:
+    return _ld(1, _ld(2, _ld(2, body)))  # request -> resource_logs -> scope_logs -> log_records
+
+
+def _nested(levels: int, kvlists: bool) -> bytes:
+    """An attribute whose value nests ``levels`` arrays (2 messages each) or kvlists (3 each)."""
+    v = _ld(1, b"x")
+    for _ in range(levels):
+        v = _ld(6, _ld(1, _ld(1, b"k") + _ld(2, v))) if kvlists else _ld(5, _ld(1, v))
+    return _ld(9, _ld(1, b"k") + _ld(2, v))
+
+
+def _groups(levels: int, field: int = 20) -> bytes:
+    v = b""
+    for _ in range(levels):
+        v = tag(field, 3) + v + tag(field, 4)
+    return v
+
+
+EDGE_CASES = {
+    "wire type 6": _in_span(tag(20, 6)), "wire type 7": _in_span(tag(20, 7)),
+    "field number 0": _in_span(tag(0, 0) + b"\x01"),
+    "unknown field with bad UTF-8": _in_span(_ld(20, b"\xff")),
+    "bytes field with bad UTF-8": _in_span(_ld(1, b"\xff")),
+    "AnyValue bytes with bad UTF-8": _in_span(_ld(9, _ld(2, _ld(7, b"\xff")))),
+    "name: bad UTF-8": _in_span(_ld(5, b"\xff")),
+    "name: overlong NUL": _in_span(_ld(5, b"\xc0\x80")),
+    "name: surrogate": _in_span(_ld(5, b"\xed\xa0\x80")),
+    "name: U+10FFFF": _in_span(_ld(5, "\U0010ffff".encode())),
+    "name: past U+10FFFF": _in_span(_ld(5, b"\xf4\x90\x80\x80")),
+    "name: 5-byte form": _in_span(_ld(5, b"\xf8\x88\x80\x80\x80")),
+    "name: cut multi-byte": _in_span(_ld(5, "é".encode()[:1])),
+    "name: NUL": _in_span(_ld(5, b"\x00")),
+    "name: long ASCII then bad": _in_span(_ld(5, b"a" * 37 + b"\x80")),
+    "name as a varint (unknown)": _in_span(tag(5, 0) + b"\x01"),
+    "name as a group (unknown)": _in_span(tag(5, 3) + tag(5, 4)),
+    "attributes as a varint (unknown)": _in_span(tag(9, 0) + b"\x05"),
+    "attributes as a group with fields": _in_span(tag(9, 3) + _ld(1, b"\xff") + tag(9, 4)),
+    "kind as length-delimited": _in_span(_ld(6, b"\x01\x02")),
+    "status code 2^64-1": _in_span(_ld(15, tag(3, 0) + varint(2**64 - 1))),
+    "event name: bad UTF-8": _in_span(_ld(11, _ld(2, b"\xff"))),
+    "link trace_state: bad UTF-8": _in_span(_ld(13, _ld(3, b"\xff"))),
+    "status message: bad UTF-8": _in_span(_ld(15, _ld(2, b"\xff"))),
+    "attribute key: bad UTF-8": _in_span(_ld(9, _ld(1, b"\xff"))),
+    "attribute string: bad UTF-8": _in_span(_ld(9, _ld(2, _ld(1, b"\xff")))),
+    "array string: bad UTF-8": _in_span(_ld(9, _ld(2, _ld(5, _ld(1, _ld(1, b"\xfe")))))),
+    "scope name: bad UTF-8": _ld(1, _ld(2, _ld(1, _ld(1, b"\xff")))),
+    "schema_url: bad UTF-8": _ld(1, _ld(3, b"\xff")),
+    "entity_refs id_keys: bad UTF-8": _ld(1, _ld(1, _ld(3, _ld(3, b"\xff")))),
+    "unknown group": _in_span(tag(20, 3) + tag(21, 0) + b"\x01" + tag(20, 4)),
+    "unknown group, mismatched end": _in_span(tag(20, 3) + tag(21, 4)),
+    "unknown group, never ended": _in_span(tag(20, 3) + tag(21, 0) + b"\x01"),
+    "unknown group holding wire type 6": _in_span(tag(20, 3) + tag(21, 6) + tag(20, 4)),
+    "end of a group never started": _in_span(tag(20, 4)),
+    "fixed64 cut": _in_span(tag(7, 1) + b"\x00" * 7),
+    "fixed32 cut": _in_span(tag(16, 5) + b"\x00" * 3),
+    "length 2^31": _in_span(tag(5, 2) + varint(2**31) + b"x"),
+    "length cut": _in_span(tag(5, 2) + varint(5) + b"ab"),
+    "varint cut": _in_span(tag(6, 0) + b"\x80"),
+    "varint of 10 bytes, high bits set": _in_span(tag(6, 0) + b"\xff" * 9 + b"\x7f"),
+    "varint of 11 bytes": _in_span(tag(6, 0) + b"\xff" * 10 + b"\x01"),
+    "tag of 5 bytes": _in_span(b"\xa8\x80\x80\x80\x00\x01"),
+    "tag of 6 bytes": _in_span(b"\xa8\x80\x80\x80\x80\x00\x01"),
+    "tag past 32 bits": _in_span(varint(2**32) + b"\x01"),
+    "submessage with trailing garbage": _in_span(_ld(15, b"\x80")),
+    "empty request": b"",
+    "log body string: bad UTF-8": _in_log(_ld(5, _ld(1, b"\xff"))),
+    "log severity_text: bad UTF-8": _in_log(_ld(3, b"\xff")),
+    "log event_name: bad UTF-8": _in_log(_ld(12, b"\xc3")),
+    **{f"arrays nested {n}": _in_span(_nested(n, False)) for n in (46, 47, 48)},
+    **{f"kvlists nested {n}": _in_span(_nested(n, True)) for n in (30, 31, 32)},
+    **{f"groups nested {n} in a span": _in_span(_groups(n)) for n in (96, 97, 98)},
+    **{f"groups nested {n} in the request": _groups(n) for n in (99, 100, 101)},
+    "length-delimited unknowns nested 200": _in_span(functools.reduce(lambda v, _: _ld(20, v), range(200), b"")),
+}
+
+
+@needs_c
+@pytest.mark.parametrize("logs", [False, True], ids=["as traces", "as logs"])
+@pytest.mark.parametrize("name", list(EDGE_CASES))
+def test_check_encoding_refuses_exactly_what_the_parser_refuses(name, logs):
+    request_type = ExportLogsServiceRequest if logs else ExportTraceServiceRequest
+    data = EDGE_CASES[name]
+    try:
+        request_type.FromString(data)
+        parser_takes = True
+    except DecodeError:
+        parser_takes = False
+    for impl in (_c, _wire_py):
+        try:
+            impl.check_encoding(data, wire.schema_of(request_type), request_type)
+            assert parser_takes, f"{impl.__name__} took what the parser refuses"
+        except ValueError as e:
+            assert not parser_takes, f"{impl.__name__} refused what the parser takes: {e}"
+            assert str(e).startswith("malformed protobuf")
+
+
+@needs_c
+def test_check_encoding_agrees_with_the_parser_on_corrupted_requests():
+    """Random damage to random non-canonical requests, biased to UTF-8 damage in strings: the C half
+    refuses exactly the bytes the parser refuses. A miss either way is a bug: taking what the parser
+    refuses would fail a later stage that parses; refusing what it takes would lose a client's data."""
+    rng = random.Random(17)
+    outcomes = {True: 0, False: 0}
+    for logs in (False, True):
+        request_type = ExportLogsServiceRequest if logs else ExportTraceServiceRequest
+        schema = wire.schema_of(request_type)
+        for msg, data in samples(50 + logs, 10, logs=logs):
+            for _ in range(300):
+                b = bytearray(data)
+                for _ in range(rng.randrange(1, 4)):
+                    i = rng.randrange(len(b))
+                    op = rng.random()
+                    if op < 0.4:
+                        b[i] = rng.choice([0x80, 0xbf, 0xc0, 0xc1, 0xc2, 0xe0, 0xed, 0xef, 0xf0, 0xf4, 0xf5, 0xff])
+                    elif op < 0.6:
+                        b[i] = rng.randrange(256)
+                    elif op < 0.8:
+                        b[i:i] = rng.randbytes(rng.randrange(1, 12))
+                    else:
+                        del b[i:i + rng.randrange(1, 12)]
+                b = bytes(b)
+                try:
+                    request_type.FromString(b)
+                    takes = True
+                except DecodeError:
+                    takes = False
+                try:
+                    _c.check_encoding(b, schema, request_type)
+                    c_takes = True
+                except ValueError:
+                    c_takes = False
+                assert c_takes == takes, (logs, b.hex())
+                outcomes[takes] += 1
+    assert min(outcomes.values()) > 500, outcomes
+
+
+def test_schema_of_refuses_what_it_cannot_describe():
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+    with pytest.raises(ValueError, match="bucket_counts"):
+        wire.schema_of(ExportMetricsServiceRequest)
+    for impl in filter(None, (_c, _wire_py)):
+        with pytest.raises(ValueError, match="multiple of"):
+            impl.check_encoding(b"", b"\x00" * 31, ExportTraceServiceRequest)
