@@ -8,7 +8,10 @@ OTLP at it over real sockets, and reports what an attacker could do to it:
 - ``hangs``: an answer took longer than ``--hang-seconds``;
 - ``server_errors``: gRPC UNKNOWN/INTERNAL or HTTP 5xx other than 503 for client input —
   malformed input must get INVALID_ARGUMENT / 400, load the retryable codes;
-- ``peak_rss_mib``: the sidecar's largest resident set while fuzzing.
+- ``peak_rss_mib``: the sidecar's largest resident set while fuzzing;
+- ``pipeline_errors``: tracebacks in the sidecar's log: a stage failing on input the receiver
+  accepted (the receivers check traces and logs on the wire and stages parse later, so a check
+  laxer than the parser would show here, not as an answer).
 
 Inputs are generated from a seed (same seed, same inputs) by byte-level mutation of
 valid requests (flips, truncation, splices, huge varints, unknown fields and groups) and
@@ -318,6 +321,7 @@ class Report:
     outcomes: Counter = field(default_factory=Counter)
     redaction_inputs: int = 0
     redaction_errors: int = 0
+    pipeline_errors: int = 0
     seconds: float = 0.0
     kept: list = field(default_factory=list)  # (kind, transport, detail) of the first bad inputs
 
@@ -332,6 +336,7 @@ class Report:
         return (f"path={self.path} inputs={self.inputs} crashes={self.crashes} hangs={self.hangs} "
                 f"5xx={self.server_errors} peak_rss_mib={self.peak_rss_mib:.0f} "
                 f"redaction_inputs={self.redaction_inputs} redaction_errors={self.redaction_errors} "
+                f"pipeline_errors={self.pipeline_errors} "
                 f"seconds={self.seconds:.0f} rate={self.inputs / max(self.seconds, 1e-9):.0f}/s")
 
 
@@ -358,6 +363,8 @@ class _Sidecar:
     def __init__(self, workdir: Path, pure: bool, grpc_port: int, http_port: int):
         self.workdir, self.pure = workdir, pure
         self.grpc_port, self.http_port = grpc_port, http_port
+        log = workdir / "sidecar.log"
+        self.log_start = log.stat().st_size if log.exists() else 0  # a reused workdir's log is appended to
         self.proc = SidecarProcess(shipped_config(), workdir=workdir,
                                    env=_sidecar_env(grpc_port, http_port, workdir, pure)).start(60)
         self.ps = psutil.Process(self.proc.pid)
@@ -370,6 +377,12 @@ class _Sidecar:
             return self.ps.memory_info().rss / 2 ** 20
         except psutil.Error:
             return 0.0
+
+    def tracebacks(self) -> int:
+        """Tracebacks this run's sidecar logged (client errors are one-line summaries, never one)."""
+        with open(self.workdir / "sidecar.log", "rb") as f:
+            f.seek(self.log_start)
+            return f.read().count(b"Traceback")
 
     def stop(self) -> None:
         if self.alive():
@@ -541,6 +554,7 @@ def run(inputs: int, pure: bool, *, seed: int = 1, clients: int = 1, hang_second
                 report.peak_rss_mib = max(report.peak_rss_mib, target.rss_mib())
                 if not target.alive():  # a crash: keep its log, restart on the same ports
                     report.crashes += 1
+                    report.pipeline_errors += target.tracebacks()
                     report.kept.append(("crash", "-", target.proc.log()[-2000:]))
                     target.stop()
                     target = _Sidecar(workdir / f"sidecar-{report.crashes}", pure, grpc_port, http_port)
@@ -553,6 +567,7 @@ def run(inputs: int, pure: bool, *, seed: int = 1, clients: int = 1, hang_second
     finally:
         report.seconds = time.monotonic() - started
         target.stop()
+        report.pipeline_errors += target.tracebacks()
     return report
 
 
@@ -581,7 +596,8 @@ def main(argv: list[str] | None = None) -> int:
         print("  outcomes:", dict(report.outcomes.most_common()))
         for finding in report.kept:
             print("  finding:", *finding)
-        failed |= bool(report.crashes or report.hangs or report.server_errors or report.redaction_errors)
+        failed |= bool(report.crashes or report.hangs or report.server_errors or report.redaction_errors
+                       or report.pipeline_errors)
     return 1 if failed else 0
 
 
