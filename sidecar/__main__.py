@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import sys
@@ -69,6 +70,10 @@ def run(config) -> int:
     except Exception as e:
         log.error("start-up failed: %s", e)
         return 1
+    # What start-up made (modules, config, the pipeline) lives as long as the process: out of the
+    # collector's sight, a full collection walks only what requests left behind (a tenth of the
+    # sidecar's CPU went to collections that walked it again and again).
+    gc.freeze()
     log.info("sidecar ready: pipelines %s", ", ".join(config.service.pipelines))
     print("sidecar ready", file=sys.stderr, flush=True)
     while not stop.wait(1.0):
