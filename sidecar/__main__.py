@@ -71,8 +71,8 @@ def run(config) -> int:
         log.error("start-up failed: %s", e)
         return 1
     # What start-up made (modules, config, the pipeline) lives as long as the process: out of the
-    # collector's sight, a full collection walks only what requests left behind (a tenth of the
-    # sidecar's CPU went to collections that walked it again and again).
+    # collector's sight, a full collection walks only what requests left behind (benchmarks/gc_stats:
+    # 0.18 s of full collections in one default-pipeline benchmark run, 0.05 s frozen).
     gc.freeze()
     log.info("sidecar ready: pipelines %s", ", ".join(config.service.pipelines))
     print("sidecar ready", file=sys.stderr, flush=True)

@@ -32,8 +32,8 @@ from sidecar.config import ConfigModel, Duration, HostPort, split_host_port
 from sidecar.envelope import Envelope
 from sidecar.exporters.base import RateLimitedLog
 from sidecar.receivers.otlp_http import OTLPHTTPApp
-from sidecar.receivers.parsing import received_parser
 from sidecar.receivers.outcomes import Rejected, classify, retry_info_trailer
+from sidecar.receivers.parsing import received_parser
 from sidecar.registry import ALL_SIGNALS, CreateSettings, Factory
 from sidecar.signals import Request, Signal, count_items
 

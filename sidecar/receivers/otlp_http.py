@@ -46,8 +46,8 @@ class OTLPHTTPApp:
         self._paths = {cfg.traces_url_path: Signal.TRACES, cfg.logs_url_path: Signal.LOGS,
                        cfg.metrics_url_path: Signal.METRICS}
         self._ok = {(s, False): s.response_type().SerializeToString() for s in Signal}
-        self._parsers = {s: received_parser(s) for s in Signal}
         self._ok.update({(s, True): b"{}" for s in Signal})
+        self._parsers = {s: received_parser(s) for s in Signal}
         self._inflight = 0
         self._idle = threading.Condition()
         self._draining = False
