@@ -29,8 +29,9 @@
 /* Most attribute keys one call can look for (span_metrics dimensions + 3, tail_sampling's keys). */
 #define MAX_KEYS 64
 
-/* Deepest nesting of groups skipped inside one field (upb's default message depth limit). */
-#define MAX_GROUP_DEPTH 100
+/* Deepest nesting upb parses (its default depth limit): every submessage or group is one deeper. The
+ * scanners count groups from the field that starts them; check_encoding counts from the request (depth 0). */
+#define MAX_DEPTH 100
 
 /* Status codes with a meaning (UNSET, OK, ERROR): only these set a bit in a run's status mask. */
 #define KNOWN_STATUS_CODES 3
@@ -148,7 +149,7 @@ static int skip_group(Reader *r, uint32_t field, int depth)
     int wt;
     uint64_t num;
     Slice s;
-    if (depth > MAX_GROUP_DEPTH)
+    if (depth > MAX_DEPTH)
         return bad("groups nested too deep");
     for (;;) {
         if (r->p >= r->end)
@@ -1092,10 +1093,6 @@ static PyObject *check_ids(PyObject *self, PyObject *args)
  * checked), 2 + i for a message of type i (its fields are checked in turn). */
 #define SCHEMA_WIDTH 32
 
-/* Deepest message nesting upb parses (its default depth limit): the request is depth 0, and every
- * submessage or group one deeper. */
-#define MAX_MESSAGE_DEPTH 100
-
 /* Strict UTF-8 as upb checks a proto3 string: no overlong forms, surrogates or code points past U+10FFFF. */
 static int utf8_ok(const uint8_t *p, Py_ssize_t n)
 {
@@ -1187,7 +1184,7 @@ static int check_message(const uint8_t *p, const uint8_t *end, const uint8_t *sc
             }
             if (kind - 2 >= ntypes)
                 return bad("schema names a message type it does not hold");
-            if (depth + 1 > MAX_MESSAGE_DEPTH)
+            if (depth + 1 > MAX_DEPTH)
                 return bad("messages nested too deep");
             if (check_message(sub, p, schema, ntypes, kind - 2, depth + 1) < 0)
                 return -1;

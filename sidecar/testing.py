@@ -39,8 +39,8 @@ def _ephemeral_port_floor() -> int:
 
 _PORT_FLOOR = 10000
 _PORT_CEILING = max(_PORT_FLOOR + 2000, _ephemeral_port_floor())
-_ports_handed_out: set[int] = set()
 _next_port = _PORT_FLOOR + (os.getpid() * 7919) % (_PORT_CEILING - _PORT_FLOOR)
+_next_port_lock = threading.Lock()
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -50,20 +50,18 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
     connection, so between this probe and the server's own bind any client socket (a gRPC
     channel, an exporter's retry) can take the port and the server fails with "Address already
     in use". Ports below that range are only ever taken by an explicit bind, so they are handed
-    out from there, each once per process, starting at a per-process offset.
+    out from there in turn (none twice before the range is used up), from a per-process offset.
     """
     global _next_port
     span = _PORT_CEILING - _PORT_FLOOR
     for _ in range(span):
-        port, _next_port = _next_port, _PORT_FLOOR + (_next_port + 1 - _PORT_FLOOR) % span
-        if port in _ports_handed_out:
-            continue
+        with _next_port_lock:
+            port, _next_port = _next_port, _PORT_FLOOR + (_next_port + 1 - _PORT_FLOOR) % span
         with socket.socket(socket.AF_INET, kind) as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-        _ports_handed_out.add(port)
         return port
     raise RuntimeError(f"no free loopback port in {_PORT_FLOOR}..{_PORT_CEILING - 1}")
 

@@ -88,16 +88,17 @@ def schema_of(request_type) -> bytes:
     types: list = []
     index: dict[str, int] = {}
 
-    def visit(desc) -> int:
+    def visit(desc) -> None:
         if desc.full_name not in index:
             index[desc.full_name] = len(types)
             types.append(desc)
             for f in desc.fields:
                 if f.type == FieldDescriptor.TYPE_MESSAGE:
                     visit(f.message_type)
-        return index[desc.full_name]
 
     visit(request_type.DESCRIPTOR)
+    if len(types) > 254:  # 2 + i must fit a byte
+        raise ValueError(f"{request_type.__name__}: {len(types)} message types, more than the schema holds")
     table = bytearray(len(types) * SCHEMA_WIDTH)
     for i, desc in enumerate(types):
         for f in desc.fields:
@@ -110,8 +111,6 @@ def schema_of(request_type) -> bytes:
                 table[i * SCHEMA_WIDTH + f.number] = 1
             elif f.type == FieldDescriptor.TYPE_MESSAGE:
                 table[i * SCHEMA_WIDTH + f.number] = 2 + index[f.message_type.full_name]
-    if len(types) > 253:
-        raise ValueError(f"{request_type.__name__}: {len(types)} message types, more than the schema holds")
     return bytes(table)
 
 
