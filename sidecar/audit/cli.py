@@ -1,5 +1,8 @@
 """``python -m sidecar audit query --store URL [filters]``: the audit trail, as a table or JSON lines.
 
+``python -m sidecar audit index --store URL``: make records of the journaled requests now (the
+sidecar does it every ``index_interval``, and every read does it first); prints what it did.
+
 Filters combine with AND. ``--since``/``--until`` take an ISO-8601 time
 (``2026-12-01T14:00:00Z``; no zone means UTC) or a duration back from now (``2h``, ``30m``).
 ``--format jsonl`` prints one record per line with every field (what
@@ -49,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--until", type=parse_time, help="ISO-8601 time or a duration back from now")
     q.add_argument("--limit", type=int)
     q.add_argument("--format", choices=("table", "jsonl"), default="table")
+    i = sub.add_parser("index", help="make records of the journaled requests now")
+    i.add_argument("--store", required=True, help="sqlite:///path/audit.db, a path, or postgresql://...")
     return p
 
 
@@ -70,6 +75,20 @@ def table(records) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
+def _index(store) -> int:
+    try:
+        done = store.index_journal()
+        _waiting, unreadable = store.journal_entries()
+    except StoreError as e:
+        print(f"audit: {e}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(f"indexed {done.entries} journaled request(s): {done.written} new record(s), {done.duplicates} "
+          f"already stored; {unreadable} entr{'y' if unreadable == 1 else 'ies'} kept unreadable")
+    return 1 if unreadable else 0  # an operator (or a CronJob) notices damaged entries
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -77,6 +96,8 @@ def main(argv: list[str]) -> int:
     except (ValueError, StoreError) as e:
         print(f"audit: {e}", file=sys.stderr)
         return 2
+    if args.action == "index":
+        return _index(store)
     try:
         records = store.query(Query(request_id=args.request_id, trace_id=args.trace_id,
                                     model_version=args.model_version, status=args.status,

@@ -1,10 +1,11 @@
 """The production store: PostgreSQL by DSN through psycopg 3 (``pip install 'torch-otel-sidecar[audit-postgres]'``).
 
-One ``audit_records`` table (schema version 2 of :data:`sidecar.audit.store.MIGRATIONS`; SQLite goes
-on to time-ordered partitions) and the SQL of :class:`~sidecar.audit.store.AuditStore`; a write returns
-after its transaction committed (``synchronous_commit`` as the server has it, ``on`` by default).
-``timeout`` bounds connecting and each statement, so a slow server makes the exporter
-refuse (retryable) instead of holding the receiver.
+One ``audit_records`` table and the journal (schema version 3 of :data:`sidecar.audit.store.MIGRATIONS`;
+SQLite has time-ordered partitions instead of the one table) and the SQL of
+:class:`~sidecar.audit.store.AuditStore`; a write returns after its transaction committed
+(``synchronous_commit`` as the server has it, ``on`` by default). ``timeout`` bounds connecting
+and each statement, so a slow server makes the exporter refuse (retryable) instead of holding
+the receiver.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ class PostgresStore(AuditStore):
 
     def _lock_schema(self, cur) -> None:
         cur.execute("SELECT pg_advisory_xact_lock(7274647)")  # any fixed key: one migration at a time
+
+    def _lock_index(self, cur) -> None:
+        cur.execute("SELECT pg_advisory_xact_lock(7274648)")  # one indexer at a time: journal order is kept
 
     def size_bytes(self) -> int:
         """The live rows' bytes (deleted rows' space is reused by autovacuum, so the file size would mislead)."""

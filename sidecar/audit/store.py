@@ -87,10 +87,15 @@ _PARTITIONS: tuple[int, list[str]] = (3, [
     f"UNION ALL SELECT {_COLUMN_LIST} FROM audit_part_2",
 ])
 
+#: the journal: requests acknowledged and not yet indexed into records (see :meth:`AuditStore.append`);
+#: ``error`` is set on an entry that could not be read into records (kept, skipped, reported)
+_JOURNAL = "CREATE TABLE audit_journal (seq {seq} PRIMARY KEY, recorded_unix_nano BIGINT NOT NULL, " \
+           "request {blob} NOT NULL, error TEXT)"
+
 #: dialect -> (version, statements) in order. Append, never edit: a store remembers the version it reached.
 MIGRATIONS: dict[str, list[tuple[int, list[str]]]] = {
-    "postgresql": _ONE_TABLE,
-    "sqlite": _ONE_TABLE + [_PARTITIONS],
+    "postgresql": _ONE_TABLE + [(3, [_JOURNAL.format(seq="BIGSERIAL", blob="BYTEA")])],
+    "sqlite": _ONE_TABLE + [_PARTITIONS, (4, [_JOURNAL.format(seq="INTEGER", blob="BLOB")])],
 }
 #: dialect -> the schema version this sidecar writes
 SCHEMA_VERSIONS: dict[str, int] = {dialect: steps[-1][0] for dialect, steps in MIGRATIONS.items()}
@@ -99,8 +104,11 @@ _JSON_COLUMNS = ("tags", "parameters")
 _FRAGMENT_FIELDS = ("model_id", "model_version", "parameters", "input_payload", "output_payload")
 
 
-#: a write's part of a group's transaction: ``work(cursor, now)`` -> how many records were new
-_Work = Callable[[Any, int], int]
+#: a write's part of a group's transaction: ``work(cursor, now)`` -> its result (e.g. how many records were new)
+_Work = Callable[[Any, int], Any]
+
+#: journal entries indexed per transaction: appends arriving meanwhile wait for at most one batch
+JOURNAL_BATCH = 32
 
 
 class StoreError(Exception):
@@ -118,6 +126,26 @@ class Query:
     since: int | None = None
     until: int | None = None
     limit: int | None = None
+
+
+@dataclass
+class Indexed:
+    """What one :meth:`AuditStore.index_journal` did: journal entries read, records new and already stored,
+    entries that could not be read (left in the journal with their error), the newest record's start time."""
+
+    entries: int = 0
+    written: int = 0
+    duplicates: int = 0
+    unreadable: int = 0
+    newest_time: int | None = None
+
+    def add(self, other: "Indexed") -> None:
+        self.entries += other.entries
+        self.written += other.written
+        self.duplicates += other.duplicates
+        self.unreadable += other.unreadable
+        if other.newest_time is not None and (self.newest_time is None or other.newest_time > self.newest_time):
+            self.newest_time = other.newest_time
 
 
 def _sorted_json_encoder() -> Callable[[dict], str]:
@@ -176,6 +204,8 @@ class AuditStore(ABC):
         self.group_commit: GroupCommit[_Work, int] = GroupCommit(self._commit_group, on_commit=self._after_commit)
         #: called after each group's transaction committed (the exporter counts commits on /metrics)
         self.on_commit: Callable[[], None] | None = None
+        #: called with what each batch of :meth:`index_journal` indexed, once committed (the exporter's counters)
+        self.on_indexed: Callable[[Indexed], None] | None = None
 
     # --- dialect ---------------------------------------------------------------------------
 
@@ -282,7 +312,7 @@ class AuditStore(ABC):
         how many records were new."""
         if not extraction.records and not extraction.fragments:
             return 0
-        return self._together(lambda cur, now: self._write(cur, extraction, now))
+        return self._together(lambda cur, now: self._write(cur, extraction, now)) or 0
 
     def _write(self, cur, extraction: Extraction, now: int) -> int:
         for frag in extraction.fragments:
@@ -311,10 +341,76 @@ class AuditStore(ABC):
                             list(pending))
         return written
 
-    def _together(self, work: _Work) -> int:
+    # --- the journal ------------------------------------------------------------------------
+
+    def append(self, request: bytes) -> None:
+        """Journal one encoded ExportTraceServiceRequest, durably (committed with the writes arriving together).
+
+        The request path's write: one row holding the bytes, nothing read from them. :meth:`index_journal`
+        turns entries into records later, in order, exactly as :meth:`write` of each one's extraction would
+        have (same records, fragments, duplicates and kept marks); every read indexes first, so a reader never
+        sees less than was acknowledged. Entries are read without a user id salt: an exporter that hashes
+        user ids writes records instead (the pseudonym must replace the id before anything is stored).
+        """
+        self._together(lambda cur, now: cur.execute(
+            self._sql("INSERT INTO audit_journal (recorded_unix_nano, request) VALUES (?, ?)"), (now, request)))
+
+    def index_journal(self) -> Indexed:
+        """Turn every journal entry into records, oldest first, :data:`JOURNAL_BATCH` entries per transaction
+        (each shared with the appends arriving together); entries appended meanwhile are indexed too."""
+        total = Indexed()
+        while True:
+            batch: Indexed = self._together(self._index_batch)
+            total.add(batch)
+            if batch.entries + batch.unreadable and self.on_indexed is not None:
+                self.on_indexed(batch)
+            if batch.entries + batch.unreadable < JOURNAL_BATCH:
+                return total
+
+    def _lock_index(self, cur) -> None:
+        """Serialize indexing between processes sharing the store (SQLite's write lock already does)."""
+
+    def _index_batch(self, cur, now: int) -> Indexed:
+        from sidecar.audit.records import extract
+
+        self._lock_index(cur)
+        cur.execute(self._sql("SELECT seq, recorded_unix_nano, request FROM audit_journal WHERE error IS NULL "
+                              f"ORDER BY seq LIMIT {JOURNAL_BATCH}"))
+        out = Indexed()
+        last = None
+        for seq, recorded, request in cur.fetchall():
+            last = seq
+            try:
+                extraction = extract(bytes(request))
+            except Exception as e:  # noqa: BLE001 - damaged bytes: kept with the reason, never retried forever
+                log.error("%s: audit journal entry %d cannot be read into records, kept with its error: %s",
+                          self.describe(), seq, e)
+                cur.execute(self._sql("UPDATE audit_journal SET error = ? WHERE seq = ?"), (str(e)[:500], seq))
+                out.unreadable += 1
+                continue
+            out.entries += 1
+            if extraction.records or extraction.fragments:
+                written = self._write(cur, extraction, recorded)
+                out.written += written
+                out.duplicates += len(extraction.records) - written
+            for r in extraction.records:
+                if out.newest_time is None or r.time_unix_nano > out.newest_time:
+                    out.newest_time = r.time_unix_nano
+        if last is not None:
+            cur.execute(self._sql("DELETE FROM audit_journal WHERE seq <= ? AND error IS NULL"), (last,))
+        return out
+
+    def journal_entries(self) -> tuple[int, int]:
+        """Journal entries waiting to be indexed, and those kept because they could not be read."""
+        with self._transaction(write=False) as cur:
+            cur.execute("SELECT count(*) - count(error), count(error) FROM audit_journal")
+            waiting, unreadable = cur.fetchone()
+        return int(waiting), int(unreadable)
+
+    def _together(self, work: _Work) -> Any:
         """Run ``work(cursor, now)`` in the transaction of the writes arriving together; return its result
         once that transaction is committed (raise its own error, or the commit's StoreError)."""
-        return self.group_commit.join(work) or 0
+        return self.group_commit.join(work)
 
     def _commit_group(self, members: list[Member[_Work, int]]) -> None:
         """One transaction for the group; each member in a savepoint, so its failure undoes only its own work.
@@ -382,7 +478,7 @@ class AuditStore(ABC):
         if not kept:
             return 0
         items = sorted(kept.items())
-        return self._together(lambda cur, now: self._mark_kept(cur, items, now))
+        return self._together(lambda cur, now: self._mark_kept(cur, items, now)) or 0
 
     def _mark_kept(self, cur, items: list[tuple[str, str]], now: int) -> int:
         cur.executemany(self._sql("INSERT INTO audit_kept (trace_id, policy, recorded_unix_nano) VALUES (?, ?, ?) "
@@ -394,6 +490,7 @@ class AuditStore(ABC):
     # --- reading ---------------------------------------------------------------------------
 
     def query(self, q: Query) -> list[AuditRecord]:
+        self.index_journal()  # every read sees every acknowledged request
         where, args = [], []
         for col, value in (("request_id", q.request_id), ("trace_id", q.trace_id),
                            ("model_version", q.model_version), ("status", q.status)):
@@ -417,11 +514,13 @@ class AuditStore(ABC):
             return [_record(r) for r in cur.fetchall()]
 
     def count(self) -> int:
+        self.index_journal()  # every read sees every acknowledged request
         with self._transaction(write=False) as cur:
             cur.execute("SELECT count(*) FROM audit_records")
             return cur.fetchone()[0]
 
     def newest_time(self) -> int | None:
+        self.index_journal()  # every read sees every acknowledged request
         with self._transaction(write=False) as cur:
             cur.execute("SELECT max(time_unix_nano) FROM audit_records")
             return cur.fetchone()[0]
@@ -430,6 +529,7 @@ class AuditStore(ABC):
 
     def delete_older_than(self, cutoff_unix_nano: int) -> int:
         """Records that started before the cutoff, and marks and fragments stored before it."""
+        self.index_journal()  # journaled requests are records too: retention applies to them
         with self._transaction() as cur:
             cur.execute(self._sql("DELETE FROM audit_records WHERE time_unix_nano < ?"), (cutoff_unix_nano,))
             n = max(cur.rowcount, 0)
@@ -439,6 +539,7 @@ class AuditStore(ABC):
 
     def shrink_to(self, max_bytes: int) -> int:
         """Delete the oldest records until the live size is at most ``max_bytes``; returns how many."""
+        self.index_journal()  # journaled requests are records too: retention applies to them
         deleted = 0
         for _ in range(64):  # each round removes a share proportional to the excess
             size = self.size_bytes()
@@ -829,6 +930,7 @@ class SQLiteStore(AuditStore):
         return " AND ".join(held), repeats
 
     def query(self, q: Query) -> list[AuditRecord]:
+        self.index_journal()  # every read sees every acknowledged request
         where, args = [], []
         for col, value in (("request_id", q.request_id), ("trace_id", q.trace_id), ("status", q.status)):
             if value is not None:
@@ -917,11 +1019,13 @@ class SQLiteStore(AuditStore):
         return n
 
     def count(self) -> int:
+        self.index_journal()  # every read sees every acknowledged request
         with self._transaction(write=False) as cur:
             parts = self._catalog(cur)
             return sum(p.rows for p in parts if p.sealed) + self._active_count(cur, parts)
 
     def newest_time(self) -> int | None:
+        self.index_journal()  # every read sees every acknowledged request
         with self._transaction(write=False) as cur:
             newest = None
             for p in self._catalog(cur):
@@ -950,6 +1054,7 @@ class SQLiteStore(AuditStore):
     def delete_older_than(self, cutoff_unix_nano: int) -> int:
         """Records that started before the cutoff (whole partitions dropped, the straddling one cut), and
         marks and fragments stored before it."""
+        self.index_journal()  # journaled requests are records too: retention applies to them
         n = 0
         with self._transaction() as cur:
             parts = self._catalog(cur)

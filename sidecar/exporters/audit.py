@@ -9,11 +9,15 @@ Place it in a traces pipeline that branches off the receiver *before* sampling, 
       processors: [memory_limiter/audit, audit_fields, redaction/audit]
       exporters: [audit]
 
-``consume`` extracts the records (:mod:`sidecar.audit.records`) and writes them in the
-caller's thread, no queue: when it returns the records are on disk, so the receiver's OK
-means "on record". A store that is down or slower than ``timeout`` makes it refuse with a
-retryable reason (``store_unavailable``); the receiver answers UNAVAILABLE/503 and the
-client retries. Records are idempotent on (trace_id, span_id), so retries never duplicate.
+``consume`` journals the request (:meth:`sidecar.audit.store.AuditStore.append`: its bytes, one row,
+nothing parsed) in the caller's thread, no queue: when it returns the request is on disk, so the
+receiver's OK means "on record". Records (:mod:`sidecar.audit.records`) are made from the journal
+later, in bulk: every ``index_interval`` in the background, and before any read (``audit query``,
+replay, retention), so a reader never sees less than was acknowledged. With ``hash_user_id`` the
+records are made and written on the request path instead: the pseudonym must replace the user id
+before anything is stored. A store that is down or slower than ``timeout`` makes it refuse with a
+retryable reason (``store_unavailable``); the receiver answers UNAVAILABLE/503 and the client
+retries. Records are idempotent on (trace_id, span_id), so retries never duplicate.
 
 ``mode: kept_marker``: the same exporter type placed after ``tail_sampling`` (next to the
 backend exporter) marks the records of the traces it sees as kept, with the policy that
@@ -31,7 +35,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import Field, field_validator, model_validator
 
 from sidecar.audit.records import extract, kept_traces
-from sidecar.audit.store import AuditStore, StoreError
+from sidecar.audit.store import AuditStore, Indexed, StoreError
 from sidecar.audit.urls import open_store
 from sidecar.component import Component, Kind, Refused
 from sidecar.config import ConfigModel, Duration
@@ -67,6 +71,8 @@ class AuditExporterConfig(ConfigModel):
     mode: Literal["records", "kept_marker"] = "records"
     #: longest a write may take (busy wait, connect, statement) before the request is refused
     timeout: Duration = 5.0
+    #: how often journaled requests are indexed into records (reads index first whatever this is)
+    index_interval: Duration = 60.0
     #: replace user ids by a salted SHA-256 pseudonym before they are stored
     hash_user_id: bool = False
     #: the secret salt for ``hash_user_id`` (e.g. ``${env:AUDIT_USER_SALT}``)
@@ -79,7 +85,7 @@ class AuditExporterConfig(ConfigModel):
         open_store(v)  # parses the URL only; raises ValueError naming what is wrong
         return v
 
-    @field_validator("timeout")
+    @field_validator("timeout", "index_interval")
     @classmethod
     def _timeout(cls, v: float) -> float:
         if v <= 0:
@@ -99,6 +105,12 @@ class _Metrics:
 
     def __init__(self, settings: CreateSettings):
         root, cid = settings.telemetry.root, str(settings.id)
+        self.journaled = root.family(Counter, "sidecar_audit_requests_journaled",
+                                     "Requests journaled (durable when counted); their records are made when indexed.",
+                                     ("component",)).labels(cid)
+        self.unreadable = root.family(Counter, "sidecar_audit_journal_unreadable",
+                                      "Journal entries that could not be read into records (kept in audit_journal "
+                                      "with their error).", ("component",)).labels(cid)
         self.written = root.family(Counter, "sidecar_audit_records_written",
                                    "Audit records stored (durable when counted).", ("component",)).labels(cid)
         self.duplicates = root.family(Counter, "sidecar_audit_records_duplicate",
@@ -119,7 +131,8 @@ class _Metrics:
         self.lag = root.family(Gauge, "sidecar_audit_lag_seconds",
                                "Now minus the start time of the newest stored record.", ("component",)).labels(cid)
         self.queued = root.family(Gauge, "sidecar_audit_records_queued",
-                                  "Records received and waiting for their write to complete.", ("component",)).labels(cid)
+                                  "Records (spans, when journaled) received and waiting for their write to complete.",
+                                  ("component",)).labels(cid)
         self._deleted = root.family(Counter, "sidecar_audit_records_deleted",
                                     "Records deleted by retention.", ("component", "reason"))
         self.deleted = lambda reason: self._deleted.labels(cid, reason)
@@ -134,6 +147,9 @@ class AuditExporter(Component):
         self._salt = cfg.user_id_salt if cfg.hash_user_id else None
         self.metrics = _Metrics(settings)
         self.store.on_commit = self.metrics.commits.inc
+        self.store.on_indexed = self._indexed
+        #: requests are journaled and indexed later; with a user id salt, records are written on the request path
+        self.journal = cfg.mode == "records" and self._salt is None
         self._newest = 0
         self._queued = 0
         self._state = threading.Lock()
@@ -142,6 +158,8 @@ class AuditExporter(Component):
         self._retention: Ticker | None = None
         if cfg.mode == "records" and (r.max_age is not None or r.max_megabytes is not None):
             self._retention = Ticker(self._retain, r.check_interval, name=f"exporter-{self.id}-retention")
+        self._indexer = Ticker(self._index, cfg.index_interval, name=f"exporter-{self.id}-index") \
+            if self.journal else None
 
     def start(self, host) -> None:
         try:
@@ -152,8 +170,9 @@ class AuditExporter(Component):
         self.metrics.lag.set_function(self._lag)
         self.metrics.queued.set_function(lambda: self._queued)
         self._stopping.clear()
-        if self._retention is not None:
-            self._retention.start()
+        for ticker in (self._indexer, self._retention):
+            if ticker is not None:
+                ticker.start()
 
     def _lag(self) -> float:
         return max(0.0, (time.time_ns() - self._newest) / 1e9) if self._newest else 0.0
@@ -166,6 +185,8 @@ class AuditExporter(Component):
             raise Refused("shutting_down", message=f"exporter {self.id} is shutting down")
         if self.cfg.mode == "kept_marker":
             return self._mark_kept(signal, envelope.message, n)  # read only: nothing here changes it
+        if self.journal:
+            return self._append(signal, envelope.encoded, n)
         extraction = extract(envelope.encoded, user_id_salt=self._salt)
         records = len(extraction.records)
         with self._state:
@@ -189,6 +210,41 @@ class AuditExporter(Component):
         used = records + len(extraction.fragments)
         self.telemetry.exported(signal, used)
         self.telemetry.dropped(signal, n - used, "filtered")  # spans that are neither a request nor an inference
+
+    def _append(self, signal: Signal, request: bytes, n: int) -> None:
+        with self._state:
+            self._queued += n
+        t0 = time.perf_counter()
+        try:
+            self.store.append(request)
+        except StoreError as e:
+            raise Refused("store_unavailable", message=f"audit store: {e}") from None
+        finally:
+            self.metrics.latency.observe(time.perf_counter() - t0)
+            with self._state:
+                self._queued -= n
+        self.metrics.journaled.inc()
+        self.telemetry.exported(signal, n)
+
+    def _indexed(self, batch: Indexed) -> None:
+        """Count what one batch of the journal became (whoever in this process indexed it: the background
+        task, a retention pass)."""
+        self.metrics.written.inc(batch.written)
+        self.metrics.duplicates.inc(batch.duplicates)
+        self.metrics.unreadable.inc(batch.unreadable)
+        if batch.newest_time is not None:
+            with self._state:
+                self._newest = max(self._newest, batch.newest_time)
+
+    def index_once(self) -> Indexed:
+        """Index the journal now (the background task runs it every ``index_interval``)."""
+        return self.store.index_journal()
+
+    def _index(self) -> None:
+        try:
+            self.index_once()
+        except StoreError as e:
+            log.warning("%s: indexing the audit journal failed, will retry at the next interval: %s", self.id, e)
 
     def _mark_kept(self, signal: Signal, request: Request, n: int) -> None:
         kept = kept_traces(request)
@@ -221,15 +277,17 @@ class AuditExporter(Component):
 
     def shutdown(self, deadline: float) -> None:
         self._stopping.set()
-        if self._retention is not None:
-            self._retention.stop(deadline)
+        for ticker in (self._indexer, self._retention):  # the journal is durable: the next reader indexes it
+            if ticker is not None:
+                ticker.stop(deadline)
         self.store.close()
 
 
 FACTORY = Factory(type="audit", kind=Kind.EXPORTER, config_model=AuditExporterConfig,
                   create=lambda settings, cfg, _next: AuditExporter(settings, cfg),
                   signals=frozenset({Signal.TRACES}),
-                  telemetry=frozenset({"sidecar_audit_lag_seconds", "sidecar_audit_records_deleted",
+                  telemetry=frozenset({"sidecar_audit_journal_unreadable", "sidecar_audit_lag_seconds",
+                                       "sidecar_audit_records_deleted", "sidecar_audit_requests_journaled",
                                        "sidecar_audit_records_duplicate", "sidecar_audit_records_failed",
                                        "sidecar_audit_records_queued", "sidecar_audit_records_written",
                                        "sidecar_audit_store_commits", "sidecar_audit_store_latency_seconds",

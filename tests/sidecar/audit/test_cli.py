@@ -71,3 +71,27 @@ def test_parse_time():
     assert parse_time("2h", now) == now - 2 * 3600 * 10**9
     assert parse_time("1970-01-01T00:00:01Z", now) == 10**9
     assert parse_time("1970-01-01T01:00:01+01:00", now) == 10**9
+
+
+def test_index_makes_records_of_the_journal_and_reports_damaged_entries(tmp_path):
+    url = f"sqlite:///{tmp_path}/audit.db"
+    app = App()
+    app.request("req-j")
+    store = open_store(url).open()
+    store.append(app.take().SerializeToString())
+    store.append(app.take().SerializeToString() or b"")  # an empty request: no records, nothing wrong
+    store.close()
+    out = _run("index", "--store", url)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "indexed 2 journaled request(s): 1 new record(s), 0 already stored; " \
+                                 "0 entries kept unreadable"
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "audit.db", isolation_level=None)
+    db.execute("INSERT INTO audit_journal (recorded_unix_nano, request) VALUES (1, x'0a03ffffff')")
+    db.close()
+    out = _run("index", "--store", url)
+    assert out.returncode == 1
+    assert "1 entry kept unreadable" in out.stdout and "journal entry" in out.stderr
+    out = _run("query", "--store", url, "--format", "jsonl")
+    assert [json.loads(x)["request_id"] for x in out.stdout.splitlines()] == ["req-j"]

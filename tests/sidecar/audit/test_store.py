@@ -158,9 +158,9 @@ def test_sqlite_migrates_a_version_1_store(tmp_path):
 
 
 def test_migrations_are_per_dialect_and_postgres_keeps_one_table():
-    assert [v for v, _ in MIGRATIONS["postgresql"]] == [1, 2]
-    assert [v for v, _ in MIGRATIONS["sqlite"]] == [1, 2, 3]
-    assert MIGRATIONS["sqlite"][:2] == MIGRATIONS["postgresql"]  # the shared steps are one list, not a copy
+    assert [v for v, _ in MIGRATIONS["postgresql"]] == [1, 2, 3]
+    assert [v for v, _ in MIGRATIONS["sqlite"]] == [1, 2, 3, 4]
+    assert MIGRATIONS["sqlite"][:2] == MIGRATIONS["postgresql"][:2]  # the shared steps are one list, not a copy
 
 
 def test_urls_are_checked():
@@ -435,7 +435,7 @@ def test_a_version_2_store_becomes_the_first_sealed_partition(tmp_path):
                  (_rec(301).trace_id, "ff" * 8, '{"model_id": "m301"}', T0))
     conn.close()
     s = _sqlite(path, seal_rows=50)
-    assert s.schema_version() == 3
+    assert s.schema_version() == SCHEMA_VERSIONS["sqlite"]
     assert _partitions(s) == [(1, True), (2, False)]
     indexes = {r[0] for r in _raw(s, "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = "
                                      "'audit_part_1'")}
@@ -450,7 +450,7 @@ def test_a_version_2_store_becomes_the_first_sealed_partition(tmp_path):
     assert _raw(s, "SELECT count(*) FROM audit_records") == [(301,)]
     s.close()
     again = open_store(str(path)).open()  # reopening migrates nothing more
-    assert again.schema_version() == 3 and again.count() == 301
+    assert again.schema_version() == SCHEMA_VERSIONS["sqlite"] and again.count() == 301
     again.close()
 
 
