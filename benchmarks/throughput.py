@@ -275,6 +275,7 @@ def run_target(name: str, command_config: str | None, bodies, spans: int, logs: 
         cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
         items = spans + logs
         result = {"scenario": name, "items": items, "cpu_s": cpu, "cpu_us_per_item": cpu / items * 1e6,
+                  "sys_us_per_item": (cpu1.system - cpu0.system) / items * 1e6,
                   "items_per_s": items / (t1 - t0), "peak_rss_mb": peak_rss_mb(pid),
                   "delivered_spans": got_spans, "delivered_logs": got_logs, "refusals": refused}
     finally:

@@ -15,6 +15,7 @@ from sidecar.audit.store import AuditStore, StoreError
 
 class PostgresStore(AuditStore):
     placeholder = "%s"
+    _length = "octet_length"
     dialect = "postgresql"
 
     def __init__(self, url: str, *, timeout: float = 5.0):

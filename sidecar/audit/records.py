@@ -76,6 +76,7 @@ _STATUS = {Status.STATUS_CODE_UNSET: "UNSET", Status.STATUS_CODE_OK: "OK", Statu
 _KEYS = tuple(sorted(k.encode() for k in _USED))
 _EVENT_KEYS = (attr.GEN_AI_PROMPT.encode(), attr.GEN_AI_COMPLETION.encode())
 _TAG_PREFIX = TAG_PREFIX.encode()
+_POLICY_KEY = (POLICY_ATTRIBUTE.encode(),)
 
 
 @dataclass
@@ -320,19 +321,24 @@ def _record(span: wire.AuditSpan, attrs: dict[str, Any], service: str, facts: di
 
 
 def kept_traces(request) -> dict[str, str]:
-    """trace id (hex) -> the tail-sampling policy that kept it, from the spans tail sampling let through."""
+    """trace id (hex) -> the tail-sampling policy that kept it, from the spans tail sampling let through,
+    given encoded (as tail sampling hands them on) or as a message. One wire scan for the one attribute:
+    every kept span passes here, so nothing is parsed into objects."""
+    data = request if isinstance(request, bytes) else request.SerializeToString()
     out: dict[str, str] = {}
-    for rs in request.resource_spans:
-        for ss in rs.scope_spans:
-            for span in ss.spans:
-                tid = span.trace_id.hex()
+    for group in wire.span_runs(data, _POLICY_KEY):
+        for scope in group.scopes:
+            for run in scope.runs:
+                tid = run.trace_id.hex()
                 if out.get(tid):
                     continue
                 policy = ""
-                for kv in span.attributes:
-                    if kv.key == POLICY_ATTRIBUTE:
-                        policy = kv.value.string_value
-                        break
+                hits = run.hits[0]
+                if hits is not None:
+                    for value in hits.values:  # each span's encoded AnyValue; the first string one names it
+                        policy = AnyValue.FromString(value).string_value
+                        if policy:
+                            break
                 out[tid] = policy
     return out
 

@@ -107,8 +107,10 @@ _FRAGMENT_FIELDS = ("model_id", "model_version", "parameters", "input_payload", 
 #: a write's part of a group's transaction: ``work(cursor, now)`` -> its result (e.g. how many records were new)
 _Work = Callable[[Any, int], Any]
 
-#: journal entries indexed per transaction: appends arriving meanwhile wait for at most one batch
+#: journal entries indexed per transaction, and their most bytes (one entry at least): appends arriving meanwhile
+#: wait for at most one batch, and memory holds at most one batch of requests
 JOURNAL_BATCH = 32
+JOURNAL_BATCH_BYTES = 8 << 20
 
 
 class StoreError(Exception):
@@ -138,6 +140,8 @@ class Indexed:
     duplicates: int = 0
     unreadable: int = 0
     newest_time: int | None = None
+    #: entries were left for another batch
+    more: bool = False
 
     def add(self, other: "Indexed") -> None:
         self.entries += other.entries
@@ -193,6 +197,8 @@ class AuditStore(ABC):
     """
 
     placeholder = "?"
+    #: the SQL function giving a blob's length in bytes
+    _length = "length"
     #: the key of this store's :data:`MIGRATIONS` (set by each subclass)
     dialect: str
 
@@ -355,16 +361,17 @@ class AuditStore(ABC):
         self._together(lambda cur, now: cur.execute(
             self._sql("INSERT INTO audit_journal (recorded_unix_nano, request) VALUES (?, ?)"), (now, request)))
 
-    def index_journal(self) -> Indexed:
-        """Turn every journal entry into records, oldest first, :data:`JOURNAL_BATCH` entries per transaction
-        (each shared with the appends arriving together); entries appended meanwhile are indexed too."""
+    def index_journal(self, stop: Callable[[], bool] | None = None) -> Indexed:
+        """Turn every journal entry into records, oldest first, in batches of at most :data:`JOURNAL_BATCH` entries
+        and :data:`JOURNAL_BATCH_BYTES` (each batch one transaction, shared with the appends arriving together);
+        entries appended meanwhile are indexed too. ``stop()`` true ends it between batches (shutdown)."""
         total = Indexed()
         while True:
             batch: Indexed = self._together(self._index_batch)
             total.add(batch)
             if batch.entries + batch.unreadable and self.on_indexed is not None:
                 self.on_indexed(batch)
-            if batch.entries + batch.unreadable < JOURNAL_BATCH:
+            if not batch.more or (stop is not None and stop()):
                 return total
 
     def _lock_index(self, cur) -> None:
@@ -374,12 +381,23 @@ class AuditStore(ABC):
         from sidecar.audit.records import extract
 
         self._lock_index(cur)
-        cur.execute(self._sql("SELECT seq, recorded_unix_nano, request FROM audit_journal WHERE error IS NULL "
-                              f"ORDER BY seq LIMIT {JOURNAL_BATCH}"))
-        out = Indexed()
-        last = None
+        cur.execute(self._sql(f"SELECT seq, {self._length}(request) FROM audit_journal WHERE error IS NULL "
+                              f"ORDER BY seq LIMIT {JOURNAL_BATCH + 1}"))
+        waiting = cur.fetchall()
+        batch, size = [], 0
+        for seq, length in waiting[:JOURNAL_BATCH]:
+            if batch and size + length > JOURNAL_BATCH_BYTES:
+                break
+            batch.append(seq)
+            size += length
+        out = Indexed(more=len(batch) < len(waiting))
+        if not batch:
+            return out
+        # exactly the entries chosen: in PostgreSQL another sidecar's append may commit a lower seq meanwhile
+        cur.execute(self._sql(f"SELECT seq, recorded_unix_nano, request FROM audit_journal WHERE seq IN "
+                              f"{self._in(len(batch))} ORDER BY seq"), batch)
+        indexed = []
         for seq, recorded, request in cur.fetchall():
-            last = seq
             try:
                 extraction = extract(bytes(request))
             except Exception as e:  # noqa: BLE001 - damaged bytes: kept with the reason, never retried forever
@@ -388,7 +406,7 @@ class AuditStore(ABC):
                 cur.execute(self._sql("UPDATE audit_journal SET error = ? WHERE seq = ?"), (str(e)[:500], seq))
                 out.unreadable += 1
                 continue
-            out.entries += 1
+            indexed.append(seq)
             if extraction.records or extraction.fragments:
                 written = self._write(cur, extraction, recorded)
                 out.written += written
@@ -396,8 +414,9 @@ class AuditStore(ABC):
             for r in extraction.records:
                 if out.newest_time is None or r.time_unix_nano > out.newest_time:
                     out.newest_time = r.time_unix_nano
-        if last is not None:
-            cur.execute(self._sql("DELETE FROM audit_journal WHERE seq <= ? AND error IS NULL"), (last,))
+        out.entries = len(indexed)
+        if indexed:
+            cur.execute(self._sql(f"DELETE FROM audit_journal WHERE seq IN {self._in(len(indexed))}"), indexed)
         return out
 
     def journal_entries(self) -> tuple[int, int]:

@@ -41,7 +41,7 @@ from sidecar.component import Component, Kind, Refused
 from sidecar.config import ConfigModel, Duration
 from sidecar.registry import CreateSettings, Factory
 from sidecar.envelope import Envelope
-from sidecar.signals import Request, Signal
+from sidecar.signals import Signal
 from sidecar.ticker import Ticker
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ class AuditExporter(Component):
         if self._stopping.is_set():
             raise Refused("shutting_down", message=f"exporter {self.id} is shutting down")
         if self.cfg.mode == "kept_marker":
-            return self._mark_kept(signal, envelope.message, n)  # read only: nothing here changes it
+            return self._mark_kept(signal, envelope.encoded, n)  # read only: nothing here changes it
         if self.journal:
             return self._append(signal, envelope.encoded, n)
         extraction = extract(envelope.encoded, user_id_salt=self._salt)
@@ -238,7 +238,7 @@ class AuditExporter(Component):
 
     def index_once(self) -> Indexed:
         """Index the journal now (the background task runs it every ``index_interval``)."""
-        return self.store.index_journal()
+        return self.store.index_journal(stop=self._stopping.is_set)
 
     def _index(self) -> None:
         try:
@@ -246,7 +246,7 @@ class AuditExporter(Component):
         except StoreError as e:
             log.warning("%s: indexing the audit journal failed, will retry at the next interval: %s", self.id, e)
 
-    def _mark_kept(self, signal: Signal, request: Request, n: int) -> None:
+    def _mark_kept(self, signal: Signal, request: bytes, n: int) -> None:
         kept = kept_traces(request)
         t0 = time.perf_counter()
         try:

@@ -157,6 +157,25 @@ def test_appends_go_on_while_a_long_journal_is_indexed_in_batches(tmp_path):
     store.close()
 
 
+def test_a_batch_holds_at_most_its_bytes_but_always_one_entry(tmp_path, monkeypatch):
+    """Memory holds one batch of requests at most: big requests are indexed a few at a time."""
+    import sidecar.audit.store as store_module
+
+    path = tmp_path / "audit.db"
+    store = SQLiteStore(str(path), str(path)).open()
+    app = App()
+    for i in range(5):
+        app.request(f"req-{i}")
+        store.append(app.take().SerializeToString())
+    monkeypatch.setattr(store_module, "JOURNAL_BATCH_BYTES", 1)  # every entry is bigger than that
+    batches = []
+    store.on_indexed = batches.append
+    done = store.index_journal()
+    assert [b.entries for b in batches] == [1, 1, 1, 1, 1] and done.written == 5
+    assert not batches[-1].more and all(b.more for b in batches[:-1])
+    store.close()
+
+
 def test_retention_covers_journaled_requests(tmp_path):
     path = tmp_path / "audit.db"
     store = SQLiteStore(str(path), str(path)).open()

@@ -66,6 +66,17 @@ def test_kept_traces_reads_the_policy_tail_sampling_set():
     assert kept_traces(req) == {f"{ctx.trace_id:032x}": "errors"}
 
 
+def test_kept_traces_reads_the_encoded_spans_and_names_each_trace_once():
+    app = App()
+    first, second = app.request("a"), app.request("b")
+    req = app.take()
+    spans = req.resource_spans[0].scope_spans[0].spans
+    later = [s for s in spans if s.trace_id == first.trace_id.to_bytes(16, "big")][-1]
+    later.attributes.add(key="sampling.policy").value.string_value = "slow"  # only a later span of the trace
+    assert kept_traces(req.SerializeToString()) == {f"{first.trace_id:032x}": "slow",
+                                                    f"{second.trace_id:032x}": ""}  # kept, no policy named
+
+
 def test_jsonl_round_trip_and_bad_lines_named():
     app = App()
     app.request("r")
