@@ -146,3 +146,47 @@ def test_every_request_on_record_while_the_backend_gets_the_sampled_share(tmp_pa
     agg = report["aggregate"]
     assert agg["replayed"] == N, {r["reason"] for r in report["records"]}
     assert agg["replayed"] == N and agg["exact_match_rate"] == 1.0
+
+
+def test_acknowledged_requests_survive_kill_9_before_their_records_are_made(tmp_path):
+    """The sidecar journals each request before the acknowledgement and makes records later: killed with
+    SIGKILL before it made any (``index_interval: 1h``), the operator's ``audit query`` still shows every
+    acknowledged request, redacted, and a restarted sidecar adds nothing twice."""
+    store_url = f"sqlite:///{tmp_path}/audit/audit.db"
+    port = free_port()
+    config = audit_config("127.0.0.1:1", port, store_url).replace(
+        f'audit: {{store: "{store_url}"}}', f'audit: {{store: "{store_url}", index_interval: 1h}}')
+    assert "index_interval: 1h" in config
+    sidecar = SidecarProcess(config, workdir=tmp_path).start()
+    try:
+        provider = TracerProvider(resource=Resource.create({"service.name": "classifier"}))
+        exporter = OTLPSpanExporter(endpoint=f"127.0.0.1:{port}", insecure=True)
+        tracer = provider.get_tracer("app")
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+        provider.add_span_processor(SimpleSpanProcessor(exporter))  # each span acknowledged before the next
+        for i in range(20):
+            with tracer.start_as_current_span("POST /predict", kind=SpanKind.SERVER, attributes={
+                    "request.id": f"req-{i}", "user.id": f"secret-{i}", "ml.model.id": "clf",
+                    "ml.model.version": "1.0"}):
+                pass
+        provider.shutdown()
+    finally:
+        sidecar.kill()
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "audit" / "audit.db")
+    assert db.execute("SELECT count(*) FROM audit_journal").fetchone()[0] == 20  # nothing indexed yet
+    db.close()
+    out = subprocess.run([sys.executable, "-m", "sidecar", "audit", "query", "--store", store_url, "--format",
+                          "jsonl"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    assert sorted(r["request_id"] for r in records) == sorted(f"req-{i}" for i in range(20))
+    assert {r["user_id"] for r in records} == {"[REDACTED]"}  # the journal held only redacted bytes
+    assert not any(b"secret-" in f.read_bytes() for f in (tmp_path / "audit").iterdir())  # db, -wal, -shm
+    with SidecarProcess(config, workdir=tmp_path):  # restarted: its start indexes nothing new, adds no copy
+        pass
+    store = open_store(store_url).open()
+    assert store.count() == 20
+    store.close()
