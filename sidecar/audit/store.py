@@ -1,7 +1,9 @@
 """Where audit records live: SQLite (embedded default) or PostgreSQL, one schema, one SQL dialect.
 
 ``open_store(url)`` (:mod:`sidecar.audit.urls`): ``sqlite:///var/audit.db`` (or a bare path) or ``postgresql://...``.
-Every write is durable when :meth:`AuditStore.write` returns (SQLite: WAL with
+The request path journals (:meth:`AuditStore.append`: the request's bytes, one row) and records are made
+from the journal later, in bulk (:meth:`AuditStore.index_journal`; every read does it first).
+Every write is durable when :meth:`AuditStore.write` or ``append`` returns (SQLite: WAL with
 ``synchronous=FULL``; PostgreSQL: a committed transaction), so the exporter can acknowledge
 after it. Writes that arrive together share one transaction and one commit (group commit,
 :mod:`sidecar.group_commit`, as the persistent queue does): each in its own savepoint, so
@@ -538,8 +540,10 @@ class AuditStore(ABC):
             cur.execute("SELECT count(*) FROM audit_records")
             return cur.fetchone()[0]
 
-    def newest_time(self) -> int | None:
-        self.index_journal()  # every read sees every acknowledged request
+    def newest_time(self, *, index: bool = True) -> int | None:
+        """The newest record's start time; ``index=False``: of the records made so far (a fast start)."""
+        if index:
+            self.index_journal()  # every read sees every acknowledged request
         with self._transaction(write=False) as cur:
             cur.execute("SELECT max(time_unix_nano) FROM audit_records")
             return cur.fetchone()[0]
@@ -1043,8 +1047,10 @@ class SQLiteStore(AuditStore):
             parts = self._catalog(cur)
             return sum(p.rows for p in parts if p.sealed) + self._active_count(cur, parts)
 
-    def newest_time(self) -> int | None:
-        self.index_journal()  # every read sees every acknowledged request
+    def newest_time(self, *, index: bool = True) -> int | None:
+        """The newest record's start time; ``index=False``: of the records made so far (a fast start)."""
+        if index:
+            self.index_journal()  # every read sees every acknowledged request
         with self._transaction(write=False) as cur:
             newest = None
             for p in self._catalog(cur):

@@ -164,7 +164,8 @@ class AuditExporter(Component):
     def start(self, host) -> None:
         try:
             self.store.open()
-            self._newest = self.store.newest_time() or 0
+            # a journal left by the previous run is indexed by the background task, not before the pipeline starts
+            self._newest = self.store.newest_time(index=not self.journal) or 0
         except StoreError as e:
             raise ValueError(f"exporters.{self.id}.store: {e}") from None
         self.metrics.lag.set_function(self._lag)
@@ -173,6 +174,8 @@ class AuditExporter(Component):
         for ticker in (self._indexer, self._retention):
             if ticker is not None:
                 ticker.start()
+        if self._indexer is not None:
+            self._indexer.wake()  # what the previous run journaled, now
 
     def _lag(self) -> float:
         return max(0.0, (time.time_ns() - self._newest) / 1e9) if self._newest else 0.0

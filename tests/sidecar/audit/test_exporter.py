@@ -270,3 +270,25 @@ def test_hashed_user_ids(tmp_path):
         store.close()
     finally:
         service.shutdown(5)
+
+
+def test_a_journal_left_by_the_previous_run_is_indexed_after_start_not_before(tmp_path):
+    path = tmp_path / "audit.db"
+    store = open_store(str(path)).open()
+    app = App()
+    for i in range(3):
+        app.request(f"left-{i}")
+        store.append(app.take().SerializeToString())  # the previous run journaled these and died
+    store.close()
+    service, _, mport = _service(f"sqlite:///{path}", metrics=True, extra=", index_interval: 1h")
+    try:
+        def written() -> float:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode()
+            return _metric(text, 'sidecar_audit_records_written_total{component="audit"}')
+
+        assert _wait(lambda: written() == 3)  # at start, in the background: not an hour later
+        db = sqlite3.connect(path)
+        assert db.execute("SELECT count(*) FROM audit_journal").fetchone()[0] == 0
+        db.close()
+    finally:
+        service.shutdown(5)
