@@ -365,47 +365,70 @@ class AuditStore(ABC):
 
     def index_journal(self, stop: Callable[[], bool] | None = None) -> Indexed:
         """Turn every journal entry into records, oldest first, in batches of at most :data:`JOURNAL_BATCH` entries
-        and :data:`JOURNAL_BATCH_BYTES` (each batch one transaction, shared with the appends arriving together);
-        entries appended meanwhile are indexed too. ``stop()`` true ends it between batches (shutdown)."""
+        and :data:`JOURNAL_BATCH_BYTES`; entries appended meanwhile are indexed too. Each batch is read, then its
+        records are made outside any transaction, then written in one transaction shared with the appends arriving
+        together (which so wait for the SQL part alone). ``stop()`` true ends it between batches (shutdown)."""
         total = Indexed()
         while True:
-            batch: Indexed = self._together(self._index_batch)
+            entries, more = self._journal_batch()
+            batch: Indexed = self._together(lambda cur, now: self._index_batch(cur, entries)) if entries \
+                else Indexed()
+            batch.more = more
             total.add(batch)
             if batch.entries + batch.unreadable and self.on_indexed is not None:
                 self.on_indexed(batch)
-            if not batch.more or (stop is not None and stop()):
+            if not more or (stop is not None and stop()):
                 return total
+
+    def _journal_batch(self) -> tuple[list[tuple[int, int, Any]], bool]:
+        """The next batch, oldest first, each entry as (seq, recorded_unix_nano, Extraction or the error reading it),
+        and whether entries were left for another batch."""
+        from sidecar.audit.records import extract
+
+        with self._transaction(write=False) as cur:
+            cur.execute(self._sql(f"SELECT seq, {self._length}(request) FROM audit_journal WHERE error IS NULL "
+                                  f"ORDER BY seq LIMIT {JOURNAL_BATCH + 1}"))
+            waiting = cur.fetchall()
+            chosen, size = [], 0
+            for seq, length in waiting[:JOURNAL_BATCH]:
+                if chosen and size + length > JOURNAL_BATCH_BYTES:
+                    break
+                chosen.append(seq)
+                size += length
+            if not chosen:
+                return [], False
+            # exactly the entries chosen: in PostgreSQL another sidecar's append may commit a lower seq meanwhile
+            cur.execute(self._sql(f"SELECT seq, recorded_unix_nano, request FROM audit_journal WHERE seq IN "
+                                  f"{self._in(len(chosen))} ORDER BY seq"), chosen)
+            rows = cur.fetchall()
+        entries = []
+        for seq, recorded, request in rows:
+            try:
+                entries.append((seq, recorded, extract(bytes(request))))
+            except Exception as e:  # noqa: BLE001 - damaged bytes: kept with the reason, never retried forever
+                entries.append((seq, recorded, e))
+        return entries, len(chosen) < len(waiting)
 
     def _lock_index(self, cur) -> None:
         """Serialize indexing between processes sharing the store (SQLite's write lock already does)."""
 
-    def _index_batch(self, cur, now: int) -> Indexed:
-        from sidecar.audit.records import extract
-
+    def _index_batch(self, cur, entries: list[tuple[int, int, Any]]) -> Indexed:
+        """Write the records of the entries still in the journal (another process may have indexed some since
+        they were read) and delete those entries, in the caller's transaction; mark the unreadable ones."""
         self._lock_index(cur)
-        cur.execute(self._sql(f"SELECT seq, {self._length}(request) FROM audit_journal WHERE error IS NULL "
-                              f"ORDER BY seq LIMIT {JOURNAL_BATCH + 1}"))
-        waiting = cur.fetchall()
-        batch, size = [], 0
-        for seq, length in waiting[:JOURNAL_BATCH]:
-            if batch and size + length > JOURNAL_BATCH_BYTES:
-                break
-            batch.append(seq)
-            size += length
-        out = Indexed(more=len(batch) < len(waiting))
-        if not batch:
-            return out
-        # exactly the entries chosen: in PostgreSQL another sidecar's append may commit a lower seq meanwhile
-        cur.execute(self._sql(f"SELECT seq, recorded_unix_nano, request FROM audit_journal WHERE seq IN "
-                              f"{self._in(len(batch))} ORDER BY seq"), batch)
+        seqs = [seq for seq, _, _ in entries]
+        cur.execute(self._sql(f"SELECT seq FROM audit_journal WHERE error IS NULL AND seq IN {self._in(len(seqs))}"),
+                    seqs)
+        present = {seq for (seq,) in cur.fetchall()}
+        out = Indexed()
         indexed = []
-        for seq, recorded, request in cur.fetchall():
-            try:
-                extraction = extract(bytes(request))
-            except Exception as e:  # noqa: BLE001 - damaged bytes: kept with the reason, never retried forever
+        for seq, recorded, extraction in entries:
+            if seq not in present:
+                continue
+            if isinstance(extraction, Exception):
                 log.error("%s: audit journal entry %d cannot be read into records, kept with its error: %s",
-                          self.describe(), seq, e)
-                cur.execute(self._sql("UPDATE audit_journal SET error = ? WHERE seq = ?"), (str(e)[:500], seq))
+                          self.describe(), seq, extraction)
+                cur.execute(self._sql("UPDATE audit_journal SET error = ? WHERE seq = ?"), (str(extraction)[:500], seq))
                 out.unreadable += 1
                 continue
             indexed.append(seq)

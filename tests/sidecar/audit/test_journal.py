@@ -176,6 +176,29 @@ def test_a_batch_holds_at_most_its_bytes_but_always_one_entry(tmp_path, monkeypa
     store.close()
 
 
+def test_two_processes_indexing_one_journal_make_each_record_once(tmp_path):
+    """The sidecar's index task and an operator's ``audit query`` at the same time: each entry is indexed by one
+    of them (the other skips it), and both counts add up to the records."""
+    path = tmp_path / "audit.db"
+    stores = [SQLiteStore(str(path), str(path)).open() for _ in range(2)]
+    app = App()
+    for i in range(JOURNAL_BATCH * 3):
+        app.request(f"req-{i}")
+        stores[0].append(app.take().SerializeToString())
+    done = [None, None]
+    threads = [threading.Thread(target=lambda k=k: done.__setitem__(k, stores[k].index_journal())) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert done[0].written + done[1].written == JOURNAL_BATCH * 3
+    assert done[0].entries + done[1].entries == JOURNAL_BATCH * 3
+    assert done[0].duplicates == done[1].duplicates == 0
+    assert stores[1].count() == JOURNAL_BATCH * 3 and stores[0].journal_entries() == (0, 0)
+    for s in stores:
+        s.close()
+
+
 def test_retention_covers_journaled_requests(tmp_path):
     path = tmp_path / "audit.db"
     store = SQLiteStore(str(path), str(path)).open()
