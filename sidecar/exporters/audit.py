@@ -71,8 +71,9 @@ class AuditExporterConfig(ConfigModel):
     mode: Literal["records", "kept_marker"] = "records"
     #: longest a write may take (busy wait, connect, statement) before the request is refused
     timeout: Duration = 5.0
-    #: how often journaled requests are indexed into records (reads index first whatever this is)
-    index_interval: Duration = 60.0
+    #: how often journaled requests are made into records in the background (every read does it first anyway).
+    #: Longer moves that CPU to later, in bursts that compete with the request path while they run
+    index_interval: Duration = 1.0
     #: replace user ids by a salted SHA-256 pseudonym before they are stored
     hash_user_id: bool = False
     #: the secret salt for ``hash_user_id`` (e.g. ``${env:AUDIT_USER_SALT}``)
