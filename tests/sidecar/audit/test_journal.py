@@ -63,6 +63,17 @@ def _traffic(rng: random.Random, n: int) -> list:
     return requests
 
 
+def _journaled(tmp_path, *request_ids: str) -> tuple[SQLiteStore, App]:
+    """A SQLite store at ``tmp_path/audit.db`` whose journal holds one export per request id, and the app."""
+    path = tmp_path / "audit.db"
+    store = SQLiteStore(str(path), str(path)).open()
+    app = App()
+    for rid in request_ids:
+        app.request(rid)
+        store.append(app.take().SerializeToString())
+    return store, app
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_journaled_requests_read_back_exactly_as_requests_written_as_records(two_stores, seed):
     written, journaled = two_stores
@@ -110,10 +121,7 @@ def test_what_the_journal_holds_is_on_record_for_a_reader_in_another_process(tmp
 
 def test_a_damaged_entry_is_kept_with_its_error_and_the_others_are_indexed(tmp_path):
     path = tmp_path / "audit.db"
-    store = SQLiteStore(str(path), str(path)).open()
-    app = App()
-    app.request("before")
-    store.append(app.take().SerializeToString())
+    store, app = _journaled(tmp_path, "before")
     db = sqlite3.connect(path, isolation_level=None)  # bytes damaged on disk, after they were accepted
     db.execute("INSERT INTO audit_journal (recorded_unix_nano, request) VALUES (1, x'0a05ffffffffff')")
     db.close()
@@ -130,13 +138,8 @@ def test_a_damaged_entry_is_kept_with_its_error_and_the_others_are_indexed(tmp_p
 
 
 def test_appends_go_on_while_a_long_journal_is_indexed_in_batches(tmp_path):
-    path = tmp_path / "audit.db"
-    store = SQLiteStore(str(path), str(path)).open()
-    app = App()
     entries = JOURNAL_BATCH * 4 + 3
-    for i in range(entries):
-        app.request(f"req-{i}")
-        store.append(app.take().SerializeToString())
+    store, app = _journaled(tmp_path, *(f"req-{i}" for i in range(entries)))
     commits = store.group_commit.commits
     appended = []
 
@@ -161,12 +164,7 @@ def test_a_batch_holds_at_most_its_bytes_but_always_one_entry(tmp_path, monkeypa
     """Memory holds one batch of requests at most: big requests are indexed a few at a time."""
     import sidecar.audit.store as store_module
 
-    path = tmp_path / "audit.db"
-    store = SQLiteStore(str(path), str(path)).open()
-    app = App()
-    for i in range(5):
-        app.request(f"req-{i}")
-        store.append(app.take().SerializeToString())
+    store, _ = _journaled(tmp_path, *(f"req-{i}" for i in range(5)))
     monkeypatch.setattr(store_module, "JOURNAL_BATCH_BYTES", 1)  # every entry is bigger than that
     batches = []
     store.on_indexed = batches.append
@@ -180,11 +178,8 @@ def test_two_processes_indexing_one_journal_make_each_record_once(tmp_path):
     """The sidecar's index task and an operator's ``audit query`` at the same time: each entry is indexed by one
     of them (the other skips it), and both counts add up to the records."""
     path = tmp_path / "audit.db"
-    stores = [SQLiteStore(str(path), str(path)).open() for _ in range(2)]
-    app = App()
-    for i in range(JOURNAL_BATCH * 3):
-        app.request(f"req-{i}")
-        stores[0].append(app.take().SerializeToString())
+    stores = [_journaled(tmp_path, *(f"req-{i}" for i in range(JOURNAL_BATCH * 3)))[0],
+              SQLiteStore(str(path), str(path)).open()]
     done = [None, None]
     threads = [threading.Thread(target=lambda k=k: done.__setitem__(k, stores[k].index_journal())) for k in range(2)]
     for t in threads:
@@ -200,11 +195,7 @@ def test_two_processes_indexing_one_journal_make_each_record_once(tmp_path):
 
 
 def test_retention_covers_journaled_requests(tmp_path):
-    path = tmp_path / "audit.db"
-    store = SQLiteStore(str(path), str(path)).open()
-    app = App()
-    app.request("old")
-    store.append(app.take().SerializeToString())
+    store, _ = _journaled(tmp_path, "old")
     assert store.delete_older_than(time.time_ns() + 3600 * 10**9) == 1  # journaled, then deleted by age
     assert store.count() == 0 and store.journal_entries() == (0, 0)
     store.close()
