@@ -533,8 +533,29 @@ class AuditStore(ABC):
 
     # --- reading ---------------------------------------------------------------------------
 
+    # every read and retention pass makes the records of what is journaled first: a reader never sees less than
+    # was acknowledged, and journaled requests are records to retention too. Dialects implement the _methods.
+
     def query(self, q: Query) -> list[AuditRecord]:
-        self.index_journal()  # every read sees every acknowledged request
+        self.index_journal()
+        return self._query(q)
+
+    def count(self) -> int:
+        self.index_journal()
+        return self._count()
+
+    def newest_time(self, *, index: bool = True) -> int | None:
+        """The newest record's start time; ``index=False``: of the records made so far (a fast start)."""
+        if index:
+            self.index_journal()
+        return self._newest_time()
+
+    def delete_older_than(self, cutoff_unix_nano: int) -> int:
+        """Records that started before the cutoff, and marks and fragments stored before it."""
+        self.index_journal()
+        return self._delete_older_than(cutoff_unix_nano)
+
+    def _query(self, q: Query) -> list[AuditRecord]:
         where, args = [], []
         for col, value in (("request_id", q.request_id), ("trace_id", q.trace_id),
                            ("model_version", q.model_version), ("status", q.status)):
@@ -557,25 +578,19 @@ class AuditStore(ABC):
             cur.execute(self._sql(sql), args)
             return [_record(r) for r in cur.fetchall()]
 
-    def count(self) -> int:
-        self.index_journal()  # every read sees every acknowledged request
+    def _count(self) -> int:
         with self._transaction(write=False) as cur:
             cur.execute("SELECT count(*) FROM audit_records")
             return cur.fetchone()[0]
 
-    def newest_time(self, *, index: bool = True) -> int | None:
-        """The newest record's start time; ``index=False``: of the records made so far (a fast start)."""
-        if index:
-            self.index_journal()  # every read sees every acknowledged request
+    def _newest_time(self) -> int | None:
         with self._transaction(write=False) as cur:
             cur.execute("SELECT max(time_unix_nano) FROM audit_records")
             return cur.fetchone()[0]
 
     # --- retention -------------------------------------------------------------------------
 
-    def delete_older_than(self, cutoff_unix_nano: int) -> int:
-        """Records that started before the cutoff, and marks and fragments stored before it."""
-        self.index_journal()  # journaled requests are records too: retention applies to them
+    def _delete_older_than(self, cutoff_unix_nano: int) -> int:
         with self._transaction() as cur:
             cur.execute(self._sql("DELETE FROM audit_records WHERE time_unix_nano < ?"), (cutoff_unix_nano,))
             n = max(cur.rowcount, 0)
@@ -585,13 +600,13 @@ class AuditStore(ABC):
 
     def shrink_to(self, max_bytes: int) -> int:
         """Delete the oldest records until the live size is at most ``max_bytes``; returns how many."""
-        self.index_journal()  # journaled requests are records too: retention applies to them
+        self.index_journal()
         deleted = 0
         for _ in range(64):  # each round removes a share proportional to the excess
             size = self.size_bytes()
             if size <= max_bytes:
                 break
-            total = self.count()
+            total = self._count()
             if total == 0:
                 break
             with self._transaction() as cur:
@@ -975,8 +990,7 @@ class SQLiteStore(AuditStore):
                 repeats.update(rowids[1:])
         return " AND ".join(held), repeats
 
-    def query(self, q: Query) -> list[AuditRecord]:
-        self.index_journal()  # every read sees every acknowledged request
+    def _query(self, q: Query) -> list[AuditRecord]:
         where, args = [], []
         for col, value in (("request_id", q.request_id), ("trace_id", q.trace_id), ("status", q.status)):
             if value is not None:
@@ -1064,16 +1078,12 @@ class SQLiteStore(AuditStore):
                              f"AND {cond}", tuple(chunk) + args).fetchone()[0]
         return n
 
-    def count(self) -> int:
-        self.index_journal()  # every read sees every acknowledged request
+    def _count(self) -> int:
         with self._transaction(write=False) as cur:
             parts = self._catalog(cur)
             return sum(p.rows for p in parts if p.sealed) + self._active_count(cur, parts)
 
-    def newest_time(self, *, index: bool = True) -> int | None:
-        """The newest record's start time; ``index=False``: of the records made so far (a fast start)."""
-        if index:
-            self.index_journal()  # every read sees every acknowledged request
+    def _newest_time(self) -> int | None:
         with self._transaction(write=False) as cur:
             newest = None
             for p in self._catalog(cur):
@@ -1099,10 +1109,8 @@ class SQLiteStore(AuditStore):
         p.rows -= deleted
         return deleted if lost is None else lost
 
-    def delete_older_than(self, cutoff_unix_nano: int) -> int:
-        """Records that started before the cutoff (whole partitions dropped, the straddling one cut), and
-        marks and fragments stored before it."""
-        self.index_journal()  # journaled requests are records too: retention applies to them
+    def _delete_older_than(self, cutoff_unix_nano: int) -> int:
+        """Whole partitions dropped, the straddling one cut (see :meth:`AuditStore.delete_older_than`)."""
         n = 0
         with self._transaction() as cur:
             parts = self._catalog(cur)

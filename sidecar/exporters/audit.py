@@ -26,10 +26,11 @@ kept them; tail sampling itself is untouched.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from typing import Literal
+from typing import Iterator, Literal
 
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import Field, field_validator, model_validator
@@ -165,8 +166,9 @@ class AuditExporter(Component):
     def start(self, host) -> None:
         try:
             self.store.open()
-            # a journal left by the previous run is indexed by the background task, not before the pipeline starts
-            self._newest = self.store.newest_time(index=not self.journal) or 0
+            # a journal left by the previous run is indexed by the background task (or a read), not before the
+            # pipeline starts: nor by a kept_marker instance on the same store
+            self._newest = self.store.newest_time(index=False) or 0
         except StoreError as e:
             raise ValueError(f"exporters.{self.id}.store: {e}") from None
         self.metrics.lag.set_function(self._lag)
@@ -193,18 +195,8 @@ class AuditExporter(Component):
             return self._append(signal, envelope.encoded, n)
         extraction = extract(envelope.encoded, user_id_salt=self._salt)
         records = len(extraction.records)
-        with self._state:
-            self._queued += records
-        t0 = time.perf_counter()
-        try:
+        with self._store_call(queued=records, failed=records):
             written = self.store.write(extraction)
-        except StoreError as e:
-            self.metrics.failed("store_unavailable").inc(records)
-            raise Refused("store_unavailable", message=f"audit store: {e}") from None
-        finally:
-            self.metrics.latency.observe(time.perf_counter() - t0)
-            with self._state:
-                self._queued -= records
         self.metrics.written.inc(written)
         self.metrics.duplicates.inc(records - written)
         if extraction.records:
@@ -215,18 +207,29 @@ class AuditExporter(Component):
         self.telemetry.exported(signal, used)
         self.telemetry.dropped(signal, n - used, "filtered")  # spans that are neither a request nor an inference
 
-    def _append(self, signal: Signal, request: bytes, n: int) -> None:
-        with self._state:
-            self._queued += n
+    @contextlib.contextmanager
+    def _store_call(self, *, queued: int = 0, failed: int | None = None) -> Iterator[None]:
+        """One store call on the request path: ``queued`` items waiting while it runs, its latency observed, a
+        StoreError refused with a retryable reason (and ``failed`` records counted as not stored)."""
+        if queued:
+            with self._state:
+                self._queued += queued
         t0 = time.perf_counter()
         try:
-            self.store.append(request)
+            yield
         except StoreError as e:
+            if failed is not None:
+                self.metrics.failed("store_unavailable").inc(failed)
             raise Refused("store_unavailable", message=f"audit store: {e}") from None
         finally:
             self.metrics.latency.observe(time.perf_counter() - t0)
-            with self._state:
-                self._queued -= n
+            if queued:
+                with self._state:
+                    self._queued -= queued
+
+    def _append(self, signal: Signal, request: bytes, n: int) -> None:
+        with self._store_call(queued=n):
+            self.store.append(request)
         self.metrics.journaled.inc()
         self.telemetry.exported(signal, n)
 
@@ -252,14 +255,8 @@ class AuditExporter(Component):
 
     def _mark_kept(self, signal: Signal, request: bytes, n: int) -> None:
         kept = kept_traces(request)
-        t0 = time.perf_counter()
-        try:
+        with self._store_call(failed=len(kept)):
             self.store.mark_kept(kept)
-        except StoreError as e:
-            self.metrics.failed("store_unavailable").inc(len(kept))
-            raise Refused("store_unavailable", message=f"audit store: {e}") from None
-        finally:
-            self.metrics.latency.observe(time.perf_counter() - t0)
         self.metrics.kept.inc(len(kept))
         self.telemetry.exported(signal, n)
 
