@@ -1798,6 +1798,719 @@ static PyObject *audit_subset(PyObject *self, PyObject *args)
     return result;
 }
 
+/* --- audit_rows ------------------------------------------------------------------------------ */
+
+/* The audit store's rows of a request's records, made in this pass: what sidecar.audit.records.extract
+ * and row_of give, for the usual shape of request. Roles of the layout's keys, in order; parameter keys
+ * follow, sorted by their names in the record. */
+enum { R_REQUEST, R_USER, R_MODEL, R_VERSION, R_GENAI, R_REPLAY, R_ERROR_TYPE, R_HTTP, R_HTTP_OLD, R_INPUT,
+       R_OUTPUT = R_INPUT + 3, R_PARAMS = R_OUTPUT + 3 };
+#define ROW_MAX_KEYS 32
+#define ROW_MAX_TAGS 8
+#define ROW_COLUMNS 20
+
+/* One selected span: an entry span, or one with a wanted attribute (as audit_spans selects). */
+typedef struct {
+    Py_ssize_t resource, next; /* next: the next inference span of the same trace, -1 */
+    Slice trace_id, span_id, name, message;
+    uint64_t start, end;
+    long code;
+    int entry, inference, claimed;
+    uint32_t present;         /* bit j: wanted key j seen (its last occurrence wins, as in a dict) */
+    Slice val[ROW_MAX_KEYS];  /* that occurrence's value field (NULL: none, i.e. None) */
+    int ntags;
+    Slice tag_key[ROW_MAX_TAGS], tag_val[ROW_MAX_TAGS]; /* keys without the prefix */
+} RowSpan;
+
+typedef struct {
+    Keys k, ek;
+    Py_ssize_t nparams;
+    PyObject *param_names, *tensor_format, *status_names, *encoder, *recorded; /* borrowed */
+    Slice prefix, service_key, intent;
+    RowSpan *spans;
+    Py_ssize_t nspans, cap;
+    PyObject **service;  /* owned: per resource, its service.name (str) */
+    Slice *service_raw;  /* per resource, its bytes (equal bytes: equal str) */
+    Py_ssize_t nres, res_cap;
+    int unusual;         /* a shape left to the general path (the caller gets None) */
+    /* the previous record's parameters (value slices, NULL: not set) and their JSON: records of one request
+     * usually have the same, so the JSON is made once */
+    const RowSpan *last_from[ROW_MAX_KEYS];
+    PyObject *last_params; /* owned */
+} RowsCtx;
+
+/* A shape the fast path leaves to the general path: sets the flag, stops the walk (not an error). */
+static int unusual(RowsCtx *c)
+{
+    c->unusual = 1;
+    return -1;
+}
+
+/* The service of one ResourceSpans: Resource (field 1, once) attributes, the last service.name KeyValue's
+ * string value ("" when absent or not a string), as Resource.FromString(...) reads it. */
+static int rows_resource(void *vctx, Py_ssize_t index, Slice rs)
+{
+    RowsCtx *c = vctx;
+    (void)index;
+    Reader r = reader_of(rs);
+    uint32_t f;
+    int wt, nv, resources = 0, found = 0;
+    uint64_t num;
+    Slice res = {NULL, 0}, s, key, first = {NULL, 0}, value = {NULL, 0};
+    while (r.p < r.end) {
+        if (rd_field(&r, &f, &wt, &num, &s) < 0)
+            return -1;
+        if (f == 1 && wt == WT_LEN) {
+            res = s;
+            resources++;
+        }
+    }
+    if (resources > 1)
+        return unusual(c);
+    r = reader_of(res);
+    while (r.p < r.end) {
+        if (rd_field(&r, &f, &wt, &num, &s) < 0)
+            return -1;
+        if (f != 1 || wt != WT_LEN)
+            continue;
+        if (key_value(s, &key, &first, &nv) < 0)
+            return -1;
+        if (slice_eq(key, c->service_key)) {
+            if (nv > 1)
+                return unusual(c);
+            found = 1;
+            value = nv ? first : (Slice){NULL, 0};
+        }
+    }
+    Slice name = {(const uint8_t *)"", 0};
+    if (found && value.n) {
+        Reader vr = reader_of(value);
+        if (rd_field(&vr, &f, &wt, &num, &s) < 0)
+            return -1;
+        if (vr.p != vr.end)
+            return unusual(c);
+        if (f == 1 && wt == WT_LEN)
+            name = s;
+    }
+    if (c->nres == c->res_cap) {
+        Py_ssize_t cap = c->res_cap ? 2 * c->res_cap : 4;
+        PyObject **sv = PyMem_Realloc(c->service, (size_t)cap * sizeof *sv);
+        if (sv == NULL)
+            return PyErr_NoMemory(), -1;
+        c->service = sv;
+        Slice *raw = PyMem_Realloc(c->service_raw, (size_t)cap * sizeof *raw);
+        if (raw == NULL)
+            return PyErr_NoMemory(), -1;
+        c->service_raw = raw;
+        c->res_cap = cap;
+    }
+    PyObject *str = str_of(name);
+    if (str == NULL)
+        return -1;
+    c->service[c->nres] = str;
+    c->service_raw[c->nres++] = name;
+    return 0;
+}
+
+/* Whether one event (field 11 of a span) has an attribute with an event key (a generation span's prompt). */
+static int event_has_key(Slice ev, const Keys *ek, int *has)
+{
+    Reader r = reader_of(ev);
+    uint32_t f;
+    int wt, nv;
+    uint64_t num;
+    Slice s, key, first, none = {NULL, 0};
+    while (r.p < r.end) {
+        if (rd_field(&r, &f, &wt, &num, &s) < 0)
+            return -1;
+        if (f == 3 && wt == WT_LEN) {
+            if (key_value(s, &key, &first, &nv) < 0)
+                return -1;
+            if (key_index(key, ek, none) >= 0)
+                *has = 1;
+        }
+    }
+    return 0;
+}
+
+static int rows_item(void *vctx, Slice item)
+{
+    RowsCtx *c = vctx;
+    if (c->nspans == c->cap) {
+        Py_ssize_t cap = c->cap ? 2 * c->cap : 64;
+        RowSpan *sp = PyMem_Realloc(c->spans, (size_t)cap * sizeof *sp);
+        if (sp == NULL)
+            return PyErr_NoMemory(), -1;
+        c->spans = sp;
+        c->cap = cap;
+    }
+    RowSpan *sp = &c->spans[c->nspans];
+    Reader r = reader_of(item);
+    uint32_t f;
+    int wt, nv, j, has_parent = 0, events = 0;
+    uint64_t num;
+    Slice s, key, first = {NULL, 0}, none = {NULL, 0};
+    long kind = 0;
+    sp->trace_id = sp->span_id = sp->name = sp->message = none;
+    sp->start = sp->end = 0;
+    sp->code = 0;
+    sp->present = 0;
+    sp->ntags = 0;
+    sp->claimed = 0;
+    sp->next = -1;
+    sp->resource = c->nres - 1;
+    while (r.p < r.end) {
+        if (rd_field(&r, &f, &wt, &num, &s) < 0)
+            return -1;
+        if (wt == WT_LEN) {
+            switch (f) {
+            case 1: sp->trace_id = s; break;
+            case 2: sp->span_id = s; break;
+            case 4: has_parent = s.n > 0; break;
+            case 5: sp->name = s; break;
+            case 9:
+                if (key_value(s, &key, &first, &nv) < 0)
+                    return -1;
+                j = key_index(key, &c->k, c->prefix);
+                if (j < 0)
+                    break;
+                if (nv > 1)
+                    return unusual(c); /* value fields that merge: the parser's business */
+                if (j < MAX_KEYS) {
+                    sp->present |= (uint32_t)1 << j;
+                    sp->val[j] = nv ? first : none;
+                    break;
+                }
+                key.p += c->prefix.n;
+                key.n -= c->prefix.n;
+                for (j = 0; j < sp->ntags && !slice_eq(sp->tag_key[j], key); j++)
+                    ;
+                if (j == ROW_MAX_TAGS)
+                    return unusual(c);
+                sp->tag_key[j] = key;
+                sp->tag_val[j] = nv ? first : none;
+                if (j == sp->ntags)
+                    sp->ntags++;
+                break;
+            case 11:
+                if (c->ek.nkeys && event_has_key(s, &c->ek, &events) < 0)
+                    return -1;
+                break;
+            case 15: { /* repeated status fields merge: read each in order */
+                Reader sr = reader_of(s);
+                Slice t;
+                while (sr.p < sr.end) {
+                    if (rd_field(&sr, &f, &wt, &num, &t) < 0)
+                        return -1;
+                    if (f == 2 && wt == WT_LEN)
+                        sp->message = t;
+                    else if (f == 3 && wt == WT_VARINT)
+                        sp->code = (long)(int32_t)num;
+                }
+                break;
+            }
+            }
+        } else if (f == 6 && wt == WT_VARINT) {
+            kind = (long)(int32_t)num;
+        } else if (f == 7 && wt == WT_I64) {
+            sp->start = num;
+        } else if (f == 8 && wt == WT_I64) {
+            sp->end = num;
+        }
+    }
+    sp->entry = kind == 2 || kind == 5 || !has_parent;
+    if (!sp->entry && !sp->present && !sp->ntags)
+        return 0; /* neither an entry span nor one with a record's attribute */
+    if (events)
+        return unusual(c); /* prompt and completion as events: the general path merges them */
+    if (sp->resource < 0)
+        return unusual(c);
+    if (sp->present & ((uint32_t)1 << R_REPLAY)) { /* instrumentation.replay re-running a record */
+        Slice v = sp->val[R_REPLAY];
+        Reader vr = reader_of(v);
+        if (v.n) {
+            if (rd_field(&vr, &f, &wt, &num, &s) < 0)
+                return -1;
+            if (vr.p != vr.end)
+                return unusual(c);
+            if (f == 2 && wt == WT_VARINT && num != 0)
+                return 0;
+        }
+    }
+    sp->inference = !sp->entry && (sp->present & ((1u << R_MODEL) | (1u << R_GENAI))) != 0;
+    c->nspans++;
+    return 0;
+}
+
+/* A value for Python as records._value reads it: a scalar (any_value), or with ``arrays`` a list of scalars
+ * (an ArrayValue: shapes, dtypes, finish reasons). NULL after setting ``unusual`` for any other encoded value
+ * (maps, bytes, nested arrays, merged fields): the general path reads those. */
+static PyObject *row_value_of(RowsCtx *c, Slice v, int arrays)
+{
+    PyObject *o = any_value(v);
+    if (o == NULL || !PyBytes_CheckExact(o))
+        return o;
+    Py_DECREF(o);
+    Reader r = reader_of(v);
+    uint32_t f;
+    int wt;
+    uint64_t num;
+    Slice arr, item;
+    if (!arrays || rd_field(&r, &f, &wt, &num, &arr) < 0 || r.p != r.end || f != 5 || wt != WT_LEN) {
+        PyErr_Clear();
+        c->unusual = 1;
+        return NULL;
+    }
+    PyObject *list = PyList_New(0);
+    Reader ar = reader_of(arr);
+    while (list != NULL && ar.p < ar.end) {
+        if (rd_field(&ar, &f, &wt, &num, &item) < 0) {
+            Py_CLEAR(list);
+            break;
+        }
+        if (f != 1 || wt != WT_LEN)
+            continue; /* an unknown field of ArrayValue */
+        PyObject *x = any_value(item);
+        if (x != NULL && PyBytes_CheckExact(x)) {
+            Py_DECREF(x);
+            c->unusual = 1;
+            x = NULL;
+        }
+        if (x == NULL || PyList_Append(list, x) < 0)
+            Py_CLEAR(list);
+        Py_XDECREF(x);
+    }
+    return list;
+}
+
+static PyObject *row_value(RowsCtx *c, Slice v) { return row_value_of(c, v, 0); }
+
+/* The value of wanted key ``j`` of a span (new reference), Py_None when absent; NULL: error or unusual. */
+static PyObject *attr_of(RowsCtx *c, const RowSpan *sp, int j)
+{
+    if (!(sp->present & ((uint32_t)1 << j)))
+        return Py_NewRef(Py_None);
+    return row_value(c, sp->val[j]);
+}
+
+/* The same, a list of scalars allowed (what parameters and payloads hold as JSON). */
+static PyObject *json_attr_of(RowsCtx *c, const RowSpan *sp, int j)
+{
+    if (!(sp->present & ((uint32_t)1 << j)))
+        return Py_NewRef(Py_None);
+    return row_value_of(c, sp->val[j], 1);
+}
+
+static PyObject *str_or_none(PyObject *v)
+{
+    if (v == NULL || v == Py_None || PyUnicode_CheckExact(v))
+        return v;
+    PyObject *s = PyObject_Str(v);
+    Py_DECREF(v);
+    return s;
+}
+
+/* A record's fields gathered from its spans (records.merge): NULL until set; ``params`` entries may be None. */
+typedef struct {
+    PyObject *model, *version, *input, *output;
+    const RowSpan *params[ROW_MAX_KEYS]; /* the span each parameter comes from */
+} Facts;
+
+static void facts_clear(Facts *fx, Py_ssize_t nparams)
+{
+    Py_CLEAR(fx->model);
+    Py_CLEAR(fx->version);
+    Py_CLEAR(fx->input);
+    Py_CLEAR(fx->output);
+    (void)nparams;
+}
+
+/* records.is_tensor_payload: the format's name in the first 64 characters. */
+static int is_tensor(RowsCtx *c, PyObject *text)
+{
+    PyObject *head = PyUnicode_Substring(text, 0, 64);
+    if (head == NULL)
+        return -1;
+    int rc = PyUnicode_Contains(head, c->tensor_format);
+    Py_DECREF(head);
+    return rc;
+}
+
+/* One payload (input or output): the first of the span's sources with a value, a str as it is, else JSON. */
+static int merge_payload(RowsCtx *c, const RowSpan *sp, int role, PyObject **slot)
+{
+    PyObject *v = NULL;
+    for (int j = role; j < role + 3; j++) {
+        if (!(sp->present & ((uint32_t)1 << j)))
+            continue;
+        if ((v = row_value_of(c, sp->val[j], 1)) == NULL)
+            return -1;
+        if (v != Py_None)
+            break;
+        Py_CLEAR(v);
+    }
+    if (v == NULL)
+        return 0;
+    if (!PyUnicode_CheckExact(v)) {
+        Py_SETREF(v, PyObject_CallOneArg(c->encoder, v));
+        if (v == NULL)
+            return -1;
+    }
+    int replace = *slot == NULL;
+    if (!replace) {
+        int new_t = is_tensor(c, v), old_t = new_t > 0 ? is_tensor(c, *slot) : 0;
+        if (new_t < 0 || old_t < 0) {
+            Py_DECREF(v);
+            return -1;
+        }
+        replace = new_t && !old_t;
+    }
+    if (replace)
+        Py_XSETREF(*slot, v);
+    else
+        Py_DECREF(v);
+    return 0;
+}
+
+/* records.merge(target, _span_facts(span)): what is set stays; parameters per key. */
+static int merge_facts(RowsCtx *c, const RowSpan *sp, Facts *fx)
+{
+    if (fx->model == NULL && (sp->present & ((1u << R_MODEL) | (1u << R_GENAI)))) {
+        PyObject *model = attr_of(c, sp, R_MODEL);
+        if (model == NULL)
+            return -1;
+        int truth = PyObject_IsTrue(model);
+        if (truth < 0) {
+            Py_DECREF(model);
+            return -1;
+        }
+        if (!truth) {
+            Py_SETREF(model, attr_of(c, sp, R_GENAI));
+            if (model == NULL)
+                return -1;
+        }
+        if (model == Py_None)
+            Py_DECREF(model);
+        else if ((fx->model = str_or_none(model)) == NULL)
+            return -1;
+    }
+    if (fx->version == NULL && (sp->present & (1u << R_VERSION))) {
+        PyObject *v = attr_of(c, sp, R_VERSION);
+        if (v == NULL || (fx->version = PyObject_Str(v)) == NULL) {
+            Py_XDECREF(v);
+            return -1;
+        }
+        Py_DECREF(v);
+    }
+    for (Py_ssize_t i = 0; i < c->nparams; i++)
+        if (fx->params[i] == NULL && (sp->present & ((uint32_t)1 << (R_PARAMS + i))))
+            fx->params[i] = sp;
+    if (merge_payload(c, sp, R_INPUT, &fx->input) < 0 || merge_payload(c, sp, R_OUTPUT, &fx->output) < 0)
+        return -1;
+    return 0;
+}
+
+static PyObject *hex_of(Slice s)
+{
+    static const char digits[] = "0123456789abcdef";
+    PyObject *out = PyUnicode_New(2 * s.n, 127);
+    if (out == NULL)
+        return NULL;
+    Py_UCS1 *w = PyUnicode_1BYTE_DATA(out);
+    for (Py_ssize_t i = 0; i < s.n; i++) {
+        w[2 * i] = (Py_UCS1)digits[s.p[i] >> 4];
+        w[2 * i + 1] = (Py_UCS1)digits[s.p[i] & 15];
+    }
+    return out;
+}
+
+/* records._error_code: an HTTP status >= 400, else error.type, else an ERROR status's message. */
+static PyObject *error_code(RowsCtx *c, const RowSpan *sp)
+{
+    for (int j = R_HTTP; j <= R_HTTP_OLD; j++) {
+        if (!(sp->present & ((uint32_t)1 << j)))
+            continue;
+        PyObject *v = attr_of(c, sp, j);
+        if (v == NULL)
+            return NULL;
+        if (PyLong_CheckExact(v)) {
+            int overflow;
+            long long code = PyLong_AsLongLongAndOverflow(v, &overflow);
+            if (overflow > 0 || code >= 400)
+                return str_or_none(v);
+        }
+        Py_DECREF(v);
+    }
+    if (sp->present & (1u << R_ERROR_TYPE)) {
+        PyObject *v = attr_of(c, sp, R_ERROR_TYPE);
+        if (v == NULL)
+            return NULL;
+        int truth = PyObject_IsTrue(v);
+        if (truth > 0)
+            return str_or_none(v);
+        Py_DECREF(v);
+        if (truth < 0)
+            return NULL;
+    }
+    if (sp->code == 2) {
+        if (!sp->message.n)
+            return PyUnicode_FromString("error");
+        PyObject *m = str_of(sp->message);
+        if (m == NULL || PyUnicode_GET_LENGTH(m) <= 200)
+            return m;
+        Py_SETREF(m, PyUnicode_Substring(m, 0, 200));
+        return m;
+    }
+    Py_RETURN_NONE;
+}
+
+/* JSON of a dict (the layout's encoder: sorted keys), "{}" when empty. */
+static PyObject *json_of(RowsCtx *c, PyObject *d)
+{
+    if (PyDict_GET_SIZE(d) == 0)
+        return PyUnicode_FromStringAndSize("{}", 2);
+    return PyObject_CallOneArg(c->encoder, d);
+}
+
+static PyObject *tags_of(RowsCtx *c, const RowSpan *sp, PyObject **intent)
+{
+    PyObject *d = PyDict_New();
+    if (d == NULL)
+        return NULL;
+    for (int i = 0; i < sp->ntags; i++) {
+        PyObject *k = str_of(sp->tag_key[i]), *v = str_or_none(row_value(c, sp->tag_val[i]));
+        if (v == Py_None)
+            Py_SETREF(v, PyObject_Str(v));
+        int rc = k == NULL || v == NULL ? -1 : PyDict_SetItem(d, k, v);
+        if (rc == 0 && *intent == NULL && slice_eq(sp->tag_key[i], c->intent))
+            *intent = Py_NewRef(v);
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+        if (rc < 0) {
+            Py_DECREF(d);
+            return NULL;
+        }
+    }
+    PyObject *out = json_of(c, d);
+    Py_DECREF(d);
+    return out;
+}
+
+static PyObject *params_of(RowsCtx *c, Facts *fx)
+{
+    int same = c->last_params != NULL;
+    for (Py_ssize_t i = 0; same && i < c->nparams; i++) {
+        const RowSpan *a = fx->params[i], *b = c->last_from[i];
+        same = a == b || (a != NULL && b != NULL && slice_eq(a->val[R_PARAMS + i], b->val[R_PARAMS + i]));
+    }
+    if (same)
+        return Py_NewRef(c->last_params);
+    PyObject *d = PyDict_New();
+    if (d == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < c->nparams; i++) {
+        if (fx->params[i] == NULL)
+            continue;
+        PyObject *v = json_attr_of(c, fx->params[i], (int)(R_PARAMS + i));
+        int rc = v == NULL ? -1 : PyDict_SetItem(d, PyTuple_GET_ITEM(c->param_names, i), v);
+        Py_XDECREF(v);
+        if (rc < 0) {
+            Py_DECREF(d);
+            return NULL;
+        }
+    }
+    PyObject *out = json_of(c, d);
+    Py_DECREF(d);
+    if (out != NULL) {
+        Py_XSETREF(c->last_params, Py_NewRef(out));
+        memcpy(c->last_from, fx->params, sizeof c->last_from);
+    }
+    return out;
+}
+
+#define MAX_UNIX_NANO ((uint64_t)INT64_MAX)
+
+/* A trace id's bucket in a table of mask + 1 (its first 8 bytes, random in any real id, mixed). */
+static size_t trace_bucket(Slice trace_id, size_t mask)
+{
+    uint64_t h = 0;
+    if (trace_id.n)
+        memcpy(&h, trace_id.p, trace_id.n < 8 ? (size_t)trace_id.n : 8);
+    return (size_t)((h * 0x9E3779B97F4A7C15ull) >> 32) & mask;
+}
+
+/* The row of entry span ``e``: its own fields, merged with the facts of the inference spans of its trace
+ * and service (claimed: they made no fragment). */
+static PyObject *entry_row(RowsCtx *c, RowSpan *e, Py_ssize_t *heads, size_t mask)
+{
+    Facts fx;
+    memset(&fx, 0, sizeof fx);
+    PyObject *items[ROW_COLUMNS] = {NULL}, *intent = NULL, *row = NULL;
+    if (merge_facts(c, e, &fx) < 0)
+        goto done;
+    if (heads != NULL) {
+        for (size_t b = trace_bucket(e->trace_id, mask); heads[b] >= 0; b = (b + 1) & mask) {
+            if (!slice_eq(c->spans[heads[b]].trace_id, e->trace_id))
+                continue;
+            Slice svc = c->service_raw[e->resource];
+            for (Py_ssize_t i = heads[b]; i >= 0; i = c->spans[i].next) {
+                RowSpan *sp = &c->spans[i];
+                if (sp->resource != e->resource && !slice_eq(c->service_raw[sp->resource], svc))
+                    continue;
+                sp->claimed = 1;
+                if (merge_facts(c, sp, &fx) < 0)
+                    goto done;
+            }
+            break;
+        }
+    }
+    uint64_t start = e->start < MAX_UNIX_NANO ? e->start : MAX_UNIX_NANO;
+    uint64_t end = e->end < MAX_UNIX_NANO ? e->end : MAX_UNIX_NANO;
+    if (end < start)
+        end = start;
+#define SET(i, expr) if ((items[i] = (expr)) == NULL) goto done
+    SET(0, hex_of(e->trace_id));
+    SET(1, hex_of(e->span_id));
+    SET(2, PyLong_FromUnsignedLongLong(start));
+    SET(3, Py_NewRef(c->recorded));
+    SET(4, Py_NewRef(c->service[e->resource]));
+    SET(5, str_of(e->name));
+    SET(6, str_or_none(attr_of(c, e, R_REQUEST)));
+    SET(7, Py_NewRef(fx.model ? fx.model : Py_None));
+    SET(8, Py_NewRef(fx.version ? fx.version : Py_None));
+    SET(9, str_or_none(attr_of(c, e, R_USER)));
+    SET(11, tags_of(c, e, &intent));
+    SET(10, intent ? Py_NewRef(intent) : Py_NewRef(Py_None));
+    SET(12, PyFloat_FromDouble((double)(end - start) / 1e6));
+    SET(13, Py_NewRef(PyTuple_GET_ITEM(c->status_names, e->code >= 0 && e->code < 3 ? e->code : 0)));
+    SET(14, error_code(c, e));
+    SET(15, params_of(c, &fx));
+    SET(16, Py_NewRef(fx.input ? fx.input : Py_None));
+    SET(17, Py_NewRef(fx.output ? fx.output : Py_None));
+    SET(18, PyLong_FromLong(0));
+    SET(19, Py_NewRef(Py_None));
+#undef SET
+    if ((row = PyTuple_New(ROW_COLUMNS)) == NULL)
+        goto done;
+    for (int i = 0; i < ROW_COLUMNS; i++) {
+        PyTuple_SET_ITEM(row, i, items[i]);
+        items[i] = NULL;
+    }
+done:
+    for (int i = 0; i < ROW_COLUMNS; i++)
+        Py_XDECREF(items[i]);
+    Py_XDECREF(intent);
+    facts_clear(&fx, c->nparams);
+    return row;
+}
+
+/* The rows, once every selected span is read: inference spans chained per trace (a hash of the trace ids),
+ * one row per entry span; NULL with ``unusual`` when an inference span is left unclaimed (a fragment). */
+static PyObject *make_rows(RowsCtx *c)
+{
+    Py_ssize_t ninf = 0, *heads = NULL;
+    size_t mask = 0;
+    for (Py_ssize_t i = 0; i < c->nspans; i++)
+        ninf += c->spans[i].inference;
+    if (ninf) {
+        size_t size = 8;
+        while (size < 2 * (size_t)ninf)
+            size <<= 1;
+        mask = size - 1;
+        if ((heads = PyMem_Malloc(size * 2 * sizeof *heads)) == NULL)
+            return PyErr_NoMemory();
+        Py_ssize_t *tails = heads + size;
+        for (size_t b = 0; b < size; b++)
+            heads[b] = -1;
+        for (Py_ssize_t i = 0; i < c->nspans; i++) {
+            RowSpan *sp = &c->spans[i];
+            if (!sp->inference)
+                continue;
+            size_t b = trace_bucket(sp->trace_id, mask);
+            while (heads[b] >= 0 && !slice_eq(c->spans[heads[b]].trace_id, sp->trace_id))
+                b = (b + 1) & mask;
+            if (heads[b] < 0)
+                heads[b] = i;
+            else
+                c->spans[tails[b]].next = i;
+            tails[b] = i;
+        }
+    }
+    PyObject *rows = PyList_New(0);
+    for (Py_ssize_t i = 0; rows != NULL && i < c->nspans; i++) {
+        if (!c->spans[i].entry)
+            continue;
+        PyObject *row = entry_row(c, &c->spans[i], heads, mask);
+        if (row == NULL || PyList_Append(rows, row) < 0)
+            Py_CLEAR(rows);
+        Py_XDECREF(row);
+    }
+    for (Py_ssize_t i = 0; rows != NULL && i < c->nspans; i++)
+        if (c->spans[i].inference && !c->spans[i].claimed) {
+            c->unusual = 1;
+            Py_CLEAR(rows);
+        }
+    PyMem_Free(heads);
+    return rows;
+}
+
+PyDoc_STRVAR(audit_rows_doc,
+"audit_rows(request: bytes, layout: tuple, recorded: int) -> list[tuple] | None\n\n"
+"The audit store's rows of the request's records (sidecar.audit.records.row_of of each record\n"
+"sidecar.audit.records.extract makes, in the store's column order, ``recorded`` as the recorded time),\n"
+"made in one pass; None when the request needs the general path: an inference span without its entry\n"
+"span (a fragment), prompt or completion events, a value left encoded (arrays, maps), more tags than\n"
+"this pass holds, merged fields, or anything it cannot read (extract then says what). ``layout`` is\n"
+"sidecar.audit.records' (keys by role, parameter names, prefix, event keys, service key, intent tag,\n"
+"tensor format, status names, JSON encoder).");
+
+static PyObject *audit_rows(PyObject *self, PyObject *args)
+{
+    (void)self;
+    const char *data;
+    Py_ssize_t len;
+    PyObject *layout, *keys, *event_keys, *recorded;
+    RowsCtx c;
+    memset(&c, 0, sizeof c);
+    if (!PyArg_ParseTuple(args, "y#O!O!", &data, &len, &PyTuple_Type, &layout, &PyLong_Type, &recorded))
+        return NULL;
+    const char *pre, *skey, *intent;
+    Py_ssize_t plen, sklen, ilen;
+    if (!PyArg_ParseTuple(layout, "O!O!y#O!y#y#UO!O", &PyTuple_Type, &keys, &PyTuple_Type, &c.param_names,
+                          &pre, &plen, &PyTuple_Type, &event_keys, &skey, &sklen, &intent, &ilen, &c.tensor_format,
+                          &PyTuple_Type, &c.status_names, &c.encoder))
+        return NULL;
+    c.nparams = PyTuple_GET_SIZE(keys) - R_PARAMS;
+    if (c.nparams < 0 || PyTuple_GET_SIZE(keys) > ROW_MAX_KEYS || PyTuple_GET_SIZE(c.param_names) != c.nparams
+            || PyTuple_GET_SIZE(c.status_names) != 3) {
+        PyErr_SetString(PyExc_ValueError, "audit_rows: a layout with keys for every role, at most 32 keys, "
+                        "a name per parameter key and 3 status names");
+        return NULL;
+    }
+    if (keys_of(keys, &c.k, NULL) < 0 || keys_of(event_keys, &c.ek, NULL) < 0)
+        return NULL;
+    c.prefix = (Slice){(const uint8_t *)pre, plen};
+    c.service_key = (Slice){(const uint8_t *)skey, sklen};
+    c.intent = (Slice){(const uint8_t *)intent, ilen};
+    c.recorded = recorded;
+    Slice req = {(const uint8_t *)data, len};
+    Walk w = {rows_resource, audit_scope, rows_item};
+    PyObject *rows = NULL;
+    if (walk_request(req, &w, &c) == 0)
+        rows = make_rows(&c);
+    for (Py_ssize_t i = 0; i < c.nres; i++)
+        Py_DECREF(c.service[i]);
+    Py_XDECREF(c.last_params);
+    PyMem_Free(c.service);
+    PyMem_Free(c.service_raw);
+    PyMem_Free(c.spans);
+    if (rows == NULL && (c.unusual || !PyErr_ExceptionMatches(PyExc_MemoryError))) {
+        PyErr_Clear(); /* unusual, or damaged: the general path makes the records or says what is wrong */
+        Py_RETURN_NONE;
+    }
+    return rows;
+}
+
 static PyMethodDef methods[] = {
     {"check_ids", check_ids, METH_VARARGS, check_ids_doc},
     {"check_encoding", check_encoding, METH_VARARGS, check_encoding_doc},
@@ -1806,6 +2519,7 @@ static PyMethodDef methods[] = {
     {"log_runs", log_runs, METH_VARARGS, log_runs_doc},
     {"audit_spans", audit_spans, METH_VARARGS, audit_spans_doc},
     {"audit_subset", audit_subset, METH_VARARGS, audit_subset_doc},
+    {"audit_rows", audit_rows, METH_VARARGS, audit_rows_doc},
     {NULL, NULL, 0, NULL},
 };
 

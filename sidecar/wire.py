@@ -16,6 +16,8 @@ hatch, and how the test suite runs a second time. Callers never branch on which 
         -> list[AuditSpans]                                                      # of AuditSpan
     audit_subset(request: bytes, keys: tuple[bytes, ...], prefix: bytes, event_keys: tuple[bytes, ...])
         -> tuple[bytes, int]              # the request with only what audit_spans reads; spans kept
+    audit_rows(request: bytes, layout: tuple, recorded: int) -> list[tuple] | None
+        # the audit store's rows of the request's records, or None: sidecar.audit.records.extract's to make
 
 ``check_encoding`` is the receiver's parse: it raises ValueError exactly where the protobuf parser
 would refuse the bytes (the two halves are fuzzed against each other and the parser). The C half
@@ -74,6 +76,7 @@ span_runs = implementation.span_runs
 log_runs = implementation.log_runs
 audit_spans = implementation.audit_spans
 audit_subset = implementation.audit_subset
+audit_rows = implementation.audit_rows
 
 @functools.lru_cache(maxsize=None)
 def schema_of(request_type) -> bytes:
@@ -116,5 +119,5 @@ def schema_of(request_type) -> bytes:
 
 __all__ = ["IMPLEMENTATION", "MAX_KEYS", "SCHEMA_WIDTH", "AuditSpan", "AuditSpans", "KeyHits", "LogRun", "ResourceGroup", "ScopeGroup",
            "SpanMetricRow", "SpanRun",
-           "any_label", "audit_spans", "audit_subset", "check_encoding", "check_ids", "choose", "implementation", "log_runs", "pure_python_requested",
+           "any_label", "audit_rows", "audit_spans", "audit_subset", "check_encoding", "check_ids", "choose", "implementation", "log_runs", "pure_python_requested",
            "schema_of", "span_metric_rows", "span_runs"]

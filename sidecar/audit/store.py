@@ -32,10 +32,12 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from sidecar.audit.records import AuditRecord, Extraction, Fragment, merge
+from sidecar import wire
+from sidecar.audit.records import ROW_LAYOUT, SORTED_JSON, AuditRecord, Extraction, Fragment, extract, merge
 from sidecar.group_commit import GroupCommit, Member
 
 log = logging.getLogger(__name__)
@@ -154,24 +156,8 @@ class Indexed:
             self.newest_time = other.newest_time
 
 
-def _sorted_json_encoder() -> Callable[[dict], str]:
-    """``json.dumps(d, sort_keys=True)``, without building an encoder per call nor its Python wrappers: the C
-    encoder called directly when the json module has it (a fifth less per record), else one shared encoder."""
-    from json import encoder
-
-    plain = json.JSONEncoder(sort_keys=True)
-    if encoder.c_make_encoder is None:  # pragma: no cover - CPython builds the accelerator
-        return plain.encode
-    c = encoder.c_make_encoder({}, plain.default, encoder.encode_basestring_ascii, None, ": ", ", ", True, False,
-                               True)
-    return lambda d: "".join(c(d, 0))
-
-
-_SORTED_JSON = _sorted_json_encoder()
-
-
 def _json(d: dict) -> str:
-    return _SORTED_JSON(d) if d else "{}"
+    return SORTED_JSON(d) if d else "{}"
 
 
 def _row(rec: AuditRecord, now: int) -> tuple:
@@ -180,6 +166,28 @@ def _row(rec: AuditRecord, now: int) -> tuple:
             rec.model_id, rec.model_version, rec.user_id, rec.intent, _json(rec.tags), rec.latency_ms, rec.status,
             rec.error_code, _json(rec.parameters), rec.input_payload, rec.output_payload, int(rec.trace_kept),
             rec.kept_policy)
+
+
+def _rows_of(request: bytes, recorded: int) -> tuple[list[tuple], list[Fragment]]:
+    """The rows of a journaled request's records (``recorded``: when it was journaled) and its fragments: one C pass
+    (:func:`sidecar.wire.audit_rows`) for the usual request, else :func:`sidecar.audit.records.extract`."""
+    rows = wire.audit_rows(request, ROW_LAYOUT, recorded)
+    if rows is not None:
+        return rows, []
+    extraction = extract(request)
+    return [_row(rec, recorded) for rec in extraction.records], extraction.fragments
+
+
+def _completed(row: tuple, fragments: list[dict] | None, kept: dict[str, str]) -> tuple:
+    """A row with the fragments that waited for its record merged in and its trace's kept mark set."""
+    if fragments:
+        fields_ = _record(row).to_json()
+        for frag in fragments:
+            merge(fields_, frag)
+        row = _row(AuditRecord(**fields_), row[3])
+    if row[0] in kept:
+        row = row[:18] + (1, kept[row[0]])
+    return row
 
 
 def _record(row: tuple) -> AuditRecord:
@@ -320,26 +328,21 @@ class AuditStore(ABC):
         how many records were new."""
         if not extraction.records and not extraction.fragments:
             return 0
-        return self._together(lambda cur, now: self._write(cur, extraction, now)) or 0
+        return self._together(lambda cur, now: self._write(cur, [_row(rec, now) for rec in extraction.records],
+                                                           extraction.fragments, now)) or 0
 
-    def _write(self, cur, extraction: Extraction, now: int) -> int:
-        for frag in extraction.fragments:
+    def _write(self, cur, rows: list[tuple], fragments: list[Fragment], now: int) -> int:
+        """Store fragments and record rows (:data:`COLUMNS` order), merged with what already waits for them;
+        how many records were new."""
+        for frag in fragments:
             self._store_fragment(cur, frag, now)
-        records = extraction.records
-        traces = sorted({r.trace_id for r in records})
+        if not rows:
+            return 0
+        traces = sorted({row[0] for row in rows})
         pending = self._fragments_for(cur, traces)
         kept = self._kept_for(cur, traces)
-        rows = []
-        for rec in records:
-            frags = pending.get((rec.trace_id, rec.service))
-            if frags:
-                fields_ = rec.to_json()
-                for frag in frags:
-                    merge(fields_, frag)
-                rec = AuditRecord(**fields_)
-            if rec.trace_id in kept:
-                rec.trace_kept, rec.kept_policy = True, kept[rec.trace_id]
-            rows.append(_row(rec, now))
+        if pending or kept:
+            rows = [_completed(row, pending.get((row[0], row[4])), kept) for row in rows]
         cur.executemany(self._sql(f"INSERT INTO audit_records ({', '.join(COLUMNS)}) VALUES "
                                   f"({', '.join('?' * len(COLUMNS))}) ON CONFLICT (trace_id, span_id) DO NOTHING"),
                         rows)
@@ -381,10 +384,8 @@ class AuditStore(ABC):
                 return total
 
     def _journal_batch(self) -> tuple[list[tuple[int, int, Any]], bool]:
-        """The next batch, oldest first, each entry as (seq, recorded_unix_nano, Extraction or the error reading it),
-        and whether entries were left for another batch."""
-        from sidecar.audit.records import extract
-
+        """The next batch, oldest first, each entry as (seq, recorded_unix_nano, (rows, fragments) or the error reading
+        it), and whether entries were left for another batch."""
         with self._transaction(write=False) as cur:
             cur.execute(self._sql(f"SELECT seq, {self._length}(request) FROM audit_journal WHERE error IS NULL "
                                   f"ORDER BY seq LIMIT {JOURNAL_BATCH + 1}"))
@@ -404,7 +405,7 @@ class AuditStore(ABC):
         entries = []
         for seq, recorded, request in rows:
             try:
-                entries.append((seq, recorded, extract(bytes(request))))
+                entries.append((seq, recorded, _rows_of(bytes(request), recorded)))
             except Exception as e:  # noqa: BLE001 - damaged bytes: kept with the reason, never retried forever
                 entries.append((seq, recorded, e))
         return entries, len(chosen) < len(waiting)
@@ -422,23 +423,25 @@ class AuditStore(ABC):
         present = {seq for (seq,) in cur.fetchall()}
         out = Indexed()
         indexed = []
-        for seq, recorded, extraction in entries:
+        for seq, recorded, made in entries:
             if seq not in present:
                 continue
-            if isinstance(extraction, Exception):
+            if isinstance(made, Exception):
                 log.error("%s: audit journal entry %d cannot be read into records, kept with its error: %s",
-                          self.describe(), seq, extraction)
-                cur.execute(self._sql("UPDATE audit_journal SET error = ? WHERE seq = ?"), (str(extraction)[:500], seq))
+                          self.describe(), seq, made)
+                cur.execute(self._sql("UPDATE audit_journal SET error = ? WHERE seq = ?"), (str(made)[:500], seq))
                 out.unreadable += 1
                 continue
             indexed.append(seq)
-            if extraction.records or extraction.fragments:
-                written = self._write(cur, extraction, recorded)
+            rows, fragments = made
+            if rows or fragments:
+                written = self._write(cur, rows, fragments, recorded)
                 out.written += written
-                out.duplicates += len(extraction.records) - written
-            for r in extraction.records:
-                if out.newest_time is None or r.time_unix_nano > out.newest_time:
-                    out.newest_time = r.time_unix_nano
+                out.duplicates += len(rows) - written
+            if rows:
+                newest = max(row[2] for row in rows)
+                if out.newest_time is None or newest > out.newest_time:
+                    out.newest_time = newest
         out.entries = len(indexed)
         if indexed:
             cur.execute(self._sql(f"DELETE FROM audit_journal WHERE seq IN {self._in(len(indexed))}"), indexed)
@@ -651,7 +654,7 @@ def _insert(cur, head: str, rows: list[tuple], tail: str = "") -> None:
     i, n = 0, len(rows)
     while i < n:
         k = 1 << (min(n - i, _ROWS_PER_INSERT).bit_length() - 1)
-        cur.execute(_values_sql(head, len(rows[i]), k, tail), [v for row in rows[i:i + k] for v in row])
+        cur.execute(_values_sql(head, len(rows[i]), k, tail), list(chain.from_iterable(rows[i:i + k])))
         i += k
 
 
@@ -706,12 +709,13 @@ class SQLiteStore(AuditStore):
     """The embedded default: one file, WAL, ``synchronous=FULL``, private to the sidecar's user (0600/0700).
 
     **Time-ordered partitions.** A record is appended to the *active partition* (``audit_part_N``, the
-    columns of ``audit_records``, indexed by time only: appends to its end); no random-keyed B-tree is
-    touched, so a record costs the same whatever the store holds. When the active partition holds
+    columns of ``audit_records``, no index: a row is one append to one B-tree, so a record costs the same
+    whatever the store holds; a time index on it cost 40% more per record, and a read scans at most
+    ``seal_rows`` unindexed rows). When the active partition holds
     ``seal_rows`` records it is *sealed* in its own transaction: duplicates removed (the first written per
     (trace_id, span_id) stays; so does a row already in a sealed partition whose time range covers it: a
     retried export straddling a seal), fragments and kept marks that arrived after their record folded in,
-    then the indexes built (unique (trace_id, span_id), request_id, (model_version, time)); a new active
+    then the indexes built (time, unique (trace_id, span_id), request_id, (model_version, time)); a new active
     partition starts. Sealing 100 000 records holds the write lock about half a second (0.35-0.85 s on a
     shared 2-core machine: ``benchmarks/audit_bench.py --stages-only --prefill 1000000``): writers arriving
     meanwhile wait for it, as for any long transaction (``busy_timeout``), and the one whose write crossed
@@ -815,40 +819,34 @@ class SQLiteStore(AuditStore):
         super()._commit_group(members)  # raises when nothing of the group was stored
         self._recent.add(self._txn_keys)
 
-    def _write(self, cur, extraction: Extraction, now: int) -> int:
+    def _write(self, cur, rows: list[tuple], fragments: list[Fragment], now: int) -> int:
         """Append: fragments to ``audit_fragments``, records (merged with what is already waiting for them)
         to the active partition. Nothing here reads a records table."""
-        if extraction.fragments:
+        if fragments:
             _insert(cur, "INSERT INTO audit_fragments (trace_id, span_id, service, fields, recorded_unix_nano)",
-                    [(f.trace_id, f.span_id, f.service, json.dumps(f.fields), now) for f in extraction.fragments],
+                    [(f.trace_id, f.span_id, f.service, json.dumps(f.fields), now) for f in fragments],
                     " ON CONFLICT (trace_id, span_id) DO NOTHING")
-        records = extraction.records
-        if not records:
+        if not rows:
             return 0
-        traces = sorted({r.trace_id for r in records})
+        traces = sorted({row[0] for row in rows})
         pending = self._fragments_for(cur, traces)
         kept = self._kept_for(cur, traces)
         seen, recent = self._txn_keys, self._recent
-        rows, keys = [], []
+        new, keys = [], []
         lo = hi = None
-        for rec in records:
-            key = _key(rec.trace_id, rec.span_id)
+        for row in rows:
+            key = _key(row[0], row[1])
             if key in seen or key in recent:
                 continue  # written already (a retried export): the first stays
             seen.add(key)
             keys.append(key)
-            frags = pending.get((rec.trace_id, rec.service))
-            if frags:
-                fields_ = rec.to_json()
-                for frag in frags:
-                    merge(fields_, frag)
-                rec = AuditRecord(**fields_)
-            if rec.trace_id in kept:
-                rec.trace_kept, rec.kept_policy = True, kept[rec.trace_id]
-            rows.append(_row(rec, now))
-            t = rec.time_unix_nano
+            if pending or kept:
+                row = _completed(row, pending.get((row[0], row[4])), kept)
+            new.append(row)
+            t = row[2]
             lo = t if lo is None or t < lo else lo
             hi = t if hi is None or t > hi else hi
+        rows = new
         if not rows:
             return 0
         try:
@@ -907,6 +905,7 @@ class SQLiteStore(AuditStore):
         for p in sealed:
             if p.overlaps(active.min_time, active.max_time):
                 cur.execute(f"DELETE FROM {t} WHERE {self._held_by(p, t)}")
+        cur.execute(f"CREATE INDEX IF NOT EXISTS {t}_time ON {t} (time_unix_nano)")  # a store from before 2026-12
         cur.execute(f"CREATE UNIQUE INDEX {t}_trace ON {t} (trace_id, span_id)")
         cur.execute(f"CREATE INDEX {t}_request ON {t} (request_id)")
         cur.execute(f"CREATE INDEX {t}_model ON {t} (model_version, time_unix_nano)")
@@ -926,7 +925,6 @@ class SQLiteStore(AuditStore):
                     f"FROM {t}) WHERE number = ?", (now, active.number))
         nxt = _Partition(active.number + 1, False, 0, None, None, None)
         cur.execute(f"CREATE TABLE {nxt.table} ({_RECORD_COLUMNS})")
-        cur.execute(f"CREATE INDEX {nxt.table}_time ON {nxt.table} (time_unix_nano)")
         cur.execute("INSERT INTO audit_partitions (number, sealed, rows) VALUES (?, 0, 0)", (nxt.number,))
         self._create_view(cur, parts + [nxt])
 
