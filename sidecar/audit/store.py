@@ -422,7 +422,14 @@ class AuditStore(ABC):
                     seqs)
         present = {seq for (seq,) in cur.fetchall()}
         out = Indexed()
-        indexed = []
+        indexed: list[int] = []
+        waiting: list[tuple] = []  # rows of entries without fragments: written together, one statement per 256
+
+        def write(rows: list[tuple], fragments: list[Fragment], recorded: int) -> None:
+            written = self._write(cur, rows, fragments, recorded)
+            out.written += written
+            out.duplicates += len(rows) - written
+
         for seq, recorded, made in entries:
             if seq not in present:
                 continue
@@ -434,14 +441,19 @@ class AuditStore(ABC):
                 continue
             indexed.append(seq)
             rows, fragments = made
-            if rows or fragments:
-                written = self._write(cur, rows, fragments, recorded)
-                out.written += written
-                out.duplicates += len(rows) - written
             if rows:
                 newest = max(row[2] for row in rows)
                 if out.newest_time is None or newest > out.newest_time:
                     out.newest_time = newest
+            if not fragments:
+                waiting += rows
+                continue
+            if waiting:  # in journal order: the records before these fragments first
+                write(waiting, [], recorded)
+                waiting = []
+            write(rows, fragments, recorded)
+        if waiting:
+            write(waiting, [], 0)
         out.entries = len(indexed)
         if indexed:
             cur.execute(self._sql(f"DELETE FROM audit_journal WHERE seq IN {self._in(len(indexed))}"), indexed)
@@ -781,6 +793,13 @@ class SQLiteStore(AuditStore):
 
     def _begin(self, cur, write: bool) -> None:
         cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    def _migrate(self, cur) -> None:
+        super()._migrate(cur)
+        # the active partition has no index (see the class); its seal builds the time index. Schema version 3 made
+        # partition 2 with one, and stores written before 2026-12 kept one on every partition.
+        active = cur.execute("SELECT max(number) FROM audit_partitions").fetchone()[0]
+        cur.execute(f"DROP INDEX IF EXISTS audit_part_{active}_time")
 
     def size_bytes(self) -> int:
         with self._transaction(write=False) as cur:
