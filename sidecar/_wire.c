@@ -1629,10 +1629,23 @@ static void out_close(Out *o, Py_ssize_t at)
     o->n = at + k + len;
 }
 
+/* The non-entry spans kept last in the open ResourceSpans: a later one of the same trace with the same wanted
+ * attributes (byte for byte, in order) and no event attribute is a repeat, left out (a generate loop's forward
+ * spans: their facts are this one's). */
+#define REPEAT_WINDOW 8
+#define REPEAT_ATTRS 32
+typedef struct {
+    Slice trace_id;
+    int n;
+    Slice kv[REPEAT_ATTRS];
+} KeptFacts;
+
 typedef struct {
     Keys k, ek;
     Slice prefix;
     Out out;
+    KeptFacts recent[REPEAT_WINDOW];
+    int nrecent, next_recent;
     Py_ssize_t rs_tag;   /* where the current ResourceSpans' tag starts, -1 before the first */
     Py_ssize_t rs_at, ss_at; /* gaps of the open ResourceSpans and its one ScopeSpans */
     Py_ssize_t nspans;   /* spans in the open ResourceSpans */
@@ -1660,6 +1673,7 @@ static int subset_resource(void *vctx, Py_ssize_t index, Slice rs)
     subset_close(c);
     c->rs_tag = c->out.n;
     c->nspans = 0;
+    c->nrecent = c->next_recent = 0;
     if ((c->rs_at = out_open(&c->out, 1)) < 0)
         return -1;
     Reader r = reader_of(rs);
@@ -1707,18 +1721,41 @@ static int subset_event(SubsetCtx *c, Slice ev)
     return 0;
 }
 
+/* Whether a non-entry span with these wanted attributes repeats one kept in the window; if not, it joins it. */
+static int repeats(SubsetCtx *c, Slice trace_id, const Slice *kv, int n)
+{
+    for (int i = 0; i < c->nrecent; i++) {
+        const KeptFacts *k = &c->recent[i];
+        if (k->n != n || !slice_eq(k->trace_id, trace_id))
+            continue;
+        int same = 1;
+        for (int j = 0; same && j < n; j++)
+            same = slice_eq(k->kv[j], kv[j]);
+        if (same)
+            return 1;
+    }
+    KeptFacts *k = &c->recent[c->next_recent];
+    c->next_recent = (c->next_recent + 1) % REPEAT_WINDOW;
+    if (c->nrecent < REPEAT_WINDOW)
+        c->nrecent++;
+    k->trace_id = trace_id;
+    k->n = n;
+    memcpy(k->kv, kv, (size_t)n * sizeof *kv);
+    return 0;
+}
+
 static int subset_item(void *vctx, Slice item)
 {
     SubsetCtx *c = vctx;
     Reader r = reader_of(item);
-    Slice s, key, first;
+    Slice s, key, first, trace_id = {NULL, 0}, kv[REPEAT_ATTRS];
     uint32_t f;
-    int wt, nv, j;
+    int wt, nv, j, nkv = 0;
     uint64_t num;
     long kind = 0;
-    int has_parent = 0, wanted = 0;
+    int has_parent = 0, wanted = 0, events = 0;
     /* one pass: written as read, taken back out unless audit_spans would select it (an entry span, or one
-     * with a wanted attribute) */
+     * with a wanted attribute) and it is no repeat */
     Py_ssize_t tag = c->out.n, at = out_open(&c->out, 2);
     if (at < 0)
         return -1;
@@ -1727,10 +1764,15 @@ static int subset_item(void *vctx, Slice item)
             return -1;
         if (wt == WT_LEN) {
             switch (f) {
+            case 1:
+                trace_id = s;
+                if (out_len_field(&c->out, f, s) < 0)
+                    return -1;
+                break;
             case 4:
                 has_parent = s.n > 0;
                 /* fall through */
-            case 1: case 2: case 5: case 15:
+            case 2: case 5: case 15:
                 if (out_len_field(&c->out, f, s) < 0)
                     return -1;
                 break;
@@ -1740,13 +1782,22 @@ static int subset_item(void *vctx, Slice item)
                 j = key_index(key, &c->k, c->prefix);
                 if (j >= 0) {
                     wanted = 1;
+                    if (nkv <= REPEAT_ATTRS) { /* REPEAT_ATTRS + 1: too many to compare */
+                        if (nkv < REPEAT_ATTRS)
+                            kv[nkv] = s;
+                        nkv++;
+                    }
                     if (out_len_field(&c->out, 9, s) < 0)
                         return -1;
                 }
                 break;
             case 11:
-                if (c->ek.nkeys && subset_event(c, s) < 0)
-                    return -1;
+                if (c->ek.nkeys) {
+                    Py_ssize_t before = c->out.n;
+                    if (subset_event(c, s) < 0)
+                        return -1;
+                    events |= c->out.n != before;
+                }
                 break;
             }
         } else if (wt == WT_VARINT && f == 6) {
@@ -1760,7 +1811,8 @@ static int subset_item(void *vctx, Slice item)
             c->out.n += 8;
         }
     }
-    if (!(wanted || kind == 2 || kind == 5 || !has_parent)) {
+    int entry = kind == 2 || kind == 5 || !has_parent;
+    if (!(wanted || entry) || (!entry && !events && nkv <= REPEAT_ATTRS && repeats(c, trace_id, kv, nkv))) {
         c->out.n = tag;
         return 0;
     }
@@ -1776,8 +1828,11 @@ PyDoc_STRVAR(audit_subset_doc,
 "The request re-encoded with only what ``audit_spans`` reads, and how many spans it kept: per\n"
 "ResourceSpans with a selected span, its resource and one ScopeSpans (no scope) of the spans\n"
 "``audit_spans`` selects, each with only its ids, parent, name, kind, times, status, the attributes\n"
-"``audit_spans`` reads and, of its events, only the attributes with a key in ``event_keys``.\n"
-"``audit_spans`` answers the same on the result as on the request.");
+"``audit_spans`` reads and, of its events, only the attributes with a key in ``event_keys``; a\n"
+"repeat is left out: a span that is no entry span, whose kept attributes equal, byte for byte and in\n"
+"order, those of one of the last 8 such spans kept of its ResourceSpans and trace, neither having an\n"
+"event attribute kept (a generate loop's forward spans). ``audit_spans`` answers the same on the\n"
+"result as on the request, less the repeats.");
 
 static PyObject *audit_subset(PyObject *self, PyObject *args)
 {

@@ -443,7 +443,8 @@ def _key_values(data: bytes, a: int, b: int, field: int):
         yield key, parts
 
 
-def _audit_span(span, data: bytes, a: int, b: int, wanted: set, prefix: bytes, event_keys: set) -> AuditSpan | None:
+def _audit_span(span, data: bytes, a: int, b: int, wanted: set, prefix: bytes, event_keys: set,
+                recent: list) -> AuditSpan | None:
     attrs = {}
     for key, parts in _key_values(data, a, b, 9):
         if key in wanted or (prefix and key.startswith(prefix)):
@@ -475,10 +476,11 @@ def _selected(request: bytes, keys: tuple, prefix: bytes, event_keys: tuple, sel
     data = request
     out = []
     for rs, (ra, rb) in zip(msg.resource_spans, _children(data, 0, len(data), 1)):
-        spans = []
+        spans: list = []
+        recent: list = []  # select's memory within one ResourceSpans
         for ss, (sa, sb) in zip(rs.scope_spans, _children(data, ra, rb, 2)):
             for span, (a, b) in zip(ss.spans, _children(data, sa, sb, 2)):
-                found = select(span, data, a, b, wanted, prefix, ekeys)
+                found = select(span, data, a, b, wanted, prefix, ekeys, recent)
                 if found is not None:
                     spans.append(found)
         if spans:
@@ -498,33 +500,52 @@ def _field(number: int, payload: bytes) -> bytes:
     return length_delimited(encode_varint(number << 3 | _LEN), payload)
 
 
-def _subset_span(span, data: bytes, a: int, b: int, wanted: set, prefix: bytes, event_keys: set) -> bytes | None:
-    """The span with only what audit_spans reads, or None when audit_spans would not select it."""
-    def wanted_key(x: int, y: int, keys: set, prefix: bytes) -> bool:
-        key = b""
-        for g, w, p, q in _fields(data, x, y):
-            if w == _LEN and g == 1:
-                key = data[p:q]
-        return key in keys or bool(prefix and key.startswith(prefix))
+def _wanted_key(data: bytes, x: int, y: int, keys: set, prefix: bytes) -> bool:
+    """Whether the KeyValue at data[x:y] has a key in ``keys`` or starting with ``prefix`` (non-empty)."""
+    key = b""
+    for g, w, p, q in _fields(data, x, y):
+        if w == _LEN and g == 1:
+            key = data[p:q]
+    return key in keys or bool(prefix and key.startswith(prefix))
 
+
+#: a repeat is looked for among this many non-entry spans kept last, of at most this many kept attributes
+_REPEAT_WINDOW = 8
+_REPEAT_ATTRS = 32
+
+
+def _subset_span(span, data: bytes, a: int, b: int, wanted: set, prefix: bytes, event_keys: set,
+                 recent: list) -> bytes | None:
+    """The span with only what audit_spans reads, or None when audit_spans would not select it or it repeats
+    one of the ``recent`` non-entry spans kept (same trace, same kept attributes, byte for byte and in order,
+    no event attribute kept); ``recent`` gains it otherwise."""
     fields = _fields(data, a, b)
-    has_wanted = any(f == 9 and wt == _LEN and wanted_key(x, y, wanted, prefix) for f, wt, x, y in fields)
-    if not (has_wanted or span.kind in _ENTRY_KINDS or not span.parent_span_id):
+    kept_kvs = tuple(data[x:y] for f, wt, x, y in fields if f == 9 and wt == _LEN and _wanted_key(data, x, y, wanted, prefix))
+    entry = span.kind in _ENTRY_KINDS or not span.parent_span_id
+    if not (kept_kvs or entry):
         return None
     parts = []
+    events = False
     for f, wt, x, y in fields:
         if wt == _LEN:
-            if f in (1, 2, 4, 5, 15) or (f == 9 and wanted_key(x, y, wanted, prefix)):
+            if f in (1, 2, 4, 5, 15) or (f == 9 and _wanted_key(data, x, y, wanted, prefix)):
                 parts.append(_field(f, data[x:y]))
             elif f == 11 and event_keys:
                 attrs = [_field(3, data[p:q]) for g, w, p, q in _fields(data, x, y)
-                         if g == 3 and w == _LEN and wanted_key(p, q, event_keys, b"")]
+                         if g == 3 and w == _LEN and _wanted_key(data, p, q, event_keys, b"")]
                 if attrs:
                     parts.append(_field(11, b"".join(attrs)))
+                    events = True
         elif wt == 0 and f == 6:
             parts.append(b"\x30" + encode_varint(_varint(data, x, y)[0]))
         elif wt == 1 and f in (7, 8):
             parts.append(encode_varint(f << 3 | 1) + data[x:y])
+    if not entry and not events and len(kept_kvs) <= _REPEAT_ATTRS:
+        facts = (span.trace_id, kept_kvs)
+        if facts in recent:
+            return None
+        recent.append(facts)
+        del recent[:-_REPEAT_WINDOW]
     return _field(2, b"".join(parts))
 
 
@@ -532,7 +553,8 @@ def audit_subset(request: bytes, keys: tuple, prefix: bytes, event_keys: tuple) 
     """The request re-encoded with only what ``audit_spans`` reads, and how many spans it kept: per
     ResourceSpans with a selected span, its resource and one ScopeSpans (no scope) of the spans
     ``audit_spans`` selects, each with only its ids, parent, name, kind, times, status, the attributes
-    ``audit_spans`` reads and, of its events, only the attributes with a key in ``event_keys``."""
+    ``audit_spans`` reads and, of its events, only the attributes with a key in ``event_keys``; a repeat
+    (see ``_subset_span``: a generate loop's forward spans) is left out."""
     out, kept = [], 0
     for resource, spans in _selected(request, keys, prefix, event_keys, _subset_span):
         kept += len(spans)

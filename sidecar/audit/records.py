@@ -269,9 +269,11 @@ def _error_code(span: wire.AuditSpan, attrs: dict[str, Any]) -> str | None:
 def reduce(request: bytes) -> tuple[bytes, int]:
     """The encoded ExportTraceServiceRequest with only what :func:`extract` reads, and how many spans it
     kept: entry spans and spans carrying a record's attributes, each with its ids, parent, name, kind,
-    times, status and only those attributes (:func:`sidecar.wire.audit_subset`). ``extract`` gives the
-    same records and fragments from it as from the whole request, so a redaction in between scans only
-    what a record can hold (the ``audit_fields`` processor)."""
+    times, status and only those attributes (:func:`sidecar.wire.audit_subset`), less repeats: a span of a
+    trace whose record attributes equal those of a span of that trace kept just before it (a generate
+    loop's forward spans: their facts are merged once). ``extract`` gives the same records from it as from
+    the whole request, and fragments with the same facts, so a redaction in between scans only what a record
+    can hold, once (the ``audit_fields`` processor)."""
     return wire.audit_subset(request, _KEYS, _TAG_PREFIX, _EVENT_KEYS)
 
 

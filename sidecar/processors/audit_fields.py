@@ -4,10 +4,11 @@ The audit branch sees every request, so everything in it runs on all the traffic
 front of the branch's ``redaction`` instance, this processor leaves only the spans a record
 uses (entry spans and spans carrying model facts) with only the fields and attributes
 :func:`sidecar.audit.records.extract` reads (:func:`sidecar.audit.records.reduce`, one C pass
-over the bytes); redaction then scans a record's values instead of whole requests (on traffic
-where every request carries a prompt with PII, a quarter of the work). The records come out
-identical: redaction works value by value, and extraction reads the same values from the
-reduced request as from the whole one (tests/sidecar/audit/test_audit_fields.py).
+over the bytes), and of spans repeating the facts of one kept before them only the first (a
+generate loop's forward spans); redaction then scans a record's values, once, instead of whole
+requests (on traffic where every request carries a prompt with PII, a quarter of the work). The
+records come out identical: redaction works value by value, and extraction reads the same values
+from the reduced request as from the whole one (tests/sidecar/audit/test_audit_fields.py).
 
 What it removes is counted as dropped with reason ``filtered``. It feeds only ``audit``
 exporters: the config check refuses a pipeline where it would cut data another exporter
