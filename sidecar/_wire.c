@@ -2514,8 +2514,9 @@ PyDoc_STRVAR(audit_rows_doc,
 "The audit store's rows of the request's records (sidecar.audit.records.row_of of each record\n"
 "sidecar.audit.records.extract makes, in the store's column order, ``recorded`` as the recorded time),\n"
 "made in one pass; None when the request needs the general path: an inference span without its entry\n"
-"span (a fragment), prompt or completion events, a value left encoded (arrays, maps), more tags than\n"
-"this pass holds, merged fields, or anything it cannot read (extract then says what). ``layout`` is\n"
+"span (a fragment), prompt or completion events, a value left encoded (maps, bytes, nested lists, or a\n"
+"list where a record holds text: lists of scalars are taken in parameters and payloads), more tags\n"
+"than this pass holds, merged fields, or anything it cannot read (extract then says what). ``layout`` is\n"
 "sidecar.audit.records' (keys by role, parameter names, prefix, event keys, service key, intent tag,\n"
 "tensor format, status names, JSON encoder).");
 

@@ -422,6 +422,30 @@ _V2_DDL = [
 ]
 
 
+def _indexes(store, table: str) -> set[str]:
+    return {r[0] for r in _raw(store, f"SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = '{table}'")}
+
+
+def test_the_active_partition_has_no_index_and_its_seal_builds_them(tmp_path):
+    """A record is one append to one B-tree; the reads' indexes are built once, when the partition is sealed.
+    A store whose active partition had a time index (written before) drops it at open: the seal makes it again."""
+    path = tmp_path / "a.db"
+    s = _sqlite(path, seal_rows=10)
+    assert _partitions(s)[-1] == (2, False) and _indexes(s, "audit_part_2") == set()
+    with s._transaction() as cur:  # as a store written before this change left its active partition
+        cur.execute("CREATE INDEX audit_part_2_time ON audit_part_2 (time_unix_nano)")
+    s.close()
+    s = _sqlite(path, seal_rows=10)
+    assert _indexes(s, "audit_part_2") == set()
+    _write(s, *[_rec(i) for i in range(1, 13)])
+    assert _partitions(s)[-2:] == [(2, True), (3, False)]
+    assert _indexes(s, "audit_part_2") == {"audit_part_2_time", "audit_part_2_trace", "audit_part_2_request",
+                                           "audit_part_2_model"}
+    assert _indexes(s, "audit_part_3") == set()
+    assert [r.request_id for r in s.query(Query(since=T0 + 5 * SECOND, until=T0 + 7 * SECOND))] == ["req-5", "req-6"]
+    s.close()
+
+
 def test_a_version_2_store_becomes_the_first_sealed_partition(tmp_path):
     path = tmp_path / "v2.db"
     conn = sqlite3.connect(path, isolation_level=None)
