@@ -234,10 +234,33 @@ typedef struct {
     Slice vals[MAX_KEYS + 1];
 } SpanFacts;
 
+/* Keys shorter than this are found through their length (an attribute's key of another length costs one
+ * table read: most keys of a span are not looked for); longer ones by comparing with each. */
+#define SHORT_KEY 64
+
 typedef struct {
     Slice keys[MAX_KEYS + 1]; /* + 1: span_metric_rows looks for the service key in resources too */
     int nkeys;
+    signed char first_of_len[SHORT_KEY];   /* the first key of each length, -1: none */
+    signed char next_of_len[MAX_KEYS + 1]; /* the next key of the same length, -1: none */
+    int long_keys;                          /* keys of SHORT_KEY bytes or more */
 } Keys;
+
+/* The index of a key in ``k``, or -1. */
+static inline int find_key(Slice key, const Keys *k)
+{
+    if (key.n < SHORT_KEY) {
+        for (int j = k->first_of_len[key.n]; j >= 0; j = k->next_of_len[j])
+            if (key.n == 0 || memcmp(key.p, k->keys[j].p, (size_t)key.n) == 0)
+                return j;
+        return -1;
+    }
+    if (k->long_keys)
+        for (int j = 0; j < k->nkeys; j++)
+            if (slice_eq(key, k->keys[j]))
+                return j;
+    return -1;
+}
 
 /* Appends one key; a key given twice is refused (each key is looked for once). */
 static int add_key(Keys *k, PyObject *b)
@@ -247,13 +270,21 @@ static int add_key(Keys *k, PyObject *b)
         return -1;
     }
     Slice key = {(const uint8_t *)PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b)};
-    for (int j = 0; j < k->nkeys; j++) {
-        if (slice_eq(key, k->keys[j])) {
-            PyErr_SetString(PyExc_ValueError, "duplicate attribute key");
-            return -1;
-        }
+    if (find_key(key, k) >= 0) {
+        PyErr_SetString(PyExc_ValueError, "duplicate attribute key");
+        return -1;
     }
-    k->keys[k->nkeys++] = key;
+    int j = k->nkeys++;
+    k->keys[j] = key;
+    k->next_of_len[j] = -1;
+    if (key.n >= SHORT_KEY) {
+        k->long_keys++;
+    } else { /* appended to its length's chain: the chain keeps the keys' order */
+        signed char *at = &k->first_of_len[key.n];
+        while (*at >= 0)
+            at = &k->next_of_len[*at];
+        *at = (signed char)j;
+    }
     return 0;
 }
 
@@ -266,7 +297,8 @@ static int keys_of(PyObject *tuple, Keys *k, PyObject *first)
         PyErr_Format(PyExc_ValueError, "at most %d attribute keys", MAX_KEYS);
         return -1;
     }
-    k->nkeys = 0;
+    k->nkeys = k->long_keys = 0;
+    memset(k->first_of_len, -1, sizeof k->first_of_len);
     if (first != NULL && add_key(k, first) < 0)
         return -1;
     for (Py_ssize_t i = 0; i < n; i++)
@@ -294,12 +326,10 @@ static int parse_attribute(Slice kv, const Keys *k, SpanFacts *sp)
         }
     }
     (void)has_key; /* no key field: the key is "" */
-    for (int j = 0; j < k->nkeys; j++) {
-        if (!sp->found[j] && slice_eq(key, k->keys[j])) {
-            sp->found[j] = 1;
-            sp->vals[j] = kv;
-            break;
-        }
+    int j = find_key(key, k);
+    if (j >= 0 && !sp->found[j]) {
+        sp->found[j] = 1;
+        sp->vals[j] = kv;
     }
     return 0;
 }
@@ -1363,9 +1393,9 @@ static int put_value(PyObject **d, Slice kv, Slice key, Slice first, int nvalues
 /* The index of a wanted key, MAX_KEYS for another key starting with the (non-empty) prefix, else -1. */
 static int key_index(Slice key, const Keys *k, Slice prefix)
 {
-    for (int j = 0; j < k->nkeys; j++)
-        if (slice_eq(key, k->keys[j]))
-            return j;
+    int j = find_key(key, k);
+    if (j >= 0)
+        return j;
     if (prefix.n && key.n >= prefix.n && memcmp(key.p, prefix.p, (size_t)prefix.n) == 0)
         return MAX_KEYS;
     return -1;
