@@ -406,6 +406,8 @@ class AuditStore(ABC):
         for seq, recorded, request in rows:
             try:
                 entries.append((seq, recorded, _rows_of(bytes(request), recorded)))
+            except MemoryError:  # this process's state, not the entry's: it stays journaled for the next run
+                raise StoreError(f"{self.describe()}: out of memory reading audit journal entry {seq}") from None
             except Exception as e:  # noqa: BLE001 - damaged bytes: kept with the reason, never retried forever
                 entries.append((seq, recorded, e))
         return entries, len(chosen) < len(waiting)

@@ -18,7 +18,7 @@ import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
 from sidecar.audit.records import extract
-from sidecar.audit.store import JOURNAL_BATCH, Query, SQLiteStore
+from sidecar.audit.store import JOURNAL_BATCH, Query, SQLiteStore, StoreError
 from sidecar.audit.urls import open_store
 
 from .spans import App
@@ -134,6 +134,26 @@ def test_a_damaged_entry_is_kept_with_its_error_and_the_others_are_indexed(tmp_p
     assert store.index_journal().unreadable == 0
     (error,) = sqlite3.connect(path).execute("SELECT error FROM audit_journal").fetchone()
     assert error
+    store.close()
+
+
+def test_running_out_of_memory_while_indexing_leaves_the_entry_journaled(tmp_path, monkeypatch):
+    """Memory is the process's state, not the entry's: the entry is not marked unreadable, and the next run
+    indexes it (the exporter's index task logs a StoreError and tries again at its next interval)."""
+    import sidecar.audit.store as store_module
+
+    store, _ = _journaled(tmp_path, "one")
+    real = store_module._rows_of
+
+    def no_memory(request, recorded):
+        raise MemoryError
+
+    monkeypatch.setattr(store_module, "_rows_of", no_memory)
+    with pytest.raises(StoreError, match="out of memory"):
+        store.index_journal()
+    assert store.journal_entries() == (1, 0)
+    monkeypatch.setattr(store_module, "_rows_of", real)
+    assert [r.request_id for r in store.query(Query())] == ["one"]
     store.close()
 
 
