@@ -1255,6 +1255,68 @@ static PyObject *check_encoding(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* --- a span's own fields, as audit records read them ------------------------------------------ */
+
+/* A span's fields besides its attributes and events (the last occurrence of each; the status is only noted
+ * while reading, and read by span_status once the span is known to be wanted). */
+typedef struct {
+    Slice trace_id, span_id, name, message;
+    uint64_t start, end;
+    long kind, code;
+    int has_parent, has_status;
+} SpanHead;
+
+/* Takes field ``f`` of a span into ``h`` when it is a head field. */
+static void span_head_field(SpanHead *h, uint32_t f, int wt, uint64_t num, Slice s)
+{
+    if (wt == WT_LEN) {
+        switch (f) {
+        case 1: h->trace_id = s; break;
+        case 2: h->span_id = s; break;
+        case 4: h->has_parent = s.n > 0; break;
+        case 5: h->name = s; break;
+        case 15: h->has_status = 1; break;
+        }
+    } else if (f == 6 && wt == WT_VARINT) {
+        h->kind = (long)(int32_t)num;
+    } else if (f == 7 && wt == WT_I64) {
+        h->start = num;
+    } else if (f == 8 && wt == WT_I64) {
+        h->end = num;
+    }
+}
+
+/* An entry span: kind SERVER or CONSUMER, or no parent. */
+static int span_entry(const SpanHead *h) { return h->kind == 2 || h->kind == 5 || !h->has_parent; }
+
+/* The status code and message of a span whose fields span_head_field read: every occurrence of the status
+ * merges (a message field), so all are read, in order. */
+static int span_status(Slice item, SpanHead *h)
+{
+    if (!h->has_status)
+        return 0;
+    Reader r = reader_of(item);
+    uint32_t f;
+    int wt;
+    uint64_t num;
+    Slice s, t;
+    while (r.p < r.end) {
+        rd_field(&r, &f, &wt, &num, &s); /* cannot fail: read once already */
+        if (f != 15 || wt != WT_LEN)
+            continue;
+        Reader sr = reader_of(s);
+        while (sr.p < sr.end) {
+            if (rd_field(&sr, &f, &wt, &num, &t) < 0)
+                return -1;
+            if (f == 2 && wt == WT_LEN)
+                h->message = t;
+            else if (f == 3 && wt == WT_VARINT)
+                h->code = (long)(int32_t)num;
+        }
+    }
+    return 0;
+}
+
 /* --- audit_spans ----------------------------------------------------------------------------- */
 
 /* Per resource: the spans an audit record can use, i.e. entry spans (kind SERVER 2 or CONSUMER 5, or
@@ -1428,68 +1490,34 @@ static int audit_item(void *vctx, Slice item)
     AuditCtx *c = vctx;
     Reader r = reader_of(item);
     uint32_t f;
-    int wt, nv;
-    uint64_t num, start = 0, end = 0;
-    Slice s, key, first = {NULL, 0}, none = {NULL, 0};
-    Slice trace_id = none, span_id = none, name = none, status = none;
-    long kind = 0, code = 0;
-    int has_parent = 0, encoded = 0, j;
+    int wt, nv, encoded = 0, j;
+    uint64_t num;
+    Slice s, key, first = {NULL, 0};
+    SpanHead h = {0};
     PyObject *attrs = NULL, *events = NULL;
     while (r.p < r.end) {
         if (rd_field(&r, &f, &wt, &num, &s) < 0)
             goto fail;
-        if (wt == WT_LEN) {
-            switch (f) {
-            case 1: trace_id = s; break;
-            case 2: span_id = s; break;
-            case 4: has_parent = s.n > 0; break;
-            case 5: name = s; break;
-            case 9:
-                if (key_value(s, &key, &first, &nv) < 0)
-                    goto fail;
-                j = key_index(key, &c->k, c->prefix);
-                if (j >= 0 && put_value(&attrs, s, key, first, nv, 0, &encoded, j < MAX_KEYS ? &c->names[j] : NULL) < 0)
-                    goto fail;
-                break;
-            case 11:
-                if (c->ek.nkeys && audit_event(s, &c->ek, c->enames, &events, &encoded) < 0)
-                    goto fail;
-                break;
-            case 15: status = s; break; /* the last occurrence: repeated ones merge, see below */
-            }
-        } else if (f == 6 && wt == WT_VARINT) {
-            kind = (long)(int32_t)num;
-        } else if (f == 7 && wt == WT_I64) {
-            start = num;
-        } else if (f == 8 && wt == WT_I64) {
-            end = num;
+        if (wt == WT_LEN && f == 9) {
+            if (key_value(s, &key, &first, &nv) < 0)
+                goto fail;
+            j = key_index(key, &c->k, c->prefix);
+            if (j >= 0 && put_value(&attrs, s, key, first, nv, 0, &encoded, j < MAX_KEYS ? &c->names[j] : NULL) < 0)
+                goto fail;
+        } else if (wt == WT_LEN && f == 11) {
+            if (c->ek.nkeys && audit_event(s, &c->ek, c->enames, &events, &encoded) < 0)
+                goto fail;
+        } else {
+            span_head_field(&h, f, wt, num, s);
         }
     }
-    int entry = kind == 2 || kind == 5 || !has_parent;
+    int entry = span_entry(&h);
     if (!entry && attrs == NULL) {
         Py_XDECREF(events);
         return 0;
     }
-    /* the status: every occurrence merges (a message field), so read them all in order */
-    Slice message = none;
-    if (status.p != NULL) {
-        Reader rr = reader_of(item);
-        while (rr.p < rr.end) {
-            rd_field(&rr, &f, &wt, &num, &s); /* cannot fail: read once already */
-            if (f != 15 || wt != WT_LEN)
-                continue;
-            Reader sr = reader_of(s);
-            Slice t;
-            while (sr.p < sr.end) {
-                if (rd_field(&sr, &f, &wt, &num, &t) < 0)
-                    goto fail;
-                if (f == 2 && wt == WT_LEN)
-                    message = t;
-                else if (f == 3 && wt == WT_VARINT)
-                    code = (long)(int32_t)num;
-            }
-        }
-    }
+    if (span_status(item, &h) < 0)
+        goto fail;
     if (encoded) { /* a later scalar may have replaced an encoded value: say what the dicts hold now */
         encoded = 0;
         PyObject *dicts[2] = {attrs, events}, *k, *v;
@@ -1500,9 +1528,9 @@ static int audit_item(void *vctx, Slice item)
         }
     }
     PyObject *items[12] = {
-        bytes_of(trace_id), bytes_of(span_id), PyBool_FromLong(entry), str_of(name),
-        PyLong_FromUnsignedLongLong(start), PyLong_FromUnsignedLongLong(end), PyLong_FromLong(code),
-        str_of(message), attrs ? attrs : PyDict_New(), events ? events : PyDict_New(),
+        bytes_of(h.trace_id), bytes_of(h.span_id), PyBool_FromLong(entry), str_of(h.name),
+        PyLong_FromUnsignedLongLong(h.start), PyLong_FromUnsignedLongLong(h.end), PyLong_FromLong(h.code),
+        str_of(h.message), attrs ? attrs : PyDict_New(), events ? events : PyDict_New(),
         PyBool_FromLong(encoded), bytes_of(item),
     };
     attrs = events = NULL;
@@ -1897,9 +1925,7 @@ enum { R_REQUEST, R_USER, R_MODEL, R_VERSION, R_GENAI, R_REPLAY, R_ERROR_TYPE, R
 /* One selected span: an entry span, or one with a wanted attribute (as audit_spans selects). */
 typedef struct {
     Py_ssize_t resource, next; /* next: the next inference span of the same trace, -1 */
-    Slice trace_id, span_id, name, message;
-    uint64_t start, end;
-    long code;
+    SpanHead h;
     int entry, inference, claimed;
     uint32_t present;         /* bit j: wanted key j seen (its last occurrence wins, as in a dict) */
     Slice val[ROW_MAX_KEYS];  /* that occurrence's value field (NULL: none, i.e. None) */
@@ -2018,6 +2044,8 @@ static int event_has_key(Slice ev, const Keys *ek, int *has)
     return 0;
 }
 
+static PyObject *attr_of(RowsCtx *c, const RowSpan *sp, int j, int arrays);
+
 static int rows_item(void *vctx, Slice item)
 {
     RowsCtx *c = vctx;
@@ -2032,13 +2060,10 @@ static int rows_item(void *vctx, Slice item)
     RowSpan *sp = &c->spans[c->nspans];
     Reader r = reader_of(item);
     uint32_t f;
-    int wt, nv, j, has_parent = 0, events = 0;
+    int wt, nv, j, events = 0;
     uint64_t num;
     Slice s, key, first = {NULL, 0}, none = {NULL, 0};
-    long kind = 0;
-    sp->trace_id = sp->span_id = sp->name = sp->message = none;
-    sp->start = sp->end = 0;
-    sp->code = 0;
+    memset(&sp->h, 0, sizeof sp->h);
     sp->present = 0;
     sp->ntags = 0;
     sp->claimed = 0;
@@ -2047,63 +2072,37 @@ static int rows_item(void *vctx, Slice item)
     while (r.p < r.end) {
         if (rd_field(&r, &f, &wt, &num, &s) < 0)
             return -1;
-        if (wt == WT_LEN) {
-            switch (f) {
-            case 1: sp->trace_id = s; break;
-            case 2: sp->span_id = s; break;
-            case 4: has_parent = s.n > 0; break;
-            case 5: sp->name = s; break;
-            case 9:
-                if (key_value(s, &key, &first, &nv) < 0)
-                    return -1;
-                j = key_index(key, &c->k, c->prefix);
-                if (j < 0)
-                    break;
-                if (nv > 1)
-                    return unusual(c); /* value fields that merge: the parser's business */
-                if (j < MAX_KEYS) {
-                    sp->present |= (uint32_t)1 << j;
-                    sp->val[j] = nv ? first : none;
-                    break;
-                }
-                key.p += c->prefix.n;
-                key.n -= c->prefix.n;
-                for (j = 0; j < sp->ntags && !slice_eq(sp->tag_key[j], key); j++)
-                    ;
-                if (j == ROW_MAX_TAGS)
-                    return unusual(c);
-                sp->tag_key[j] = key;
-                sp->tag_val[j] = nv ? first : none;
-                if (j == sp->ntags)
-                    sp->ntags++;
-                break;
-            case 11:
-                if (c->ek.nkeys && event_has_key(s, &c->ek, &events) < 0)
-                    return -1;
-                break;
-            case 15: { /* repeated status fields merge: read each in order */
-                Reader sr = reader_of(s);
-                Slice t;
-                while (sr.p < sr.end) {
-                    if (rd_field(&sr, &f, &wt, &num, &t) < 0)
-                        return -1;
-                    if (f == 2 && wt == WT_LEN)
-                        sp->message = t;
-                    else if (f == 3 && wt == WT_VARINT)
-                        sp->code = (long)(int32_t)num;
-                }
-                break;
+        if (wt == WT_LEN && f == 9) {
+            if (key_value(s, &key, &first, &nv) < 0)
+                return -1;
+            j = key_index(key, &c->k, c->prefix);
+            if (j < 0)
+                continue;
+            if (nv > 1)
+                return unusual(c); /* value fields that merge: the parser's business */
+            if (j < MAX_KEYS) {
+                sp->present |= (uint32_t)1 << j;
+                sp->val[j] = nv ? first : none;
+                continue;
             }
-            }
-        } else if (f == 6 && wt == WT_VARINT) {
-            kind = (long)(int32_t)num;
-        } else if (f == 7 && wt == WT_I64) {
-            sp->start = num;
-        } else if (f == 8 && wt == WT_I64) {
-            sp->end = num;
+            key.p += c->prefix.n;
+            key.n -= c->prefix.n;
+            for (j = 0; j < sp->ntags && !slice_eq(sp->tag_key[j], key); j++)
+                ;
+            if (j == ROW_MAX_TAGS)
+                return unusual(c);
+            sp->tag_key[j] = key;
+            sp->tag_val[j] = nv ? first : none;
+            if (j == sp->ntags)
+                sp->ntags++;
+        } else if (wt == WT_LEN && f == 11) {
+            if (c->ek.nkeys && event_has_key(s, &c->ek, &events) < 0)
+                return -1;
+        } else {
+            span_head_field(&sp->h, f, wt, num, s);
         }
     }
-    sp->entry = kind == 2 || kind == 5 || !has_parent;
+    sp->entry = span_entry(&sp->h);
     if (!sp->entry && !sp->present && !sp->ntags)
         return 0; /* neither an entry span nor one with a record's attribute */
     if (events)
@@ -2111,17 +2110,16 @@ static int rows_item(void *vctx, Slice item)
     if (sp->resource < 0)
         return unusual(c);
     if (sp->present & ((uint32_t)1 << R_REPLAY)) { /* instrumentation.replay re-running a record */
-        Slice v = sp->val[R_REPLAY];
-        Reader vr = reader_of(v);
-        if (v.n) {
-            if (rd_field(&vr, &f, &wt, &num, &s) < 0)
-                return -1;
-            if (vr.p != vr.end)
-                return unusual(c);
-            if (f == 2 && wt == WT_VARINT && num != 0)
-                return 0;
-        }
+        PyObject *replay = attr_of(c, sp, R_REPLAY, 0);
+        if (replay == NULL)
+            return -1;
+        int skip = replay == Py_True;
+        Py_DECREF(replay);
+        if (skip)
+            return 0;
     }
+    if (span_status(item, &sp->h) < 0)
+        return -1;
     sp->inference = !sp->entry && (sp->present & ((1u << R_MODEL) | (1u << R_GENAI))) != 0;
     c->nspans++;
     return 0;
@@ -2168,22 +2166,13 @@ static PyObject *row_value_of(RowsCtx *c, Slice v, int arrays)
     return list;
 }
 
-static PyObject *row_value(RowsCtx *c, Slice v) { return row_value_of(c, v, 0); }
-
-/* The value of wanted key ``j`` of a span (new reference), Py_None when absent; NULL: error or unusual. */
-static PyObject *attr_of(RowsCtx *c, const RowSpan *sp, int j)
+/* The value of wanted key ``j`` of a span (new reference), Py_None when absent (``arrays``: as row_value_of);
+ * NULL: an error, or unusual. */
+static PyObject *attr_of(RowsCtx *c, const RowSpan *sp, int j, int arrays)
 {
     if (!(sp->present & ((uint32_t)1 << j)))
         return Py_NewRef(Py_None);
-    return row_value(c, sp->val[j]);
-}
-
-/* The same, a list of scalars allowed (what parameters and payloads hold as JSON). */
-static PyObject *json_attr_of(RowsCtx *c, const RowSpan *sp, int j)
-{
-    if (!(sp->present & ((uint32_t)1 << j)))
-        return Py_NewRef(Py_None);
-    return row_value_of(c, sp->val[j], 1);
+    return row_value_of(c, sp->val[j], arrays);
 }
 
 static PyObject *str_or_none(PyObject *v)
@@ -2201,13 +2190,12 @@ typedef struct {
     const RowSpan *params[ROW_MAX_KEYS]; /* the span each parameter comes from */
 } Facts;
 
-static void facts_clear(Facts *fx, Py_ssize_t nparams)
+static void facts_clear(Facts *fx)
 {
     Py_CLEAR(fx->model);
     Py_CLEAR(fx->version);
     Py_CLEAR(fx->input);
     Py_CLEAR(fx->output);
-    (void)nparams;
 }
 
 /* records.is_tensor_payload: the format's name in the first 64 characters. */
@@ -2261,7 +2249,7 @@ static int merge_payload(RowsCtx *c, const RowSpan *sp, int role, PyObject **slo
 static int merge_facts(RowsCtx *c, const RowSpan *sp, Facts *fx)
 {
     if (fx->model == NULL && (sp->present & ((1u << R_MODEL) | (1u << R_GENAI)))) {
-        PyObject *model = attr_of(c, sp, R_MODEL);
+        PyObject *model = attr_of(c, sp, R_MODEL, 0);
         if (model == NULL)
             return -1;
         int truth = PyObject_IsTrue(model);
@@ -2270,7 +2258,7 @@ static int merge_facts(RowsCtx *c, const RowSpan *sp, Facts *fx)
             return -1;
         }
         if (!truth) {
-            Py_SETREF(model, attr_of(c, sp, R_GENAI));
+            Py_SETREF(model, attr_of(c, sp, R_GENAI, 0));
             if (model == NULL)
                 return -1;
         }
@@ -2280,7 +2268,7 @@ static int merge_facts(RowsCtx *c, const RowSpan *sp, Facts *fx)
             return -1;
     }
     if (fx->version == NULL && (sp->present & (1u << R_VERSION))) {
-        PyObject *v = attr_of(c, sp, R_VERSION);
+        PyObject *v = attr_of(c, sp, R_VERSION, 0);
         if (v == NULL || (fx->version = PyObject_Str(v)) == NULL) {
             Py_XDECREF(v);
             return -1;
@@ -2315,7 +2303,7 @@ static PyObject *error_code(RowsCtx *c, const RowSpan *sp)
     for (int j = R_HTTP; j <= R_HTTP_OLD; j++) {
         if (!(sp->present & ((uint32_t)1 << j)))
             continue;
-        PyObject *v = attr_of(c, sp, j);
+        PyObject *v = attr_of(c, sp, j, 0);
         if (v == NULL)
             return NULL;
         if (PyLong_CheckExact(v)) {
@@ -2327,7 +2315,7 @@ static PyObject *error_code(RowsCtx *c, const RowSpan *sp)
         Py_DECREF(v);
     }
     if (sp->present & (1u << R_ERROR_TYPE)) {
-        PyObject *v = attr_of(c, sp, R_ERROR_TYPE);
+        PyObject *v = attr_of(c, sp, R_ERROR_TYPE, 0);
         if (v == NULL)
             return NULL;
         int truth = PyObject_IsTrue(v);
@@ -2337,10 +2325,10 @@ static PyObject *error_code(RowsCtx *c, const RowSpan *sp)
         if (truth < 0)
             return NULL;
     }
-    if (sp->code == 2) {
-        if (!sp->message.n)
+    if (sp->h.code == 2) {
+        if (!sp->h.message.n)
             return PyUnicode_FromString("error");
-        PyObject *m = str_of(sp->message);
+        PyObject *m = str_of(sp->h.message);
         if (m == NULL || PyUnicode_GET_LENGTH(m) <= 200)
             return m;
         Py_SETREF(m, PyUnicode_Substring(m, 0, 200));
@@ -2363,7 +2351,7 @@ static PyObject *tags_of(RowsCtx *c, const RowSpan *sp, PyObject **intent)
     if (d == NULL)
         return NULL;
     for (int i = 0; i < sp->ntags; i++) {
-        PyObject *k = str_of(sp->tag_key[i]), *v = str_or_none(row_value(c, sp->tag_val[i]));
+        PyObject *k = str_of(sp->tag_key[i]), *v = str_or_none(row_value_of(c, sp->tag_val[i], 0));
         if (v == Py_None)
             Py_SETREF(v, PyObject_Str(v));
         int rc = k == NULL || v == NULL ? -1 : PyDict_SetItem(d, k, v);
@@ -2396,7 +2384,7 @@ static PyObject *params_of(RowsCtx *c, Facts *fx)
     for (Py_ssize_t i = 0; i < c->nparams; i++) {
         if (fx->params[i] == NULL)
             continue;
-        PyObject *v = json_attr_of(c, fx->params[i], (int)(R_PARAMS + i));
+        PyObject *v = attr_of(c, fx->params[i], (int)(R_PARAMS + i), 1);
         int rc = v == NULL ? -1 : PyDict_SetItem(d, PyTuple_GET_ITEM(c->param_names, i), v);
         Py_XDECREF(v);
         if (rc < 0) {
@@ -2434,8 +2422,8 @@ static PyObject *entry_row(RowsCtx *c, RowSpan *e, Py_ssize_t *heads, size_t mas
     if (merge_facts(c, e, &fx) < 0)
         goto done;
     if (heads != NULL) {
-        for (size_t b = trace_bucket(e->trace_id, mask); heads[b] >= 0; b = (b + 1) & mask) {
-            if (!slice_eq(c->spans[heads[b]].trace_id, e->trace_id))
+        for (size_t b = trace_bucket(e->h.trace_id, mask); heads[b] >= 0; b = (b + 1) & mask) {
+            if (!slice_eq(c->spans[heads[b]].h.trace_id, e->h.trace_id))
                 continue;
             Slice svc = c->service_raw[e->resource];
             for (Py_ssize_t i = heads[b]; i >= 0; i = c->spans[i].next) {
@@ -2449,25 +2437,25 @@ static PyObject *entry_row(RowsCtx *c, RowSpan *e, Py_ssize_t *heads, size_t mas
             break;
         }
     }
-    uint64_t start = e->start < MAX_UNIX_NANO ? e->start : MAX_UNIX_NANO;
-    uint64_t end = e->end < MAX_UNIX_NANO ? e->end : MAX_UNIX_NANO;
+    uint64_t start = e->h.start < MAX_UNIX_NANO ? e->h.start : MAX_UNIX_NANO;
+    uint64_t end = e->h.end < MAX_UNIX_NANO ? e->h.end : MAX_UNIX_NANO;
     if (end < start)
         end = start;
 #define SET(i, expr) if ((items[i] = (expr)) == NULL) goto done
-    SET(0, hex_of(e->trace_id));
-    SET(1, hex_of(e->span_id));
+    SET(0, hex_of(e->h.trace_id));
+    SET(1, hex_of(e->h.span_id));
     SET(2, PyLong_FromUnsignedLongLong(start));
     SET(3, Py_NewRef(c->recorded));
     SET(4, Py_NewRef(c->service[e->resource]));
-    SET(5, str_of(e->name));
-    SET(6, str_or_none(attr_of(c, e, R_REQUEST)));
+    SET(5, str_of(e->h.name));
+    SET(6, str_or_none(attr_of(c, e, R_REQUEST, 0)));
     SET(7, Py_NewRef(fx.model ? fx.model : Py_None));
     SET(8, Py_NewRef(fx.version ? fx.version : Py_None));
-    SET(9, str_or_none(attr_of(c, e, R_USER)));
+    SET(9, str_or_none(attr_of(c, e, R_USER, 0)));
     SET(11, tags_of(c, e, &intent));
     SET(10, intent ? Py_NewRef(intent) : Py_NewRef(Py_None));
     SET(12, PyFloat_FromDouble((double)(end - start) / 1e6));
-    SET(13, Py_NewRef(PyTuple_GET_ITEM(c->status_names, e->code >= 0 && e->code < 3 ? e->code : 0)));
+    SET(13, Py_NewRef(PyTuple_GET_ITEM(c->status_names, e->h.code >= 0 && e->h.code < 3 ? e->h.code : 0)));
     SET(14, error_code(c, e));
     SET(15, params_of(c, &fx));
     SET(16, Py_NewRef(fx.input ? fx.input : Py_None));
@@ -2485,7 +2473,7 @@ done:
     for (int i = 0; i < ROW_COLUMNS; i++)
         Py_XDECREF(items[i]);
     Py_XDECREF(intent);
-    facts_clear(&fx, c->nparams);
+    facts_clear(&fx);
     return row;
 }
 
@@ -2511,8 +2499,8 @@ static PyObject *make_rows(RowsCtx *c)
             RowSpan *sp = &c->spans[i];
             if (!sp->inference)
                 continue;
-            size_t b = trace_bucket(sp->trace_id, mask);
-            while (heads[b] >= 0 && !slice_eq(c->spans[heads[b]].trace_id, sp->trace_id))
+            size_t b = trace_bucket(sp->h.trace_id, mask);
+            while (heads[b] >= 0 && !slice_eq(c->spans[heads[b]].h.trace_id, sp->h.trace_id))
                 b = (b + 1) & mask;
             if (heads[b] < 0)
                 heads[b] = i;

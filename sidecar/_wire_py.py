@@ -519,16 +519,14 @@ def _subset_span(span, data: bytes, a: int, b: int, wanted: set, prefix: bytes, 
     """The span with only what audit_spans reads, or None when audit_spans would not select it or it repeats
     one of the ``recent`` non-entry spans kept (same trace, same kept attributes, byte for byte and in order,
     no event attribute kept); ``recent`` gains it otherwise."""
-    fields = _fields(data, a, b)
-    kept_kvs = tuple(data[x:y] for f, wt, x, y in fields if f == 9 and wt == _LEN and _wanted_key(data, x, y, wanted, prefix))
-    entry = span.kind in _ENTRY_KINDS or not span.parent_span_id
-    if not (kept_kvs or entry):
-        return None
-    parts = []
+    parts, kept_kvs = [], []
     events = False
-    for f, wt, x, y in fields:
+    for f, wt, x, y in _fields(data, a, b):
         if wt == _LEN:
-            if f in (1, 2, 4, 5, 15) or (f == 9 and _wanted_key(data, x, y, wanted, prefix)):
+            if f in (1, 2, 4, 5, 15):
+                parts.append(_field(f, data[x:y]))
+            elif f == 9 and _wanted_key(data, x, y, wanted, prefix):
+                kept_kvs.append(data[x:y])
                 parts.append(_field(f, data[x:y]))
             elif f == 11 and event_keys:
                 attrs = [_field(3, data[p:q]) for g, w, p, q in _fields(data, x, y)
@@ -540,8 +538,11 @@ def _subset_span(span, data: bytes, a: int, b: int, wanted: set, prefix: bytes, 
             parts.append(b"\x30" + encode_varint(_varint(data, x, y)[0]))
         elif wt == 1 and f in (7, 8):
             parts.append(encode_varint(f << 3 | 1) + data[x:y])
+    entry = span.kind in _ENTRY_KINDS or not span.parent_span_id
+    if not (kept_kvs or entry):
+        return None
     if not entry and not events and len(kept_kvs) <= _REPEAT_ATTRS:
-        facts = (span.trace_id, kept_kvs)
+        facts = (span.trace_id, tuple(kept_kvs))
         if facts in recent:
             return None
         recent.append(facts)

@@ -178,13 +178,18 @@ def _rows_of(request: bytes, recorded: int) -> tuple[list[tuple], list[Fragment]
     return [_row(rec, recorded) for rec in extraction.records], extraction.fragments
 
 
+def _with_fragments(rec: AuditRecord, fragments: list[dict]) -> AuditRecord:
+    """The record with the facts of the fragments that waited for it merged in (:func:`records.merge`)."""
+    fields_ = rec.to_json()
+    for frag in fragments:
+        merge(fields_, frag)
+    return AuditRecord(**fields_)
+
+
 def _completed(row: tuple, fragments: list[dict] | None, kept: dict[str, str]) -> tuple:
     """A row with the fragments that waited for its record merged in and its trace's kept mark set."""
     if fragments:
-        fields_ = _record(row).to_json()
-        for frag in fragments:
-            merge(fields_, frag)
-        row = _row(AuditRecord(**fields_), row[3])
+        row = _row(_with_fragments(_record(row), fragments), row[3])
     if row[0] in kept:
         row = row[:18] + (1, kept[row[0]])
     return row
@@ -338,9 +343,7 @@ class AuditStore(ABC):
             self._store_fragment(cur, frag, now)
         if not rows:
             return 0
-        traces = sorted({row[0] for row in rows})
-        pending = self._fragments_for(cur, traces)
-        kept = self._kept_for(cur, traces)
+        pending, kept = self._waiting_for(cur, rows)
         if pending or kept:
             rows = [_completed(row, pending.get((row[0], row[4])), kept) for row in rows]
         cur.executemany(self._sql(f"INSERT INTO audit_records ({', '.join(COLUMNS)}) VALUES "
@@ -455,7 +458,7 @@ class AuditStore(ABC):
                 waiting = []
             write(rows, fragments, recorded)
         if waiting:
-            write(waiting, [], 0)
+            write(waiting, [], recorded)  # no fragment: the rows carry their own recorded time
         out.entries = len(indexed)
         if indexed:
             cur.execute(self._sql(f"DELETE FROM audit_journal WHERE seq IN {self._in(len(indexed))}"), indexed)
@@ -516,6 +519,11 @@ class AuditStore(ABC):
 
     def _in(self, n: int) -> str:
         return "(" + ", ".join("?" * n) + ")"
+
+    def _waiting_for(self, cur, rows: list[tuple]) -> tuple[dict[tuple[str, str], list[dict]], dict[str, str]]:
+        """What already waits for these rows' records: fragments per (trace, service), kept marks per trace."""
+        traces = sorted({row[0] for row in rows})
+        return self._fragments_for(cur, traces), self._kept_for(cur, traces)
 
     def _fragments_for(self, cur, traces: list[str]) -> dict[tuple[str, str], list[dict]]:
         out: dict[tuple[str, str], list[dict]] = {}
@@ -849,9 +857,7 @@ class SQLiteStore(AuditStore):
                     " ON CONFLICT (trace_id, span_id) DO NOTHING")
         if not rows:
             return 0
-        traces = sorted({row[0] for row in rows})
-        pending = self._fragments_for(cur, traces)
-        kept = self._kept_for(cur, traces)
+        pending, kept = self._waiting_for(cur, rows)
         seen, recent = self._txn_keys, self._recent
         new, keys = [], []
         lo = hi = None
@@ -1070,10 +1076,7 @@ class SQLiteStore(AuditStore):
                     cur.execute("SELECT fields FROM audit_fragments WHERE trace_id = ? AND service = ? "
                                 "ORDER BY span_id", key)
                     waiting[key] = [json.loads(f) for (f,) in cur.fetchall()]
-                fields_ = rec.to_json()
-                for frag in waiting[key]:
-                    merge(fields_, frag)
-                rec = AuditRecord(**fields_)
+                rec = _with_fragments(rec, waiting[key])
             if row[21] and not rec.trace_kept:
                 rec.trace_kept, rec.kept_policy = True, row[22]
             if q.model_version is not None and rec.model_version != q.model_version:
