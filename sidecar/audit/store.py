@@ -74,6 +74,8 @@ COLUMNS = ("trace_id", "span_id", "time_unix_nano", "recorded_unix_nano", "servi
            "model_id", "model_version", "user_id", "intent", "tags", "latency_ms", "status", "error_code",
            "parameters", "input_payload", "output_payload", "trace_kept", "kept_policy")
 _COLUMN_LIST = ", ".join(COLUMNS)
+#: the record columns that may be NULL (all of them TEXT): see :func:`_insert`
+_NULLABLE = tuple(i for i, part in enumerate(_RECORD_COLUMNS.split(",")) if "NOT NULL" not in part)
 
 #: SQLite 3: the table becomes the first sealed partition (its indexes follow it), an empty active partition
 #: starts, the catalog lists both and ``audit_records`` becomes a view over them (see :class:`SQLiteStore`)
@@ -659,12 +661,12 @@ _ROWS_PER_INSERT = 256  # x 20 columns: far under the 32766 values SQLite binds 
 
 
 @functools.lru_cache(maxsize=64)
-def _values_sql(head: str, width: int, rows: int, tail: str) -> str:
-    one = "(" + ", ".join("?" * width) + ")"
+def _values_sql(head: str, width: int, rows: int, tail: str, nulls: tuple[int, ...]) -> str:
+    one = "(" + ", ".join("NULLIF(?, 0)" if i in nulls else "?" for i in range(width)) + ")"
     return f"{head} VALUES {', '.join([one] * rows)}{tail}"
 
 
-def _insert(cur, head: str, rows: list[tuple], tail: str = "") -> None:
+def _insert(cur, head: str, rows: list[tuple], tail: str = "", nulls: tuple[int, ...] = ()) -> None:
     """``head VALUES (...), (...), ... tail``: ``rows`` in a few statements, not one step per row.
 
     The sqlite3 module releases the GIL around each step of a statement, and ``executemany`` steps once
@@ -672,11 +674,19 @@ def _insert(cur, head: str, rows: list[tuple], tail: str = "") -> None:
     hands it over and waits to get it back: two context switches per row. One busy Python thread beside
     a writer of 128-row groups made ``executemany`` cost 7x the CPU per row and this 2x
     (docs/benchmarks.md, third round). Chunks are powers of two, so a few statements stay cached.
+
+    ``nulls``: the positions of TEXT columns that may be NULL. Their Nones are bound as the integer 0, which
+    the statement turns back into NULL (``NULLIF(?, 0)``: no text equals an integer, so ``'0'`` stays
+    ``'0'``). The module binds every None through a failing attribute lookup that formats an error message:
+    the five NULLs of a usual record were a third of its INSERT's CPU (docs/benchmarks.md, seventh round).
+    A None at another position becomes 0 as well: rows never hold one there (their columns are NOT NULL).
     """
     i, n = 0, len(rows)
     while i < n:
         k = 1 << (min(n - i, _ROWS_PER_INSERT).bit_length() - 1)
-        cur.execute(_values_sql(head, len(rows[i]), k, tail), list(chain.from_iterable(rows[i:i + k])))
+        values = chain.from_iterable(rows[i:i + k])
+        cur.execute(_values_sql(head, len(rows[i]), k, tail, nulls),
+                    [0 if v is None else v for v in values] if nulls else list(values))
         i += k
 
 
@@ -691,6 +701,9 @@ class _RecentKeys:
 
     def __contains__(self, key: str) -> bool:
         return key in self._new or key in self._old
+
+    def isdisjoint(self, keys: set[str]) -> bool:
+        return keys.isdisjoint(self._new) and keys.isdisjoint(self._old)
 
     def add(self, keys) -> None:
         self._new.update(keys)
@@ -859,28 +872,35 @@ class SQLiteStore(AuditStore):
             return 0
         pending, kept = self._waiting_for(cur, rows)
         seen, recent = self._txn_keys, self._recent
-        new, keys = [], []
-        lo = hi = None
-        for row in rows:
-            key = _key(row[0], row[1])
-            if key in seen or key in recent:
-                continue  # written already (a retried export): the first stays
-            seen.add(key)
-            keys.append(key)
-            if pending or kept:
-                row = _completed(row, pending.get((row[0], row[4])), kept)
-            new.append(row)
-            t = row[2]
-            lo = t if lo is None or t < lo else lo
-            hi = t if hi is None or t > hi else hi
-        rows = new
-        if not rows:
-            return 0
+        keys = [_key(row[0], row[1]) for row in rows]
+        fresh = set(keys)
+        if len(fresh) == len(rows) and fresh.isdisjoint(seen) and recent.isdisjoint(fresh) and not (pending or kept):
+            seen |= fresh  # the usual batch: every row new and complete, written as it is
+            times = [row[2] for row in rows]
+            lo, hi = min(times), max(times)
+        else:
+            new, keys = [], []
+            lo = hi = None
+            for row in rows:
+                key = _key(row[0], row[1])
+                if key in seen or key in recent:
+                    continue  # written already (a retried export): the first stays
+                seen.add(key)
+                keys.append(key)
+                if pending or kept:
+                    row = _completed(row, pending.get((row[0], row[4])), kept)
+                new.append(row)
+                t = row[2]
+                lo = t if lo is None or t < lo else lo
+                hi = t if hi is None or t > hi else hi
+            rows = new
+            if not rows:
+                return 0
         try:
             if self._txn_active is None:
                 self._txn_active = cur.execute("SELECT max(number) FROM audit_partitions").fetchone()[0]
             active = self._txn_active
-            _insert(cur, f"INSERT INTO audit_part_{active} ({_COLUMN_LIST})", rows)
+            _insert(cur, f"INSERT INTO audit_part_{active} ({_COLUMN_LIST})", rows, nulls=_NULLABLE)
             cur.execute("UPDATE audit_partitions SET rows = rows + ?, min_time = min(coalesce(min_time, ?), ?), "
                         "max_time = max(coalesce(max_time, ?), ?) WHERE number = ? RETURNING rows",
                         (len(rows), lo, lo, hi, hi, active))

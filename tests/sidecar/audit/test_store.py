@@ -195,6 +195,39 @@ def test_times_beyond_what_sql_integers_hold_are_clamped_not_refused(store):
     assert rec.time_unix_nano == 2**63 - 1 and rec.latency_ms == 0.0
 
 
+def test_empty_and_zero_texts_stay_texts_and_missing_ones_stay_null(store):
+    """SQLite binds a missing text as the integer 0 and turns it back into NULL in the statement (a bound None
+    costs a formatted error message in the sqlite3 module): ``""`` and ``"0"`` must stay what they were, on the
+    request path and through the journal (made in C where it is built)."""
+    app = App()
+    app.request("0", user="", version="0")
+    app.request("", user="0", version="")
+    req = app.take()
+    expected = {r.request_id: r for r in extract(req).records}
+    assert store.write(extract(req)) == 2
+    assert {r.request_id: r for r in store.query(Query())} == expected
+    assert (expected["0"].user_id, expected["0"].model_version, expected[""].user_id, expected[""].model_version,
+            expected["0"].error_code) == ("", "0", "0", "", None)
+    rec = AuditRecord(trace_id="ab" * 16, span_id="cd" * 8, time_unix_nano=T0, service="svc", span_name="x")
+    assert _write(store, rec) == 1
+    (back,) = store.query(Query(trace_id=rec.trace_id))
+    assert back == rec and back.request_id is None and back.intent is None and back.kept_policy is None
+
+
+def test_the_journal_keeps_empty_and_zero_texts(tmp_path):
+    store = _sqlite(tmp_path / "audit.db")
+    app = App()
+    app.request("0", user="", version="0")
+    app.request("", user="0", version="")
+    req = app.take()
+    store.append(req.SerializeToString())
+    assert store.index_journal().written == 2
+    assert sorted(store.query(Query()), key=repr) == sorted(extract(req).records, key=repr)
+    assert _raw(store, "SELECT typeof(request_id), typeof(user_id), typeof(intent), typeof(error_code) "
+                       "FROM audit_records") == [("text", "text", "text", "null")] * 2
+    store.close()
+
+
 # --- SQLite partitions ---------------------------------------------------------------------------
 
 T0 = 1_700_000_000 * 10**9
