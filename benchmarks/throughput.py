@@ -3,7 +3,8 @@
 For each scenario it reports the target process's CPU microseconds per item (user+sys
 from the OS, over the whole run), items/s and peak RSS (VmHWM). The floor — a minimal
 Python gRPC process that only decodes, re-encodes and forwards — runs in the same
-invocation on the same traffic, and every scenario is reported as a ratio to it.
+invocation on the same traffic, before and after every scenario, and each scenario is reported as a
+ratio to the mean of the two floors around it (the machine's speed drifts between runs).
 
     .venv/bin/python benchmarks/throughput.py            # all scenarios
     .venv/bin/python benchmarks/throughput.py --sustain 30   # + 20k spans/s + 10k logs/s with 10 s decision wait
@@ -343,11 +344,21 @@ def sustained(rate_spans: int, rate_logs: int, seconds: int, pipeline: str = "re
 
 
 def run_density(args, pii: float, decision_wait_s: float) -> list[dict]:
-    """The floor and the selected scenarios on one load; each result carries its ratio to that floor."""
+    """The floor and the selected scenarios on one load; each result carries its ratio to the floor.
+
+    The floor runs again after each scenario, and a scenario's ratio is to the mean of the floors just
+    before and just after it: this machine's speed drifts (its floor went from 2.5 to 7.6 µs per item
+    within twenty minutes), and a floor measured minutes away would move every ratio with it.
+    """
     bodies, spans, logs = build_load(args.requests, pii=pii)
     print(f"load (pii {pii:g}): {len(bodies)} requests, {spans} spans + {logs} log records", flush=True)
-    results = [run_target("floor (decode, re-encode, forward)", None, bodies, spans, logs, sampling=False,
-                          decision_wait_s=0)]
+
+    def floor() -> dict:
+        return run_target("floor (decode, re-encode, forward)", None, bodies, spans, logs, sampling=False,
+                          decision_wait_s=0)
+
+    floors = [floor()]
+    results = []
     for name, procs in SCENARIOS.items():
         if args.only and not any(o in name for o in args.only):
             continue
@@ -356,27 +367,32 @@ def run_density(args, pii: float, decision_wait_s: float) -> list[dict]:
         else:
             cfg = sidecar_config("LISTEN_PORT", "BACKEND_PORT", procs, args.decision_wait, "METRICS_PORT")
         sampling = "tail_sampling" in procs or procs[0].startswith("default")
-        results.append(run_target(name, cfg, bodies, spans, logs, sampling=sampling, decision_wait_s=decision_wait_s))
-        print(f"  {name}: {results[-1]['cpu_us_per_item']:.2f} µs/item", flush=True)
-    floor = results[0]["cpu_us_per_item"]
-    for r in results:
+        r = run_target(name, cfg, bodies, spans, logs, sampling=sampling, decision_wait_s=decision_wait_s)
+        floors.append(floor())
+        r["floor_us_per_item"] = (floors[-2]["cpu_us_per_item"] + floors[-1]["cpu_us_per_item"]) / 2
+        r["x_floor"] = r["cpu_us_per_item"] / r["floor_us_per_item"]
+        results.append(r)
+        print(f"  {name}: {r['cpu_us_per_item']:.2f} µs/item, {r['x_floor']:.2f}x the floors around it "
+              f"({floors[-2]['cpu_us_per_item']:.2f}, {floors[-1]['cpu_us_per_item']:.2f})", flush=True)
+    first = dict(floors[0])
+    first["floor_us_per_item"] = first["cpu_us_per_item"]
+    first["x_floor"] = 1.0
+    first["floors_us"] = [round(f["cpu_us_per_item"], 2) for f in floors]
+    for r in [first, *results]:
         r["pii"] = pii
-        r["x_floor"] = r["cpu_us_per_item"] / floor
-    return results
+    return [first, *results]
 
 
 def best_of(runs: list[list[dict]]) -> list[dict]:
-    """Per scenario, its run with the least CPU per item, and its ratio to the floor's least (``--repeat``).
+    """Per scenario, its run with the least ratio to the floors around it (``--repeat``).
 
     Other processes on a shared machine only ever add CPU time (cache and core contention), so the
-    least of a few runs is the least disturbed figure, for the floor and for each scenario alike.
+    least of a few runs is the least disturbed figure.
     """
-    floor = min(run[0]["cpu_us_per_item"] for run in runs)
     out = []
     for i in range(len(runs[0])):
-        ranked = sorted((run[i] for run in runs), key=lambda r: r["cpu_us_per_item"])
+        ranked = sorted((run[i] for run in runs), key=lambda r: (r["x_floor"], r["cpu_us_per_item"]))
         pick = dict(ranked[0])
-        pick["x_floor"] = pick["cpu_us_per_item"] / floor
         pick["cpu_us_all"] = [round(r["cpu_us_per_item"], 2) for r in ranked]
         out.append(pick)
     return out
