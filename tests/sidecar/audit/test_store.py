@@ -270,6 +270,19 @@ def _by_request(store, q: Query | None = None) -> dict[str, AuditRecord]:
     return {r.request_id: r for r in got}
 
 
+def test_what_waited_for_a_record_is_in_its_row_for_ad_hoc_sql(tmp_path):
+    """A fragment and a kept mark that arrived before their record are folded into its row as it is written, so
+    ``SELECT ... FROM audit_records`` shows them before any seal (docs/audit.md); in a batch with other records."""
+    store = _sqlite(tmp_path / "audit.db")
+    _write(store, fragments=(_frag(1, model_version="9.9"),))
+    store.mark_kept({f"{1:032x}": "errors"})
+    assert _write(store, *(_rec(i, version=None) for i in range(4))) == 4
+    assert _raw(store, "SELECT request_id, model_version, trace_kept, kept_policy FROM audit_records "
+                       "ORDER BY request_id") == [("req-0", None, 0, None), ("req-1", "9.9", 1, "errors"),
+                                                  ("req-2", None, 0, None), ("req-3", None, 0, None)]
+    store.close()
+
+
 def test_fragments_and_kept_marks_in_either_order_on_both_sides_of_a_seal(tmp_path):
     s = _sqlite(tmp_path / "a.db", seal_rows=4)
     # 1: fragment before its record (merged on write); 2: fragment after it (read time, then the seal)
