@@ -223,12 +223,40 @@ static PyObject *head_of(Slice msg)
 
 /* --- spans -------------------------------------------------------------------------------------- */
 
+/* A span's fields besides its attributes and events (the last occurrence of each; the status is only noted
+ * while reading, and read by span_status once the span is known to be wanted). */
 typedef struct {
-    Slice whole, trace_id, span_id, trace_state, name;
-    int has_parent;
-    uint32_t flags;
-    long kind, status;
+    Slice trace_id, span_id, name, message;
     uint64_t start, end;
+    long kind, code;
+    int has_parent, has_status;
+} SpanHead;
+
+/* Takes field ``f`` of a span into ``h`` when it is a head field. */
+static void span_head_field(SpanHead *h, uint32_t f, int wt, uint64_t num, Slice s)
+{
+    if (wt == WT_LEN) {
+        switch (f) {
+        case 1: h->trace_id = s; break;
+        case 2: h->span_id = s; break;
+        case 4: h->has_parent = s.n > 0; break;
+        case 5: h->name = s; break;
+        case 15: h->has_status = 1; break;
+        }
+    } else if (f == 6 && wt == WT_VARINT) {
+        h->kind = (long)(int32_t)num;
+    } else if (f == 7 && wt == WT_I64) {
+        h->start = num;
+    } else if (f == 8 && wt == WT_I64) {
+        h->end = num;
+    }
+}
+
+typedef struct {
+    Slice whole, trace_state;
+    SpanHead h; /* h.code stays 0: parse_span reads the status code into ``status`` */
+    uint32_t flags;
+    long status;
     /* per wanted key: whether the span has it, and the KeyValue of its first occurrence */
     char found[MAX_KEYS + 1];
     Slice vals[MAX_KEYS + 1];
@@ -426,22 +454,18 @@ static int parse_span(Slice msg, const Keys *k, SpanFacts *sp)
     int wt;
     uint64_t num;
     sp->whole = msg;
-    sp->trace_id = sp->span_id = sp->trace_state = sp->name = none;
-    sp->has_parent = 0;
+    sp->trace_state = none;
+    memset(&sp->h, 0, sizeof sp->h);
     sp->flags = 0;
-    sp->kind = sp->status = 0;
-    sp->start = sp->end = 0;
+    sp->status = 0;
     memset(sp->found, 0, (size_t)k->nkeys);
     while (r.p < r.end) {
         if (rd_field(&r, &f, &wt, &num, &s) < 0)
             return -1;
+        span_head_field(&sp->h, f, wt, num, s);
         if (wt == WT_LEN) {
             switch (f) {
-            case 1: sp->trace_id = s; break;
-            case 2: sp->span_id = s; break;
             case 3: sp->trace_state = s; break;
-            case 4: sp->has_parent = s.n > 0; break;
-            case 5: sp->name = s; break;
             case 9:
                 if (k->nkeys && parse_attribute(s, k, sp) < 0)
                     return -1;
@@ -451,12 +475,6 @@ static int parse_span(Slice msg, const Keys *k, SpanFacts *sp)
                     return -1;
                 break;
             }
-        } else if (f == 6 && wt == WT_VARINT) {
-            sp->kind = (long)(int32_t)num;
-        } else if (f == 7 && wt == WT_I64) {
-            sp->start = num;
-        } else if (f == 8 && wt == WT_I64) {
-            sp->end = num;
         } else if (f == 16 && wt == WT_I32) {
             sp->flags = (uint32_t)num;
         }
@@ -630,10 +648,10 @@ static int metrics_span(void *vctx, Slice item)
     Py_INCREF(service);
     PyTuple_SET_ITEM(key, 0, service);
     PyObject *x;
-    if ((x = str_of(sp->name)) == NULL)
+    if ((x = str_of(sp->h.name)) == NULL)
         goto fail;
     PyTuple_SET_ITEM(key, 1, x);
-    if ((x = PyLong_FromLong(sp->kind)) == NULL)
+    if ((x = PyLong_FromLong(sp->h.kind)) == NULL)
         goto fail;
     PyTuple_SET_ITEM(key, 2, x);
     if ((x = PyLong_FromLong(sp->status)) == NULL)
@@ -653,9 +671,9 @@ static int metrics_span(void *vctx, Slice item)
         }
         PyTuple_SET_ITEM(key, 4 + j, x);
     }
-    uint64_t d = sp->end > sp->start ? sp->end - sp->start : 0;
-    PyObject *items[6] = {key, PyLong_FromUnsignedLongLong(d), PyLong_FromUnsignedLongLong(sp->end),
-                          PyLong_FromLong(sp->status), bytes_of(sp->trace_id), bytes_of(sp->span_id)};
+    uint64_t d = sp->h.end > sp->h.start ? sp->h.end - sp->h.start : 0;
+    PyObject *items[6] = {key, PyLong_FromUnsignedLongLong(d), PyLong_FromUnsignedLongLong(sp->h.end),
+                          PyLong_FromLong(sp->status), bytes_of(sp->h.trace_id), bytes_of(sp->h.span_id)};
     PyObject *row = named(SpanMetricRow_T, 6, items);
     if (row == NULL) /* named() released the items already */
         return -1;
@@ -844,14 +862,14 @@ static int span_run_item(void *vctx, Slice item)
     int n = c->k.nkeys;
     if (parse_span(item, &c->k, sp) < 0)
         return -1;
-    if (c->open && !(slice_eq(sp->trace_id, c->trace_id) && slice_eq(sp->trace_state, c->trace_state)))
+    if (c->open && !(slice_eq(sp->h.trace_id, c->trace_id) && slice_eq(sp->trace_state, c->trace_state)))
         if (span_run_close(c) < 0)
             return -1;
     if (!c->open) {
         if ((c->blobs = PyList_New(0)) == NULL)
             return -1;
         c->open = 1;
-        c->trace_id = sp->trace_id;
+        c->trace_id = sp->h.trace_id;
         c->trace_state = sp->trace_state;
         c->nbytes = 0;
         c->status_mask = c->start = c->end = 0;
@@ -868,11 +886,11 @@ static int span_run_item(void *vctx, Slice item)
     c->nbytes += item.n;
     if (sp->status >= 0 && sp->status < KNOWN_STATUS_CODES) /* open enum: others carry no bit */
         c->status_mask |= (uint64_t)1 << sp->status;
-    if (sp->start && (!c->start || sp->start < c->start))
-        c->start = sp->start;
-    if (sp->end > c->end)
-        c->end = sp->end;
-    if (!sp->has_parent || (sp->flags & 0x300) == 0x300) /* local root, or its parent is remote */
+    if (sp->h.start && (!c->start || sp->h.start < c->start))
+        c->start = sp->h.start;
+    if (sp->h.end > c->end)
+        c->end = sp->h.end;
+    if (!sp->h.has_parent || (sp->flags & 0x300) == 0x300) /* local root, or its parent is remote */
         c->root = 1;
     for (int j = 0; j < n; j++) {
         if (!sp->found[j]) {
@@ -1256,35 +1274,6 @@ static PyObject *check_encoding(PyObject *self, PyObject *args)
 }
 
 /* --- a span's own fields, as audit records read them ------------------------------------------ */
-
-/* A span's fields besides its attributes and events (the last occurrence of each; the status is only noted
- * while reading, and read by span_status once the span is known to be wanted). */
-typedef struct {
-    Slice trace_id, span_id, name, message;
-    uint64_t start, end;
-    long kind, code;
-    int has_parent, has_status;
-} SpanHead;
-
-/* Takes field ``f`` of a span into ``h`` when it is a head field. */
-static void span_head_field(SpanHead *h, uint32_t f, int wt, uint64_t num, Slice s)
-{
-    if (wt == WT_LEN) {
-        switch (f) {
-        case 1: h->trace_id = s; break;
-        case 2: h->span_id = s; break;
-        case 4: h->has_parent = s.n > 0; break;
-        case 5: h->name = s; break;
-        case 15: h->has_status = 1; break;
-        }
-    } else if (f == 6 && wt == WT_VARINT) {
-        h->kind = (long)(int32_t)num;
-    } else if (f == 7 && wt == WT_I64) {
-        h->start = num;
-    } else if (f == 8 && wt == WT_I64) {
-        h->end = num;
-    }
-}
 
 /* An entry span: kind SERVER or CONSUMER, or no parent. */
 static int span_entry(const SpanHead *h) { return h->kind == 2 || h->kind == 5 || !h->has_parent; }

@@ -879,21 +879,20 @@ class SQLiteStore(AuditStore):
             times = [row[2] for row in rows]
             lo, hi = min(times), max(times)
         else:
-            new, keys = [], []
+            new, written = [], []
             lo = hi = None
-            for row in rows:
-                key = _key(row[0], row[1])
+            for row, key in zip(rows, keys):
                 if key in seen or key in recent:
                     continue  # written already (a retried export): the first stays
                 seen.add(key)
-                keys.append(key)
+                written.append(key)
                 if pending or kept:
                     row = _completed(row, pending.get((row[0], row[4])), kept)
                 new.append(row)
                 t = row[2]
                 lo = t if lo is None or t < lo else lo
                 hi = t if hi is None or t > hi else hi
-            rows = new
+            rows, keys = new, written
             if not rows:
                 return 0
         try:
