@@ -49,7 +49,7 @@ def timed(label: str, items: int, f) -> None:
 
 
 def use(impl) -> None:
-    for name in ("check_ids", "span_metric_rows", "span_runs", "log_runs", "MAX_KEYS"):
+    for name in ("check_ids", "span_metric_rows", "span_metric_groups", "span_runs", "log_runs", "MAX_KEYS"):
         setattr(wire, name, getattr(impl, name))
 
 

@@ -40,7 +40,7 @@ enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_SGROUP = 3, WT_EGROUP = 4, WT_I
 
 /* The result types (sidecar/_wire_types.py), shared with the pure-Python scanner. */
 static PyTypeObject *SpanMetricRow_T, *SpanRun_T, *LogRun_T, *KeyHits_T, *ResourceGroup_T, *ScopeGroup_T;
-static PyTypeObject *AuditSpans_T, *AuditSpan_T;
+static PyTypeObject *AuditSpans_T, *AuditSpan_T, *SpanMetricGroup_T;
 
 typedef struct {
     const uint8_t *p;
@@ -712,6 +712,365 @@ static PyObject *span_metric_rows(PyObject *self, PyObject *args)
         return NULL;
     }
     return c.rows;
+}
+
+/* --- span_metrics: the spans of a request counted per key ----------------------------------------- */
+
+/* One span an exemplar can name: ids, duration, end, and its index among the request's spans. */
+typedef struct {
+    Slice trace_id, span_id;
+    uint64_t duration, end;
+    Py_ssize_t at;
+} Exemplar;
+
+/* The spans with one key as read on the wire (resource, name, kind, status, the first KeyValue of each key);
+ * keys of different bytes can label alike (an int 1 and a string "1"): merged once labelled. */
+typedef struct {
+    Py_ssize_t resource;
+    Slice name;
+    long kind, status;
+    Slice vals[MAX_KEYS]; /* {NULL, 0}: absent */
+    uint64_t hash, sum, carries; /* the durations' sum: carries * 2**64 + sum */
+    Py_ssize_t count;
+    Exemplar slowest, latest;
+    int merged; /* into an earlier group of the same key */
+} MetricGroup;
+
+typedef struct {
+    Keys k, rk;
+    PyObject *bases; /* per resource, its (service, label per key) */
+    SpanFacts sp, res;
+    const uint64_t *bounds;
+    Py_ssize_t nbounds, spans;
+    MetricGroup *groups;
+    Py_ssize_t *counts; /* per group, nbounds + 1 bucket counts */
+    Py_ssize_t ngroups, cap;
+    Py_ssize_t *table;  /* open addressing on group indices, -1: empty */
+    size_t mask;
+} GroupsCtx;
+
+static uint64_t mix_bytes(uint64_t h, Slice s)
+{
+    for (Py_ssize_t i = 0; i < s.n; i++)
+        h = (h ^ s.p[i]) * 0x100000001b3ull; /* FNV-1a */
+    return (h ^ (uint64_t)s.n) * 0x100000001b3ull;
+}
+
+static int groups_resource(void *vctx, Py_ssize_t index, Slice rs)
+{
+    GroupsCtx *c = vctx;
+    (void)index;
+    if (resource_facts(rs, &c->rk, &c->res) < 0)
+        return -1;
+    PyObject *base = PyTuple_New(c->rk.nkeys);
+    if (base == NULL)
+        return -1;
+    for (int j = 0; j < c->rk.nkeys; j++) {
+        PyObject *x = c->res.found[j] ? label_of(c->res.vals[j]) : PyUnicode_FromStringAndSize("", 0);
+        if (x == NULL) {
+            Py_DECREF(base);
+            return -1;
+        }
+        PyTuple_SET_ITEM(base, j, x);
+    }
+    int rc = PyList_Append(c->bases, base);
+    Py_DECREF(base);
+    return rc;
+}
+
+static int groups_grow(GroupsCtx *c)
+{
+    Py_ssize_t cap = c->cap ? 2 * c->cap : 16, nb = c->nbounds + 1;
+    MetricGroup *g = PyMem_Realloc(c->groups, (size_t)cap * sizeof *g);
+    if (g == NULL)
+        return PyErr_NoMemory(), -1;
+    c->groups = g;
+    Py_ssize_t *counts = PyMem_Realloc(c->counts, (size_t)(cap * nb) * sizeof *counts);
+    if (counts == NULL)
+        return PyErr_NoMemory(), -1;
+    c->counts = counts;
+    size_t size = 2 * (size_t)cap;
+    Py_ssize_t *table = PyMem_Malloc(size * sizeof *table);
+    if (table == NULL)
+        return PyErr_NoMemory(), -1;
+    for (size_t b = 0; b < size; b++)
+        table[b] = -1;
+    for (Py_ssize_t i = 0; i < c->ngroups; i++) {
+        size_t b = (size_t)c->groups[i].hash & (size - 1);
+        while (table[b] >= 0)
+            b = (b + 1) & (size - 1);
+        table[b] = i;
+    }
+    PyMem_Free(c->table);
+    c->table = table;
+    c->mask = size - 1;
+    c->cap = cap;
+    return 0;
+}
+
+/* bisect.bisect_left(bounds, d): the bucket a duration falls in (bounds[i-1] < d <= bounds[i]). */
+static Py_ssize_t bucket_of(const uint64_t *bounds, Py_ssize_t n, uint64_t d)
+{
+    Py_ssize_t lo = 0, hi = n;
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (bounds[mid] < d)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+static int groups_span(void *vctx, Slice item)
+{
+    GroupsCtx *c = vctx;
+    SpanFacts *sp = &c->sp;
+    int n = c->k.nkeys;
+    if (parse_span(item, &c->k, sp) < 0)
+        return -1;
+    Py_ssize_t resource = PyList_GET_SIZE(c->bases) - 1;
+    uint64_t h = mix_bytes(0xcbf29ce484222325ull ^ (uint64_t)resource, sp->h.name);
+    h = (h ^ (uint64_t)sp->h.kind) * 0x100000001b3ull;
+    h = (h ^ (uint64_t)sp->status) * 0x100000001b3ull;
+    for (int j = 0; j < n; j++)
+        h = sp->found[j] ? mix_bytes(h, sp->vals[j]) : (h ^ 0xff) * 0x100000001b3ull;
+    MetricGroup *g = NULL;
+    size_t b = (size_t)h & c->mask;
+    for (; c->table != NULL && c->table[b] >= 0; b = (b + 1) & c->mask) {
+        MetricGroup *x = &c->groups[c->table[b]];
+        if (x->hash != h || x->resource != resource || x->kind != sp->h.kind || x->status != sp->status
+                || !slice_eq(x->name, sp->h.name))
+            continue;
+        int j = 0;
+        for (; j < n; j++)
+            if ((x->vals[j].p == NULL) != !sp->found[j] || (sp->found[j] && !slice_eq(x->vals[j], sp->vals[j])))
+                break;
+        if (j == n) {
+            g = x;
+            break;
+        }
+    }
+    Py_ssize_t nb = c->nbounds + 1;
+    if (g == NULL) {
+        if (2 * (c->ngroups + 1) > c->cap) {
+            if (groups_grow(c) < 0)
+                return -1;
+            for (b = (size_t)h & c->mask; c->table[b] >= 0; b = (b + 1) & c->mask)
+                ;
+        }
+        g = &c->groups[c->ngroups];
+        c->table[b] = c->ngroups;
+        memset(&c->counts[c->ngroups * nb], 0, (size_t)nb * sizeof *c->counts);
+        c->ngroups++;
+        g->resource = resource;
+        g->name = sp->h.name;
+        g->kind = sp->h.kind;
+        g->status = sp->status;
+        for (int j = 0; j < n; j++)
+            g->vals[j] = sp->found[j] ? sp->vals[j] : (Slice){NULL, 0};
+        g->hash = h;
+        g->sum = g->carries = 0;
+        g->count = 0;
+        g->merged = 0;
+    }
+    uint64_t d = sp->h.end > sp->h.start ? sp->h.end - sp->h.start : 0;
+    Exemplar ex = {sp->h.trace_id, sp->h.span_id, d, sp->h.end, c->spans++};
+    if (!g->count || d > g->slowest.duration)
+        g->slowest = ex;
+    g->latest = ex;
+    g->count++;
+    g->sum += d;
+    g->carries += g->sum < d;
+    c->counts[(g - c->groups) * nb + bucket_of(c->bounds, c->nbounds, d)]++;
+    return 0;
+}
+
+/* The group's SpanMetricRow key: labels as metrics_span makes them. */
+static PyObject *group_key(GroupsCtx *c, const MetricGroup *g)
+{
+    int n = c->k.nkeys;
+    PyObject *base = PyList_GET_ITEM(c->bases, g->resource), *key = PyTuple_New(4 + n);
+    if (key == NULL)
+        return NULL;
+    PyTuple_SET_ITEM(key, 0, Py_NewRef(PyTuple_GET_ITEM(base, 0)));
+    PyObject *x;
+    if ((x = str_of(g->name)) == NULL)
+        goto fail;
+    PyTuple_SET_ITEM(key, 1, x);
+    if ((x = PyLong_FromLong(g->kind)) == NULL)
+        goto fail;
+    PyTuple_SET_ITEM(key, 2, x);
+    if ((x = PyLong_FromLong(g->status)) == NULL)
+        goto fail;
+    PyTuple_SET_ITEM(key, 3, x);
+    for (int j = 0; j < n; j++) {
+        x = NULL;
+        if (g->vals[j].p != NULL) {
+            if ((x = label_of(g->vals[j])) == NULL)
+                goto fail;
+            if (PyUnicode_GET_LENGTH(x) == 0) /* an empty label counts as absent */
+                Py_CLEAR(x);
+        }
+        if (x == NULL)
+            x = Py_NewRef(PyTuple_GET_ITEM(base, j + 1));
+        PyTuple_SET_ITEM(key, 4 + j, x);
+    }
+    return key;
+fail:
+    Py_DECREF(key);
+    return NULL;
+}
+
+/* Group ``from`` counted into ``into`` (same key; ``from`` has the later first span). */
+static void group_merge(GroupsCtx *c, MetricGroup *into, MetricGroup *from)
+{
+    Py_ssize_t nb = c->nbounds + 1, *a = &c->counts[(into - c->groups) * nb], *b = &c->counts[(from - c->groups) * nb];
+    for (Py_ssize_t i = 0; i < nb; i++)
+        a[i] += b[i];
+    into->count += from->count;
+    into->sum += from->sum;
+    into->carries += from->carries + (into->sum < from->sum);
+    if (from->slowest.duration > into->slowest.duration
+            || (from->slowest.duration == into->slowest.duration && from->slowest.at < into->slowest.at))
+        into->slowest = from->slowest;
+    if (from->latest.at > into->latest.at)
+        into->latest = from->latest;
+    from->merged = 1;
+}
+
+static PyObject *exemplar_of(const Exemplar *e)
+{
+    PyObject *out = PyTuple_New(4), *items[4] = {PyLong_FromUnsignedLongLong(e->duration), bytes_of(e->trace_id),
+                                                  bytes_of(e->span_id), PyLong_FromUnsignedLongLong(e->end)};
+    for (int i = 0; i < 4; i++) {
+        if (out == NULL || items[i] == NULL) {
+            Py_CLEAR(out);
+            Py_XDECREF(items[i]);
+        } else {
+            PyTuple_SET_ITEM(out, i, items[i]);
+        }
+    }
+    return out;
+}
+
+static PyObject *group_sum(const MetricGroup *g)
+{
+    if (!g->carries)
+        return PyLong_FromUnsignedLongLong(g->sum);
+    PyObject *hi = PyLong_FromUnsignedLongLong(g->carries), *shift = PyLong_FromLong(64), *lo = NULL, *out = NULL;
+    PyObject *big = hi && shift ? PyNumber_Lshift(hi, shift) : NULL;
+    if (big != NULL && (lo = PyLong_FromUnsignedLongLong(g->sum)) != NULL)
+        out = PyNumber_Add(big, lo);
+    Py_XDECREF(hi);
+    Py_XDECREF(shift);
+    Py_XDECREF(big);
+    Py_XDECREF(lo);
+    return out;
+}
+
+/* The groups as SpanMetricGroups, in the order of their first spans, groups of equal keys merged. */
+static PyObject *groups_result(GroupsCtx *c)
+{
+    PyObject *keys = PyList_New(c->ngroups), *seen = PyDict_New(), *out = PyList_New(0);
+    if (keys == NULL || seen == NULL || out == NULL)
+        goto fail;
+    for (Py_ssize_t i = 0; i < c->ngroups; i++) {
+        PyObject *key = group_key(c, &c->groups[i]);
+        if (key == NULL)
+            goto fail;
+        PyList_SET_ITEM(keys, i, key);
+        PyObject *first = PyDict_GetItemWithError(seen, key);
+        if (first != NULL) {
+            group_merge(c, &c->groups[PyLong_AsSsize_t(first)], &c->groups[i]);
+            continue;
+        }
+        PyObject *index = PyErr_Occurred() ? NULL : PyLong_FromSsize_t(i);
+        int rc = index == NULL ? -1 : PyDict_SetItem(seen, key, index);
+        Py_XDECREF(index);
+        if (rc < 0)
+            goto fail;
+    }
+    Py_ssize_t nb = c->nbounds + 1;
+    for (Py_ssize_t i = 0; i < c->ngroups; i++) {
+        const MetricGroup *g = &c->groups[i];
+        if (g->merged)
+            continue;
+        PyObject *buckets = PyList_New(nb);
+        for (Py_ssize_t k = 0; buckets != NULL && k < nb; k++) {
+            PyObject *x = PyLong_FromSsize_t(c->counts[i * nb + k]);
+            if (x == NULL)
+                Py_CLEAR(buckets);
+            else
+                PyList_SET_ITEM(buckets, k, x);
+        }
+        PyObject *items[8] = {Py_NewRef(PyList_GET_ITEM(keys, i)), PyLong_FromSsize_t(g->count), group_sum(g), buckets,
+                              exemplar_of(&g->slowest), PyLong_FromSsize_t(g->slowest.at), exemplar_of(&g->latest),
+                              PyLong_FromSsize_t(g->latest.at)};
+        PyObject *group = named(SpanMetricGroup_T, 8, items);
+        if (group == NULL || PyList_Append(out, group) < 0) {
+            Py_XDECREF(group);
+            goto fail;
+        }
+        Py_DECREF(group);
+    }
+    Py_DECREF(keys);
+    Py_DECREF(seen);
+    return out;
+fail:
+    Py_XDECREF(keys);
+    Py_XDECREF(seen);
+    Py_XDECREF(out);
+    return NULL;
+}
+
+PyDoc_STRVAR(span_metric_groups_doc,
+"span_metric_groups(request: bytes, service_key: bytes, keys: tuple[bytes, ...], bounds: tuple[int, ...])\n"
+"    -> list[SpanMetricGroup]\n\n"
+"The spans of an encoded ExportTraceServiceRequest counted per SpanMetricRow key, in the order of each key's\n"
+"first span (see sidecar._wire_types); ``bounds``: the histogram's upper bounds in ns, ints in [0, 2**64).");
+
+static PyObject *span_metric_groups(PyObject *self, PyObject *args)
+{
+    const char *data;
+    Py_ssize_t len;
+    PyObject *service_key, *keys, *bounds;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y#O!O!O!", &data, &len, &PyBytes_Type, &service_key, &PyTuple_Type, &keys,
+                          &PyTuple_Type, &bounds))
+        return NULL;
+    GroupsCtx c;
+    memset(&c, 0, sizeof c);
+    if (keys_of(keys, &c.k, NULL) < 0 || keys_of(keys, &c.rk, service_key) < 0)
+        return NULL;
+    c.nbounds = PyTuple_GET_SIZE(bounds);
+    uint64_t *bs = PyMem_Malloc((size_t)(c.nbounds + 1) * sizeof *bs);
+    if (bs == NULL)
+        return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < c.nbounds; i++) {
+        PyObject *b = PyTuple_GET_ITEM(bounds, i);
+        bs[i] = PyLong_CheckExact(b) ? PyLong_AsUnsignedLongLong(b) : (uint64_t)-1;
+        if (!PyLong_CheckExact(b) || (bs[i] == (uint64_t)-1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_ValueError, "bounds: ints in [0, 2**64)");
+            PyMem_Free(bs);
+            return NULL;
+        }
+    }
+    c.bounds = bs;
+    PyObject *out = NULL;
+    if ((c.bases = PyList_New(0)) != NULL) {
+        Walk w = {groups_resource, metrics_scope, groups_span};
+        Slice req = {(const uint8_t *)data, len};
+        if (walk_request(req, &w, &c) == 0)
+            out = groups_result(&c);
+    }
+    Py_XDECREF(c.bases);
+    PyMem_Free(bs);
+    PyMem_Free(c.groups);
+    PyMem_Free(c.counts);
+    PyMem_Free(c.table);
+    return out;
 }
 
 /* --- tail_sampling: runs of spans / log records of one trace ------------------------------------- */
@@ -2578,6 +2937,7 @@ static PyMethodDef methods[] = {
     {"check_ids", check_ids, METH_VARARGS, check_ids_doc},
     {"check_encoding", check_encoding, METH_VARARGS, check_encoding_doc},
     {"span_metric_rows", span_metric_rows, METH_VARARGS, span_metric_rows_doc},
+    {"span_metric_groups", span_metric_groups, METH_VARARGS, span_metric_groups_doc},
     {"span_runs", span_runs, METH_VARARGS, span_runs_doc},
     {"log_runs", log_runs, METH_VARARGS, log_runs_doc},
     {"audit_spans", audit_spans, METH_VARARGS, audit_spans_doc},
@@ -2596,9 +2956,9 @@ static struct PyModuleDef module = {
 static int load_types(void)
 {
     static const char *names[] = {"SpanMetricRow", "SpanRun", "LogRun", "KeyHits", "ResourceGroup", "ScopeGroup",
-                                  "AuditSpans", "AuditSpan"};
+                                  "AuditSpans", "AuditSpan", "SpanMetricGroup"};
     PyTypeObject **slots[] = {&SpanMetricRow_T, &SpanRun_T, &LogRun_T, &KeyHits_T, &ResourceGroup_T, &ScopeGroup_T,
-                              &AuditSpans_T, &AuditSpan_T};
+                              &AuditSpans_T, &AuditSpan_T, &SpanMetricGroup_T};
     PyObject *types = PyImport_ImportModule("sidecar._wire_types");
     if (types == NULL)
         return -1;

@@ -11,13 +11,14 @@ half does. The tests run one test class against both halves.
 from __future__ import annotations
 
 import struct
+from bisect import bisect_left
 
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from sidecar._wire_types import (AuditSpan, AuditSpans, KeyHits, LogRun, ResourceGroup, ScopeGroup, SpanMetricRow,
-                                  SpanRun)
+from sidecar._wire_types import (AuditSpan, AuditSpans, KeyHits, LogRun, ResourceGroup, ScopeGroup,
+                                  SpanMetricGroup, SpanMetricRow, SpanRun)
 from sidecar.protowire import encode_varint, length_delimited
 
 #: Most attribute keys one call can look for (as in the C half).
@@ -287,6 +288,29 @@ def span_metric_rows(request: bytes, service_key: bytes, keys: tuple) -> list[Sp
                                                end - start if end > start else 0, end, status, span.trace_id,
                                                span.span_id)))
     return rows
+
+
+def span_metric_groups(request: bytes, service_key: bytes, keys: tuple, bounds: tuple) -> list[SpanMetricGroup]:
+    """The spans of an encoded ExportTraceServiceRequest counted per SpanMetricRow key, in the order of each key's
+    first span (see sidecar._wire_types); ``bounds``: the histogram's upper bounds in ns, ints in [0, 2**64)."""
+    if not isinstance(bounds, tuple):
+        raise TypeError("bounds must be a tuple")
+    if not all(type(b) is int and 0 <= b < 1 << 64 for b in bounds):
+        raise ValueError("bounds: ints in [0, 2**64)")
+    groups: dict[tuple, list] = {}
+    n_buckets = len(bounds) + 1
+    for at, (key, d, end, _status, trace_id, span_id) in enumerate(span_metric_rows(request, service_key, keys)):
+        exemplar = (d, trace_id, span_id, end)
+        g = groups.get(key)
+        if g is None:
+            g = groups[key] = [key, 0, 0, [0] * n_buckets, exemplar, at, exemplar, at]
+        elif d > g[4][0]:
+            g[4], g[5] = exemplar, at
+        g[1] += 1
+        g[2] += d
+        g[3][bisect_left(bounds, d)] += 1
+        g[6], g[7] = exemplar, at
+    return [tuple.__new__(SpanMetricGroup, g) for g in groups.values()]
 
 
 def span_runs(request: bytes, keys: tuple) -> list[ResourceGroup]:

@@ -25,6 +25,20 @@ class SpanMetricRow(NamedTuple):
     span_id: bytes
 
 
+class SpanMetricGroup(NamedTuple):
+    """The spans of one request with one SpanMetricRow key, counted (``span_metric_groups``): what span_metrics
+    adds to a series, without an object per span. Exemplars are (duration_ns, trace_id, span_id, end_ns)."""
+
+    key: tuple  #: as SpanMetricRow.key
+    count: int
+    sum_ns: int  #: of the spans' durations
+    buckets: list  #: spans per histogram bucket: bucket i holds bounds[i-1] < duration <= bounds[i] (len(bounds) + 1)
+    slowest: tuple  #: the exemplar of the first span with the greatest duration
+    slowest_at: int  #: that span's index among the request's spans (to merge groups in arrival order)
+    latest: tuple  #: the exemplar of the last span
+    latest_at: int
+
+
 class KeyHits(NamedTuple):
     """What the spans of one run hold for one attribute key."""
 
@@ -103,4 +117,5 @@ class AuditSpans(NamedTuple):
     spans: list  #: an AuditSpan per selected span, in request order
 
 
-__all__ = ["AuditSpan", "AuditSpans", "KeyHits", "LogRun", "ResourceGroup", "ScopeGroup", "SpanMetricRow", "SpanRun"]
+__all__ = ["AuditSpan", "AuditSpans", "KeyHits", "LogRun", "ResourceGroup", "ScopeGroup", "SpanMetricGroup", "SpanMetricRow",
+           "SpanRun"]

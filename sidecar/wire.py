@@ -10,6 +10,8 @@ hatch, and how the test suite runs a second time. Callers never branch on which 
     check_encoding(request: bytes, schema: bytes, request_type) -> Request | None   # see below
     check_ids(request: bytes, logs: bool) -> int
     span_metric_rows(request: bytes, service_key: bytes, keys: tuple[bytes, ...]) -> list[SpanMetricRow]
+    span_metric_groups(request: bytes, service_key: bytes, keys: tuple[bytes, ...], bounds: tuple[int, ...])
+        -> list[SpanMetricGroup]                 # the same spans counted per key: what span_metrics adds
     span_runs(request: bytes, keys: tuple[bytes, ...]) -> list[ResourceGroup]   # of ScopeGroup of SpanRun
     log_runs(request: bytes, keep_severity: int) -> list[ResourceGroup]         # of ScopeGroup of LogRun
     audit_spans(request: bytes, keys: tuple[bytes, ...], prefix: bytes, event_keys: tuple[bytes, ...])
@@ -42,8 +44,8 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from sidecar import _wire_py
 from sidecar._wire_py import any_label
-from sidecar._wire_types import (AuditSpan, AuditSpans, KeyHits, LogRun, ResourceGroup, ScopeGroup, SpanMetricRow,
-                                  SpanRun)
+from sidecar._wire_types import (AuditSpan, AuditSpans, KeyHits, LogRun, ResourceGroup, ScopeGroup,
+                                  SpanMetricGroup, SpanMetricRow, SpanRun)
 
 
 def pure_python_requested() -> bool:
@@ -72,6 +74,7 @@ SCHEMA_WIDTH: int = implementation.SCHEMA_WIDTH
 check_encoding = implementation.check_encoding
 check_ids = implementation.check_ids
 span_metric_rows = implementation.span_metric_rows
+span_metric_groups = implementation.span_metric_groups
 span_runs = implementation.span_runs
 log_runs = implementation.log_runs
 audit_spans = implementation.audit_spans
@@ -118,6 +121,6 @@ def schema_of(request_type) -> bytes:
 
 
 __all__ = ["IMPLEMENTATION", "MAX_KEYS", "SCHEMA_WIDTH", "AuditSpan", "AuditSpans", "KeyHits", "LogRun", "ResourceGroup", "ScopeGroup",
-           "SpanMetricRow", "SpanRun",
+           "SpanMetricGroup", "SpanMetricRow", "SpanRun",
            "any_label", "audit_rows", "audit_spans", "audit_subset", "check_encoding", "check_ids", "choose", "implementation", "log_runs", "pure_python_requested",
-           "schema_of", "span_metric_rows", "span_runs"]
+           "schema_of", "span_metric_groups", "span_metric_rows", "span_runs"]

@@ -1,7 +1,8 @@
 """``span_metrics``: request rate, errors and latency from every span, before sampling drops any.
 
 Passes trace data through unchanged. Per span the work is one scan of its
-attributes, a tuple-keyed dict lookup, a bisect and integer adds; Prometheus sees
+attributes in C (or the pure-Python scanner), counted into its raw key's totals there;
+Python works per raw key of a request, not per span. Prometheus sees
 the aggregate through a collector that renders it at scrape time:
 
 - ``traces_span_metrics_calls_total{service_name, span_name, span_kind, status_code, model_id, model_version, ...}``
@@ -26,8 +27,7 @@ import re
 import threading
 import time
 import weakref
-from bisect import bisect_left, bisect_right
-from operator import itemgetter
+from bisect import bisect_left
 from typing import Callable, Optional
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
@@ -167,7 +167,6 @@ _ERROR = Status.STATUS_CODE_ERROR
 # series layout (a list, mutated in place): count, sum_ns, per-bucket counts, slowest (ns, trace, span, end),
 # latest error (ns, trace, span, end)
 _COUNT, _SUM, _BUCKETS, _SLOW, _ERR = range(5)
-_DURATION = itemgetter(1)  # of a span metric row
 
 
 def enum_label(enum, value: int) -> str:
@@ -216,6 +215,8 @@ class SpanMetricsProcessor(Component):
         self._bounds_s = list(cfg.histogram.explicit.buckets)
         self._bounds_ns = [round(b * 1e9) for b in self._bounds_s]
         self._n_buckets = len(self._bounds_ns) + 1
+        #: the bounds as the wire scanner takes them (no duration exceeds 2**64 - 1 ns: a larger bound acts as it)
+        self._bounds_wire = tuple(min(b, (1 << 64) - 1) for b in self._bounds_ns)
         self._exemplars = cfg.exemplars.enabled
         # attribute key -> slot; slots: service, model id, gen_ai model, model version, then dimensions
         keys = [SERVICE_NAME, MODEL_ID, GENAI_MODEL, MODEL_VERSION] + [d.name for d in cfg.dimensions]
@@ -304,83 +305,37 @@ class SpanMetricsProcessor(Component):
     def _aggregate(self, envelope: Envelope) -> dict[tuple, list]:
         """Per-series deltas of one request (merged only once the next stage has accepted it).
 
-        The wire scanner (C or Python) reads only the encoding and yields one row per span keyed by
-        (service, name, kind, status, slot 1.. labels), an empty or missing span label being its
-        resource's. Rows are grouped by that raw key first, so the series key is built once per
-        distinct raw key and a group is counted at once, mostly in C calls: its histogram by bisecting
-        the bucket bounds into its sorted durations, its exemplar by one ``max`` (a raw key holds one
-        status, so a group is all errors or none). A series fed by several raw keys (labels that normalise or mask to
-        the same values) is counted span by span in arrival order instead, which decides its exemplars.
+        The wire scanner (C or Python) reads only the encoding and counts the spans per raw key
+        (service, name, kind, status, slot 1.. labels; an empty or missing span label being its
+        resource's): count, duration sum, histogram buckets and two exemplar candidates per raw key,
+        no object per span. The series key is built once per raw key. A raw key holds one status, so
+        its exemplar is its latest span (errors) or its first slowest (the rest). A series fed by
+        several raw keys (labels that normalise or mask to the same values) merges their counts,
+        and their exemplars by the spans' positions in the request, as if counted span by span.
         """
-        rows = wire.span_metric_rows(envelope.encoded, _SERVICE_KEY, self._span_keys)
-        groups: dict[tuple, list] = {}
-        get = groups.get
-        for row in rows:
-            raw = row[0]
-            g = get(raw)
-            if g is None:
-                groups[raw] = [row]
-            else:
-                g.append(row)
+        groups = wire.span_metric_groups(envelope.encoded, _SERVICE_KEY, self._span_keys, self._bounds_wire)
         delta: dict[tuple, list] = {}
-        series: list[tuple[tuple, list, tuple, list]] = []  # (series key, its delta, raw key, rows)
-        shared: set[tuple] = set()  # series keys fed by more than one raw key
-        n_buckets = self._n_buckets
-        for raw, g in groups.items():
+        exemplars = self._exemplars
+        for g in groups:
+            raw = g.key
             key = raw[:4] + self._tail(raw[3:])  # _tail reads slots 1.. (raw[4:]); raw[3] stands in for 0
             if self._mask is not None:
                 key = self._masked(key)
+            error = raw[3] == _ERROR
             s = delta.get(key)
-            if s is None:
-                s = delta[key] = [0, 0, [0] * n_buckets, None, None]
+            if s is None:  # [count, sum, buckets, slowest, latest error, their positions in the request]
+                s = delta[key] = [g.count, g.sum_ns, g.buckets, None, None, -1, -1]
             else:
-                shared.add(key)
-            series.append((key, s, raw, g))
-        bounds = self._bounds_ns
-        exemplars = self._exemplars
-        by_raw = None
-        for key, s, raw, g in series:
-            if key in shared:
-                if by_raw is None:
-                    by_raw = {}
-                by_raw[raw] = s
+                s[0] += g.count
+                s[1] += g.sum_ns
+                s[2] = [a + b for a, b in zip(s[2], g.buckets)]
+            if not exemplars:
                 continue
-            ds = list(map(_DURATION, g))
-            n = len(ds)
-            s[0] += n
-            s[1] += sum(ds)
-            if exemplars:
-                if raw[3] == _ERROR:
-                    r = g[-1]  # the latest error
-                    s[4] = (r[1], r[4], r[5], r[2])
-                else:
-                    r = g[ds.index(max(ds))]  # the first of the slowest
-                    s[3] = (r[1], r[4], r[5], r[2])
-            buckets = s[2]
-            if n < 16:
-                for d in ds:
-                    buckets[bisect_left(bounds, d)] += 1
-            else:  # bucket i holds bounds[i-1] < d <= bounds[i]
-                ds.sort()
-                lo = 0
-                for i, b in enumerate(bounds):
-                    hi = bisect_right(ds, b, lo)
-                    buckets[i] += hi - lo
-                    lo = hi
-                buckets[-1] += n - lo
-        if by_raw:
-            for raw, d, end, status, trace_id, span_id in rows:
-                s = by_raw.get(raw)
-                if s is None:
-                    continue
-                s[0] += 1
-                s[1] += d
-                s[2][bisect_left(bounds, d)] += 1
-                if exemplars:
-                    if status == _ERROR:
-                        s[4] = (d, trace_id, span_id, end)
-                    elif s[3] is None or d > s[3][0]:
-                        s[3] = (d, trace_id, span_id, end)
+            if error:
+                if g.latest_at > s[6]:
+                    s[4], s[6] = g.latest, g.latest_at
+            elif s[3] is None or g.slowest[0] > s[3][0] or (g.slowest[0] == s[3][0] and g.slowest_at < s[5]):
+                s[3], s[5] = g.slowest, g.slowest_at
         return delta
 
     def _masked(self, key: tuple) -> tuple:

@@ -25,8 +25,8 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
 from sidecar import _wire_py, wire
-from sidecar._wire_types import (AuditSpan, AuditSpans, KeyHits, LogRun, ResourceGroup, ScopeGroup, SpanMetricRow,
-                                  SpanRun)
+from sidecar._wire_types import (AuditSpan, AuditSpans, KeyHits, LogRun, ResourceGroup, ScopeGroup,
+                                  SpanMetricGroup, SpanMetricRow, SpanRun)
 from tests.sidecar.wire_gen import Reencoder, rand_logs, rand_traces, tag, trace_pool, varint
 
 try:
@@ -181,6 +181,48 @@ class ScannerContract:
                             (end, s.status.code, s.trace_id, s.span_id)
             assert next(rows, None) is None
 
+    def test_span_metric_groups_count_the_rows_of_each_key(self):
+        """What span_metrics adds per series, without an object per span: per key of span_metric_rows, in the
+        order of its first span, the count, duration sum, buckets (le inclusive) and the exemplars of the key's
+        first slowest span and its last span, with their positions among the request's spans."""
+        bounds = (0, 1, 10**3, 10**6, 10**9, 10**12, (1 << 64) - 1)
+        edges = [None, *bounds, None]
+        for msg, data in samples(12, 60):
+            rows = self.impl.span_metric_rows(data, SERVICE, KEYS)
+            groups = self.impl.span_metric_groups(data, SERVICE, KEYS, bounds)
+            assert all(isinstance(g, SpanMetricGroup) for g in groups)
+            assert [g.key for g in groups] == list(dict.fromkeys(r.key for r in rows))
+            for g in groups:
+                mine = [(i, r) for i, r in enumerate(rows) if r.key == g.key]
+                ds = [r.duration_ns for _, r in mine]
+                assert (g.count, g.sum_ns) == (len(mine), sum(ds))
+                assert g.buckets == [sum(1 for d in ds if (lo is None or lo < d) and (hi is None or d <= hi))
+                                     for lo, hi in zip(edges, edges[1:])]
+                at, r = next((i, r) for i, r in mine if r.duration_ns == max(ds))
+                assert (g.slowest, g.slowest_at) == ((r.duration_ns, r.trace_id, r.span_id, r.end_ns), at)
+                at, r = mine[-1]
+                assert (g.latest, g.latest_at) == ((r.duration_ns, r.trace_id, r.span_id, r.end_ns), at)
+
+    def test_span_metric_groups_merge_keys_that_label_alike_and_sum_past_64_bits(self):
+        """An int 5, a string "5", an empty string and no attribute (the resource says "5") label alike: one
+        group. Durations of 2**64 - 1 ns sum exactly."""
+        req = ExportTraceServiceRequest()
+        rs = req.resource_spans.add()
+        rs.resource.attributes.add(key="k").value.string_value = "5"
+        ss = rs.scope_spans.add()
+        values = [AnyValue(int_value=5), AnyValue(string_value="5"), AnyValue(string_value=""), None,
+                  AnyValue(int_value=5), AnyValue(string_value="6")]
+        for i, av in enumerate(values):
+            span = ss.spans.add(trace_id=bytes([i]) * 16, span_id=bytes([i]) * 8, name="s",
+                                start_time_unix_nano=0, end_time_unix_nano=(1 << 64) - 1 - (i == 1))
+            if av is not None:
+                span.attributes.append(KeyValue(key="k", value=av))
+        five, six = self.impl.span_metric_groups(req.SerializeToString(), SERVICE, (b"k",), (10,))
+        assert (five.key[4], five.count, six.key[4], six.count) == ("5", 5, "6", 1)
+        assert five.sum_ns == 5 * ((1 << 64) - 1) - 1 and five.buckets == [0, 5]
+        assert (five.slowest_at, five.latest_at) == (0, 4)  # the first of the slowest, the last
+        assert five.slowest[1] == bytes([0]) * 16 and five.latest[1] == bytes([4]) * 16
+
     def test_the_issue_input_labels_the_gen_ai_model(self):
         """ml.model.id="" is absent: the model falls back to gen_ai.request.model, whatever the order."""
         req = ExportTraceServiceRequest()
@@ -286,7 +328,8 @@ class ScannerContract:
         for call in (lambda: self.impl.span_runs(data, KEYS), lambda: self.impl.log_runs(data, 17),
                      lambda: self.impl.check_ids(data, False),
                      lambda: self.impl.check_encoding(data, TRACES_SCHEMA, ExportTraceServiceRequest),
-                     lambda: self.impl.span_metric_rows(data, SERVICE, KEYS)):
+                     lambda: self.impl.span_metric_rows(data, SERVICE, KEYS),
+                     lambda: self.impl.span_metric_groups(data, SERVICE, KEYS, (1, 2))):
             with pytest.raises(ValueError):
                 call()
 
@@ -303,6 +346,11 @@ class ScannerContract:
             self.impl.span_metric_rows(b"\x0a\x00", b"k", (b"k",))
         with pytest.raises(TypeError):
             self.impl.span_metric_rows(b"\x0a\x00", "service.name", (b"k",))
+        for bounds in ((-1,), (1 << 64,), (1.5,), (True,)):
+            with pytest.raises(ValueError, match="bounds"):
+                self.impl.span_metric_groups(b"", SERVICE, (b"k",), bounds)
+        with pytest.raises(TypeError):
+            self.impl.span_metric_groups(b"", SERVICE, (b"k",), [1])
 
     def test_audit_spans_hold_entry_spans_and_spans_with_wanted_keys_as_the_parser_reads_them(self):
         selected = entries = 0
@@ -437,7 +485,8 @@ def test_the_facade_picks_one_implementation_and_honours_sidecar_pure_python(mon
     expect_python = os.environ.get("SIDECAR_PURE_PYTHON") == "1" or _c is None
     assert wire.implementation is (_wire_py if expect_python else _c)
     assert wire.IMPLEMENTATION == ("python" if expect_python else "c")
-    for name in ("check_ids", "span_metric_rows", "span_runs", "log_runs", "audit_spans", "audit_subset", "audit_rows"):
+    for name in ("check_ids", "span_metric_rows", "span_metric_groups", "span_runs", "log_runs", "audit_spans",
+                 "audit_subset", "audit_rows"):
         assert getattr(wire, name) is getattr(wire.implementation, name)
     assert _c is None or _c.MAX_KEYS == _wire_py.MAX_KEYS
 
@@ -455,6 +504,7 @@ def _answers(impl, data: bytes, logs: bool):
     else:
         calls += [lambda: impl.span_runs(data, KEYS),
                   lambda: impl.span_metric_rows(data, SERVICE, KEYS),
+                  lambda: impl.span_metric_groups(data, SERVICE, KEYS, (0, 10**6, 10**9)),
                   lambda: impl.audit_spans(data, AUDIT_KEYS, AUDIT_PREFIX, AUDIT_EVENT_KEYS),
                   lambda: impl.audit_subset(data, AUDIT_KEYS, AUDIT_PREFIX, AUDIT_EVENT_KEYS)]
     for call in calls:

@@ -33,7 +33,7 @@ OPEN_ENUMS = [7, 3, 2**31 - 1, -1, -(2**31)]
 
 def use(monkeypatch, impl) -> None:
     """Point the facade at one implementation (the processors look its functions up per call)."""
-    for name in ("check_ids", "span_metric_rows", "span_runs", "log_runs", "MAX_KEYS"):
+    for name in ("check_ids", "span_metric_rows", "span_metric_groups", "span_runs", "log_runs", "MAX_KEYS"):
         monkeypatch.setattr(wire, name, getattr(impl, name))
     monkeypatch.setattr(wire, "implementation", impl)
 
