@@ -2284,7 +2284,7 @@ typedef struct {
 typedef struct {
     Keys k, ek;
     Py_ssize_t nparams;
-    PyObject *param_names, *tensor_format, *status_names, *encoder, *recorded; /* borrowed */
+    PyObject *param_names, *tensor_format, *status_names, *encoder, *recorded, *missing; /* borrowed */
     Slice prefix, service_key, intent;
     RowSpan *spans;
     Py_ssize_t nspans, cap;
@@ -2814,6 +2814,8 @@ static PyObject *entry_row(RowsCtx *c, RowSpan *e, Py_ssize_t *heads, size_t mas
     if ((row = PyTuple_New(ROW_COLUMNS)) == NULL)
         goto done;
     for (int i = 0; i < ROW_COLUMNS; i++) {
+        if (items[i] == Py_None) /* a missing text: what the store binds for one */
+            Py_SETREF(items[i], Py_NewRef(c->missing));
         PyTuple_SET_ITEM(row, i, items[i]);
         items[i] = NULL;
     }
@@ -2876,7 +2878,7 @@ static PyObject *make_rows(RowsCtx *c)
 }
 
 PyDoc_STRVAR(audit_rows_doc,
-"audit_rows(request: bytes, layout: tuple, recorded: int) -> list[tuple] | None\n\n"
+"audit_rows(request: bytes, layout: tuple, recorded: int, missing=None) -> list[tuple] | None\n\n"
 "The audit store's rows of the request's records (sidecar.audit.records.row_of of each record\n"
 "sidecar.audit.records.extract makes, in the store's column order, ``recorded`` as the recorded time),\n"
 "made in one pass; None when the request needs the general path: an inference span without its entry\n"
@@ -2884,18 +2886,20 @@ PyDoc_STRVAR(audit_rows_doc,
 "list where a record holds text: lists of scalars are taken in parameters and payloads), more tags\n"
 "than this pass holds, merged fields, or anything it cannot read (extract then says what). ``layout`` is\n"
 "sidecar.audit.records' (keys by role, parameter names, prefix, event keys, service key, intent tag,\n"
-"tensor format, status names, JSON encoder).");
+"tensor format, status names, JSON encoder). A text a record lacks is ``missing`` in its row (the\n"
+"store's choice: what it binds cheaply).");
 
 static PyObject *audit_rows(PyObject *self, PyObject *args)
 {
     (void)self;
     const char *data;
     Py_ssize_t len;
-    PyObject *layout, *keys, *event_keys, *recorded;
+    PyObject *layout, *keys, *event_keys, *recorded, *missing = Py_None;
     RowsCtx c;
     memset(&c, 0, sizeof c);
-    if (!PyArg_ParseTuple(args, "y#O!O!", &data, &len, &PyTuple_Type, &layout, &PyLong_Type, &recorded))
+    if (!PyArg_ParseTuple(args, "y#O!O!|O", &data, &len, &PyTuple_Type, &layout, &PyLong_Type, &recorded, &missing))
         return NULL;
+    c.missing = missing;
     const char *pre, *skey, *intent;
     Py_ssize_t plen, sklen, ilen;
     if (!PyArg_ParseTuple(layout, "O!O!y#O!y#y#UO!O", &PyTuple_Type, &keys, &PyTuple_Type, &c.param_names,

@@ -588,7 +588,7 @@ def audit_subset(request: bytes, keys: tuple, prefix: bytes, event_keys: tuple) 
     return b"".join(out), kept
 
 
-def audit_rows(request: bytes, layout: tuple, recorded: int) -> None:
+def audit_rows(request: bytes, layout: tuple, recorded: int, missing=None) -> None:
     """None: this half leaves every request to :func:`sidecar.audit.records.extract` (the C half makes the rows
     of the usual request in its pass; the rows it makes are tested equal to what extract's records give). The
     records are the same either way; in Python, a second implementation of them would only be slower."""

@@ -18,8 +18,9 @@ hatch, and how the test suite runs a second time. Callers never branch on which 
         -> list[AuditSpans]                                                      # of AuditSpan
     audit_subset(request: bytes, keys: tuple[bytes, ...], prefix: bytes, event_keys: tuple[bytes, ...])
         -> tuple[bytes, int]              # the request with only what audit_spans reads; spans kept
-    audit_rows(request: bytes, layout: tuple, recorded: int) -> list[tuple] | None
-        # the audit store's rows of the request's records, or None: sidecar.audit.records.extract's to make
+    audit_rows(request: bytes, layout: tuple, recorded: int, missing=None) -> list[tuple] | None
+        # the audit store's rows of the request's records (a text a record lacks: ``missing``),
+        # or None: sidecar.audit.records.extract's to make
 
 ``check_encoding`` is the receiver's parse: it raises ValueError exactly where the protobuf parser
 would refuse the bytes (the two halves are fuzzed against each other and the parser). The C half

@@ -76,6 +76,7 @@ COLUMNS = ("trace_id", "span_id", "time_unix_nano", "recorded_unix_nano", "servi
 _COLUMN_LIST = ", ".join(COLUMNS)
 #: the record columns that may be NULL (all of them TEXT): see :func:`_insert`
 _NULLABLE = tuple(i for i, part in enumerate(_RECORD_COLUMNS.split(",")) if "NOT NULL" not in part)
+_NULLABLE_NAMES = tuple(COLUMNS[i] for i in _NULLABLE)
 
 #: SQLite 3: the table becomes the first sealed partition (its indexes follow it), an empty active partition
 #: starts, the catalog lists both and ``audit_records`` becomes a view over them (see :class:`SQLiteStore`)
@@ -162,22 +163,24 @@ def _json(d: dict) -> str:
     return SORTED_JSON(d) if d else "{}"
 
 
-def _row(rec: AuditRecord, now: int) -> tuple:
-    """The record's values in :data:`COLUMNS` order (runs per record: no intermediate dict)."""
-    return (rec.trace_id, rec.span_id, rec.time_unix_nano, now, rec.service, rec.span_name, rec.request_id,
-            rec.model_id, rec.model_version, rec.user_id, rec.intent, _json(rec.tags), rec.latency_ms, rec.status,
-            rec.error_code, _json(rec.parameters), rec.input_payload, rec.output_payload, int(rec.trace_kept),
-            rec.kept_policy)
+def _row(rec: AuditRecord, now: int, missing: Any = None) -> tuple:
+    """The record's values in :data:`COLUMNS` order, ``missing`` for each text it lacks (see :func:`_insert`)."""
+    row = (rec.trace_id, rec.span_id, rec.time_unix_nano, now, rec.service, rec.span_name, rec.request_id,
+           rec.model_id, rec.model_version, rec.user_id, rec.intent, _json(rec.tags), rec.latency_ms, rec.status,
+           rec.error_code, _json(rec.parameters), rec.input_payload, rec.output_payload, int(rec.trace_kept),
+           rec.kept_policy)
+    return row if missing is None else tuple(missing if v is None else v for v in row)
 
 
-def _rows_of(request: bytes, recorded: int) -> tuple[list[tuple], list[Fragment]]:
-    """The rows of a journaled request's records (``recorded``: when it was journaled) and its fragments: one C pass
-    (:func:`sidecar.wire.audit_rows`) for the usual request, else :func:`sidecar.audit.records.extract`."""
-    rows = wire.audit_rows(request, ROW_LAYOUT, recorded)
+def _rows_of(request: bytes, recorded: int, missing: Any = None) -> tuple[list[tuple], list[Fragment]]:
+    """The rows of a journaled request's records (``recorded``: when it was journaled; ``missing``: a text a record
+    lacks) and its fragments: one C pass (:func:`sidecar.wire.audit_rows`) for the usual request, else
+    :func:`sidecar.audit.records.extract`."""
+    rows = wire.audit_rows(request, ROW_LAYOUT, recorded, missing)
     if rows is not None:
         return rows, []
     extraction = extract(request)
-    return [_row(rec, recorded) for rec in extraction.records], extraction.fragments
+    return [_row(rec, recorded, missing) for rec in extraction.records], extraction.fragments
 
 
 def _with_fragments(rec: AuditRecord, fragments: list[dict]) -> AuditRecord:
@@ -188,17 +191,21 @@ def _with_fragments(rec: AuditRecord, fragments: list[dict]) -> AuditRecord:
     return AuditRecord(**fields_)
 
 
-def _completed(row: tuple, fragments: list[dict] | None, kept: dict[str, str]) -> tuple:
+def _completed(row: tuple, fragments: list[dict] | None, kept: dict[str, str], missing: Any = None) -> tuple:
     """A row with the fragments that waited for its record merged in and its trace's kept mark set."""
     if fragments:
-        row = _row(_with_fragments(_record(row), fragments), row[3])
+        row = _row(_with_fragments(_record(row), fragments), row[3], missing)
     if row[0] in kept:
         row = row[:18] + (1, kept[row[0]])
     return row
 
 
 def _record(row: tuple) -> AuditRecord:
+    """The record of a row, as read or as written (a missing text bound as 0 is None)."""
     d = dict(zip(COLUMNS, row))
+    for c in _NULLABLE_NAMES:
+        if type(d[c]) is int:
+            d[c] = None
     for c in _JSON_COLUMNS:
         d[c] = json.loads(d[c]) if d[c] else {}
     d["trace_kept"] = bool(d["trace_kept"])
@@ -218,6 +225,8 @@ class AuditStore(ABC):
     _length = "length"
     #: the key of this store's :data:`MIGRATIONS` (set by each subclass)
     dialect: str
+    #: what a record row holds for a text the record lacks: what the driver binds cheaply (see :func:`_insert`)
+    _missing_text: Any = None
 
     def __init__(self, url: str):
         self.url = url
@@ -335,7 +344,8 @@ class AuditStore(ABC):
         how many records were new."""
         if not extraction.records and not extraction.fragments:
             return 0
-        return self._together(lambda cur, now: self._write(cur, [_row(rec, now) for rec in extraction.records],
+        return self._together(lambda cur, now: self._write(cur, [_row(rec, now, self._missing_text)
+                                                                 for rec in extraction.records],
                                                            extraction.fragments, now)) or 0
 
     def _write(self, cur, rows: list[tuple], fragments: list[Fragment], now: int) -> int:
@@ -410,7 +420,7 @@ class AuditStore(ABC):
         entries = []
         for seq, recorded, request in rows:
             try:
-                entries.append((seq, recorded, _rows_of(bytes(request), recorded)))
+                entries.append((seq, recorded, _rows_of(bytes(request), recorded, self._missing_text)))
             except MemoryError:  # this process's state, not the entry's: it stays journaled for the next run
                 raise StoreError(f"{self.describe()}: out of memory reading audit journal entry {seq}") from None
             except Exception as e:  # noqa: BLE001 - damaged bytes: kept with the reason, never retried forever
@@ -675,18 +685,17 @@ def _insert(cur, head: str, rows: list[tuple], tail: str = "", nulls: tuple[int,
     a writer of 128-row groups made ``executemany`` cost 7x the CPU per row and this 2x
     (docs/benchmarks.md, third round). Chunks are powers of two, so a few statements stay cached.
 
-    ``nulls``: the positions of TEXT columns that may be NULL. Their Nones are bound as the integer 0, which
-    the statement turns back into NULL (``NULLIF(?, 0)``: no text equals an integer, so ``'0'`` stays
-    ``'0'``). The module binds every None through a failing attribute lookup that formats an error message:
-    the five NULLs of a usual record were a third of its INSERT's CPU (docs/benchmarks.md, seventh round).
-    A None at another position becomes 0 as well: rows never hold one there (their columns are NOT NULL).
+    ``nulls``: the positions of TEXT columns that may be NULL, whose missing values the rows hold as the
+    integer 0 (``SQLiteStore._missing_text``: the C rows pass and :func:`_row` put it there); the statement
+    turns it back into NULL (``NULLIF(?, 0)``: no text equals an integer, so ``'0'`` stays ``'0'``). The
+    module binds every None through a failing attribute lookup that formats an error message: the five NULLs
+    of a usual record were a third of its INSERT's CPU, and replacing them here, value by value, another
+    1.3 µs per record (docs/benchmarks.md, seventh and eighth rounds). A None still binds, as NULL.
     """
     i, n = 0, len(rows)
     while i < n:
         k = 1 << (min(n - i, _ROWS_PER_INSERT).bit_length() - 1)
-        values = chain.from_iterable(rows[i:i + k])
-        cur.execute(_values_sql(head, len(rows[i]), k, tail, nulls),
-                    [0 if v is None else v for v in values] if nulls else list(values))
+        cur.execute(_values_sql(head, len(rows[i]), k, tail, nulls), list(chain.from_iterable(rows[i:i + k])))
         i += k
 
 
@@ -775,6 +784,7 @@ class SQLiteStore(AuditStore):
     """
 
     dialect = "sqlite"
+    _missing_text = 0
 
     def __init__(self, url: str, path: str, *, busy_timeout: float = 5.0, seal_rows: int = SEAL_ROWS,
                  recent_keys: int = 16384):
@@ -887,7 +897,7 @@ class SQLiteStore(AuditStore):
                 seen.add(key)
                 written.append(key)
                 if pending or kept:
-                    row = _completed(row, pending.get((row[0], row[4])), kept)
+                    row = _completed(row, pending.get((row[0], row[4])), kept, self._missing_text)
                 new.append(row)
                 t = row[2]
                 lo = t if lo is None or t < lo else lo

@@ -145,7 +145,7 @@ def test_running_out_of_memory_while_indexing_leaves_the_entry_journaled(tmp_pat
     store, _ = _journaled(tmp_path, "one")
     real = store_module._rows_of
 
-    def no_memory(request, recorded):
+    def no_memory(request, recorded, missing=None):
         raise MemoryError
 
     monkeypatch.setattr(store_module, "_rows_of", no_memory)

@@ -20,7 +20,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from contract import attributes as attr
 from sidecar import wire
 from sidecar.audit.records import PARAMETERS, ROW_LAYOUT, TENSOR_FORMAT, extract, reduce
-from sidecar.audit.store import COLUMNS, _row
+from sidecar.audit.store import COLUMNS, _record, _row
 
 _TEXT = ["", "a", "resnet", "v2", "ünïcødé ✓", "tab\there", 'quo"te\\', "x" * 300, "emoji 🚀", "None", "0"]
 _SCALAR_KEYS = [attr.REQUEST_ID, attr.USER_ID, attr.ML_MODEL_ID, attr.ML_MODEL_VERSION, attr.GEN_AI_REQUEST_MODEL,
@@ -161,6 +161,11 @@ def test_rows_are_the_rows_of_the_records_extract_makes(seed):
         for got, want in zip(rows, expected):
             assert _same(got, want), "\n".join(f"{c}: {g!r} != {w!r}" for c, g, w in zip(COLUMNS, got, want)
                                              if g != w)
+        # as the SQLite store asks for them: a missing text as 0, as _row puts it, and read back as None
+        zeroed = wire.audit_rows(data, ROW_LAYOUT, 42, 0)
+        assert all(_same(got, _row(rec, 42, 0)) for got, rec in zip(zeroed, extract(data).records, strict=True))
+        assert all(_same(got, tuple(0 if v is None else v for v in row)) for got, row in zip(zeroed, rows, strict=True))
+        assert [_record(got) for got in zeroed[:3]] == [_record(row) for row in rows[:3]]
     if wire.IMPLEMENTATION == "c":
         assert answered > 100, "the C pass left most requests to the general path"
     else:
