@@ -414,8 +414,9 @@ class AuditStore(ABC):
             if not chosen:
                 return [], False
             # exactly the entries chosen: in PostgreSQL another sidecar's append may commit a lower seq meanwhile
+            listed, args = _in(chosen)
             cur.execute(self._sql(f"SELECT seq, recorded_unix_nano, request FROM audit_journal WHERE seq IN "
-                                  f"{self._in(len(chosen))} ORDER BY seq"), chosen)
+                                  f"{listed} ORDER BY seq"), args)
             rows = cur.fetchall()
         entries = []
         for seq, recorded, request in rows:
@@ -435,8 +436,8 @@ class AuditStore(ABC):
         they were read) and delete those entries, in the caller's transaction; mark the unreadable ones."""
         self._lock_index(cur)
         seqs = [seq for seq, _, _ in entries]
-        cur.execute(self._sql(f"SELECT seq FROM audit_journal WHERE error IS NULL AND seq IN {self._in(len(seqs))}"),
-                    seqs)
+        listed, args = _in(seqs)
+        cur.execute(self._sql(f"SELECT seq FROM audit_journal WHERE error IS NULL AND seq IN {listed}"), args)
         present = {seq for (seq,) in cur.fetchall()}
         out = Indexed()
         indexed: list[int] = []
@@ -473,7 +474,8 @@ class AuditStore(ABC):
             write(waiting, [], recorded)  # no fragment: the rows carry their own recorded time
         out.entries = len(indexed)
         if indexed:
-            cur.execute(self._sql(f"DELETE FROM audit_journal WHERE seq IN {self._in(len(indexed))}"), indexed)
+            listed, args = _in(indexed)
+            cur.execute(self._sql(f"DELETE FROM audit_journal WHERE seq IN {listed}"), args)
         return out
 
     def journal_entries(self) -> tuple[int, int]:
@@ -529,9 +531,6 @@ class AuditStore(ABC):
                                       "WHERE trace_id = ? AND span_id = ?"),
                             tuple(merged[f] for f in _FRAGMENT_FIELDS) + (frag.trace_id, row[0]))
 
-    def _in(self, n: int) -> str:
-        return "(" + ", ".join("?" * n) + ")"
-
     def _waiting_for(self, cur, rows: list[tuple]) -> tuple[dict[tuple[str, str], list[dict]], dict[str, str]]:
         """What already waits for these rows' records: fragments per (trace, service), kept marks per trace."""
         traces = sorted({row[0] for row in rows})
@@ -540,8 +539,9 @@ class AuditStore(ABC):
     def _fragments_for(self, cur, traces: list[str]) -> dict[tuple[str, str], list[dict]]:
         out: dict[tuple[str, str], list[dict]] = {}
         for chunk in _chunks(traces):
+            listed, args = _in(chunk)
             cur.execute(self._sql(f"SELECT trace_id, service, fields FROM audit_fragments WHERE trace_id IN "
-                                  f"{self._in(len(chunk))} ORDER BY span_id"), chunk)
+                                  f"{listed} ORDER BY span_id"), args)
             for tid, svc, fields_ in cur.fetchall():
                 out.setdefault((tid, svc), []).append(json.loads(fields_))
         return out
@@ -549,8 +549,8 @@ class AuditStore(ABC):
     def _kept_for(self, cur, traces: list[str]) -> dict[str, str]:
         out: dict[str, str] = {}
         for chunk in _chunks(traces):
-            cur.execute(self._sql(f"SELECT trace_id, policy FROM audit_kept WHERE trace_id IN {self._in(len(chunk))}"),
-                        chunk)
+            listed, args = _in(chunk)
+            cur.execute(self._sql(f"SELECT trace_id, policy FROM audit_kept WHERE trace_id IN {listed}"), args)
             out.update(dict(cur.fetchall()))
         return out
 
@@ -662,9 +662,24 @@ class AuditStore(ABC):
         return max(cur.rowcount, 0)
 
 
-def _chunks(items: list[str], size: int = 400) -> Iterator[list[str]]:
+def _chunks(items: list[str], size: int = 512) -> Iterator[list[str]]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
+
+
+@functools.lru_cache(maxsize=16)
+def _placeholders(n: int) -> str:
+    return "(" + ", ".join("?" * n) + ")"
+
+
+def _in(values: list) -> tuple[str, list]:
+    """``IN (?, ...)`` for ``values`` (not empty), and what to bind: padded to a power of two by repeating the last
+    value (the same answer). So a few statement texts serve every size and stay in the driver's statement cache;
+    a text per size filled it and evicted the record INSERTs, which then were compiled again (a 256-row INSERT
+    takes 9x its run to compile: docs/benchmarks.md, eighth round)."""
+    n = len(values)
+    size = 1 << (n - 1).bit_length()
+    return _placeholders(size), list(values) + [values[-1]] * (size - n)
 
 
 _ROWS_PER_INSERT = 256  # x 20 columns: far under the 32766 values SQLite binds in one statement
