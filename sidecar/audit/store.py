@@ -773,7 +773,7 @@ class SQLiteStore(AuditStore):
     ``seal_rows`` unindexed rows). When the active partition holds
     ``seal_rows`` records it is *sealed* in its own transaction: duplicates removed (the first written per
     (trace_id, span_id) stays; so does a row already in a sealed partition whose time range covers it: a
-    retried export straddling a seal), fragments and kept marks that arrived after their record folded in,
+    retried export straddling a seal), the fragments and kept marks waiting for its records folded in,
     then the indexes built (time, unique (trace_id, span_id), request_id, (model_version, time)); a new active
     partition starts. Sealing 100 000 records holds the write lock about half a second (0.35-0.85 s on a
     shared 2-core machine: ``benchmarks/audit_bench.py --stages-only --prefill 1000000``): writers arriving
@@ -781,18 +781,17 @@ class SQLiteStore(AuditStore):
     the size returns after it.
     ``audit_partitions`` catalogs the partitions (number, sealed, rows, time range).
 
-    The write path reads only the small indexed ``audit_fragments``/``audit_kept`` tables and the catalog:
-    fragments that arrived before their record are merged as it is written, kept marks present then are set;
-    a fragment or mark arriving later stays in its table and is applied when reading, and folded in at the
-    next seal. A retried export recognized by this store's memory of recent keys (:class:`_RecentKeys`) is
-    not written again (and counted as a duplicate); one it does not recognize is written and removed by
-    reads and the seal.
+    The write path reads only the catalog: a record is appended as it came. Fragments and kept marks stay in
+    their tables, whether they arrived before or after their record, are applied when reading, and are
+    folded in at the next seal. A retried export recognized by this store's memory of recent keys
+    (:class:`_RecentKeys`) is not written again (and counted as a duplicate); one it does not recognize is
+    written and removed by reads and the seal.
 
     Reads (:meth:`query`, :meth:`count`) see every partition with the single table's semantics: no
     duplicate (trace_id, span_id), fragments and marks merged, filters applied after merging. Readers in
     other connections or processes see a seal whole or not at all (one transaction; WAL snapshots).
     ``audit_records`` is a VIEW over all partitions for operators' ad-hoc SQL; rows of the active partition
-    appear there raw (a duplicate or a late fragment or mark not yet applied): ``python -m sidecar.audit
+    appear there raw (a duplicate, a fragment or mark not yet folded in): ``python -m sidecar.audit
     query`` is the exact reader. Retention drops whole partitions older than the cutoff (or the oldest first,
     for size) and cuts the one that straddles it; dropped pages go back to the file system
     (``auto_vacuum=INCREMENTAL``).
@@ -887,20 +886,21 @@ class SQLiteStore(AuditStore):
         self._recent.add(self._txn_keys)
 
     def _write(self, cur, rows: list[tuple], fragments: list[Fragment], now: int) -> int:
-        """Append: fragments to ``audit_fragments``, records (merged with what is already waiting for them)
-        to the active partition. Nothing here reads a records table."""
+        """Append: fragments to ``audit_fragments``, records as they are to the active partition. Nothing here
+        reads a table but the catalog: fragments and kept marks, whenever they arrive, are applied by every read
+        and folded in at the seal (looking them up for every record cost 12% of indexing: docs/benchmarks.md,
+        eighth round)."""
         if fragments:
             _insert(cur, "INSERT INTO audit_fragments (trace_id, span_id, service, fields, recorded_unix_nano)",
                     [(f.trace_id, f.span_id, f.service, json.dumps(f.fields), now) for f in fragments],
                     " ON CONFLICT (trace_id, span_id) DO NOTHING")
         if not rows:
             return 0
-        pending, kept = self._waiting_for(cur, rows)
         seen, recent = self._txn_keys, self._recent
         keys = [_key(row[0], row[1]) for row in rows]
         fresh = set(keys)
-        if len(fresh) == len(rows) and fresh.isdisjoint(seen) and recent.isdisjoint(fresh) and not (pending or kept):
-            seen |= fresh  # the usual batch: every row new and complete, written as it is
+        if len(fresh) == len(rows) and fresh.isdisjoint(seen) and recent.isdisjoint(fresh):
+            seen |= fresh  # the usual batch: every row new
             times = [row[2] for row in rows]
             lo, hi = min(times), max(times)
         else:
@@ -911,8 +911,6 @@ class SQLiteStore(AuditStore):
                     continue  # written already (a retried export): the first stays
                 seen.add(key)
                 written.append(key)
-                if pending or kept:
-                    row = _completed(row, pending.get((row[0], row[4])), kept, self._missing_text)
                 new.append(row)
                 t = row[2]
                 lo = t if lo is None or t < lo else lo

@@ -270,22 +270,29 @@ def _by_request(store, q: Query | None = None) -> dict[str, AuditRecord]:
     return {r.request_id: r for r in got}
 
 
-def test_what_waited_for_a_record_is_in_its_row_for_ad_hoc_sql(tmp_path):
-    """A fragment and a kept mark that arrived before their record are folded into its row as it is written, so
-    ``SELECT ... FROM audit_records`` shows them before any seal (docs/audit.md); in a batch with other records."""
+def test_what_waited_for_a_record_is_read_with_it_and_in_its_row_after_the_seal(tmp_path):
+    """A fragment and a kept mark that arrived before their record: every read applies them at once; the
+    active partition holds the record as written (no lookup per record), and its seal folds them in, so
+    ``SELECT ... FROM audit_records`` shows them from then on (docs/audit.md); in a batch with other records."""
     store = _sqlite(tmp_path / "audit.db")
     _write(store, fragments=(_frag(1, model_version="9.9"),))
     store.mark_kept({f"{1:032x}": "errors"})
     assert _write(store, *(_rec(i, version=None) for i in range(4))) == 4
-    assert _raw(store, "SELECT request_id, model_version, trace_kept, kept_policy FROM audit_records "
-                       "ORDER BY request_id") == [("req-0", None, 0, None), ("req-1", "9.9", 1, "errors"),
-                                                  ("req-2", None, 0, None), ("req-3", None, 0, None)]
+    raw = "SELECT request_id, model_version, trace_kept, kept_policy FROM audit_records ORDER BY request_id"
+    exact = [("req-0", None, 0, None), ("req-1", "9.9", 1, "errors"), ("req-2", None, 0, None),
+             ("req-3", None, 0, None)]
+    assert [(r.request_id, r.model_version, int(r.trace_kept), r.kept_policy)
+            for r in store.query(Query())] == exact
+    assert _raw(store, raw)[1] == ("req-1", None, 0, None)  # as written
+    assert store.seal(force=True)
+    assert _raw(store, raw) == exact
+    assert _raw(store, "SELECT count(*) FROM audit_fragments") == [(0,)]
     store.close()
 
 
 def test_fragments_and_kept_marks_in_either_order_on_both_sides_of_a_seal(tmp_path):
     s = _sqlite(tmp_path / "a.db", seal_rows=4)
-    # 1: fragment before its record (merged on write); 2: fragment after it (read time, then the seal)
+    # 1: fragment before its record; 2: fragment after it (both: read time, then the seal)
     _write(s, fragments=(_frag(1, model_id="m1", model_version="9.1"),))
     _write(s, _rec(1, version=None), _rec(2, version=None))
     _write(s, fragments=(_frag(2, model_id="m2", model_version="9.2", parameters={"seed": 2}),))
@@ -430,7 +437,7 @@ def test_retention_keeps_what_late_marks_and_fragments_said_of_a_record_it_keeps
     ahead = time.time_ns() + 3600 * SECOND
     _write(s, _rec(1, t=ahead, version=None), _rec(2, t=ahead + 1))  # sealed
     _write(s, _rec(3, t=ahead + 2, version=None))  # active
-    for i in (1, 3):  # after their records, so not merged on write
+    for i in (1, 3):  # after their records
         _write(s, fragments=(_frag(i, model_version=f"9.{i}"),))
         s.mark_kept({_rec(i).trace_id: f"p{i}"})
     assert s.delete_older_than(time.time_ns() + SECOND) == 0  # the marks and fragments are older than that
