@@ -2819,6 +2819,7 @@ static PyObject *entry_row(RowsCtx *c, RowSpan *e, Py_ssize_t *heads, size_t mas
         PyTuple_SET_ITEM(row, i, items[i]);
         items[i] = NULL;
     }
+    PyObject_GC_UnTrack(row); /* texts and numbers only: no cycle can pass through it, the collector need not look */
 done:
     for (int i = 0; i < ROW_COLUMNS; i++)
         Py_XDECREF(items[i]);
