@@ -617,3 +617,18 @@ def test_a_large_group_of_records_fragments_and_marks_is_stored_whole_and_once(s
     late = [_rec(i) for i in range(n, n + 300)]
     _write(store, *late)
     assert all(r.model_id == "resnet" for r in store.query(Query()) if int(r.trace_id, 16) >= n)
+
+
+def test_in_lists_bind_any_number_of_values_in_a_few_statement_texts():
+    """The store's IN lists are padded to a power of two with the last value (the same answer), so a few
+    statement texts serve every size and stay in the driver's statement cache (docs/benchmarks.md, eighth round)."""
+    from sidecar.audit.store import _in
+
+    assert _in(["a"]) == ("(?)", ["a"])
+    assert _in(["a", "b", "c"]) == ("(?, ?, ?, ?)", ["a", "b", "c", "c"])
+    texts = set()
+    for n in range(1, 513):
+        text, args = _in(list(range(n)))
+        assert text.count("?") == len(args) >= n and set(args) == set(range(n))
+        texts.add(text)
+    assert len(texts) == 10
