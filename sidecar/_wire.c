@@ -606,23 +606,68 @@ typedef struct {
     SpanFacts sp, res;
 } MetricsCtx;
 
+/* A resource's (service, label per span key): what its spans' keys fall back to ("" where it has none). */
+static PyObject *resource_labels(Slice rs, const Keys *rk, SpanFacts *res)
+{
+    if (resource_facts(rs, rk, res) < 0)
+        return NULL;
+    PyObject *base = PyTuple_New(rk->nkeys);
+    if (base == NULL)
+        return NULL;
+    for (int j = 0; j < rk->nkeys; j++) {
+        PyObject *x = res->found[j] ? label_of(res->vals[j]) : PyUnicode_FromStringAndSize("", 0);
+        if (x == NULL) {
+            Py_DECREF(base);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(base, j, x);
+    }
+    return base;
+}
+
+/* A SpanMetricRow key: (service, name, kind, status, label per key). ``vals[j]``: the span's KeyValue for key j,
+ * {NULL, 0} when it has none; an absent key or an empty label takes the resource's (``base``). */
+static PyObject *metric_key(PyObject *base, Slice name, long kind, long status, const Slice *vals, int n)
+{
+    PyObject *key = PyTuple_New(4 + n);
+    if (key == NULL)
+        return NULL;
+    PyTuple_SET_ITEM(key, 0, Py_NewRef(PyTuple_GET_ITEM(base, 0)));
+    PyObject *x;
+    if ((x = str_of(name)) == NULL)
+        goto fail;
+    PyTuple_SET_ITEM(key, 1, x);
+    if ((x = PyLong_FromLong(kind)) == NULL)
+        goto fail;
+    PyTuple_SET_ITEM(key, 2, x);
+    if ((x = PyLong_FromLong(status)) == NULL)
+        goto fail;
+    PyTuple_SET_ITEM(key, 3, x);
+    for (int j = 0; j < n; j++) {
+        x = NULL;
+        if (vals[j].p != NULL) {
+            if ((x = label_of(vals[j])) == NULL)
+                goto fail;
+            if (PyUnicode_GET_LENGTH(x) == 0) /* an empty label counts as absent */
+                Py_CLEAR(x);
+        }
+        if (x == NULL)
+            x = Py_NewRef(PyTuple_GET_ITEM(base, j + 1));
+        PyTuple_SET_ITEM(key, 4 + j, x);
+    }
+    return key;
+fail:
+    Py_DECREF(key);
+    return NULL;
+}
+
 static int metrics_resource(void *vctx, Py_ssize_t index, Slice rs)
 {
     MetricsCtx *c = vctx;
     (void)index;
-    if (resource_facts(rs, &c->rk, &c->res) < 0)
-        return -1;
-    PyObject *base = PyTuple_New(c->rk.nkeys);
+    PyObject *base = resource_labels(rs, &c->rk, &c->res);
     if (base == NULL)
         return -1;
-    for (int j = 0; j < c->rk.nkeys; j++) {
-        PyObject *x = c->res.found[j] ? label_of(c->res.vals[j]) : PyUnicode_FromStringAndSize("", 0);
-        if (x == NULL) {
-            Py_DECREF(base);
-            return -1;
-        }
-        PyTuple_SET_ITEM(base, j, x);
-    }
     Py_XSETREF(c->base, base);
     return 0;
 }
@@ -641,36 +686,12 @@ static int metrics_span(void *vctx, Slice item)
     int n = c->k.nkeys;
     if (parse_span(item, &c->k, sp) < 0)
         return -1;
-    PyObject *key = PyTuple_New(4 + n);
+    Slice vals[MAX_KEYS];
+    for (int j = 0; j < n; j++)
+        vals[j] = sp->found[j] ? sp->vals[j] : (Slice){NULL, 0};
+    PyObject *key = metric_key(c->base, sp->h.name, sp->h.kind, sp->status, vals, n);
     if (key == NULL)
         return -1;
-    PyObject *service = PyTuple_GET_ITEM(c->base, 0);
-    Py_INCREF(service);
-    PyTuple_SET_ITEM(key, 0, service);
-    PyObject *x;
-    if ((x = str_of(sp->h.name)) == NULL)
-        goto fail;
-    PyTuple_SET_ITEM(key, 1, x);
-    if ((x = PyLong_FromLong(sp->h.kind)) == NULL)
-        goto fail;
-    PyTuple_SET_ITEM(key, 2, x);
-    if ((x = PyLong_FromLong(sp->status)) == NULL)
-        goto fail;
-    PyTuple_SET_ITEM(key, 3, x);
-    for (int j = 0; j < n; j++) {
-        x = NULL;
-        if (sp->found[j]) {
-            if ((x = label_of(sp->vals[j])) == NULL)
-                goto fail;
-            if (PyUnicode_GET_LENGTH(x) == 0) /* an empty label counts as absent */
-                Py_CLEAR(x);
-        }
-        if (x == NULL) {
-            x = PyTuple_GET_ITEM(c->base, j + 1);
-            Py_INCREF(x);
-        }
-        PyTuple_SET_ITEM(key, 4 + j, x);
-    }
     uint64_t d = sp->h.end > sp->h.start ? sp->h.end - sp->h.start : 0;
     PyObject *items[6] = {key, PyLong_FromUnsignedLongLong(d), PyLong_FromUnsignedLongLong(sp->h.end),
                           PyLong_FromLong(sp->status), bytes_of(sp->h.trace_id), bytes_of(sp->h.span_id)};
@@ -680,9 +701,6 @@ static int metrics_span(void *vctx, Slice item)
     int rc = PyList_Append(c->rows, row);
     Py_DECREF(row);
     return rc;
-fail:
-    Py_DECREF(key);
-    return -1;
 }
 
 PyDoc_STRVAR(span_metric_rows_doc,
@@ -760,19 +778,9 @@ static int groups_resource(void *vctx, Py_ssize_t index, Slice rs)
 {
     GroupsCtx *c = vctx;
     (void)index;
-    if (resource_facts(rs, &c->rk, &c->res) < 0)
-        return -1;
-    PyObject *base = PyTuple_New(c->rk.nkeys);
+    PyObject *base = resource_labels(rs, &c->rk, &c->res);
     if (base == NULL)
         return -1;
-    for (int j = 0; j < c->rk.nkeys; j++) {
-        PyObject *x = c->res.found[j] ? label_of(c->res.vals[j]) : PyUnicode_FromStringAndSize("", 0);
-        if (x == NULL) {
-            Py_DECREF(base);
-            return -1;
-        }
-        PyTuple_SET_ITEM(base, j, x);
-    }
     int rc = PyList_Append(c->bases, base);
     Py_DECREF(base);
     return rc;
@@ -886,40 +894,10 @@ static int groups_span(void *vctx, Slice item)
     return 0;
 }
 
-/* The group's SpanMetricRow key: labels as metrics_span makes them. */
+/* The group's SpanMetricRow key, as metrics_span makes it. */
 static PyObject *group_key(GroupsCtx *c, const MetricGroup *g)
 {
-    int n = c->k.nkeys;
-    PyObject *base = PyList_GET_ITEM(c->bases, g->resource), *key = PyTuple_New(4 + n);
-    if (key == NULL)
-        return NULL;
-    PyTuple_SET_ITEM(key, 0, Py_NewRef(PyTuple_GET_ITEM(base, 0)));
-    PyObject *x;
-    if ((x = str_of(g->name)) == NULL)
-        goto fail;
-    PyTuple_SET_ITEM(key, 1, x);
-    if ((x = PyLong_FromLong(g->kind)) == NULL)
-        goto fail;
-    PyTuple_SET_ITEM(key, 2, x);
-    if ((x = PyLong_FromLong(g->status)) == NULL)
-        goto fail;
-    PyTuple_SET_ITEM(key, 3, x);
-    for (int j = 0; j < n; j++) {
-        x = NULL;
-        if (g->vals[j].p != NULL) {
-            if ((x = label_of(g->vals[j])) == NULL)
-                goto fail;
-            if (PyUnicode_GET_LENGTH(x) == 0) /* an empty label counts as absent */
-                Py_CLEAR(x);
-        }
-        if (x == NULL)
-            x = Py_NewRef(PyTuple_GET_ITEM(base, j + 1));
-        PyTuple_SET_ITEM(key, 4 + j, x);
-    }
-    return key;
-fail:
-    Py_DECREF(key);
-    return NULL;
+    return metric_key(PyList_GET_ITEM(c->bases, g->resource), g->name, g->kind, g->status, g->vals, c->k.nkeys);
 }
 
 /* Group ``from`` counted into ``into`` (same key; ``from`` has the later first span). */
