@@ -234,6 +234,30 @@ service:
     assert cfg.processors["span_metrics"].config.histogram.explicit.buckets == [0.002, 0.01]
 
 
+def test_a_series_fed_by_two_raw_keys_takes_its_first_slowest_span_and_its_latest_error_across_both():
+    """gen_ai.request.model and ml.model.id naming one model feed one series from two raw keys, counted apart in
+    the scanner: the exemplars are the spans counting one by one picks, by their positions in the request."""
+    spec = [("ml.model.id", 10, False), ("gen_ai.request.model", 50, False), ("ml.model.id", 20, False),
+            ("gen_ai.request.model", 80, False),  # the first of the slowest: the raw key that started second
+            ("ml.model.id", 80, False), ("gen_ai.request.model", 5, True),
+            ("ml.model.id", 5, True)]  # the latest error: the raw key whose first error came first
+    grouped, _, _ = make()
+    single, _, _ = make()
+    req, ss = request("svc")
+    for key, ms, error in spec:
+        s = add_span(ss, duration_ms=ms, error=error, attrs={key: "m"})
+        one, one_ss = request("svc")
+        one_ss.spans.append(s)
+        single.consume(Envelope(Signal.TRACES, one))
+    grouped.consume(Envelope(Signal.TRACES, req))
+    got = grouped.snapshot()
+    assert got == single.snapshot() and len(got) == 2
+    (ok_key,) = [k for k in got if k[3] != Status.STATUS_CODE_ERROR]
+    (err_key,) = [k for k in got if k[3] == Status.STATUS_CODE_ERROR]
+    assert got[ok_key][3][1] == ss.spans[3].trace_id
+    assert got[err_key][4][1] == ss.spans[6].trace_id
+
+
 def test_many_spans_of_one_series_fill_the_same_buckets_and_exemplars_as_one_by_one():
     """A request with many spans of one series (counted as a group) and one with a series fed by two raw label
     sets (gen_ai model and model id naming the same model: counted span by span) give what one request per
