@@ -112,7 +112,7 @@ def main() -> None:
             if hasattr(impl, "span_metric_groups"):  # what span_metrics calls (counted per key in the scanner)
                 bounds = tuple(range(10**6, 16 * 10**6, 10**6))
                 timed("span_metric_groups", spans,
-                      lambda: [impl.span_metric_groups(t, b"service.name", KEYS, bounds) for _, _, t, _ in reqs])
+                      lambda: [impl.span_metric_groups(t, b"service.name", KEYS, bounds, 10_000) for _, _, t, _ in reqs])
         timed("span_runs (1 key)", spans, lambda: [impl.span_runs(t, KEYS[:1]) for _, _, t, _ in reqs])
         timed("log_runs", logs, lambda: [impl.log_runs(lg, 17) for _, _, _, lg in reqs])
         if name == "old c":

@@ -747,7 +747,6 @@ typedef struct {
     Py_ssize_t resource;
     Slice name;
     long kind, status;
-    Slice vals[MAX_KEYS]; /* {NULL, 0}: absent */
     uint64_t hash, sum, carries; /* the durations' sum: carries * 2**64 + sum */
     Py_ssize_t count;
     Exemplar slowest, latest;
@@ -761,10 +760,13 @@ typedef struct {
     const uint64_t *bounds;
     Py_ssize_t nbounds, spans;
     MetricGroup *groups;
+    Slice *vals;        /* per group, its KeyValue per key ({NULL, 0}: absent): only as many as there are keys */
     Py_ssize_t *counts; /* per group, nbounds + 1 bucket counts */
     Py_ssize_t ngroups, cap;
     Py_ssize_t *table;  /* open addressing on group indices, -1: empty */
     size_t mask;
+    Py_ssize_t max_groups; /* keys counted apart; spans of further keys go to the rest group */
+    Py_ssize_t rest;       /* the rest group's index, -1: none yet */
 } GroupsCtx;
 
 static uint64_t mix_bytes(uint64_t h, Slice s)
@@ -793,6 +795,10 @@ static int groups_grow(GroupsCtx *c)
     if (g == NULL)
         return PyErr_NoMemory(), -1;
     c->groups = g;
+    Slice *vals = PyMem_Realloc(c->vals, (size_t)(cap * (c->k.nkeys ? c->k.nkeys : 1)) * sizeof *vals);
+    if (vals == NULL)
+        return PyErr_NoMemory(), -1;
+    c->vals = vals;
     Py_ssize_t *counts = PyMem_Realloc(c->counts, (size_t)(cap * nb) * sizeof *counts);
     if (counts == NULL)
         return PyErr_NoMemory(), -1;
@@ -804,6 +810,8 @@ static int groups_grow(GroupsCtx *c)
     for (size_t b = 0; b < size; b++)
         table[b] = -1;
     for (Py_ssize_t i = 0; i < c->ngroups; i++) {
+        if (i == c->rest)
+            continue;
         size_t b = (size_t)c->groups[i].hash & (size - 1);
         while (table[b] >= 0)
             b = (b + 1) & (size - 1);
@@ -850,9 +858,10 @@ static int groups_span(void *vctx, Slice item)
         if (x->hash != h || x->resource != resource || x->kind != sp->h.kind || x->status != sp->status
                 || !slice_eq(x->name, sp->h.name))
             continue;
+        const Slice *xv = &c->vals[c->table[b] * n];
         int j = 0;
         for (; j < n; j++)
-            if ((x->vals[j].p == NULL) != !sp->found[j] || (sp->found[j] && !slice_eq(x->vals[j], sp->vals[j])))
+            if ((xv[j].p == NULL) != !sp->found[j] || (sp->found[j] && !slice_eq(xv[j], sp->vals[j])))
                 break;
         if (j == n) {
             g = x;
@@ -860,6 +869,16 @@ static int groups_span(void *vctx, Slice item)
         }
     }
     Py_ssize_t nb = c->nbounds + 1;
+    if (g == NULL && c->ngroups - (c->rest >= 0) >= c->max_groups) {
+        if (c->rest < 0) { /* a group outside the table: its key is None */
+            if (2 * (c->ngroups + 1) > c->cap && groups_grow(c) < 0)
+                return -1;
+            c->rest = c->ngroups++;
+            memset(&c->groups[c->rest], 0, sizeof c->groups[c->rest]);
+            memset(&c->counts[c->rest * nb], 0, (size_t)nb * sizeof *c->counts);
+        }
+        g = &c->groups[c->rest];
+    }
     if (g == NULL) {
         if (2 * (c->ngroups + 1) > c->cap) {
             if (groups_grow(c) < 0)
@@ -876,7 +895,7 @@ static int groups_span(void *vctx, Slice item)
         g->kind = sp->h.kind;
         g->status = sp->status;
         for (int j = 0; j < n; j++)
-            g->vals[j] = sp->found[j] ? sp->vals[j] : (Slice){NULL, 0};
+            c->vals[(g - c->groups) * n + j] = sp->found[j] ? sp->vals[j] : (Slice){NULL, 0};
         g->hash = h;
         g->sum = g->carries = 0;
         g->count = 0;
@@ -897,7 +916,8 @@ static int groups_span(void *vctx, Slice item)
 /* The group's SpanMetricRow key, as metrics_span makes it. */
 static PyObject *group_key(GroupsCtx *c, const MetricGroup *g)
 {
-    return metric_key(PyList_GET_ITEM(c->bases, g->resource), g->name, g->kind, g->status, g->vals, c->k.nkeys);
+    return metric_key(PyList_GET_ITEM(c->bases, g->resource), g->name, g->kind, g->status,
+                      &c->vals[(g - c->groups) * c->k.nkeys], c->k.nkeys);
 }
 
 /* Group ``from`` counted into ``into`` (same key; ``from`` has the later first span). */
@@ -954,10 +974,12 @@ static PyObject *groups_result(GroupsCtx *c)
     if (keys == NULL || seen == NULL || out == NULL)
         goto fail;
     for (Py_ssize_t i = 0; i < c->ngroups; i++) {
-        PyObject *key = group_key(c, &c->groups[i]);
+        PyObject *key = i == c->rest ? Py_NewRef(Py_None) : group_key(c, &c->groups[i]);
         if (key == NULL)
             goto fail;
         PyList_SET_ITEM(keys, i, key);
+        if (i == c->rest)
+            continue;
         PyObject *first = PyDict_GetItemWithError(seen, key);
         if (first != NULL) {
             group_merge(c, &c->groups[PyLong_AsSsize_t(first)], &c->groups[i]);
@@ -1003,22 +1025,31 @@ fail:
 }
 
 PyDoc_STRVAR(span_metric_groups_doc,
-"span_metric_groups(request: bytes, service_key: bytes, keys: tuple[bytes, ...], bounds: tuple[int, ...])\n"
-"    -> list[SpanMetricGroup]\n\n"
+"span_metric_groups(request: bytes, service_key: bytes, keys: tuple[bytes, ...], bounds: tuple[int, ...],\n"
+"                   max_groups: int) -> list[SpanMetricGroup]\n\n"
 "The spans of an encoded ExportTraceServiceRequest counted per SpanMetricRow key, in the order of each key's\n"
-"first span (see sidecar._wire_types); ``bounds``: the histogram's upper bounds in ns, ints in [0, 2**64).");
+"first span (see sidecar._wire_types); ``bounds``: the histogram's upper bounds in ns, ints in [0, 2**64).\n"
+"At most ``max_groups`` keys are counted apart (distinct on the wire; keys that label alike merge after):\n"
+"the spans of further keys are counted in one last group whose key is None.");
 
 static PyObject *span_metric_groups(PyObject *self, PyObject *args)
 {
     const char *data;
     Py_ssize_t len;
     PyObject *service_key, *keys, *bounds;
+    Py_ssize_t max_groups;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y#O!O!O!", &data, &len, &PyBytes_Type, &service_key, &PyTuple_Type, &keys,
-                          &PyTuple_Type, &bounds))
+    if (!PyArg_ParseTuple(args, "y#O!O!O!n", &data, &len, &PyBytes_Type, &service_key, &PyTuple_Type, &keys,
+                          &PyTuple_Type, &bounds, &max_groups))
         return NULL;
+    if (max_groups < 1) {
+        PyErr_SetString(PyExc_ValueError, "max_groups: must be >= 1");
+        return NULL;
+    }
     GroupsCtx c;
     memset(&c, 0, sizeof c);
+    c.max_groups = max_groups;
+    c.rest = -1;
     if (keys_of(keys, &c.k, NULL) < 0 || keys_of(keys, &c.rk, service_key) < 0)
         return NULL;
     c.nbounds = PyTuple_GET_SIZE(bounds);
@@ -1046,6 +1077,7 @@ static PyObject *span_metric_groups(PyObject *self, PyObject *args)
     Py_XDECREF(c.bases);
     PyMem_Free(bs);
     PyMem_Free(c.groups);
+    PyMem_Free(c.vals);
     PyMem_Free(c.counts);
     PyMem_Free(c.table);
     return out;

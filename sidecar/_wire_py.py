@@ -290,18 +290,30 @@ def span_metric_rows(request: bytes, service_key: bytes, keys: tuple) -> list[Sp
     return rows
 
 
-def span_metric_groups(request: bytes, service_key: bytes, keys: tuple, bounds: tuple) -> list[SpanMetricGroup]:
+def span_metric_groups(request: bytes, service_key: bytes, keys: tuple, bounds: tuple,
+                       max_groups: int) -> list[SpanMetricGroup]:
     """The spans of an encoded ExportTraceServiceRequest counted per SpanMetricRow key, in the order of each key's
-    first span (see sidecar._wire_types); ``bounds``: the histogram's upper bounds in ns, ints in [0, 2**64)."""
+    first span (see sidecar._wire_types); ``bounds``: the histogram's upper bounds in ns, ints in [0, 2**64). At
+    most ``max_groups`` keys are counted apart: the spans of further keys are counted in one last group whose key
+    is None."""
     if not isinstance(bounds, tuple):
         raise TypeError("bounds must be a tuple")
     if not all(type(b) is int and 0 <= b < 1 << 64 for b in bounds):
         raise ValueError("bounds: ints in [0, 2**64)")
-    groups: dict[tuple, list] = {}
+    if type(max_groups) is not int:
+        raise TypeError("max_groups must be an int")
+    if max_groups < 1:
+        raise ValueError("max_groups: must be >= 1")
+    groups: dict = {}
+    rest = None
     n_buckets = len(bounds) + 1
     for at, (key, d, end, _status, trace_id, span_id) in enumerate(span_metric_rows(request, service_key, keys)):
         exemplar = (d, trace_id, span_id, end)
         g = groups.get(key)
+        if g is None and len(groups) - (rest is not None) >= max_groups:
+            if rest is None:
+                rest = groups[None] = [None, 0, 0, [0] * n_buckets, exemplar, at, exemplar, at]
+            g = rest
         if g is None:
             g = groups[key] = [key, 0, 0, [0] * n_buckets, exemplar, at, exemplar, at]
         elif d > g[4][0]:

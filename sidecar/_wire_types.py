@@ -29,7 +29,7 @@ class SpanMetricGroup(NamedTuple):
     """The spans of one request with one SpanMetricRow key, counted (``span_metric_groups``): what span_metrics
     adds to a series, without an object per span. Exemplars are (duration_ns, trace_id, span_id, end_ns)."""
 
-    key: tuple  #: as SpanMetricRow.key
+    key: tuple | None  #: as SpanMetricRow.key; None: the spans of the keys past ``max_groups``
     count: int
     sum_ns: int  #: of the spans' durations
     buckets: list  #: spans per histogram bucket: bucket i holds bounds[i-1] < duration <= bounds[i] (len(bounds) + 1)

@@ -10,8 +10,8 @@ hatch, and how the test suite runs a second time. Callers never branch on which 
     check_encoding(request: bytes, schema: bytes, request_type) -> Request | None   # see below
     check_ids(request: bytes, logs: bool) -> int
     span_metric_rows(request: bytes, service_key: bytes, keys: tuple[bytes, ...]) -> list[SpanMetricRow]
-    span_metric_groups(request: bytes, service_key: bytes, keys: tuple[bytes, ...], bounds: tuple[int, ...])
-        -> list[SpanMetricGroup]                 # the same spans counted per key: what span_metrics adds
+    span_metric_groups(request: bytes, service_key: bytes, keys: tuple[bytes, ...], bounds: tuple[int, ...],
+                       max_groups: int) -> list[SpanMetricGroup]   # the same spans counted per key
     span_runs(request: bytes, keys: tuple[bytes, ...]) -> list[ResourceGroup]   # of ScopeGroup of SpanRun
     log_runs(request: bytes, keep_severity: int) -> list[ResourceGroup]         # of ScopeGroup of LogRun
     audit_spans(request: bytes, keys: tuple[bytes, ...], prefix: bytes, event_keys: tuple[bytes, ...])
@@ -29,7 +29,10 @@ on the bytes); the pure-Python half is the parser itself and returns the message
 
 On input the protobuf parser accepts, both answer identically (unknown fields and groups skipped, a
 field with an unexpected wire type treated as unknown, the last scalar winning, repeated message
-fields merged, open enums carried as their number). On input it rejects, the Python half raises
+fields merged, open enums carried as their number), with one exception: in a request with more keys
+than ``span_metric_groups``' ``max_groups``, the C half tells keys apart by their bytes on the wire and
+the Python half by their labels, so which keys reach the rest group can differ (every span is counted
+either way). On input it rejects, the Python half raises
 ValueError (it parses first); the C half raises ValueError where its reading finds the damage and
 may answer where it does not look (the receiver only hands on what the parser accepted).
 """

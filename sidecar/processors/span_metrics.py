@@ -17,7 +17,9 @@ Errors are calls with ``status_code="STATUS_CODE_ERROR"``; error rate per model 
 
 In a metrics pipeline too, it also emits the cumulative metrics as OTLP every
 ``metrics_flush_interval`` and passes incoming metrics through. Series beyond
-``max_series`` are folded into one ``otel_metric_overflow="true"`` series and counted.
+``max_series`` are folded into one ``otel_metric_overflow="true"`` series and counted; so are
+the spans of one request's keys past ``max_series`` (the scanner counts at most that many keys
+apart), so a hostile request's memory follows the cap, not its number of keys.
 """
 
 from __future__ import annotations
@@ -114,7 +116,8 @@ class SpanMetricsConfig(ConfigModel):
     namespace: str = "traces.span.metrics"
     metrics_flush_interval: Duration = 15.0
     exemplars: ExemplarsConfig = Field(default_factory=ExemplarsConfig)
-    #: Distinct label sets kept; spans of further ones are counted under one overflow series.
+    #: Distinct label sets kept; spans of further ones are counted under one overflow series (and so are those of
+    #: one request's distinct keys past this many).
     max_series: int = 10_000
     #: Mask PII in label values (span names, model ids, service, dimensions) in place, with the redaction
     #: engine's default detectors (``GET /users/[EMAIL]``): this processor runs before the redaction
@@ -313,11 +316,15 @@ class SpanMetricsProcessor(Component):
         several raw keys (labels that normalise or mask to the same values) merges their counts,
         and their exemplars by the spans' positions in the request, as if counted span by span.
         """
-        groups = wire.span_metric_groups(envelope.encoded, _SERVICE_KEY, self._span_keys, self._bounds_wire)
+        groups = wire.span_metric_groups(envelope.encoded, _SERVICE_KEY, self._span_keys, self._bounds_wire,
+                                         self._cfg.max_series)
         delta: dict[tuple, list] = {}
         exemplars = self._exemplars
         for g in groups:
             raw = g.key
+            if raw is None:  # more keys in this one request than max_series: their spans overflow (see _merge)
+                delta[self._overflow_key] = [g.count, g.sum_ns, g.buckets, None, None, -1, -1]
+                continue
             key = raw[:4] + self._tail(raw[3:])  # _tail reads slots 1.. (raw[4:]); raw[3] stands in for 0
             if self._mask is not None:
                 key = self._masked(key)
@@ -366,13 +373,14 @@ class SpanMetricsProcessor(Component):
             overflowed = 0
             for key, d in delta.items():
                 s = series.get(key)
+                if key is self._overflow_key:  # the request's keys past max_series (_aggregate)
+                    overflowed += d[0]
+                elif s is None and len(series) >= self._cfg.max_series + (self._overflow_key in series):
+                    key = self._overflow_key
+                    overflowed += d[0]
+                    s = series.get(key)
                 if s is None:
-                    if len(series) >= self._cfg.max_series + (self._overflow_key in series):
-                        key = self._overflow_key
-                        overflowed += d[0]
-                        s = series.get(key)
-                    if s is None:
-                        s = series[key] = [0, 0, [0] * self._n_buckets, None, None]
+                    s = series[key] = [0, 0, [0] * self._n_buckets, None, None]
                 s[0] += d[0]
                 s[1] += d[1]
                 buckets = s[2]

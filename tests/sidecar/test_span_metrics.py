@@ -234,6 +234,31 @@ service:
     assert cfg.processors["span_metrics"].config.histogram.explicit.buckets == [0.002, 0.01]
 
 
+def test_a_request_with_more_keys_than_max_series_overflows_the_rest_in_memory_that_follows_the_cap():
+    """A hostile request with a distinct span name per span: the scanner counts at most max_series keys apart and
+    the rest together, so the spans past the cap are counted (under the overflow series, and in the overflow
+    counter) without an object per key; the request's transient memory stays a few times its size (counting a
+    group per key took 37x, span by span 20x)."""
+    import tracemalloc
+
+    proc, _, tel = make(max_series=50)
+    req, ss = request("svc")
+    for i in range(50_000):
+        add_span(ss, name=f"op-{i}", duration_ms=1)
+    env = Envelope(Signal.TRACES, encoded=req.SerializeToString(), items=50_000)
+    tracemalloc.start()
+    try:
+        proc.consume(env)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 12 * len(env.encoded), f"{peak / len(env.encoded):.1f}x the request"
+    got = proc.snapshot()
+    assert len(got) == 51 and sum(s[0] for s in got.values()) == 50_000
+    assert sample(tel, "traces_span_metrics_calls_total", otel_metric_overflow="true") == 50_000 - 50
+    assert sample(tel, "sidecar_span_metrics_overflow_spans_total", component="span_metrics") == 50_000 - 50
+
+
 def test_a_series_fed_by_two_raw_keys_takes_its_first_slowest_span_and_its_latest_error_across_both():
     """gen_ai.request.model and ml.model.id naming one model feed one series from two raw keys, counted apart in
     the scanner: the exemplars are the spans counting one by one picks, by their positions in the request."""

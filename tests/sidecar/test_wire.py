@@ -189,7 +189,7 @@ class ScannerContract:
         edges = [None, *bounds, None]
         for msg, data in samples(12, 60):
             rows = self.impl.span_metric_rows(data, SERVICE, KEYS)
-            groups = self.impl.span_metric_groups(data, SERVICE, KEYS, bounds)
+            groups = self.impl.span_metric_groups(data, SERVICE, KEYS, bounds, 10_000)
             assert all(isinstance(g, SpanMetricGroup) for g in groups)
             assert [g.key for g in groups] == list(dict.fromkeys(r.key for r in rows))
             for g in groups:
@@ -217,11 +217,26 @@ class ScannerContract:
                                 start_time_unix_nano=0, end_time_unix_nano=(1 << 64) - 1 - (i == 1))
             if av is not None:
                 span.attributes.append(KeyValue(key="k", value=av))
-        five, six = self.impl.span_metric_groups(req.SerializeToString(), SERVICE, (b"k",), (10,))
+        five, six = self.impl.span_metric_groups(req.SerializeToString(), SERVICE, (b"k",), (10,), 10)
         assert (five.key[4], five.count, six.key[4], six.count) == ("5", 5, "6", 1)
         assert five.sum_ns == 5 * ((1 << 64) - 1) - 1 and five.buckets == [0, 5]
         assert (five.slowest_at, five.latest_at) == (0, 4)  # the first of the slowest, the last
         assert five.slowest[1] == bytes([0]) * 16 and five.latest[1] == bytes([4]) * 16
+
+    def test_span_metric_groups_count_keys_past_max_groups_together(self):
+        """A hostile request with a key per span makes at most ``max_groups`` groups: the spans of the keys past
+        them are counted in one last group (key None), so memory follows the cap, not the request."""
+        req = ExportTraceServiceRequest()
+        ss = req.resource_spans.add().scope_spans.add()
+        names = ["a", "b", "a", "c", "d", "b", "c"]
+        for i, name in enumerate(names):
+            ss.spans.add(trace_id=bytes([i]) * 16, span_id=bytes([i]) * 8, name=name, start_time_unix_nano=0,
+                         end_time_unix_nano=10 * (i + 1))
+        a, b, rest = self.impl.span_metric_groups(req.SerializeToString(), SERVICE, (), (35,), 2)
+        assert [(g.key[1], g.count, g.sum_ns) for g in (a, b)] == [("a", 2, 40), ("b", 2, 80)]
+        assert (rest.key, rest.count, rest.sum_ns, rest.buckets) == (None, 3, 40 + 50 + 70, [0, 3])
+        assert (rest.slowest_at, rest.latest_at) == (6, 6)
+        assert len(self.impl.span_metric_groups(req.SerializeToString(), SERVICE, (), (35,), 4)) == 4
 
     def test_the_issue_input_labels_the_gen_ai_model(self):
         """ml.model.id="" is absent: the model falls back to gen_ai.request.model, whatever the order."""
@@ -329,7 +344,7 @@ class ScannerContract:
                      lambda: self.impl.check_ids(data, False),
                      lambda: self.impl.check_encoding(data, TRACES_SCHEMA, ExportTraceServiceRequest),
                      lambda: self.impl.span_metric_rows(data, SERVICE, KEYS),
-                     lambda: self.impl.span_metric_groups(data, SERVICE, KEYS, (1, 2))):
+                     lambda: self.impl.span_metric_groups(data, SERVICE, KEYS, (1, 2), 8)):
             with pytest.raises(ValueError):
                 call()
 
@@ -348,9 +363,11 @@ class ScannerContract:
             self.impl.span_metric_rows(b"\x0a\x00", "service.name", (b"k",))
         for bounds in ((-1,), (1 << 64,), (1.5,), (True,)):
             with pytest.raises(ValueError, match="bounds"):
-                self.impl.span_metric_groups(b"", SERVICE, (b"k",), bounds)
+                self.impl.span_metric_groups(b"", SERVICE, (b"k",), bounds, 8)
         with pytest.raises(TypeError):
-            self.impl.span_metric_groups(b"", SERVICE, (b"k",), [1])
+            self.impl.span_metric_groups(b"", SERVICE, (b"k",), [1], 8)
+        with pytest.raises(ValueError, match="max_groups"):
+            self.impl.span_metric_groups(b"", SERVICE, (b"k",), (1,), 0)
 
     def test_audit_spans_hold_entry_spans_and_spans_with_wanted_keys_as_the_parser_reads_them(self):
         selected = entries = 0
@@ -504,7 +521,7 @@ def _answers(impl, data: bytes, logs: bool):
     else:
         calls += [lambda: impl.span_runs(data, KEYS),
                   lambda: impl.span_metric_rows(data, SERVICE, KEYS),
-                  lambda: impl.span_metric_groups(data, SERVICE, KEYS, (0, 10**6, 10**9)),
+                  lambda: impl.span_metric_groups(data, SERVICE, KEYS, (0, 10**6, 10**9), 10_000),
                   lambda: impl.audit_spans(data, AUDIT_KEYS, AUDIT_PREFIX, AUDIT_EVENT_KEYS),
                   lambda: impl.audit_subset(data, AUDIT_KEYS, AUDIT_PREFIX, AUDIT_EVENT_KEYS)]
     for call in calls:
