@@ -191,10 +191,11 @@ def _with_fragments(rec: AuditRecord, fragments: list[dict]) -> AuditRecord:
     return AuditRecord(**fields_)
 
 
-def _completed(row: tuple, fragments: list[dict] | None, kept: dict[str, str], missing: Any = None) -> tuple:
-    """A row with the fragments that waited for its record merged in and its trace's kept mark set."""
+def _completed(row: tuple, fragments: list[dict] | None, kept: dict[str, str]) -> tuple:
+    """A row with the fragments that waited for its record merged in and its trace's kept mark set (PostgreSQL's
+    write: SQLite's leaves them to reads and the seal)."""
     if fragments:
-        row = _row(_with_fragments(_record(row), fragments), row[3], missing)
+        row = _row(_with_fragments(_record(row), fragments), row[3])
     if row[0] in kept:
         row = row[:18] + (1, kept[row[0]])
     return row
