@@ -632,3 +632,24 @@ def test_in_lists_bind_any_number_of_values_in_a_few_statement_texts():
         assert text.count("?") == len(args) >= n and set(args) == set(range(n))
         texts.add(text)
     assert len(texts) == 10
+
+
+def test_what_retention_deletes_is_gone_from_the_database_file(tmp_path):
+    """A deleted record's text must not stay readable in the file: neither in the pages that held it (the cut
+    partition's rows) nor on pages freed whole (dropped partitions, long payloads' overflow pages), whatever
+    the SQLite build's own secure_delete default."""
+    s = _sqlite(tmp_path / "a.db", seal_rows=10)
+    for part in range(3):  # partitions 2 and 3 sealed, 4 active; each record's payloads carry its own marker
+        recs = [_rec(part * 10 + i, t=T0 + (part * 60 + i) * SECOND) for i in range(10)]
+        for r in recs:
+            r.input_payload = f"short-marker-{r.request_id}."
+            r.output_payload = f"long-marker-{r.request_id}." * 400  # past a page: overflow pages
+        _write(s, *recs)
+    assert s.delete_older_than(T0 + 65 * SECOND) == 15  # partition 2 dropped, 3 cut in its middle
+    _raw(s, "PRAGMA wal_checkpoint(TRUNCATE)")
+    s.close()
+    data = b"".join(f.read_bytes() for f in tmp_path.iterdir())  # the database; its log, if closing left one
+    for i in range(30):
+        gone = i < 15
+        for marker in (f"short-marker-req-{i}.", f"long-marker-req-{i}."):
+            assert (marker.encode() in data) != gone, f"{marker} {'still in' if gone else 'missing from'} the file"
