@@ -1,10 +1,13 @@
 """Throughput benchmark: OTLP/gRPC load through the sidecar to a counting backend.
 
 For each scenario it reports the target process's CPU microseconds per item (user+sys
-from the OS, over the whole run), items/s and peak RSS (VmHWM). The floor — a minimal
-Python gRPC process that only decodes, re-encodes and forwards — runs in the same
-invocation on the same traffic, before and after every scenario, and each scenario is reported as a
-ratio to the mean of the two floors around it (the machine's speed drifts between runs).
+from the OS, over the whole run), items/s and peak RSS (VmHWM), and for the sidecar where that
+CPU went, by thread (its ``sidecar_thread_cpu_seconds_total`` before and after the run: the
+receivers' handler pool, tail sampling's ticker, the exporters' consumers, the audit indexer,
+gRPC's own threads as ``other``). The floor — a minimal Python gRPC process that only decodes,
+re-encodes and forwards — runs in the same invocation on the same traffic, before and after every
+scenario, and each scenario is reported as a ratio to the mean of the two floors around it (the
+machine's speed drifts between runs).
 
     .venv/bin/python benchmarks/throughput.py            # all scenarios
     .venv/bin/python benchmarks/throughput.py --sustain 30   # + 20k spans/s + 10k logs/s with 10 s decision wait
@@ -228,6 +231,21 @@ def wait_for_audit_records(workdir: Path, timeout: float = 120.0) -> None:
     raise RuntimeError(f"{store}: the audit journal was not indexed within {timeout:.0f} s")
 
 
+def thread_cpu(metrics_port: int) -> dict[str, float]:
+    """The sidecar's ``sidecar_thread_cpu_seconds_total`` by thread name (empty for the floor, which has none)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    return {s.labels["thread"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == "sidecar_thread_cpu_seconds_total"}
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -271,6 +289,7 @@ def run_target(name: str, command_config: str | None, bodies, spans: int, logs: 
                                          "--gil",
                                          "--threads", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
+        threads0 = thread_cpu(metrics_port) if command_config is not None else {}
         cpu0 = ps.cpu_times()
         t0 = time.monotonic()
         refused = send_all(port, bodies)
@@ -289,13 +308,16 @@ def run_target(name: str, command_config: str | None, bodies, spans: int, logs: 
         wait_for_audit_records(workdir)
         t1 = time.monotonic()
         cpu1 = ps.cpu_times()
+        threads1 = thread_cpu(metrics_port) if command_config is not None else {}
         if profiler is not None:
             profiler.send_signal(2)
             profiler.wait(30)
         got_spans, got_logs = (a - b for a, b in zip(backend.counts(), (base_spans, base_logs)))
         cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
         items = spans + logs
+        by_thread = {t: round((v - threads0.get(t, 0.0)) / items * 1e6, 2) for t, v in threads1.items()}
         result = {"scenario": name, "items": items, "cpu_s": cpu, "cpu_us_per_item": cpu / items * 1e6,
+                  "thread_us_per_item": {t: v for t, v in sorted(by_thread.items(), key=lambda kv: -kv[1]) if v},
                   "sys_us_per_item": (cpu1.system - cpu0.system) / items * 1e6,
                   "items_per_s": items / (t1 - t0), "peak_rss_mb": peak_rss_mb(pid),
                   "delivered_spans": got_spans, "delivered_logs": got_logs, "refusals": refused}
@@ -374,6 +396,9 @@ def run_density(args, pii: float, decision_wait_s: float) -> list[dict]:
         results.append(r)
         print(f"  {name}: {r['cpu_us_per_item']:.2f} µs/item, {r['x_floor']:.2f}x the floors around it "
               f"({floors[-2]['cpu_us_per_item']:.2f}, {floors[-1]['cpu_us_per_item']:.2f})", flush=True)
+        if r["thread_us_per_item"]:  # where it went: the sidecar's sidecar_thread_cpu_seconds_total
+            print("    by thread, µs/item: " + ", ".join(f"{t} {v:.2f}" for t, v in r["thread_us_per_item"].items()),
+                  flush=True)
     first = dict(floors[0])
     first["floor_us_per_item"] = first["cpu_us_per_item"]
     first["x_floor"] = 1.0

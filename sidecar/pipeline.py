@@ -209,6 +209,7 @@ class Service:
         from sidecar.httpserver import BackgroundHTTPServer
 
         host, port = split_host_port(address)
+        self.telemetry.measure_process()
         try:
             self._metrics_server = BackgroundHTTPServer(make_wsgi_app(self.telemetry.registry), host, port,
                                                         name="metrics-http", threads=2)

@@ -17,14 +17,21 @@ Outcomes, per component and signal, in items (spans, log records, data points):
 - ``dropped``   taken and then discarded (reason; ``intended="true"`` for sampling, ``false`` for loss)
 - ``exported``  delivered to a backend
 - ``retried``   re-sent after a retryable failure
+
+Where the CPU goes, on the served ``/metrics`` (:meth:`SelfTelemetry.measure_process`):
+``sidecar_thread_cpu_seconds_total{thread}`` (:class:`ThreadCPU`), per thread name (a pool's threads
+together), next to the standard ``process_*`` metrics.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import threading
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
+from prometheus_client.core import CounterMetricFamily
 
 from sidecar.signals import Signal
 
@@ -79,6 +86,12 @@ class SelfTelemetry:
 
     def component(self, kind: str, component_id: str) -> "ComponentTelemetry":
         return ComponentTelemetry(self, kind, component_id)
+
+    def measure_process(self) -> None:
+        """Add what this process spends (``process_*``, :class:`ThreadCPU`): for the served ``/metrics``, where
+        one registry is one process (a test's registries stay about the telemetry they were given)."""
+        self.collector("process_", lambda: ProcessCollector(registry=None))
+        self.collector("sidecar_thread_cpu_seconds", ThreadCPU)
 
 
 class ComponentTelemetry:
@@ -140,3 +153,63 @@ class ComponentTelemetry:
     def value(self, family: str, signal: Signal, *extra: str) -> float:
         """Current value of one counter (tests and the demo read it)."""
         return self._child(family, signal, *extra)._value.get()  # noqa: SLF001 - prometheus_client has no public getter
+
+
+class ThreadCPU:
+    """``sidecar_thread_cpu_seconds_total{thread}``: the CPU time (user + system) of the process's threads by
+    name, read from ``/proc`` at scrape time, so that an operator (and ``benchmarks/throughput.py``) sees which
+    stage spends it: the receivers' handler pools (``otlp-grpc``), ``tail_sampling[...]``, an exporter's
+    consumers, the audit indexer. Threads of one pool count together (``otlp-grpc_3`` -> ``otlp-grpc``); a
+    thread's time stays counted after it exits (as of the last scrape that saw it), and the time of threads
+    Python did not start (gRPC's own) and of exited threads since that scrape is ``thread="other"``, so the
+    series add up to ``process_cpu_seconds_total``. Linux only (nothing elsewhere); nothing on the hot path.
+    """
+
+    _POOL_SUFFIX = re.compile(r"(?:[_-]\d+)+$")  # a pool's index, and the pool's own (ThreadPoolExecutor-3_1)
+    _DEFAULT_NAME = re.compile(r"^Thread-\d+")
+
+    def __init__(self, proc: str = "/proc/self") -> None:
+        self._proc = proc
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._lock = threading.Lock()
+        self._seen: dict[threading.Thread, tuple[str, float]] = {}  # live thread -> (name, seconds at last scrape)
+        self._retired: dict[str, float] = {}  # name -> seconds of its threads that have exited
+
+    @classmethod
+    def name_of(cls, thread: threading.Thread) -> str:
+        """The series a thread counts in: its name without a pool's index (``Thread-7 (_serve)`` -> ``Thread (_serve)``)."""
+        return cls._POOL_SUFFIX.sub("", cls._DEFAULT_NAME.sub("Thread", thread.name))
+
+    def _seconds(self, stat_path: str) -> float | None:
+        try:
+            with open(stat_path, "rb") as f:
+                stat = f.read()
+        except OSError:  # the thread has just exited, or no /proc
+            return None
+        fields = stat[stat.rindex(b")") + 2:].split()  # after "pid (comm) ": comm may hold spaces
+        return (int(fields[11]) + int(fields[12])) / self._tick  # utime, stime (fields 14 and 15 of stat)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        total = self._seconds(f"{self._proc}/stat")
+        if total is None:
+            return
+        family = CounterMetricFamily("sidecar_thread_cpu_seconds", "CPU time (user + system) of the sidecar's "
+                                     "threads, by thread name (a pool's threads together; thread=\"other\": "
+                                     "threads Python did not start).", labels=("thread",))
+        with self._lock:
+            live = {t for t in threading.enumerate() if t.native_id is not None}
+            for t in [t for t in self._seen if t not in live]:
+                name, seconds = self._seen.pop(t)
+                self._retired[name] = self._retired.get(name, 0.0) + seconds
+            by_name = dict(self._retired)
+            for t in live:
+                seconds = self._seconds(f"{self._proc}/task/{t.native_id}/stat")
+                if seconds is None:
+                    continue
+                name = self.name_of(t)
+                self._seen[t] = (name, seconds)
+                by_name[name] = by_name.get(name, 0.0) + seconds
+        for name, seconds in sorted(by_name.items()):
+            family.add_metric([name], seconds)
+        family.add_metric(["other"], max(0.0, total - sum(by_name.values())))
+        yield family

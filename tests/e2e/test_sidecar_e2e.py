@@ -29,6 +29,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.otlp_json import to_json
 from sidecar.signals import Signal
@@ -159,6 +160,11 @@ def test_sdk_grpc_and_http_traces_logs_metrics_arrive_intact(ports, backend):
 
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{ports.metrics}/metrics").read().decode()
         assert 'sidecar_items_exported_total{component="otlp/backend",kind="exporter",signal="traces"}' in metrics
+        # where the CPU went: the receivers' handler pools are named, and the series add up to the process's CPU
+        cpu = {s.labels.get("thread"): s.value for f in text_string_to_metric_families(metrics) for s in f.samples
+               if s.name in ("sidecar_thread_cpu_seconds_total", "process_cpu_seconds_total")}
+        assert {"otlp-grpc", "other", None} <= set(cpu)  # None: process_cpu_seconds_total
+        assert abs(sum(v for k, v in cpu.items() if k is not None) - cpu[None]) < 0.1
         ready = urllib.request.urlopen(f"http://127.0.0.1:{ports.health}/readyz")
         assert ready.status == 200
         for p in (provider, http_provider, logger_provider, meter_provider):
