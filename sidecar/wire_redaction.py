@@ -197,9 +197,14 @@ def _candidates(engine: RedactionEngine, text: bytes, ends) -> "list[int] | rang
     if pre is None:
         return ()
     known = engine._scan_cache  # noqa: SLF001 - texts scanned before (every one was a candidate then)
-    if known or not engine._batch_safe:  # noqa: SLF001
+    if not engine._batch_safe or (known and len(ends) <= _APART_TEXTS_MAX):  # noqa: SLF001
         return _candidates_apart(engine, pre, text, ends, known)
     return _prefiltered(pre, text, ends)
+
+
+#: past this many distinct texts in a request, remembered ones go through the prefilter with the rest: telling them
+#: apart makes an object per text, and a hostile request of tiny strings would double its memory for it
+_APART_TEXTS_MAX = 65536
 
 
 def _prefiltered(pre, text: bytes, ends) -> list[int]:
