@@ -155,10 +155,6 @@ _NEVER = _Sentinel("NEVER")  # no rule at all: every request is clean
 #: allowed, except the matches themselves.
 SCAN_LOCK = threading.Lock()
 
-#: values up to this many bytes keep their scan's answer (:meth:`RedactionEngine.scan`), at most this many of them
-_CACHED_TEXT_MAX = 256
-_SCAN_CACHE_MAX = 8192
-
 
 class RedactionEngine:
     """One compiled set of rules. Thread-safe; share one per process or per processor."""
@@ -172,8 +168,6 @@ class RedactionEngine:
         self._allowed_keys = None if config.allow_all_keys else frozenset(config.allowed_keys)
         self._key_cache: dict[str, object] = {}
         self._key_lock = threading.Lock()
-        #: value -> (scan's answer, what it counted): see :meth:`scan`
-        self._scan_cache: dict[bytes, tuple[object, Tally]] = {}
 
         hash_users: list[str] = []
         self._key_rules = self._compile_key_rules(config, hash_users)
@@ -375,44 +369,20 @@ class RedactionEngine:
     def scan(self, b: bytes, tally: Tally, *, name: bool = False) -> "bytes | None | _Sentinel":
         """Apply the value rules to one UTF-8 value: None if clean, new bytes, or :data:`DROP`.
 
-        A value up to :data:`_CACHED_TEXT_MAX` bytes keeps its answer (and what it counted) for the next time
-        it is seen: user ids, emails, keys and headers repeat from request to request, and each RE2 call hands
-        the GIL to another thread when one waits, so a scan beside busy threads costs ten times its CPU
-        (docs/benchmarks.md, ninth round). At most :data:`_SCAN_CACHE_MAX` values are kept; then it starts over.
-        """
-        if name or len(b) > _CACHED_TEXT_MAX or type(b) is not bytes:
-            return self._scan(b, tally, name=name)
-        known = self._scan_cache.get(b)
-        if known is None:
-            counts: Tally = {}
-            known = (self._scan(b, counts), counts)
-            cache = self._scan_cache
-            if len(cache) >= _SCAN_CACHE_MAX:
-                cache.clear()
-            cache[b] = known
-        out, counts = known
-        for stat, n in counts.items():
-            tally[stat] = tally.get(stat, 0) + n
-        return out
-
-    def _scan(self, b: bytes, tally: Tally, *, name: bool = False) -> "bytes | None | _Sentinel":
-        """:meth:`scan` without its memory.
-
         ``name=True`` is for span and event names, which backends group by: every action
         masks only the matched part (``GET /users/[EMAIL]``), so a name is never dropped,
         replaced whole or hashed into a unique value.
 
-        In a value longer than :data:`_CACHED_TEXT_MAX`, one pass of the rule set names the rules that
-        match somewhere in ``b``; only they run, as one regex (see :class:`_Scanner`). An empty answer
-        is checked with every rule, as the set also answers "none" when its DFA runs out of memory.
-        A shorter value runs every rule at once: the same matches, one RE2 call fewer.
+        One pass of the rule set names the rules that match somewhere in ``b``; only they
+        run, as one regex (see :class:`_Scanner`). An empty answer is checked with every
+        rule, as the set also answers "none" when its DFA runs out of memory.
         """
         scanner = self._all
         if scanner is None:
             return None
         which = self._which
-        if which is not None and len(b) > _CACHED_TEXT_MAX:  # a short value: one call less (see scan) beats a
-            hit = which.Match(b)                             # smaller regex
+        if which is not None:
+            hit = which.Match(b)
             if hit:
                 if len(hit) > 1:
                     hit.sort()

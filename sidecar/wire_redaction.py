@@ -25,7 +25,6 @@ ValueError.
 from __future__ import annotations
 
 from bisect import bisect_right
-from itertools import accumulate, chain
 from types import ModuleType
 
 from redaction._config import Action
@@ -191,25 +190,15 @@ def _candidates(engine: RedactionEngine, text: bytes, ends) -> "list[int] | rang
     """Indices of the texts that may hold a match: ``engine.candidates(texts)`` on texts already joined.
 
     The same scan as ``redaction._engine._hits`` with a newline between texts, without building
-    the list of texts or their ends in Python; once the engine remembers texts, see :func:`_candidates_apart`.
+    the list of texts or their ends in Python.
     """
     pre = engine._prefilter  # noqa: SLF001 - the engine's own prefilter, run on the joined texts
     if pre is None:
         return ()
-    known = engine._scan_cache  # noqa: SLF001 - texts scanned before (every one was a candidate then)
-    if not engine._batch_safe or (known and len(ends) <= _APART_TEXTS_MAX):  # noqa: SLF001
-        return _candidates_apart(engine, pre, text, ends, known)
-    return _prefiltered(pre, text, ends)
-
-
-#: past this many distinct texts in a request, remembered ones go through the prefilter with the rest: telling them
-#: apart makes an object per text, and a hostile request of tiny strings would double its memory for it
-_APART_TEXTS_MAX = 65536
-
-
-def _prefiltered(pre, text: bytes, ends) -> list[int]:
-    """The indices of the joined texts the prefilter matches: one RE2 call, and one more after each hit."""
     n = len(text)
+    if not engine._batch_safe:  # noqa: SLF001 - patterns that cannot run on a join: each text on its own
+        texts = [text[ends[i - 1] if i else 0:ends[i] - 1] for i in range(len(ends))]
+        return [i for i, t in enumerate(texts) if pre.Match(_UNANCHORED, t, 0, len(t))[0][0] >= 0]
     start = pre.Match(_UNANCHORED, text, 0, n)[0][0]
     hits = []
     while start >= 0:
@@ -219,31 +208,6 @@ def _prefiltered(pre, text: bytes, ends) -> list[int]:
         if pos >= n:
             break
         start = pre.Match(_UNANCHORED, text, pos, n)[0][0]
-    return hits
-
-
-def _candidates_apart(engine: RedactionEngine, pre, text: bytes, ends, known) -> list[int]:
-    """:func:`_candidates` when some texts need no prefilter: those the engine has scanned before are candidates
-    as they were then, found without RE2 (each call hands the GIL to a waiting thread: a user id on every span
-    cost a call per distinct id and request), and the prefilter runs on the rest, joined. With patterns that
-    cannot run on a join (``_batch_safe`` false), each of the rest on its own."""
-    texts = text.split(b"\n")  # one call (the last text has no newline after it); a text holding a newline
-    if len(texts) != len(ends):  # makes more parts than texts: then slices
-        texts = [text[start:end - 1] for start, end in zip(chain((0,), ends), ends)]
-    hits = [i for i, t in enumerate(texts) if t in known]
-    if not engine._batch_safe:  # noqa: SLF001
-        seen = set(hits)
-        return sorted(hits + [i for i in range(len(ends)) if i not in seen
-                              and pre.Match(_UNANCHORED, texts[i], 0, len(texts[i]))[0][0] >= 0])
-    if not hits:
-        return _prefiltered(pre, text, ends)
-    seen = set(hits)
-    rest = [i for i in range(len(ends)) if i not in seen]
-    if not rest:
-        return hits
-    joined = b"\n".join([texts[i] for i in rest]) + b"\n"
-    hits += [rest[j] for j in _prefiltered(pre, joined, list(accumulate(len(texts[i]) + 1 for i in rest)))]
-    hits.sort()
     return hits
 
 
