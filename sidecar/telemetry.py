@@ -203,10 +203,10 @@ class ThreadCPU:
                 self._retired[name] = self._retired.get(name, 0.0) + seconds
             by_name = dict(self._retired)
             for t in live:
-                seconds = self._seconds(f"{self._proc}/task/{t.native_id}/stat")
-                if seconds is None:
-                    continue
                 name = self.name_of(t)
+                seconds = self._seconds(f"{self._proc}/task/{t.native_id}/stat")
+                if seconds is None:  # exiting: as last seen (a counter must not go down), retired at the next scrape
+                    name, seconds = self._seen.get(t, (name, 0.0))
                 self._seen[t] = (name, seconds)
                 by_name[name] = by_name.get(name, 0.0) + seconds
         for name, seconds in sorted(by_name.items()):

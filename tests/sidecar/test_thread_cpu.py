@@ -91,3 +91,28 @@ def test_names_drop_a_pools_index_and_pythons_default_numbering():
     assert ThreadCPU.name_of(named("Thread-12 (_serve)")) == "Thread (_serve)"
     assert ThreadCPU.name_of(named("tail_sampling[tail_sampling]")) == "tail_sampling[tail_sampling]"
     assert ThreadCPU.name_of(named("exporter-audit-index")) == "exporter-audit-index"
+
+
+def test_a_thread_whose_stat_cannot_be_read_keeps_its_last_value(tmp_path):
+    """A thread that is exiting is still listed by Python after /proc dropped it: its series must not dip (a
+    counter that goes down reads as a restart), and it is counted once it is gone."""
+    def stat(path, ticks: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"1 (py thon) S {' '.join(['0'] * 10)} {ticks} 0 0 0\n")  # utime is field 14
+
+    go, done = threading.Event(), threading.Event()
+    t = threading.Thread(target=_burn, args=(0.0, go, done), name="leaving-1")
+    t.start()
+    assert done.wait(30)
+    tick = ThreadCPU()._tick
+    stat(tmp_path / "stat", 100 * tick)
+    for other in threading.enumerate():
+        stat(tmp_path / "task" / str(other.native_id) / "stat", (3 if other is t else 0) * tick)
+    cpu = ThreadCPU(str(tmp_path))
+    read = lambda: {s.labels["thread"]: s.value for f in cpu.collect() for s in f.samples}  # noqa: E731
+    assert read()["leaving"] == 3.0
+    (tmp_path / "task" / str(t.native_id) / "stat").unlink()  # /proc no longer has it; Python still lists it
+    assert read()["leaving"] == 3.0
+    go.set()
+    t.join()
+    assert read()["leaving"] == 3.0 and read()["other"] == 97.0
