@@ -256,8 +256,6 @@ service: {pipelines: {traces: {receivers: [otlp], processors: [redaction/audit],
 def commits_in_default(n_requests: int, pii: float) -> None:
     """The shipped default config on benchmarks/throughput.py's load: fsyncs of the tail-sampling log and
     audit commits per request, from the sidecar's own counters (is group commit grouping there?)."""
-    import urllib.request
-
     import throughput
 
     bodies, _, _ = throughput.build_load(n_requests, pii=pii)
@@ -272,10 +270,9 @@ def commits_in_default(n_requests: int, pii: float) -> None:
 
     try:
         with tempfile.TemporaryDirectory() as tmp, SidecarProcess(cfg, workdir=tmp):
-            url = f"http://127.0.0.1:{metrics_port}/metrics"
-            before = urllib.request.urlopen(url, timeout=10).read().decode()
+            before = throughput.scrape(metrics_port)
             throughput.send_all(port, bodies, threads=CLIENTS)
-            after = urllib.request.urlopen(url, timeout=10).read().decode()
+            after = throughput.scrape(metrics_port)
     finally:
         backend.stop()
     syncs = counter(after, "sidecar_tail_sampling_log_syncs_total") - \

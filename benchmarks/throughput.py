@@ -231,15 +231,20 @@ def wait_for_audit_records(workdir: Path, timeout: float = 120.0) -> None:
     raise RuntimeError(f"{store}: the audit journal was not indexed within {timeout:.0f} s")
 
 
-def thread_cpu(metrics_port: int) -> dict[str, float]:
-    """The sidecar's ``sidecar_thread_cpu_seconds_total`` by thread name (empty for the floor, which has none)."""
+def scrape(metrics_port: int) -> str:
+    """A running sidecar's ``/metrics``, as text."""
     import urllib.request
 
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def thread_cpu(metrics_port: int) -> dict[str, float]:
+    """The sidecar's ``sidecar_thread_cpu_seconds_total`` by thread name (empty when it serves none)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-            text = r.read().decode()
+        text = scrape(metrics_port)
     except OSError:
         return {}
     return {s.labels["thread"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
