@@ -3,7 +3,7 @@
 The object-level adapter (``redaction.otlp.OtlpRedactor``) parses a request and walks its
 messages from Python. Here the strings and their keys are located in the encoded request in one
 pass (``locate``, which joins each distinct string once: most repeat on every span), all of them
-are scanned together with RE2 (``RedactionEngine.candidates``), key rules are decided per key from
+are scanned together with RE2 (``RedactionEngine.scan_joined``), key rules are decided per key from
 the engine's cache, and the few replacements are spliced into the bytes with every enclosing length
 prefix rewritten (``splice``). The output parses to exactly
 what the object-level path makes of the same request (a randomized test holds them to that):
@@ -24,7 +24,6 @@ ValueError.
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from types import ModuleType
 
 from redaction._config import Action
@@ -122,12 +121,13 @@ def redact(engine: RedactionEngine, signal: str, request: bytes) -> "bytes | Non
         ends = memoryview(loc.text_ends).cast("q")
         firsts = memoryview(loc.firsts).cast("q")
         sites = memoryview(loc.sites).cast("q")
-        scan = engine.scan
         append = edits.append
         # each distinct text is scanned once (a user id on every span), and its result applied to each of its
         # occurrences that no key rule took
-        for i in _candidates(engine, text, ends):
-            counts = None
+        for i, (out, counts) in _scanned(engine, text, ends).items():
+            dropped = out is DROP
+            if not dropped:
+                out = _VARINTS[len(out)] + out if len(out) < 16384 else encode_varint(len(out)) + out
             uses = 0
             occurrence = firsts[i]
             while occurrence >= 0:
@@ -135,14 +135,6 @@ def redact(engine: RedactionEngine, signal: str, request: bytes) -> "bytes | Non
                 if skip and occurrence in skip:
                     occurrence = sites[base + 7]
                     continue
-                if counts is None:
-                    counts = {}
-                    out = scan(text[ends[i - 1] if i else 0:ends[i] - 1], counts)
-                    if out is None:  # clean: nothing counted either
-                        break
-                    dropped = out is DROP
-                    if not dropped:
-                        out = _VARINTS[len(out)] + out if len(out) < 16384 else encode_varint(len(out)) + out
                 uses += 1
                 if dropped:
                     append((sites[base + 2], sites[base + 3], _EMPTY if sites[base + 6] == BODY_EMPTY else b"", -1))
@@ -186,29 +178,24 @@ def redact(engine: RedactionEngine, signal: str, request: bytes) -> "bytes | Non
     return new
 
 
-def _candidates(engine: RedactionEngine, text: bytes, ends) -> "list[int] | range":
-    """Indices of the texts that may hold a match: ``engine.candidates(texts)`` on texts already joined.
-
-    The same scan as ``redaction._engine._hits`` with a newline between texts, without building
-    the list of texts or their ends in Python.
-    """
-    pre = engine._prefilter  # noqa: SLF001 - the engine's own prefilter, run on the joined texts
+def _scanned(engine: RedactionEngine, text: bytes, ends) -> dict:
+    """{text index: (new bytes or DROP, counts)} of the texts the value rules change: the texts as ``locate``
+    joined them (each followed by a newline), scanned together (``RedactionEngine.scan_joined``), or one by one
+    where a user pattern cannot run on a join."""
+    if engine._batch_safe:  # noqa: SLF001 - the engine's own answer to "can these rules run on a join"
+        return engine.scan_joined(text, ends)
+    pre = engine._prefilter  # noqa: SLF001 - patterns that cannot run on a join: each text on its own
+    found = {}
     if pre is None:
-        return ()
-    n = len(text)
-    if not engine._batch_safe:  # noqa: SLF001 - patterns that cannot run on a join: each text on its own
-        texts = [text[ends[i - 1] if i else 0:ends[i] - 1] for i in range(len(ends))]
-        return [i for i, t in enumerate(texts) if pre.Match(_UNANCHORED, t, 0, len(t))[0][0] >= 0]
-    start = pre.Match(_UNANCHORED, text, 0, n)[0][0]
-    hits = []
-    while start >= 0:
-        i = bisect_right(ends, start)
-        hits.append(i)
-        pos = ends[i]
-        if pos >= n:
-            break
-        start = pre.Match(_UNANCHORED, text, pos, n)[0][0]
-    return hits
+        return found
+    for i in range(len(ends)):
+        t = text[ends[i - 1] if i else 0:ends[i] - 1]
+        if pre.Match(_UNANCHORED, t, 0, len(t))[0][0] >= 0:
+            counts: dict = {}
+            out = engine.scan(t, counts)
+            if out is not None:
+                found[i] = (out, counts)
+    return found
 
 
 def _key_rules(engine: RedactionEngine, request: bytes, loc: Located, tally: dict, edits: list,

@@ -11,6 +11,7 @@ parsed message for parsed message, counts included.
 from __future__ import annotations
 
 import random
+import sys
 
 import pytest
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
@@ -36,6 +37,8 @@ HMAC_ENV = {"REDACTION_HMAC_KEY": "test-key"}
 PII = ["alice@example.com", "card 4111 1111 1111 1111 ok", "call (415) 555-0132 now", "Bearer abcdefgh12345678",
        "key sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8t here", "from 10.1.2.3", "DROPME42", "SECRET-ABC and more",
        "HASHME-7 in text", "eyJhbGciOi.eyJzdWIiOi.sig", "ssn 123-45-6789"]
+#: where a request's texts, scanned joined (``RedactionEngine.scan_joined``), could read differently from each alone
+JOIN_EDGES = ["(415) 555-0132", "10.1.2.3", "line one\ncall (415) 555-0132", "a@b.co\n", "DROPME42\nnext"]
 PLAIN = ["", "resnet50", "v3", "POST /v1/predict", "user-17", "8x3x224x224", "1.2.3", "token_count", "ünïcode ✓"]
 KEYS = ["user.id", "prompt", "http.route", "ml.model.id", "authorization", "x-api-key", "db.password",
         "session_id", "access_token", "gen_ai.usage.input_tokens", "internal.trace", "notes", "allowed.one"]
@@ -58,6 +61,10 @@ CONFIGS = {
     # an anchored user pattern: texts cannot be scanned joined (the engine's batch-unsafe case)
     "anchored": {"summary": "debug", "blocked_values": [{"name": "lead", "pattern": "\\ADROPME[0-9]+\\z",
                                                          "action": "replace", "replacement": "<lead>"}]},
+    # line anchors and a match that can run on into the next text: texts are scanned joined, with fallbacks
+    "line-anchored": {"blocked_values": [{"name": "line", "pattern": "^DROPME[0-9]+$", "action": "replace",
+                                          "replacement": "<line>"},
+                                         {"name": "pair", "pattern": "now\\s*[A-Z]", "action": "drop"}]},
     "allowlist-hash": {"allow_all_keys": False, "disallowed_key_action": "hash", "allowed_keys": ["prompt"]},
 }
 
@@ -187,7 +194,8 @@ def impl(request, monkeypatch):
 class TestWireRedaction:
     @pytest.mark.parametrize("config", sorted(CONFIGS))
     @pytest.mark.parametrize("signal", sorted(RANDOM))
-    def test_same_output_as_the_object_path(self, impl, signal, config):
+    def test_same_output_as_the_object_path(self, impl, signal, config, monkeypatch):
+        monkeypatch.setattr(sys.modules[__name__], "PII", PII + JOIN_EDGES)
         rng = random.Random(f"{signal}-{config}")
         wire_changed = 0
         for _ in range(60):
