@@ -452,13 +452,18 @@ class RedactionEngine:
         Text ``i`` is ``joined[ends[i - 1]:ends[i] - 1]`` (``ends[-1]`` read as 0): each text is
         followed by a newline. The RE2 binding hands the GIL to another thread on every call, so
         one call per match of the whole join, not about three per text, is what makes a PII-dense
-        request cheap where receivers run side by side. The answers are exactly :meth:`scan`'s on
-        each text alone: the join is scanned with ``^``/``$`` as line anchors, and a text where
-        that can differ (a match that runs past its end, or a newline inside it) is scanned alone.
-        Needs the engine to be batch-safe (no ``\\A``, ``\\z`` or ``(?-m`` in a user pattern).
+        request cheap where receivers run side by side. Each rule that matches in the join runs
+        alone (a small program extracts its groups in a third of the time the alternation of every
+        rule takes) and their matches are merged as the alternation would pick them: the leftmost,
+        the first rule on a tie.
+
+        The answers are exactly :meth:`scan`'s on each text alone: the join is scanned with
+        ``^``/``$`` as line anchors, and a text where that can differ (a match that runs past its
+        end, or a newline inside it) is scanned alone. Needs the engine to be batch-safe (no
+        ``\\A``, ``\\z`` or ``(?-m`` in a user pattern).
         """
-        pre, scanner = self._prefilter, self._all
-        if pre is None or scanner is None:
+        pre = self._prefilter
+        if pre is None or self._all is None:
             return {}
         n = len(joined)
         start = pre.Match(_UNANCHORED, joined, 0, n)[0][0]
@@ -469,21 +474,34 @@ class RedactionEngine:
         pos = ends[text - 1] if text else 0
         which = self._which_lines
         hit = which.Match(joined) if which is not None else None  # none also when its DFA ran out: every rule
-        rules = tuple(sorted(hit)) if hit else tuple(range(len(self._value_rules)))
-        scanner = self._scanners.get((rules, True)) or self._scanner(rules, lines=True)
-        match, entries, several = scanner.match, scanner.entries, scanner.several
-        rule, _, core = entries[0]
+        # per rule in rule order: [its scanner's match, the rule, its core group, its next match from pos]
+        active = []
+        for r in sorted(hit) if hit else range(len(self._value_rules)):
+            scanner = self._scanners.get(((r,), True)) or self._scanner((r,), lines=True)
+            spans = scanner.match(_UNANCHORED, joined, pos, n)
+            if spans[0][0] >= 0:
+                active.append([scanner.match, scanner.entries[0][0], scanner.entries[0][2], spans])
         allowed = self._allowed_values
         found: dict = {}
         current = -1  # the text whose matches are being gathered: its start, end, counts and pieces so far
         t_start = t_end = last = 0
         counts: Tally = {}
         pieces: list[bytes] = []
-        while pos < n:
-            spans = match(_UNANCHORED, joined, pos, n)
-            ms, me = spans[0]
-            if ms < 0:
+        while active:
+            chosen = None
+            ms = n
+            for entry in active:  # the leftmost next match; a rule's match that pos has passed is searched again
+                spans = entry[3]
+                if spans[0][0] < pos:
+                    spans = entry[3] = entry[0](_UNANCHORED, joined, pos, n)
+                if 0 <= spans[0][0] < ms:
+                    chosen, ms = entry, spans[0][0]
+            if chosen is None:
                 break
+            if len(active) > 1:
+                active = [entry for entry in active if entry[3][0][0] >= 0]
+            _, rule, core, spans = chosen
+            me = spans[0][1]
             if ms >= t_end or current < 0:  # a match in a text after the current one
                 if pieces:
                     pieces.append(joined[last:t_end])
@@ -505,10 +523,6 @@ class RedactionEngine:
                 pos = self._scan_alone(joined, t_start, t_end, current, found)
                 current = -1
                 continue
-            if several:
-                for rule, group, core in entries:
-                    if spans[group][0] >= 0:
-                        break
             cs, ce = spans[core]
             if ce <= cs:
                 pos = max(me, pos + 1)
