@@ -490,16 +490,20 @@ class RedactionEngine:
         while active:
             chosen = None
             ms = n
+            ended = False
             for entry in active:  # the leftmost next match; a rule's match that pos has passed is searched again
                 spans = entry[3]
                 if spans[0][0] < pos:
                     spans = entry[3] = entry[0](_UNANCHORED, joined, pos, n)
-                if 0 <= spans[0][0] < ms:
+                    if spans[0][0] < 0:
+                        ended = True
+                        continue
+                if spans[0][0] < ms:
                     chosen, ms = entry, spans[0][0]
+            if ended:  # a rule with no match left is not searched again
+                active = [entry for entry in active if entry[3][0][0] >= 0]
             if chosen is None:
                 break
-            if len(active) > 1:
-                active = [entry for entry in active if entry[3][0][0] >= 0]
             _, rule, core, spans = chosen
             me = spans[0][1]
             if ms >= t_end or current < 0:  # a match in a text after the current one
