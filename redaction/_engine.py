@@ -255,7 +255,7 @@ class RedactionEngine:
         """The scanner for the value rules at indices ``which`` (ascending), compiled once and cached.
 
         ``lines``: for texts joined with newlines (:meth:`scan_joined`): ``^`` and ``$`` match at
-        every text's ends, and the DFA gets the memory a whole request's texts need.
+        every text's ends.
         """
         key = (which, lines)
         scanner = self._scanners.get(key)
@@ -633,9 +633,8 @@ def _compile(pattern: str, *, capture: bool, lines: bool = False):
     opts = re2.Options()
     opts.log_errors = False
     opts.never_capture = not capture
-    if lines:
+    if lines:  # RE2's default DFA budget still: one per rule, and hostile text must not grow them all
         pattern = "(?m)" + pattern
-        opts.max_mem = 64 << 20  # a request's texts in one buffer: a big DFA cache keeps RE2 off its NFA
     return re2.compile(pattern, opts)._regexp  # noqa: SLF001
 
 
@@ -647,9 +646,7 @@ def _rule_set(rules: Sequence[_ValueRule], *, lines: bool = False):
     """
     opts = re2.Options()
     opts.log_errors = False
-    if lines:
-        opts.max_mem = 64 << 20
-    # should a long string exhaust the DFA budget, the set answers "none" and every rule runs
+    # RE2's default DFA budget: should a long string exhaust it, the set answers "none" and every rule runs
     which = re2.Set.SearchSet(opts)
     try:
         for rule in rules:
