@@ -11,7 +11,9 @@ matches.
 Adapters (``redaction.otlp`` for protobuf, ``redaction.values`` for SDK objects) walk
 their data and call :meth:`RedactionEngine.candidates` once per batch of strings; the
 protobuf adapter first asks :meth:`RedactionEngine.wire_candidates` which messages can
-need the walk at all.
+need the walk at all. The wire path (``sidecar.wire_redaction``) hands over a whole
+request's texts already joined, and :meth:`RedactionEngine.scan_joined` scans them in one
+pass per rule that matches there.
 
 Strings are scanned as UTF-8 bytes with the raw RE2 object; the Python wrapper's
 per-match offset decoding would cost more than the scan.

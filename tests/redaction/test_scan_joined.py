@@ -24,7 +24,7 @@ EDGES = [
     "(415) 555-0132", "10.1.2.3", "call (415) 555-0132", "(415) 555-0132 is mine", "+1 415 555 0132",
     "first line\ncall (415) 555-0132", "a@b.co\nz@y.io", "10.1.2.3\n", "\n10.1.2.3", "", "\n", "\n\n",
     "LINE7", "LINE7\nLINE8", "x LINE7", "SPACED9 lead", "a SPACED9", "TAIL42", "TAIL42   ", "PAIR", "END",
-    "PAIR END", "x PAIR", "DROPME1 and a@b.co",
+    "PAIR END", "x PAIR", "x TIE12 y", "TIE345", "DROPME1 and a@b.co",
     "a@b.co then SECRET-XY", "HASHME-3 a@b.co HASHME-4", "ok.allowed@example.com", "bob@example.com",
     "fe80::1", "::1", "4111 1111 1111 1111", "4111 1111 1111 1112", "ünïcode a@b.co ✓", "sk-proj-Ab3dEf6hIj9kLm2nOp5q",
 ]
@@ -40,6 +40,9 @@ CONFIGS = {
                                   {"name": "spaced", "pattern": "\\sSPACED[0-9]"},
                                   {"name": "tail", "pattern": "TAIL[0-9]+\\s*"},
                                   {"name": "pair", "pattern": "PAIR\\s*END"},
+                                  # two rules matching at one place: the first one's match wins, as in one regex
+                                  {"name": "tie", "pattern": "TIE[0-9]"},
+                                  {"name": "tie_long", "pattern": "TIE[0-9]+", "action": "drop"},
                                   {"name": "dropme", "pattern": "DROPME[0-9]+", "action": "drop"},
                                   {"name": "secret", "pattern": "SECRET-[A-Z]+", "action": "replace",
                                    "replacement": "<s>"},
@@ -94,6 +97,11 @@ def test_the_join_falls_back_where_it_would_read_a_text_differently():
     # alone: the first is not one line, the second has no space before it, the third's \s* stops at its end,
     # and PAIR and END are two texts
     assert got == {2: (b"[REDACTED]", {("tail", "mask"): 1}), 3: (b"<line>", {("line", "replace"): 1})}
+
+
+def test_where_two_rules_match_at_one_place_the_first_rule_wins():
+    eng = engine("tricky")
+    assert eng.scan_joined(*joined([b"x TIE12 y"])) == {0: (b"x [REDACTED]2 y", {("tie", "mask"): 1})}
 
 
 def test_drop_and_replace_take_the_whole_text_and_count_what_came_before():
