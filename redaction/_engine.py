@@ -416,13 +416,11 @@ class RedactionEngine:
             if ce <= cs:
                 pos = max(spans[0][1], pos + 1)
                 continue
-            validator = rule.validator
-            if validator is not None and not validator(b[cs:ce]):
-                pos = cs + 1
-                continue
-            if allowed is not None and _full_match(allowed, b[cs:ce]):
-                pos = ce
-                continue
+            if rule.validator is not None or allowed is not None:
+                resume = self._not_secret(rule, b, cs, ce)
+                if resume:
+                    pos = resume
+                    continue
             stat = rule.stat
             tally[stat] = tally.get(stat, 0) + 1
             if name:
@@ -533,13 +531,11 @@ class RedactionEngine:
             if ce <= cs:
                 pos = max(me, pos + 1)
                 continue
-            validator = rule.validator
-            if validator is not None and not validator(joined[cs:ce]):
-                pos = cs + 1
-                continue
-            if allowed is not None and _full_match(allowed, joined[cs:ce]):
-                pos = ce
-                continue
+            if rule.validator is not None or allowed is not None:
+                resume = self._not_secret(rule, joined, cs, ce)
+                if resume:
+                    pos = resume
+                    continue
             stat = rule.stat
             counts[stat] = counts.get(stat, 0) + 1
             action = rule.action
@@ -560,6 +556,16 @@ class RedactionEngine:
             pieces.append(joined[last:t_end])
             found[current] = (b"".join(pieces), counts)
         return found
+
+    def _not_secret(self, rule: _ValueRule, data: bytes, cs: int, ce: int) -> int:
+        """0 when ``rule``'s match ``data[cs:ce]`` is a secret, else where scanning resumes: one past its start
+        when the rule's validator says no (a longer look-alike may start inside it), after it when it is an
+        allowed value."""
+        if rule.validator is not None and not rule.validator(data[cs:ce]):
+            return cs + 1
+        if self._allowed_values is not None and _full_match(self._allowed_values, data[cs:ce]):
+            return ce
+        return 0
 
     def _scan_alone(self, joined: bytes, start: int, end: int, index: int, found: dict) -> int:
         """:meth:`scan` of one text of a join, its answer put in ``found``; where scanning the join resumes."""
