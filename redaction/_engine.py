@@ -459,12 +459,18 @@ class RedactionEngine:
 
         The answers are exactly :meth:`scan`'s on each text alone: the join is scanned with
         ``^``/``$`` as line anchors, and a text where that can differ (a match that runs past its
-        end, or a newline inside it) is scanned alone. Needs the engine to be batch-safe (no
-        ``\\A``, ``\\z`` or ``(?-m`` in a user pattern).
+        end, or a newline inside it) is scanned alone. Where a user pattern holds ``\\A``, ``\\z`` or
+        ``(?-m``, which no join can honour, every text is scanned alone.
         """
         pre = self._prefilter
         if pre is None or self._all is None:
             return {}
+        if not self._batch_safe:
+            texts = [joined[ends[i - 1] if i else 0:ends[i] - 1] for i in range(len(ends))]
+            found = {}
+            for i in self.candidates(texts):
+                self._scan_alone(texts[i], 0, len(texts[i]), i, found)
+            return found
         n = len(joined)
         start = pre.Match(_UNANCHORED, joined, 0, n)[0][0]
         if start < 0:

@@ -28,7 +28,6 @@ from types import ModuleType
 
 from redaction._config import Action
 from redaction._engine import (
-    _UNANCHORED,
     DROP,
     IGNORE,
     MASKED_COUNT,
@@ -124,7 +123,7 @@ def redact(engine: RedactionEngine, signal: str, request: bytes) -> "bytes | Non
         append = edits.append
         # each distinct text is scanned once (a user id on every span), and its result applied to each of its
         # occurrences that no key rule took
-        for i, (out, counts) in _scanned(engine, text, ends).items():
+        for i, (out, counts) in engine.scan_joined(text, ends).items():
             dropped = out is DROP
             if not dropped:
                 out = _VARINTS[len(out)] + out if len(out) < 16384 else encode_varint(len(out)) + out
@@ -176,26 +175,6 @@ def redact(engine: RedactionEngine, signal: str, request: bytes) -> "bytes | Non
     new = splice(request, edits)
     engine.stats.merge(tally)
     return new
-
-
-def _scanned(engine: RedactionEngine, text: bytes, ends) -> dict:
-    """{text index: (new bytes or DROP, counts)} of the texts the value rules change: the texts as ``locate``
-    joined them (each followed by a newline), scanned together (``RedactionEngine.scan_joined``), or one by one
-    where a user pattern cannot run on a join."""
-    if engine._batch_safe:  # noqa: SLF001 - the engine's own answer to "can these rules run on a join"
-        return engine.scan_joined(text, ends)
-    pre = engine._prefilter  # noqa: SLF001 - patterns that cannot run on a join: each text on its own
-    found = {}
-    if pre is None:
-        return found
-    for i in range(len(ends)):
-        t = text[ends[i - 1] if i else 0:ends[i] - 1]
-        if pre.Match(_UNANCHORED, t, 0, len(t))[0][0] >= 0:
-            counts: dict = {}
-            out = engine.scan(t, counts)
-            if out is not None:
-                found[i] = (out, counts)
-    return found
 
 
 def _key_rules(engine: RedactionEngine, request: bytes, loc: Located, tally: dict, edits: list,
