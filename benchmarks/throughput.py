@@ -212,6 +212,19 @@ def send_all(port: int, bodies: list[tuple[str, bytes]], threads: int = 4, rate_
     return refused
 
 
+def context_switches(pid: int) -> int:
+    """Context switches of every thread of ``pid`` so far (voluntary and not): each GIL hand-over between
+    threads costs a few, and they are a cost the per-thread CPU figures spread over every thread."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            text = status.read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        total += sum(int(line.split()[1]) for line in text.splitlines() if "ctxt_switches:" in line)
+    return total
+
+
 def wait_for_audit_records(workdir: Path, timeout: float = 120.0) -> None:
     """Until the sidecar made the records of everything its audit exporter journaled (no audit store: at once)."""
     import sqlite3
@@ -295,7 +308,7 @@ def run_target(name: str, command_config: str | None, bodies, spans: int, logs: 
                                          "--threads", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
         threads0 = thread_cpu(metrics_port) if command_config is not None else {}
-        cpu0 = ps.cpu_times()
+        cpu0, switches0 = ps.cpu_times(), context_switches(pid)
         t0 = time.monotonic()
         refused = send_all(port, bodies)
         if sampling:
@@ -312,7 +325,7 @@ def run_target(name: str, command_config: str | None, bodies, spans: int, logs: 
                 time.sleep(0.01)
         wait_for_audit_records(workdir)
         t1 = time.monotonic()
-        cpu1 = ps.cpu_times()
+        cpu1, switches1 = ps.cpu_times(), context_switches(pid)
         threads1 = thread_cpu(metrics_port) if command_config is not None else {}
         if profiler is not None:
             profiler.send_signal(2)
@@ -324,6 +337,7 @@ def run_target(name: str, command_config: str | None, bodies, spans: int, logs: 
         result = {"scenario": name, "items": items, "cpu_s": cpu, "cpu_us_per_item": cpu / items * 1e6,
                   "thread_us_per_item": {t: v for t, v in sorted(by_thread.items(), key=lambda kv: -kv[1]) if v},
                   "sys_us_per_item": (cpu1.system - cpu0.system) / items * 1e6,
+                  "switches_per_item": (switches1 - switches0) / items,
                   "items_per_s": items / (t1 - t0), "peak_rss_mb": peak_rss_mb(pid),
                   "delivered_spans": got_spans, "delivered_logs": got_logs, "refusals": refused}
     finally:
@@ -353,7 +367,7 @@ def sustained(rate_spans: int, rate_logs: int, seconds: int, pipeline: str = "re
     ps = psutil.Process(sc.pid)
     items_per_body = (spans + logs) / len(bodies)
     try:
-        cpu0 = ps.cpu_times()
+        cpu0, switches0 = ps.cpu_times(), context_switches(pid)
         t0 = time.monotonic()
         # 8 senders: each waits for its acknowledgement, which the default pipeline gives after its syncs
         refused = send_all(port, bodies, threads=8, rate_items=rate_spans + rate_logs, items_per_body=items_per_body)
@@ -390,9 +404,11 @@ def run_density(args, pii: float, decision_wait_s: float) -> list[dict]:
         if args.only and not any(o in name for o in args.only):
             continue
         if procs[0].startswith("default"):
-            cfg = default_config(args.decision_wait, path=args.default_config, audit=procs == ["default"])
+            cfg = default_config(args.decision_wait, workers=args.workers, path=args.default_config,
+                                 audit=procs == ["default"])
         else:
-            cfg = sidecar_config("LISTEN_PORT", "BACKEND_PORT", procs, args.decision_wait, "METRICS_PORT")
+            cfg = sidecar_config("LISTEN_PORT", "BACKEND_PORT", procs, args.decision_wait, "METRICS_PORT",
+                                 workers=args.workers)
         sampling = "tail_sampling" in procs or procs[0].startswith("default")
         r = run_target(name, cfg, bodies, spans, logs, sampling=sampling, decision_wait_s=decision_wait_s)
         floors.append(floor())
@@ -400,7 +416,9 @@ def run_density(args, pii: float, decision_wait_s: float) -> list[dict]:
         r["x_floor"] = r["cpu_us_per_item"] / r["floor_us_per_item"]
         results.append(r)
         print(f"  {name}: {r['cpu_us_per_item']:.2f} µs/item, {r['x_floor']:.2f}x the floors around it "
-              f"({floors[-2]['cpu_us_per_item']:.2f}, {floors[-1]['cpu_us_per_item']:.2f})", flush=True)
+              f"({floors[-2]['cpu_us_per_item']:.2f}, {floors[-1]['cpu_us_per_item']:.2f}); in the kernel "
+              f"{r['sys_us_per_item']:.2f} µs/item, {r['switches_per_item']:.2f} context switches/item "
+              f"(floor {floors[-1]['sys_us_per_item']:.2f}, {floors[-1]['switches_per_item']:.2f})", flush=True)
         if r["thread_us_per_item"]:  # where it went: the sidecar's sidecar_thread_cpu_seconds_total
             print("    by thread, µs/item: " + ", ".join(f"{t} {v:.2f}" for t, v in r["thread_us_per_item"].items()),
                   flush=True)
@@ -452,6 +470,7 @@ def main() -> None:
                    "collector-config/sidecar.yaml), e.g. an earlier version to compare with")
     p.add_argument("--redaction-path", choices=["wire", "object"], default="wire",
                    help="the redaction processor's path (object: the walk of parsed messages, as before issue 13)")
+    p.add_argument("--workers", type=int, default=8, help="the sidecar receiver's gRPC worker threads")
     p.add_argument("--repeat", type=int, default=1,
                    help="runs per load; each scenario and the floor report their least CPU per item")
     p.add_argument("--json", help="write results here")

@@ -17,9 +17,11 @@ Memory is bounded by ``num_traces`` and a byte budget; eviction takes the oldest
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from contextlib import nullcontext
 
 from sidecar.processors.tail_sampling.decisions import randomness
 
+_NOTHING = nullcontext()
 #: Bytes a buffered item costs beyond its encoding (the bytes object header and its list slot).
 ITEM_OVERHEAD = 48
 #: Bytes a buffered trace costs before any item (the Trace, its id, map entry, groups, deadline entry;
@@ -163,6 +165,11 @@ class TraceBuffer:
 
     def __len__(self) -> int:
         return len(self.traces)
+
+    def sorting(self):
+        """The context of one request's sort, entered under the processor's lock (the durable buffer pins
+        the traces the sort created when it ends): nothing here."""
+        return _NOTHING
 
     def create(self, trace_id: bytes, now: float, evicted: list[Trace]) -> Trace:
         """A new trace; the oldest is evicted (appended to ``evicted``) when ``num_traces`` are held."""

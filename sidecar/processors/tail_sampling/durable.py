@@ -10,7 +10,8 @@ What keeps a segment of the log is a pin on it (see :mod:`.wal`):
 
 - a request being consumed pins the segment it was written to;
 - a buffered trace pins the segment of the request that created it (its later data is
-  newer, so that pin keeps it too);
+  newer, so that pin keeps it too): the traces a request's sort created are pinned
+  together when the sort ends, while the request's own pin still holds the segment;
 - once decided, a kept trace's pin moves to the output request that carries it, which
   holds it until the next stage accepted it (the redaction processor, then an exporter's
   persistent queue, which is durable itself) or refused it for good; a dropped trace (not
@@ -57,22 +58,48 @@ class PinnedEnvelope(Envelope):
 
 
 class PinningTraceBuffer(TraceBuffer):
-    """The trace buffer, pinning each new trace's segment and releasing the pin of an evicted one."""
+    """The trace buffer, pinning each new trace's segment and releasing the pin of an evicted one.
+
+    A request's sort runs inside ``with buffer.sorting():`` under the processor's lock, so the
+    segment and the count of traces created belong to that one sort: a new trace costs two
+    attribute writes, and its pin is taken with the others when the sort ends.
+    """
 
     trace_type = PinnedTrace
 
     def __init__(self, durable: "DurableBuffer", **kwargs):
         super().__init__(**kwargs)
         self._durable = durable
+        self._segment = -1  # the segment of the request being sorted
+        self._created = 0  # traces created in this sort and still buffered, not pinned yet
+        self._borrowed = False  # the sort pinned a segment itself (no request pinned one for it)
+
+    def sorting(self) -> "PinningTraceBuffer":
+        return self
+
+    def __enter__(self) -> None:
+        self._segment, self._borrowed = self._durable.segment_here()
+        self._created = 0
+
+    def __exit__(self, *exc) -> None:
+        self._durable.pin_created(self._segment, self._created, self._borrowed)
+        self._created = 0
 
     def create(self, trace_id: bytes, now: float, evicted: list[Trace]) -> Trace:
         t = super().create(trace_id, now, evicted)
-        t.segment = self._durable.pin_here()  # taken from the pins the request reserved (no lock)
+        t.segment = self._segment
+        self._created += 1
         return t
 
     def _pop_oldest(self) -> Trace:
+        # the newest traces are this sort's, not pinned yet: when only they are left, the oldest is one of them
+        fresh = len(self.traces) <= self._created
         t = super()._pop_oldest()
-        self._durable.release([t])  # evicted: dropped (counted by the processor), its data no longer needed
+        if fresh:
+            self._created -= 1
+            t.segment = -1
+        else:
+            self._durable.release([t])  # evicted: dropped (counted by the processor), its data no longer needed
         return t
 
 
@@ -181,31 +208,35 @@ class DurableBuffer:
         if wal is None or envelope.signal not in (Signal.TRACES, Signal.LOGS):
             sort(envelope)  # not started (tests that never start), or a signal that is refused anyway
             return
-        # one pin for the request in flight plus one reserved per item (at most one new trace each)
-        reserved = envelope.items
-        index, ticket = wal.write(envelope.signal, envelope.items, envelope.encoded, pins=1 + reserved)
+        index, ticket = wal.write(envelope.signal, envelope.items, envelope.encoded)  # pinned while in flight
         here = self._here
-        here.segment, here.reserved = index, reserved
+        here.segment = index
         try:
             sort(envelope)
             wal.commit(ticket)
         finally:
-            left = here.reserved
-            here.segment, here.reserved = None, 0
-            wal.unpin(index, 1 + left)
+            here.segment = None
+            wal.unpin(index)
 
-    def pin_here(self) -> int:
-        """Pin the segment of the request this thread is sorting (a new trace's data is in it): one of
-        the pins the request reserved when it was written, else a new one."""
+    def segment_here(self) -> tuple[int, bool]:
+        """The segment of the request this thread is sorting, which that request pins; else (a sort outside
+        :meth:`consume`) the oldest live one, pinned here: (index, whether pinned here). -1: no log."""
         wal = self._wal
         if wal is None:
-            return -1
-        here = self._here
-        index = getattr(here, "segment", None)
-        if index is not None and getattr(here, "reserved", 0) > 0:
-            here.reserved -= 1
-            return index
-        return wal.pin(index)
+            return -1, False
+        index = getattr(self._here, "segment", None)
+        return (index, False) if index is not None else (wal.pin(), True)
+
+    def pin_created(self, index: int, created: int, borrowed: bool) -> None:
+        """A sort ended: pin segment ``index`` once for each trace it created (the request's own pin kept the
+        segment until now), and drop the pin :meth:`segment_here` took for a sort outside a request."""
+        wal = self._wal
+        if wal is None or index < 0:
+            return
+        if created:
+            wal.pin(index, created)
+        if borrowed:
+            wal.unpin(index)
 
     def release(self, traces) -> None:
         """Drop the pins of traces that were dropped, or whose output now pins for them."""

@@ -202,7 +202,7 @@ class TailSamplingProcessor(Component):
         checks, all_checks, slots = self._checks, self._all_checks, self._check_slots
         no_hits = self._no_hits
         roots, root_deadline = buf.roots, now + buf.root_wait
-        with self._lock:
+        with self._lock, buf.sorting():
             traces = buf.traces
             for rhead, scopes, res_values in runs:
                 res_matched = self._resource_matches(res_values) if checks else 0
@@ -275,7 +275,7 @@ class TailSamplingProcessor(Component):
         sampled, not_sampled = self._sampled.entries, self._not_sampled.entries
         fraction = self._traceless_fraction
         rng = self._rng
-        with self._lock:
+        with self._lock, buf.sorting():
             traces = buf.traces
             for rhead, scopes, _ in runs:
                 for shead, log_runs in scopes:

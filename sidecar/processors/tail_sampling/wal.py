@@ -153,8 +153,9 @@ class WriteAheadLog:
 
     # --- appending ------------------------------------------------------------------------------
 
-    def write(self, signal: Signal, items: int, payload: bytes, pins: int = 1) -> tuple[int, int]:
-        """Write one record and pin its segment ``pins`` times; returns (segment index, ticket for :meth:`commit`).
+    def write(self, signal: Signal, items: int, payload: bytes) -> tuple[int, int]:
+        """Write one record and pin its segment once (:meth:`unpin` it when done); returns (segment index,
+        ticket for :meth:`commit`).
 
         Raises :class:`Refused` (retryable) while the log is at ``max_bytes`` or the disk is full.
         """
@@ -182,7 +183,7 @@ class WriteAheadLog:
             except OSError as e:
                 raise _refusal(e, self.directory) from e
             seg.size += n
-            seg.refs += pins
+            seg.refs += 1
             self.stored_bytes += n
             self._written += 1
             return seg.index, self._written
@@ -275,13 +276,14 @@ class WriteAheadLog:
 
     # --- pins -----------------------------------------------------------------------------------
 
-    def pin(self, index: int | None = None) -> int:
-        """Pin segment ``index`` (default: the oldest live one, a safe lower bound); returns the index pinned."""
+    def pin(self, index: int | None = None, n: int = 1) -> int:
+        """Pin segment ``index`` ``n`` times (default: the oldest live one, a safe lower bound); returns the
+        index pinned."""
         with self._lock:
             seg = self._segments.get(index) if index is not None else None
             if seg is None:
                 seg = next(iter(self._segments.values()), None) or self._roll()
-            seg.refs += 1
+            seg.refs += n
             return seg.index
 
     def unpin(self, index: int, n: int = 1) -> None:

@@ -129,6 +129,28 @@ def test_a_trace_still_waiting_keeps_newer_segments_of_other_traces(tmp_path):
     proc2.shutdown(time.monotonic() + 5)
 
 
+def test_evictions_in_a_sort_release_the_right_pins(tmp_path):
+    """num_traces 3: the second request evicts both traces of the first (their segment goes) and one of its
+    own, created in the same sort (not pinned yet: no pin to give back). Its other three survive a crash."""
+    proc, sink, clock, _ = durable(tmp_path, num_traces=3, wal={"segment_bytes": 4096})
+    pad = {"pad": "x" * 1500}
+    old = [tid(), tid()]
+    proc.consume(Envelope(Signal.TRACES, traces_request(*[span(t, attrs=pad) for t in old])))
+    assert len(segments(tmp_path)) == 1
+    new = [tid() for _ in range(4)]
+    proc.consume(Envelope(Signal.TRACES, traces_request(*[span(t, attrs=pad) for t in new])))  # a new segment
+    assert proc.buffered_traces == 3
+    assert len(segments(tmp_path)) == 1, "the evicted traces' segment is deleted, the new one kept"
+    crash(proc)
+
+    proc2, sink2, clock2, tel2 = durable(tmp_path, num_traces=3)
+    assert recovered(tel2, Signal.TRACES) == 4 and proc2.buffered_traces == 3  # the replay evicts one again
+    proc2.tick(clock2.advance(10.5))
+    assert sorted(s.trace_id for s in kept_spans(sink2)) == sorted(new[1:])
+    assert segments(tmp_path) == [], "every pin given back once: the log empties"
+    proc2.shutdown(time.monotonic() + 5)
+
+
 def test_graceful_shutdown_leaves_an_empty_log(tmp_path):
     proc, sink, clock, _ = durable(tmp_path)
     proc.consume(Envelope(Signal.TRACES, traces_request(*[span(tid()) for _ in range(5)])))
