@@ -35,10 +35,11 @@ import re2
 
 from redaction._config import Action, RedactionConfig, RedactionConfigError, compile_regex
 from redaction._detectors import BUILTIN_KEY_PATTERNS, DETECTORS, SEMCONV_MEASUREMENT_KEYS
+from redaction._regex import ANCHOR_BOTH, UNANCHORED, regex, regex_set
 
 _MASK, _REPLACE, _DROP, _HASH = Action.MASK, Action.REPLACE, Action.DROP, Action.HASH  # no enum lookup per match
-_UNANCHORED = re2._Anchor.UNANCHORED  # noqa: SLF001 - the raw RE2 API is what makes scanning cheap
-_ANCHOR_BOTH = re2._Anchor.ANCHOR_BOTH  # noqa: SLF001
+_UNANCHORED = UNANCHORED  # the raw RE2 API (redaction/_regex.py) is what makes scanning cheap
+_ANCHOR_BOTH = ANCHOR_BOTH
 
 #: Summary attribute names, as the OpenTelemetry Collector's redaction processor writes them.
 MASKED_COUNT = "redaction.masked.count"
@@ -202,11 +203,15 @@ class RedactionEngine:
             opts.never_capture = True
             opts.log_errors = False
             pre = "(?m:" + "|".join(f"(?:{p})" for p in alternatives) + ")"
-            self._prefilter = re2.compile(pre, opts)._regexp  # noqa: SLF001
+            self._prefilter = regex(pre, opts)
         self._wire = self._compile_wire_prefilter(config)
         self._allowed_values = None
         if config.allowed_values:
-            self._allowed_values = compile_regex("|".join(f"(?:{p})" for p in config.allowed_values))._regexp  # noqa: SLF001
+            allowed = "|".join(f"(?:{p})" for p in config.allowed_values)
+            compile_regex(allowed)  # the checks every user pattern gets
+            opts = re2.Options()
+            opts.log_errors = False
+            self._allowed_values = regex(allowed, opts)
 
     # --- construction ---------------------------------------------------------------------
 
@@ -303,7 +308,7 @@ class RedactionEngine:
         opts.never_capture = True
         opts.log_errors = False
         opts.max_mem = 64 << 20  # a request's items are scanned as one buffer: a big DFA cache avoids the NFA
-        return re2.compile("|".join(f"(?:{h})" for h in hints), opts)._regexp  # noqa: SLF001
+        return regex("|".join(f"(?:{h})" for h in hints), opts)
 
     def wire_candidates(self, items: Sequence[T], serialize: Callable[[T], bytes]) -> Iterable[int]:
         """Indices of ``items`` (protobuf messages) that some rule could change; the rest need no walk.
@@ -649,7 +654,7 @@ def _compile(pattern: str, *, capture: bool, lines: bool = False):
     opts.never_capture = not capture
     if lines:  # RE2's default DFA budget still: one per rule, and hostile text must not grow them all
         pattern = "(?m)" + pattern
-    return re2.compile(pattern, opts)._regexp  # noqa: SLF001
+    return regex(pattern, opts)
 
 
 def _rule_set(rules: Sequence[_ValueRule], *, lines: bool = False):
@@ -661,14 +666,10 @@ def _rule_set(rules: Sequence[_ValueRule], *, lines: bool = False):
     opts = re2.Options()
     opts.log_errors = False
     # RE2's default DFA budget: should a long string exhaust it, the set answers "none" and every rule runs
-    which = re2.Set.SearchSet(opts)
     try:
-        for rule in rules:
-            which.Add("(?m)" + rule.pattern if lines else rule.pattern)
-        which.Compile()
+        return regex_set(("(?m)" + rule.pattern if lines else rule.pattern for rule in rules), opts)
     except re2.error:
         return None
-    return which._set  # noqa: SLF001 - the raw set: no str handling per call
 
 
 def _key_action(action: Action) -> Action:

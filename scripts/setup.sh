@@ -29,6 +29,35 @@ pip_step() {
   if [ -t 1 ]; then printf '\r%-80s\r' ''; fi
   echo "   done in $((SECONDS - t0))s"
 }
+# Debian packages, one apt-get run per call, whichever of "$@" are given (none: nothing to do). In CI
+# (CI=true) a failure is an error: what needs them would otherwise be skipped and the run pass without it.
+debian_step() {
+  local without=$1; shift
+  [ $# -gt 0 ] || return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== install: Debian packages $* (log: var/setup.log)"
+    local t0=$SECONDS
+    if (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@") \
+        >>var/setup.log 2>&1; then
+      echo "   done in $((SECONDS - t0))s"
+    elif [ "${CI:-}" = true ]; then
+      echo "error: could not install $*; the last lines of var/setup.log:" >&2
+      tail -20 var/setup.log >&2
+      exit 1
+    else
+      echo "warning: could not install $*; $without" >&2
+    fi
+  elif [ "${CI:-}" = true ]; then
+    echo "error: $* missing and this is not root with apt-get: CI cannot run every test" >&2
+    exit 1
+  else
+    echo "note: $* missing and not root; $without" >&2
+  fi
+}
+# libre2-dev builds redaction's RE2 binding (redaction/_re2_gil.cpp), before pip builds the extensions.
+re2_dev=()
+[ -f /usr/include/re2/re2.h ] || re2_dev=(libre2-dev)
+debian_step "redaction uses google-re2's binding (slower beside busy threads, same answers)" "${re2_dev[@]}"
 stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
 if [ ! -f "$stamp" ]; then
   : > var/setup.log
@@ -51,30 +80,8 @@ if [ ! -x .venv-checkov/bin/checkov ]; then
 fi
 # Debian packages the tests start for real: promtool (prometheus) checks the alert rules and scrapes a
 # sidecar, PostgreSQL backs the audit store tests, rsyslogd receives the syslog exporter's messages.
-# One apt-get run installs whichever are missing. In CI (CI=true) a missing one is an error: the
-# tests that need it would otherwise be skipped and the run would pass without them.
 need=()
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; } || need+=(postgresql)
 { command -v rsyslogd >/dev/null 2>&1 || [ -x /usr/sbin/rsyslogd ]; } || need+=(rsyslog rsyslog-gnutls)
-if [ ${#need[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "== install: Debian packages ${need[*]} (log: var/setup.log)"
-    t0=$SECONDS
-    if (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}") \
-        >>var/setup.log 2>&1; then
-      echo "   done in $((SECONDS - t0))s"
-    elif [ "${CI:-}" = true ]; then
-      echo "error: could not install ${need[*]}; the last lines of var/setup.log:" >&2
-      tail -20 var/setup.log >&2
-      exit 1
-    else
-      echo "warning: could not install ${need[*]}; the tests that need them will be skipped" >&2
-    fi
-  elif [ "${CI:-}" = true ]; then
-    echo "error: ${need[*]} missing and this is not root with apt-get: CI cannot run every test" >&2
-    exit 1
-  else
-    echo "note: ${need[*]} missing and not root; the tests that need them will be skipped" >&2
-  fi
-fi
+debian_step "the tests that need them will be skipped" "${need[@]}"

@@ -40,32 +40,15 @@ may answer where it does not look (the receiver only hands on what the parser ac
 from __future__ import annotations
 
 import functools
-import importlib
-import os
 from types import ModuleType
 
 from google.protobuf.descriptor import FieldDescriptor
 
+from contract.accelerators import choose, pure_python_requested
 from sidecar import _wire_py
 from sidecar._wire_py import any_label
 from sidecar._wire_types import (AuditSpan, AuditSpans, KeyHits, LogRun, ResourceGroup, ScopeGroup,
                                   SpanMetricGroup, SpanMetricRow, SpanRun)
-
-
-def pure_python_requested() -> bool:
-    """SIDECAR_PURE_PYTHON=1 (or true / yes): use the pure-Python half of every accelerated module."""
-    return os.environ.get("SIDECAR_PURE_PYTHON", "").strip().lower() in ("1", "true", "yes")
-
-
-def choose(c_module: str, fallback: ModuleType) -> ModuleType:
-    """The C extension ``c_module`` when it is built and not switched off, else ``fallback`` (its
-    pure-Python twin): the one rule for every accelerator in the sidecar."""
-    if not pure_python_requested():
-        try:
-            return importlib.import_module(c_module)
-        except ImportError:  # pragma: no cover - built by `pip install -e .` wherever a compiler is present
-            pass
-    return fallback
 
 
 #: The implementation in use: the C extension, else the pure-Python module.
