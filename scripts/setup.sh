@@ -56,7 +56,8 @@ debian_step() {
 }
 # libre2-dev builds redaction's RE2 binding (redaction/_re2_gil.cpp), before pip builds the extensions.
 re2_dev=()
-[ -f /usr/include/re2/re2.h ] || re2_dev=(libre2-dev)
+[ -f /usr/include/re2/re2.h ] || re2_dev+=(libre2-dev)
+command -v g++ >/dev/null 2>&1 || re2_dev+=(g++)
 debian_step "redaction uses google-re2's binding (slower beside busy threads, same answers)" "${re2_dev[@]}"
 stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
 if [ ! -f "$stamp" ]; then
