@@ -35,11 +35,11 @@ import re2
 
 from redaction._config import Action, RedactionConfig, RedactionConfigError, compile_regex
 from redaction._detectors import BUILTIN_KEY_PATTERNS, DETECTORS, SEMCONV_MEASUREMENT_KEYS
-from redaction._regex import ANCHOR_BOTH, UNANCHORED, regex, regex_set
+from redaction._regex import ANCHOR_BOTH as _ANCHOR_BOTH
+from redaction._regex import UNANCHORED as _UNANCHORED  # the raw RE2 API is what makes scanning cheap
+from redaction._regex import regex, regex_set
 
 _MASK, _REPLACE, _DROP, _HASH = Action.MASK, Action.REPLACE, Action.DROP, Action.HASH  # no enum lookup per match
-_UNANCHORED = UNANCHORED  # the raw RE2 API (redaction/_regex.py) is what makes scanning cheap
-_ANCHOR_BOTH = ANCHOR_BOTH
 
 #: Summary attribute names, as the OpenTelemetry Collector's redaction processor writes them.
 MASKED_COUNT = "redaction.masked.count"

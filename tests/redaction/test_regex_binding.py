@@ -16,11 +16,12 @@ import random
 import pytest
 import re2
 
+from contract.accelerators import pure_python_requested
 from redaction import _regex
 from redaction._detectors import DETECTORS
 
 BUILT = importlib.util.find_spec("redaction._re2_gil") is not None
-PURE = os.environ.get("SIDECAR_PURE_PYTHON", "").strip().lower() in ("1", "true", "yes")
+PURE = pure_python_requested()
 needs_binding = pytest.mark.skipif(not BUILT, reason="redaction._re2_gil is not built (no libre2-dev)")
 
 ANCHORS = (re2._Anchor.UNANCHORED, re2._Anchor.ANCHOR_START, re2._Anchor.ANCHOR_BOTH)  # noqa: SLF001
