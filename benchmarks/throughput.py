@@ -225,6 +225,13 @@ def context_switches(pid: int) -> int:
     return total
 
 
+def page_faults(pid: int) -> int:
+    """Minor page faults of ``pid`` so far: each is a page the kernel zeroed for memory the process
+    touched anew (malloc giving memory back to the system and taking it again shows here)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[7])
+
+
 def wait_for_audit_records(workdir: Path, timeout: float = 120.0) -> None:
     """Until the sidecar made the records of everything its audit exporter journaled (no audit store: at once)."""
     import sqlite3
@@ -308,7 +315,7 @@ def run_target(name: str, command_config: str | None, bodies, spans: int, logs: 
                                          "--threads", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
         threads0 = thread_cpu(metrics_port) if command_config is not None else {}
-        cpu0, switches0 = ps.cpu_times(), context_switches(pid)
+        cpu0, switches0, faults0 = ps.cpu_times(), context_switches(pid), page_faults(pid)
         t0 = time.monotonic()
         refused = send_all(port, bodies)
         if sampling:
@@ -325,7 +332,7 @@ def run_target(name: str, command_config: str | None, bodies, spans: int, logs: 
                 time.sleep(0.01)
         wait_for_audit_records(workdir)
         t1 = time.monotonic()
-        cpu1, switches1 = ps.cpu_times(), context_switches(pid)
+        cpu1, switches1, faults1 = ps.cpu_times(), context_switches(pid), page_faults(pid)
         threads1 = thread_cpu(metrics_port) if command_config is not None else {}
         if profiler is not None:
             profiler.send_signal(2)
@@ -338,6 +345,7 @@ def run_target(name: str, command_config: str | None, bodies, spans: int, logs: 
                   "thread_us_per_item": {t: v for t, v in sorted(by_thread.items(), key=lambda kv: -kv[1]) if v},
                   "sys_us_per_item": (cpu1.system - cpu0.system) / items * 1e6,
                   "switches_per_item": (switches1 - switches0) / items,
+                  "faults_per_item": (faults1 - faults0) / items,
                   "items_per_s": items / (t1 - t0), "peak_rss_mb": peak_rss_mb(pid),
                   "delivered_spans": got_spans, "delivered_logs": got_logs, "refusals": refused}
     finally:
@@ -417,8 +425,9 @@ def run_density(args, pii: float, decision_wait_s: float) -> list[dict]:
         results.append(r)
         print(f"  {name}: {r['cpu_us_per_item']:.2f} µs/item, {r['x_floor']:.2f}x the floors around it "
               f"({floors[-2]['cpu_us_per_item']:.2f}, {floors[-1]['cpu_us_per_item']:.2f}); in the kernel "
-              f"{r['sys_us_per_item']:.2f} µs/item, {r['switches_per_item']:.2f} context switches/item "
-              f"(floor {floors[-1]['sys_us_per_item']:.2f}, {floors[-1]['switches_per_item']:.2f})", flush=True)
+              f"{r['sys_us_per_item']:.2f} µs/item, {r['switches_per_item']:.2f} context switches/item, "
+              f"{r['faults_per_item']:.3f} page faults/item (floor {floors[-1]['sys_us_per_item']:.2f}, "
+              f"{floors[-1]['switches_per_item']:.2f}, {floors[-1]['faults_per_item']:.3f})", flush=True)
         if r["thread_us_per_item"]:  # where it went: the sidecar's sidecar_thread_cpu_seconds_total
             print("    by thread, µs/item: " + ", ".join(f"{t} {v:.2f}" for t, v in r["thread_us_per_item"].items()),
                   flush=True)

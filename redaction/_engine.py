@@ -37,7 +37,7 @@ from redaction._config import Action, RedactionConfig, RedactionConfigError, com
 from redaction._detectors import BUILTIN_KEY_PATTERNS, DETECTORS, SEMCONV_MEASUREMENT_KEYS
 from redaction._regex import ANCHOR_BOTH as _ANCHOR_BOTH
 from redaction._regex import UNANCHORED as _UNANCHORED  # the raw RE2 API is what makes scanning cheap
-from redaction._regex import regex, regex_set
+from redaction._regex import options, regex, regex_set
 
 _MASK, _REPLACE, _DROP, _HASH = Action.MASK, Action.REPLACE, Action.DROP, Action.HASH  # no enum lookup per match
 
@@ -199,19 +199,14 @@ class RedactionEngine:
             # with one rule, that rule's scanner is already the smallest
             self._which = _rule_set(self._value_rules) if len(self._value_rules) > 1 else None
             self._which_lines = _rule_set(self._value_rules, lines=True) if self._which is not None else None
-            opts = re2.Options()
-            opts.never_capture = True
-            opts.log_errors = False
             pre = "(?m:" + "|".join(f"(?:{p})" for p in alternatives) + ")"
-            self._prefilter = regex(pre, opts)
+            self._prefilter = regex(pre, options(never_capture=True))
         self._wire = self._compile_wire_prefilter(config)
         self._allowed_values = None
         if config.allowed_values:
             allowed = "|".join(f"(?:{p})" for p in config.allowed_values)
             compile_regex(allowed)  # the checks every user pattern gets
-            opts = re2.Options()
-            opts.log_errors = False
-            self._allowed_values = regex(allowed, opts)
+            self._allowed_values = regex(allowed, options())
 
     # --- construction ---------------------------------------------------------------------
 
@@ -304,11 +299,8 @@ class RedactionEngine:
         hints.extend(det.wire_hint for det in DETECTORS if getattr(config.detectors, det.name).enabled)
         if not hints:
             return _NEVER
-        opts = re2.Options()
-        opts.never_capture = True
-        opts.log_errors = False
-        opts.max_mem = 64 << 20  # a request's items are scanned as one buffer: a big DFA cache avoids the NFA
-        return regex("|".join(f"(?:{h})" for h in hints), opts)
+        # a request's items are scanned as one buffer: a big DFA cache avoids the NFA
+        return regex("|".join(f"(?:{h})" for h in hints), options(never_capture=True, max_mem=64 << 20))
 
     def wire_candidates(self, items: Sequence[T], serialize: Callable[[T], bytes]) -> Iterable[int]:
         """Indices of ``items`` (protobuf messages) that some rule could change; the rest need no walk.
@@ -649,12 +641,9 @@ def _full_match(rx, text: bytes) -> bool:
 
 
 def _compile(pattern: str, *, capture: bool, lines: bool = False):
-    opts = re2.Options()
-    opts.log_errors = False
-    opts.never_capture = not capture
     if lines:  # RE2's default DFA budget still: one per rule, and hostile text must not grow them all
         pattern = "(?m)" + pattern
-    return regex(pattern, opts)
+    return regex(pattern, options(never_capture=not capture))
 
 
 def _rule_set(rules: Sequence[_ValueRule], *, lines: bool = False):
@@ -663,11 +652,9 @@ def _rule_set(rules: Sequence[_ValueRule], *, lines: bool = False):
     ``lines``: for texts joined with newlines, as :func:`_compile`. None if RE2 will not build
     it (the engine then always scans with every rule).
     """
-    opts = re2.Options()
-    opts.log_errors = False
     # RE2's default DFA budget: should a long string exhaust it, the set answers "none" and every rule runs
     try:
-        return regex_set(("(?m)" + rule.pattern if lines else rule.pattern for rule in rules), opts)
+        return regex_set(("(?m)" + rule.pattern if lines else rule.pattern for rule in rules), options())
     except re2.error:
         return None
 

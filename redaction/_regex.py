@@ -29,6 +29,16 @@ IMPLEMENTATION = "google-re2" if _binding is None else "re2_gil"
 UNANCHORED, ANCHOR_BOTH = re2._Anchor.UNANCHORED, re2._Anchor.ANCHOR_BOTH  # noqa: SLF001
 
 
+def options(**values) -> re2.Options:
+    """RE2 options with ``values`` set, and ``log_errors`` off: a refused pattern or an exhausted DFA budget
+    is the caller's to report (the engine counts it), not a line on stderr per request."""
+    opts = re2.Options()
+    opts.log_errors = False
+    for name, value in values.items():
+        setattr(opts, name, value)
+    return opts
+
+
 def _values(options: re2.Options) -> tuple:
     """``options`` as the binding takes them (see its header comment)."""
     return (options.max_mem, int(options.encoding == re2.Options.Encoding.LATIN1), options.posix_syntax,

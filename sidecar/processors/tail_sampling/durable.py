@@ -83,7 +83,6 @@ class PinningTraceBuffer(TraceBuffer):
 
     def __exit__(self, *exc) -> None:
         self._durable.pin_created(self._segment, self._created, self._borrowed)
-        self._created = 0
 
     def create(self, trace_id: bytes, now: float, evicted: list[Trace]) -> Trace:
         t = super().create(trace_id, now, evicted)
