@@ -19,6 +19,7 @@ from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Validat
 
 from contract.config import ConfigError, ConfigModel, YamlFile, format_problems, resolved
 from redaction._detectors import DETECTOR_NAMES
+from redaction._regex import options
 
 
 class RedactionConfigError(ConfigError):
@@ -41,8 +42,7 @@ class Action(str, enum.Enum):
     HASH = "hash"
 
 
-_OPTIONS = re2.Options()
-_OPTIONS.log_errors = False
+_OPTIONS = options()
 
 
 def linear_regex(pattern: str) -> "re2._Regexp":
