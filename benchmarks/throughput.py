@@ -52,6 +52,7 @@ from sidecar.testing import SidecarProcess, free_port  # noqa: E402
 
 TRACES_PER_REQUEST = 128
 PROFILE_DIR: str | None = None  # --profile DIR: py-spy raw stacks of each target while it is measured
+PROFILER = "py-spy"  # --profiler perf: perf record (native frames, the kernel) instead
 SIDECAR_ENV: dict[str, str] = {}  # --redaction-path object: SIDECAR_REDACTION_PATH for every sidecar
 
 PROCESSORS = {
@@ -309,10 +310,13 @@ def run_target(name: str, command_config: str | None, bodies, spans: int, logs: 
             import subprocess
 
             out = Path(PROFILE_DIR) / ("".join(c if c.isalnum() else "_" for c in name)[:60] + ".txt")
-            profiler = subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record",
-                                         "--pid", str(pid), "--format", "raw", "--rate", "250", "--nonblocking",
-                                         "--gil",
-                                         "--threads", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if PROFILER == "perf":  # native frames and the kernel's share: perf report -i FILE --sort dso,sym
+                command = ["perf", "record", "-g", "-p", str(pid), "-o", str(out.with_suffix(".perf"))]
+            else:  # Python frames, sampled while a thread holds the GIL: benchmarks/profile_summary.py FILE
+                command = [shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record",
+                           "--pid", str(pid), "--format", "raw", "--rate", "250", "--nonblocking", "--gil",
+                           "--threads", "-o", str(out)]
+            profiler = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
         threads0 = thread_cpu(metrics_port) if command_config is not None else {}
         cpu0, switches0, faults0 = ps.cpu_times(), context_switches(pid), page_faults(pid)
@@ -484,9 +488,13 @@ def main() -> None:
                    help="runs per load; each scenario and the floor report their least CPU per item")
     p.add_argument("--json", help="write results here")
     p.add_argument("--profile", help="write py-spy stacks of each target to this directory (pip install py-spy)")
+    p.add_argument("--profiler", choices=["py-spy", "perf"], default="py-spy",
+                   help="py-spy: Python frames while holding the GIL (it attributes a C call's time, and the waits "
+                        "around it, to the frame that made it); perf: every thread's native frames and the kernel "
+                        "(linux-perf, as root)")
     args = p.parse_args()
-    global PROFILE_DIR
-    PROFILE_DIR = args.profile
+    global PROFILE_DIR, PROFILER
+    PROFILE_DIR, PROFILER = args.profile, args.profiler
     SIDECAR_ENV["SIDECAR_REDACTION_PATH"] = args.redaction_path
     if PROFILE_DIR:
         Path(PROFILE_DIR).mkdir(parents=True, exist_ok=True)

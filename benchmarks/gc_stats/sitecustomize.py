@@ -1,10 +1,11 @@
 """Time spent in Python's cyclic garbage collector, per generation, in every process started with it.
 
-    GC_STATS_DIR=/tmp/gc PYTHONPATH=benchmarks/gc_stats .venv/bin/python benchmarks/throughput.py --only default ...
+    GC_STATS_DIR=/tmp/gc PYTHONPATH=$PWD/benchmarks/gc_stats .venv/bin/python benchmarks/throughput.py --only default ...
     cat /tmp/gc/*.txt        # one line per process: its argv, collections and seconds per generation, CPU
 
 Python imports ``sitecustomize`` from the path at start-up, so the sidecars the benchmark starts (which
-inherit PYTHONPATH) report too. Each process rewrites its line every second while it runs.
+inherit PYTHONPATH) report too; the path must be absolute, as they run in a directory of their own.
+Each process rewrites its line every second while it runs.
 """
 
 import gc
