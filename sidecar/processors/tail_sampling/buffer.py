@@ -11,7 +11,8 @@ encoded resource and scope heads (and, for spans, the original tracestate) the i
 are re-emitted under. The :class:`TraceBuffer` orders traces by first arrival, which is
 also their ``decision_wait`` deadline order, and roots by arrival, which is their
 early-decision order; so finding due traces costs only the traces that are due.
-Memory is bounded by ``num_traces`` and a byte budget; eviction takes the oldest.
+Memory is bounded by ``num_traces`` and a byte budget: when either is full, the oldest traces are
+taken out (``evicted``) and the processor decides them early, on what has arrived.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ class Trace:
 
     __slots__ = ("trace_id", "first_seen", "root_deadline", "spans_key", "spans", "more_spans", "logs_key", "logs",
                  "more_logs", "n_spans", "n_logs", "nbytes", "status_mask", "start", "end", "matched", "rv")
+
+    #: the write-ahead log segment this trace pins (the durable buffer's traces have their own; -1: none)
+    segment = -1
 
     def __init__(self, trace_id: bytes, now: float):
         self.trace_id = trace_id
@@ -152,6 +156,8 @@ class TraceBuffer:
 
     #: the class of new traces (the durable buffer's traces also name the log segment they pin)
     trace_type = Trace
+    #: the log segment of the request being sorted (the durable buffer's; -1: no log)
+    segment = -1
 
     def __init__(self, *, decision_wait: float, root_wait: float, num_traces: int, max_bytes: int):
         self.decision_wait = decision_wait
@@ -171,8 +177,12 @@ class TraceBuffer:
         the traces the sort created when it ends): nothing here."""
         return _NOTHING
 
+    def repin(self, traces: list[Trace]) -> None:
+        """The sort brought ``traces`` data of an older log segment than the one they pin (the durable
+        buffer moves their pins to it): nothing here."""
+
     def create(self, trace_id: bytes, now: float, evicted: list[Trace]) -> Trace:
-        """A new trace; the oldest is evicted (appended to ``evicted``) when ``num_traces`` are held."""
+        """A new trace; the oldest is taken out (appended to ``evicted``) when ``num_traces`` are held."""
         traces = self.traces
         while len(traces) >= self.num_traces:
             evicted.append(self._pop_oldest())
@@ -191,7 +201,7 @@ class TraceBuffer:
         self.nbytes += n
 
     def over_budget(self, evicted: list[Trace]) -> None:
-        """Evict oldest traces until the byte budget holds."""
+        """Take out the oldest traces (appended to ``evicted``) until the byte budget holds."""
         while self.nbytes > self.max_bytes and self.traces:
             evicted.append(self._pop_oldest())
 

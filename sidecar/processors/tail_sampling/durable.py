@@ -9,13 +9,15 @@ the sync runs.
 What keeps a segment of the log is a pin on it (see :mod:`.wal`):
 
 - a request being consumed pins the segment it was written to;
-- a buffered trace pins the segment of the request that created it (its later data is
-  newer, so that pin keeps it too): the traces a request's sort created are pinned
-  together when the sort ends, while the request's own pin still holds the segment;
-- once decided, a kept trace's pin moves to the output request that carries it, which
-  holds it until the next stage accepted it (the redaction processor, then an exporter's
-  persistent queue, which is durable itself) or refused it for good; a dropped trace (not
-  sampled, evicted) releases its pin at once.
+- a buffered trace pins the oldest segment holding its data (a pin keeps every newer
+  segment too): the segment of the request that created it, or of an older request sorted
+  later (concurrent requests carrying one trace are sorted in any order; the pin moves back).
+  The traces a request's sort created are pinned together when the sort ends, while the
+  request's own pin still holds the segment;
+- once decided (on time, or early because the buffer was full), a kept trace's pin moves
+  to the output request that carries it, which holds it until the next stage accepted it
+  (the redaction processor, then an exporter's persistent queue, which is durable itself)
+  or refused it for good; a trace that is not kept releases its pin at once.
 
 At start, the segments a previous run left are replayed into the buffer as newly arrived
 data (the decision wait starts again), counted in ``sidecar_tail_sampling_recovered_items``.
@@ -58,11 +60,12 @@ class PinnedEnvelope(Envelope):
 
 
 class PinningTraceBuffer(TraceBuffer):
-    """The trace buffer, pinning each new trace's segment and releasing the pin of an evicted one.
+    """The trace buffer, pinning each new trace's segment (and an older one when older data joins it).
 
     A request's sort runs inside ``with buffer.sorting():`` under the processor's lock, so the
     segment and the count of traces created belong to that one sort: a new trace costs two
-    attribute writes, and its pin is taken with the others when the sort ends.
+    attribute writes, and its pin is taken with the others when the sort ends. A trace taken
+    out because the buffer is full keeps its pin: the processor decides it, as any other.
     """
 
     trace_type = PinnedTrace
@@ -70,7 +73,7 @@ class PinningTraceBuffer(TraceBuffer):
     def __init__(self, durable: "DurableBuffer", **kwargs):
         super().__init__(**kwargs)
         self._durable = durable
-        self._segment = -1  # the segment of the request being sorted
+        self.segment = -1  # the segment of the request being sorted
         self._created = 0  # traces created in this sort and still buffered, not pinned yet
         self._borrowed = False  # the sort pinned a segment itself (no request pinned one for it)
 
@@ -78,27 +81,35 @@ class PinningTraceBuffer(TraceBuffer):
         return self
 
     def __enter__(self) -> None:
-        self._segment, self._borrowed = self._durable.segment_here()
+        self.segment, self._borrowed = self._durable.segment_here()
         self._created = 0
 
     def __exit__(self, *exc) -> None:
-        self._durable.pin_created(self._segment, self._created, self._borrowed)
+        self._durable.pin_created(self.segment, self._created, self._borrowed)
 
     def create(self, trace_id: bytes, now: float, evicted: list[Trace]) -> Trace:
         t = super().create(trace_id, now, evicted)
-        t.segment = self._segment
+        t.segment = self.segment
         self._created += 1
         return t
 
+    def repin(self, traces: list[Trace]) -> None:
+        """Move the pins of ``traces`` back to this sort's older segment (pinned before the newer ones go);
+        a trace may be listed once per run the request held of it."""
+        traces = list({id(t): t for t in traces}.values())
+        self._durable.pin_created(self.segment, len(traces), False)
+        self._durable.release(traces)
+        for t in traces:
+            t.segment = self.segment
+
     def _pop_oldest(self) -> Trace:
-        # the newest traces are this sort's, not pinned yet: when only they are left, the oldest is one of them
+        # the newest traces are this sort's, not pinned yet: when only they are left, the oldest is one of
+        # them; it is pinned now, as every trace the processor decides holds a pin until then
         fresh = len(self.traces) <= self._created
         t = super()._pop_oldest()
         if fresh:
             self._created -= 1
-            t.segment = -1
-        else:
-            self._durable.release([t])  # evicted: dropped (counted by the processor), its data no longer needed
+            self._durable.pin_created(t.segment, 1, False)
         return t
 
 

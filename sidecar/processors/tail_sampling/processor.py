@@ -47,7 +47,7 @@ from sidecar.ticker import Ticker
 log = logging.getLogger(__name__)
 
 
-SAMPLED, NOT_SAMPLED, DROPPED, TOO_EARLY = "sampled", "not_sampled", "dropped", "dropped_too_early"
+SAMPLED, NOT_SAMPLED, DROPPED = "sampled", "not_sampled", "dropped"
 
 
 def _matched(checks: list, slots: list[int], hits: tuple, res_matched: int) -> int:
@@ -128,6 +128,10 @@ class TailSamplingProcessor(Component):
                       "decision.", ("component", "signal", "decision"))
         self._late = {(s, d): late.labels(cid, s.value, d) for s in (Signal.TRACES, Signal.LOGS)
                       for d in (SAMPLED, NOT_SAMPLED)}
+        self._early = family(Counter, "sidecar_tail_sampling_early_decisions",
+                             "Traces decided before their wait was over because the buffer was full (num_traces or "
+                             "max_buffered_bytes): decided on what had arrived, kept or dropped by the policies.",
+                             ("component",)).labels(cid)
         family(Gauge, "sidecar_tail_sampling_buffered_traces", "Traces waiting for a decision.",
                ("component",)).labels(cid).set_function(lambda: len(self._buffer))
         family(Gauge, "sidecar_tail_sampling_buffered_bytes",
@@ -202,8 +206,10 @@ class TailSamplingProcessor(Component):
         checks, all_checks, slots = self._checks, self._all_checks, self._check_slots
         no_hits = self._no_hits
         roots, root_deadline = buf.roots, now + buf.root_wait
+        older: list[Trace] = []  # buffered traces this request brings data of an older log segment to
         with self._lock, buf.sorting():
             traces = buf.traces
+            segment = buf.segment
             for rhead, scopes, res_values in runs:
                 res_matched = self._resource_matches(res_values) if checks else 0
                 for shead, span_runs in scopes:
@@ -239,6 +245,8 @@ class TailSamplingProcessor(Component):
                             added += size
                         else:
                             added += t.add_spans(key, blobs, nbytes)
+                            if t.segment > segment:
+                                older.append(t)
                         if need_rv and ts and t.rv is None and "rv:" in ts:
                             t.note_tracestate(ts)
                         if need_status:
@@ -257,8 +265,11 @@ class TailSamplingProcessor(Component):
                             t.root_deadline = root_deadline
                             roots.append(t)
             buf.add_bytes(added)
+            if older:
+                buf.repin(older)
             buf.over_budget(evicted)
-        self._finish_traces(n, late_dropped, evicted, n_late_kept, late_kept, passthrough)
+            early = self._decide_all(evicted, now) if evicted else None
+        self._finish_traces(n, late_dropped, early, n_late_kept, late_kept, passthrough)
 
     def _consume_logs(self, envelope: Envelope) -> None:
         """Sort a logs request from the wire scanner's runs (consecutive records of one trace, same severity side)."""
@@ -275,8 +286,10 @@ class TailSamplingProcessor(Component):
         sampled, not_sampled = self._sampled.entries, self._not_sampled.entries
         fraction = self._traceless_fraction
         rng = self._rng
+        older: list[Trace] = []
         with self._lock, buf.sorting():
             traces = buf.traces
+            segment = buf.segment
             for rhead, scopes, _ in runs:
                 for shead, log_runs in scopes:
                     key = (rhead, shead)
@@ -314,10 +327,15 @@ class TailSamplingProcessor(Component):
                             added += size
                         else:
                             added += t.add_logs(key, blobs, nbytes)
+                            if t.segment > segment:
+                                older.append(t)
             buf.add_bytes(added)
+            if older:
+                buf.repin(older)
             buf.over_budget(evicted)
-            direct = n_immediate == n and not len(self._outbox)
-        self._finish_logs(envelope, direct, late_kept, late_dropped, traceless_dropped, evicted, immediate)
+            early = self._decide_all(evicted, now) if evicted else None
+            direct = n_immediate == n and not len(self._outbox) and not early
+        self._finish_logs(envelope, direct, late_kept, late_dropped, traceless_dropped, early, immediate)
 
     def _resource_matches(self, values: tuple) -> int:
         """Bits of the attribute checks the resource's own value passes (spans without the key inherit it);
@@ -329,16 +347,17 @@ class TailSamplingProcessor(Component):
                 bits |= bit
         return bits
 
-    def _finish_traces(self, n: int, late_dropped: int, evicted: list, n_late_kept: int,
+    def _finish_traces(self, n: int, late_dropped: int, early: list | None, n_late_kept: int,
                        late_kept: list[tuple], passthrough: list[tuple]) -> None:
-        """After a traces request is sorted: count it, and forward late spans of kept traces
-        ((resource head, scope head, encoded spans, tracestate, (policy, threshold))) and spans
-        without a trace id ((resource head, scope head, encoded spans))."""
+        """After a traces request is sorted: count it, hand on the traces the full buffer made it decide
+        (``early``), and forward late spans of kept traces ((resource head, scope head, encoded spans,
+        tracestate, (policy, threshold))) and spans without a trace id ((resource head, scope head, encoded
+        spans))."""
         if late_dropped:
             self._tel.dropped(Signal.TRACES, late_dropped, "sampled_out")
             self._late[(Signal.TRACES, NOT_SAMPLED)].inc(late_dropped)
-        if evicted:
-            self._count_evicted(evicted)
+        if early:
+            self._decided_early(early)
         if late_kept or passthrough:
             out = Output(Signal.TRACES)
             kept = KeptSpans()
@@ -359,7 +378,7 @@ class TailSamplingProcessor(Component):
         self._outbox.flush(blocking=False)
 
     def _finish_logs(self, envelope: Envelope, direct: bool, late_kept: int, late_dropped: int,
-                     traceless_dropped: int, evicted: list, immediate: list[tuple]) -> None:
+                     traceless_dropped: int, early: list | None, immediate: list[tuple]) -> None:
         """After a logs request is sorted: count it, and forward what is not held back.
 
         ``immediate`` holds (resource head, scope head, encoded records) forwarded now; when that
@@ -375,8 +394,8 @@ class TailSamplingProcessor(Component):
             self._late[(Signal.LOGS, NOT_SAMPLED)].inc(late_dropped)
         if traceless_dropped:
             self._tel.dropped(Signal.LOGS, traceless_dropped, "sampled_out")
-        if evicted:
-            self._count_evicted(evicted)
+        if early:
+            self._decided_early(early)
         if immediate:
             out = Output(Signal.LOGS)
             for rhead, shead, blobs in immediate:
@@ -478,14 +497,14 @@ class TailSamplingProcessor(Component):
             child = self._trace_counters[key] = self._traces_family.labels(self._component, decision, policy)
         child.inc(n)
 
-    def _count_evicted(self, evicted: list[Trace]) -> None:
-        spans = sum(t.n_spans for t in evicted)
-        logs = sum(t.n_logs for t in evicted)
-        self._tel.dropped(Signal.TRACES, spans, TOO_EARLY)
-        self._tel.dropped(Signal.LOGS, logs, TOO_EARLY)
-        self._count_traces(TOO_EARLY, "none", len(evicted))
-        if self._decisions is not None and self._decisions.subscribed:
-            self._decisions.publish([Decision(t.trace_id, False, TOO_EARLY) for t in evicted])
+    def _decided_early(self, decided: list[tuple[Trace, str, str, int]]) -> None:
+        """Hand on the traces a full buffer (``num_traces``, ``max_buffered_bytes``) pushed out before their
+        wait was over, decided on what had arrived: errors, forced and sampled traces are kept as usual.
+        Dropping them instead (otelcol's eviction) would lose data the receiver had acknowledged, and after
+        a crash the replay of a large log would do so for traces the policies keep."""
+        self._early.inc(len(decided))
+        self._emit_decided(decided)
+        self._deliver_soon()
 
     # --- delivering -------------------------------------------------------------------------------
 

@@ -129,26 +129,85 @@ def test_a_trace_still_waiting_keeps_newer_segments_of_other_traces(tmp_path):
     proc2.shutdown(time.monotonic() + 5)
 
 
-def test_evictions_in_a_sort_release_the_right_pins(tmp_path):
-    """num_traces 3: the second request evicts both traces of the first (their segment goes) and one of its
-    own, created in the same sort (not pinned yet: no pin to give back). Its other three survive a crash."""
-    proc, sink, clock, _ = durable(tmp_path, num_traces=3, wal={"segment_bytes": 4096})
+def early(tel) -> float:
+    return tel.registry.get_sample_value("sidecar_tail_sampling_early_decisions_total",
+                                         {"component": "tail_sampling"}) or 0.0
+
+
+def test_a_full_buffer_decides_early_and_a_replay_bigger_than_the_buffer_loses_nothing_kept(tmp_path):
+    """num_traces 3: the second request pushes out both traces of the first and one of its own, created in
+    the same sort (pinned only then). They are decided early and handed on, and their pins given back once
+    (the first segment goes; the second stays while one of its traces waits). After a crash the replay, bigger than the buffer, decides one early again:
+    every trace the policy keeps reaches the sink (one twice: at least once), and the log empties."""
+    proc, sink, clock, tel = durable(tmp_path, num_traces=3, wal={"segment_bytes": 4096})
     pad = {"pad": "x" * 1500}
     old = [tid(), tid()]
     proc.consume(Envelope(Signal.TRACES, traces_request(*[span(t, attrs=pad) for t in old])))
     assert len(segments(tmp_path)) == 1
-    new = [tid() for _ in range(4)]
-    proc.consume(Envelope(Signal.TRACES, traces_request(*[span(t, attrs=pad) for t in new])))  # a new segment
-    assert proc.buffered_traces == 3
-    assert len(segments(tmp_path)) == 1, "the evicted traces' segment is deleted, the new one kept"
+    new = [tid() for _ in range(4)]  # the middle two end (roots): decided 1 s later, the last waits
+    proc.consume(Envelope(Signal.TRACES, traces_request(*[span(t, attrs=pad, root=i in (1, 2))
+                                                          for i, t in enumerate(new)])))  # a new segment
+    assert proc.buffered_traces == 3 and early(tel) == 3
+    assert sorted(s.trace_id for s in kept_spans(sink)) == sorted(old + new[:1])
+    assert len(segments(tmp_path)) == 1, "the first segment is deleted once its traces were handed on"
+    proc.tick(clock.advance(1.5))
+    assert sorted(s.trace_id for s in kept_spans(sink)) == sorted(old + new[:3])
+    assert len(segments(tmp_path)) == 1, "the last trace still pins the second segment"
     crash(proc)
 
     proc2, sink2, clock2, tel2 = durable(tmp_path, num_traces=3)
-    assert recovered(tel2, Signal.TRACES) == 4 and proc2.buffered_traces == 3  # the replay evicts one again
+    assert recovered(tel2, Signal.TRACES) == 4 and proc2.buffered_traces == 3 and early(tel2) == 1
     proc2.tick(clock2.advance(10.5))
-    assert sorted(s.trace_id for s in kept_spans(sink2)) == sorted(new[1:])
+    assert sorted(s.trace_id for s in kept_spans(sink2)) == sorted(new)
     assert segments(tmp_path) == [], "every pin given back once: the log empties"
     proc2.shutdown(time.monotonic() + 5)
+
+
+def test_a_trace_pins_the_older_segment_of_a_request_sorted_after_a_newer_one(tmp_path):
+    """Two receiver threads log two requests of one trace in one order and sort them in the other: the trace,
+    created by the newer request, must move its pin to the older segment, or that segment goes once its other
+    traces are handed on and a crash loses the older request's span."""
+    proc, sink, clock, waiting, done = _sorted_out_of_order(tmp_path)
+    proc.tick(clock.advance(1.5))  # `done` is decided and handed on; `waiting` (no root) waits
+    assert [s.trace_id for s in kept_spans(sink)] == [done]
+    crash(proc)
+
+    proc2, sink2, clock2, _ = durable(tmp_path)
+    proc2.tick(clock2.advance(10.5))
+    assert [s.trace_id for s in kept_spans(sink2)].count(waiting) == 4
+    proc2.shutdown(time.monotonic() + 5)
+
+
+def test_a_pin_moved_to_an_older_segment_is_given_back_once(tmp_path):
+    """The older request holds two runs of the trace (another trace's span between them): its pin moves once,
+    and once everything is decided and handed on the log empties."""
+    proc, sink, clock, waiting, done = _sorted_out_of_order(tmp_path)
+    proc.tick(clock.advance(10.5))
+    assert sorted(s.trace_id for s in kept_spans(sink)) == sorted([done] + [waiting] * 4)
+    assert segments(tmp_path) == []
+    proc.shutdown(time.monotonic() + 5)
+
+
+def _sorted_out_of_order(tmp_path):
+    """Two requests of one trace (``waiting``, no root) logged in one order and sorted in the other, as two
+    receiver threads may: DurableBuffer.consume's steps, the newer request's sort first. The older request
+    also holds ``done`` (a root, decided soon)."""
+    proc, sink, clock, _ = durable(tmp_path, wal={"segment_bytes": 4096})
+    wal = proc._durable._wal
+    waiting, done = tid(), tid()
+    pad = {"pad": "x" * 1000}
+    older = traces_request(span(waiting, attrs=pad), span(done, root=True, attrs=pad), span(waiting, attrs=pad))
+    newer = traces_request(span(waiting, attrs=pad), span(waiting, attrs=pad))
+    logged = [(req,) + wal.write(Signal.TRACES, len(req.resource_spans[0].scope_spans[0].spans),
+                                 req.SerializeToString()) for req in (older, newer)]
+    assert logged[1][1] > logged[0][1], "the two requests are in two segments"
+    for req, index, ticket in reversed(logged):
+        proc._durable._here.segment = index
+        proc._sort(Envelope(Signal.TRACES, req))
+        wal.commit(ticket)
+        proc._durable._here.segment = None
+        wal.unpin(index)
+    return proc, sink, clock, waiting, done
 
 
 def test_graceful_shutdown_leaves_an_empty_log(tmp_path):

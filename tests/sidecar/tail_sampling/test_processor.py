@@ -154,17 +154,29 @@ def test_late_spans_and_logs_follow_the_cached_decision():
                 "component": "tail_sampling", "signal": signal, "decision": decision}) == 1
 
 
-def test_flood_of_never_ending_traces_is_bounded_by_num_traces():
-    proc, _, clock, tel = make(ERRORS_ONLY, num_traces=100)
+def early(tel) -> float:
+    return tel.registry.get_sample_value("sidecar_tail_sampling_early_decisions_total",
+                                         {"component": "tail_sampling"}) or 0.0
+
+
+def test_flood_of_never_ending_traces_is_bounded_by_num_traces_and_decided_early_not_dropped():
+    """The traces a full buffer pushes out are decided on what arrived: an error among them is kept."""
+    proc, sink, clock, tel = make(ERRORS_ONLY, num_traces=100)
+    failing = tid()
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(failing, error=True))))  # no root: would wait 10 s
+    proc.consume(Envelope(Signal.LOGS, logs_request((failing, 9, "why it failed"))))
     for i in range(100):
         proc.consume(Envelope(Signal.TRACES, traces_request(*[span(tid()) for _ in range(50)])))
         proc.consume(Envelope(Signal.LOGS, logs_request((tid(), 9, "x"))))
         clock.advance(0.001)
         assert proc.buffered_traces <= 100
-    evicted_spans = tel.value("dropped", Signal.TRACES, "dropped_too_early", "false")
-    evicted_logs = tel.value("dropped", Signal.LOGS, "dropped_too_early", "false")
-    assert evicted_spans + evicted_logs == 5100 - 100
-    assert traces_metric(tel, "dropped_too_early", "none") == 5000
+    assert kept_trace_ids(sink) == {failing}
+    assert [r.body.string_value for r in kept_logs(sink)] == ["why it failed"]
+    assert early(tel) == 5101 - 100
+    assert traces_metric(tel, "sampled", "errors") == 1 and traces_metric(tel, "not_sampled", "none") == 5000
+    sampled_out = (tel.value("dropped", Signal.TRACES, "sampled_out", "true")
+                   + tel.value("dropped", Signal.LOGS, "sampled_out", "true"))
+    assert sampled_out == 5100 - 100
 
 
 def test_flood_is_bounded_by_bytes():
@@ -177,7 +189,8 @@ def test_flood_is_bounded_by_bytes():
         clock.advance(0.001)
         assert proc.buffered_bytes <= budget
     assert proc.buffered_traces < 300
-    assert tel.value("dropped", Signal.TRACES, "dropped_too_early", "false") > 29_000
+    assert early(tel) > 29_000
+    assert tel.value("dropped", Signal.TRACES, "sampled_out", "true") > 29_000
 
 
 def test_next_stage_refusal_is_retried_not_lost():
