@@ -162,14 +162,16 @@ def test_candidates_beyond_max_pending_are_dropped_and_counted():
     c.stop()
 
 
-def test_evicted_traces_are_decided_dropped_for_exemplars_too():
+def test_traces_a_full_buffer_decides_early_publish_their_decisions_for_exemplars_too():
     c = Chain(num_traces=1)
-    first, second = tid(), tid()
+    first, second, third = tid(), tid(), tid()
     c.send(span(first, root=True, duration_ms=900, attrs={"keep": True}))
-    c.send(span(second, root=True, duration_ms=10, attrs={"keep": True}, name="other"))  # evicts the first
+    c.send(span(second, root=True, duration_ms=10, name="other"))  # decides the first early: kept
+    assert c.sm.pending_exemplars == 1 and c.candidates("kept") == 1
+    c.send(span(third, root=True, duration_ms=10, attrs={"keep": True}, name="third"))  # the second: not sampled
     assert c.sm.pending_exemplars == 1 and c.candidates("not_sampled") == 1
     c.decide()
-    assert c.exemplar_ids() == {second.hex()}
+    assert c.exemplar_ids() == {first.hex(), third.hex()}
     c.stop()
 
 

@@ -20,7 +20,8 @@ FACTORY = Factory(
     create=lambda settings, cfg, next_consumer: TailSamplingProcessor(settings, cfg, next_consumer),
     signals=frozenset({Signal.TRACES, Signal.LOGS}),
     telemetry=frozenset({"sidecar_tail_sampling_buffered_bytes", "sidecar_tail_sampling_buffered_traces",
-                         "sidecar_tail_sampling_late_items", "sidecar_tail_sampling_traces"}) | DURABLE_TELEMETRY,
+                         "sidecar_tail_sampling_early_decisions", "sidecar_tail_sampling_late_items",
+                         "sidecar_tail_sampling_traces"}) | DURABLE_TELEMETRY,
 )
 
 __all__ = ["FACTORY", "POLICY_ATTRIBUTE", "TailSamplingConfig", "TailSamplingProcessor"]
