@@ -260,3 +260,61 @@ def test_kill_9_under_load_loses_no_acknowledged_span_log_or_audit_record(tmp_pa
                       "acked_logs": len(load.acked_logs), "kept_spans_required": len(must_spans),
                       "recovered_spans": recovered, "spans_delivered_twice": twice,
                       "audit_records": len(rows), "torn_lines": torn, "refused_requests": load.refused}))
+
+
+def _waiting_request(n: int) -> tuple[ExportTraceServiceRequest, set[tuple[bytes, bytes]]]:
+    """TRACES_PER_REQUEST traces of three spans without their root: each waits the whole decision_wait (10 s)."""
+    req = ExportTraceServiceRequest()
+    rs = req.resource_spans.add()
+    rs.resource.attributes.add(key="service.name").value.string_value = "durable-e2e"
+    ss = rs.scope_spans.add()
+    spans = set()
+    now = time.time_ns()
+    for _ in range(TRACES_PER_REQUEST):
+        trace_id, parent = os.urandom(16), os.urandom(8)
+        for name in ("preprocess", "ml.forward", "postprocess"):
+            s = ss.spans.add(trace_id=trace_id, span_id=os.urandom(8), parent_span_id=parent, name=name,
+                             kind=Span.SPAN_KIND_INTERNAL, start_time_unix_nano=now, end_time_unix_nano=now + 5_000_000)
+            spans.add((trace_id, s.span_id))
+    return req, spans
+
+
+def test_a_full_buffer_and_a_replay_bigger_than_it_lose_no_acknowledged_kept_span(tmp_path):
+    """The shipped config with num_traces 400, and 1 200 traces that wait for their decision: the full buffer
+    decides its oldest early, the sidecar is killed, and the replay of its log holds more traces than the buffer
+    again. Every acknowledged span of a trace the policy keeps reaches the backend. (Evicting instead, as before
+    2026-12-04, lost kept spans in a CI run of the test above, whose first sidecar had logged 52 000 traces.)"""
+    grpc_port, metrics_port = free_port(), free_port()
+    env = {"SIDECAR_OTLP_GRPC_ENDPOINT": f"127.0.0.1:{grpc_port}",
+           "SIDECAR_OTLP_HTTP_ENDPOINT": f"127.0.0.1:{free_port()}",
+           "SIDECAR_HEALTH_ENDPOINT": f"127.0.0.1:{free_port()}",
+           "SIDECAR_METRICS_ENDPOINT": f"127.0.0.1:{metrics_port}",
+           "SIDECAR_STORAGE_DIR": str(tmp_path / "storage"),
+           "SIDECAR_FILE_EXPORT_DIR": str(tmp_path / "telemetry")}
+    config = SHIPPED.read_text()
+    assert "num_traces: 50000" in config
+    config = config.replace("num_traces: 50000", "num_traces: 400")
+
+    acked: set[tuple[bytes, bytes]] = set()
+    first = SidecarProcess(config, workdir=tmp_path / "run1", env=env).start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = trace_service_pb2_grpc.TraceServiceStub(channel)
+            for n in range(1200 // TRACES_PER_REQUEST):
+                req, spans = _waiting_request(n)
+                stub.Export(req, timeout=10)  # every request is accepted: an error fails the test
+                acked |= spans
+        assert metric(metrics_port, "sidecar_tail_sampling_early_decisions_total") >= 800 - 1
+    finally:
+        first.kill()  # 400 traces wait; the log holds them, and the decided ones its segment still carries
+
+    must = {k for k in acked if kept(k[0])}
+    assert must, "no trace of the 1 200 is kept by the policy: the test would prove nothing"
+    second = SidecarProcess(config, workdir=tmp_path / "run2", env=env).start()
+    try:
+        assert metric(metrics_port, "sidecar_tail_sampling_early_decisions_total") > 0, \
+            "the replay fitted in the buffer: the test would prove nothing"
+        wait_for(lambda: must <= read_backend(tmp_path / "telemetry")[0].keys(), 60,
+                 "every acknowledged kept span in the backend")
+    finally:
+        second.kill()
