@@ -189,14 +189,20 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+def sidecar_env(tmp_path: Path, grpc_port: int, metrics_port: int) -> dict[str, str]:
+    """The shipped config's ${env:...} settings: these ports, storage and exporter output under ``tmp_path``
+    (the same across restarts)."""
+    return {"SIDECAR_OTLP_GRPC_ENDPOINT": f"127.0.0.1:{grpc_port}",
+            "SIDECAR_OTLP_HTTP_ENDPOINT": f"127.0.0.1:{free_port()}",
+            "SIDECAR_HEALTH_ENDPOINT": f"127.0.0.1:{free_port()}",
+            "SIDECAR_METRICS_ENDPOINT": f"127.0.0.1:{metrics_port}",
+            "SIDECAR_STORAGE_DIR": str(tmp_path / "storage"),
+            "SIDECAR_FILE_EXPORT_DIR": str(tmp_path / "telemetry")}
+
+
 def test_kill_9_under_load_loses_no_acknowledged_span_log_or_audit_record(tmp_path):
     grpc_port, metrics_port = free_port(), free_port()
-    env = {"SIDECAR_OTLP_GRPC_ENDPOINT": f"127.0.0.1:{grpc_port}",
-           "SIDECAR_OTLP_HTTP_ENDPOINT": f"127.0.0.1:{free_port()}",
-           "SIDECAR_HEALTH_ENDPOINT": f"127.0.0.1:{free_port()}",
-           "SIDECAR_METRICS_ENDPOINT": f"127.0.0.1:{metrics_port}",
-           "SIDECAR_STORAGE_DIR": str(tmp_path / "storage"),
-           "SIDECAR_FILE_EXPORT_DIR": str(tmp_path / "telemetry")}
+    env = sidecar_env(tmp_path, grpc_port, metrics_port)
     config = SHIPPED.read_text()
 
     first = SidecarProcess(config, workdir=tmp_path / "run1", env=env).start()
@@ -285,12 +291,7 @@ def test_a_full_buffer_and_a_replay_bigger_than_it_lose_no_acknowledged_kept_spa
     again. Every acknowledged span of a trace the policy keeps reaches the backend. (Evicting instead, as before
     2026-12-04, lost kept spans in a CI run of the test above, whose first sidecar had logged 52 000 traces.)"""
     grpc_port, metrics_port = free_port(), free_port()
-    env = {"SIDECAR_OTLP_GRPC_ENDPOINT": f"127.0.0.1:{grpc_port}",
-           "SIDECAR_OTLP_HTTP_ENDPOINT": f"127.0.0.1:{free_port()}",
-           "SIDECAR_HEALTH_ENDPOINT": f"127.0.0.1:{free_port()}",
-           "SIDECAR_METRICS_ENDPOINT": f"127.0.0.1:{metrics_port}",
-           "SIDECAR_STORAGE_DIR": str(tmp_path / "storage"),
-           "SIDECAR_FILE_EXPORT_DIR": str(tmp_path / "telemetry")}
+    env = sidecar_env(tmp_path, grpc_port, metrics_port)
     config = SHIPPED.read_text()
     assert "num_traces: 50000" in config
     config = config.replace("num_traces: 50000", "num_traces: 400")

@@ -97,7 +97,7 @@ class PinningTraceBuffer(TraceBuffer):
         """Move the pins of ``traces`` back to this sort's older segment (pinned before the newer ones go);
         a trace may be listed once per run the request held of it."""
         traces = list({id(t): t for t in traces}.values())
-        self._durable.pin_created(self.segment, len(traces), False)
+        self._durable.pin(self.segment, len(traces))
         self._durable.release(traces)
         for t in traces:
             t.segment = self.segment
@@ -109,7 +109,7 @@ class PinningTraceBuffer(TraceBuffer):
         t = super()._pop_oldest()
         if fresh:
             self._created -= 1
-            self._durable.pin_created(t.segment, 1, False)
+            self._durable.pin(t.segment, 1)
         return t
 
 
@@ -247,6 +247,12 @@ class DurableBuffer:
             wal.pin(index, created)
         if borrowed:
             wal.unpin(index)
+
+    def pin(self, index: int, n: int) -> None:
+        """Pin segment ``index`` ``n`` more times (traces that hold it from now on)."""
+        wal = self._wal
+        if wal is not None and index >= 0 and n:
+            wal.pin(index, n)
 
     def release(self, traces) -> None:
         """Drop the pins of traces that were dropped, or whose output now pins for them."""

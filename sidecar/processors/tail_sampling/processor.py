@@ -264,11 +264,7 @@ class TailSamplingProcessor(Component):
                         if root and t.root_deadline is None:  # the local root ended (TraceBuffer.root_arrived, inlined)
                             t.root_deadline = root_deadline
                             roots.append(t)
-            buf.add_bytes(added)
-            if older:
-                buf.repin(older)
-            buf.over_budget(evicted)
-            early = self._decide_all(evicted, now) if evicted else None
+            early = self._end_sort(added, older, evicted, now)
         self._finish_traces(n, late_dropped, early, n_late_kept, late_kept, passthrough)
 
     def _consume_logs(self, envelope: Envelope) -> None:
@@ -329,13 +325,20 @@ class TailSamplingProcessor(Component):
                             added += t.add_logs(key, blobs, nbytes)
                             if t.segment > segment:
                                 older.append(t)
-            buf.add_bytes(added)
-            if older:
-                buf.repin(older)
-            buf.over_budget(evicted)
-            early = self._decide_all(evicted, now) if evicted else None
+            early = self._end_sort(added, older, evicted, now)
             direct = n_immediate == n and not len(self._outbox) and not early
         self._finish_logs(envelope, direct, late_kept, late_dropped, traceless_dropped, early, immediate)
+
+    def _end_sort(self, added: int, older: list[Trace], evicted: list[Trace], now: float) -> list | None:
+        """A request's sort is over (under the lock): count its bytes, move the pins of ``older`` (traces it
+        brought data of an older log segment to), take out what the budget no longer holds, and decide the
+        traces a full buffer took out (``evicted``): the decisions :meth:`_decided_early` hands on, or None."""
+        buf = self._buffer
+        buf.add_bytes(added)
+        if older:
+            buf.repin(older)
+        buf.over_budget(evicted)
+        return self._decide_all(evicted, now) if evicted else None
 
     def _resource_matches(self, values: tuple) -> int:
         """Bits of the attribute checks the resource's own value passes (spans without the key inherit it);
