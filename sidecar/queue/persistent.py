@@ -30,12 +30,12 @@ import os
 import re
 import struct
 import threading
-import zlib
 from pathlib import Path
 from typing import Callable
 
 from google.protobuf.message import DecodeError
 
+from sidecar.checksum import crc32
 from sidecar.component import Refused
 from sidecar.envelope import Envelope
 from sidecar.group_commit import GroupCommit, Member
@@ -150,7 +150,7 @@ class PersistentQueue:
         tmp = self.directory / (name + ".tmp")
         try:
             with open_private(tmp, "wb") as f:
-                f.write(_HEADER.pack(_MAGIC, len(payload), zlib.crc32(payload)))
+                f.write(_HEADER.pack(_MAGIC, len(payload), crc32(payload)))
                 f.write(payload)
             if not self._fsync:
                 os.replace(tmp, final)
@@ -309,7 +309,7 @@ def _check(data: bytes) -> str | None:
         return "bad magic"
     if len(data) - _HEADER.size != length:
         return f"truncated body ({len(data) - _HEADER.size} of {length} bytes)"
-    if zlib.crc32(memoryview(data)[_HEADER.size:]) != crc:
+    if crc32(memoryview(data)[_HEADER.size:]) != crc:
         return "checksum mismatch"
     return None
 

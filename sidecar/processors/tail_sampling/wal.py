@@ -32,10 +32,10 @@ import re
 import struct
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Callable, Iterator
 
+from sidecar.checksum import crc32
 from sidecar.component import Refused
 from sidecar.group_commit import GroupCommit, Member
 from sidecar.signals import Signal
@@ -144,7 +144,7 @@ class WriteAheadLog:
             if len(payload) < n or code not in _SIGNALS:
                 log.warning("%s: torn record at byte %d (a write cut by the crash, never acknowledged)", seg.path, pos)
                 return
-            if zlib.crc32(payload) != crc:
+            if crc32(payload) != crc:
                 log.warning("%s: checksum mismatch at byte %d; the rest of this segment (%d bytes) is unreadable",
                             seg.path, pos, end - pos)
                 return
@@ -160,7 +160,7 @@ class WriteAheadLog:
         Raises :class:`Refused` (retryable) while the log is at ``max_bytes`` or the disk is full.
         """
         n = _REC.size + len(payload)
-        header = _REC.pack(len(payload), zlib.crc32(payload), _CODES[signal], items)
+        header = _REC.pack(len(payload), crc32(payload), _CODES[signal], items)
         with self._lock:
             if self._dir_fd is None:
                 raise Refused("shutting_down", message="tail sampling log is closed")

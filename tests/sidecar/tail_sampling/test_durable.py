@@ -409,6 +409,31 @@ def test_a_refusal_during_recovery_keeps_the_segment_for_the_next_start(tmp_path
     assert [s.trace_id for s in kept_spans(sink3)] == [waiting]
 
 
+def test_a_damaged_record_ends_its_segment_replay_and_is_logged(tmp_path, caplog):
+    """Records longer than the checksum's pieces (sidecar.checksum): one flipped byte in the second is caught."""
+    import logging
+
+    from sidecar.processors.tail_sampling.wal import WriteAheadLog
+
+    wal = WriteAheadLog(wal_dir(tmp_path), max_bytes=1 << 24, segment_bytes=1 << 24, fsync=False)
+    wal.open()
+    payloads = [bytes([i]) * 12_000 + os.urandom(3_000) for i in range(3)]
+    for payload in payloads:
+        wal.write(Signal.TRACES, 1, payload)
+    wal.abandon()
+    [name] = segments(tmp_path)
+    path = wal_dir(tmp_path) / name
+    data = bytearray(path.read_bytes())
+    data[data.index(payloads[1]) + 11_000] ^= 0x01  # bit rot in the third piece of the second record
+    path.write_bytes(bytes(data))
+    wal2 = WriteAheadLog(wal_dir(tmp_path), max_bytes=1 << 24, segment_bytes=1 << 24, fsync=False)
+    [index] = wal2.open()
+    with caplog.at_level(logging.WARNING, logger="sidecar.processors.tail_sampling.wal"):
+        assert [payload for _, _, payload in wal2.records(index)] == payloads[:1]
+    assert any("checksum mismatch" in r.getMessage() for r in caplog.records)
+    wal2.abandon()
+
+
 def test_a_record_that_does_not_parse_is_dropped_and_counted_not_blocking_the_start(tmp_path):
     from sidecar.processors.tail_sampling.wal import WriteAheadLog
 
