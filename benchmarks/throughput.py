@@ -312,6 +312,9 @@ def run_target(name: str, command_config: str | None, bodies, spans: int, logs: 
             out = Path(PROFILE_DIR) / ("".join(c if c.isalnum() else "_" for c in name)[:60] + ".txt")
             if PROFILER == "perf":  # native frames and the kernel's share: perf report -i FILE --sort dso,sym
                 command = ["perf", "record", "-g", "-p", str(pid), "-o", str(out.with_suffix(".perf"))]
+            elif PROFILER == "sched":  # every context switch with its native stack: benchmarks/gil_census.py FILE
+                command = ["perf", "record", "-e", "sched:sched_switch", "--call-graph", "dwarf,16384", "-p",
+                           str(pid), "-o", str(out.with_suffix(".perf"))]
             else:  # Python frames, sampled while a thread holds the GIL: benchmarks/profile_summary.py FILE
                 command = [shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record",
                            "--pid", str(pid), "--format", "raw", "--rate", "250", "--nonblocking", "--gil",
@@ -499,10 +502,11 @@ def main() -> None:
                    help="runs per load; each scenario and the floor report their least CPU per item")
     p.add_argument("--json", help="write results here")
     p.add_argument("--profile", help="write py-spy stacks of each target to this directory (pip install py-spy)")
-    p.add_argument("--profiler", choices=["py-spy", "perf"], default="py-spy",
+    p.add_argument("--profiler", choices=["py-spy", "perf", "sched"], default="py-spy",
                    help="py-spy: Python frames while holding the GIL (it attributes a C call's time, and the waits "
                         "around it, to the frame that made it); perf: every thread's native frames and the kernel "
-                        "(linux-perf, as root)")
+                        "(linux-perf, as root); sched: every context switch with its native stack, for "
+                        "benchmarks/gil_census.py")
     args = p.parse_args()
     global PROFILE_DIR, PROFILER
     PROFILE_DIR, PROFILER = args.profile, args.profiler
