@@ -35,7 +35,7 @@ from typing import Callable
 
 from google.protobuf.message import DecodeError
 
-from sidecar.checksum import crc32
+from sidecar.gil_io import crc32
 from sidecar.component import Refused
 from sidecar.envelope import Envelope
 from sidecar.group_commit import GroupCommit, Member

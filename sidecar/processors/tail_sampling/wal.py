@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from sidecar.checksum import crc32
+from sidecar.gil_io import crc32, write_all
 from sidecar.component import Refused
 from sidecar.group_commit import GroupCommit, Member
 from sidecar.signals import Signal
@@ -176,7 +176,7 @@ class WriteAheadLog:
                                                                or self._clock() - seg.opened > SEGMENT_AGE)):
                     seg = self._roll()
                 try:
-                    _write_all(seg.fd, header, payload)
+                    write_all(seg.fd, header, payload)
                 except OSError:
                     self._cut(seg)
                     raise
@@ -262,7 +262,7 @@ class WriteAheadLog:
         path = self.directory / f"{index:020d}.wal"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
-            _write_all(fd, _MAGIC, b"")
+            write_all(fd, _MAGIC, b"")
             if self._fsync:
                 os.fsync(self._dir_fd)
         except OSError:
@@ -375,17 +375,6 @@ def _refusal(e: OSError, directory: Path) -> Refused:
     if e.errno in _DISK_FULL:
         return Refused("disk_full", message=f"cannot log request: {e.strerror} ({directory})")
     return Refused("storage_error", message=f"cannot log request: {e}")
-
-
-def _write_all(fd: int, header: bytes, payload: bytes) -> None:
-    parts = [memoryview(header), memoryview(payload)] if payload else [memoryview(header)]
-    while parts:
-        written = os.writev(fd, parts)
-        while parts and written >= len(parts[0]):
-            written -= len(parts[0])
-            parts.pop(0)
-        if parts and written:
-            parts[0] = parts[0][written:]
 
 
 def _close(seg: Segment) -> None:

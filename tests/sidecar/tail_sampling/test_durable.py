@@ -410,7 +410,7 @@ def test_a_refusal_during_recovery_keeps_the_segment_for_the_next_start(tmp_path
 
 
 def test_a_damaged_record_ends_its_segment_replay_and_is_logged(tmp_path, caplog):
-    """Records longer than the checksum's pieces (sidecar.checksum): one flipped byte in the second is caught."""
+    """Records longer than the CRC's pieces (sidecar.gil_io): one flipped byte in the second is caught."""
     import logging
 
     from sidecar.processors.tail_sampling.wal import WriteAheadLog
