@@ -75,8 +75,9 @@ def census(path: str) -> tuple[int, collections.Counter, collections.Counter]:
                 reason = "gRPC"
             if reason is not None:
                 if name == "take_gil":
-                    callers = [_call(n, lib) for n, lib in frames[i + 1:i + 12]
-                               if _call(n, lib) and not n.startswith("_PyObject_Vectorcall") and lib != "inlined"]
+                    calls = (_call(n, lib) for n, lib in frames[i + 1:i + 12]
+                             if not n.startswith("_PyObject_Vectorcall") and lib != "inlined")
+                    callers = [c for c in calls if c]
                     released_by[" <- ".join(callers[:2]) or "?"] += 1
                 break
         reasons[(state, reason or "other: " + " <- ".join(names[9:12]))] += 1

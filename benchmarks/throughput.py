@@ -442,8 +442,7 @@ def run_density(args, pii: float, decision_wait_s: float) -> list[dict]:
     first = dict(floors[0])
     first["floor_us_per_item"] = first["cpu_us_per_item"]
     first["x_floor"] = 1.0
-    first["floors_us"] = [round(f["cpu_us_per_item"], 2) for f in floors]
-    first["floors_around"] = [f["cpu_us_per_item"] for f in floors]
+    first["floors_around"] = [f["cpu_us_per_item"] for f in floors]  # every floor of the run
     for r in [first, *results]:
         r["pii"] = pii
     return [first, *results]
@@ -466,7 +465,8 @@ def best_of(runs: list[list[dict]]) -> list[dict]:
         pick["floor_us_per_item"] = floor
         pick["x_floor"] = pick["cpu_us_per_item"] / floor if i else 1.0
         pick["cpu_us_all"] = sorted(round(r["cpu_us_per_item"], 2) for r in tried)
-        pick["x_floor_runs"] = [round(r["x_floor"], 2) for r in tried]
+        if i:  # a scenario, not the floor
+            pick["x_floor_runs"] = [round(r["x_floor"], 2) for r in tried]
         out.append(pick)
     return out
 
@@ -476,7 +476,7 @@ def print_table(results: list[dict]) -> None:
           f"{'delivered':>17}")
     for r in results:
         spread = f"  {r['cpu_us_all']}" if len(r.get("cpu_us_all", ())) > 1 else ""
-        if len(r.get("x_floor_runs", ())) > 1 and r["x_floor"] != 1.0:
+        if len(r.get("x_floor_runs", ())) > 1:
             spread += f" x {r['x_floor_runs']}"
         print(f"{r['pii']:4g} {r['scenario']:58} {r['cpu_us_per_item']:11.2f} {r['x_floor']:8.2f} "
               f"{r['items_per_s']:9.0f} {r['peak_rss_mb']:11.1f} {r['delivered_spans']:>8}/{r['delivered_logs']:<8}"

@@ -35,9 +35,9 @@ from typing import Callable
 
 from google.protobuf.message import DecodeError
 
-from sidecar.gil_io import crc32
 from sidecar.component import Refused
 from sidecar.envelope import Envelope
+from sidecar.gil_io import crc32
 from sidecar.group_commit import GroupCommit, Member
 from sidecar.private_files import make_private_dir, open_private
 from sidecar.signals import Signal

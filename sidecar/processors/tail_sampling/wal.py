@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from sidecar.gil_io import crc32, write_all
 from sidecar.component import Refused
+from sidecar.gil_io import crc32, write_all
 from sidecar.group_commit import GroupCommit, Member
 from sidecar.signals import Signal
 
