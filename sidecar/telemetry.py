@@ -162,7 +162,8 @@ class ThreadCPU:
     consumers, the audit indexer. Threads of one pool count together (``otlp-grpc_3`` -> ``otlp-grpc``); a
     thread's time stays counted after it exits (as of the last scrape that saw it), and the time of threads
     Python did not start (gRPC's own) and of exited threads since that scrape is ``thread="other"``, so the
-    series add up to ``process_cpu_seconds_total``. Linux only (nothing elsewhere); nothing on the hot path.
+    series add up to ``process_cpu_seconds_total`` (within a clock tick: "other" never goes down). Linux only
+    (nothing elsewhere); nothing on the hot path.
     """
 
     _POOL_SUFFIX = re.compile(r"(?:[_-]\d+)+$")  # a pool's index, and the pool's own (ThreadPoolExecutor-3_1)
@@ -174,6 +175,7 @@ class ThreadCPU:
         self._lock = threading.Lock()
         self._seen: dict[threading.Thread, tuple[str, float]] = {}  # live thread -> (name, seconds at last scrape)
         self._retired: dict[str, float] = {}  # name -> seconds of its threads that have exited
+        self._other = 0.0  # "other" as last reported
 
     @classmethod
     def name_of(cls, thread: threading.Thread) -> str:
@@ -190,8 +192,7 @@ class ThreadCPU:
         return (int(fields[11]) + int(fields[12])) / self._tick  # utime, stime (fields 14 and 15 of stat)
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        total = self._seconds(f"{self._proc}/stat")
-        if total is None:
+        if not os.path.exists(f"{self._proc}/stat"):
             return
         family = CounterMetricFamily("sidecar_thread_cpu_seconds", "CPU time (user + system) of the sidecar's "
                                      "threads, by thread name (a pool's threads together; thread=\"other\": "
@@ -209,7 +210,13 @@ class ThreadCPU:
                     name, seconds = self._seen.get(t, (name, 0.0))
                 self._seen[t] = (name, seconds)
                 by_name[name] = by_name.get(name, 0.0) + seconds
+            # read after the threads, so it holds what they were seen to spend; the kernel adjusts a thread's and
+            # the process's times separately, so the difference can still dip by a tick: "other" never goes down
+            total = self._seconds(f"{self._proc}/stat")
+            if total is None:
+                return
+            self._other = max(self._other, total - sum(by_name.values()))
         for name, seconds in sorted(by_name.items()):
             family.add_metric([name], seconds)
-        family.add_metric(["other"], max(0.0, total - sum(by_name.values())))
+        family.add_metric(["other"], self._other)
         yield family
