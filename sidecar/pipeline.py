@@ -22,7 +22,7 @@ from sidecar.component import Component, Consumer, Kind, Refused
 from sidecar.config import ComponentConfig, Config, pipeline_signal
 from sidecar.host import Host
 from sidecar.registry import CreateSettings, factory_for
-from sidecar.envelope import Envelope
+from sidecar.envelope import Commitments, Envelope
 from sidecar.signals import Signal
 from sidecar.telemetry import ComponentTelemetry, SelfTelemetry
 
@@ -83,18 +83,36 @@ class Fanout:
     changes it, and then ``Envelope.mutable()`` gives that branch its own copy, so a branch
     that only holds data (batch, tail sampling) never sees another branch's redaction. If any
     consumer refuses, the sender is told to retry: a duplicate is better than a loss.
+
+    The views carry the request's :class:`~sidecar.envelope.Commitments`: a branch may leave its
+    wait for a sync there, and the fan-out runs the waits after the last branch, before it returns
+    (a fan-out inside a branch leaves them to the outer one). So one branch's sync overlaps the
+    next branch's work; a failed sync refuses the request like a refusing branch.
     """
 
     def __init__(self, consumers: list[Consumer]):
         self.consumers = consumers
 
     def consume(self, envelope: Envelope) -> None:
+        commitments = envelope.commitments
+        settles = commitments is None
+        if settles:
+            commitments = Commitments()
         refused: Refused | None = None
-        for consumer in self.consumers:
-            try:
-                consumer.consume(envelope.share())
-            except Refused as e:
-                refused = refused or e
+        try:
+            for consumer in self.consumers:
+                view = envelope.share()
+                view.commitments = commitments
+                try:
+                    consumer.consume(view)
+                except Refused as e:
+                    refused = refused or e
+        finally:
+            if settles:
+                try:
+                    commitments.settle()
+                except Refused as e:
+                    refused = refused or e
         if refused is not None:
             raise refused
 

@@ -62,6 +62,69 @@ def test_fanout_delivers_to_every_branch_and_reports_a_refusal():
     assert len(b.of(Signal.TRACES)) == 1  # the healthy branch still got it
 
 
+class Deferring:
+    """A branch that leaves a wait for a sync on the request (as tail sampling's log does) and records when
+    it was consumed and when its wait ran."""
+
+    def __init__(self, name: str, events: list, fail: Refused | None = None):
+        self.name, self.events, self.fail = name, events, fail
+
+    def consume(self, envelope):
+        self.events.append(f"{self.name} consumed")
+
+        def wait():
+            self.events.append(f"{self.name} synced")
+            if self.fail is not None:
+                raise self.fail
+
+        if envelope.commitments is None or not envelope.commitments.defer(wait):
+            wait()
+
+
+class Recording(CollectingConsumer):
+    def __init__(self, name: str, events: list):
+        super().__init__()
+        self.name, self.events = name, events
+
+    def consume(self, envelope):
+        self.events.append(f"{self.name} consumed")
+        super().consume(envelope)
+
+
+def test_a_fanout_runs_the_waits_a_branch_left_after_every_branch_and_before_it_returns():
+    """The first branch's sync overlaps the second branch's work, and the sender's answer still follows it."""
+    events: list[str] = []
+    Fanout([Deferring("log", events), Recording("audit", events)]).consume(Envelope(Signal.TRACES, _request()))
+    assert events == ["log consumed", "audit consumed", "log synced"]
+
+
+def test_a_failed_wait_refuses_the_request_and_the_other_waits_still_run():
+    events: list[str] = []
+    fanout = Fanout([Deferring("log", events, fail=Refused("storage_error")), Deferring("journal", events)])
+    with pytest.raises(Refused) as refused:
+        fanout.consume(Envelope(Signal.TRACES, _request()))
+    assert refused.value.reason == "storage_error"
+    # the journal's wait ran too (a wait also gives back what its stage held for the request)
+    assert events == ["log consumed", "journal consumed", "log synced", "journal synced"]
+
+
+def test_a_fanout_inside_a_branch_leaves_its_waits_to_the_outer_one():
+    events: list[str] = []
+    inner = Fanout([Deferring("log", events), Recording("file", events)])
+    Fanout([inner, Recording("audit", events)]).consume(Envelope(Signal.TRACES, _request()))
+    assert events == ["log consumed", "file consumed", "audit consumed", "log synced"]
+
+
+def test_a_wait_left_after_the_fanout_answered_runs_at_once():
+    """A stage that kept the request past the fan-out (none of the shipped ones does) cannot leave a wait
+    nobody would run: it waits itself."""
+    keeping = CollectingConsumer()
+    Fanout([keeping, Recording("other", [])]).consume(Envelope(Signal.TRACES, _request()))
+    events: list[str] = []
+    Deferring("late", events).consume(keeping.envelopes[0])
+    assert events == ["late consumed", "late synced"]
+
+
 def test_front_to_back_orders_shared_processors():
     assert _front_to_back([["a", "b", "c"], ["a", "c"], ["x", "b"]]) == ["a", "x", "b", "c"]
     assert _front_to_back([["a", "b"], ["b", "a"]]) == ["a", "b"]  # a cycle falls back to config order

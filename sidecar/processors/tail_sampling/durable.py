@@ -1,10 +1,12 @@
 """Durable until decided: tail sampling's buffer survives ``kill -9``, OOM kills and node restarts.
 
 With ``tail_sampling.storage`` naming a ``file_storage`` extension, every traces and logs
-request is appended to a write-ahead log (:mod:`.wal`) before ``consume`` returns, so the
-receiver's acknowledgement means "on disk". The log is group-committed: one ``fdatasync``
-per batch of concurrent writers, and the request is sorted into the in-memory buffer while
-the sync runs.
+request is appended to a write-ahead log (:mod:`.wal`) and synced before the receiver
+acknowledges it, so the acknowledgement means "on disk": before ``consume`` returns, or, for
+a request a fan-out shares with other pipelines (the shipped default's audit branch), before
+the fan-out returns (:class:`sidecar.envelope.Commitments`), so the sync overlaps the other
+branches' work. The log is group-committed: one ``fdatasync`` covers every record written
+before it began, and the request is sorted into the in-memory buffer before it waits.
 
 What keeps a segment of the log is a pin on it (see :mod:`.wal`):
 
@@ -45,6 +47,15 @@ log = logging.getLogger(__name__)
 #: the metric families of the durable buffer (registered with or without storage)
 TELEMETRY = frozenset({"sidecar_tail_sampling_recovered_items", "sidecar_tail_sampling_stored_bytes",
                        "sidecar_tail_sampling_log_syncs"})
+
+
+def _committed(wal: WriteAheadLog, index: int, ticket: int) -> None:
+    """Wait until the record with ``ticket`` is on disk (the sync in progress or the next one), then drop the pin its
+    request held on segment ``index``; a failed sync refuses the request (:meth:`WriteAheadLog.commit`)."""
+    try:
+        wal.commit(ticket)
+    finally:
+        wal.unpin(index)
 
 
 class PinnedTrace(Trace):
@@ -213,7 +224,9 @@ class DurableBuffer:
     # --- the hot path ---------------------------------------------------------------------------
 
     def consume(self, envelope: Envelope, sort: Callable[[Envelope], None]) -> None:
-        """Log ``envelope``, sort it into the buffer while the group commit runs, return once it is on disk."""
+        """Log ``envelope`` and sort it into the buffer; return once it is on disk, or leave the wait for the sync
+        to the request's commitments (a fan-out runs it before the request is acknowledged: in the meantime
+        another request's sync may cover it)."""
         wal = self._wal
         if wal is None or envelope.signal not in (Signal.TRACES, Signal.LOGS):
             sort(envelope)  # not started (tests that never start), or a signal that is refused anyway
@@ -223,10 +236,14 @@ class DurableBuffer:
         here.segment = index
         try:
             sort(envelope)
-            wal.commit(ticket)
+        except BaseException:
+            wal.unpin(index)
+            raise
         finally:
             here.segment = None
-            wal.unpin(index)
+        commitments = envelope.commitments
+        if commitments is None or not commitments.defer(lambda: _committed(wal, index, ticket)):
+            _committed(wal, index, ticket)
 
     def segment_here(self) -> tuple[int, bool]:
         """The segment of the request this thread is sorting, which that request pins; else (a sort outside

@@ -166,7 +166,7 @@ class TailSamplingProcessor(Component):
 
     def consume(self, envelope: Envelope) -> None:
         if self._durable.enabled:
-            self._durable.consume(envelope, self._sort)  # logged (group commit) before this returns
+            self._durable.consume(envelope, self._sort)  # logged; synced before this returns or the fan-out answers
         else:
             self._sort(envelope)
 

@@ -352,6 +352,57 @@ def test_after_a_failed_sync_no_record_it_was_to_cover_is_acknowledged(tmp_path,
     proc.shutdown(time.monotonic() + 5)
 
 
+class _OtherBranch:
+    """The audit branch of the shipped default, as far as the log can tell: it runs after tail sampling in the
+    receiver's fan-out. Records what the log had written and synced, and its segment, when it ran."""
+
+    def __init__(self, wal):
+        self.wal = wal
+        self.seen: list[tuple[int, int, object]] = []
+
+    def consume(self, envelope) -> None:
+        wal = self.wal
+        self.seen.append((wal._written, wal._synced, wal._current))  # noqa: SLF001
+
+
+def test_beside_another_branch_the_log_syncs_after_it_and_before_the_fanout_answers(tmp_path):
+    """The receiver shares each traces request with the audit branch: the log's sync waits until that branch
+    has run (overlapping its work, or covered by another request's sync meanwhile), and still comes before
+    the answer to the sender; the request's pin on its segment is given back."""
+    from sidecar.pipeline import Fanout
+
+    proc, _, _, tel = durable(tmp_path)
+    other = _OtherBranch(proc._durable._wal)  # noqa: SLF001
+    Fanout([proc, other]).consume(Envelope(Signal.TRACES, traces_request(span(tid()))))
+    [(written, synced_then, segment)] = other.seen
+    assert synced_then < written  # not yet synced while the other branch ran
+    assert proc._durable._wal._synced >= written  # noqa: SLF001 - synced before the fan-out returned
+    assert segment.refs == 1  # the buffered trace's pin; the request's own is given back
+    crash(proc)
+    proc2, _, _, tel2 = durable(tmp_path)
+    assert recovered(tel2, Signal.TRACES) == 1
+    proc2.shutdown(time.monotonic() + 5)
+
+
+def test_beside_another_branch_a_failed_sync_refuses_the_request_and_gives_its_pin_back(tmp_path, monkeypatch):
+    import errno
+
+    from sidecar.pipeline import Fanout
+    from sidecar.processors.tail_sampling import wal as wal_module
+
+    proc, _, _, _ = durable(tmp_path)
+    _, release = _hold_the_first_fdatasync(monkeypatch, wal_module.os, fail=OSError(errno.EIO, "Input/output error"))
+    release.set()
+    other = _OtherBranch(proc._durable._wal)  # noqa: SLF001
+    with pytest.raises(Refused) as refused:
+        Fanout([proc, other]).consume(Envelope(Signal.TRACES, traces_request(span(tid()))))
+    assert (refused.value.reason, refused.value.retryable) == ("storage_error", True)
+    [(_, _, segment)] = other.seen
+    assert segment.refs == 1  # the buffered trace's pin only
+    proc.consume(Envelope(Signal.TRACES, traces_request(span(tid()))))  # a new segment: acknowledged
+    proc.shutdown(time.monotonic() + 5)
+
+
 _CONFIG = """
 extensions: {{file_storage: {{directory: {dir}}}}}
 receivers: {{otlp: {{protocols: {{grpc: {{endpoint: 127.0.0.1:0}}}}}}}}
