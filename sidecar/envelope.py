@@ -24,6 +24,7 @@ stages promised, which the fan-out runs once every branch had its turn.
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 from sidecar.signals import Request, Signal, count_items
@@ -44,15 +45,18 @@ class Commitments:
     other branch's refusal.
     """
 
-    __slots__ = ("_waits",)
+    __slots__ = ("_waits", "_thread")
 
     def __init__(self) -> None:
         self._waits: list[Callable[[], None]] | None = []
+        self._thread = threading.get_ident()  # the fan-out's: only it defers and settles, so no lock is needed
 
     def defer(self, wait: Callable[[], None]) -> bool:
-        """Leave ``wait`` for :meth:`settle`; False once settled (the caller then waits itself)."""
+        """Leave ``wait`` for :meth:`settle`; False once settled, or in another thread than the fan-out's (a stage
+        that handed the request on to its own thread, such as a batch processor's flush): the caller then waits
+        itself."""
         waits = self._waits
-        if waits is None:
+        if waits is None or threading.get_ident() != self._thread:
             return False
         waits.append(wait)
         return True

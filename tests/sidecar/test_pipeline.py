@@ -1,6 +1,7 @@
 """The pipeline graph: one instance per id, shared processors per signal, copy on mutation, ordering, counting."""
 
 import contextlib
+import threading
 import time
 
 import pytest
@@ -123,6 +124,22 @@ def test_a_wait_left_after_the_fanout_answered_runs_at_once():
     events: list[str] = []
     Deferring("late", events).consume(keeping.envelopes[0])
     assert events == ["late consumed", "late synced"]
+
+
+def test_a_wait_left_from_another_thread_runs_there():
+    """A stage that hands the request to its own thread (a batch processor's flush) waits there itself: the
+    fan-out's thread alone defers and settles."""
+    events: list[str] = []
+
+    class HandingOn:
+        def consume(self, envelope):
+            worker = threading.Thread(target=Deferring("flush", events).consume, args=(envelope,))
+            worker.start()
+            worker.join()
+            events.append("handed on")
+
+    Fanout([HandingOn(), Recording("audit", events)]).consume(Envelope(Signal.TRACES, _request()))
+    assert events == ["flush consumed", "flush synced", "handed on", "audit consumed"]
 
 
 def test_front_to_back_orders_shared_processors():
