@@ -192,8 +192,6 @@ class ThreadCPU:
         return (int(fields[11]) + int(fields[12])) / self._tick  # utime, stime (fields 14 and 15 of stat)
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        if not os.path.exists(f"{self._proc}/stat"):
-            return
         family = CounterMetricFamily("sidecar_thread_cpu_seconds", "CPU time (user + system) of the sidecar's "
                                      "threads, by thread name (a pool's threads together; thread=\"other\": "
                                      "threads Python did not start).", labels=("thread",))
@@ -213,7 +211,7 @@ class ThreadCPU:
             # read after the threads, so it holds what they were seen to spend; the kernel adjusts a thread's and
             # the process's times separately, so the difference can still dip by a tick: "other" never goes down
             total = self._seconds(f"{self._proc}/stat")
-            if total is None:
+            if total is None:  # no /proc: nothing to report
                 return
             self._other = max(self._other, total - sum(by_name.values()))
         for name, seconds in sorted(by_name.items()):
