@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import sys
 import tempfile
 import threading
@@ -153,6 +154,8 @@ def main() -> None:
               f"{r['total_wall'] / mem['total_wall']:9.2f}")
         assert r["kept"] == mem["kept"], f"{name} kept {r['kept']} items, memory {mem['kept']}"
         assert r["segments_left"] == 0, f"{name} left {r['segments_left']} log segments after shutdown"
+    if args.dir is None:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

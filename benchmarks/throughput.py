@@ -31,6 +31,7 @@ import json
 import os
 import random
 import re
+import shutil
 import sys
 import tempfile
 import threading
@@ -306,7 +307,6 @@ def run_target(name: str, command_config: str | None, bodies, spans: int, logs: 
         base_spans, base_logs = backend.counts()
         profiler = None
         if PROFILE_DIR:
-            import shutil
             import subprocess
 
             out = Path(PROFILE_DIR) / ("".join(c if c.isalnum() else "_" for c in name)[:60] + ".txt")
@@ -355,9 +355,13 @@ def run_target(name: str, command_config: str | None, bodies, spans: int, logs: 
                   "faults_per_item": (faults1 - faults0) / items,
                   "items_per_s": items / (t1 - t0), "peak_rss_mb": peak_rss_mb(pid),
                   "delivered_spans": got_spans, "delivered_logs": got_logs, "refusals": refused}
+    except BaseException:
+        print(f"  {name}: failed; its directory (sidecar.log, storage) is kept: {workdir}", flush=True)
+        raise
     finally:
         stop()
         backend.stop()
+    shutil.rmtree(workdir, ignore_errors=True)  # a default run leaves ~100 MB of log segments and audit store
     return result
 
 
@@ -378,7 +382,8 @@ def sustained(rate_spans: int, rate_logs: int, seconds: int, pipeline: str = "re
     else:
         cfg = sidecar_config(port, backend_port, ["span_metrics", "tail_sampling", "queue_batch"], "10s",
                              metrics_port)
-    sc = SidecarProcess(cfg, workdir=Path(tempfile.mkdtemp(prefix="bench-sustain-")), env=SIDECAR_ENV).start()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-sustain-"))
+    sc = SidecarProcess(cfg, workdir=workdir, env=SIDECAR_ENV).start()
     ps = psutil.Process(sc.pid)
     items_per_body = (spans + logs) / len(bodies)
     try:
@@ -389,9 +394,13 @@ def sustained(rate_spans: int, rate_logs: int, seconds: int, pipeline: str = "re
         elapsed = time.monotonic() - t0
         cpu1 = ps.cpu_times()
         rss = peak_rss_mb(sc.pid)
+    except BaseException:
+        print(f"  sustained run failed; its directory (sidecar.log, storage) is kept: {workdir}", flush=True)
+        raise
     finally:
         sc.terminate(60)
         backend.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
     return {"scenario": f"sustained {rate_spans} spans/s + {rate_logs} logs/s, {pipeline} pipeline, "
                         f"pii {pii:g}, decision_wait 10s",
             "offered_items_per_s": (spans + logs) / elapsed, "target_items_per_s": rate_spans + rate_logs,
