@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from counting_backend import CountingBackend  # noqa: E402
 from workload import SPANS_PER_TRACE, logs_request, trace_ids_of, trace_request  # noqa: E402
 
+from sidecar.audit.store import SEAL_ROWS  # noqa: E402
 from sidecar.testing import SidecarProcess, free_port  # noqa: E402
 
 TRACES_PER_REQUEST = 128
@@ -234,19 +235,28 @@ def page_faults(pid: int) -> int:
     return int(fields[7])
 
 
-def wait_for_audit_records(workdir: Path, timeout: float = 120.0) -> None:
-    """Until the sidecar made the records of everything its audit exporter journaled (no audit store: at once)."""
+def wait_for_audit_records(workdir: Path, timeout: float = 120.0) -> int | None:
+    """Until the sidecar made the records of everything its audit exporter journaled and sealed the partition
+    they filled, if any; how many partitions it sealed (None: no audit store).
+
+    A seal (every ``SEAL_ROWS`` records: the partition's indexes built) follows the commit that filled the
+    partition, so the journal may already be empty while it runs: a partition holding ``SEAL_ROWS`` rows is
+    waited for too, or the run's CPU would miss part of a seal."""
     import sqlite3
 
     store = next(workdir.rglob("audit.db"), None)
     if store is None:
-        return
+        return None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         db = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=10)
         try:
-            if db.execute("SELECT count(*) FROM audit_journal WHERE error IS NULL").fetchone()[0] == 0:
-                return
+            waiting = db.execute("SELECT count(*) FROM audit_journal WHERE error IS NULL").fetchone()[0]
+            full, sealed = db.execute("SELECT count(*) FILTER (WHERE sealed = 0 AND rows >= ?), "
+                                      "count(*) FILTER (WHERE sealed = 1 AND rows > 0) FROM audit_partitions",
+                                      (SEAL_ROWS,)).fetchone()
+            if not waiting and not full:
+                return sealed
         finally:
             db.close()
         time.sleep(0.05)
@@ -337,7 +347,7 @@ def run_target(name: str, command_config: str | None, bodies, spans: int, logs: 
             deadline = time.monotonic() + 120
             while backend.counts() != (base_spans + spans, base_logs + logs) and time.monotonic() < deadline:
                 time.sleep(0.01)
-        wait_for_audit_records(workdir)
+        seals = wait_for_audit_records(workdir)
         t1 = time.monotonic()
         cpu1, switches1, faults1 = ps.cpu_times(), context_switches(pid), page_faults(pid)
         threads1 = thread_cpu(metrics_port) if command_config is not None else {}
@@ -348,7 +358,7 @@ def run_target(name: str, command_config: str | None, bodies, spans: int, logs: 
         cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
         items = spans + logs
         by_thread = {t: round((v - threads0.get(t, 0.0)) / items * 1e6, 2) for t, v in threads1.items()}
-        result = {"scenario": name, "items": items, "cpu_s": cpu, "cpu_us_per_item": cpu / items * 1e6,
+        result = {"scenario": name, "items": items, "cpu_s": cpu, "audit_seals": seals, "cpu_us_per_item": cpu / items * 1e6,
                   "thread_us_per_item": {t: v for t, v in sorted(by_thread.items(), key=lambda kv: -kv[1]) if v},
                   "sys_us_per_item": (cpu1.system - cpu0.system) / items * 1e6,
                   "switches_per_item": (switches1 - switches0) / items,
@@ -447,6 +457,13 @@ def run_density(args, pii: float, decision_wait_s: float) -> list[dict]:
               f"{floors[-1]['switches_per_item']:.2f}, {floors[-1]['faults_per_item']:.3f})", flush=True)
         if r["thread_us_per_item"]:  # where it went: the sidecar's sidecar_thread_cpu_seconds_total
             print("    by thread, µs/item: " + ", ".join(f"{t} {v:.2f}" for t, v in r["thread_us_per_item"].items()),
+                  flush=True)
+        if r["audit_seals"] == 0:  # a sidecar that runs for hours seals a partition every SEAL_ROWS records
+            print(f"    audit store: no partition sealed (one every {SEAL_ROWS} records, about "
+                  f"{-(-SEAL_ROWS // TRACES_PER_REQUEST)} requests of this load): the figure leaves out the "
+                  f"seal a long-running sidecar pays", flush=True)
+        elif r["audit_seals"]:
+            print(f"    audit store: {r['audit_seals']} partition(s) of {SEAL_ROWS} records sealed in the run",
                   flush=True)
     first = dict(floors[0])
     first["floor_us_per_item"] = first["cpu_us_per_item"]
