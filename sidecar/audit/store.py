@@ -773,13 +773,14 @@ class SQLiteStore(AuditStore):
     whatever the store holds; a time index on it cost 40% more per record, and a read scans at most
     ``seal_rows`` unindexed rows). When the active partition holds
     ``seal_rows`` records it is *sealed* in its own transaction: duplicates removed (the first written per
-    (trace_id, span_id) stays; so does a row already in a sealed partition whose time range covers it: a
-    retried export straddling a seal), the fragments and kept marks waiting for its records folded in,
-    then the indexes built (time, unique (trace_id, span_id), request_id, (model_version, time)); a new active
-    partition starts. Sealing 100 000 records holds the write lock about half a second (0.35-0.85 s on a
-    shared 2-core machine: ``benchmarks/audit_bench.py --stages-only --prefill 1000000``): writers arriving
-    meanwhile wait for it, as for any long transaction (``busy_timeout``), and the one whose write crossed
-    the size returns after it.
+    (trace_id, span_id) stays, checked by building the unique index on them; so does a row already in a
+    sealed partition whose time range covers it: a retried export straddling a seal), the fragments and
+    kept marks waiting for its records folded in, the indexes built (unique (trace_id, span_id), time,
+    request_id, (model_version, time)); a new active partition starts. Sealing 100 000 records costs about
+    0.28 s of CPU and holds the write lock as long or longer on a busy machine
+    (``benchmarks/audit_bench.py --stages-only --prefill 1000000``): writers arriving meanwhile wait for it,
+    as for any long transaction (``busy_timeout``), and the one whose write crossed the size returns after
+    it.
     ``audit_partitions`` catalogs the partitions (number, sealed, rows, time range).
 
     The write path reads only the catalog: a record is appended as it came. Fragments and kept marks stay in
