@@ -360,13 +360,14 @@ def run_target(name: str, command_config: str | None, bodies, spans: int, logs: 
         cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
         items = spans + logs
         by_thread = {t: round((v - threads0.get(t, 0.0)) / items * 1e6, 2) for t, v in threads1.items()}
-        result = {"scenario": name, "items": items, "cpu_s": cpu, "audit_seals": seals, "cpu_us_per_item": cpu / items * 1e6,
+        result = {"scenario": name, "items": items, "cpu_s": cpu, "cpu_us_per_item": cpu / items * 1e6,
                   "thread_us_per_item": {t: v for t, v in sorted(by_thread.items(), key=lambda kv: -kv[1]) if v},
                   "sys_us_per_item": (cpu1.system - cpu0.system) / items * 1e6,
                   "switches_per_item": (switches1 - switches0) / items,
                   "faults_per_item": (faults1 - faults0) / items,
                   "items_per_s": items / (t1 - t0), "peak_rss_mb": peak_rss_mb(pid),
-                  "delivered_spans": got_spans, "delivered_logs": got_logs, "refusals": refused}
+                  "delivered_spans": got_spans, "delivered_logs": got_logs, "refusals": refused,
+                  "audit_seals": seals}
     except BaseException:
         print(f"  {name}: failed; its directory (sidecar.log, storage) is kept: {workdir}", flush=True)
         raise
