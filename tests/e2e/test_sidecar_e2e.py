@@ -100,6 +100,7 @@ def span_key(span) -> tuple:
     return (span.trace_id.hex() if isinstance(span.trace_id, bytes) else f"{span.trace_id:032x}",)
 
 
+@pytest.mark.filterwarnings("ignore:.*LoggingHandler.*:DeprecationWarning")  # the SDK's own handler, as users have it
 def test_sdk_grpc_and_http_traces_logs_metrics_arrive_intact(ports, backend):
     with SidecarProcess(forward_config(ports, backend.endpoint)) as sc:
         provider, memory = sdk_tracer(f"127.0.0.1:{ports.grpc}")
