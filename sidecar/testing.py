@@ -274,7 +274,9 @@ class SidecarProcess:
     """``python -m sidecar --config FILE`` as a real child process."""
 
     def __init__(self, config_yaml: str, *, workdir: str | os.PathLike | None = None, env: dict | None = None):
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="sidecar-test-"))
+        # without a ``workdir``: a temporary one, removed with this object (its log stays readable until then)
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="sidecar-test-", ignore_cleanup_errors=True)
+        self.workdir = Path(workdir or self._tmp.name)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.workdir / "config.yaml"
         self.config_path.write_text(config_yaml)
