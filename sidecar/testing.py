@@ -274,9 +274,11 @@ class SidecarProcess:
     """``python -m sidecar --config FILE`` as a real child process."""
 
     def __init__(self, config_yaml: str, *, workdir: str | os.PathLike | None = None, env: dict | None = None):
-        # without a ``workdir``: a temporary one, removed with this object (its log stays readable until then)
-        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="sidecar-test-", ignore_cleanup_errors=True)
-        self.workdir = Path(workdir or self._tmp.name)
+        self._tmp = None
+        if not workdir:  # a temporary one, removed with this object (its log stays readable until then)
+            self._tmp = tempfile.TemporaryDirectory(prefix="sidecar-test-", ignore_cleanup_errors=True)
+            workdir = self._tmp.name
+        self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.workdir / "config.yaml"
         self.config_path.write_text(config_yaml)

@@ -980,11 +980,12 @@ class SQLiteStore(AuditStore):
         # duplicates (a retried export this store's recent keys did not recognize): the first written stays. The
         # unique index refuses to be built over one, so building it is the check; only then are they removed (a
         # sort of the whole partition: a third of the seal's CPU, paid on every seal while it ran first)
+        unique = f"CREATE UNIQUE INDEX {t}_trace ON {t} (trace_id, span_id)"
         try:
-            cur.execute(f"CREATE UNIQUE INDEX {t}_trace ON {t} (trace_id, span_id)")
+            cur.execute(unique)
         except sqlite3.IntegrityError:
             cur.execute(f"DELETE FROM {t} WHERE rowid NOT IN (SELECT min(rowid) FROM {t} GROUP BY trace_id, span_id)")
-            cur.execute(f"CREATE UNIQUE INDEX {t}_trace ON {t} (trace_id, span_id)")
+            cur.execute(unique)
         # and what a sealed partition already holds (a retried export straddling a seal)
         for p in sealed:
             if p.overlaps(active.min_time, active.max_time):
