@@ -11,6 +11,12 @@ forever. An :class:`Outbox` does that once for both:
   permanent refusal drops it, counted with the refusal's reason.
 - :meth:`drain` flushes until empty or the shutdown deadline, then counts what is left
   dropped (``shutdown``).
+- With ``coalesce``, a delivery takes the head together with the held envelopes of its signal
+  (up to ``coalesce_items`` items) as one: what piled up while the next stage was busy goes
+  on as one request, not one per producer (tail sampling's decisions forced by a full buffer
+  come one small output per received request; each was a persistent-queue file and an export).
+  While the next stage refuses, nothing merges: the backlog stays as it came, so what ``max_items``
+  drops is the oldest envelopes, not a large merge of them.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import collections
 import logging
 import threading
 import time
+from itertools import islice
 from typing import Callable
 
 from sidecar.component import Consumer, Refused
@@ -30,8 +37,15 @@ log = logging.getLogger(__name__)
 
 class Outbox:
     def __init__(self, next_consumer: Consumer, telemetry: ComponentTelemetry, *, max_items: int,
-                 min_retry_delay: float = 0.0, clock: Callable[[], float] = time.monotonic, name: str = ""):
+                 min_retry_delay: float = 0.0, clock: Callable[[], float] = time.monotonic, name: str = "",
+                 coalesce: Callable[[list[Envelope]], Envelope] | None = None, coalesce_items: int = 0):
         self._next = next_consumer
+        #: merges a run of held same-signal envelopes into one (None: each is delivered as it came)
+        self._coalesce = coalesce
+        self._coalesce_items = coalesce_items
+        #: the last delivery was refused for now: nothing merges into the head until one is accepted, so a
+        #: backlog past ``max_items`` loses its oldest envelopes as they came, not a merge of many
+        self._refused = False
         self._tel = telemetry
         self.max_items = max_items
         self._min_retry = min_retry_delay
@@ -84,10 +98,14 @@ class Outbox:
                         return True
                     if self._clock() < self.retry_at:
                         return False
-                    env = self._in_flight = self._held[0]
+                    env = self._held[0]
+                    if self._coalesce is not None and not self._refused and len(self._held) > 1:
+                        env = self._coalesced_head()
+                    self._in_flight = env
                 done = self._deliver(env)
                 with self._lock:
                     self._in_flight = None
+                    self._refused = not done
                     if not done:
                         return False
                     if self._held and self._held[0] is env:
@@ -95,6 +113,30 @@ class Outbox:
                         self.items -= env.items
         finally:
             self._send_lock.release()
+
+    def _coalesced_head(self) -> Envelope:
+        """Replace the head and the held envelopes of its signal (at most ``coalesce_items`` items in all, in
+        order) by their merge, at the head; returns it. Other signals keep their order among themselves (they go
+        to other pipelines). Call with the lock held: :meth:`put` sees one envelope."""
+        held = self._held
+        head = held[0]
+        run, n, rest = [head], head.items, []
+        taking = True  # until one of the head's signal stays: the later ones stay behind it
+        for env in islice(held, 1, None):
+            if taking and env.signal is head.signal:
+                if env.commitments is None and n + env.items <= self._coalesce_items:
+                    run.append(env)
+                    n += env.items
+                    continue
+                taking = False
+            rest.append(env)
+        if len(run) == 1:
+            return head
+        merged = self._coalesce(run)
+        held.clear()
+        held.append(merged)
+        held.extend(rest)
+        return merged
 
     def _deliver(self, env: Envelope) -> bool:
         """One delivery. False: refused for now (kept at the head); True: done with it (sent or dropped)."""

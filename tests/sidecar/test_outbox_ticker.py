@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from sidecar.component import Refused
@@ -85,6 +86,42 @@ def test_drain_counts_what_is_left_at_the_deadline():
     box.put(env("a", spans=3))
     box.drain(time.monotonic())
     assert box.items == 0 and tel.value("dropped", Signal.TRACES, "shutdown", "false") == 3
+
+
+def log_env(body: str) -> Envelope:
+    req = ExportLogsServiceRequest()
+    req.resource_logs.add().scope_logs.add().log_records.add().body.string_value = body
+    return Envelope(Signal.LOGS, req)
+
+
+def test_what_waits_together_goes_on_as_one_request_per_signal_in_order():
+    box, sink, _, _ = make(max_items=100, coalesce=Envelope.merge, coalesce_items=5)
+    for e in (env("a", 2), log_env("x"), env("b"), env("c", 2), log_env("y"), env("d", 2)):
+        box.put(e)
+    assert box.items == 9
+    assert box.flush() and box.items == 0
+    # a, b and c fit in 5 spans; d waits for the next request (it would exceed it), after them
+    assert [r.items for r in sink.envelopes] == [5, 2, 2]
+    assert [e.signal for e in sink.envelopes] == [Signal.TRACES, Signal.LOGS, Signal.TRACES]
+    assert names(sink) == ["a.0", "a.1", "b.0", "c.0", "c.1", "d.0", "d.1"]
+    assert [lr.body.string_value for r in sink.of(Signal.LOGS) for rl in r.resource_logs for sl in rl.scope_logs
+            for lr in sl.log_records] == ["x", "y"]
+
+
+def test_while_the_next_stage_refuses_nothing_merges_so_overflow_drops_the_oldest_as_they_came():
+    box, sink, clock, tel = make(max_items=4, coalesce=Envelope.merge, coalesce_items=100)
+    sink.refuse = Refused("queue_full")
+    box.put(env("a"))
+    assert not box.flush()  # refused: it waits at the head
+    for name in "bcde":
+        box.put(env(name))
+        assert not box.flush()
+    # a was the oldest: dropped alone when e came (a merge of a, b, c, d would have gone whole)
+    assert box.items == 4 and tel.value("dropped", Signal.TRACES, "downstream_refused", "false") == 1
+    sink.refuse = None
+    assert box.flush()
+    # the first delivery after the refusal is the head alone; then what waits goes on merged
+    assert names(sink) == ["b.0", "c.0", "d.0", "e.0"] and [r.items for r in sink.envelopes] == [1, 3]
 
 
 def test_ticker_runs_its_work_survives_errors_and_stops():

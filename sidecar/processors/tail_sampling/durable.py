@@ -300,6 +300,28 @@ class DurableBuffer:
                 env.segment = wal.pin(getattr(self._here, "segment", None))
         return env
 
+    def merge(self, envelopes: list[Envelope]) -> Envelope:
+        """Decided outputs waiting together, as one (the outbox coalesces them): it pins the oldest segment
+        among theirs, which keeps every newer one, so the other pins are dropped now (deleting nothing)."""
+        merged = PinnedEnvelope(envelopes[0].signal, encoded=b"".join([e.encoded for e in envelopes]),
+                                items=sum(e.items for e in envelopes))
+        merged.segment = -1
+        counts: dict[int, int] = {}
+        for e in envelopes:
+            seg = getattr(e, "segment", -1)
+            if seg < 0:
+                continue
+            e.segment = -1
+            if merged.segment < 0 or seg < merged.segment:
+                if merged.segment >= 0:
+                    counts[merged.segment] = counts.get(merged.segment, 0) + 1
+                merged.segment = seg
+            else:
+                counts[seg] = counts.get(seg, 0) + 1
+        if counts:
+            self._wal.unpin_many(counts)
+        return merged
+
     def releasing(self, next_consumer):
         """The next stage, as the output sees it: an accepted (or for good refused) output drops its pin."""
         return _Releasing(next_consumer, self) if self.enabled else next_consumer

@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 
 
 SAMPLED, NOT_SAMPLED, DROPPED = "sampled", "not_sampled", "dropped"
+#: the most items of decided output the outbox merges into one request (the shipped persistent queue batches to
+#: as many before an export)
+COALESCE_ITEMS = 8192
 
 
 def _matched(checks: list, slots: list[int], hits: tuple, res_matched: int) -> int:
@@ -111,9 +114,11 @@ class TailSamplingProcessor(Component):
         self._always_keep_severity = sev if sev > 0 else 1 << 30
         self._traceless_fraction = cfg.logs.without_trace_sampling_percentage / 100.0
         # decided output waiting for the next stage, in order (the limits are ``output`` in the config)
-        # (with the log on, an output accepted downstream releases its pin: durable.py)
+        # (with the log on, an output accepted downstream releases its pin: durable.py); what waits for a tick
+        # goes on as one request per signal (see _enqueue)
         self._outbox = Outbox(self._durable.releasing(next_consumer), settings.telemetry,
-                              max_items=cfg.output.max_items, clock=clock, name=str(settings.id))
+                              max_items=cfg.output.max_items, clock=clock, name=str(settings.id),
+                              coalesce=self._durable.merge, coalesce_items=COALESCE_ITEMS)
         self._backpressure_items = cfg.output.backpressure_items
 
         cid = str(settings.id)
@@ -371,14 +376,6 @@ class TailSamplingProcessor(Component):
             if n_late_kept:
                 self._late[(Signal.TRACES, SAMPLED)].inc(n_late_kept)
             self._enqueue(out)
-            self._deliver_soon()
-
-    def _deliver_soon(self) -> None:
-        """Hand on what a request left in the outbox, unless another thread is delivering: that thread
-        takes it along (it delivers until the outbox is empty) or the next tick does (at most
-        ``tick_interval`` later). The receiver's acknowledgement never waits for another request's
-        delivery, which may be waiting on a persistent queue's fsync."""
-        self._outbox.flush(blocking=False)
 
     def _finish_logs(self, envelope: Envelope, direct: bool, late_kept: int, late_dropped: int,
                      traceless_dropped: int, early: list | None, immediate: list[tuple]) -> None:
@@ -404,7 +401,6 @@ class TailSamplingProcessor(Component):
             for rhead, shead, blobs in immediate:
                 out.add(rhead, shead, blobs)
             self._enqueue(out)
-            self._deliver_soon()
 
     # --- deciding ---------------------------------------------------------------------------------
 
@@ -507,13 +503,19 @@ class TailSamplingProcessor(Component):
         a crash the replay of a large log would do so for traces the policies keep."""
         self._early.inc(len(decided))
         self._emit_decided(decided)
-        self._deliver_soon()
 
     # --- delivering -------------------------------------------------------------------------------
 
     def _enqueue(self, out: Output, traces: list[Trace] | None = None) -> None:
         """Hold ``out`` for the next stage; with the log on, it pins the log until accepted (``traces``:
-        the decided traces it carries; None: output of the request being sorted)."""
+        the decided traces it carries; None: output of the request being sorted).
+
+        The ticker hands it on (within ``tick_interval``), merged with what else waits: one request
+        downstream per tick rather than one per received request. A full buffer makes every request
+        decide some traces early, and delivering each small output at once from the receiver cost a
+        persistent-queue file, its fsync and an export per request: 45% more CPU per item
+        (docs/benchmarks.md, sixteenth round). No acknowledgement waits for a delivery; beyond
+        ``backpressure_items`` waiting, :meth:`_admit` delivers first and refuses what still does not fit."""
         if self._durable.enabled:
             self._outbox.put(self._durable.envelope(out.signal, out.encoded(), out.n, traces))
         else:  # as bytes: the next stages work on the encoding (parsed only by one that reads the message)

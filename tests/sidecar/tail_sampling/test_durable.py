@@ -148,6 +148,7 @@ def test_a_full_buffer_decides_early_and_a_replay_bigger_than_the_buffer_loses_n
     proc.consume(Envelope(Signal.TRACES, traces_request(*[span(t, attrs=pad, root=i in (1, 2))
                                                           for i, t in enumerate(new)])))  # a new segment
     assert proc.buffered_traces == 3 and early(tel) == 3
+    proc.tick()  # hands on what the sort decided early
     assert sorted(s.trace_id for s in kept_spans(sink)) == sorted(old + new[:1])
     assert len(segments(tmp_path)) == 1, "the first segment is deleted once its traces were handed on"
     proc.tick(clock.advance(1.5))
@@ -159,6 +160,35 @@ def test_a_full_buffer_decides_early_and_a_replay_bigger_than_the_buffer_loses_n
     assert recovered(tel2, Signal.TRACES) == 4 and proc2.buffered_traces == 3 and early(tel2) == 1
     proc2.tick(clock2.advance(10.5))
     assert sorted(s.trace_id for s in kept_spans(sink2)) == sorted(new)
+    assert segments(tmp_path) == [], "every pin given back once: the log empties"
+    proc2.shutdown(time.monotonic() + 5)
+
+
+def test_output_merged_across_segments_pins_the_oldest_and_the_log_empties_once_it_is_delivered(tmp_path):
+    """A full buffer decides early on every request, each request in a new segment; the outputs waiting for
+    the tick are merged into one request, which keeps the oldest of their segments (and so every newer one)
+    until the next stage took it. A crash before that loses nothing; after it the log empties."""
+    pad = {"pad": "x" * 3000}
+    proc, sink, clock, tel = durable(tmp_path, num_traces=2, wal={"segment_bytes": 4096})
+    sent = [tid() for _ in range(8)]
+    for t in sent:  # each request a segment of its own; from the third on, each pushes the oldest trace out
+        proc.consume(Envelope(Signal.TRACES, traces_request(span(t, attrs=pad))))
+    assert early(tel) == 6 and sink.envelopes == []
+    before = segments(tmp_path)
+    assert len(before) == 8
+    sink.refuse = Refused("queue_full")
+    proc.tick()  # merged into one, refused: it waits, pinning the oldest segment
+    assert sink.calls == 1 and proc.pending_output_items == 6
+    assert segments(tmp_path) == before, "the merged output keeps the oldest segment and every newer one"
+    crash(proc)
+
+    proc2, sink2, clock2, tel2 = durable(tmp_path, num_traces=2, wal={"segment_bytes": 4096})
+    assert recovered(tel2, Signal.TRACES) == 8
+    proc2.tick()
+    assert [e.items for e in sink2.envelopes] == [6], "what the replay decided early goes on as one request"
+    assert segments(tmp_path) == before[-2:], "taken: its pin and the merged ones' are given back, but the waiting two"
+    proc2.tick(clock2.advance(10.5))
+    assert sorted(s.trace_id for s in kept_spans(sink2)) == sorted(sent)
     assert segments(tmp_path) == [], "every pin given back once: the log empties"
     proc2.shutdown(time.monotonic() + 5)
 

@@ -100,7 +100,8 @@ def test_logs_follow_their_trace_and_error_logs_are_always_kept():
     proc.consume(Envelope(Signal.TRACES, traces_request(span(kept, root=True, error=True), span(dropped, root=True))))
     proc.consume(Envelope(Signal.LOGS, logs_request((kept, 9, "kept info"), (dropped, 9, "dropped info"),
                                            (dropped, 17, "dropped but ERROR"), (b"", 9, "no trace"))))
-    # ERROR and trace-less records go out at once; the others wait for their trace
+    # ERROR and trace-less records go out at the next tick; the others wait for their trace
+    proc.tick()
     assert sorted(r.body.string_value for r in kept_logs(sink)) == ["dropped but ERROR", "no trace"]
     proc.tick(clock.advance(1))
     assert sorted(r.body.string_value for r in kept_logs(sink)) == ["dropped but ERROR", "kept info", "no trace"]
@@ -120,6 +121,7 @@ def test_logs_without_trace_can_be_sampled():
     proc, sink, _, tel = make(ERRORS_ONLY, rng=lambda: next(draws),
                               logs={"without_trace_sampling_percentage": 50})
     proc.consume(Envelope(Signal.LOGS, logs_request(*[(b"", 9, str(i)) for i in range(4)])))
+    proc.tick()
     assert [r.body.string_value for r in kept_logs(sink)] == ["0", "2"]
     assert tel.value("dropped", Signal.LOGS, "sampled_out", "true") == 2
 
@@ -141,7 +143,8 @@ def test_late_spans_and_logs_follow_the_cached_decision():
     clock.advance(30)
     proc.consume(Envelope(Signal.TRACES, traces_request(span(kept), span(dropped))))
     proc.consume(Envelope(Signal.LOGS, logs_request((kept, 9, "late kept"), (dropped, 9, "late dropped"))))
-    # forwarded immediately, without waiting for another tick
+    # forwarded at the next tick, without waiting for a decision
+    proc.tick()
     late = kept_spans(sink)[1:]
     assert [s.trace_id for s in late] == [kept]
     assert attr(late[0], "sampling.policy") == "errors" and late[0].trace_state == "ot=th:0"
@@ -170,6 +173,7 @@ def test_flood_of_never_ending_traces_is_bounded_by_num_traces_and_decided_early
         proc.consume(Envelope(Signal.LOGS, logs_request((tid(), 9, "x"))))
         clock.advance(0.001)
         assert proc.buffered_traces <= 100
+    proc.tick()
     assert kept_trace_ids(sink) == {failing}
     assert [r.body.string_value for r in kept_logs(sink)] == ["why it failed"]
     assert early(tel) == 5101 - 100
@@ -177,6 +181,24 @@ def test_flood_of_never_ending_traces_is_bounded_by_num_traces_and_decided_early
     sampled_out = (tel.value("dropped", Signal.TRACES, "sampled_out", "true")
                    + tel.value("dropped", Signal.LOGS, "sampled_out", "true"))
     assert sampled_out == 5100 - 100
+
+
+def test_a_full_buffer_hands_on_what_it_decided_early_as_one_request_per_tick():
+    """Every request of a flood pushes traces out of a full buffer, decided on arrival: the receiver leaves
+    their output for the ticker, which hands it on merged (one downstream request, not one per request)."""
+    proc, sink, clock, tel = make(num_traces=10)
+    sent = []
+    for _ in range(20):
+        ids = [tid() for _ in range(10)]
+        sent += ids
+        proc.consume(Envelope(Signal.TRACES, traces_request(*[span(t) for t in ids])))
+        proc.consume(Envelope(Signal.LOGS, logs_request(*[(t, 9, "x") for t in ids])))
+    assert early(tel) == 190 and sink.envelopes == []  # nothing delivered from the receivers' threads
+    proc.tick()
+    assert [(e.signal, e.items) for e in sink.envelopes] == [(Signal.TRACES, 190), (Signal.LOGS, 190)]
+    assert kept_trace_ids(sink) == set(sent[:190])
+    proc.tick(clock.advance(10))
+    assert kept_trace_ids(sink) == set(sent) and len(sink.envelopes) == 4
 
 
 def test_flood_is_bounded_by_bytes():
@@ -245,6 +267,7 @@ def test_ticker_thread_decides_in_production():
 def test_span_without_trace_id_passes_through():
     proc, sink, _, _ = make(ERRORS_ONLY)
     proc.consume(Envelope(Signal.TRACES, traces_request(span(b""))))
+    proc.tick()
     assert len(kept_spans(sink)) == 1
 
 
