@@ -15,8 +15,8 @@ forever. An :class:`Outbox` does that once for both:
   (up to ``coalesce_items`` items) as one: what piled up while the next stage was busy goes
   on as one request, not one per producer (tail sampling's decisions forced by a full buffer
   come one small output per received request; each was a persistent-queue file and an export).
-  While the next stage refuses, nothing merges: the backlog stays as it came, so what ``max_items``
-  drops is the oldest envelopes, not a large merge of them.
+  While the next stage refuses, nothing more merges: the backlog stays as it came, so what
+  ``max_items`` drops is the oldest envelopes, not a large merge of them.
 """
 
 from __future__ import annotations

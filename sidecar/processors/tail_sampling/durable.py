@@ -28,6 +28,7 @@ Replay can deliver a kept trace a second time (at least once); it never loses on
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 from typing import Callable
@@ -305,21 +306,16 @@ class DurableBuffer:
         among theirs, which keeps every newer one, so the other pins are dropped now (deleting nothing)."""
         merged = PinnedEnvelope(envelopes[0].signal, encoded=b"".join([e.encoded for e in envelopes]),
                                 items=sum(e.items for e in envelopes))
-        merged.segment = -1
-        counts: dict[int, int] = {}
+        segs = []
         for e in envelopes:
             seg = getattr(e, "segment", -1)
-            if seg < 0:
-                continue
-            e.segment = -1
-            if merged.segment < 0 or seg < merged.segment:
-                if merged.segment >= 0:
-                    counts[merged.segment] = counts.get(merged.segment, 0) + 1
-                merged.segment = seg
-            else:
-                counts[seg] = counts.get(seg, 0) + 1
-        if counts:
-            self._wal.unpin_many(counts)
+            if seg >= 0:
+                segs.append(seg)
+                e.segment = -1
+        merged.segment = min(segs, default=-1)
+        if len(segs) > 1:
+            segs.remove(merged.segment)
+            self._wal.unpin_many(collections.Counter(segs))
         return merged
 
     def releasing(self, next_consumer):
