@@ -38,8 +38,12 @@ log = logging.getLogger(__name__)
 class Outbox:
     def __init__(self, next_consumer: Consumer, telemetry: ComponentTelemetry, *, max_items: int,
                  min_retry_delay: float = 0.0, clock: Callable[[], float] = time.monotonic, name: str = "",
-                 coalesce: Callable[[list[Envelope]], Envelope] | None = None, coalesce_items: int = 0):
+                 coalesce: Callable[[list[Envelope]], Envelope] | None = None, coalesce_items: int = 0,
+                 release: Callable[[Envelope], None] | None = None):
         self._next = next_consumer
+        #: called with each envelope dropped past ``max_items``: what it held for its data goes with it (tail
+        #: sampling's log pin; kept, the pin would hold its segment and every newer one on disk for good)
+        self._release = release
         #: merges a run of held same-signal envelopes into one (None: each is delivered as it came)
         self._coalesce = coalesce
         self._coalesce_items = coalesce_items
@@ -79,6 +83,8 @@ class Outbox:
                 dropped.append(old)
         for env in dropped:
             self._tel.dropped(env.signal, env.items, "downstream_refused")
+            if self._release is not None:
+                self._release(env)
         if dropped:
             log.warning("%s: output held over %d items; dropped the oldest %d requests", self._name,
                         self.max_items, len(dropped))

@@ -323,6 +323,8 @@ class DurableBuffer:
         return _Releasing(next_consumer, self) if self.enabled else next_consumer
 
     def delivered(self, env: Envelope) -> None:
+        """The next stage took ``env``, or it was given up (refused for good, dropped past ``output.max_items``:
+        counted as lost either way): its pin goes."""
         seg = getattr(env, "segment", -1)
         wal = self._wal
         if seg >= 0 and wal is not None:

@@ -118,7 +118,8 @@ class TailSamplingProcessor(Component):
         # goes on as one request per signal (see _enqueue)
         self._outbox = Outbox(self._durable.releasing(next_consumer), settings.telemetry,
                               max_items=cfg.output.max_items, clock=clock, name=str(settings.id),
-                              coalesce=self._durable.merge, coalesce_items=COALESCE_ITEMS)
+                              coalesce=self._durable.merge, coalesce_items=COALESCE_ITEMS,
+                              release=self._durable.delivered)
         self._backpressure_items = cfg.output.backpressure_items
 
         cid = str(settings.id)

@@ -193,6 +193,24 @@ def test_output_merged_across_segments_pins_the_oldest_and_the_log_empties_once_
     proc2.shutdown(time.monotonic() + 5)
 
 
+def test_output_the_outbox_drops_gives_its_pin_back_so_the_log_still_empties(tmp_path):
+    """The next stage refuses long enough for decided output to pass ``output.max_items``: the oldest is
+    dropped and counted, and its pin goes with it. Were it kept, its segment and every newer one would stay
+    on disk (until ``wal.max_bytes`` refuses all new data) and a restart would deliver what was counted lost."""
+    proc, sink, clock, tel = durable(tmp_path, output={"backpressure_items": 2, "max_items": 2},
+                                     wal={"segment_bytes": 4096})
+    sink.refuse = Refused("queue_full")
+    for _ in range(4):  # four outputs of one trace each, each in a segment of its own
+        proc.consume(Envelope(Signal.TRACES, traces_request(span(tid(), root=True, attrs={"pad": "x" * 3000}))))
+        proc.tick(clock.advance(1.5))
+    assert tel.value("dropped", Signal.TRACES, "downstream_refused", "false") == 2
+    sink.refuse = None
+    proc.tick(clock.advance(1))
+    assert len(kept_spans(sink)) == 2 and proc.pending_output_items == 0
+    assert segments(tmp_path) == [], "every pin given back, the dropped outputs' too: the log empties"
+    proc.shutdown(time.monotonic() + 5)
+
+
 def test_a_trace_pins_the_older_segment_of_a_request_sorted_after_a_newer_one(tmp_path):
     """Two receiver threads log two requests of one trace in one order and sort them in the other: the trace,
     created by the newer request, must move its pin to the older segment, or that segment goes once its other
