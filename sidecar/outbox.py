@@ -30,6 +30,7 @@ from typing import Callable
 
 from sidecar.component import Consumer, Refused
 from sidecar.envelope import Envelope
+from sidecar.signals import Signal
 from sidecar.telemetry import ComponentTelemetry
 
 log = logging.getLogger(__name__)
@@ -161,13 +162,28 @@ class Outbox:
             self._tel.dropped(env.signal, env.items, "downstream_error")
         return True
 
-    def drain(self, deadline: float, wait: Callable[[float], object] = time.sleep) -> None:
-        """Flush until empty or the monotonic ``deadline``, then count the rest dropped (``shutdown``)."""
+    def drain(self, deadline: float, wait: Callable[[float], object] = time.sleep, *,
+              on_disk: bool = False) -> dict[Signal, int]:
+        """Flush until empty or the monotonic ``deadline``, then count the rest dropped (``shutdown``). With
+        ``on_disk`` (what the envelopes hold is on disk for the next start: tail sampling's log) the rest is
+        not lost: it is forgotten uncounted and returned, items per signal, for the shutdown report."""
         while not self.flush() and time.monotonic() < deadline:
             with self._lock:
                 self.retry_at = float("-inf")  # at shutdown, try again soon rather than honour long delays
             wait(min(0.05, max(0.0, deadline - time.monotonic())))
-        self.discard("shutdown")
+        if not on_disk:
+            self.discard("shutdown")
+            return {}
+        left: dict[Signal, int] = {}
+        with self._lock:
+            for env in self._held:
+                left[env.signal] = left.get(env.signal, 0) + env.items
+            self._held.clear()
+            self.items = 0
+        if left:
+            log.info("%s: %d items not handed on by the shutdown deadline stay on disk for the next start",
+                     self._name, sum(left.values()))
+        return left
 
     def discard(self, reason: str) -> int:
         """Count everything held as dropped with ``reason`` and forget it; returns the items."""

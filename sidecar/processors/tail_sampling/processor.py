@@ -148,6 +148,8 @@ class TailSamplingProcessor(Component):
         self.tick_interval = max(0.005, min(0.1, root_wait / 2 if root_wait else 0.1))
         self._ticker = Ticker(self.tick, self.tick_interval, name=f"tail_sampling[{cid}]")
         self._decisions = None  # the host's decision channel, from start()
+        #: per signal, decided items this run left in the log for the next start (the shutdown report reads it)
+        self.left_on_disk: dict[Signal, int] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -165,8 +167,10 @@ class TailSamplingProcessor(Component):
         with self._lock:
             decided = self._decide_all(self._buffer.drain(), now)
         self._emit_decided(decided)
-        self._outbox.drain(deadline)
-        self._durable.close()  # what was not handed on stays in the log for the next start
+        # with the log on, what the next stage did not take by the deadline keeps its pin: the log keeps it for
+        # the next start, and the shutdown report counts it on disk, not lost
+        self.left_on_disk = self._outbox.drain(deadline, on_disk=self._durable.enabled)
+        self._durable.close()
 
     # --- consuming --------------------------------------------------------------------------------
 

@@ -265,6 +265,29 @@ def test_graceful_shutdown_leaves_an_empty_log(tmp_path):
     assert len(kept_spans(sink)) == 5 and segments(tmp_path) == []
 
 
+def test_output_not_taken_by_the_shutdown_deadline_stays_in_the_log_counted_on_disk_not_lost(tmp_path):
+    """The next stage refuses through the shutdown: the decided output keeps its pin, the shutdown report counts
+    it on disk for the next start (not lost), and the next start hands it on."""
+    from sidecar.shutdown_report import build_report
+
+    proc, sink, clock, tel = durable(tmp_path)
+    ids = [tid() for _ in range(3)]
+    proc.consume(Envelope(Signal.TRACES, traces_request(*[span(t, root=True) for t in ids])))
+    sink.refuse = Refused("queue_full")
+    proc.shutdown(time.monotonic() + 0.2)
+    assert proc.left_on_disk == {Signal.TRACES: 3}
+    assert tel.value("dropped", Signal.TRACES, "shutdown", "false") == 0
+    report = build_report(tel.registry, {}, [proc])
+    assert report.signals[Signal.TRACES].on_disk == 3 and report.signals[Signal.TRACES].lost == 0
+
+    proc2, sink2, clock2, tel2 = durable(tmp_path)
+    assert recovered(tel2, Signal.TRACES) == 3
+    proc2.tick(clock2.advance(1.5))
+    assert sorted(s.trace_id for s in kept_spans(sink2)) == sorted(ids)
+    proc2.shutdown(time.monotonic() + 5)
+    assert proc2.left_on_disk == {} and segments(tmp_path) == []
+
+
 def test_a_full_log_refuses_with_a_retryable_code_until_decided_data_is_deleted(tmp_path):
     proc, sink, clock, tel = durable(tmp_path, wal={"max_bytes": 1 << 20, "segment_bytes": 64 << 10})
     big = {"payload": "x" * 20_000}
