@@ -74,6 +74,9 @@ COLUMNS = ("trace_id", "span_id", "time_unix_nano", "recorded_unix_nano", "servi
            "model_id", "model_version", "user_id", "intent", "tags", "latency_ms", "status", "error_code",
            "parameters", "input_payload", "output_payload", "trace_kept", "kept_policy")
 _COLUMN_LIST = ", ".join(COLUMNS)
+#: set from ``audit_kept`` (SQLite: by reads and the view; the last two columns)
+_MARK_COLUMNS = ("trace_kept", "kept_policy")
+assert COLUMNS[-2:] == _MARK_COLUMNS
 #: the record columns that may be NULL (all of them TEXT): see :func:`_insert`
 _NULLABLE = tuple(i for i, part in enumerate(_RECORD_COLUMNS.split(",")) if "NOT NULL" not in part)
 _NULLABLE_NAMES = tuple(COLUMNS[i] for i in _NULLABLE)
@@ -855,6 +858,10 @@ class SQLiteStore(AuditStore):
         # partition 2 with one, and stores written before 2026-12 kept one on every partition.
         active = cur.execute("SELECT max(number) FROM audit_partitions").fetchone()[0]
         cur.execute(f"DROP INDEX IF EXISTS audit_part_{active}_time")
+        # the view applies kept marks since 2026-12 (seals no longer fold them into rows)
+        view = cur.execute("SELECT sql FROM sqlite_master WHERE type = 'view' AND name = 'audit_records'").fetchone()
+        if view is None or "audit_kept" not in view[0]:
+            self._create_view(cur, self._catalog(cur))
 
     def size_bytes(self) -> int:
         with self._transaction(write=False) as cur:
@@ -878,13 +885,17 @@ class SQLiteStore(AuditStore):
 
     @staticmethod
     def _create_view(cur, parts: list[_Partition]) -> None:
-        """``audit_records``: every partition's rows, raw (recreated whenever partitions come or go)."""
+        """``audit_records``: every partition's rows as written, with the kept marks of ``audit_kept`` applied
+        (recreated whenever partitions come or go)."""
         arms = [f"SELECT {_COLUMN_LIST} FROM {p.table}" for p in parts]
         while len(arms) > _VIEW_ARMS:
             arms = [f"SELECT {_COLUMN_LIST} FROM (" + " UNION ALL ".join(arms[i:i + _VIEW_ARMS]) + ")"
                     for i in range(0, len(arms), _VIEW_ARMS)]
+        columns = ", ".join(f"r.{c}" for c in COLUMNS if c not in _MARK_COLUMNS)
         cur.execute("DROP VIEW IF EXISTS audit_records")
-        cur.execute("CREATE VIEW audit_records AS " + " UNION ALL ".join(arms))
+        cur.execute(f"CREATE VIEW audit_records AS SELECT {columns}, "
+                    "(r.trace_kept OR k.trace_id IS NOT NULL) AS trace_kept, coalesce(r.kept_policy, k.policy) AS "
+                    f"kept_policy FROM ({' UNION ALL '.join(arms)}) r LEFT JOIN audit_kept k ON k.trace_id = r.trace_id")
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -1001,9 +1012,9 @@ class SQLiteStore(AuditStore):
                 continue
             used = self._fold_fragments(cur, p.table)
             cur.executemany("DELETE FROM audit_fragments WHERE trace_id = ? AND span_id = ?", used)
-            # the previous partition: only the marks since its seal (60 s of clock slack)
-            self._fold_marks(cur, p.table, *(("1",) if p is active else
-                                             ("k.recorded_unix_nano >= ?", ((p.sealed_unix_nano or 0) - 60 * 10**9,))))
+        # kept marks stay in audit_kept, applied by every read and by the view. Folding them in rewrote every page
+        # of the partition (a tenth of the traces are kept, a dozen records a page): a third of the seal's CPU,
+        # and as many pages again through the WAL and the checkpoint (docs/benchmarks.md, sixteenth round)
         cur.execute(f"UPDATE audit_partitions SET sealed = 1, sealed_unix_nano = ?, "
                     f"(rows, min_time, max_time) = (SELECT count(*), min(time_unix_nano), max(time_unix_nano) "
                     f"FROM {t}) WHERE number = ?", (now, active.number))

@@ -272,8 +272,9 @@ def _by_request(store, q: Query | None = None) -> dict[str, AuditRecord]:
 
 def test_what_waited_for_a_record_is_read_with_it_and_in_its_row_after_the_seal(tmp_path):
     """A fragment and a kept mark that arrived before their record: every read applies them at once; the
-    active partition holds the record as written (no lookup per record), and its seal folds them in, so
-    ``SELECT ... FROM audit_records`` shows them from then on (docs/audit.md); in a batch with other records."""
+    active partition holds the record as written (no lookup per record). ``SELECT ... FROM audit_records``
+    shows the mark at once (the view applies ``audit_kept``) and the fragment once the seal folded it in
+    (docs/audit.md); in a batch with other records."""
     store = _sqlite(tmp_path / "audit.db")
     _write(store, fragments=(_frag(1, model_version="9.9"),))
     store.mark_kept({f"{1:032x}": "errors"})
@@ -283,7 +284,7 @@ def test_what_waited_for_a_record_is_read_with_it_and_in_its_row_after_the_seal(
              ("req-3", None, 0, None)]
     assert [(r.request_id, r.model_version, int(r.trace_kept), r.kept_policy)
             for r in store.query(Query())] == exact
-    assert _raw(store, raw)[1] == ("req-1", None, 0, None)  # as written
+    assert _raw(store, raw)[1] == ("req-1", None, 1, "errors")  # the mark at once, the fragment not yet
     assert store.seal(force=True)
     assert _raw(store, raw) == exact
     assert _raw(store, "SELECT count(*) FROM audit_fragments") == [(0,)]
@@ -315,8 +316,9 @@ def test_fragments_and_kept_marks_in_either_order_on_both_sides_of_a_seal(tmp_pa
     check([])
     _write(s, _rec(4))  # the fourth row: the write that reaches seal_rows seals the partition
     check([2])
-    # folded in for good: the raw rows say it, and the late fragment is gone
-    assert _raw(s, f"SELECT model_version, trace_kept, kept_policy FROM audit_part_2 WHERE trace_id = "
+    # the fragment folded in for good (the late fragment is gone), the mark applied by the view
+    assert _raw(s, f"SELECT model_version FROM audit_part_2 WHERE trace_id = '{_rec(2).trace_id}'") == [("9.2",)]
+    assert _raw(s, f"SELECT model_version, trace_kept, kept_policy FROM audit_records WHERE trace_id = "
                    f"'{_rec(2).trace_id}'") == [("9.2", 1, "baseline")]
     assert _raw(s, "SELECT count(*) FROM audit_fragments") == [(0,)]
     # after the seal: a fragment and a mark for a sealed record, and for records of the new active partition
@@ -329,7 +331,7 @@ def test_fragments_and_kept_marks_in_either_order_on_both_sides_of_a_seal(tmp_pa
     assert got["req-5"].model_id == "m5" and got["req-6"].kept_policy == "early"
     _write(s, _rec(7), _rec(8))  # seals partition 3; the late mark and fragment of req-4 fold into partition 2
     check([2, 3])
-    assert _raw(s, f"SELECT model_id, trace_kept FROM audit_part_2 WHERE trace_id = '{_rec(4).trace_id}'") == \
+    assert _raw(s, f"SELECT model_id, trace_kept FROM audit_records WHERE trace_id = '{_rec(4).trace_id}'") == \
         [("m4", 1)]
     assert s.count() == 8
     s.close()
@@ -428,6 +430,25 @@ def test_retention_drops_whole_partitions_and_cuts_the_one_that_straddles(tmp_pa
     assert next(r for r in got if r.request_id == "req-35").kept_policy == "p"
     _write(s, _rec(40, t=T0 + 300 * SECOND))  # still writable, into the active partition
     assert s.count() == 25 - deleted + 1
+    s.close()
+
+
+def test_a_seal_leaves_kept_marks_to_the_view_and_a_store_from_before_gets_that_view_at_open(tmp_path):
+    """A seal folds no kept mark into its rows (rewriting every page of the partition): ``audit_records``, the
+    view for ad-hoc SQL, applies ``audit_kept``. A store whose view predates that gets it when opened."""
+    path = tmp_path / "a.db"
+    s = _sqlite(path, seal_rows=2)
+    s.mark_kept({_rec(1).trace_id: "errors"})
+    _write(s, _rec(1), _rec(2))  # sealed
+    assert _raw(s, "SELECT trace_kept FROM audit_part_2 ORDER BY request_id") == [(0,), (0,)]
+    raw = "SELECT request_id, trace_kept, kept_policy FROM audit_records ORDER BY request_id"
+    assert _raw(s, raw) == [("req-1", 1, "errors"), ("req-2", 0, None)]
+    s.close()
+    with sqlite3.connect(path) as conn:  # the view as sidecars before 2026-12 made it: the partitions' rows
+        conn.execute("DROP VIEW audit_records")
+        conn.execute("CREATE VIEW audit_records AS SELECT * FROM audit_part_2 UNION ALL SELECT * FROM audit_part_3")
+    s = _sqlite(path, seal_rows=2)
+    assert _raw(s, raw) == [("req-1", 1, "errors"), ("req-2", 0, None)]
     s.close()
 
 
