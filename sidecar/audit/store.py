@@ -777,26 +777,27 @@ class SQLiteStore(AuditStore):
     ``seal_rows`` unindexed rows). When the active partition holds
     ``seal_rows`` records it is *sealed* in its own transaction: duplicates removed (the first written per
     (trace_id, span_id) stays, checked by building the unique index on them; so does a row already in a
-    sealed partition whose time range covers it: a retried export straddling a seal), the fragments and
-    kept marks waiting for its records folded in, the indexes built (unique (trace_id, span_id), time,
+    sealed partition whose time range covers it: a retried export straddling a seal), the fragments
+    waiting for its records folded in, the indexes built (unique (trace_id, span_id), time,
     request_id, (model_version, time)); a new active partition starts. Sealing 100 000 records costs about
-    0.28 s of CPU and holds the write lock as long or longer on a busy machine
+    0.24 s of CPU and holds the write lock as long or longer on a busy machine
     (``benchmarks/audit_bench.py --stages-only --prefill 1000000``): writers arriving meanwhile wait for it,
     as for any long transaction (``busy_timeout``), and the one whose write crossed the size returns after
     it.
     ``audit_partitions`` catalogs the partitions (number, sealed, rows, time range).
 
     The write path reads only the catalog: a record is appended as it came. Fragments and kept marks stay in
-    their tables, whether they arrived before or after their record, are applied when reading, and are
-    folded in at the next seal. A retried export recognized by this store's memory of recent keys
+    their tables, whether they arrived before or after their record, and are applied when reading; fragments
+    are folded in at the next seal, marks (in ``audit_kept``, also applied by the view) when retention deletes
+    them while their record stays. A retried export recognized by this store's memory of recent keys
     (:class:`_RecentKeys`) is not written again (and counted as a duplicate); one it does not recognize is
     written and removed by reads and the seal.
 
     Reads (:meth:`query`, :meth:`count`) see every partition with the single table's semantics: no
     duplicate (trace_id, span_id), fragments and marks merged, filters applied after merging. Readers in
     other connections or processes see a seal whole or not at all (one transaction; WAL snapshots).
-    ``audit_records`` is a VIEW over all partitions for operators' ad-hoc SQL; rows of the active partition
-    appear there raw (a duplicate, a fragment or mark not yet folded in): ``python -m sidecar.audit
+    ``audit_records`` is a VIEW over all partitions, kept marks applied, for operators' ad-hoc SQL; rows of the
+    active partition appear there raw (a duplicate, a fragment not yet folded in): ``python -m sidecar.audit
     query`` is the exact reader. Retention drops whole partitions older than the cutoff (or the oldest first,
     for size) and cuts the one that straddles it; dropped pages go back to the file system
     (``auto_vacuum=INCREMENTAL``).
