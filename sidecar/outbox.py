@@ -175,22 +175,24 @@ class Outbox:
             self.discard("shutdown")
             return {}
         left: dict[Signal, int] = {}
-        with self._lock:
-            for env in self._held:
-                left[env.signal] = left.get(env.signal, 0) + env.items
-            self._held.clear()
-            self.items = 0
+        for env in self._take_all():
+            left[env.signal] = left.get(env.signal, 0) + env.items
         if left:
             log.info("%s: %d items not handed on by the shutdown deadline stay on disk for the next start",
                      self._name, sum(left.values()))
         return left
 
-    def discard(self, reason: str) -> int:
-        """Count everything held as dropped with ``reason`` and forget it; returns the items."""
+    def _take_all(self) -> list[Envelope]:
+        """Everything held, now no longer held."""
         with self._lock:
             left = list(self._held)
             self._held.clear()
             self.items = 0
+        return left
+
+    def discard(self, reason: str) -> int:
+        """Count everything held as dropped with ``reason`` and forget it; returns the items."""
+        left = self._take_all()
         for env in left:
             self._tel.dropped(env.signal, env.items, reason)
         n = sum(e.items for e in left)

@@ -28,7 +28,6 @@ Replay can deliver a kept trace a second time (at least once); it never loses on
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 from typing import Callable
@@ -273,7 +272,7 @@ class DurableBuffer:
             wal.pin(index, n)
 
     def release(self, traces) -> None:
-        """Drop the pins of traces that were dropped, or whose output now pins for them."""
+        """Drop the pins of traces (or outputs) that were dropped, or whose output now pins for them."""
         wal = self._wal
         if wal is None:
             return
@@ -302,20 +301,11 @@ class DurableBuffer:
         return env
 
     def merge(self, envelopes: list[Envelope]) -> Envelope:
-        """Decided outputs waiting together, as one (the outbox coalesces them): it pins the oldest segment
-        among theirs, which keeps every newer one, so the other pins are dropped now (deleting nothing)."""
-        merged = PinnedEnvelope(envelopes[0].signal, encoded=b"".join([e.encoded for e in envelopes]),
-                                items=sum(e.items for e in envelopes))
-        segs = []
-        for e in envelopes:
-            seg = getattr(e, "segment", -1)
-            if seg >= 0:
-                segs.append(seg)
-                e.segment = -1
-        merged.segment = min(segs, default=-1)
-        if len(segs) > 1:
-            segs.remove(merged.segment)
-            self._wal.unpin_many(collections.Counter(segs))
+        """Decided outputs waiting together, as one (the outbox coalesces them): it pins the oldest of their
+        segments, which keeps every newer one, and their own pins go (deleting nothing)."""
+        merged = self.envelope(envelopes[0].signal, b"".join([e.encoded for e in envelopes]),
+                               sum(e.items for e in envelopes), envelopes)
+        self.release(envelopes)
         return merged
 
     def releasing(self, next_consumer):
