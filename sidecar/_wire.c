@@ -581,6 +581,18 @@ static PyObject *label_of(Slice kv)
 
 /* A new instance of a named-tuple type holding ``items`` (references stolen; a NULL item means an
  * earlier call failed: the others are released and NULL returned). */
+/* A run's item bytes as a tuple (the list's reference is consumed), untracked by the garbage collector: it
+   holds only bytes, so it is in no cycle, and tail sampling buffers it for seconds as a trace's first group,
+   where every collection would walk it again (CPython untracks such a tuple at its first collection). */
+static PyObject *frozen_blobs(PyObject *list)
+{
+    PyObject *t = PyList_AsTuple(list);
+    Py_DECREF(list);
+    if (t != NULL && PyObject_GC_IsTracked(t))
+        PyObject_GC_UnTrack(t);
+    return t;
+}
+
 static PyObject *named(PyTypeObject *t, Py_ssize_t n, PyObject **items)
 {
     PyObject *o = NULL;
@@ -1178,7 +1190,7 @@ static int span_run_close(SpanRunCtx *c)
         }
         PyTuple_SET_ITEM(hits, j, h);
     }
-    PyObject *blobs = c->blobs;
+    PyObject *blobs = frozen_blobs(c->blobs); /* NULL on failure: named() then releases the other items */
     c->blobs = NULL;
     c->open = 0;
     PyObject *items[9] = {bytes_of(c->trace_id), str_of(c->trace_state), blobs, PyLong_FromSsize_t(c->nbytes),
@@ -1340,7 +1352,7 @@ static int log_run_close(LogRunCtx *c)
 {
     if (!c->open)
         return 0;
-    PyObject *blobs = c->blobs;
+    PyObject *blobs = frozen_blobs(c->blobs);
     c->blobs = NULL;
     c->open = 0;
     PyObject *items[4] = {bytes_of(c->trace_id), blobs, PyLong_FromSsize_t(c->nbytes), PyBool_FromLong(c->immediate)};

@@ -405,7 +405,7 @@ def _span_values(span, blob: bytes, data: bytes, a: int, b: int, present: dict[b
 
 def _span_run(run: list) -> SpanRun:
     hits = tuple(None if v is None else KeyHits(a, v) for v, a in zip(run[8], run[9]))
-    return SpanRun(run[0], run[1], run[2], run[3], run[4], run[5], run[6], run[7], hits)
+    return SpanRun(run[0], run[1], tuple(run[2]), run[3], run[4], run[5], run[6], run[7], hits)
 
 
 def log_runs(request: bytes, keep_severity: int) -> list[ResourceGroup]:
@@ -429,12 +429,12 @@ def log_runs(request: bytes, keep_severity: int) -> list[ResourceGroup]:
                 keep = rec.severity_number >= keep_severity
                 if run is None or tid != run[0] or keep != run[3]:
                     if run is not None:
-                        runs.append(LogRun(*run))
+                        runs.append(LogRun(run[0], tuple(run[1]), run[2], run[3]))
                     run = [tid, [], 0, keep]
                 run[1].append(data[a:b])
                 run[2] += b - a
             if run is not None:
-                runs.append(LogRun(*run))
+                runs.append(LogRun(run[0], tuple(run[1]), run[2], run[3]))
     return out
 
 

@@ -53,7 +53,7 @@ class SpanRun(NamedTuple):
 
     trace_id: bytes
     trace_state: str
-    spans: list  #: each span's exact bytes as received
+    spans: tuple  #: each span's exact bytes as received (C: not tracked by the garbage collector)
     nbytes: int  #: their total length
     #: bit ``1 << code`` for each of the known status codes (UNSET 0, OK 1, ERROR 2) a span has;
     #: any other code (enums are open) sets no bit
@@ -68,7 +68,7 @@ class LogRun(NamedTuple):
     """Consecutive log records of one scope with one trace id and one side of ``keep_severity``."""
 
     trace_id: bytes
-    records: list  #: each record's exact bytes as received
+    records: tuple  #: each record's exact bytes as received (C: not tracked by the garbage collector)
     nbytes: int
     keep: bool  #: severity_number >= keep_severity
 

@@ -131,6 +131,9 @@ class ScannerContract:
                     spans = iter(ss.spans)
                     for run in scope.runs:
                         assert isinstance(run, SpanRun)
+                        # a tuple tail sampling buffers as it is; C's is never walked by the garbage collector
+                        assert type(run.spans) is tuple
+                        assert not gc.is_tracked(run.spans) or self.impl is _wire_py
                         group_spans = [next(spans) for _ in run.spans]
                         assert [Span.FromString(b) for b in run.spans] == group_spans  # each span's own bytes
                         assert data.find(b"".join(run.spans[:1])) >= 0  # sliced from the input, not re-encoded
@@ -157,6 +160,8 @@ class ScannerContract:
                 for sl, scope in zip(rl.scope_logs, group.scopes, strict=True):
                     assert ScopeLogs.FromString(scope.head) == ScopeLogs(scope=sl.scope, schema_url=sl.schema_url)
                     assert all(isinstance(r, LogRun) for r in scope.runs)
+                    assert all(type(r.records) is tuple for r in scope.runs)
+                    assert self.impl is _wire_py or not any(gc.is_tracked(r.records) for r in scope.runs)
                     flat = [(r.trace_id, LogRecord.FromString(b), r.keep) for r in scope.runs for b in r.records]
                     assert flat == [(rec.trace_id, rec, rec.severity_number >= 17) for rec in sl.log_records]
 
@@ -289,7 +294,7 @@ class ScannerContract:
             len(weird)) + weird)) + s)) + b
         assert known(ExportTraceServiceRequest.FromString(req).resource_spans[0].scope_spans[0].spans[0]) == span
         [run] = self.impl.span_runs(req, (b"user.tier",))[0].scopes[0].runs
-        assert run.spans == [weird] and run.hits[0].values == [AnyValue(string_value="gold").SerializeToString()]
+        assert run.spans == (weird,) and run.hits[0].values == [AnyValue(string_value="gold").SerializeToString()]
         [row] = self.impl.span_metric_rows(req, SERVICE, (b"user.tier",))
         assert row.key == ("", "op", 2, 0, "gold")
         assert self.impl.check_ids(req, False) == 1

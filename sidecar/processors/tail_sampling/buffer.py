@@ -20,59 +20,45 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from contextlib import nullcontext
 
+from contract.accelerators import choose
+from sidecar.processors.tail_sampling import _trace_py
+from sidecar.processors.tail_sampling._trace_py import TRACE_OVERHEAD
 from sidecar.processors.tail_sampling.decisions import randomness
 
+#: A trace's fields: the C type when built (and not switched off), else the pure-Python twin.
+_fields = choose("sidecar.processors.tail_sampling._trace", _trace_py)
 _NOTHING = nullcontext()
 #: Bytes a buffered item costs beyond its encoding (the bytes object header and its list slot).
 ITEM_OVERHEAD = 48
-#: Bytes a buffered trace costs before any item (the Trace, its id, map entry, groups, deadline entry;
-#: measured with tracemalloc).
-TRACE_OVERHEAD = 960
 
 
-class Trace:
+class Trace(_fields.TraceBase):
     """One buffered trace. The processor's hot loop fills it directly.
 
+    Its fields (``_trace.c``, or the twin ``_trace_py.TraceBase``), in the order the loop fills them:
+
+    - ``trace_id``, ``first_seen`` (when it was created: its ``decision_wait`` starts), ``root_deadline``
+      (set once the local root ended: ``decision_wait_after_root_received`` later; None before);
+    - ``spans_key`` and ``spans``: the first group of spans, its key (resource head, scope head, tracestate)
+      and its span bytes (a tuple; a list once a later run joins it); ``more_spans``: further groups in
+      arrival order, [(key, [span bytes, ...]), ...], or None; ``logs_key``, ``logs``, ``more_logs`` the same
+      for log records (keys: resource head, scope head);
+    - ``n_spans``, ``n_logs``, ``nbytes`` (what it holds, from ``TRACE_OVERHEAD`` up);
+    - what the policies read: ``status_mask`` (bit 1 << code for each span status code seen: 0 unset, 1 ok,
+      2 error), ``start`` and ``end`` (earliest non-zero span start, latest end, ns), ``matched`` (bits of
+      the attribute checks some span passed, see policies.attribute_checks), ``rv`` (from the first
+      tracestate that has one, else None);
+    - ``segment``: the write-ahead log segment it pins (the durable buffer's; -1: none).
+
     Most traces arrive as one run of spans and one of log records, so the first group of each is
-    held in two slots, as a tuple (of bytes: the garbage collector stops tracking it at its first
-    pass), and only further runs make lists. So a buffered trace is one object for the collector,
-    whose passes over everything that survives cost in proportion to it.
+    held in two slots, as a tuple, and only further runs make lists. The C type is made without a
+    Python ``__init__`` and the garbage collector never walks it (a trace can be in no reference cycle):
+    a buffered trace lives seconds, and the collector's passes over survivors cost in proportion to them.
     """
 
-    __slots__ = ("trace_id", "first_seen", "root_deadline", "spans_key", "spans", "more_spans", "logs_key", "logs",
-                 "more_logs", "n_spans", "n_logs", "nbytes", "status_mask", "start", "end", "matched", "rv")
+    __slots__ = ()
 
-    #: the write-ahead log segment this trace pins (the durable buffer's traces have their own; -1: none)
-    segment = -1
-
-    def __init__(self, trace_id: bytes, now: float):
-        self.trace_id = trace_id
-        self.first_seen = now
-        self.root_deadline: float | None = None
-        #: the first group of spans: its key (resource head, scope head, tracestate) and its span bytes
-        #: (a tuple, a list once a later run joins it)
-        self.spans_key = None
-        self.spans: tuple | list | None = None
-        #: further groups, in arrival order: [(key, [span bytes, ...]), ...], or None
-        self.more_spans: list | None = None
-        #: the first group of log records: its key (resource head, scope head) and its record bytes
-        self.logs_key = None
-        self.logs: tuple | list | None = None
-        self.more_logs: list | None = None
-        self.n_spans = 0
-        self.n_logs = 0
-        self.nbytes = TRACE_OVERHEAD
-        #: bit (1 << code) for each span status code seen (0 unset, 1 ok, 2 error)
-        self.status_mask = 0
-        #: earliest non-zero span start and latest span end, in ns
-        self.start = 0
-        self.end = 0
-        #: bits of the attribute checks some span matched (see policies.attribute_checks)
-        self.matched = 0
-        #: ``rv`` from the first tracestate that has one
-        self.rv: int | None = None
-
-    def add_spans(self, key: tuple, spans: list, nbytes: int) -> int:
+    def add_spans(self, key: tuple, spans: tuple | list, nbytes: int) -> int:
         """Append a run of encoded spans (``nbytes`` in all) under ``key``; consecutive runs under one key
         share a group. Returns the memory added: the encoded size plus the per-item overhead."""
         if self.spans is None:
@@ -86,17 +72,17 @@ class Trace:
                         group = self.spans = list(group)
                     group.extend(spans)
                 else:
-                    self.more_spans = [(key, spans)]
+                    self.more_spans = [(key, list(spans))]
             elif more[-1][0] is key:
                 more[-1][1].extend(spans)
             else:
-                more.append((key, spans))
+                more.append((key, list(spans)))
         self.n_spans += len(spans)
         size = nbytes + len(spans) * ITEM_OVERHEAD
         self.nbytes += size
         return size
 
-    def add_logs(self, key: tuple, records: list, nbytes: int) -> int:
+    def add_logs(self, key: tuple, records: tuple | list, nbytes: int) -> int:
         """:meth:`add_spans` for a run of encoded log records."""
         if self.logs is None:
             self.logs_key, self.logs = key, tuple(records)
@@ -109,11 +95,11 @@ class Trace:
                         group = self.logs = list(group)
                     group.extend(records)
                 else:
-                    self.more_logs = [(key, records)]
+                    self.more_logs = [(key, list(records))]
             elif more[-1][0] is key:
                 more[-1][1].extend(records)
             else:
-                more.append((key, records))
+                more.append((key, list(records)))
         self.n_logs += len(records)
         size = nbytes + len(records) * ITEM_OVERHEAD
         self.nbytes += size

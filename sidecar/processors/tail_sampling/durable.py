@@ -58,12 +58,6 @@ def _committed(wal: WriteAheadLog, index: int, ticket: int) -> None:
         wal.unpin(index)
 
 
-class PinnedTrace(Trace):
-    """A buffered trace that knows the log segment it pins."""
-
-    __slots__ = ("segment",)
-
-
 class PinnedEnvelope(Envelope):
     """Decided output that pins a log segment until the next stage took it."""
 
@@ -78,8 +72,6 @@ class PinningTraceBuffer(TraceBuffer):
     attribute writes, and its pin is taken with the others when the sort ends. A trace taken
     out because the buffer is full keeps its pin: the processor decides it, as any other.
     """
-
-    trace_type = PinnedTrace
 
     def __init__(self, durable: "DurableBuffer", **kwargs):
         super().__init__(**kwargs)

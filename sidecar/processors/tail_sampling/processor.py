@@ -249,7 +249,7 @@ class TailSamplingProcessor(Component):
                             t = create(tid, now, evicted)
                             # a new trace: its first group (Trace.add_spans, inlined)
                             k = len(blobs)
-                            t.spans_key, t.spans, t.n_spans = key, tuple(blobs), k
+                            t.spans_key, t.spans, t.n_spans = key, blobs, k  # the scanner's tuple, untracked in C
                             size = nbytes + k * ITEM_OVERHEAD
                             t.nbytes += size
                             added += size
@@ -327,7 +327,7 @@ class TailSamplingProcessor(Component):
                             t = create(tid, now, evicted)
                         if t.logs is None:  # the trace's first log records (Trace.add_logs, inlined)
                             k = len(blobs)
-                            t.logs_key, t.logs, t.n_logs = key, tuple(blobs), k
+                            t.logs_key, t.logs, t.n_logs = key, blobs, k
                             size = nbytes + k * ITEM_OVERHEAD
                             t.nbytes += size
                             added += size
