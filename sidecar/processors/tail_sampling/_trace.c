@@ -6,16 +6,26 @@ it is tracked by the cyclic garbage collector, whose passes walk every survivor;
 with its defaults, and is not tracked: it holds only ids, numbers, bytes, tuples and lists of those,
 never a reference back to itself or to another trace, so it can be in no reference cycle.
 
-The Python class ``Trace`` subclasses it with no slots of its own (so it stays untracked) and adds the
-methods; ``sidecar/processors/tail_sampling/_trace_py.py`` is the pure-Python twin (SIDECAR_PURE_PYTHON=1
-or no compiler), tested for the same fields and defaults (tests/sidecar/tail_sampling/test_trace_base.py).
+The Python class ``Trace`` subclasses it with no slots of its own and adds the methods; being a class made
+by ``class``, it is a collected type, so a new trace is untracked as it is made.
+
+sort_spans and sort_logs sort a request's runs (sidecar.wire.span_runs / log_runs) into the buffer: the
+processor's per-trace loop, which in Python cost about 2 µs a trace. They read and write the trace's fields
+directly and make new traces here while the buffer has room; what is rare (a trace's second run, a full
+buffer, randomness from a tracestate, attribute checks on a span's value) calls the Python methods.
+
+``sidecar/processors/tail_sampling/_trace_py.py`` is the pure-Python twin of all three (SIDECAR_PURE_PYTHON=1
+or no compiler): the same fields, defaults and results (tests/sidecar/tail_sampling/test_trace_fields.py;
+every tail sampling test runs on both).
 */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
 
-/* bytes a buffered trace costs before any item: buffer.TRACE_OVERHEAD, checked equal by the tests */
+/* bytes a buffered trace costs before any item, and an item beyond its encoding: _trace_py's
+   TRACE_OVERHEAD and ITEM_OVERHEAD, checked equal by the tests */
 #define TRACE_OVERHEAD 960
+#define ITEM_OVERHEAD 48
 
 typedef struct {
     PyObject_HEAD
@@ -41,6 +51,8 @@ typedef struct {
 
 static PyObject *zero;  /* the int 0: matched's default */
 
+static TraceObject *trace_make(PyTypeObject *type, PyObject *trace_id, double now);
+
 static PyObject *
 trace_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
@@ -52,6 +64,12 @@ trace_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     double now = PyFloat_AsDouble(PyTuple_GET_ITEM(args, 1));
     if (now == -1.0 && PyErr_Occurred())
         return NULL;
+    return (PyObject *)trace_make(type, trace_id, now);
+}
+
+static TraceObject *
+trace_make(PyTypeObject *type, PyObject *trace_id, double now)
+{
     TraceObject *t = (TraceObject *)type->tp_alloc(type, 0);
     if (t == NULL)
         return NULL;
@@ -73,7 +91,7 @@ trace_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     Py_INCREF(zero); t->matched = zero;
     Py_INCREF(Py_None); t->rv = Py_None;
     t->segment = -1;
-    return (PyObject *)t;
+    return t;
 }
 
 static void
@@ -126,9 +144,637 @@ static PyTypeObject TraceBaseType = {
     .tp_members = trace_members,
 };
 
-static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_trace", "Tail sampling's buffered trace as a C object (see TraceBase).", -1, NULL,
+/* --- sorting a request's runs into the buffer --------------------------------------------------------- */
+
+static PyObject *s_traces, *s_create, *s_note_created, *s_trace_type, *s_num_traces, *s_segment, *s_roots,
+    *s_root_wait, *s_move_to_end, *s_add_spans, *s_add_logs, *s_note_tracestate, *s_append, *s_rv, *empty_str;
+
+/* The buffer as one sort sees it (read once per request). New traces are made here while it has room and
+   told to the buffer in one note_created(n) (its bytes; the durable buffer's count of traces to pin)
+   before anything else of the buffer runs: its create() when it is full, and the end of the sort. */
+typedef struct {
+    PyObject *traces, *create, *note_created; /* owned */
+    PyTypeObject *trace_type;                 /* owned */
+    Py_ssize_t num_traces, segment, pending;
+    PyObject *now_obj;                        /* borrowed */
+    double now;
+} Buf;
+
+static Py_ssize_t attr_ssize(PyObject *o, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (v == NULL)
+        return -1;
+    Py_ssize_t n = PyLong_AsSsize_t(v);
+    Py_DECREF(v);
+    return n;
+}
+
+static int buf_open(Buf *b, PyObject *buf, PyObject *now)
+{
+    memset(b, 0, sizeof(*b));
+    b->now_obj = now;
+    b->now = PyFloat_AsDouble(now);
+    if (b->now == -1.0 && PyErr_Occurred())
+        return -1;
+    if ((b->traces = PyObject_GetAttr(buf, s_traces)) == NULL || (b->create = PyObject_GetAttr(buf, s_create)) == NULL
+        || (b->note_created = PyObject_GetAttr(buf, s_note_created)) == NULL
+        || (b->trace_type = (PyTypeObject *)PyObject_GetAttr(buf, s_trace_type)) == NULL)
+        return -1;
+    if (!PyDict_Check(b->traces) || !PyType_Check(b->trace_type)
+        || !PyType_IsSubtype(b->trace_type, &TraceBaseType)) {
+        PyErr_SetString(PyExc_TypeError, "sort: the buffer's traces must be a dict and its trace_type a TraceBase");
+        return -1;
+    }
+    if ((b->num_traces = attr_ssize(buf, s_num_traces)) == -1 && PyErr_Occurred())
+        return -1;
+    if ((b->segment = attr_ssize(buf, s_segment)) == -1 && PyErr_Occurred())
+        return -1;
+    return 0;
+}
+
+static int buf_flush(Buf *b)
+{
+    if (!b->pending)
+        return 0;
+    PyObject *r = PyObject_CallFunction(b->note_created, "n", b->pending);
+    b->pending = 0;
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
+/* Tell the buffer what was made (on failure too: those traces are in it), then let go. */
+static int buf_close(Buf *b, int ok)
+{
+    if (b->pending && b->note_created != NULL) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        if (buf_flush(b) < 0)
+            ok = 0;
+        if (type != NULL)
+            PyErr_Restore(type, value, tb);
+    }
+    Py_XDECREF(b->traces);
+    Py_XDECREF(b->create);
+    Py_XDECREF(b->note_created);
+    Py_XDECREF(b->trace_type);
+    return ok ? 0 : -1;
+}
+
+/* A new trace for ``tid`` (a new reference): made here while the buffer has room, else by its create(),
+   which takes out the oldest (appended to ``evicted``). */
+static TraceObject *buf_new_trace(Buf *b, PyObject *tid, PyObject *evicted)
+{
+    if (PyDict_GET_SIZE(b->traces) < b->num_traces) {
+        TraceObject *t = trace_make(b->trace_type, tid, b->now);
+        if (t == NULL)
+            return NULL;
+        t->segment = b->segment;
+        if (PyObject_SetItem(b->traces, tid, (PyObject *)t) < 0) { /* the OrderedDict's own: it keeps the order */
+            Py_DECREF(t);
+            return NULL;
+        }
+        b->pending++;
+        return t;
+    }
+    if (buf_flush(b) < 0)
+        return NULL;
+    PyObject *t = PyObject_CallFunctionObjArgs(b->create, tid, b->now_obj, evicted, NULL);
+    if (t != NULL && !PyObject_TypeCheck(t, &TraceBaseType)) {
+        Py_DECREF(t);
+        PyErr_SetString(PyExc_TypeError, "sort: the buffer's create() must return a TraceBase");
+        return NULL;
+    }
+    return (TraceObject *)t;
+}
+
+/* The buffered trace of ``tid`` (a new reference), or NULL: none (no error set) or an error. */
+static TraceObject *buf_get(Buf *b, PyObject *tid)
+{
+    PyObject *t = PyDict_GetItemWithError(b->traces, tid);
+    if (t == NULL)
+        return NULL;
+    if (!PyObject_TypeCheck(t, &TraceBaseType)) {
+        PyErr_SetString(PyExc_TypeError, "sort: a buffered trace must be a TraceBase");
+        return NULL;
+    }
+    Py_INCREF(t);
+    return (TraceObject *)t;
+}
+
+static int append3(PyObject *list, PyObject *a, PyObject *b, PyObject *c)
+{
+    PyObject *item = PyTuple_Pack(3, a, b, c);
+    if (item == NULL)
+        return -1;
+    int rc = PyList_Append(list, item);
+    Py_DECREF(item);
+    return rc;
+}
+
+static int unpack(PyObject *o, Py_ssize_t n, const char *what)
+{
+    if (!PyTuple_Check(o) || PyTuple_GET_SIZE(o) != n) {
+        PyErr_Format(PyExc_TypeError, "sort: a %s must be a tuple of %zd", what, n);
+        return -1;
+    }
+    return 0;
+}
+
+static int list_arg(PyObject *o, const char *what)
+{
+    if (!PyList_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "sort: %s must be a list", what);
+        return -1;
+    }
+    return 0;
+}
+
+typedef struct {
+    Buf b;
+    PyObject *sampled, *not_sampled, *late_kept, *passthrough, *older, *evicted, *roots; /* roots owned */
+    int need_status, need_times, need_rv;
+    PyObject *all_checks, *no_hits, *resource_matches, *matched; /* NULL: no attribute checks */
+    PyObject *root_deadline;                                       /* owned */
+    Py_ssize_t added, n_late_kept, late_dropped;
+} SpanSort;
+
+/* One run (a SpanRun) of a scope: the body of _trace_py.sort_spans's innermost loop. */
+static int sort_span_run(SpanSort *c, PyObject *rhead, PyObject *shead, PyObject *plain_key, PyObject **keys,
+                         PyObject *res_matched, PyObject *run)
+{
+    if (unpack(run, 9, "SpanRun") < 0)
+        return -1;
+    PyObject *tid = PyTuple_GET_ITEM(run, 0), *ts = PyTuple_GET_ITEM(run, 1), *blobs = PyTuple_GET_ITEM(run, 2),
+             *nbytes = PyTuple_GET_ITEM(run, 3), *hits = PyTuple_GET_ITEM(run, 8);
+    int has_ts = PyObject_IsTrue(ts);
+    if (has_ts < 0)
+        return -1;
+    PyObject *key = plain_key; /* borrowed */
+    if (has_ts) {
+        if (*keys == NULL && (*keys = PyDict_New()) == NULL)
+            return -1;
+        key = PyDict_GetItemWithError(*keys, ts);
+        if (key == NULL) {
+            if (PyErr_Occurred() || (key = PyTuple_Pack(3, rhead, shead, ts)) == NULL)
+                return -1;
+            int rc = PyDict_SetItem(*keys, ts, key);
+            Py_DECREF(key); /* the dict holds it */
+            if (rc < 0)
+                return -1;
+        }
+    }
+    Py_ssize_t k = PyObject_Length(blobs);
+    if (k < 0)
+        return -1;
+    TraceObject *t = buf_get(&c->b, tid);
+    if (t == NULL) {
+        if (PyErr_Occurred())
+            return -1;
+        PyObject *decision = PyDict_GetItemWithError(c->sampled, tid);
+        if (decision != NULL) { /* a late span of a kept trace follows its decision */
+            PyObject *item = PyTuple_Pack(5, rhead, shead, blobs, ts, decision);
+            if (item == NULL)
+                return -1;
+            int rc = PyList_Append(c->late_kept, item);
+            Py_DECREF(item);
+            if (rc < 0)
+                return -1;
+            PyObject *r = PyObject_CallMethodOneArg(c->sampled, s_move_to_end, tid);
+            if (r == NULL)
+                return -1;
+            Py_DECREF(r);
+            c->n_late_kept += k;
+            return 0;
+        }
+        if (PyErr_Occurred())
+            return -1;
+        int dropped = PyDict_Contains(c->not_sampled, tid);
+        if (dropped < 0)
+            return -1;
+        if (dropped) {
+            c->late_dropped += k;
+            return 0;
+        }
+        int has_tid = PyObject_IsTrue(tid);
+        if (has_tid < 0)
+            return -1;
+        if (!has_tid)
+            return append3(c->passthrough, rhead, shead, blobs);
+        if ((t = buf_new_trace(&c->b, tid, c->evicted)) == NULL)
+            return -1;
+        Py_ssize_t size = PyLong_AsSsize_t(nbytes);
+        if (size == -1 && PyErr_Occurred())
+            goto fail;
+        /* its first group (Trace.add_spans, inlined) */
+        Py_INCREF(key);
+        Py_XSETREF(t->spans_key, key);
+        Py_INCREF(blobs);
+        Py_XSETREF(t->spans, blobs);
+        t->n_spans = k;
+        size += k * ITEM_OVERHEAD;
+        t->nbytes += size;
+        c->added += size;
+    } else {
+        PyObject *r = PyObject_CallMethodObjArgs((PyObject *)t, s_add_spans, key, blobs, nbytes, NULL);
+        if (r == NULL)
+            goto fail;
+        Py_ssize_t size = PyLong_AsSsize_t(r);
+        Py_DECREF(r);
+        if (size == -1 && PyErr_Occurred())
+            goto fail;
+        c->added += size;
+        if (t->segment > c->b.segment && PyList_Append(c->older, (PyObject *)t) < 0)
+            goto fail;
+    }
+    if (c->need_rv && has_ts && (t->rv == NULL || t->rv == Py_None)) {
+        int found = PyUnicode_Contains(ts, s_rv);
+        if (found < 0)
+            goto fail;
+        if (found) {
+            PyObject *r = PyObject_CallMethodOneArg((PyObject *)t, s_note_tracestate, ts);
+            if (r == NULL)
+                goto fail;
+            Py_DECREF(r);
+        }
+    }
+    if (c->need_status) {
+        long mask = PyLong_AsLong(PyTuple_GET_ITEM(run, 4));
+        if (mask == -1 && PyErr_Occurred())
+            goto fail;
+        t->status_mask |= mask;
+    }
+    if (c->need_times) {
+        unsigned long long start = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(run, 5));
+        if (start == (unsigned long long)-1 && PyErr_Occurred())
+            goto fail;
+        unsigned long long end = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(run, 6));
+        if (end == (unsigned long long)-1 && PyErr_Occurred())
+            goto fail;
+        if (start && (!t->start || start < t->start))
+            t->start = start;
+        if (end > t->end)
+            t->end = end;
+    }
+    if (c->all_checks != NULL) {
+        PyObject *matched = t->matched != NULL ? t->matched : zero;
+        int open = PyObject_RichCompareBool(matched, c->all_checks, Py_NE);
+        if (open < 0)
+            goto fail;
+        if (open) {
+            int none = PyObject_RichCompareBool(hits, c->no_hits, Py_EQ);
+            if (none < 0)
+                goto fail;
+            PyObject *bits; /* no span of the run has any checked key: the resource decides */
+            if (none) {
+                Py_INCREF(res_matched);
+                bits = res_matched;
+            } else if ((bits = PyObject_CallFunctionObjArgs(c->matched, hits, res_matched, NULL)) == NULL) {
+                goto fail;
+            }
+            PyObject *both = PyNumber_Or(matched, bits);
+            Py_DECREF(bits);
+            if (both == NULL)
+                goto fail;
+            Py_XSETREF(t->matched, both);
+        }
+    }
+    int root = PyObject_IsTrue(PyTuple_GET_ITEM(run, 7));
+    if (root < 0)
+        goto fail;
+    if (root && (t->root_deadline == NULL || t->root_deadline == Py_None)) {
+        /* the local root ended (TraceBuffer.root_arrived, inlined) */
+        Py_INCREF(c->root_deadline);
+        Py_XSETREF(t->root_deadline, c->root_deadline);
+        PyObject *r = PyObject_CallMethodOneArg(c->roots, s_append, (PyObject *)t);
+        if (r == NULL)
+            goto fail;
+        Py_DECREF(r);
+    }
+    Py_DECREF(t);
+    return 0;
+fail:
+    Py_DECREF(t);
+    return -1;
+}
+
+static int sort_span_resource(SpanSort *c, PyObject *group)
+{
+    if (unpack(group, 3, "ResourceGroup") < 0)
+        return -1;
+    PyObject *rhead = PyTuple_GET_ITEM(group, 0), *scopes = PyTuple_GET_ITEM(group, 1);
+    if (list_arg(scopes, "a resource's scopes") < 0)
+        return -1;
+    PyObject *res_matched = zero;
+    if (c->all_checks != NULL) {
+        if ((res_matched = PyObject_CallOneArg(c->resource_matches, PyTuple_GET_ITEM(group, 2))) == NULL)
+            return -1;
+    } else {
+        Py_INCREF(res_matched);
+    }
+    int rc = 0;
+    for (Py_ssize_t i = 0; rc == 0 && i < PyList_GET_SIZE(scopes); i++) {
+        PyObject *scope = PyList_GET_ITEM(scopes, i);
+        if ((rc = unpack(scope, 2, "ScopeGroup")) < 0)
+            break;
+        PyObject *shead = PyTuple_GET_ITEM(scope, 0), *runs = PyTuple_GET_ITEM(scope, 1);
+        if ((rc = list_arg(runs, "a scope's runs")) < 0)
+            break;
+        PyObject *plain_key = PyTuple_Pack(3, rhead, shead, empty_str), *keys = NULL;
+        if (plain_key == NULL) {
+            rc = -1;
+            break;
+        }
+        Py_INCREF(runs);
+        for (Py_ssize_t j = 0; rc == 0 && j < PyList_GET_SIZE(runs); j++)
+            rc = sort_span_run(c, rhead, shead, plain_key, &keys, res_matched, PyList_GET_ITEM(runs, j));
+        Py_DECREF(runs);
+        Py_DECREF(plain_key);
+        Py_XDECREF(keys);
+    }
+    Py_DECREF(res_matched);
+    return rc;
+}
+
+PyDoc_STRVAR(sort_spans_doc,
+"sort_spans(runs, buf, now, sampled, not_sampled, needs, checks, late_kept, passthrough, older, evicted)\n"
+"-> (bytes added, late kept spans, late dropped spans): see _trace_py.sort_spans.");
+
+static PyObject *sort_spans(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "sort_spans takes 11 arguments");
+        return NULL;
+    }
+    SpanSort c;
+    memset(&c, 0, sizeof(c));
+    PyObject *runs = args[0], *needs = args[5], *checks = args[6];
+    c.sampled = args[3];
+    c.not_sampled = args[4];
+    c.late_kept = args[7];
+    c.passthrough = args[8];
+    c.older = args[9];
+    c.evicted = args[10];
+    if (list_arg(runs, "runs") < 0 || list_arg(c.late_kept, "late_kept") < 0 || list_arg(c.passthrough, "passthrough") < 0
+        || list_arg(c.older, "older") < 0 || list_arg(c.evicted, "evicted") < 0 || unpack(needs, 3, "needs") < 0)
+        return NULL;
+    if (!PyDict_Check(c.sampled) || !PyDict_Check(c.not_sampled)) {
+        PyErr_SetString(PyExc_TypeError, "sort_spans: sampled and not_sampled must be dicts");
+        return NULL;
+    }
+    if ((c.need_status = PyObject_IsTrue(PyTuple_GET_ITEM(needs, 0))) < 0
+        || (c.need_times = PyObject_IsTrue(PyTuple_GET_ITEM(needs, 1))) < 0
+        || (c.need_rv = PyObject_IsTrue(PyTuple_GET_ITEM(needs, 2))) < 0)
+        return NULL;
+    if (checks != Py_None) {
+        if (unpack(checks, 4, "checks") < 0)
+            return NULL;
+        c.all_checks = PyTuple_GET_ITEM(checks, 0);
+        c.no_hits = PyTuple_GET_ITEM(checks, 1);
+        c.resource_matches = PyTuple_GET_ITEM(checks, 2);
+        c.matched = PyTuple_GET_ITEM(checks, 3);
+    }
+    int ok = 0;
+    if (buf_open(&c.b, args[1], args[2]) == 0 && (c.roots = PyObject_GetAttr(args[1], s_roots)) != NULL) {
+        PyObject *wait = PyObject_GetAttr(args[1], s_root_wait);
+        if (wait != NULL) {
+            c.root_deadline = PyNumber_Add(args[2], wait); /* now + buf.root_wait, as Python adds them */
+            Py_DECREF(wait);
+        }
+        if (c.root_deadline != NULL) {
+            ok = 1;
+            Py_INCREF(runs);
+            for (Py_ssize_t i = 0; ok && i < PyList_GET_SIZE(runs); i++)
+                ok = sort_span_resource(&c, PyList_GET_ITEM(runs, i)) == 0;
+            Py_DECREF(runs);
+        }
+    }
+    Py_XDECREF(c.roots);
+    Py_XDECREF(c.root_deadline);
+    if (buf_close(&c.b, ok) < 0)
+        return NULL;
+    return Py_BuildValue("(nnn)", c.added, c.n_late_kept, c.late_dropped);
+}
+
+typedef struct {
+    Buf b;
+    PyObject *sampled, *not_sampled, *rng, *immediate, *older, *evicted;
+    double fraction;
+    Py_ssize_t added, n_immediate, late_kept, late_dropped, traceless_dropped;
+} LogSort;
+
+static int log_immediate(LogSort *c, PyObject *rhead, PyObject *shead, PyObject *blobs, Py_ssize_t k)
+{
+    c->n_immediate += k;
+    return append3(c->immediate, rhead, shead, blobs);
+}
+
+/* One run (a LogRun) of a scope: the body of _trace_py.sort_logs's innermost loop. */
+static int sort_log_run(LogSort *c, PyObject *rhead, PyObject *shead, PyObject *key, PyObject *run)
+{
+    if (unpack(run, 4, "LogRun") < 0)
+        return -1;
+    PyObject *tid = PyTuple_GET_ITEM(run, 0), *blobs = PyTuple_GET_ITEM(run, 1), *nbytes = PyTuple_GET_ITEM(run, 2);
+    Py_ssize_t k = PyObject_Length(blobs);
+    int has_tid = PyObject_IsTrue(tid);
+    if (k < 0 || has_tid < 0)
+        return -1;
+    if (!has_tid) { /* records without a trace: kept with probability traceless_fraction */
+        if (c->fraction < 1.0) {
+            PyObject *kept = PyList_New(0), *iter = kept ? PyObject_GetIter(blobs) : NULL, *b;
+            if (iter == NULL) {
+                Py_XDECREF(kept);
+                return -1;
+            }
+            while ((b = PyIter_Next(iter)) != NULL) {
+                PyObject *r = PyObject_CallNoArgs(c->rng);
+                double x = r != NULL ? PyFloat_AsDouble(r) : -1.0;
+                Py_XDECREF(r);
+                if ((r == NULL || (x == -1.0 && PyErr_Occurred())) || (x < c->fraction && PyList_Append(kept, b) < 0)) {
+                    Py_DECREF(b);
+                    break;
+                }
+                Py_DECREF(b);
+            }
+            Py_DECREF(iter);
+            if (PyErr_Occurred()) {
+                Py_DECREF(kept);
+                return -1;
+            }
+            Py_ssize_t n = PyList_GET_SIZE(kept);
+            c->traceless_dropped += k - n;
+            int rc = n ? log_immediate(c, rhead, shead, kept, n) : 0;
+            Py_DECREF(kept);
+            return rc;
+        }
+        return k ? log_immediate(c, rhead, shead, blobs, k) : 0;
+    }
+    int keep = PyObject_IsTrue(PyTuple_GET_ITEM(run, 3));
+    if (keep < 0)
+        return -1;
+    if (keep) /* at or above the always-keep severity */
+        return log_immediate(c, rhead, shead, blobs, k);
+    TraceObject *t = buf_get(&c->b, tid);
+    if (t == NULL) {
+        if (PyErr_Occurred())
+            return -1;
+        int kept = PyDict_Contains(c->sampled, tid);
+        if (kept < 0)
+            return -1;
+        if (kept) { /* late records of a kept trace follow its decision */
+            PyObject *r = PyObject_CallMethodOneArg(c->sampled, s_move_to_end, tid);
+            if (r == NULL)
+                return -1;
+            Py_DECREF(r);
+            c->late_kept += k;
+            return log_immediate(c, rhead, shead, blobs, k);
+        }
+        int dropped = PyDict_Contains(c->not_sampled, tid);
+        if (dropped < 0)
+            return -1;
+        if (dropped) {
+            c->late_dropped += k;
+            return 0;
+        }
+        if ((t = buf_new_trace(&c->b, tid, c->evicted)) == NULL)
+            return -1;
+    } else if (t->segment > c->b.segment && PyList_Append(c->older, (PyObject *)t) < 0) {
+        goto fail; /* its first records too may come from an older segment than its spans */
+    }
+    if (t->logs == NULL || t->logs == Py_None) { /* the trace's first log records (Trace.add_logs, inlined) */
+        Py_ssize_t size = PyLong_AsSsize_t(nbytes);
+        if (size == -1 && PyErr_Occurred())
+            goto fail;
+        Py_INCREF(key);
+        Py_XSETREF(t->logs_key, key);
+        Py_INCREF(blobs);
+        Py_XSETREF(t->logs, blobs);
+        t->n_logs = k;
+        size += k * ITEM_OVERHEAD;
+        t->nbytes += size;
+        c->added += size;
+    } else {
+        PyObject *r = PyObject_CallMethodObjArgs((PyObject *)t, s_add_logs, key, blobs, nbytes, NULL);
+        if (r == NULL)
+            goto fail;
+        Py_ssize_t size = PyLong_AsSsize_t(r);
+        Py_DECREF(r);
+        if (size == -1 && PyErr_Occurred())
+            goto fail;
+        c->added += size;
+    }
+    Py_DECREF(t);
+    return 0;
+fail:
+    Py_DECREF(t);
+    return -1;
+}
+
+static int sort_log_resource(LogSort *c, PyObject *group)
+{
+    if (unpack(group, 3, "ResourceGroup") < 0)
+        return -1;
+    PyObject *rhead = PyTuple_GET_ITEM(group, 0), *scopes = PyTuple_GET_ITEM(group, 1);
+    if (list_arg(scopes, "a resource's scopes") < 0)
+        return -1;
+    int rc = 0;
+    for (Py_ssize_t i = 0; rc == 0 && i < PyList_GET_SIZE(scopes); i++) {
+        PyObject *scope = PyList_GET_ITEM(scopes, i);
+        if ((rc = unpack(scope, 2, "ScopeGroup")) < 0)
+            break;
+        PyObject *shead = PyTuple_GET_ITEM(scope, 0), *runs = PyTuple_GET_ITEM(scope, 1);
+        if ((rc = list_arg(runs, "a scope's runs")) < 0)
+            break;
+        PyObject *key = PyTuple_Pack(2, rhead, shead);
+        if (key == NULL) {
+            rc = -1;
+            break;
+        }
+        Py_INCREF(runs);
+        for (Py_ssize_t j = 0; rc == 0 && j < PyList_GET_SIZE(runs); j++)
+            rc = sort_log_run(c, rhead, shead, key, PyList_GET_ITEM(runs, j));
+        Py_DECREF(runs);
+        Py_DECREF(key);
+    }
+    return rc;
+}
+
+PyDoc_STRVAR(sort_logs_doc,
+"sort_logs(runs, buf, now, sampled, not_sampled, traceless_fraction, rng, immediate, older, evicted)\n"
+"-> (bytes added, immediate records, late kept, late dropped, traceless dropped): see _trace_py.sort_logs.");
+
+static PyObject *sort_logs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "sort_logs takes 10 arguments");
+        return NULL;
+    }
+    LogSort c;
+    memset(&c, 0, sizeof(c));
+    PyObject *runs = args[0];
+    c.sampled = args[3];
+    c.not_sampled = args[4];
+    c.rng = args[6];
+    c.immediate = args[7];
+    c.older = args[8];
+    c.evicted = args[9];
+    if (list_arg(runs, "runs") < 0 || list_arg(c.immediate, "immediate") < 0 || list_arg(c.older, "older") < 0
+        || list_arg(c.evicted, "evicted") < 0)
+        return NULL;
+    if (!PyDict_Check(c.sampled) || !PyDict_Check(c.not_sampled)) {
+        PyErr_SetString(PyExc_TypeError, "sort_logs: sampled and not_sampled must be dicts");
+        return NULL;
+    }
+    c.fraction = PyFloat_AsDouble(args[5]);
+    if (c.fraction == -1.0 && PyErr_Occurred())
+        return NULL;
+    int ok = 0;
+    if (buf_open(&c.b, args[1], args[2]) == 0) {
+        ok = 1;
+        Py_INCREF(runs);
+        for (Py_ssize_t i = 0; ok && i < PyList_GET_SIZE(runs); i++)
+            ok = sort_log_resource(&c, PyList_GET_ITEM(runs, i)) == 0;
+        Py_DECREF(runs);
+    }
+    if (buf_close(&c.b, ok) < 0)
+        return NULL;
+    return Py_BuildValue("(nnnnn)", c.added, c.n_immediate, c.late_kept, c.late_dropped, c.traceless_dropped);
+}
+
+static PyMethodDef methods[] = {
+    {"sort_spans", (PyCFunction)(void (*)(void))sort_spans, METH_FASTCALL, sort_spans_doc},
+    {"sort_logs", (PyCFunction)(void (*)(void))sort_logs, METH_FASTCALL, sort_logs_doc},
+    {NULL, NULL, 0, NULL},
 };
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_trace", "Tail sampling's buffered trace as a C object, and the sort of a request into "
+    "the buffer (see the top of _trace.c).", -1, methods, NULL, NULL, NULL, NULL,
+};
+
+static int intern_names(void)
+{
+#define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return -1
+    INTERN(s_traces, "traces");
+    INTERN(s_create, "create");
+    INTERN(s_note_created, "note_created");
+    INTERN(s_trace_type, "trace_type");
+    INTERN(s_num_traces, "num_traces");
+    INTERN(s_segment, "segment");
+    INTERN(s_roots, "roots");
+    INTERN(s_root_wait, "root_wait");
+    INTERN(s_move_to_end, "move_to_end");
+    INTERN(s_add_spans, "add_spans");
+    INTERN(s_add_logs, "add_logs");
+    INTERN(s_note_tracestate, "note_tracestate");
+    INTERN(s_append, "append");
+    INTERN(s_rv, "rv:");
+    INTERN(empty_str, "");
+#undef INTERN
+    return 0;
+}
 
 PyMODINIT_FUNC
 PyInit__trace(void)
@@ -136,14 +782,15 @@ PyInit__trace(void)
     if (PyType_Ready(&TraceBaseType) < 0)
         return NULL;
     zero = PyLong_FromLong(0);
-    if (zero == NULL)
+    if (zero == NULL || intern_names() < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
     Py_INCREF(&TraceBaseType);
     if (PyModule_AddObject(m, "TraceBase", (PyObject *)&TraceBaseType) < 0
-        || PyModule_AddIntConstant(m, "TRACE_OVERHEAD", TRACE_OVERHEAD) < 0) {
+        || PyModule_AddIntConstant(m, "TRACE_OVERHEAD", TRACE_OVERHEAD) < 0
+        || PyModule_AddIntConstant(m, "ITEM_OVERHEAD", ITEM_OVERHEAD) < 0) {
         Py_DECREF(m);
         return NULL;
     }

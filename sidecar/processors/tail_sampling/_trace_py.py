@@ -36,3 +36,136 @@ class TraceBase:
         self.matched = 0
         self.rv = None
         self.segment = -1
+
+
+#: Bytes a buffered item costs beyond its encoding (the bytes object header and its list slot).
+ITEM_OVERHEAD = 48
+
+
+def sort_spans(runs: list, buf, now: float, sampled: dict, not_sampled: dict, needs: tuple[bool, bool, bool],
+               checks: tuple | None, late_kept: list, passthrough: list, older: list,
+               evicted: list) -> tuple[int, int, int]:
+    """Sort a traces request's runs (``wire.span_runs``) into ``buf``, a TraceBuffer, under the processor's lock.
+
+    ``sampled`` and ``not_sampled``: the decision caches' maps (a late span of a decided trace follows its
+    decision); ``needs``: whether the policies read status, times, randomness; ``checks``: None, or (all
+    check bits, the hits of a run with no checked key, resource_matches(values) -> bits, matched(hits,
+    resource bits) -> bits). Appends to ``late_kept`` (resource head, scope head, spans, tracestate,
+    decision), ``passthrough`` (resource head, scope head, spans: no trace id), ``older`` (traces this
+    request brought data of an older log segment than the one they pin) and ``evicted`` (taken out of a
+    full buffer). Returns (bytes added, late kept spans, late dropped spans).
+    """
+    need_status, need_times, need_rv = needs
+    if checks is not None:
+        all_checks, no_hits, resource_matches, matched = checks
+    traces, create, roots, segment = buf.traces, buf.create, buf.roots, buf.segment
+    root_deadline = now + buf.root_wait
+    added = n_late_kept = late_dropped = 0
+    for rhead, scopes, res_values in runs:
+        res_matched = resource_matches(res_values) if checks is not None else 0
+        for shead, span_runs in scopes:
+            plain_key = (rhead, shead, "")
+            keys: dict[str, tuple] = {}
+            for tid, ts, blobs, nbytes, status_mask, start, end, root, hits in span_runs:
+                if ts:
+                    key = keys.get(ts)
+                    if key is None:
+                        key = keys[ts] = (rhead, shead, ts)
+                else:
+                    key = plain_key
+                t = traces.get(tid)
+                if t is None:
+                    decision = sampled.get(tid)
+                    if decision is not None:
+                        sampled.move_to_end(tid)
+                        late_kept.append((rhead, shead, blobs, ts, decision))
+                        n_late_kept += len(blobs)
+                        continue
+                    if tid in not_sampled:
+                        late_dropped += len(blobs)
+                        continue
+                    if not tid:
+                        passthrough.append((rhead, shead, blobs))
+                        continue
+                    t = create(tid, now, evicted)
+                    # a new trace: its first group (Trace.add_spans, inlined)
+                    k = len(blobs)
+                    t.spans_key, t.spans, t.n_spans = key, blobs, k
+                    size = nbytes + k * ITEM_OVERHEAD
+                    t.nbytes += size
+                    added += size
+                else:
+                    added += t.add_spans(key, blobs, nbytes)
+                    if t.segment > segment:
+                        older.append(t)
+                if need_rv and ts and t.rv is None and "rv:" in ts:
+                    t.note_tracestate(ts)
+                if need_status:
+                    t.status_mask |= status_mask
+                if need_times:
+                    if start and (not t.start or start < t.start):
+                        t.start = start
+                    if end > t.end:
+                        t.end = end
+                if checks is not None and t.matched != all_checks:
+                    if hits == no_hits:  # no span of the run has any checked key: the resource decides
+                        t.matched |= res_matched
+                    else:
+                        t.matched |= matched(hits, res_matched)
+                if root and t.root_deadline is None:  # the local root ended (TraceBuffer.root_arrived, inlined)
+                    t.root_deadline = root_deadline
+                    roots.append(t)
+    return added, n_late_kept, late_dropped
+
+
+def sort_logs(runs: list, buf, now: float, sampled: dict, not_sampled: dict, traceless_fraction: float, rng,
+              immediate: list, older: list, evicted: list) -> tuple[int, int, int, int, int]:
+    """Sort a logs request's runs (``wire.log_runs``) into ``buf`` (see :func:`sort_spans`).
+
+    Records without a trace id are kept with probability ``traceless_fraction`` (``rng()``); they, records at
+    or above the always-keep severity and late records of kept traces go to ``immediate`` (resource head,
+    scope head, records). Returns (bytes added, immediate records, late kept, late dropped, traceless
+    dropped).
+    """
+    traces, create, segment = buf.traces, buf.create, buf.segment
+    added = n_immediate = late_kept = late_dropped = traceless_dropped = 0
+    for rhead, scopes, _ in runs:
+        for shead, log_runs in scopes:
+            key = (rhead, shead)
+            for tid, blobs, nbytes, keep in log_runs:
+                if not tid:
+                    if traceless_fraction < 1.0:
+                        kept = [b for b in blobs if rng() < traceless_fraction]
+                        traceless_dropped += len(blobs) - len(kept)
+                        blobs = kept
+                    if blobs:
+                        immediate.append((rhead, shead, blobs))
+                        n_immediate += len(blobs)
+                    continue
+                if keep:
+                    immediate.append((rhead, shead, blobs))
+                    n_immediate += len(blobs)
+                    continue
+                t = traces.get(tid)
+                if t is None:
+                    if tid in sampled:
+                        sampled.move_to_end(tid)
+                        late_kept += len(blobs)
+                        immediate.append((rhead, shead, blobs))
+                        n_immediate += len(blobs)
+                        continue
+                    if tid in not_sampled:
+                        late_dropped += len(blobs)
+                        continue
+                    t = create(tid, now, evicted)
+                elif t.segment > segment:  # its first records too may come from an older segment than its spans
+                    older.append(t)
+                if t.logs is None:  # the trace's first log records (Trace.add_logs, inlined)
+                    k = len(blobs)
+                    t.logs_key, t.logs, t.n_logs = key, blobs, k
+                    size = nbytes + k * ITEM_OVERHEAD
+                    t.nbytes += size
+                    added += size
+                else:
+                    added += t.add_logs(key, blobs, nbytes)
+    return added, n_immediate, late_kept, late_dropped, traceless_dropped

@@ -22,14 +22,15 @@ from contextlib import nullcontext
 
 from contract.accelerators import choose
 from sidecar.processors.tail_sampling import _trace_py
-from sidecar.processors.tail_sampling._trace_py import TRACE_OVERHEAD
+from sidecar.processors.tail_sampling._trace_py import ITEM_OVERHEAD, TRACE_OVERHEAD
 from sidecar.processors.tail_sampling.decisions import randomness
 
-#: A trace's fields: the C type when built (and not switched off), else the pure-Python twin.
+#: A trace's fields and the sort of a request's runs into the buffer: the C extension when built (and not
+#: switched off), else the pure-Python twin.
 _fields = choose("sidecar.processors.tail_sampling._trace", _trace_py)
+sort_spans = _fields.sort_spans
+sort_logs = _fields.sort_logs
 _NOTHING = nullcontext()
-#: Bytes a buffered item costs beyond its encoding (the bytes object header and its list slot).
-ITEM_OVERHEAD = 48
 
 
 class Trace(_fields.TraceBase):
@@ -176,6 +177,11 @@ class TraceBuffer:
         traces[trace_id] = t
         self.nbytes += TRACE_OVERHEAD
         return t
+
+    def note_created(self, n: int) -> None:
+        """The sort made ``n`` traces itself (``sort_spans`` and ``sort_logs`` in C do, while the buffer has room,
+        as :meth:`create` would, and tell it here before anything else of the buffer runs)."""
+        self.nbytes += n * TRACE_OVERHEAD
 
     def root_arrived(self, trace: Trace, now: float) -> None:
         """The local root span ended: decide after the grace period, unless already scheduled."""

@@ -96,6 +96,10 @@ class PinningTraceBuffer(TraceBuffer):
         self._created += 1
         return t
 
+    def note_created(self, n: int) -> None:
+        super().note_created(n)
+        self._created += n
+
     def repin(self, traces: list[Trace]) -> None:
         """Move the pins of ``traces`` back to this sort's older segment (pinned before the newer ones go);
         a trace may be listed once per run the request held of it."""

@@ -32,7 +32,7 @@ from prometheus_client import Counter, Gauge
 from sidecar import wire
 from sidecar.component import Component, Consumer, Refused
 from sidecar.processors.tail_sampling import policies as _policies
-from sidecar.processors.tail_sampling.buffer import ITEM_OVERHEAD, Trace
+from sidecar.processors.tail_sampling.buffer import Trace, sort_logs, sort_spans
 from sidecar.processors.tail_sampling.config import TailSamplingConfig
 from sidecar.processors.tail_sampling.decisions import LRU
 from sidecar.processors.tail_sampling.durable import DurableBuffer
@@ -107,6 +107,11 @@ class TailSamplingProcessor(Component):
         self._check_keys = tuple(dict.fromkeys(c.key_bytes for c in self._checks))  # each key scanned once
         self._check_slots = [self._check_keys.index(c.key_bytes) for c in self._checks]
         self._no_hits = (None,) * len(self._check_keys)  # SpanRun.hits when no span has a scanned key
+        self._needs = (self._need_status, self._need_times, self._need_rv)
+        checks, slots = self._checks, self._check_slots
+        self._sort_checks = None if not checks else (
+            self._all_checks, self._no_hits, self._resource_matches,
+            lambda hits, res_matched: _matched(checks, slots, hits, res_matched))
         if len(self._check_keys) > wire.MAX_KEYS:
             raise ValueError(f"tail_sampling: the attribute policies look at {len(self._check_keys)} keys; "
                              f"at most {wire.MAX_KEYS} are supported")
@@ -205,75 +210,15 @@ class TailSamplingProcessor(Component):
             return
         runs = wire.span_runs(envelope.encoded, self._check_keys)
         now = self._clock()
-        late_kept: list[tuple] = []  # (resource head, scope head, [span bytes], tracestate, (policy, threshold))
-        passthrough: list[tuple] = []  # (resource head, scope head, [span bytes])
-        n_late_kept = late_dropped = added = 0
+        late_kept: list[tuple] = []  # (resource head, scope head, span bytes, tracestate, (policy, threshold))
+        passthrough: list[tuple] = []  # (resource head, scope head, span bytes)
+        older: list[Trace] = []  # buffered traces this request brings data of an older log segment to
         evicted: list[Trace] = []
         buf = self._buffer
-        create = buf.create
-        sampled, not_sampled = self._sampled.entries, self._not_sampled.entries
-        need_status, need_times, need_rv = self._need_status, self._need_times, self._need_rv
-        checks, all_checks, slots = self._checks, self._all_checks, self._check_slots
-        no_hits = self._no_hits
-        roots, root_deadline = buf.roots, now + buf.root_wait
-        older: list[Trace] = []  # buffered traces this request brings data of an older log segment to
         with self._lock, buf.sorting():
-            traces = buf.traces
-            segment = buf.segment
-            for rhead, scopes, res_values in runs:
-                res_matched = self._resource_matches(res_values) if checks else 0
-                for shead, span_runs in scopes:
-                    plain_key = (rhead, shead, "")
-                    keys: dict[str, tuple] = {}
-                    for tid, ts, blobs, nbytes, status_mask, start, end, root, hits in span_runs:
-                        if ts:
-                            key = keys.get(ts)
-                            if key is None:
-                                key = keys[ts] = (rhead, shead, ts)
-                        else:
-                            key = plain_key
-                        t = traces.get(tid)
-                        if t is None:
-                            decision = sampled.get(tid)
-                            if decision is not None:
-                                sampled.move_to_end(tid)
-                                late_kept.append((rhead, shead, blobs, ts, decision))
-                                n_late_kept += len(blobs)
-                                continue
-                            if tid in not_sampled:
-                                late_dropped += len(blobs)
-                                continue
-                            if not tid:
-                                passthrough.append((rhead, shead, blobs))
-                                continue
-                            t = create(tid, now, evicted)
-                            # a new trace: its first group (Trace.add_spans, inlined)
-                            k = len(blobs)
-                            t.spans_key, t.spans, t.n_spans = key, blobs, k  # the scanner's tuple, untracked in C
-                            size = nbytes + k * ITEM_OVERHEAD
-                            t.nbytes += size
-                            added += size
-                        else:
-                            added += t.add_spans(key, blobs, nbytes)
-                            if t.segment > segment:
-                                older.append(t)
-                        if need_rv and ts and t.rv is None and "rv:" in ts:
-                            t.note_tracestate(ts)
-                        if need_status:
-                            t.status_mask |= status_mask
-                        if need_times:
-                            if start and (not t.start or start < t.start):
-                                t.start = start
-                            if end > t.end:
-                                t.end = end
-                        if checks and t.matched != all_checks:
-                            if hits == no_hits:  # no span of the run has any checked key: the resource decides
-                                t.matched |= res_matched
-                            else:
-                                t.matched |= _matched(checks, slots, hits, res_matched)
-                        if root and t.root_deadline is None:  # the local root ended (TraceBuffer.root_arrived, inlined)
-                            t.root_deadline = root_deadline
-                            roots.append(t)
+            added, n_late_kept, late_dropped = sort_spans(
+                runs, buf, now, self._sampled.entries, self._not_sampled.entries, self._needs, self._sort_checks,
+                late_kept, passthrough, older, evicted)
             early = self._end_sort(added, older, evicted, now)
         self._finish_traces(n, late_dropped, early, n_late_kept, late_kept, passthrough)
 
@@ -284,57 +229,14 @@ class TailSamplingProcessor(Component):
             return
         runs = wire.log_runs(envelope.encoded, self._always_keep_severity)
         now = self._clock()
-        immediate: list[tuple] = []  # (resource head, scope head, [record bytes])
-        n_immediate = late_kept = late_dropped = traceless_dropped = added = 0
+        immediate: list[tuple] = []  # (resource head, scope head, record bytes)
+        older: list[Trace] = []
         evicted: list[Trace] = []
         buf = self._buffer
-        create = buf.create
-        sampled, not_sampled = self._sampled.entries, self._not_sampled.entries
-        fraction = self._traceless_fraction
-        rng = self._rng
-        older: list[Trace] = []
         with self._lock, buf.sorting():
-            traces = buf.traces
-            segment = buf.segment
-            for rhead, scopes, _ in runs:
-                for shead, log_runs in scopes:
-                    key = (rhead, shead)
-                    for tid, blobs, nbytes, keep in log_runs:
-                        if not tid:
-                            if fraction < 1.0:
-                                kept = [b for b in blobs if rng() < fraction]
-                                traceless_dropped += len(blobs) - len(kept)
-                                blobs = kept
-                            if blobs:
-                                immediate.append((rhead, shead, blobs))
-                                n_immediate += len(blobs)
-                            continue
-                        if keep:
-                            immediate.append((rhead, shead, blobs))
-                            n_immediate += len(blobs)
-                            continue
-                        t = traces.get(tid)
-                        if t is None:
-                            if tid in sampled:
-                                sampled.move_to_end(tid)
-                                late_kept += len(blobs)
-                                immediate.append((rhead, shead, blobs))
-                                n_immediate += len(blobs)
-                                continue
-                            if tid in not_sampled:
-                                late_dropped += len(blobs)
-                                continue
-                            t = create(tid, now, evicted)
-                        if t.logs is None:  # the trace's first log records (Trace.add_logs, inlined)
-                            k = len(blobs)
-                            t.logs_key, t.logs, t.n_logs = key, blobs, k
-                            size = nbytes + k * ITEM_OVERHEAD
-                            t.nbytes += size
-                            added += size
-                        else:
-                            added += t.add_logs(key, blobs, nbytes)
-                            if t.segment > segment:
-                                older.append(t)
+            added, n_immediate, late_kept, late_dropped, traceless_dropped = sort_logs(
+                runs, buf, now, self._sampled.entries, self._not_sampled.entries, self._traceless_fraction,
+                self._rng, immediate, older, evicted)
             early = self._end_sort(added, older, evicted, now)
             direct = n_immediate == n and not len(self._outbox) and not early
         self._finish_logs(envelope, direct, late_kept, late_dropped, traceless_dropped, early, immediate)

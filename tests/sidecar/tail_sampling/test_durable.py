@@ -236,6 +236,35 @@ def test_a_pin_moved_to_an_older_segment_is_given_back_once(tmp_path):
     proc.shutdown(time.monotonic() + 5)
 
 
+def test_a_trace_pins_the_older_segment_of_its_first_log_records_sorted_after_its_spans(tmp_path):
+    """A logs request logged before a traces request of the same trace, sorted after it (two receiver threads):
+    the trace was created by the spans, in the newer segment, and its first log records come from the older one.
+    The trace's pin must move there too, or the older segment goes once its other trace is handed on, and a
+    crash loses the log record."""
+    proc, sink, clock, _ = durable(tmp_path, wal={"segment_bytes": 4096})
+    wal = proc._durable._wal
+    waiting, done = tid(), tid()
+    pad = "x" * 3000
+    older = (Signal.LOGS, logs_request((waiting, 9, pad), (done, 9, "done")))
+    newer = (Signal.TRACES, traces_request(span(waiting, attrs={"pad": pad}), span(done, root=True)))
+    logged = [(signal, req) + wal.write(signal, 2, req.SerializeToString()) for signal, req in (older, newer)]
+    assert logged[1][2] > logged[0][2], "the two requests are in two segments"
+    for signal, req, index, ticket in reversed(logged):
+        proc._durable._here.segment = index
+        proc._sort(Envelope(signal, req))
+        wal.commit(ticket)
+        proc._durable._here.segment = None
+        wal.unpin(index)
+    proc.tick(clock.advance(1.5))  # `done` is decided and handed on; `waiting` (no root) waits
+    assert [s.trace_id for s in kept_spans(sink)] == [done]
+    crash(proc)
+
+    proc2, sink2, clock2, _ = durable(tmp_path)
+    proc2.tick(clock2.advance(10.5))
+    assert [r.body.string_value for r in kept_logs(sink2) if r.trace_id == waiting] == [pad]
+    proc2.shutdown(time.monotonic() + 5)
+
+
 def _sorted_out_of_order(tmp_path):
     """Two requests of one trace (``waiting``, no root) logged in one order and sorted in the other, as two
     receiver threads may: DurableBuffer.consume's steps, the newer request's sort first. The older request
