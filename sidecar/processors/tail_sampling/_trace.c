@@ -13,6 +13,8 @@ sort_spans and sort_logs sort a request's runs (sidecar.wire.span_runs / log_run
 processor's per-trace loop, which in Python cost about 2 µs a trace. They read and write the trace's fields
 directly and make new traces here while the buffer has room; what is rare (a trace's second run, a full
 buffer, randomness from a tracestate, attribute checks on a span's value) calls the Python methods.
+decide runs the policies over the traces that are due: the simple kinds (policies.Policy.plan) on the fields
+here, the others by their Python evaluate.
 
 ``sidecar/processors/tail_sampling/_trace_py.py`` is the pure-Python twin of all three (SIDECAR_PURE_PYTHON=1
 or no compiler): the same fields, defaults and results (tests/sidecar/tail_sampling/test_trace_fields.py;
@@ -743,9 +745,230 @@ static PyObject *sort_logs(PyObject *module, PyObject *const *args, Py_ssize_t n
     return Py_BuildValue("(nnnnn)", c.added, c.n_immediate, c.late_kept, c.late_dropped, c.traceless_dropped);
 }
 
+/* --- deciding ------------------------------------------------------------------------------------------ */
+
+/* the kinds of policies.Policy.plan() (PLAN_CALL ...): checked equal by the tests */
+enum { PLAN_CALL, PLAN_ALWAYS, PLAN_STATUS, PLAN_LATENCY, PLAN_ATTRIBUTE, PLAN_PROBABILISTIC, PLAN_KINDS };
+
+typedef struct {
+    int kind;
+    PyObject *name, *evaluate, *a, *b;     /* borrowed from the plan tuple */
+    long mask;                             /* STATUS */
+    unsigned long long lower, upper;       /* LATENCY (upper: b is None = no bound) */
+    unsigned long long threshold;          /* PROBABILISTIC */
+} Plan;
+
+static int read_plans(PyObject *plans, Plan **out, Py_ssize_t *n)
+{
+    if (list_arg(plans, "plans") < 0)
+        return -1;
+    *n = PyList_GET_SIZE(plans);
+    *out = PyMem_Calloc(*n ? (size_t)*n : 1, sizeof(Plan));
+    if (*out == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < *n; i++) {
+        PyObject *p = PyList_GET_ITEM(plans, i);
+        Plan *q = &(*out)[i];
+        if (unpack(p, 5, "plan") < 0)
+            return -1;
+        long kind = PyLong_AsLong(PyTuple_GET_ITEM(p, 0));
+        if (kind == -1 && PyErr_Occurred())
+            return -1;
+        if (kind < 0 || kind >= PLAN_KINDS) {
+            PyErr_Format(PyExc_ValueError, "decide: unknown plan kind %ld", kind);
+            return -1;
+        }
+        q->kind = (int)kind;
+        q->name = PyTuple_GET_ITEM(p, 1);
+        q->evaluate = PyTuple_GET_ITEM(p, 2);
+        q->a = PyTuple_GET_ITEM(p, 3);
+        q->b = PyTuple_GET_ITEM(p, 4);
+        if (q->kind == PLAN_STATUS && (q->mask = PyLong_AsLong(q->a)) == -1 && PyErr_Occurred())
+            return -1;
+        if (q->kind == PLAN_LATENCY) {
+            if ((q->lower = PyLong_AsUnsignedLongLong(q->a)) == (unsigned long long)-1 && PyErr_Occurred())
+                return -1;
+            if (q->b != Py_None && (q->upper = PyLong_AsUnsignedLongLong(q->b)) == (unsigned long long)-1
+                && PyErr_Occurred())
+                return -1;
+        }
+        if (q->kind == PLAN_PROBABILISTIC
+            && (q->threshold = PyLong_AsUnsignedLongLong(q->a)) == (unsigned long long)-1 && PyErr_Occurred())
+            return -1;
+    }
+    return 0;
+}
+
+/* The threshold ``plan`` keeps ``t`` with (a new reference), Py_None (a new reference) when it does not keep it,
+   or NULL on error: policies.py's evaluate of each kind, on the trace's fields. */
+static PyObject *run_plan(Plan *q, TraceObject *t, PyObject *now)
+{
+    switch (q->kind) {
+    case PLAN_ALWAYS:
+        Py_INCREF(zero);
+        return zero;
+    case PLAN_STATUS:
+        if (t->status_mask & q->mask) {
+            Py_INCREF(zero);
+            return zero;
+        }
+        Py_RETURN_NONE;
+    case PLAN_LATENCY: {
+        unsigned long long d = t->start && t->end > t->start ? t->end - t->start : 0; /* Trace.duration_ns */
+        if (d >= q->lower && (q->b == Py_None || d <= q->upper) && t->n_spans) {
+            Py_INCREF(zero);
+            return zero;
+        }
+        Py_RETURN_NONE;
+    }
+    case PLAN_ATTRIBUTE: {
+        PyObject *both = PyNumber_And(t->matched != NULL ? t->matched : zero, q->a);
+        if (both == NULL)
+            return NULL;
+        int found = PyObject_IsTrue(both);
+        Py_DECREF(both);
+        int invert = PyObject_IsTrue(q->b);
+        if (found < 0 || invert < 0)
+            return NULL;
+        if (found != invert) {
+            Py_INCREF(zero);
+            return zero;
+        }
+        Py_RETURN_NONE;
+    }
+    case PLAN_PROBABILISTIC: {
+        unsigned long long r = 0; /* Trace.randomness: rv, else the trace id's rightmost 56 bits */
+        if (t->rv != NULL && t->rv != Py_None) {
+            r = PyLong_AsUnsignedLongLong(t->rv);
+            if (r == (unsigned long long)-1 && PyErr_Occurred())
+                return NULL;
+        } else if (PyBytes_Check(t->trace_id) && PyBytes_GET_SIZE(t->trace_id) == 16) {
+            const unsigned char *id = (const unsigned char *)PyBytes_AS_STRING(t->trace_id);
+            for (int i = 9; i < 16; i++)
+                r = r << 8 | id[i];
+        } else {
+            break; /* an id the receiver would not have let in: as Python computes it */
+        }
+        if (r >= q->threshold) {
+            Py_INCREF(q->a);
+            return q->a;
+        }
+        Py_RETURN_NONE;
+    }
+    default:
+        break;
+    }
+    return PyObject_CallFunctionObjArgs(q->evaluate, (PyObject *)t, now, NULL);
+}
+
+static int append_pair(PyObject *list, PyObject *a, PyObject *b)
+{
+    PyObject *item = PyTuple_Pack(2, a, b);
+    if (item == NULL)
+        return -1;
+    int rc = PyList_Append(list, item);
+    Py_DECREF(item);
+    return rc;
+}
+
+static int append4(PyObject *list, PyObject *a, PyObject *b, PyObject *c, PyObject *d)
+{
+    PyObject *item = PyTuple_Pack(4, a, b, c, d);
+    if (item == NULL)
+        return -1;
+    int rc = PyList_Append(list, item);
+    Py_DECREF(item);
+    return rc;
+}
+
+/* One trace: drop policies veto, then the first keep policy that keeps decides. */
+static int decide_one(TraceObject *t, Plan *drops, Py_ssize_t nd, Plan *keeps, Py_ssize_t nk, PyObject *now,
+                      PyObject *labels, PyObject *out, PyObject *kept, PyObject *dropped)
+{
+    for (Py_ssize_t i = 0; i < nd; i++) {
+        PyObject *r = run_plan(&drops[i], t, now);
+        if (r == NULL)
+            return -1;
+        int hit = r != Py_None;
+        Py_DECREF(r);
+        if (hit) {
+            if (append4(out, (PyObject *)t, PyTuple_GET_ITEM(labels, 0), drops[i].name, zero) < 0)
+                return -1;
+            return append_pair(dropped, t->trace_id, Py_True);
+        }
+    }
+    for (Py_ssize_t i = 0; i < nk; i++) {
+        PyObject *threshold = run_plan(&keeps[i], t, now);
+        if (threshold == NULL)
+            return -1;
+        if (threshold != Py_None) {
+            PyObject *decision = PyTuple_Pack(2, keeps[i].name, threshold);
+            int rc = decision == NULL ? -1
+                : append4(out, (PyObject *)t, PyTuple_GET_ITEM(labels, 1), keeps[i].name, threshold);
+            if (rc == 0)
+                rc = append_pair(kept, t->trace_id, decision);
+            Py_XDECREF(decision);
+            Py_DECREF(threshold);
+            return rc;
+        }
+        Py_DECREF(threshold);
+    }
+    if (append4(out, (PyObject *)t, PyTuple_GET_ITEM(labels, 2), PyTuple_GET_ITEM(labels, 3), zero) < 0)
+        return -1;
+    return append_pair(dropped, t->trace_id, Py_True);
+}
+
+PyDoc_STRVAR(decide_doc,
+"decide(traces, drops, keeps, now, labels) -> (decisions, kept, dropped): see _trace_py.decide.");
+
+static PyObject *decide(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "decide takes 5 arguments");
+        return NULL;
+    }
+    PyObject *traces = args[0], *now = args[3], *labels = args[4];
+    if (list_arg(traces, "traces") < 0 || unpack(labels, 4, "labels") < 0)
+        return NULL;
+    Plan *drops = NULL, *keeps = NULL;
+    Py_ssize_t nd = 0, nk = 0;
+    PyObject *out = NULL, *kept = NULL, *dropped = NULL, *result = NULL;
+    if (read_plans(args[1], &drops, &nd) < 0 || read_plans(args[2], &keeps, &nk) < 0)
+        goto done;
+    if ((out = PyList_New(0)) == NULL || (kept = PyList_New(0)) == NULL || (dropped = PyList_New(0)) == NULL)
+        goto done;
+    Py_INCREF(traces);
+    int rc = 0;
+    for (Py_ssize_t i = 0; rc == 0 && i < PyList_GET_SIZE(traces); i++) {
+        PyObject *t = PyList_GET_ITEM(traces, i);
+        if (!PyObject_TypeCheck(t, &TraceBaseType)) {
+            PyErr_SetString(PyExc_TypeError, "decide: a trace must be a TraceBase");
+            rc = -1;
+            break;
+        }
+        Py_INCREF(t);
+        rc = decide_one((TraceObject *)t, drops, nd, keeps, nk, now, labels, out, kept, dropped);
+        Py_DECREF(t);
+    }
+    Py_DECREF(traces);
+    if (rc == 0)
+        result = PyTuple_Pack(3, out, kept, dropped);
+done:
+    PyMem_Free(drops);
+    PyMem_Free(keeps);
+    Py_XDECREF(out);
+    Py_XDECREF(kept);
+    Py_XDECREF(dropped);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"sort_spans", (PyCFunction)(void (*)(void))sort_spans, METH_FASTCALL, sort_spans_doc},
     {"sort_logs", (PyCFunction)(void (*)(void))sort_logs, METH_FASTCALL, sort_logs_doc},
+    {"decide", (PyCFunction)(void (*)(void))decide, METH_FASTCALL, decide_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -790,7 +1013,8 @@ PyInit__trace(void)
     Py_INCREF(&TraceBaseType);
     if (PyModule_AddObject(m, "TraceBase", (PyObject *)&TraceBaseType) < 0
         || PyModule_AddIntConstant(m, "TRACE_OVERHEAD", TRACE_OVERHEAD) < 0
-        || PyModule_AddIntConstant(m, "ITEM_OVERHEAD", ITEM_OVERHEAD) < 0) {
+        || PyModule_AddIntConstant(m, "ITEM_OVERHEAD", ITEM_OVERHEAD) < 0
+        || PyModule_AddIntConstant(m, "PLAN_KINDS", PLAN_KINDS) < 0) {
         Py_DECREF(m);
         return NULL;
     }

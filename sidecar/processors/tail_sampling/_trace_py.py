@@ -169,3 +169,35 @@ def sort_logs(runs: list, buf, now: float, sampled: dict, not_sampled: dict, tra
                 else:
                     added += t.add_logs(key, blobs, nbytes)
     return added, n_immediate, late_kept, late_dropped, traceless_dropped
+
+
+def decide(traces: list, drops: list[tuple], keeps: list[tuple], now: float,
+           labels: tuple) -> tuple[list, list, list]:
+    """Decide ``traces``: drop policies veto, then the first keep policy that keeps decides.
+
+    ``drops`` and ``keeps``: each policy's plan (kind, name, evaluate, a, b; policies.Policy.plan: this twin calls
+    ``evaluate`` whatever the kind, C runs the simple kinds itself); ``labels``: the decisions (dropped, sampled,
+    not sampled) and the policy name of a trace no policy keeps. Returns (decisions: (trace, decision, policy,
+    threshold), kept: (trace id, (policy, threshold)), dropped: (trace id, True)) for the decision caches.
+    """
+    dropped_label, sampled_label, not_sampled_label, no_policy = labels
+    out = []
+    kept, dropped = [], []
+    for t in traces:
+        for plan in drops:
+            if plan[2](t, now) is not None:
+                out.append((t, dropped_label, plan[1], 0))
+                dropped.append((t.trace_id, True))
+                break
+        else:
+            for plan in keeps:
+                threshold = plan[2](t, now)
+                if threshold is not None:
+                    name = plan[1]
+                    out.append((t, sampled_label, name, threshold))
+                    kept.append((t.trace_id, (name, threshold)))
+                    break
+            else:
+                out.append((t, not_sampled_label, no_policy, 0))
+                dropped.append((t.trace_id, True))
+    return out, kept, dropped

@@ -25,11 +25,12 @@ from sidecar.processors.tail_sampling import _trace_py
 from sidecar.processors.tail_sampling._trace_py import ITEM_OVERHEAD, TRACE_OVERHEAD
 from sidecar.processors.tail_sampling.decisions import randomness
 
-#: A trace's fields and the sort of a request's runs into the buffer: the C extension when built (and not
-#: switched off), else the pure-Python twin.
+#: A trace's fields, the sort of a request's runs into the buffer and the decision loop: the C extension when
+#: built (and not switched off), else the pure-Python twin.
 _fields = choose("sidecar.processors.tail_sampling._trace", _trace_py)
 sort_spans = _fields.sort_spans
 sort_logs = _fields.sort_logs
+decide = _fields.decide
 _NOTHING = nullcontext()
 
 

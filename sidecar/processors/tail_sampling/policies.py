@@ -27,6 +27,11 @@ _STATUS = {"UNSET": 0, "OK": 1, "ERROR": 2}
 #: What a policy can need extracted from each span.
 STATUS, TIMES, RANDOMNESS = "status", "times", "randomness"
 
+#: How the decision loop (``_trace.decide``) runs a policy: what :meth:`Policy.plan` names. CALL calls its
+#: ``evaluate``; the others are the tests of the policies below on the trace's fields, done in C (the
+#: pure-Python twin calls ``evaluate`` for every kind: the same answers, tests/sidecar/tail_sampling/test_decide_parity.py).
+PLAN_CALL, PLAN_ALWAYS, PLAN_STATUS, PLAN_LATENCY, PLAN_ATTRIBUTE, PLAN_PROBABILISTIC = range(6)
+
 
 class Policy(ABC):
     name: str
@@ -39,6 +44,11 @@ class Policy(ABC):
     def leaves(self) -> Iterator["Policy"]:
         """This policy and every sub-policy under it."""
         yield self
+
+    def plan(self) -> tuple:
+        """(kind, name, evaluate, a, b): how the decision loop runs this policy (see PLAN_CALL); the default
+        calls ``evaluate``. Made once the attribute checks have their bits."""
+        return (PLAN_CALL, self.name, self.evaluate, None, None)
 
 
 class AttributeCheck(NamedTuple):
@@ -72,6 +82,9 @@ class AlwaysSample(Policy):
     def evaluate(self, trace: Trace, now: float) -> Optional[int]:
         return ALWAYS
 
+    def plan(self) -> tuple:
+        return (PLAN_ALWAYS, self.name, self.evaluate, None, None)
+
 
 class StatusCode(Policy):
     needs = frozenset({STATUS})
@@ -82,6 +95,9 @@ class StatusCode(Policy):
 
     def evaluate(self, trace: Trace, now: float) -> Optional[int]:
         return ALWAYS if trace.status_mask & self.mask else None
+
+    def plan(self) -> tuple:
+        return (PLAN_STATUS, self.name, self.evaluate, self.mask, None)
 
 
 class Latency(Policy):
@@ -99,6 +115,11 @@ class Latency(Policy):
             return ALWAYS
         return None
 
+    def plan(self) -> tuple:
+        if self.lower < 0 or (self.upper is not None and self.upper < 0):  # not what config allows: as Python does
+            return super().plan()
+        return (PLAN_LATENCY, self.name, self.evaluate, self.lower, self.upper)
+
 
 class Probabilistic(Policy):
     """Keep iff R >= T: the same answer on every sidecar for the same trace."""
@@ -115,6 +136,9 @@ class Probabilistic(Policy):
         r = rv if rv is not None else int.from_bytes(trace.trace_id[9:16], "big")
         return t if r >= t else None
 
+    def plan(self) -> tuple:
+        return (PLAN_PROBABILISTIC, self.name, self.evaluate, self.threshold, None)
+
 
 class _Attribute(Policy):
     key: str
@@ -128,6 +152,9 @@ class _Attribute(Policy):
     def evaluate(self, trace: Trace, now: float) -> Optional[int]:
         found = bool(trace.matched & self.bit)
         return ALWAYS if found != self.invert else None
+
+    def plan(self) -> tuple:
+        return (PLAN_ATTRIBUTE, self.name, self.evaluate, self.bit, bool(self.invert))
 
 
 class StringAttribute(_Attribute):

@@ -32,7 +32,7 @@ from prometheus_client import Counter, Gauge
 from sidecar import wire
 from sidecar.component import Component, Consumer, Refused
 from sidecar.processors.tail_sampling import policies as _policies
-from sidecar.processors.tail_sampling.buffer import Trace, sort_logs, sort_spans
+from sidecar.processors.tail_sampling.buffer import Trace, decide, sort_logs, sort_spans
 from sidecar.processors.tail_sampling.config import TailSamplingConfig
 from sidecar.processors.tail_sampling.decisions import LRU
 from sidecar.processors.tail_sampling.durable import DurableBuffer
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 
 SAMPLED, NOT_SAMPLED, DROPPED = "sampled", "not_sampled", "dropped"
+_LABELS = (DROPPED, SAMPLED, NOT_SAMPLED, "none")  # decide()'s: the decisions, and no policy's name
 #: the most items of decided output the outbox merges into one request (the shipped persistent queue batches to
 #: as many before an export)
 COALESCE_ITEMS = 8192
@@ -95,14 +96,14 @@ class TailSamplingProcessor(Component):
         self._drop_policies = [p for p in built if isinstance(p, _policies.Drop)]
         self._keep_policies = [p for p in built if not isinstance(p, _policies.Drop)]
         self.policies = {p.name: p for p in built}
-        self._drop_evaluations = [(p.evaluate, p.name) for p in self._drop_policies]
-        self._keep_evaluations = [(p.evaluate, p.name) for p in self._keep_policies]
         # decided once: what each arriving span must yield for these policies
         needs = _policies.needs_of(built)
         self._need_status = _policies.STATUS in needs
         self._need_times = _policies.TIMES in needs
         self._need_rv = _policies.RANDOMNESS in needs
         self._checks = _policies.attribute_checks(built)
+        self._drop_plans = [p.plan() for p in self._drop_policies]  # after the checks: attribute plans carry bits
+        self._keep_plans = [p.plan() for p in self._keep_policies]
         self._all_checks = (1 << len(self._checks)) - 1
         self._check_keys = tuple(dict.fromkeys(c.key_bytes for c in self._checks))  # each key scanned once
         self._check_slots = [self._check_keys.index(c.key_bytes) for c in self._checks]
@@ -325,25 +326,7 @@ class TailSamplingProcessor(Component):
 
     def _decide_all(self, traces: list[Trace], now: float) -> list[tuple[Trace, str, str, int]]:
         """Decisions for ``traces``, remembered in the decision cache. Call with the lock held."""
-        out = []
-        kept, dropped = [], []
-        drop_policies, keep_policies = self._drop_evaluations, self._keep_evaluations
-        for t in traces:  # drop policies veto, then the first keep policy that keeps decides
-            for evaluate, name in drop_policies:
-                if evaluate(t, now) is not None:
-                    out.append((t, DROPPED, name, 0))
-                    dropped.append((t.trace_id, True))
-                    break
-            else:
-                for evaluate, name in keep_policies:
-                    threshold = evaluate(t, now)
-                    if threshold is not None:
-                        out.append((t, SAMPLED, name, threshold))
-                        kept.append((t.trace_id, (name, threshold)))
-                        break
-                else:
-                    out.append((t, NOT_SAMPLED, "none", 0))
-                    dropped.append((t.trace_id, True))
+        out, kept, dropped = decide(traces, self._drop_plans, self._keep_plans, now, _LABELS)
         self._sampled.put_many(kept)
         self._not_sampled.put_many(dropped)
         return out

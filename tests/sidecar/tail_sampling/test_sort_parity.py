@@ -140,3 +140,62 @@ def test_the_c_sort_refuses_what_is_not_a_scanners_output():
         with pytest.raises(TypeError):
             _c.sort_spans(runs, *args)
     assert len(buf) == 0
+
+
+POLICIES = [
+    {"name": "no-health", "type": "drop", "drop": {"drop_sub_policy": [
+        {"name": "health", "type": "string_attribute", "string_attribute": {"key": "http.route", "values": ["/health"]}},
+    ]}},
+    {"name": "errors", "type": "status_code", "status_code": {"status_codes": ["ERROR"]}},
+    {"name": "band", "type": "latency", "latency": {"threshold_ms": 100, "upper_threshold_ms": 500}},
+    {"name": "slow", "type": "latency", "latency": {"threshold_ms": 2000}},
+    {"name": "forced", "type": "boolean_attribute", "boolean_attribute": {"key": "sampling.force_keep", "value": True}},
+    {"name": "not-bert", "type": "string_attribute",
+     "string_attribute": {"key": "ml.model.id", "values": ["bert"], "invert_match": True}},
+    {"name": "big", "type": "span_count", "span_count": {"min_spans": 5}},
+    {"name": "baseline", "type": "probabilistic", "probabilistic": {"sampling_percentage": 10}},
+    {"name": "all", "type": "always_sample"},
+]
+
+
+def _plans(policies: list[dict]):
+    import yaml
+
+    from sidecar.processors.tail_sampling import TailSamplingConfig
+    from sidecar.processors.tail_sampling import policies as _policies
+
+    cfg = TailSamplingConfig.model_validate(yaml.safe_load(yaml.safe_dump({"policies": policies})))
+    built = [_policies.build(p) for p in cfg.policies]
+    _policies.attribute_checks(built)
+    drops = [p.plan() for p in built if isinstance(p, _policies.Drop)]
+    keeps = [p.plan() for p in built if not isinstance(p, _policies.Drop)]
+    assert {k for k, *_ in keeps} == set(range(_c.PLAN_KINDS)), "every kind of plan is run"
+    return drops, keeps
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_c_and_python_decide_every_trace_alike(seed):
+    from sidecar.processors.tail_sampling.processor import _LABELS
+
+    rng = random.Random(seed)
+    drops, keeps = _plans(POLICIES[:1] + rng.sample(POLICIES[1:-1], k=len(POLICIES) - 2) + POLICIES[-1:])
+    c_type, py_type = _trace_class(_c.TraceBase), _trace_class(_trace_py.TraceBase)
+    c_traces, py_traces = [], []
+    for _ in range(400):
+        tid = rng.randbytes(16)
+        fields = {"status_mask": rng.choice([0, 1, 2, 4, 5]), "n_spans": rng.choice([0, 1, 3, 6]),
+                  "start": rng.choice([0, 10 ** 18]), "matched": rng.randrange(16),
+                  "rv": rng.choice([None, None, rng.randrange(1 << 56)])}
+        fields["end"] = rng.choice([0, fields["start"] + rng.choice([0, 5 * 10 ** 7, 10 ** 8, 3 * 10 ** 8, 5 * 10 ** 8, 9 * 10 ** 8, 2 * 10 ** 9, 3 * 10 ** 9])])
+        for cls, out in ((c_type, c_traces), (py_type, py_traces)):
+            t = cls(tid, 1.0)
+            for k, v in fields.items():
+                setattr(t, k, v)
+            out.append(t)
+    got_c = _c.decide(c_traces, drops, keeps, 5.0, _LABELS)
+    got_py = _trace_py.decide(py_traces, drops, keeps, 5.0, _LABELS)
+    for got in (got_c, got_py):
+        got[0][:] = [(t.trace_id, decision, policy, threshold) for t, decision, policy, threshold in got[0]]
+    assert got_c == got_py
+    assert len({policy for _, _, policy, _ in got_c[0]}) >= 5, "the traces take many policies' paths"
+    assert all(any(d is label for label in _LABELS[:3]) for _, d, _, _ in got_c[0]), "the processor compares with `is`"
