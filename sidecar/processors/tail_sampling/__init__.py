@@ -2,7 +2,8 @@
 
 Layout: ``config`` (the typed YAML section), ``policies`` (keep/drop rules),
 ``decisions`` (consistent sampling thresholds, tracestate, the decision cache),
-``buffer`` (undecided traces held as their encoded bytes), ``durable`` and ``wal`` (the buffer's
+``buffer`` (undecided traces held as their encoded bytes; ``_trace.c`` or its twin ``_trace_py``: a
+trace's fields, the sort of a request into the buffer, the decision loop), ``durable`` and ``wal`` (the buffer's
 write-ahead log with ``storage``), ``processor`` (the component).
 """
 

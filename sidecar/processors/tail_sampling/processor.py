@@ -6,7 +6,9 @@ fate. The hot path works on the received encoding through the wire scanner
 (``sidecar.wire``: C, or the same answers in Python): runs of spans of one trace
 are sliced from the bytes into the buffer, and what the configured policies need
 (status, start and end, tracestate randomness, attribute values) is folded into
-the trace per run; the received request is then free to go. Kept traces (a tenth,
+the trace per run; the received request is then free to go. The per-trace loops (sorting
+runs into the buffer, running the policies) are C (``_trace.c``) with a pure-Python twin,
+chosen with the wire scanner's rule (``buffer.sort_spans``, ``sort_logs``, ``decide``). Kept traces (a tenth,
 typically) are not parsed either: their bytes are spliced into a new
 Export*ServiceRequest under their original resource and scope and handed on as that
 encoding (the next stages, redaction and the exporters, work on bytes too).
@@ -205,7 +207,7 @@ class TailSamplingProcessor(Component):
 
     def _consume_traces(self, envelope: Envelope) -> None:
         """Sort a traces request into the buffer from the wire scanner's runs (consecutive spans of one
-        trace and tracestate; C or Python): span bytes are sliced from the encoding, Python works per run."""
+        trace and tracestate): span bytes are sliced from the encoding and sorted in per run (C or Python)."""
         n = self._admit(envelope)
         if not n:
             return
