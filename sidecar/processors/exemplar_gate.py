@@ -6,9 +6,10 @@ and an exemplar pointing at it leads nowhere. With a sampler behind it, span_met
 hands each candidate to a :class:`PendingExemplars`, which holds it by trace id until
 the decision arrives on ``host.sampling_decisions`` and only then makes it the series'
 exemplar. Bounded: a candidate older than a decision can take expires, and at most
-``max_pending`` wait; both are counted. Recent decisions are remembered (as many again),
-so a late span of a decided trace, or a decision that arrives while its request is still
-in the stages behind, resolves at once.
+``max_pending`` wait; both are counted. Recent decisions are remembered (at least as many
+again, at most twice that: two generations of dicts, so remembering one is a dict insert and
+forgetting is dropping the older generation whole), so a late span of a decided trace, or a
+decision that arrives while its request is still in the stages behind, resolves at once.
 
 Not thread-safe: span_metrics calls every method under its own lock (which also guards the
 series the candidates point into).
@@ -37,7 +38,9 @@ class PendingExemplars:
         self.max_pending = max_pending
         #: trace id -> [held since, (series, slot, exemplar), ...], oldest first
         self._pending: OrderedDict[bytes, list] = OrderedDict()
-        self._decided: OrderedDict[bytes, bool] = OrderedDict()
+        #: trace id -> kept, of recent decisions: the newer generation fills, then replaces the older
+        self._decided: dict[bytes, bool] = {}
+        self._decided_before: dict[bytes, bool] = {}
         self.n = 0
         #: outcomes not yet counted: kept, not_sampled, expired, overflow
         self.outcomes = {"kept": 0, "not_sampled": 0, "expired": 0, "overflow": 0}
@@ -45,6 +48,8 @@ class PendingExemplars:
     def hold(self, series: list, slot: int, ex: tuple, now: float) -> None:
         tid = ex[1]
         kept = self._decided.get(tid)
+        if kept is None:
+            kept = self._decided_before.get(tid)
         if kept is not None:  # already decided: a late span, or a decision that overtook its request
             if kept:
                 promote(series, slot, ex)
@@ -73,14 +78,22 @@ class PendingExemplars:
         self.outcomes["expired"] += n
 
     def decide(self, decisions: Iterable[tuple]) -> None:
-        """Apply ``(trace id, kept, policy)`` decisions: kept candidates become exemplars, the others go."""
-        pending, decided = self._pending, self._decided
+        """Apply ``(trace id, kept, policy)`` decisions: kept candidates become exemplars, the others go.
+
+        Every trace is decided once and few have candidates waiting, so the decisions are remembered in one
+        dict update and only the traces found waiting (one set intersection) are looked at one by one."""
+        kept_of = {tid: kept for tid, kept, _ in decisions}
+        decided = self._decided
+        decided.update(kept_of)
+        if len(decided) >= self.max_pending:
+            self._decided_before, self._decided = decided, {}
+        pending = self._pending
+        if not pending or pending.keys().isdisjoint(kept_of):
+            return
         kept_n = dropped_n = 0
-        for tid, kept, _ in decisions:
-            decided[tid] = kept
-            entry = pending.pop(tid, None)
-            if entry is None:
-                continue
+        for tid in [t for t in kept_of if t in pending]:  # in decision order: ties between candidates as before
+            entry = pending.pop(tid)
+            kept = kept_of[tid]
             n = len(entry) - 1
             self.n -= n
             if kept:
@@ -89,8 +102,6 @@ class PendingExemplars:
                 kept_n += n
             else:
                 dropped_n += n
-        while len(decided) > self.max_pending:
-            decided.popitem(last=False)
         self.outcomes["kept"] += kept_n
         self.outcomes["not_sampled"] += dropped_n
 

@@ -119,6 +119,22 @@ def test_a_decision_that_overtakes_its_request_is_remembered():
     c.stop()
 
 
+def test_recent_decisions_are_remembered_between_max_pending_and_twice_that():
+    from sidecar.processors.exemplar_gate import PendingExemplars
+
+    gate = PendingExemplars(max_age=5.0, max_pending=100)
+    ids = [i.to_bytes(16, "big") for i in range(350)]
+    for start in range(0, 350, 25):
+        gate.decide([(t, t[-1] % 2 == 0, "p") for t in ids[start:start + 25]])
+    remembered = [t for t in ids if t in gate._decided or t in gate._decided_before]
+    assert 100 <= len(remembered) <= 200 and remembered == ids[-len(remembered):], "the newest, up to a bound"
+    series = [0, 0, 0, None, None]
+    gate.hold(series, 3, (7, ids[-2], b"s" * 8, 9), now=1.0)  # a late span of the newest kept trace
+    gate.hold(series, 3, (8, ids[-1], b"t" * 8, 9), now=1.0)  # and of the newest dropped one
+    gate.hold(series, 3, (9, ids[0], b"u" * 8, 9), now=1.0)  # forgotten: it waits for a decision
+    assert series[3] == (7, ids[-2], b"s" * 8, 9) and gate.n == 1
+
+
 def test_without_a_tail_sampler_exemplars_publish_at_once():
     c = Chain(sampler=False)
     t = tid()

@@ -137,18 +137,22 @@ class LRU(Generic[K, V]):
             d.popitem(last=False)
 
     def put_many(self, items: list[tuple[K, V]]) -> None:
-        """:meth:`put` of each (key, value) in order."""
+        """:meth:`put` of each (key, value) in order.
+
+        Keys are nearly always new (a trace is decided once), so they go in with one ``update``; should any
+        have been there already, moving every key to the end in order gives the order the puts would have."""
         if self.size <= 0 or not items:
             return
         d = self._d
-        move = d.move_to_end
-        for key, value in items:
-            if key in d:
+        before = len(d)
+        d.update(items)
+        if len(d) - before != len(items):  # some were there (or came twice): refresh them as put() would
+            move = d.move_to_end
+            for key, _ in items:
                 move(key)
-            d[key] = value
-        excess = len(d) - self.size
-        for _ in range(excess):
-            d.popitem(last=False)
+        popitem = d.popitem
+        for _ in range(len(d) - self.size):
+            popitem(False)
 
     @property
     def entries(self) -> "OrderedDict[K, V]":
