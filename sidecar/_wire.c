@@ -176,7 +176,25 @@ static PyObject *bytes_of(Slice s) { return PyBytes_FromStringAndSize((const cha
 
 static PyObject *str_of(Slice s) { return PyUnicode_DecodeUTF8((const char *)s.p, s.n, "strict"); }
 
-static int slice_eq(Slice a, Slice b) { return a.n == b.n && (a.n == 0 || memcmp(a.p, b.p, (size_t)a.n) == 0); }
+/* Whether two byte strings of length ``n`` differ in their last 8 bytes (n >= 8): two loads, no call. Ids and
+ * attribute keys that differ mostly differ there (keys share namespaces at the front), so most unequal pairs
+ * are told apart without memcmp, which the audit subset called for every recent span it compared with. */
+static inline int tail_differs(const uint8_t *a, const uint8_t *b, Py_ssize_t n)
+{
+    uint64_t x, y;
+    memcpy(&x, a + n - 8, 8);
+    memcpy(&y, b + n - 8, 8);
+    return x != y;
+}
+
+static inline int slice_eq(Slice a, Slice b)
+{
+    if (a.n != b.n)
+        return 0;
+    if (a.n >= 8 && tail_differs(a.p, b.p, a.n))
+        return 0;
+    return a.n == 0 || memcmp(a.p, b.p, (size_t)a.n) == 0;
+}
 
 /* --- heads -------------------------------------------------------------------------------------- */
 
@@ -279,7 +297,8 @@ static inline int find_key(Slice key, const Keys *k)
 {
     if (key.n < SHORT_KEY) {
         for (int j = k->first_of_len[key.n]; j >= 0; j = k->next_of_len[j])
-            if (key.n == 0 || memcmp(key.p, k->keys[j].p, (size_t)key.n) == 0)
+            if (key.n == 0 || ((key.n < 8 || !tail_differs(key.p, k->keys[j].p, key.n))
+                               && memcmp(key.p, k->keys[j].p, (size_t)key.n) == 0))
                 return j;
         return -1;
     }
