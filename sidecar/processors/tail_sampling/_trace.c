@@ -293,6 +293,96 @@ static int list_arg(PyObject *o, const char *what)
     return 0;
 }
 
+/* What one sort does at each level of the scanner's output (ResourceGroup > ScopeGroup > runs). */
+typedef struct {
+    PyObject *(*resource_bits)(void *ctx, PyObject *values);   /* a new reference; NULL: none (the int 0) */
+    PyObject *(*scope_key)(PyObject *rhead, PyObject *shead);  /* the scope's group key, a new reference */
+    int (*run)(void *ctx, PyObject *rhead, PyObject *shead, PyObject *key, PyObject **ts_keys, PyObject *bits,
+               PyObject *run);
+} Visit;
+
+static int sort_resource(PyObject *group, const Visit *v, void *ctx)
+{
+    if (unpack(group, 3, "ResourceGroup") < 0)
+        return -1;
+    PyObject *rhead = PyTuple_GET_ITEM(group, 0), *scopes = PyTuple_GET_ITEM(group, 1);
+    if (list_arg(scopes, "a resource's scopes") < 0)
+        return -1;
+    PyObject *bits = zero;
+    if (v->resource_bits == NULL)
+        Py_INCREF(bits);
+    else if ((bits = v->resource_bits(ctx, PyTuple_GET_ITEM(group, 2))) == NULL)
+        return -1;
+    int rc = 0;
+    for (Py_ssize_t i = 0; rc == 0 && i < PyList_GET_SIZE(scopes); i++) {
+        PyObject *scope = PyList_GET_ITEM(scopes, i); /* a tuple: holds its head and runs while its list is held */
+        if ((rc = unpack(scope, 2, "ScopeGroup")) < 0)
+            break;
+        PyObject *shead = PyTuple_GET_ITEM(scope, 0), *runs = PyTuple_GET_ITEM(scope, 1);
+        if ((rc = list_arg(runs, "a scope's runs")) < 0)
+            break;
+        PyObject *key = v->scope_key(rhead, shead), *ts_keys = NULL;
+        if (key == NULL) {
+            rc = -1;
+            break;
+        }
+        Py_INCREF(runs);
+        for (Py_ssize_t j = 0; rc == 0 && j < PyList_GET_SIZE(runs); j++) {
+            PyObject *run = PyList_GET_ITEM(runs, j);
+            Py_INCREF(run); /* held: Python methods run in between */
+            rc = v->run(ctx, rhead, shead, key, &ts_keys, bits, run);
+            Py_DECREF(run);
+        }
+        Py_DECREF(runs);
+        Py_DECREF(key);
+        Py_XDECREF(ts_keys);
+    }
+    Py_DECREF(bits);
+    return rc;
+}
+
+/* Every run of a request's ResourceGroups, in order. */
+static int sort_groups(PyObject *runs, const Visit *v, void *ctx)
+{
+    int rc = 0;
+    Py_INCREF(runs);
+    for (Py_ssize_t i = 0; rc == 0 && i < PyList_GET_SIZE(runs); i++) {
+        PyObject *group = PyList_GET_ITEM(runs, i);
+        Py_INCREF(group);
+        rc = sort_resource(group, v, ctx);
+        Py_DECREF(group);
+    }
+    Py_DECREF(runs);
+    return rc;
+}
+
+/* A trace's first run of spans or records (Trace.add_spans / add_logs, inlined): ``key`` and the ``k`` items into
+   its slots; the bytes it adds (the items' ``nbytes`` and their overhead). */
+static Py_ssize_t first_group(TraceObject *t, PyObject **key_slot, PyObject **items_slot, Py_ssize_t *count,
+                              PyObject *key, PyObject *items, Py_ssize_t k, Py_ssize_t nbytes)
+{
+    Py_INCREF(key);
+    Py_XSETREF(*key_slot, key);
+    Py_INCREF(items);
+    Py_XSETREF(*items_slot, items);
+    *count = k;
+    Py_ssize_t size = nbytes + k * ITEM_OVERHEAD;
+    t->nbytes += size;
+    return size;
+}
+
+/* A later run: the trace's Python ``method`` (add_spans / add_logs) joins it to its groups; the bytes it added,
+   or -1 with an error set. */
+static Py_ssize_t later_run(TraceObject *t, PyObject *method, PyObject *key, PyObject *items, PyObject *nbytes)
+{
+    PyObject *r = PyObject_CallMethodObjArgs((PyObject *)t, method, key, items, nbytes, NULL);
+    if (r == NULL)
+        return -1;
+    Py_ssize_t size = PyLong_AsSsize_t(r);
+    Py_DECREF(r);
+    return size;
+}
+
 typedef struct {
     Buf b;
     PyObject *sampled, *not_sampled, *late_kept, *passthrough, *older, *evicted, *roots; /* roots owned */
@@ -303,9 +393,10 @@ typedef struct {
 } SpanSort;
 
 /* One run (a SpanRun) of a scope: the body of _trace_py.sort_spans's innermost loop. */
-static int sort_span_run(SpanSort *c, PyObject *rhead, PyObject *shead, PyObject *plain_key, PyObject **keys,
+static int sort_span_run(void *ctx, PyObject *rhead, PyObject *shead, PyObject *plain_key, PyObject **keys,
                          PyObject *res_matched, PyObject *run)
 {
+    SpanSort *c = ctx;
     if (unpack(run, 9, "SpanRun") < 0)
         return -1;
     PyObject *tid = PyTuple_GET_ITEM(run, 0), *ts = PyTuple_GET_ITEM(run, 1), *blobs = PyTuple_GET_ITEM(run, 2),
@@ -367,21 +458,9 @@ static int sort_span_run(SpanSort *c, PyObject *rhead, PyObject *shead, PyObject
         Py_ssize_t size = PyLong_AsSsize_t(nbytes);
         if ((size == -1 && PyErr_Occurred()) || (t = buf_new_trace(&c->b, tid, c->evicted)) == NULL)
             return -1;
-        /* its first group (Trace.add_spans, inlined) */
-        Py_INCREF(key);
-        Py_XSETREF(t->spans_key, key);
-        Py_INCREF(blobs);
-        Py_XSETREF(t->spans, blobs);
-        t->n_spans = k;
-        size += k * ITEM_OVERHEAD;
-        t->nbytes += size;
-        c->added += size;
+        c->added += first_group(t, &t->spans_key, &t->spans, &t->n_spans, key, blobs, k, size);
     } else {
-        PyObject *r = PyObject_CallMethodObjArgs((PyObject *)t, s_add_spans, key, blobs, nbytes, NULL);
-        if (r == NULL)
-            goto fail;
-        Py_ssize_t size = PyLong_AsSsize_t(r);
-        Py_DECREF(r);
+        Py_ssize_t size = later_run(t, s_add_spans, key, blobs, nbytes);
         if (size == -1 && PyErr_Occurred())
             goto fail;
         c->added += size;
@@ -456,47 +535,22 @@ fail:
     return -1;
 }
 
-static int sort_span_resource(SpanSort *c, PyObject *group)
+static PyObject *span_resource_bits(void *ctx, PyObject *values)
 {
-    if (unpack(group, 3, "ResourceGroup") < 0)
-        return -1;
-    PyObject *rhead = PyTuple_GET_ITEM(group, 0), *scopes = PyTuple_GET_ITEM(group, 1);
-    if (list_arg(scopes, "a resource's scopes") < 0)
-        return -1;
-    PyObject *res_matched = zero;
-    if (c->all_checks != NULL) {
-        if ((res_matched = PyObject_CallOneArg(c->resource_matches, PyTuple_GET_ITEM(group, 2))) == NULL)
-            return -1;
-    } else {
-        Py_INCREF(res_matched);
+    SpanSort *c = ctx; /* the attribute checks the resource's own values pass (spans without the key inherit) */
+    if (c->all_checks == NULL) {
+        Py_INCREF(zero);
+        return zero;
     }
-    int rc = 0;
-    for (Py_ssize_t i = 0; rc == 0 && i < PyList_GET_SIZE(scopes); i++) {
-        PyObject *scope = PyList_GET_ITEM(scopes, i); /* a tuple: holds its head and runs while its list is held */
-        if ((rc = unpack(scope, 2, "ScopeGroup")) < 0)
-            break;
-        PyObject *shead = PyTuple_GET_ITEM(scope, 0), *runs = PyTuple_GET_ITEM(scope, 1);
-        if ((rc = list_arg(runs, "a scope's runs")) < 0)
-            break;
-        PyObject *plain_key = PyTuple_Pack(3, rhead, shead, empty_str), *keys = NULL;
-        if (plain_key == NULL) {
-            rc = -1;
-            break;
-        }
-        Py_INCREF(runs);
-        for (Py_ssize_t j = 0; rc == 0 && j < PyList_GET_SIZE(runs); j++) {
-            PyObject *run = PyList_GET_ITEM(runs, j);
-            Py_INCREF(run); /* held: Python methods run in between */
-            rc = sort_span_run(c, rhead, shead, plain_key, &keys, res_matched, run);
-            Py_DECREF(run);
-        }
-        Py_DECREF(runs);
-        Py_DECREF(plain_key);
-        Py_XDECREF(keys);
-    }
-    Py_DECREF(res_matched);
-    return rc;
+    return PyObject_CallOneArg(c->resource_matches, values);
 }
+
+static PyObject *span_scope_key(PyObject *rhead, PyObject *shead)
+{
+    return PyTuple_Pack(3, rhead, shead, empty_str); /* spans without a tracestate; others get theirs per run */
+}
+
+static const Visit span_visit = {span_resource_bits, span_scope_key, sort_span_run};
 
 PyDoc_STRVAR(sort_spans_doc,
 "sort_spans(runs, buf, now, sampled, not_sampled, needs, checks, late_kept, passthrough, older, evicted)\n"
@@ -544,17 +598,8 @@ static PyObject *sort_spans(PyObject *module, PyObject *const *args, Py_ssize_t 
             c.root_deadline = PyNumber_Add(args[2], wait); /* now + buf.root_wait, as Python adds them */
             Py_DECREF(wait);
         }
-        if (c.root_deadline != NULL) {
-            ok = 1;
-            Py_INCREF(runs);
-            for (Py_ssize_t i = 0; ok && i < PyList_GET_SIZE(runs); i++) {
-                PyObject *group = PyList_GET_ITEM(runs, i);
-                Py_INCREF(group);
-                ok = sort_span_resource(&c, group) == 0;
-                Py_DECREF(group);
-            }
-            Py_DECREF(runs);
-        }
+        if (c.root_deadline != NULL)
+            ok = sort_groups(runs, &span_visit, &c) == 0;
     }
     Py_XDECREF(c.roots);
     Py_XDECREF(c.root_deadline);
@@ -577,8 +622,12 @@ static int log_immediate(LogSort *c, PyObject *rhead, PyObject *shead, PyObject 
 }
 
 /* One run (a LogRun) of a scope: the body of _trace_py.sort_logs's innermost loop. */
-static int sort_log_run(LogSort *c, PyObject *rhead, PyObject *shead, PyObject *key, PyObject *run)
+static int sort_log_run(void *ctx, PyObject *rhead, PyObject *shead, PyObject *key, PyObject **unused_keys,
+                        PyObject *unused_bits, PyObject *run)
 {
+    LogSort *c = ctx;
+    (void)unused_keys;
+    (void)unused_bits;
     if (unpack(run, 4, "LogRun") < 0)
         return -1;
     PyObject *tid = PyTuple_GET_ITEM(run, 0), *blobs = PyTuple_GET_ITEM(run, 1), *nbytes = PyTuple_GET_ITEM(run, 2);
@@ -648,22 +697,10 @@ static int sort_log_run(LogSort *c, PyObject *rhead, PyObject *shead, PyObject *
     } else if (t->segment > c->b.segment && PyList_Append(c->older, (PyObject *)t) < 0) {
         goto fail; /* its first records too may come from an older segment than its spans */
     }
-    if (t->logs == NULL || t->logs == Py_None) { /* the trace's first log records (Trace.add_logs, inlined) */
-        Py_ssize_t size = PyLong_AsSsize_t(nbytes); /* checked before the trace was made (above) */
-        Py_INCREF(key);
-        Py_XSETREF(t->logs_key, key);
-        Py_INCREF(blobs);
-        Py_XSETREF(t->logs, blobs);
-        t->n_logs = k;
-        size += k * ITEM_OVERHEAD;
-        t->nbytes += size;
-        c->added += size;
+    if (t->logs == NULL || t->logs == Py_None) { /* nbytes was checked before the trace was made (above) */
+        c->added += first_group(t, &t->logs_key, &t->logs, &t->n_logs, key, blobs, k, PyLong_AsSsize_t(nbytes));
     } else {
-        PyObject *r = PyObject_CallMethodObjArgs((PyObject *)t, s_add_logs, key, blobs, nbytes, NULL);
-        if (r == NULL)
-            goto fail;
-        Py_ssize_t size = PyLong_AsSsize_t(r);
-        Py_DECREF(r);
+        Py_ssize_t size = later_run(t, s_add_logs, key, blobs, nbytes);
         if (size == -1 && PyErr_Occurred())
             goto fail;
         c->added += size;
@@ -675,38 +712,12 @@ fail:
     return -1;
 }
 
-static int sort_log_resource(LogSort *c, PyObject *group)
+static PyObject *log_scope_key(PyObject *rhead, PyObject *shead)
 {
-    if (unpack(group, 3, "ResourceGroup") < 0)
-        return -1;
-    PyObject *rhead = PyTuple_GET_ITEM(group, 0), *scopes = PyTuple_GET_ITEM(group, 1);
-    if (list_arg(scopes, "a resource's scopes") < 0)
-        return -1;
-    int rc = 0;
-    for (Py_ssize_t i = 0; rc == 0 && i < PyList_GET_SIZE(scopes); i++) {
-        PyObject *scope = PyList_GET_ITEM(scopes, i); /* a tuple: holds its head and runs while its list is held */
-        if ((rc = unpack(scope, 2, "ScopeGroup")) < 0)
-            break;
-        PyObject *shead = PyTuple_GET_ITEM(scope, 0), *runs = PyTuple_GET_ITEM(scope, 1);
-        if ((rc = list_arg(runs, "a scope's runs")) < 0)
-            break;
-        PyObject *key = PyTuple_Pack(2, rhead, shead);
-        if (key == NULL) {
-            rc = -1;
-            break;
-        }
-        Py_INCREF(runs);
-        for (Py_ssize_t j = 0; rc == 0 && j < PyList_GET_SIZE(runs); j++) {
-            PyObject *run = PyList_GET_ITEM(runs, j);
-            Py_INCREF(run);
-            rc = sort_log_run(c, rhead, shead, key, run);
-            Py_DECREF(run);
-        }
-        Py_DECREF(runs);
-        Py_DECREF(key);
-    }
-    return rc;
+    return PyTuple_Pack(2, rhead, shead);
 }
+
+static const Visit log_visit = {NULL, log_scope_key, sort_log_run};
 
 PyDoc_STRVAR(sort_logs_doc,
 "sort_logs(runs, buf, now, sampled, not_sampled, traceless_fraction, rng, immediate, older, evicted)\n"
@@ -739,17 +750,8 @@ static PyObject *sort_logs(PyObject *module, PyObject *const *args, Py_ssize_t n
     if (c.fraction == -1.0 && PyErr_Occurred())
         return NULL;
     int ok = 0;
-    if (buf_open(&c.b, args[1], args[2]) == 0) {
-        ok = 1;
-        Py_INCREF(runs);
-        for (Py_ssize_t i = 0; ok && i < PyList_GET_SIZE(runs); i++) {
-            PyObject *group = PyList_GET_ITEM(runs, i);
-            Py_INCREF(group);
-            ok = sort_log_resource(&c, group) == 0;
-            Py_DECREF(group);
-        }
-        Py_DECREF(runs);
-    }
+    if (buf_open(&c.b, args[1], args[2]) == 0)
+        ok = sort_groups(runs, &log_visit, &c) == 0;
     if (buf_close(&c.b, ok) < 0)
         return NULL;
     return Py_BuildValue("(nnnnn)", c.added, c.n_immediate, c.late_kept, c.late_dropped, c.traceless_dropped);
