@@ -18,8 +18,8 @@ decide runs the policies over the traces that are due: the simple kinds (policie
 here, the others by their Python evaluate.
 
 ``sidecar/processors/tail_sampling/_trace_py.py`` is the pure-Python twin of all three (SIDECAR_PURE_PYTHON=1
-or no compiler): the same fields, defaults and results (tests/sidecar/tail_sampling/test_trace_fields.py;
-every tail sampling test runs on both).
+or no compiler): the same fields, defaults and results (tests/sidecar/tail_sampling/test_trace_fields.py and
+test_trace_parity.py, which runs both over random traffic; every tail sampling test runs on both).
 */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -1,8 +1,10 @@
-"""The pure-Python twin of ``_trace.c``: a buffered trace's fields and their defaults (see buffer.Trace).
+"""The pure-Python twin of ``_trace.c``: tail sampling's per-trace work (see buffer.Trace).
 
-Used when the extension is not built or ``SIDECAR_PURE_PYTHON=1``; the C type has the same fields and
-defaults (tests/sidecar/tail_sampling/test_trace_fields.py), is made without a Python ``__init__`` and is not
-tracked by the garbage collector.
+A buffered trace's fields and their defaults (``TraceBase``), the sort of a request's runs into the buffer
+(``sort_spans``, ``sort_logs``) and the decision loop (``decide``). Used when the extension is not built or
+``SIDECAR_PURE_PYTHON=1``; the C half gives the same fields, buffers and decisions
+(tests/sidecar/tail_sampling/test_trace_fields.py, test_trace_parity.py), makes a trace without a Python
+``__init__`` and keeps it out of the garbage collector's sight.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ STATUS, TIMES, RANDOMNESS = "status", "times", "randomness"
 
 #: How the decision loop (``_trace.decide``) runs a policy: what :meth:`Policy.plan` names. CALL calls its
 #: ``evaluate``; the others are the tests of the policies below on the trace's fields, done in C (the
-#: pure-Python twin calls ``evaluate`` for every kind: the same answers, tests/sidecar/tail_sampling/test_decide_parity.py).
+#: pure-Python twin calls ``evaluate`` for every kind: the same answers, tests/sidecar/tail_sampling/test_trace_parity.py).
 PLAN_CALL, PLAN_ALWAYS, PLAN_STATUS, PLAN_LATENCY, PLAN_ATTRIBUTE, PLAN_PROBABILISTIC = range(6)
 
 
@@ -116,7 +116,7 @@ class Latency(Policy):
         return None
 
     def plan(self) -> tuple:
-        if self.lower < 0 or (self.upper is not None and self.upper < 0):  # not what config allows: as Python does
+        if not all(0 <= b < 1 << 64 for b in (self.lower, self.upper or 0)):  # C compares unsigned 64-bit ns
             return super().plan()
         return (PLAN_LATENCY, self.name, self.evaluate, self.lower, self.upper)
 

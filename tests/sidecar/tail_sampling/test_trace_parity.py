@@ -173,6 +173,14 @@ def _plans(policies: list[dict]):
     return drops, keeps
 
 
+def test_a_latency_bound_beyond_64_bits_of_nanoseconds_is_left_to_python():
+    from sidecar.processors.tail_sampling import policies as _policies
+
+    huge = _policies.Latency("forever", 1, 10 ** 14)  # ms: 10^20 ns
+    assert huge.plan()[0] == _policies.PLAN_CALL
+    assert _policies.Latency("band", 100, 500).plan()[0] == _policies.PLAN_LATENCY
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_c_and_python_decide_every_trace_alike(seed):
     from sidecar.processors.tail_sampling.processor import _LABELS
