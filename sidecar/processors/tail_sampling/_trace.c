@@ -161,6 +161,9 @@ typedef struct {
     Py_ssize_t num_traces, segment, pending;
     PyObject *now_obj;                        /* borrowed */
     double now;
+    /* borrowed, the sort's arguments both signals share: the decision caches' maps, and where the traces this
+       request brings older data to (``older``) and those a full buffer takes out (``evicted``) are appended */
+    PyObject *sampled, *not_sampled, *older, *evicted;
 } Buf;
 
 static Py_ssize_t attr_ssize(PyObject *o, PyObject *name)
@@ -173,9 +176,24 @@ static Py_ssize_t attr_ssize(PyObject *o, PyObject *name)
     return n;
 }
 
-static int buf_open(Buf *b, PyObject *buf, PyObject *now)
+static int list_arg(PyObject *o, const char *what);
+
+/* The buffer and the arguments both sorts share, checked: args[0] runs, [1] buf, [2] now, [3] sampled,
+   [4] not_sampled; ``older`` and ``evicted`` are the lists the sort's last two arguments name. */
+static int buf_open(Buf *b, PyObject *const *args, PyObject *older, PyObject *evicted)
 {
     memset(b, 0, sizeof(*b));
+    PyObject *buf = args[1], *now = args[2];
+    b->sampled = args[3];
+    b->not_sampled = args[4];
+    b->older = older;
+    b->evicted = evicted;
+    if (list_arg(args[0], "runs") < 0 || list_arg(older, "older") < 0 || list_arg(evicted, "evicted") < 0)
+        return -1;
+    if (!PyDict_Check(b->sampled) || !PyDict_Check(b->not_sampled)) {
+        PyErr_SetString(PyExc_TypeError, "sort: sampled and not_sampled must be dicts");
+        return -1;
+    }
     b->now_obj = now;
     b->now = PyFloat_AsDouble(now);
     if (b->now == -1.0 && PyErr_Occurred())
@@ -226,7 +244,7 @@ static int buf_close(Buf *b, int ok)
 
 /* A new trace for ``tid`` (a new reference): made here while the buffer has room, else by its create(),
    which takes out the oldest (appended to ``evicted``). */
-static TraceObject *buf_new_trace(Buf *b, PyObject *tid, PyObject *evicted)
+static TraceObject *buf_new_trace(Buf *b, PyObject *tid)
 {
     if (PyDict_GET_SIZE(b->traces) < b->num_traces) {
         TraceObject *t = trace_make(b->trace_type, tid, b->now);
@@ -242,7 +260,7 @@ static TraceObject *buf_new_trace(Buf *b, PyObject *tid, PyObject *evicted)
     }
     if (buf_flush(b) < 0)
         return NULL;
-    PyObject *t = PyObject_CallFunctionObjArgs(b->create, tid, b->now_obj, evicted, NULL);
+    PyObject *t = PyObject_CallFunctionObjArgs(b->create, tid, b->now_obj, b->evicted, NULL);
     if (t != NULL && !PyObject_TypeCheck(t, &TraceBaseType)) {
         Py_DECREF(t);
         PyErr_SetString(PyExc_TypeError, "sort: the buffer's create() must return a TraceBase");
@@ -385,7 +403,7 @@ static Py_ssize_t later_run(TraceObject *t, PyObject *method, PyObject *key, PyO
 
 typedef struct {
     Buf b;
-    PyObject *sampled, *not_sampled, *late_kept, *passthrough, *older, *evicted, *roots; /* roots owned */
+    PyObject *late_kept, *passthrough, *roots; /* roots owned */
     int need_status, need_times, need_rv;
     PyObject *all_checks, *no_hits, *resource_matches, *matched; /* NULL: no attribute checks */
     PyObject *root_deadline;                                       /* owned */
@@ -425,7 +443,7 @@ static int sort_span_run(void *ctx, PyObject *rhead, PyObject *shead, PyObject *
     if (t == NULL) {
         if (PyErr_Occurred())
             return -1;
-        PyObject *decision = PyDict_GetItemWithError(c->sampled, tid);
+        PyObject *decision = PyDict_GetItemWithError(c->b.sampled, tid);
         if (decision != NULL) { /* a late span of a kept trace follows its decision */
             PyObject *item = PyTuple_Pack(5, rhead, shead, blobs, ts, decision);
             if (item == NULL)
@@ -434,7 +452,7 @@ static int sort_span_run(void *ctx, PyObject *rhead, PyObject *shead, PyObject *
             Py_DECREF(item);
             if (rc < 0)
                 return -1;
-            PyObject *r = PyObject_CallMethodOneArg(c->sampled, s_move_to_end, tid);
+            PyObject *r = PyObject_CallMethodOneArg(c->b.sampled, s_move_to_end, tid);
             if (r == NULL)
                 return -1;
             Py_DECREF(r);
@@ -443,7 +461,7 @@ static int sort_span_run(void *ctx, PyObject *rhead, PyObject *shead, PyObject *
         }
         if (PyErr_Occurred())
             return -1;
-        int dropped = PyDict_Contains(c->not_sampled, tid);
+        int dropped = PyDict_Contains(c->b.not_sampled, tid);
         if (dropped < 0)
             return -1;
         if (dropped) {
@@ -456,7 +474,7 @@ static int sort_span_run(void *ctx, PyObject *rhead, PyObject *shead, PyObject *
         if (!has_tid)
             return append3(c->passthrough, rhead, shead, blobs);
         Py_ssize_t size = PyLong_AsSsize_t(nbytes);
-        if ((size == -1 && PyErr_Occurred()) || (t = buf_new_trace(&c->b, tid, c->evicted)) == NULL)
+        if ((size == -1 && PyErr_Occurred()) || (t = buf_new_trace(&c->b, tid)) == NULL)
             return -1;
         c->added += first_group(t, &t->spans_key, &t->spans, &t->n_spans, key, blobs, k, size);
     } else {
@@ -464,7 +482,7 @@ static int sort_span_run(void *ctx, PyObject *rhead, PyObject *shead, PyObject *
         if (size == -1 && PyErr_Occurred())
             goto fail;
         c->added += size;
-        if (t->segment > c->b.segment && PyList_Append(c->older, (PyObject *)t) < 0)
+        if (t->segment > c->b.segment && PyList_Append(c->b.older, (PyObject *)t) < 0)
             goto fail;
     }
     if (c->need_rv && has_ts && (t->rv == NULL || t->rv == Py_None)) {
@@ -565,20 +583,12 @@ static PyObject *sort_spans(PyObject *module, PyObject *const *args, Py_ssize_t 
     }
     SpanSort c;
     memset(&c, 0, sizeof(c));
-    PyObject *runs = args[0], *needs = args[5], *checks = args[6];
-    c.sampled = args[3];
-    c.not_sampled = args[4];
+    PyObject *needs = args[5], *checks = args[6];
     c.late_kept = args[7];
     c.passthrough = args[8];
-    c.older = args[9];
-    c.evicted = args[10];
-    if (list_arg(runs, "runs") < 0 || list_arg(c.late_kept, "late_kept") < 0 || list_arg(c.passthrough, "passthrough") < 0
-        || list_arg(c.older, "older") < 0 || list_arg(c.evicted, "evicted") < 0 || unpack(needs, 3, "needs") < 0)
+    if (list_arg(c.late_kept, "late_kept") < 0 || list_arg(c.passthrough, "passthrough") < 0
+        || unpack(needs, 3, "needs") < 0)
         return NULL;
-    if (!PyDict_Check(c.sampled) || !PyDict_Check(c.not_sampled)) {
-        PyErr_SetString(PyExc_TypeError, "sort_spans: sampled and not_sampled must be dicts");
-        return NULL;
-    }
     if ((c.need_status = PyObject_IsTrue(PyTuple_GET_ITEM(needs, 0))) < 0
         || (c.need_times = PyObject_IsTrue(PyTuple_GET_ITEM(needs, 1))) < 0
         || (c.need_rv = PyObject_IsTrue(PyTuple_GET_ITEM(needs, 2))) < 0)
@@ -592,14 +602,14 @@ static PyObject *sort_spans(PyObject *module, PyObject *const *args, Py_ssize_t 
         c.matched = PyTuple_GET_ITEM(checks, 3);
     }
     int ok = 0;
-    if (buf_open(&c.b, args[1], args[2]) == 0 && (c.roots = PyObject_GetAttr(args[1], s_roots)) != NULL) {
+    if (buf_open(&c.b, args, args[9], args[10]) == 0 && (c.roots = PyObject_GetAttr(args[1], s_roots)) != NULL) {
         PyObject *wait = PyObject_GetAttr(args[1], s_root_wait);
         if (wait != NULL) {
             c.root_deadline = PyNumber_Add(args[2], wait); /* now + buf.root_wait, as Python adds them */
             Py_DECREF(wait);
         }
         if (c.root_deadline != NULL)
-            ok = sort_groups(runs, &span_visit, &c) == 0;
+            ok = sort_groups(args[0], &span_visit, &c) == 0;
     }
     Py_XDECREF(c.roots);
     Py_XDECREF(c.root_deadline);
@@ -610,7 +620,7 @@ static PyObject *sort_spans(PyObject *module, PyObject *const *args, Py_ssize_t 
 
 typedef struct {
     Buf b;
-    PyObject *sampled, *not_sampled, *rng, *immediate, *older, *evicted;
+    PyObject *rng, *immediate;
     double fraction;
     Py_ssize_t added, n_immediate, late_kept, late_dropped, traceless_dropped;
 } LogSort;
@@ -674,27 +684,27 @@ static int sort_log_run(void *ctx, PyObject *rhead, PyObject *shead, PyObject *k
     if (t == NULL) {
         if (PyErr_Occurred())
             return -1;
-        int kept = PyDict_Contains(c->sampled, tid);
+        int kept = PyDict_Contains(c->b.sampled, tid);
         if (kept < 0)
             return -1;
         if (kept) { /* late records of a kept trace follow its decision */
-            PyObject *r = PyObject_CallMethodOneArg(c->sampled, s_move_to_end, tid);
+            PyObject *r = PyObject_CallMethodOneArg(c->b.sampled, s_move_to_end, tid);
             if (r == NULL)
                 return -1;
             Py_DECREF(r);
             c->late_kept += k;
             return log_immediate(c, rhead, shead, blobs, k);
         }
-        int dropped = PyDict_Contains(c->not_sampled, tid);
+        int dropped = PyDict_Contains(c->b.not_sampled, tid);
         if (dropped < 0)
             return -1;
         if (dropped) {
             c->late_dropped += k;
             return 0;
         }
-        if ((t = buf_new_trace(&c->b, tid, c->evicted)) == NULL)
+        if ((t = buf_new_trace(&c->b, tid)) == NULL)
             return -1;
-    } else if (t->segment > c->b.segment && PyList_Append(c->older, (PyObject *)t) < 0) {
+    } else if (t->segment > c->b.segment && PyList_Append(c->b.older, (PyObject *)t) < 0) {
         goto fail; /* its first records too may come from an older segment than its spans */
     }
     if (t->logs == NULL || t->logs == Py_None) { /* nbytes was checked before the trace was made (above) */
@@ -732,26 +742,16 @@ static PyObject *sort_logs(PyObject *module, PyObject *const *args, Py_ssize_t n
     }
     LogSort c;
     memset(&c, 0, sizeof(c));
-    PyObject *runs = args[0];
-    c.sampled = args[3];
-    c.not_sampled = args[4];
     c.rng = args[6];
     c.immediate = args[7];
-    c.older = args[8];
-    c.evicted = args[9];
-    if (list_arg(runs, "runs") < 0 || list_arg(c.immediate, "immediate") < 0 || list_arg(c.older, "older") < 0
-        || list_arg(c.evicted, "evicted") < 0)
+    if (list_arg(c.immediate, "immediate") < 0)
         return NULL;
-    if (!PyDict_Check(c.sampled) || !PyDict_Check(c.not_sampled)) {
-        PyErr_SetString(PyExc_TypeError, "sort_logs: sampled and not_sampled must be dicts");
-        return NULL;
-    }
     c.fraction = PyFloat_AsDouble(args[5]);
     if (c.fraction == -1.0 && PyErr_Occurred())
         return NULL;
     int ok = 0;
-    if (buf_open(&c.b, args[1], args[2]) == 0)
-        ok = sort_groups(runs, &log_visit, &c) == 0;
+    if (buf_open(&c.b, args, args[8], args[9]) == 0)
+        ok = sort_groups(args[0], &log_visit, &c) == 0;
     if (buf_close(&c.b, ok) < 0)
         return NULL;
     return Py_BuildValue("(nnnnn)", c.added, c.n_immediate, c.late_kept, c.late_dropped, c.traceless_dropped);

@@ -170,18 +170,20 @@ class TraceBuffer:
         buffer moves their pins to it): nothing here."""
 
     def create(self, trace_id: bytes, now: float, evicted: list[Trace]) -> Trace:
-        """A new trace; the oldest is taken out (appended to ``evicted``) when ``num_traces`` are held."""
+        """A new trace, pinning this sort's segment; the oldest is taken out (appended to ``evicted``) when
+        ``num_traces`` are held. The C sort makes the same trace itself while there is room."""
         traces = self.traces
         while len(traces) >= self.num_traces:
             evicted.append(self._pop_oldest())
         t = self.trace_type(trace_id, now)
+        t.segment = self.segment
         traces[trace_id] = t
-        self.nbytes += TRACE_OVERHEAD
+        self.note_created(1)
         return t
 
     def note_created(self, n: int) -> None:
-        """The sort made ``n`` traces itself (``sort_spans`` and ``sort_logs`` in C do, while the buffer has room,
-        as :meth:`create` would, and tell it here before anything else of the buffer runs)."""
+        """``n`` traces were made for this sort: by :meth:`create`, or by the C sort itself while the buffer has
+        room (it tells the buffer before anything else of the buffer runs)."""
         self.nbytes += n * TRACE_OVERHEAD
 
     def root_arrived(self, trace: Trace, now: float) -> None:

@@ -90,12 +90,6 @@ class PinningTraceBuffer(TraceBuffer):
     def __exit__(self, *exc) -> None:
         self._durable.pin_created(self.segment, self._created, self._borrowed)
 
-    def create(self, trace_id: bytes, now: float, evicted: list[Trace]) -> Trace:
-        t = super().create(trace_id, now, evicted)
-        t.segment = self.segment
-        self._created += 1
-        return t
-
     def note_created(self, n: int) -> None:
         super().note_created(n)
         self._created += n

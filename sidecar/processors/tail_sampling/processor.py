@@ -98,22 +98,18 @@ class TailSamplingProcessor(Component):
         self._drop_policies = [p for p in built if isinstance(p, _policies.Drop)]
         self._keep_policies = [p for p in built if not isinstance(p, _policies.Drop)]
         self.policies = {p.name: p for p in built}
-        # decided once: what each arriving span must yield for these policies
+        # decided once: what each arriving span must yield for these policies (the sort's arguments)
         needs = _policies.needs_of(built)
-        self._need_status = _policies.STATUS in needs
-        self._need_times = _policies.TIMES in needs
-        self._need_rv = _policies.RANDOMNESS in needs
+        self._needs = (_policies.STATUS in needs, _policies.TIMES in needs, _policies.RANDOMNESS in needs)
         self._checks = _policies.attribute_checks(built)
         self._drop_plans = [p.plan() for p in self._drop_policies]  # after the checks: attribute plans carry bits
         self._keep_plans = [p.plan() for p in self._keep_policies]
-        self._all_checks = (1 << len(self._checks)) - 1
         self._check_keys = tuple(dict.fromkeys(c.key_bytes for c in self._checks))  # each key scanned once
         self._check_slots = [self._check_keys.index(c.key_bytes) for c in self._checks]
-        self._no_hits = (None,) * len(self._check_keys)  # SpanRun.hits when no span has a scanned key
-        self._needs = (self._need_status, self._need_times, self._need_rv)
         checks, slots = self._checks, self._check_slots
+        # (all check bits, SpanRun.hits when no span has a scanned key, resource bits, a run's bits), or None
         self._sort_checks = None if not checks else (
-            self._all_checks, self._no_hits, self._resource_matches,
+            (1 << len(checks)) - 1, (None,) * len(self._check_keys), self._resource_matches,
             lambda hits, res_matched: _matched(checks, slots, hits, res_matched))
         if len(self._check_keys) > wire.MAX_KEYS:
             raise ValueError(f"tail_sampling: the attribute policies look at {len(self._check_keys)} keys; "

@@ -34,19 +34,13 @@ def _trace_class(base):
 
 
 class Buffer(TraceBuffer):
-    """A buffer whose traces pin the sort's segment, as the durable one's do, counting what it was told."""
+    """A buffer whose sorts have a segment, as the durable one's do, counting the traces it was told of."""
 
     def __init__(self, trace_type, **kwargs):
         super().__init__(**kwargs)
         self.trace_type = trace_type
         self.segment = -1
         self.created = 0
-
-    def create(self, trace_id, now, evicted):
-        t = super().create(trace_id, now, evicted)
-        t.segment = self.segment
-        self.created += 1
-        return t
 
     def note_created(self, n):
         super().note_created(n)
