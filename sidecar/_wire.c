@@ -598,8 +598,6 @@ static PyObject *label_of(Slice kv)
     }
 }
 
-/* A new instance of a named-tuple type holding ``items`` (references stolen; a NULL item means an
- * earlier call failed: the others are released and NULL returned). */
 /* A run's item bytes as a tuple (the list's reference is consumed), untracked by the garbage collector: it
    holds only bytes, so it is in no cycle, and tail sampling buffers it for seconds as a trace's first group,
    where every collection would walk it again (CPython untracks such a tuple at its first collection). */
@@ -612,6 +610,8 @@ static PyObject *frozen_blobs(PyObject *list)
     return t;
 }
 
+/* A new instance of a named-tuple type holding ``items`` (references stolen; a NULL item means an
+ * earlier call failed: the others are released and NULL returned). */
 static PyObject *named(PyTypeObject *t, Py_ssize_t n, PyObject **items)
 {
     PyObject *o = NULL;
