@@ -101,6 +101,7 @@ def classify(body: Classify, x_model_version: str | None = Header(None)) -> dict
     otel.set_tags(intent="classify")
     log.info("classifying request: %s", body.prompt, extra={"model_id": "resnet-demo", "model_version": version})
     if body.slow:
+        otel.set_tags(load="slow")  # so the demo's report finds its slow requests among the kept traces
         time.sleep(1.2)  # a slow request: the sidecar keeps every one
     # a bad request sends features of the wrong width: the model's forward raises (a 500 with its stack)
     features = torch.randn(body.batch, 63 if body.fail else 64, generator=_inputs[version])

@@ -41,6 +41,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table  # noqa: E402
 
 import demo_report as rep  # noqa: E402
+from contract.attributes import SAMPLING_FORCE_KEEP, TAG_PREFIX  # noqa: E402
 from sidecar.cli import render  # noqa: E402
 from sidecar.cli.store import POLICY, TraceStore  # noqa: E402
 from sidecar.testing import free_port  # noqa: E402
@@ -294,8 +295,12 @@ def report(console: Console, work: Path, m: rep.Samples, sent: Counter, statuses
     console.print(t)
     by_policy = Counter(tr.first(POLICY) for tr in kept)
     errors_sent = statuses.get(500, 0)
-    console.print(f"   errors kept {by_policy.get('errors', 0)}/{errors_sent}, slow kept {by_policy.get('slow', 0)}/{sent['slow']}, "
-                  f"forced kept {by_policy.get('debug', 0)}/{sent['forced']}; the rest by the consistent 10% rule")
+    # slow and forced requests are found by what they carry, whichever policy kept them: on a loaded machine a
+    # forced request can take longer than the slow threshold, and the policy listed first ("slow") then keeps it
+    slow_kept = sum(1 for tr in kept if tr.first(TAG_PREFIX + "load") == "slow")
+    forced_kept = sum(1 for tr in kept if tr.first(SAMPLING_FORCE_KEEP) is True)
+    console.print(f"   errors kept {by_policy.get('errors', 0)}/{errors_sent}, slow kept {slow_kept}/{sent['slow']}, "
+                  f"forced kept {forced_kept}/{sent['forced']}; the rest by the consistent 10% rule")
     traceless = sum(1 for line in _lines(tele / "logs.jsonl") for rl in line.get("resourceLogs", ())
                     for sl in rl.get("scopeLogs", ()) for r in sl.get("logRecords", ()) if not r.get("traceId"))
     console.print(f"   log records without a trace id forwarded on their own: {traceless}")
